@@ -1,0 +1,47 @@
+# Two jobs, each doing its own set-up (a virtual environment per Python under .venv-X.Y):
+#   make demo   record and show a trace of the bundled demo program
+#   make test   lint, then the test suite on every supported Python found
+# PYTHONS lists the interpreters `make test` uses; CI sets it to 3.11, 3.12 and 3.13.
+
+PYTHON  ?= python3
+PYTHONS ?= $(PYTHON) $(lastword $(wildcard /root/.pyenv/versions/3.12.*/bin/python3.12)) \
+           $(lastword $(wildcard /root/.pyenv/versions/3.13.*/bin/python3.13))
+EXTRAS  ?= test,bench
+
+.PHONY: demo test lint bench system-deps
+
+# venv-for PY: print the venv directory for interpreter PY, creating and filling it if needed.
+define venv_for
+v=$$($(1) -c 'import sys; print("%d.%d" % sys.version_info[:2])'); \
+venv=.venv-$$v; \
+if [ ! -x $$venv/bin/python ]; then $(1) -m venv $$venv >&2 || exit 1; fi; \
+$$venv/bin/python -m pip install -q --disable-pip-version-check -e '.[$(EXTRAS)]' >&2 || exit 1
+endef
+
+demo:
+	@$(call venv_for,$(PYTHON)); \
+	$$venv/bin/python -m tracemark.demo --print --orders 12
+
+test: system-deps
+	@status=0; for py in $(PYTHONS); do \
+	  $(call venv_for,$$py); \
+	  echo "=== Python $$v ($$py)"; \
+	  $$venv/bin/python -m pytest -q -p no:cacheprovider || status=1; \
+	done; \
+	$(MAKE) --no-print-directory lint || status=1; \
+	exit $$status
+
+lint:
+	@$(call venv_for,$(PYTHON)); \
+	$$venv/bin/ruff check . && $$venv/bin/ruff format --check .
+
+bench:
+	@$(call venv_for,$(PYTHON)); \
+	$$venv/bin/python -m benchmarks.run --write
+
+# Tools the tests use that are not Python packages: babeltrace2 reads our CTF traces.
+system-deps:
+	@command -v babeltrace2 >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq babeltrace2) >&2; \
+	  else echo "babeltrace2 is needed by the tests: apt-get install babeltrace2" >&2; exit 1; fi; }

@@ -1,0 +1,42 @@
+import itertools
+
+import pytest
+
+import tracemark
+from tracemark.markers import registry
+
+_ids = itertools.count()
+
+
+@pytest.fixture
+def uniq():
+    """A fresh marker-name prefix, so tests never see each other's markers or reports."""
+    return f"t{next(_ids)}"
+
+
+@pytest.fixture(autouse=True)
+def _disconnect_leftovers():
+    """Whatever a test connects is disconnected after it, even when it fails."""
+    before = set(map(id, registry._connections))
+    previous = tracemark.faults.set_strict(False)
+    yield
+    for conn in list(registry._connections):
+        if id(conn) not in before:
+            tracemark.disconnect(conn)
+    tracemark.synchronize()
+    tracemark.faults.set_strict(previous)
+
+
+class Recorder:
+    """A probe that remembers what it was called with."""
+
+    def __init__(self):
+        self.events = []
+
+    def __call__(self, marker, args):
+        self.events.append((marker.name, args))
+
+
+@pytest.fixture
+def rec():
+    return Recorder()

@@ -1,0 +1,336 @@
+"""The marker core, as the README and DESIGN.md promise it."""
+
+import gc
+import sys
+import warnings
+
+import pytest
+
+import tracemark
+from tracemark import TracemarkWarning
+
+
+def test_a_marker_is_active_exactly_while_a_probe_is_connected(uniq, rec):
+    rx = tracemark.marker(f"{uniq}.rx", "len=%d dev=%s")
+    rx(1, "a")
+    (info,) = tracemark.markers(f"{uniq}.*")
+    assert not info.active and rec.events == []
+    h = tracemark.connect(f"{uniq}.*", rec)
+    assert tracemark.markers(f"{uniq}.rx")[0].active
+    rx(2, "b")
+    rx(length := 3, "c")
+    tracemark.disconnect(h)
+    rx(4, "d")
+    assert not tracemark.markers(f"{uniq}.rx")[0].active
+    assert rec.events == [(f"{uniq}.rx", (2, "b")), (f"{uniq}.rx", (length, "c"))]
+
+
+def test_fire_by_position_or_by_field_name(uniq, rec):
+    tx = tracemark.marker(f"{uniq}.tx", length=int, dev=str)
+    tracemark.connect(f"{uniq}.tx", rec)
+    tx(5, "lo")
+    tx(length=6, dev="eth1")
+    tx(7, dev="x")
+    assert [a for _, a in rec.events] == [(5, "lo"), (6, "eth1"), (7, "x")]
+
+
+def test_a_marker_carries_its_declaration(uniq):
+    line = sys._getframe().f_lineno + 1
+    rx = tracemark.marker(f"{uniq}.rx", "len=%d")
+    assert isinstance(rx, tracemark.Marker)
+    assert rx.name == f"{uniq}.rx"
+    assert rx.fields == (tracemark.Field("len", int),)
+    assert rx.fmt == "len=%d"
+    assert rx.where == f"{__file__}:{line}"
+
+
+def test_inactive_marker_does_not_look_at_its_arguments(uniq):
+    rx = tracemark.marker(f"{uniq}.rx", "len=%d")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        rx("not an int", "and one too many")  # nobody listens: nothing checked, nothing counted
+    assert tracemark.markers(f"{uniq}.rx")[0].bad_arguments == 0
+
+
+@pytest.mark.parametrize(
+    "bad", ["", " ", "net rx", "net.*", "net.[ab]", "a..b", ".a", "a.", "1a", None, 3]
+)
+def test_invalid_names_say_what_a_name_is(bad):
+    with pytest.raises(ValueError, match="one or more identifiers joined by dots"):
+        tracemark.marker(bad)
+
+
+def test_same_declaration_twice_gives_the_same_marker(uniq):
+    a = tracemark.marker(f"{uniq}.x", "n=%d")
+    b = tracemark.marker(f"{uniq}.x", n=int)  # same fields, other spelling
+    assert a is b
+
+
+def test_conflicting_declaration_names_both_places(uniq):
+    tracemark.marker(f"{uniq}.x", "n=%d")
+    with pytest.raises(ValueError) as err:
+        tracemark.marker(f"{uniq}.x", "n=%s")
+    text = str(err.value)
+    assert text.count("test_markers.py:") == 2 and "n: int" in text and "n: str" in text
+
+
+def test_format_and_keywords_together_is_an_error(uniq):
+    with pytest.raises(ValueError, match="not both"):
+        tracemark.marker(f"{uniq}.x", "n=%d", n=int)
+
+
+def test_probes_are_called_in_connection_order(uniq):
+    calls = []
+    m = tracemark.marker(f"{uniq}.m")
+    for i in range(5):
+        tracemark.connect(f"{uniq}.*", lambda mk, a, i=i: calls.append(i))
+    m()
+    assert calls == [0, 1, 2, 3, 4]
+
+
+def test_glob_binds_markers_declared_later(uniq, rec):
+    tracemark.connect(f"{uniq}.net.*", rec)
+    late = tracemark.marker(f"{uniq}.net.late", "v=%d")
+    other = tracemark.marker(f"{uniq}.disk.io", "v=%d")
+    late(1)
+    other(2)
+    assert rec.events == [(f"{uniq}.net.late", (1,))]
+
+
+def test_connection_is_a_context_manager(uniq, rec):
+    m = tracemark.marker(f"{uniq}.m")
+    with tracemark.connect(f"{uniq}.m", rec) as h:
+        m()
+    m()
+    assert len(rec.events) == 1 and not h.connected
+    assert tracemark.disconnect(h) is False  # already disconnected: harmless
+
+
+def test_connect_rejects_what_cannot_work(uniq):
+    with pytest.raises(TypeError, match="callable"):
+        tracemark.connect(f"{uniq}.*", "not callable")
+    with pytest.raises(ValueError, match="glob"):
+        tracemark.connect("", print)
+    with pytest.raises(TypeError, match="what connect"):
+        tracemark.disconnect("nope")
+
+
+def test_fields_mismatch_is_reported_and_not_connected(uniq, rec):
+    tracemark.marker(f"{uniq}.a", "len=%d dev=%s")
+    good = tracemark.marker(f"{uniq}.b", "len=%d dev=%s")
+    bad = tracemark.marker(f"{uniq}.c", "size=%d")
+    with pytest.warns(TracemarkWarning, match="expects fields"):
+        h = tracemark.connect(f"{uniq}.*", rec, fields=("len", "dev"))
+    assert h.mismatched == [f"{uniq}.c"]
+    good(1, "x")
+    bad(2)
+    assert rec.events == [(f"{uniq}.b", (1, "x"))]
+    assert not tracemark.markers(f"{uniq}.c")[0].active
+
+
+def test_fields_can_be_checked_with_types(uniq, rec):
+    tracemark.marker(f"{uniq}.a", "len=%d")
+    with pytest.warns(TracemarkWarning):
+        h = tracemark.connect(f"{uniq}.a", rec, fields={"len": str})
+    assert h.mismatched == [f"{uniq}.a"]
+    h2 = tracemark.connect(f"{uniq}.a", rec, fields="len=%d")
+    assert h2.mismatched == []
+
+
+def test_markers_reports_declaration_probes_and_counts(uniq, rec):
+    m = tracemark.marker(f"{uniq}.m", "n=%d")
+    h = tracemark.connect(f"{uniq}.m", rec)
+    (info,) = tracemark.markers(f"{uniq}.m")
+    assert info.name == f"{uniq}.m" and info.fmt == "n=%d" and info.probes == (h,)
+    assert "test_markers.py:" in info.where
+    assert (info.bad_arguments, info.dropped_nested, info.probe_errors) == (0, 0, 0)
+    assert m.fields == info.fields
+
+
+# --- mark(): inline --------------------------------------------------------------------------
+
+
+def test_mark_declares_on_first_use_and_fires(uniq, rec):
+    tracemark.connect(f"{uniq}.*", rec)
+    for i in range(3):
+        tracemark.mark(f"{uniq}.drop", "reason=%s n=%d", "full", i)
+    tracemark.mark(f"{uniq}.start")
+    assert rec.events == [(f"{uniq}.drop", ("full", i)) for i in range(3)] + [(f"{uniq}.start", ())]
+    (info,) = tracemark.markers(f"{uniq}.drop")
+    assert "test_markers.py:" in info.where
+
+
+def test_mark_with_a_conflicting_format_is_a_counted_fault(uniq, rec):
+    tracemark.connect(f"{uniq}.*", rec)
+    tracemark.mark(f"{uniq}.x", "n=%d", 1)
+    with pytest.warns(TracemarkWarning, match="declared at"):
+        tracemark.mark(f"{uniq}.x", "n=%s", "one")
+    assert rec.events == [(f"{uniq}.x", (1,))]
+    tracemark.faults.set_strict(True)
+    with pytest.raises(ValueError):
+        tracemark.mark(f"{uniq}.x", "n=%s", "one")
+
+
+# --- faults ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs"),
+    [((), {}), ((1,), {}), ((1, "a", 3), {}), ((1,), {"dev": "a", "extra": 2}), (("1", "a"), {})]
+    + [((1, b"a"), {}), ((1.5, "a"), {}), ((1,), {"len": 2})],
+)
+def test_wrong_arguments_are_dropped_counted_and_reported_once(uniq, rec, args, kwargs):
+    rx = tracemark.marker(f"{uniq}.rx", "len=%d dev=%s")
+    tracemark.connect(f"{uniq}.rx", rec)
+    with pytest.warns(TracemarkWarning, match="does not fit its fields") as seen:
+        rx(*args, **kwargs)
+        rx(*args, **kwargs)
+    assert len(seen) == 1
+    assert rec.events == []
+    assert tracemark.markers(f"{uniq}.rx")[0].bad_arguments == 2
+    rx(1, "ok")
+    assert rec.events == [(f"{uniq}.rx", (1, "ok"))]
+
+
+def test_values_that_fit_a_type_without_being_exactly_it(uniq, rec):
+    import enum
+
+    class Color(enum.IntEnum):
+        RED = 1
+
+    m = tracemark.marker(f"{uniq}.m", i=int, f=float, b=bytes, flag=bool, o=object)
+    tracemark.connect(f"{uniq}.m", rec)
+    m(Color.RED, 2, bytearray(b"x"), 1, None)  # IntEnum is an int, an int is a real number
+    m(True, 2.5, memoryview(b"y"), False, [1])
+    assert len(rec.events) == 2
+    with pytest.warns(TracemarkWarning):
+        m(1, "2.5", b"", True, None)
+    assert len(rec.events) == 2
+
+
+def test_wrong_arguments_raise_in_strict_mode(uniq, rec):
+    rx = tracemark.marker(f"{uniq}.rx", "len=%d")
+    tracemark.connect(f"{uniq}.rx", rec)
+    tracemark.faults.set_strict(True)
+    with pytest.raises(tracemark.MarkerArgumentError, match="len: int"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rx("x")
+
+
+def test_a_probe_that_raises_does_not_break_the_program(uniq, rec):
+    def broken(marker, args):
+        raise RuntimeError("boom")
+
+    m = tracemark.marker(f"{uniq}.m", "n=%d")
+    h_bad = tracemark.connect(f"{uniq}.m", broken)
+    tracemark.connect(f"{uniq}.m", rec)
+    with pytest.warns(TracemarkWarning, match="RuntimeError: boom") as seen:
+        for i in range(3):
+            m(i)
+    assert len(seen) == 1  # reported once
+    assert [a for _, a in rec.events] == [(0,), (1,), (2,)]  # the next probe still runs
+    assert h_bad.errors == 3
+    assert tracemark.markers(f"{uniq}.m")[0].probe_errors == 3
+
+
+def test_a_probe_that_raises_raises_in_strict_mode(uniq):
+    def broken(marker, args):
+        raise RuntimeError("boom")
+
+    m = tracemark.marker(f"{uniq}.m")
+    tracemark.connect(f"{uniq}.m", broken)
+    tracemark.faults.set_strict(True)
+    with pytest.raises(RuntimeError, match="boom"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        m()
+
+
+def test_keyboard_interrupt_in_a_probe_belongs_to_the_program(uniq):
+    def interrupted(marker, args):
+        raise KeyboardInterrupt
+
+    m = tracemark.marker(f"{uniq}.m")
+    tracemark.connect(f"{uniq}.m", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        m()
+
+
+def test_reporting_survives_warnings_as_errors(uniq):
+    m = tracemark.marker(f"{uniq}.m", "n=%d")
+    tracemark.connect(f"{uniq}.m", lambda mk, a: 1 / 0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        m(1)  # the warning cannot be shown; the count is the record
+    assert tracemark.markers(f"{uniq}.m")[0].probe_errors == 1
+    assert (
+        tracemark.faults.counts()[
+            ("probe-error", f"{uniq}.m:{id(tracemark.markers(f'{uniq}.m')[0].probes[0].probe)}")
+        ]
+        == 1
+    )
+
+
+# --- re-entrancy -------------------------------------------------------------------------------
+
+
+def test_a_probe_firing_a_marker_does_not_recurse(uniq):
+    m = tracemark.marker(f"{uniq}.m", "n=%d")
+    calls = []
+
+    def echo(marker, args):
+        calls.append(args)
+        m(args[0] + 1)  # fires the marker it is connected to
+
+    tracemark.connect(f"{uniq}.m", echo)
+    with pytest.warns(TracemarkWarning, match="fired from inside a probe"):
+        m(0)
+    assert calls == [(0,)]
+    assert tracemark.markers(f"{uniq}.m")[0].dropped_nested == 1
+
+
+def test_reentrant_probes_nest_a_bounded_number_of_levels(uniq):
+    m = tracemark.marker(f"{uniq}.m", "n=%d")
+    calls = []
+
+    def echo(marker, args):
+        calls.append(args[0])
+        m(args[0] + 1)
+
+    tracemark.connect(f"{uniq}.m", echo, reentrant=True)
+    with pytest.warns(TracemarkWarning):
+        m(0)
+    assert calls == list(range(tracemark.MAX_NESTING))
+    assert tracemark.markers(f"{uniq}.m")[0].dropped_nested == 1
+
+
+def test_nested_fire_reaches_only_reentrant_probes(uniq):
+    outer = tracemark.marker(f"{uniq}.outer")
+    inner = tracemark.marker(f"{uniq}.inner")
+    plain, nesting = [], []
+    tracemark.connect(f"{uniq}.outer", lambda mk, a: inner())
+    tracemark.connect(f"{uniq}.inner", lambda mk, a: plain.append(mk.name))
+    tracemark.connect(f"{uniq}.inner", lambda mk, a: nesting.append(mk.name), reentrant=True)
+    outer()
+    inner()
+    assert nesting == [f"{uniq}.inner", f"{uniq}.inner"]
+    assert plain == [f"{uniq}.inner"]  # only the flat call
+
+
+def test_del_during_a_probe_is_handled(uniq):
+    m = tracemark.marker(f"{uniq}.m", "n=%d")
+    seen = []
+
+    class Noisy:
+        def __del__(self):
+            m(99)
+
+    def probe(marker, args):
+        seen.append(args[0])
+        if args[0] == 0:
+            Noisy()  # __del__ runs right here, inside the probe
+            gc.collect()
+
+    tracemark.connect(f"{uniq}.m", probe, reentrant=True)
+    m(0)
+    m(1)
+    assert seen == [0, 99, 1]

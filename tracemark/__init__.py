@@ -1,0 +1,88 @@
+"""tracemark: the Linux kernel's markers and tracepoints, for Python.
+
+Put named markers in code once; connect any number of tracers to them at run time::
+
+    import tracemark
+
+    rx = tracemark.marker("net.rx", "len=%d dev=%s")      # printf-style fields
+    tx = tracemark.marker("net.tx", length=int, dev=str)  # typed fields
+
+    def receive(pkt):
+        rx(len(pkt), pkt.dev)        # costs one call when nothing listens
+
+    with tracemark.connect("net.*", tracemark.Printer()):
+        receive(pkt)                 # 12:00:00.000001 [MainThread] net.rx: len=42 dev=eth0
+
+A marker is active exactly while a probe is connected to it. Probes are any callable
+``probe(marker, args)``. Tracing never breaks the traced program: faults are counted and
+reported once (:mod:`tracemark.faults`), raised only in strict mode (``TRACEMARK_STRICT=1``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from . import faults
+from .faults import MarkerArgumentError, TracemarkWarning
+from .markers import registry as _registry
+from .markers.dispatch import MAX_NESTING, synchronize
+from .markers.fields import Field
+from .markers.registry import Connection, Marker, MarkerInfo, connect, disconnect, markers
+from .tracers.printer import Printer
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "MAX_NESTING",
+    "Connection",
+    "Field",
+    "Marker",
+    "MarkerArgumentError",
+    "MarkerInfo",
+    "Printer",
+    "TracemarkWarning",
+    "connect",
+    "disconnect",
+    "faults",
+    "mark",
+    "marker",
+    "markers",
+    "synchronize",
+]
+
+
+def marker(name: str, fmt: str | None = None, /, **fields: type | str) -> Marker:
+    """Declare the marker ``name`` and return it; call the result to fire it.
+
+    Fields come from a printf-style ``fmt`` (``"len=%d dev=%s"``) or from keywords
+    (``length=int, dev=str``), not both; none at all is a marker without fields. Declaring a
+    name again with the same fields returns the same marker; with other fields it is a
+    ValueError naming both declarations. An invalid name or format is a ValueError.
+
+    Firing costs one function call when no probe is connected (and nothing at all inside a
+    function the patcher has rewritten); arguments that do not fit the fields are counted and
+    dropped, never raised (except in strict mode).
+    """
+    return _registry.declare(name, fmt, fields, stacklevel=2).fire
+
+
+_inline: dict[tuple[str, str | None], Any] = {}
+
+
+def mark(name: str, fmt: str | None = None, /, *args: Any) -> None:
+    """Fire the marker ``name`` inline, declaring it on first use (the seed's ``MARK()``).
+
+    ``tracemark.mark("net.drop", "reason=%s", why)`` is ``marker("net.drop", "reason=%s")``
+    followed by a call. A use whose format conflicts with the marker's declaration is a
+    fault (counted, reported once, the event dropped), not an exception in the program.
+    """
+    fire = _inline.get((name, fmt))
+    if fire is None:
+        try:
+            fire = _registry.declare(name, fmt, None, stacklevel=2).fire
+        except ValueError as exc:
+            if faults.report("bad-declaration", f"{name}:{fmt}", f"tracemark.mark(): {exc}"):
+                raise
+            return
+        _inline[name, fmt] = fire
+    fire(*args)

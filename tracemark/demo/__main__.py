@@ -1,0 +1,5 @@
+import sys
+
+from .shop import main
+
+sys.exit(main())

@@ -1,0 +1,42 @@
+"""What differs between the Pythons tracemark runs on, named once.
+
+The rest of the package asks a question (``PYBEHAVIOR.sys_monitoring``) instead of comparing
+version numbers, so a reader finds every version-dependent decision from here (the habit of
+coverage.py's ``env.py``). Settings read from the environment are here too, so that a test can
+see in one place what a run was configured with.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import sysconfig
+from dataclasses import dataclass
+
+PYVERSION = sys.version_info[:2]
+
+
+@dataclass(frozen=True)
+class _Behavior:
+    #: PEP 669 ``sys.monitoring`` exists (3.12+): dynamic probes use it instead of
+    #: rewriting code objects.
+    sys_monitoring: bool = PYVERSION >= (3, 12)
+    #: A build without the GIL (PEP 703). Swapping ``__code__`` is still one reference store,
+    #: but tracemark has not been proven there, so code patching is refused and says why.
+    free_threaded: bool = bool(sysconfig.get_config_var("Py_GIL_DISABLED"))
+
+
+PYBEHAVIOR = _Behavior()
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+#: ``TRACEMARK_STRICT=1``: faults (a probe that raises, a marker fired with the wrong
+#: arguments) raise in the traced program instead of being counted. Meant for tests.
+STRICT = _flag("TRACEMARK_STRICT")
+
+#: ``TRACEMARK_NOPATCH=1``: never rewrite code objects; every marker site uses the plain
+#: call path.
+NOPATCH = _flag("TRACEMARK_NOPATCH")

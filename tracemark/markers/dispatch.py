@@ -1,0 +1,272 @@
+"""Dispatch: the code that runs when a marker is fired, and the grace period that ends it.
+
+Why a marker is a generated function
+------------------------------------
+Calling a plain Python function is the cheapest call CPython has: the interpreter specialises
+it (3.11+), while an instance of a class with ``__call__`` costs three to four times as much.
+So each marker is a small function compiled for its own fields::
+
+    def fire(length=_MISSING, dev=_MISSING, /, *_extra, **_named):
+        if _probes:
+            ...                                 # the active path, below
+
+Its globals are a dict of its own, so ``_probes`` is a global load of that dict: one load and
+one test when nothing listens. No call can raise: missing arguments land on the sentinel,
+extra ones in ``_extra`` / ``_named``. Positional calls (``rx(3, "eth0")``) take the fast
+path; keyword calls (``rx(length=3, dev="eth0")``) work too, through a slower path that
+places them by field name, and anything that does not fit is counted instead of raised.
+
+Guarantees of the active path
+-----------------------------
+* **Snapshot (RCU).** ``_probes`` is an immutable tuple that the registry replaces by one
+  assignment. A firing thread calls the probes of the tuple it read, in connection order: the
+  old list or the new one, never a torn one.
+* **Grace period.** A thread can only call a probe from inside a firing function that read
+  the tuple holding it. :func:`synchronize` waits until every firing-function frame that was
+  on another thread's stack when it was called has returned. After ``disconnect(h)`` and then
+  ``synchronize()``, no thread is still running that probe: the kernel's
+  ``tracepoint_synchronize_unregister``.
+* **Bounded re-entrancy.** A marker fired while the same thread is already inside a probe
+  (the probe fires one itself, or logs through a traced handler, or a signal handler,
+  ``__del__`` or weakref callback runs in the middle) reaches only the probes connected with
+  ``reentrant=True`` (tracers built to nest, like the recorder), and at most
+  :data:`MAX_NESTING` levels deep. Anything beyond that is dropped and counted, never
+  recursed into.
+* **Faults never propagate.** Arguments that do not fit the fields drop the event; a probe
+  that raises an ``Exception`` is skipped for that event; both are counted and reported once
+  (:mod:`tracemark.faults`), raised only in strict mode. ``KeyboardInterrupt`` and
+  ``SystemExit`` are not caught: they are the program's, not the probe's.
+"""
+
+from __future__ import annotations
+
+import numbers
+import sys
+import threading
+import time
+from collections.abc import Callable
+from types import FrameType
+from typing import Any
+
+from .fields import Field
+
+__all__ = ["MAX_NESTING", "compile_fire", "synchronize"]
+
+#: How deep markers may nest on one thread (a probe firing a marker that reaches a probe that
+#: fires a marker...). Like LTTng's nesting levels for interrupts.
+MAX_NESTING = 4
+
+
+class MISSING:
+    """Stands for an argument the caller did not pass."""
+
+    def __repr__(self) -> str:
+        return "<missing>"
+
+
+_MISSING = MISSING()
+
+
+# --- per-thread nesting depth, and the grace period ------------------------------------------
+
+#: The file name of every firing function's code: how :func:`synchronize` recognises the
+#: frames of threads that are inside a marker.
+FIRE_FILENAME = "<tracemark marker>"
+
+
+class _ThreadState:
+    __slots__ = ("depth",)
+
+    def __init__(self) -> None:
+        self.depth = 0  # > 0 while this thread is inside the probes of a marker
+
+
+_tls = threading.local()
+
+
+def _new_thread_state() -> _ThreadState:
+    state = _tls.state = _ThreadState()
+    return state
+
+
+def _firing_frames(skip: int) -> dict[int, list[FrameType]]:
+    """Per thread (but the one with ident ``skip``), the frames of firing functions on it."""
+    found: dict[int, list[FrameType]] = {}
+    for ident, frame in sys._current_frames().items():
+        if ident == skip:
+            continue
+        f: FrameType | None = frame
+        while f is not None:
+            if f.f_code.co_filename == FIRE_FILENAME:
+                found.setdefault(ident, []).append(f)
+            f = f.f_back
+    return found
+
+
+def synchronize(timeout: float | None = None) -> bool:
+    """Wait until no thread is still inside a probe that was disconnected before this call.
+
+    Returns True when the grace period is over, False if ``timeout`` seconds passed first.
+    Called from inside a probe, it does not wait for its own thread (that would never end).
+
+    How: every thread that can still call a removed probe is running a marker's firing
+    function that read the old probe tuple, so its stack holds that function's frame. Take
+    the frames of firing functions on every other thread now, and wait until none of those
+    frame objects is on its thread's stack any more. A thread that fires again meanwhile runs
+    in a new frame, reads the new tuple, and is not waited for. The firing path itself pays
+    nothing for this.
+    """
+    me = threading.get_ident()
+    waiting = _firing_frames(me)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    pause = 0.0
+    while waiting:
+        now = _firing_frames(me)
+        waiting = {
+            ident: still
+            for ident, frames in waiting.items()
+            if (still := [f for f in frames if any(f is g for g in now.get(ident, ()))])
+        }
+        if not waiting:
+            break
+        if deadline is not None and time.monotonic() >= deadline:
+            return False
+        time.sleep(pause)  # sleep(0) first: just give the GIL to the threads we wait for
+        pause = min(pause * 2 or 1e-5, 1e-3)
+    return True
+
+
+# --- argument checks, one per field type -----------------------------------------------------
+# Each check is an expression that is True when the value does NOT fit. The first test is
+# the exact type (a pointer compare); the general one only runs for other types.
+
+
+def _not_int(v: Any) -> bool:
+    return not isinstance(v, numbers.Integral)
+
+
+def _not_real(v: Any) -> bool:
+    return not isinstance(v, numbers.Real)
+
+
+def _not_bytes(v: Any) -> bool:
+    return not isinstance(v, bytes | bytearray | memoryview)
+
+
+_CHECKS: dict[type, str] = {
+    int: "(_type({0}) is not int and _not_int({0}))",
+    float: "(_type({0}) is not float and _not_real({0}))",
+    str: "(_type({0}) is not str and not _isinstance({0}, str))",
+    bytes: "(_type({0}) is not bytes and _not_bytes({0}))",
+    bool: "(_type({0}) is not bool and _not_int({0}))",
+    object: "({0} is _MISSING)",
+}
+
+_CHECK_GLOBALS = {
+    "_MISSING": _MISSING,
+    "_type": type,
+    "_isinstance": isinstance,
+    "_not_int": _not_int,
+    "_not_real": _not_real,
+    "_not_bytes": _not_bytes,
+    "int": int,
+    "float": float,
+    "str": str,
+    "bytes": bytes,
+    "bool": bool,
+}
+
+#: The same checks as functions, for the slow path that sorts out keyword arguments.
+MISFITS: dict[type, Callable[[Any], bool]] = {
+    t: eval(f"lambda v: {c.format('v')}", dict(_CHECK_GLOBALS)) for t, c in _CHECKS.items()
+}
+
+
+def resolve_arguments(
+    fields: tuple[Field, ...], index: dict[str, int], values: tuple, extra: tuple, named: dict
+) -> tuple | None:
+    """The event's values from a call the fast path could not take: keywords are placed by
+    field name. Returns None when the arguments do not fit the fields."""
+    if extra:
+        return None
+    values = list(values)
+    for key, value in named.items():
+        i = index.get(key)
+        if i is None or values[i] is not _MISSING:  # unknown name, or given twice
+            return None
+        values[i] = value
+    for i, f in enumerate(fields):
+        if MISFITS[f.type](values[i]):
+            return None
+    return tuple(values)
+
+
+_TEMPLATE = """\
+def fire({params}*_extra, **_named):
+    if _probes:
+        try:
+            state = _tls.state
+        except AttributeError:
+            state = _new_thread_state()
+        depth = state.depth
+        if depth and (depth >= MAX_NESTING or not _nested):
+            return _dropped_nested(_core)
+        state.depth = depth + 1
+        try:
+            if {bad}:
+                args = _resolve_arguments(_fields, _index, ({names}), _extra, _named)
+                if args is None:
+                    return _bad_arguments(_core, ({names}), _extra, _named)
+            else:
+                args = ({names})
+            for probe in _nested if depth else _probes:
+                try:
+                    probe(_marker, args)
+                except Exception as exc:
+                    _probe_failed(_core, probe, exc)
+        finally:
+            state.depth = depth
+"""
+
+
+def compile_fire(
+    fields: tuple[Field, ...],
+    core: object,
+    *,
+    bad_arguments: Callable[..., None],
+    probe_failed: Callable[..., None],
+    dropped_nested: Callable[..., None],
+) -> tuple[Callable[..., None], dict[str, Any]]:
+    """Compile the firing function of one marker.
+
+    Returns the function and its globals dict: the registry publishes a new probe tuple by
+    assigning ``namespace["_probes"]`` (and ``"_nested"``), one store each.
+    """
+    names = [f.name for f in fields]
+    source = _TEMPLATE.format(
+        params="".join(f"{n}=_MISSING, " for n in names) + ("/, " if names else ""),
+        bad=" or ".join(["_extra", "_named", *(_CHECKS[f.type].format(f.name) for f in fields)]),
+        names="".join(f"{n}, " for n in names),
+    )
+    namespace: dict[str, Any] = {
+        **_CHECK_GLOBALS,
+        "__builtins__": {},
+        "_probes": (),
+        "_nested": (),
+        "_core": core,
+        "_fields": fields,
+        "_index": {f.name: i for i, f in enumerate(fields)},
+        "_tls": _tls,
+        "_new_thread_state": _new_thread_state,
+        "MAX_NESTING": MAX_NESTING,
+        "_resolve_arguments": resolve_arguments,
+        "_bad_arguments": bad_arguments,
+        "_probe_failed": probe_failed,
+        "_dropped_nested": dropped_nested,
+        "AttributeError": AttributeError,
+        "Exception": Exception,
+    }
+    exec(compile(source, FIRE_FILENAME, "exec"), namespace)
+    fire = namespace["fire"]
+    namespace["_marker"] = fire
+    return fire, namespace

@@ -1,0 +1,424 @@
+"""The registry: every marker declared in this process, and every probe connected to them.
+
+One mechanism for every consumer (the seed thread's first conclusion): printers, recorders,
+aggregators, exporters and a user's own callbacks all ``connect`` to markers by name, at run
+time, and dynamic probes are markers in this same registry.
+
+Guarantees
+----------
+* A marker is *active* exactly while at least one probe is connected to it; there is no other
+  switch to get out of step.
+* A probe connected by glob also binds markers declared later (a module imported afterwards).
+* Declaring a name again with the same fields returns the same marker (module reload is safe);
+  with other fields it is a ValueError naming both declarations.
+* Every change (declare, connect, disconnect) happens under one lock and is published to the
+  firing threads by replacing immutable tuples (see :mod:`.dispatch`); firing takes no lock.
+* Listeners (the code patcher) hear about every marker that turns active or inactive, under
+  the lock, in the order it happened.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+import sys
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+from .. import faults
+from .dispatch import _MISSING, compile_fire, synchronize
+from .fields import Field, fields_from_format, fields_from_types
+
+__all__ = [
+    "Connection",
+    "Marker",
+    "MarkerInfo",
+    "connect",
+    "declare",
+    "disconnect",
+    "lookup",
+    "markers",
+]
+
+_NAME = re.compile(r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*\Z", re.ASCII)
+_NAME_RULE = "a marker name is one or more identifiers joined by dots, like 'net.rx'"
+
+
+def check_name(name: object) -> str:
+    """Return ``name`` if it is a valid marker name, else raise ValueError saying why."""
+    if not isinstance(name, str):
+        raise ValueError(f"marker name must be a str, not {type(name).__name__}; {_NAME_RULE}")
+    if not _NAME.match(name):
+        raise ValueError(f"invalid marker name {name!r}: {_NAME_RULE}")
+    return name
+
+
+@runtime_checkable
+class Marker(Protocol):
+    """A declared marker: call it to fire it.
+
+    A Marker is a plain Python function compiled for its fields (see
+    :mod:`tracemark.markers.dispatch` for why), carrying its declaration as attributes.
+    """
+
+    name: str
+    fields: tuple[Field, ...]
+    fmt: str | None
+    where: str
+
+    def __call__(self, *args: Any, **kwargs: Any) -> None: ...
+
+
+class Connection:
+    """One probe connected to every marker whose name matches a glob.
+
+    Returned by :func:`connect`; pass it to :func:`disconnect`, or use it as a context
+    manager (``with connect(...):``), which disconnects and synchronizes on exit.
+    """
+
+    def __init__(
+        self,
+        pattern: str,
+        probe: Callable[[Any, tuple], object],
+        fields: tuple[str, ...] | Mapping[str, type] | None,
+        reentrant: bool,
+    ) -> None:
+        self.pattern = pattern
+        self.probe = probe
+        self.fields = fields
+        self.reentrant = reentrant
+        self.connected = True
+        #: How many times the probe raised (counted per connection).
+        self.errors = 0
+        #: Names of markers the pattern matched but whose fields differ from ``fields``.
+        self.mismatched: list[str] = []
+        self._match = re.compile(fnmatch.translate(pattern)).match
+
+    def matches(self, name: str) -> bool:
+        return self._match(name) is not None
+
+    def __enter__(self) -> Connection:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        disconnect(self)
+        synchronize()
+
+    def __repr__(self) -> str:
+        state = "connected" if self.connected else "disconnected"
+        return f"<Connection {self.pattern!r} -> {self.probe!r} ({state})>"
+
+
+@dataclass(frozen=True)
+class MarkerInfo:
+    """A snapshot of one marker, as :func:`markers` reports it."""
+
+    name: str
+    fields: tuple[Field, ...]
+    fmt: str | None
+    where: str
+    probes: tuple[Connection, ...]
+    #: Events dropped because their arguments did not fit the fields.
+    bad_arguments: int
+    #: Events dropped because they were fired too deep inside other probes on one thread.
+    dropped_nested: int
+    #: Times a probe of this marker raised.
+    probe_errors: int
+    #: How each place that fires this marker in code is served (filled in by the patcher).
+    sites: tuple[Any, ...] = ()
+
+    @property
+    def active(self) -> bool:
+        """True while at least one probe is connected."""
+        return bool(self.probes)
+
+
+class MarkerCore:
+    """The registry's own record of one marker (the user holds its firing function)."""
+
+    def __init__(self, name: str, fields: tuple[Field, ...], fmt: str | None, where: str):
+        self.name = name
+        self.fields = fields
+        self.fmt = fmt
+        self.where = where
+        self.connections: tuple[Connection, ...] = ()
+        self.bad_arguments = 0
+        self.dropped_nested = 0
+        self.probe_errors = 0
+        self.fire, self.namespace = compile_fire(
+            fields,
+            self,
+            bad_arguments=_bad_arguments,
+            probe_failed=_probe_failed,
+            dropped_nested=_dropped_nested,
+        )
+        f = self.fire
+        f.__name__ = f.__qualname__ = name
+        f.__doc__ = f"Fire marker {name!r} ({self.signature()}); declared at {where}."
+        f.name, f.fields, f.fmt, f.where = name, fields, fmt, where
+        f.__tracemark__ = self  # how the patcher and the registry recognise a marker
+
+    def signature(self) -> str:
+        return ", ".join(map(str, self.fields)) or "no fields"
+
+    @property
+    def active(self) -> bool:
+        return bool(self.connections)
+
+    def publish(self) -> None:
+        """Give the firing threads the new probe tuples: one store each."""
+        conns = self.connections
+        self.namespace["_nested"] = tuple(c.probe for c in conns if c.reentrant)
+        self.namespace["_probes"] = tuple(c.probe for c in conns)
+
+
+_lock = threading.RLock()
+_markers: dict[str, MarkerCore] = {}
+_connections: list[Connection] = []
+_listeners: list[Callable[[MarkerCore, bool], None]] = []
+
+
+# --- faults from the firing path (slow path only) ---------------------------------------------
+
+
+def _bad_arguments(core: MarkerCore, values: tuple, extra: tuple, named: dict) -> None:
+    with _lock:
+        core.bad_arguments += 1
+    passed = [repr(v) for v in values if v is not _MISSING] + [repr(v) for v in extra]
+    passed += [f"{k}={v!r}" for k, v in named.items()]
+    message = (
+        f"marker {core.name!r} fired with ({', '.join(passed)}), which does not fit its fields "
+        f"({core.signature()}) declared at {core.where}; the event was dropped"
+    )
+    if faults.report("bad-arguments", core.name, message):
+        raise faults.MarkerArgumentError(message)
+
+
+def _probe_failed(core: MarkerCore, probe: object, exc: Exception) -> None:
+    with _lock:
+        core.probe_errors += 1
+        for conn in core.connections:
+            if conn.probe is probe:
+                conn.errors += 1
+                break
+    message = (
+        f"probe {probe!r} raised {type(exc).__name__}: {exc} on marker {core.name!r}; "
+        "the traced program went on"
+    )
+    if faults.report("probe-error", f"{core.name}:{id(probe)}", message):
+        raise exc
+
+
+def _dropped_nested(core: MarkerCore) -> None:
+    with _lock:
+        core.dropped_nested += 1
+    faults.report(
+        "dropped-nested",
+        core.name,
+        f"marker {core.name!r} fired from inside a probe on the same thread was dropped "
+        "(only probes connected with reentrant=True nest, and only a few levels deep)",
+    )
+
+
+# --- declaring ---------------------------------------------------------------------------------
+
+
+def _caller_where(depth: int) -> str:
+    try:
+        frame = sys._getframe(depth + 1)
+    except ValueError:
+        return "<unknown>"
+    return f"{frame.f_code.co_filename}:{frame.f_lineno}"
+
+
+def declare(
+    name: str,
+    fmt: str | None = None,
+    types: Mapping[str, object] | None = None,
+    *,
+    where: str | None = None,
+    stacklevel: int = 1,
+) -> MarkerCore:
+    """Declare (or find again) the marker ``name``; see :func:`tracemark.marker`."""
+    check_name(name)
+    if fmt is not None and types:
+        raise ValueError(
+            f"marker {name!r}: give its fields either as a format or as keywords, not both"
+        )
+    fields = fields_from_types(dict(types)) if types else fields_from_format(fmt or "")
+    if where is None:
+        where = _caller_where(stacklevel)
+    with _lock:
+        core = _markers.get(name)
+        if core is not None:
+            if core.fields != fields:
+                raise ValueError(
+                    f"marker {name!r} declared at {where} with fields "
+                    f"({', '.join(map(str, fields)) or 'no fields'}), but it was declared at "
+                    f"{core.where} with fields ({core.signature()})"
+                )
+            return core
+        core = MarkerCore(name, fields, fmt, where)
+        _markers[name] = core
+        for conn in _connections:
+            if conn.matches(name):
+                _attach(core, conn)
+        return core
+
+
+def lookup(name: str) -> MarkerCore | None:
+    """The marker called ``name``, if one was declared."""
+    return _markers.get(name)
+
+
+def core_of(obj: object) -> MarkerCore | None:
+    """The registry record behind a marker's firing function, or None for anything else."""
+    core = getattr(obj, "__tracemark__", None)
+    return core if isinstance(core, MarkerCore) else None
+
+
+# --- connecting ----------------------------------------------------------------------------------
+
+
+def connect(
+    pattern: str,
+    probe: Callable[[Any, tuple], object],
+    *,
+    fields: str | Sequence[str] | Mapping[str, type] | None = None,
+    reentrant: bool = False,
+) -> Connection:
+    """Connect ``probe`` to every marker matching ``pattern``, now and declared later."""
+    if not isinstance(pattern, str) or not pattern or pattern != pattern.strip():
+        raise ValueError(
+            f"pattern must be a non-empty glob over marker names, like 'net.*', not {pattern!r}"
+        )
+    if not callable(probe):
+        raise TypeError(f"probe must be callable as probe(marker, args), not {probe!r}")
+    expected = _expected_fields(fields)
+    conn = Connection(pattern, probe, expected, bool(reentrant))
+    with _lock:
+        _connections.append(conn)
+        for core in _markers.values():
+            if conn.matches(core.name):
+                _attach(core, conn)
+    return conn
+
+
+def _expected_fields(
+    fields: str | Sequence[str] | Mapping[str, type] | None,
+) -> tuple[str, ...] | dict[str, type] | None:
+    if fields is None:
+        return None
+    if isinstance(fields, str):
+        return {f.name: f.type for f in fields_from_format(fields)}
+    if isinstance(fields, Mapping):
+        return {f.name: f.type for f in fields_from_types(dict(fields))}
+    return tuple(fields)
+
+
+def _fields_fit(core: MarkerCore, expected: tuple[str, ...] | dict[str, type] | None) -> bool:
+    if expected is None:
+        return True
+    if isinstance(expected, dict):
+        return {f.name: f.type for f in core.fields} == expected
+    return tuple(f.name for f in core.fields) == expected
+
+
+def _attach(core: MarkerCore, conn: Connection) -> None:
+    if not _fields_fit(core, conn.fields):
+        conn.mismatched.append(core.name)
+        faults.report(
+            "fields-mismatch",
+            f"{core.name}:{id(conn)}",
+            f"probe {conn.probe!r} expects fields {conn.fields!r} but marker {core.name!r} "
+            f"has ({core.signature()}), declared at {core.where}; not connected to it",
+        )
+        return
+    was_active = core.active
+    core.connections = (*core.connections, conn)
+    core.publish()
+    if not was_active:
+        _notify(core, True)
+
+
+def disconnect(conn: Connection) -> bool:
+    """Stop ``conn``'s probe from being called: no new call starts after this returns.
+
+    Returns False if it was already disconnected. Threads already inside the probe may still
+    be running it; :func:`synchronize` waits for them.
+    """
+    if not isinstance(conn, Connection):
+        raise TypeError(f"disconnect() takes what connect() returned, not {conn!r}")
+    with _lock:
+        if not conn.connected:
+            return False
+        conn.connected = False
+        _connections.remove(conn)
+        for core in _markers.values():
+            if conn in core.connections:
+                core.connections = tuple(c for c in core.connections if c is not conn)
+                core.publish()
+                if not core.connections:
+                    _notify(core, False)
+    return True
+
+
+# --- listeners (the patcher) ---------------------------------------------------------------------
+
+
+def add_listener(listener: Callable[[MarkerCore, bool], None]) -> None:
+    """Call ``listener(core, active)`` whenever a marker turns active or inactive."""
+    with _lock:
+        _listeners.append(listener)
+
+
+def _notify(core: MarkerCore, active: bool) -> None:
+    for listener in _listeners:
+        try:
+            listener(core, active)
+        except Exception as exc:  # a listener must not break connect/disconnect
+            faults.report(
+                "listener-error",
+                repr(listener),
+                f"tracemark listener {listener!r} raised {exc!r} for marker {core.name!r}",
+            )
+
+
+# --- reading the registry ----------------------------------------------------------------------
+
+
+_site_reporters: list[Callable[[MarkerCore], tuple[Any, ...]]] = []
+
+
+def add_site_reporter(reporter: Callable[[MarkerCore], tuple[Any, ...]]) -> None:
+    """Let a mechanism (the patcher) say how the sites of each marker are served."""
+    _site_reporters.append(reporter)
+
+
+def markers(pattern: str = "*") -> list[MarkerInfo]:
+    """Every declared marker whose name matches ``pattern``, sorted by name."""
+    match = re.compile(fnmatch.translate(pattern)).match
+    with _lock:
+        cores = sorted((c for c in _markers.values() if match(c.name)), key=lambda c: c.name)
+        return [
+            MarkerInfo(
+                name=c.name,
+                fields=c.fields,
+                fmt=c.fmt,
+                where=c.where,
+                probes=c.connections,
+                bad_arguments=c.bad_arguments,
+                dropped_nested=c.dropped_nested,
+                probe_errors=c.probe_errors,
+                sites=tuple(s for r in _site_reporters for s in r(c)),
+            )
+            for c in cores
+        ]
+
+
+def iter_cores() -> Iterator[MarkerCore]:
+    """Every marker's registry record (a snapshot: safe while markers are declared)."""
+    with _lock:
+        return iter(list(_markers.values()))
