@@ -1,0 +1,317 @@
+"""The ``tracemark`` command: record a program's markers, then look at the trace.
+
+One module per subcommand: :mod:`.record`, :mod:`.view`, :mod:`.stats`, :mod:`.list`;
+:mod:`.filter` is the ``--filter`` language and :mod:`._common` what they share (exit codes,
+errors, colour, progress). Standard library only (argparse).
+
+Guarantees: every user error is one line on stderr (``tracemark view: error: ...``) and a
+documented exit code (``tracemark --help``), never a traceback; a broken pipe
+(``tracemark view DIR | head``) ends the command quietly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+from collections.abc import Sequence
+from typing import IO, NoReturn
+
+from ._common import (
+    EXIT_CODES_HELP,
+    EXIT_USAGE,
+    CliError,
+    Progress,
+    Style,
+    field_names,
+    open_trace,
+    select,
+    total_events,
+    wants_colour,
+    width_of,
+)
+
+__all__ = ["main"]
+
+_EXAMPLES = """\
+examples:
+  tracemark record -- python app.py --port 8080   # record every marker of app.py
+  tracemark view tracemark-traces/20260101-120000-app --filter 'len > 1500'
+  tracemark stats tracemark-traces/20260101-120000-app -e 'net.*'
+  tracemark list src/                              # markers in the code, checked"""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with errors as one line and help laid out for 80 columns."""
+
+    def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        width = min(80, shutil.get_terminal_size((80, 24)).columns)
+        kwargs.setdefault(
+            "formatter_class",
+            lambda prog: argparse.RawDescriptionHelpFormatter(prog, width=width),
+        )
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        raise CliError(f"{message} (see {self.prog} --help)", EXIT_USAGE, prog=self.prog)
+
+
+def _positive(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, not {n}")
+    return n
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="tracemark",
+        description="Record the markers of a Python program into a CTF trace, and read it.",
+        epilog=f"{_EXAMPLES}\n\n{EXIT_CODES_HELP}",
+    )
+    from .. import __version__
+
+    parser.add_argument("--version", action="version", version=f"tracemark {__version__}")
+    sub = parser.add_subparsers(dest="subcommand", metavar="COMMAND", parser_class=_Parser)
+
+    rec = sub.add_parser(
+        "record",
+        help="run a Python program and record its markers",
+        description=(
+            "Run a Python program with a recording of its markers (all by default). Python\n"
+            "processes it starts (subprocess, multiprocessing fork and spawn) are recorded\n"
+            "into the same trace directory. Returns the program's exit code."
+        ),
+        epilog="""\
+examples:
+  tracemark record -- python app.py ARGS
+  tracemark record -o out/trace -e 'net.*' -e 'db.*' app.py ARGS
+  tracemark record --mode overwrite --buffer 4M -m mypackage.server --port 80
+
+exit code: the program's own (128+N if killed by signal N); 127 if it cannot be
+started; 2 for a usage error; 5 if --probe is given but probes are unavailable.""",
+    )
+    rec.add_argument(
+        "-o",
+        "--output",
+        metavar="DIR",
+        help="trace directory (new or empty; default: a new one under ./tracemark-traces/)",
+    )
+    rec.add_argument(
+        "-e",
+        "--events",
+        metavar="GLOB",
+        action="append",
+        help="record the markers matching GLOB (repeatable; default: all)",
+    )
+    rec.add_argument(
+        "--probe",
+        metavar="SPEC",
+        action="append",
+        default=[],
+        help="install a dynamic probe, e.g. 'json:loads' (repeatable)",
+    )
+    rec.add_argument(
+        "--mode",
+        choices=("discard", "overwrite"),
+        default="discard",
+        help="when buffers are full: drop new events and count them (discard, the default) "
+        "or reuse the oldest packets (overwrite, a flight recorder)",
+    )
+    rec.add_argument(
+        "--buffer", metavar="SIZE", help="buffer per thread, e.g. 256K or 4M (default: recorder's)"
+    )
+    rec.add_argument(
+        "--top", type=_positive, default=10, metavar="N", help="markers in the summary (10)"
+    )
+    rec.add_argument("-m", dest="module", metavar="MODULE", help="run library module as a script")
+    rec.add_argument(
+        "program",
+        nargs=argparse.REMAINDER,
+        metavar="-- PROGRAM ARGS",
+        help="python SCRIPT ARGS, or SCRIPT ARGS, or ARGS after -m MODULE",
+    )
+
+    view = sub.add_parser(
+        "view",
+        help="list the events of a trace in time order",
+        description=(
+            "List the events of a trace in time order: time, delta to the previous line,\n"
+            "[pid thread], event name and fields."
+        ),
+        epilog="""\
+filter expressions:
+  comparisons (== != < <= > >= in, chained), and / or / not, + - * / // %,
+  literals, field names, the event's name pid tid thread timestamp,
+  fields["name"] for a field called like one of those, the string methods
+  .startswith() .endswith() .contains() .matches(GLOB) .lower() .upper()
+  .strip(), and len() abs() str(). A field an event lacks matches nothing.
+
+examples:
+  tracemark view DIR --limit 20
+  tracemark view DIR -e 'shop.*' --filter 'total > 100 and worker == "worker-1"'
+  tracemark view DIR --filter 'name.startswith("net.") or pid != 4711' --json
+
+exit codes: 0 ok, 2 usage or bad filter, 3 not a trace, 4 corrupt trace.""",
+    )
+    _trace_args(view)
+    view.add_argument("--filter", metavar="EXPR", help="show only events where EXPR is true")
+    view.add_argument("--limit", type=_positive, metavar="N", help="stop after N events")
+    view.add_argument("--json", action="store_true", help="one JSON object per line")
+
+    stats = sub.add_parser(
+        "stats",
+        help="count events per marker, with field statistics and histograms",
+        description=(
+            "Per marker: count and rate; per numeric field min, mean, max, p50, p99\n"
+            "and a log2 histogram; per other field the most frequent values."
+        ),
+        epilog="""\
+examples:
+  tracemark stats DIR
+  tracemark stats DIR -e 'shop.order.*' --filter 'total > 50' --json
+
+exit codes: 0 ok, 2 usage or bad filter, 3 not a trace, 4 corrupt trace.""",
+    )
+    _trace_args(stats)
+    stats.add_argument("--filter", metavar="EXPR", help="count only events where EXPR is true")
+    stats.add_argument("--json", action="store_true", help="one JSON document")
+
+    lst = sub.add_parser(
+        "list",
+        help="find the markers declared in source code, and check their call sites",
+        description=(
+            "Find marker declarations and call sites by reading source (nothing is\n"
+            "imported) and report call sites whose arguments do not fit the declaration."
+        ),
+        epilog="""\
+examples:
+  tracemark list                 # the current directory
+  tracemark list src/ tests/helpers.py
+  tracemark list tracemark.demo  # a module or package, found on sys.path
+
+exit codes: 0 no errors, 1 errors found (printed as FILE:LINE:COL: error: ...),
+2 usage error (e.g. no such file or module).""",
+    )
+    lst.add_argument(
+        "targets", nargs="*", metavar="PATH|MODULE", help="files, directories or module names"
+    )
+    return parser
+
+
+def _trace_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("trace", metavar="DIR", help="a trace directory written by tracemark record")
+    p.add_argument(
+        "-e",
+        "--events",
+        metavar="GLOB",
+        action="append",
+        help="only the markers matching GLOB (repeatable)",
+    )
+
+
+def _predicate(trace, args):  # type: ignore[no-untyped-def]
+    if not args.filter:
+        return None
+    from .filter import FilterError, compile_filter
+
+    known = field_names(trace, args.events) if getattr(trace, "markers", None) else None
+    try:
+        return compile_filter(args.filter, known)
+    except FilterError as exc:
+        raise CliError(
+            f"bad --filter at column {exc.column + 1}: {exc.message}", EXIT_USAGE, exc.pointer()
+        ) from None
+
+
+def _view(args: argparse.Namespace, out: IO[str]) -> int:
+    from .view import write_json, write_text
+
+    trace = open_trace(args.trace)
+    events = select(trace, args.events, _predicate(trace, args))
+    tty = out.isatty()
+    if not tty:  # progress only when it cannot mix with the listing
+        events = Progress("reading", total_events(trace)).wrap(events)
+    if args.json:
+        write_json(events, out, limit=args.limit)
+    elif tty:  # cut to the terminal's width, coloured unless NO_COLOR
+        style = Style(wants_colour(out))
+        write_text(events, out, limit=args.limit, width=width_of(out), style=style)
+    else:
+        write_text(events, out, limit=args.limit)
+    return 0
+
+
+def _stats(args: argparse.Namespace, out: IO[str]) -> int:
+    from . import stats
+
+    trace = open_trace(args.trace)
+    events = select(trace, args.events, _predicate(trace, args))
+    progress = Progress("reading", total_events(trace))
+    collected = stats.collect(progress.wrap(events))
+    streams = list(getattr(trace, "streams", ()))
+    info = {
+        "path": args.trace,
+        "start": trace.start,
+        "end": trace.end,
+        "discarded": trace.discarded,
+        "processes": len({s.pid for s in streams}),
+        "threads": len({(s.pid, s.tid) for s in streams}),
+    }
+    if args.json:
+        out.write(stats.render_json(collected, **info))
+    else:
+        out.write(stats.render_text(collected, style=Style(wants_colour(out)), **info))
+    return 0
+
+
+def _list(args: argparse.Namespace, out: IO[str], err: IO[str]) -> int:
+    from .list import run
+
+    return run(args.targets, out, err, width=width_of(out), style=Style(wants_colour(out)))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``tracemark ARGS``; return the exit code."""
+    out, err = sys.stdout, sys.stderr
+    parser = build_parser()
+    prog = "tracemark"
+    try:
+        args, extra = parser.parse_known_args(argv)
+        if args.subcommand is None:
+            parser.print_help(out)
+            return EXIT_USAGE
+        prog = f"tracemark {args.subcommand}"
+        if extra:
+            raise CliError(f"unrecognized arguments: {' '.join(extra)} (see {prog} --help)")
+        if args.subcommand == "record":
+            from .record import run as record
+
+            return record(args, err, Style(wants_colour(err)))
+        if args.subcommand == "view":
+            return _view(args, out)
+        if args.subcommand == "stats":
+            return _stats(args, out)
+        return _list(args, out, err)
+    except CliError as exc:
+        err.write(f"{exc.prog or prog}: error: {exc.message}\n")
+        if exc.detail:
+            err.write(exc.detail + "\n")
+        return exc.code
+    except KeyboardInterrupt:
+        err.write(f"{prog}: interrupted\n")
+        return 130
+    except BrokenPipeError:
+        # The reader went away (| head): stop quietly. Point stdout at /dev/null so the
+        # interpreter's final flush does not complain a second time.
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
+        return 0
+

@@ -1,0 +1,86 @@
+"""The recording side of ``tracemark record``: what runs inside each recorded Python process.
+
+``tracemark record`` passes its settings down in the environment, which every child process
+inherits, and puts :file:`_site/sitecustomize.py` first on ``PYTHONPATH``, which calls
+:func:`start` at interpreter start-up.
+
+=========================  ===============================================================
+``TRACEMARK_RECORD_DIR``   the trace directory; nothing is recorded when it is unset
+``TRACEMARK_RECORD_EVENTS`` comma-separated globs of the markers to record (default ``*``)
+``TRACEMARK_RECORD_MODE``  ``discard`` (default) or ``overwrite``
+``TRACEMARK_RECORD_BUFFER`` bytes of buffer per thread (split into sub-buffers), optional
+``TRACEMARK_RECORD_PROBES`` dynamic probe specs, one per line, installed before the program
+=========================  ===============================================================
+
+Guarantees: :func:`start` records at most once per process (a forked child is the
+recorder's business: it carries on into its own sub-trace); the recording is stopped, and so
+flushed, at interpreter exit. Every failure is reported as one line on stderr by the caller
+(``sitecustomize``) and the program runs on untraced.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+from typing import Any
+
+ENV_DIR = "TRACEMARK_RECORD_DIR"
+ENV_EVENTS = "TRACEMARK_RECORD_EVENTS"
+ENV_MODE = "TRACEMARK_RECORD_MODE"
+ENV_BUFFER = "TRACEMARK_RECORD_BUFFER"
+ENV_PROBES = "TRACEMARK_RECORD_PROBES"
+ENV_HOME = "TRACEMARK_HOME"
+
+#: Sub-buffers per thread channel when ``--buffer`` gives the total size.
+SUBBUFFERS = 4
+
+recording: Any = None
+
+
+def settings(environ: dict[str, str] | None = None) -> dict[str, Any] | None:
+    """The ``tracemark.record`` arguments the environment asks for, or None."""
+    env = os.environ if environ is None else environ
+    path = env.get(ENV_DIR)
+    if not path:
+        return None
+    events = [g for g in env.get(ENV_EVENTS, "*").split(",") if g] or ["*"]
+    kwargs: dict[str, Any] = {"mode": env.get(ENV_MODE) or "discard"}
+    buffer = env.get(ENV_BUFFER)
+    if buffer:
+        kwargs["subbuffer_size"] = max(1, int(buffer) // SUBBUFFERS)
+        kwargs["subbuffers"] = SUBBUFFERS
+    probes = [p for p in env.get(ENV_PROBES, "").split("\n") if p.strip()]
+    return {"path": path, "events": events, "kwargs": kwargs, "probes": probes}
+
+
+def start() -> None:
+    global recording
+    if recording is not None:
+        return
+    config = settings()
+    if config is None:
+        return
+    import tracemark
+
+    if config["probes"]:
+        from tracemark import probes  # type: ignore[attr-defined]
+
+        for spec in config["probes"]:
+            probes.install_spec(spec)
+    events = config["events"]
+    recording = tracemark.record(  # type: ignore[attr-defined]
+        config["path"], events if len(events) > 1 else events[0], **config["kwargs"]
+    )
+    atexit.register(_stop)
+
+
+def _stop() -> None:
+    global recording
+    rec, recording = recording, None
+    if rec is not None:
+        try:
+            rec.stop()
+        except Exception as exc:  # the trace may be incomplete; say so, do not raise at exit
+            import sys
+
+            sys.stderr.write(f"tracemark: stopping the recording failed: {exc}\n")

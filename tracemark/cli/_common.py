@@ -1,0 +1,245 @@
+"""What every subcommand shares: exit codes, one-line errors, colour, width, progress, and
+opening a trace.
+
+Guarantees
+----------
+* A user error is a :class:`CliError`: :func:`tracemark.cli.main` prints it as one line
+  (``tracemark view: error: ...``, plus a caret line for a filter) and returns its exit code;
+  the user never sees a Python traceback for it.
+* Colour only when the stream is a terminal, ``TERM`` is not ``dumb`` and ``NO_COLOR`` is
+  unset or empty (https://no-color.org); progress only when stderr is a terminal.
+* Output is laid out for 80 columns; on a wider or narrower terminal its width is used.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import re
+import shutil
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import IO, Any
+
+#: Exit codes, documented in ``tracemark --help``.
+EXIT_OK = 0
+EXIT_FOUND_ERRORS = 1  # list: marker declarations or call sites that do not match
+EXIT_USAGE = 2  # unknown option, bad argument, bad filter expression
+EXIT_NOT_TRACE = 3  # the path is missing or is not a trace directory
+EXIT_CORRUPT = 4  # the trace is corrupt or truncated
+EXIT_UNAVAILABLE = 5  # a part of tracemark this command needs is not installed
+EXIT_NOT_FOUND = 127  # record: the program to run was not found (as a shell says)
+
+EXIT_CODES_HELP = f"""\
+exit codes:
+  {EXIT_OK}    success
+  {EXIT_FOUND_ERRORS}    list: a marker call site or declaration is wrong
+  {EXIT_USAGE}    usage error: unknown option, bad argument or --filter expression
+  {EXIT_NOT_TRACE}    not a trace directory (or it does not exist)
+  {EXIT_CORRUPT}    corrupt or truncated trace (the message names file and offset)
+  {EXIT_UNAVAILABLE}    a part of tracemark this command needs is not installed
+  {EXIT_NOT_FOUND}  record: the program to run was not found
+  record otherwise returns the program's own exit code
+       (128+N if the program was killed by signal N)"""
+
+
+class CliError(Exception):
+    """A user error: printed as one line (and ``detail`` lines after it), then exit ``code``."""
+
+    def __init__(
+        self, message: str, code: int = EXIT_USAGE, detail: str = "", *, prog: str = ""
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code
+        self.detail = detail
+        self.prog = prog  # the (sub)command to name, when the caller does not know it
+
+
+def wants_colour(stream: IO[str]) -> bool:
+    if os.environ.get("NO_COLOR", "") != "" or os.environ.get("TERM") == "dumb":
+        return False
+    isatty = getattr(stream, "isatty", None)
+    return bool(isatty and isatty())
+
+
+def width_of(stream: IO[str]) -> int:
+    """Columns to lay out for: the terminal's, or 80 when not a terminal."""
+    isatty = getattr(stream, "isatty", None)
+    if isatty and isatty():
+        return max(40, shutil.get_terminal_size((80, 24)).columns)
+    return 80
+
+
+class Style:
+    """ANSI colours, or nothing at all."""
+
+    _CODES = {"bold": "1", "dim": "2", "red": "31", "green": "32", "yellow": "33", "cyan": "36"}
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+
+    def __call__(self, text: str, *styles: str) -> str:
+        if not self.enabled or not styles:
+            return text
+        codes = ";".join(self._CODES[s] for s in styles)
+        return f"\x1b[{codes}m{text}\x1b[0m"
+
+
+class Progress:
+    """A one-line progress counter on stderr, drawn only on a terminal, at most 10 times/s."""
+
+    def __init__(self, label: str, total: int | None = None, stream: IO[str] | None = None):
+        self.stream = stream if stream is not None else sys.stderr
+        isatty = getattr(self.stream, "isatty", None)
+        self.enabled = bool(isatty and isatty())
+        self.label = label
+        self.total = total
+        self._last = 0.0
+        self._drawn = False
+
+    def update(self, done: int) -> None:
+        if not self.enabled:
+            return
+        now = time.monotonic()
+        if now - self._last < 0.1:
+            return
+        self._last = now
+        text = f"{self.label}: {done:,} events"
+        if self.total:
+            text += f" ({min(100, 100 * done // self.total)}%)"
+        self.stream.write("\r" + text[:79] + "\x1b[K")
+        self.stream.flush()
+        self._drawn = True
+
+    def done(self) -> None:
+        if self._drawn:
+            self.stream.write("\r\x1b[K")
+            self.stream.flush()
+            self._drawn = False
+
+    def wrap(self, events: Iterable[Any], every: int = 1 << 14) -> Iterator[Any]:
+        """``events`` unchanged, counting them; the counter is erased at the end."""
+        if not self.enabled:
+            yield from events
+            return
+        try:
+            n = 0
+            for n, ev in enumerate(events, 1):  # noqa: B007 - n is read after the loop
+                if not n % every:
+                    self.update(n)
+                yield ev
+        finally:
+            self.done()
+
+
+def name_matcher(globs: Sequence[str] | None) -> Callable[[str], bool]:
+    """``match(name)`` for ``-e`` globs (all names when there are none), cached per name."""
+    if not globs:
+        return lambda name: True
+    regex = re.compile("|".join(fnmatch.translate(g) for g in globs))
+    cache: dict[str, bool] = {}
+
+    def match(name: str) -> bool:
+        hit = cache.get(name)
+        if hit is None:
+            hit = cache[name] = regex.match(name) is not None
+        return hit
+
+    return match
+
+
+def open_trace(path: str) -> Any:
+    """The trace in directory ``path`` (``tracemark.ctf.read_trace``), or a CliError."""
+    p = Path(path)
+    if not p.exists():
+        raise CliError(f"{path}: no such trace directory", EXIT_NOT_TRACE)
+    if not p.is_dir():
+        raise CliError(f"{path}: not a trace directory (it is a file)", EXIT_NOT_TRACE)
+    if not (p / "metadata").is_file() and next(p.rglob("metadata"), None) is None:
+        raise CliError(
+            f"{path}: not a trace directory (no CTF 'metadata' file in it); "
+            "make one with: tracemark record -- python app.py",
+            EXIT_NOT_TRACE,
+        )
+    read_trace, trace_error = reader()
+    try:
+        return read_trace(path)
+    except trace_error as exc:
+        raise CliError(f"corrupt trace: {exc}", EXIT_CORRUPT) from None
+    except OSError as exc:
+        raise CliError(f"{path}: cannot read the trace: {exc.strerror or exc}", EXIT_NOT_TRACE)
+
+
+def reader() -> tuple[Callable[[str], Any], type[Exception]]:
+    """``(read_trace, TraceError)`` from :mod:`tracemark.ctf`, or a CliError saying it is
+    missing (the reader is a separate piece of tracemark)."""
+    try:
+        from ..ctf import TraceError, read_trace
+    except ImportError as exc:
+        raise CliError(
+            f"the trace reader (tracemark.ctf) is not available: {exc}", EXIT_UNAVAILABLE
+        ) from None
+    return read_trace, TraceError
+
+
+def guarded(events: Iterable[Any]) -> Iterator[Any]:
+    """``events`` with a TraceError met while streaming turned into a CliError."""
+    _, trace_error = reader()
+    try:
+        yield from events
+    except trace_error as exc:
+        raise CliError(f"corrupt trace: {exc}", EXIT_CORRUPT) from None
+
+
+def select(
+    trace: Any, globs: Sequence[str] | None, predicate: Callable[[Any], bool] | None = None
+) -> Iterator[Any]:
+    """The events of ``trace`` whose name matches ``globs`` and that pass ``predicate``."""
+    match = name_matcher(globs)
+    events = guarded(trace.events())
+    if predicate is None:
+        return (ev for ev in events if match(ev.name))
+    return (ev for ev in events if match(ev.name) and predicate(ev))
+
+
+def field_names(trace: Any, globs: Sequence[str] | None) -> set[str]:
+    """Every field name of the markers of ``trace`` that ``globs`` select."""
+    match = name_matcher(globs)
+    names: set[str] = set()
+    for marker, fields in getattr(trace, "markers", {}).items():
+        if match(marker):
+            names.update(f[0] if isinstance(f, tuple) else getattr(f, "name", f) for f in fields)
+    return names
+
+
+def total_events(trace: Any) -> int | None:
+    """How many events the trace holds, if its streams say so cheaply (for progress)."""
+    try:
+        counts = [s.events for s in trace.streams]
+    except (AttributeError, TypeError):
+        return None
+    return sum(counts) if all(isinstance(c, int) for c in counts) else None
+
+
+def human_size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def human_duration(ns: int | None) -> str:
+    if ns is None:
+        return "-"
+    s = ns / 1e9
+    if s < 1e-3:
+        return f"{ns / 1e3:.1f} us"
+    if s < 1:
+        return f"{s * 1e3:.1f} ms"
+    if s < 120:
+        return f"{s:.2f} s"
+    return f"{int(s // 60)} min {s % 60:.0f} s"

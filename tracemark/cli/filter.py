@@ -1,0 +1,355 @@
+"""``--filter EXPR``: a small, safe expression language over one event.
+
+Guarantees
+----------
+* User text is never evaluated. The expression is parsed with :func:`ast.parse` and every node
+  is checked against a whitelist, then turned into a tree of plain Python closures; nothing
+  the user writes can reach an attribute, a builtin or an import.
+* What is allowed: literals (numbers, strings, ``True False None``, tuples and lists of them),
+  field names, the event's metadata ``name pid tid thread timestamp``, ``fields["x"]`` for a
+  field whose name clashes with a metadata name, comparisons (``== != < <= > >= in not in``,
+  chained), ``and or not``, arithmetic ``+ - * / // %``, the string methods
+  ``startswith endswith contains lower upper strip matches`` (``matches`` is a shell glob)
+  and the functions ``len abs str``.
+* A bad expression raises :class:`FilterError` with the column of the offending part, so the
+  command line can print one message and a caret under the problem.
+* When the set of known field names is given, a name that is neither metadata nor a field of
+  any selected marker is an error (a typo is caught before reading the whole trace).
+* An event that lacks a field (another marker) never matches a comparison on it, and nothing
+  an event carries can make evaluation raise: a comparison between values of different types
+  is false, arithmetic that fails gives "missing".
+"""
+
+from __future__ import annotations
+
+import ast
+import fnmatch
+import operator
+from collections.abc import Callable, Iterable
+from typing import Any
+
+__all__ = ["METADATA", "FilterError", "compile_filter"]
+
+#: Event attributes a filter can name, besides the fields.
+METADATA = ("name", "pid", "tid", "thread", "timestamp")
+
+
+class FilterError(ValueError):
+    """A filter expression that cannot be used; ``column`` is 0-based, in characters."""
+
+    def __init__(self, message: str, expr: str, column: int) -> None:
+        super().__init__(message)
+        self.message = message
+        self.expr = expr
+        self.column = max(0, min(column, len(expr)))
+
+    def pointer(self) -> str:
+        """Two lines: the expression, and a caret under the problem."""
+        return f"  {self.expr}\n  {' ' * self.column}^"
+
+
+class _Missing:
+    """The value of a field the event does not have: false, and equal to nothing."""
+
+    __slots__ = ()
+
+    def __bool__(self) -> bool:
+        return False
+
+    def __repr__(self) -> str:
+        return "<missing>"
+
+
+MISSING: Any = _Missing()
+
+_COMPARE: dict[type, Callable[[Any, Any], bool]] = {
+    ast.Eq: operator.eq,
+    ast.NotEq: operator.ne,
+    ast.Lt: operator.lt,
+    ast.LtE: operator.le,
+    ast.Gt: operator.gt,
+    ast.GtE: operator.ge,
+    ast.In: lambda a, b: a in b,
+    ast.NotIn: lambda a, b: a not in b,
+}
+_ARITH: dict[type, Callable[[Any, Any], Any]] = {
+    ast.Add: operator.add,
+    ast.Sub: operator.sub,
+    ast.Mult: operator.mul,
+    ast.Div: operator.truediv,
+    ast.FloorDiv: operator.floordiv,
+    ast.Mod: operator.mod,
+}
+# Methods callable on a string value; each takes the string and the (evaluated) arguments.
+_METHODS: dict[str, tuple[int, Callable[..., Any]]] = {
+    "startswith": (1, lambda s, p: s.startswith(p if isinstance(p, str) else tuple(p))),
+    "endswith": (1, lambda s, p: s.endswith(p if isinstance(p, str) else tuple(p))),
+    "contains": (1, lambda s, p: p in s),
+    "matches": (1, lambda s, p: fnmatch.fnmatchcase(s, p)),
+    "lower": (0, str.lower),
+    "upper": (0, str.upper),
+    "strip": (0, str.strip),
+}
+_FUNCTIONS: dict[str, Callable[[Any], Any]] = {"len": len, "abs": abs, "str": str}
+_CONSTANT_TYPES = (str, int, float, bool, bytes, type(None))
+
+
+def _column(expr: str, node: ast.AST) -> int:
+    # ast offsets count UTF-8 bytes; the caret is placed under characters.
+    offset = getattr(node, "col_offset", 0)
+    return len(expr.encode()[:offset].decode(errors="ignore"))
+
+
+def compile_filter(expr: str, known_fields: Iterable[str] | None = None) -> Callable[[Any], bool]:
+    """A predicate ``match(event) -> bool`` for the expression ``expr``.
+
+    ``known_fields``: every field name of the selected markers; when given, other names are
+    an error. Raises :class:`FilterError` for anything not in the language.
+    """
+    if not expr.strip():
+        raise FilterError("the filter expression is empty", expr, 0)
+    for bad in "\n\r\0":
+        if bad in expr:
+            raise FilterError(f"{bad!r} is not allowed in a filter", expr, expr.find(bad))
+    lead = len(expr) - len(expr.lstrip())
+    text = expr.strip()
+    try:
+        tree = ast.parse(text, mode="eval")
+    except SyntaxError as exc:
+        if not exc.offset:  # offset 0: the parser ran out of input
+            raise FilterError("incomplete expression", expr, lead + len(text)) from None
+        raise FilterError(f"syntax error: {exc.msg}", expr, lead + exc.offset - 1) from None
+    known = None if known_fields is None else frozenset(known_fields)
+    fn = _Compiler(expr, known, lead).build(tree.body)
+
+    def match(event: Any) -> bool:
+        try:
+            return bool(fn(event))
+        except Exception:  # a value with a hostile __eq__ or __bool__: not a match
+            return False
+
+    return match
+
+
+class _Compiler:
+    def __init__(self, expr: str, known: frozenset[str] | None, lead: int) -> None:
+        self.expr = expr  # as the user wrote it; the parsed text starts ``lead`` chars in
+        self.known = known
+        self.lead = lead
+
+    def fail(self, node: ast.AST, message: str, after: ast.AST | None = None) -> FilterError:
+        """The error for ``node``; with ``after``, for the token that follows that node
+        (an operator or a ``.attribute``, which the ast gives no position of its own)."""
+        text = self.expr[self.lead :]
+        if after is not None:
+            end = len(text.encode()[: after.end_col_offset].decode(errors="ignore"))
+            column = end + len(text[end:]) - len(text[end:].lstrip(" )"))
+        else:
+            column = _column(text, node)
+        return FilterError(message, self.expr, self.lead + column)
+
+    def build(self, node: ast.AST) -> Callable[[Any], Any]:
+        method = getattr(self, f"_{type(node).__name__}", None)
+        if method is None:
+            raise self.fail(node, f"{_describe(node)} is not allowed in a filter")
+        return method(node)
+
+    def _Constant(self, node: ast.Constant) -> Callable[[Any], Any]:
+        value = node.value
+        if not isinstance(value, _CONSTANT_TYPES):
+            raise self.fail(node, f"{value!r} is not allowed in a filter")
+        return lambda ev: value
+
+    def _Tuple(self, node: ast.Tuple | ast.List) -> Callable[[Any], Any]:
+        items = [self.build(elt) for elt in node.elts]
+        return lambda ev: tuple(item(ev) for item in items)
+
+    _List = _Tuple
+
+    def _Name(self, node: ast.Name) -> Callable[[Any], Any]:
+        name = node.id
+        if name in METADATA:
+            getter = operator.attrgetter(name)
+            return getter
+        if name in ("True", "False", "None"):  # pragma: no cover - parsed as constants
+            raise self.fail(node, f"{name} is a constant")
+        if self.known is not None and name not in self.known:
+            raise self.fail(node, _unknown(name, self.known))
+        return lambda ev: ev.fields.get(name, MISSING)
+
+    def _Subscript(self, node: ast.Subscript) -> Callable[[Any], Any]:
+        key = node.slice
+        if not (
+            isinstance(node.value, ast.Name)
+            and node.value.id == "fields"
+            and isinstance(key, ast.Constant)
+            and isinstance(key.value, str)
+        ):
+            raise self.fail(node, 'only fields["NAME"] can be subscripted in a filter')
+        name = key.value
+        if self.known is not None and name not in self.known:
+            raise self.fail(key, _unknown(name, self.known))
+        return lambda ev: ev.fields.get(name, MISSING)
+
+    def _BoolOp(self, node: ast.BoolOp) -> Callable[[Any], Any]:
+        parts = [self.build(v) for v in node.values]
+        if isinstance(node.op, ast.And):
+            return lambda ev: all(p(ev) for p in parts)
+        return lambda ev: any(p(ev) for p in parts)
+
+    def _UnaryOp(self, node: ast.UnaryOp) -> Callable[[Any], Any]:
+        operand = self.build(node.operand)
+        if isinstance(node.op, ast.Not):
+            return lambda ev: not operand(ev)
+        if isinstance(node.op, ast.USub | ast.UAdd):
+            op = operator.neg if isinstance(node.op, ast.USub) else operator.pos
+
+            def signed(ev: Any) -> Any:
+                value = operand(ev)
+                return op(value) if _is_number(value) else MISSING
+
+            return signed
+        raise self.fail(node, f"{_describe(node.op)} is not allowed in a filter")
+
+    def _BinOp(self, node: ast.BinOp) -> Callable[[Any], Any]:
+        op = _ARITH.get(type(node.op))
+        if op is None:
+            raise self.fail(node, f"{_describe(node.op)} is not allowed in a filter", node.left)
+        left, right = self.build(node.left), self.build(node.right)
+
+        def arith(ev: Any) -> Any:
+            a, b = left(ev), right(ev)
+            if a is MISSING or b is MISSING:
+                return MISSING
+            try:
+                return op(a, b)
+            except Exception:
+                return MISSING
+
+        return arith
+
+    def _Compare(self, node: ast.Compare) -> Callable[[Any], Any]:
+        ops = []
+        for op, before in zip(node.ops, [node.left, *node.comparators], strict=False):
+            fn = _COMPARE.get(type(op))
+            if fn is None:
+                message = f"{_describe(op)} is not allowed in a filter; use == or !="
+                raise self.fail(node, message, before)
+            ops.append(fn)
+        operands = [self.build(node.left)] + [self.build(c) for c in node.comparators]
+
+        def compare(ev: Any) -> bool:
+            left = operands[0](ev)
+            for fn, right_fn in zip(ops, operands[1:], strict=True):
+                right = right_fn(ev)
+                if left is MISSING or right is MISSING:
+                    return False
+                try:
+                    if not fn(left, right):
+                        return False
+                except TypeError:  # "eth0" < 3: different kinds never compare true
+                    return False
+                left = right
+            return True
+
+        return compare
+
+    def _Call(self, node: ast.Call) -> Callable[[Any], Any]:
+        if node.keywords:
+            raise self.fail(node.keywords[0].value, "keyword arguments are not allowed in a filter")
+        if any(isinstance(a, ast.Starred) for a in node.args):
+            raise self.fail(node, "*arguments are not allowed in a filter")
+        args = [self.build(a) for a in node.args]
+        func = node.func
+        if isinstance(func, ast.Attribute):
+            entry = _METHODS.get(func.attr)
+            if entry is None:
+                known = ", ".join(_METHODS)
+                message = f"unknown method .{func.attr}(); use one of {known}"
+                raise self.fail(func, message, func.value)
+            arity, method = entry
+            if len(args) != arity:
+                raise self.fail(node, f".{func.attr}() takes {arity} argument(s), not {len(args)}")
+            target = self.build(func.value)
+
+            def call_method(ev: Any) -> Any:
+                value = target(ev)
+                if not isinstance(value, str):
+                    return MISSING
+                try:
+                    return method(value, *(a(ev) for a in args))
+                except Exception:
+                    return MISSING
+
+            return call_method
+        if isinstance(func, ast.Name) and func.id in _FUNCTIONS:
+            function = _FUNCTIONS[func.id]
+            if len(args) != 1:
+                raise self.fail(node, f"{func.id}() takes 1 argument, not {len(args)}")
+            (arg,) = args
+
+            def call_function(ev: Any) -> Any:
+                value = arg(ev)
+                if value is MISSING:
+                    return MISSING
+                try:
+                    return function(value)
+                except Exception:
+                    return MISSING
+
+            return call_function
+        raise self.fail(
+            func, f"only the functions {', '.join(_FUNCTIONS)} and string methods can be called"
+        )
+
+    def _Attribute(self, node: ast.Attribute) -> Callable[[Any], Any]:
+        if node.attr in _METHODS:
+            message = f".{node.attr} is a method: call it, .{node.attr}(...)"
+            raise self.fail(node, message, node.value)
+        raise self.fail(node, f"attribute .{node.attr} is not allowed in a filter", node.value)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _unknown(name: str, known: frozenset[str]) -> str:
+    fields = ", ".join(sorted(known)) or "none"
+    return (
+        f"unknown name {name!r}: not a field of the selected markers ({fields}) "
+        f"nor one of {', '.join(METADATA)}"
+    )
+
+
+_DESCRIPTIONS = {
+    "Lambda": "lambda",
+    "Attribute": "attribute access",
+    "Await": "await",
+    "Yield": "yield",
+    "Dict": "a dict",
+    "Set": "a set",
+    "ListComp": "a comprehension",
+    "SetComp": "a comprehension",
+    "DictComp": "a comprehension",
+    "GeneratorExp": "a generator expression",
+    "IfExp": "an if-expression",
+    "NamedExpr": ":=",
+    "JoinedStr": "an f-string",
+    "Starred": "*",
+    "Slice": "a slice",
+    "Is": "'is'",
+    "IsNot": "'is not'",
+    "Pow": "**",
+    "BitAnd": "&",
+    "BitOr": "|",
+    "BitXor": "^",
+    "LShift": "<<",
+    "RShift": ">>",
+    "MatMult": "@",
+    "Invert": "~",
+}
+
+
+def _describe(node: ast.AST) -> str:
+    kind = type(node).__name__
+    return _DESCRIPTIONS.get(kind, kind)

@@ -1,0 +1,524 @@
+"""``tracemark list [PATH|MODULE]...``: the markers a code base declares, found by reading its
+source, and the call sites that do not fit them.
+
+The Python counterpart of gcc checking a ``trace_mark`` format string at compile time: a
+marker fired with the wrong arguments is, at run time, only a counted fault (tracing never
+breaks the program), so this is where such a mistake becomes an error with a file and a line.
+
+What is recognised (``tm`` standing for any name ``tracemark`` is imported as):
+
+* declarations ``X = tm.marker("name", "fmt")``, ``X = tm.marker("name", a=int, ...)`` and
+  the same with ``marker`` imported from tracemark;
+* inline markers ``tm.mark("name", "fmt", values...)`` (a declaration and a call at once);
+* call sites ``X(...)`` of a declared marker bound to a module-level name ``X``: in its own
+  module (unless a function or class scope rebinds ``X``), through ``from mod import X``
+  (relative imports too) and as ``mod.X(...)`` after ``import mod``, when ``mod`` is among
+  the files read.
+
+Guarantees
+----------
+* Nothing is imported or executed: only :mod:`ast` reads the files. A MODULE argument is
+  looked up as a file on ``sys.path`` without importing its package.
+* Fields are parsed by the same code the marker core uses
+  (:func:`~tracemark.markers.fields.fields_from_format`, ``fields_from_types``), so what this
+  accepts the core accepts and what it rejects the core rejects, with the same message.
+* Errors (exit code 1): a call site whose arguments do not fit (too many positional
+  arguments, a keyword that names no field or a field already given, a field left out), an
+  inline ``mark`` whose value count does not fit its format, a declaration the core would
+  refuse (bad name or format), the same name declared twice with different fields, a file
+  that does not parse. A call with ``*args`` or ``**kwargs`` is checked only as far as it can
+  be. Declarations whose name or fields are not literals are listed as dynamic, unchecked.
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+import sys
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+from ..markers.fields import Field, fields_from_format, fields_from_types
+from ..markers.registry import check_name
+from ._common import EXIT_FOUND_ERRORS, EXIT_OK, EXIT_USAGE, CliError, Style
+
+__all__ = ["Declaration", "Problem", "Scan", "scan"]
+
+_SKIP_DIRS = {"__pycache__", "node_modules", "site-packages", "build", "dist"}
+
+
+@dataclass
+class Declaration:
+    name: str
+    fields: tuple[Field, ...] | None  # None: not literal, cannot be checked
+    fmt: str | None
+    file: str
+    line: int
+    inline: bool = False  # a tracemark.mark() use rather than a declaration
+    sites: int = 0
+
+
+@dataclass(frozen=True, order=True)
+class Problem:
+    file: str
+    line: int
+    col: int
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}:{self.col + 1}: error: {self.message}"
+
+
+@dataclass
+class Scan:
+    """What :func:`scan` found: declarations by marker name and the problems, in file order."""
+
+    markers: dict[str, Declaration] = field(default_factory=dict)
+    problems: list[Problem] = field(default_factory=list)
+    files: int = 0
+
+
+@dataclass
+class _Module:
+    path: Path
+    shown: str  # the path as printed
+    name: str  # dotted module name ('' when not inside a package structure)
+    tree: ast.Module
+    tm_modules: set[str] = field(default_factory=set)  # names bound to the tracemark module
+    marker_funcs: set[str] = field(default_factory=set)  # names bound to tracemark.marker
+    mark_funcs: set[str] = field(default_factory=set)  # names bound to tracemark.mark
+    bindings: dict[str, Declaration] = field(default_factory=dict)  # module-level X = marker()
+
+
+# -- finding files ------------------------------------------------------------------------
+
+
+def _python_files(root: Path) -> Iterator[Path]:
+    if root.is_file():
+        yield root
+        return
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(
+            d
+            for d in dirnames
+            if not d.startswith(".")
+            and d not in _SKIP_DIRS
+            and not (Path(dirpath, d, "pyvenv.cfg")).exists()  # a virtual environment
+        )
+        for name in sorted(filenames):
+            if name.endswith(".py"):
+                yield Path(dirpath, name)
+
+
+def _find_module(dotted: str) -> Path | None:
+    """The file or package directory of module ``dotted``, found on sys.path, not imported."""
+    parts = dotted.split(".")
+    if not all(p.isidentifier() for p in parts):
+        return None
+    for entry in ["", *sys.path]:
+        base = Path(entry or os.getcwd(), *parts)
+        if (base / "__init__.py").is_file():
+            return base
+        if base.with_suffix(".py").is_file():
+            return base.with_suffix(".py")
+    return None
+
+
+def _module_name(path: Path) -> str:
+    path = path.resolve()
+    parts = [] if path.name == "__init__.py" else [path.stem]
+    parent = path.parent
+    while (parent / "__init__.py").is_file():
+        parts.insert(0, parent.name)
+        parent = parent.parent
+    return ".".join(parts)
+
+
+def resolve_targets(targets: Sequence[str]) -> list[Path]:
+    """Files to read for the PATH|MODULE arguments (the current directory when none)."""
+    files: list[Path] = []
+    for target in targets or ["."]:
+        p = Path(target)
+        if not p.exists():
+            found = _find_module(target)
+            if found is None:
+                raise CliError(f"{target}: no such file, directory or module", EXIT_USAGE)
+            p = found
+        if p.is_file() and p.suffix != ".py":
+            raise CliError(f"{target}: not a Python source file", EXIT_USAGE)
+        files.extend(_python_files(p))
+    seen: set[Path] = set()
+    unique = []
+    for f in files:
+        key = f.resolve()
+        if key not in seen:
+            seen.add(key)
+            unique.append(f)
+    return unique
+
+
+def _shown(path: Path) -> str:
+    try:
+        return os.path.relpath(path)
+    except ValueError:  # another drive (Windows)
+        return str(path)
+
+
+# -- reading one module -------------------------------------------------------------------
+
+
+def _literal_str(node: ast.AST | None) -> str | None | type[Ellipsis]:
+    """A string or None literal; Ellipsis when the node is something else."""
+    if isinstance(node, ast.Constant) and (node.value is None or isinstance(node.value, str)):
+        return node.value
+    return Ellipsis
+
+
+class _Reader:
+    def __init__(self, scan: Scan) -> None:
+        self.scan = scan
+        self.modules: dict[str, _Module] = {}
+
+    def problem(self, mod: _Module, node: ast.AST, message: str) -> None:
+        self.scan.problems.append(
+            Problem(mod.shown, getattr(node, "lineno", 1), getattr(node, "col_offset", 0), message)
+        )
+
+    def load(self, path: Path) -> _Module | None:
+        shown = _shown(path)
+        try:
+            source = path.read_bytes()
+            tree = ast.parse(source, filename=shown)
+        except SyntaxError as exc:
+            self.scan.problems.append(
+                Problem(shown, exc.lineno or 1, (exc.offset or 1) - 1, f"cannot parse: {exc.msg}")
+            )
+            return None
+        except (OSError, ValueError) as exc:
+            self.scan.problems.append(Problem(shown, 1, 0, f"cannot read: {exc}"))
+            return None
+        self.scan.files += 1
+        mod = _Module(path, shown, _module_name(path), tree)
+        self._imports(mod)
+        self._declarations(mod)
+        if mod.name:
+            self.modules[mod.name] = mod
+        return mod
+
+    def _imports(self, mod: _Module) -> None:
+        for node in ast.walk(mod.tree):
+            if isinstance(node, ast.Import):
+                for alias in node.names:
+                    if alias.name == "tracemark":
+                        mod.tm_modules.add(alias.asname or "tracemark")
+            elif isinstance(node, ast.ImportFrom) and node.module == "tracemark" and not node.level:
+                for alias in node.names:
+                    if alias.name == "marker":
+                        mod.marker_funcs.add(alias.asname or "marker")
+                    elif alias.name == "mark":
+                        mod.mark_funcs.add(alias.asname or "mark")
+
+    def _is(self, mod: _Module, func: ast.AST, attr: str, names: set[str]) -> bool:
+        if isinstance(func, ast.Name):
+            return func.id in names
+        return (
+            isinstance(func, ast.Attribute)
+            and func.attr == attr
+            and isinstance(func.value, ast.Name)
+            and func.value.id in mod.tm_modules
+        )
+
+    def _declarations(self, mod: _Module) -> None:
+        # Module-level bindings, including those inside top-level if/try/with blocks.
+        top: set[int] = set()
+        stack: list[ast.AST] = list(mod.tree.body)
+        while stack:
+            stmt = stack.pop()
+            if isinstance(stmt, ast.If | ast.Try | ast.With):
+                for attr in ("body", "orelse", "finalbody", "handlers"):
+                    stack.extend(getattr(stmt, attr, []))
+            elif isinstance(stmt, ast.ExceptHandler):
+                stack.extend(stmt.body)
+            elif isinstance(stmt, ast.Assign | ast.AnnAssign) and isinstance(stmt.value, ast.Call):
+                targets = stmt.targets if isinstance(stmt, ast.Assign) else [stmt.target]
+                if len(targets) == 1 and isinstance(targets[0], ast.Name):
+                    top.add(id(stmt.value))
+                    decl = self._declaration(mod, stmt.value)
+                    if decl is not None:
+                        mod.bindings[targets[0].id] = decl
+        for node in ast.walk(mod.tree):
+            if isinstance(node, ast.Call) and id(node) not in top:
+                self._declaration(mod, node)  # declared without a module-level name
+
+    def _declaration(self, mod: _Module, call: ast.Call) -> Declaration | None:
+        if not self._is(mod, call.func, "marker", mod.marker_funcs):
+            return None
+        if not call.args or any(isinstance(a, ast.Starred) for a in call.args):
+            self.problem(mod, call, "marker() needs the marker name as its first argument")
+            return None
+        name = _literal_str(call.args[0])
+        if not isinstance(name, str):
+            return None  # a computed name: nothing to check
+        fmt = _literal_str(call.args[1]) if len(call.args) > 1 else None
+        fields: tuple[Field, ...] | None
+        try:
+            check_name(name)
+            if len(call.args) > 2:
+                raise ValueError(
+                    f"marker() takes the name and one format, not {len(call.args)} "
+                    "positional arguments"
+                )
+            if fmt is not None and call.keywords:
+                raise ValueError("fields come from a format or from keywords, not both")
+            if fmt is Ellipsis or any(k.arg is None for k in call.keywords):
+                fields = None
+            elif isinstance(fmt, str):
+                fields = fields_from_format(fmt)
+            else:
+                types: dict[str, object] = {}
+                for k in call.keywords:
+                    v = k.value
+                    if isinstance(v, ast.Name):
+                        types[k.arg] = v.id  # type: ignore[index]
+                    elif isinstance(v, ast.Constant) and isinstance(v.value, str):
+                        types[k.arg] = v.value  # type: ignore[index]
+                    else:
+                        types[k.arg] = Ellipsis  # type: ignore[index]
+                if Ellipsis in types.values():
+                    fields = None
+                else:
+                    fields = fields_from_types(types)
+        except ValueError as exc:
+            self.problem(mod, call, f"marker {name!r}: {exc}")
+            return None
+        decl = Declaration(name, fields, fmt if isinstance(fmt, str) else None, mod.shown, call.lineno)
+        return self._register(mod, call, decl)
+
+    def _register(self, mod: _Module, node: ast.AST, decl: Declaration) -> Declaration:
+        known = self.scan.markers.get(decl.name)
+        if known is None:
+            self.scan.markers[decl.name] = decl
+            return decl
+        if known.fields is not None and decl.fields is not None and known.fields != decl.fields:
+            what = "used inline" if known.inline else "declared"
+            self.problem(
+                mod,
+                node,
+                f"marker {decl.name!r} has fields ({_fields(decl.fields)}) here but "
+                f"({_fields(known.fields)}) where it is {what} at {known.file}:{known.line}",
+            )
+            return known
+        if known.inline and not decl.inline:  # a real declaration wins over an inline use
+            decl.sites = known.sites
+            self.scan.markers[decl.name] = decl
+            return decl
+        return known
+
+    # -- call sites ---------------------------------------------------------------------
+
+    def check(self, mod: _Module) -> None:
+        # Names in this module that hold a declared marker: its own module-level bindings,
+        # then what it imports from other modules that were read.
+        local = dict(mod.bindings)
+        attrs: dict[str, dict[str, Declaration]] = {}
+        for node in ast.walk(mod.tree):
+            if isinstance(node, ast.ImportFrom):
+                source = self._resolve(mod, node)
+                other = self.modules.get(source) if source else None
+                if other is None:
+                    continue
+                for alias in node.names:
+                    if alias.name in other.bindings:
+                        local[alias.asname or alias.name] = other.bindings[alias.name]
+            elif isinstance(node, ast.Import):
+                for alias in node.names:
+                    other = self.modules.get(alias.name)
+                    if other is not None and other.bindings:
+                        attrs[alias.asname or alias.name] = other.bindings
+        _SiteVisitor(self, mod, local, attrs).visit(mod.tree)
+
+    def _resolve(self, mod: _Module, node: ast.ImportFrom) -> str | None:
+        if not node.level:
+            return node.module
+        package = mod.name.split(".")
+        if mod.path.name != "__init__.py":
+            package = package[:-1]
+        if node.level - 1 > len(package):
+            return None
+        base = package[: len(package) - (node.level - 1)]
+        return ".".join([*base, node.module] if node.module else base)
+
+    def check_call(self, mod: _Module, call: ast.Call, decl: Declaration) -> None:
+        decl.sites += 1
+        if decl.fields is None:
+            return
+        names = [f.name for f in decl.fields]
+        starred = any(isinstance(a, ast.Starred) for a in call.args)
+        double = any(k.arg is None for k in call.keywords)
+        positional = sum(not isinstance(a, ast.Starred) for a in call.args)
+        where = f"{decl.name}({', '.join(names)})"
+        if positional > len(names):
+            self.problem(
+                mod,
+                call,
+                f"{where} takes {len(names)} value{'s' if len(names) != 1 else ''}, "
+                f"called with {positional} positional arguments",
+            )
+            return
+        given = set(names[:positional])
+        for k in call.keywords:
+            if k.arg is None:
+                continue
+            if k.arg not in names:
+                self.problem(mod, k, f"{where} has no field {k.arg!r}")
+                return
+            if k.arg in given:
+                self.problem(mod, k, f"{where}: field {k.arg!r} is given twice")
+                return
+            given.add(k.arg)
+        missing = [n for n in names if n not in given]
+        if missing and not starred and not double:
+            self.problem(mod, call, f"{where} called without {', '.join(map(repr, missing))}")
+
+    def check_inline(self, mod: _Module, call: ast.Call) -> None:
+        args = call.args
+        if not args or isinstance(args[0], ast.Starred):
+            self.problem(mod, call, "mark() needs the marker name as its first argument")
+            return
+        name = _literal_str(args[0])
+        if not isinstance(name, str):
+            return
+        fmt = _literal_str(args[1]) if len(args) > 1 else None
+        if fmt is Ellipsis or (len(args) > 1 and isinstance(args[1], ast.Starred)):
+            return
+        try:
+            check_name(name)
+            fields = fields_from_format(fmt) if isinstance(fmt, str) else ()
+        except ValueError as exc:
+            self.problem(mod, call, f"mark {name!r}: {exc}")
+            return
+        decl = self._register(mod, call, Declaration(name, fields, fmt, mod.shown, call.lineno, True))
+        decl.sites += 1
+        if decl.fields is not None and decl.fields != fields:
+            return  # the conflict was reported by _register
+        values = args[2:]
+        if any(isinstance(a, ast.Starred) for a in values) or call.keywords:
+            if call.keywords:
+                self.problem(mod, call.keywords[0], "mark() takes its values positionally")
+            return
+        if len(values) != len(fields):
+            self.problem(
+                mod,
+                call,
+                f"mark {name!r}: format {fmt!r} has {len(fields)} field"
+                f"{'s' if len(fields) != 1 else ''}, given {len(values)} value"
+                f"{'s' if len(values) != 1 else ''}",
+            )
+
+
+class _SiteVisitor(ast.NodeVisitor):
+    """Finds calls of marker names, minding function and class scopes that rebind them."""
+
+    def __init__(
+        self,
+        reader: _Reader,
+        mod: _Module,
+        local: dict[str, Declaration],
+        attrs: dict[str, dict[str, Declaration]],
+    ) -> None:
+        self.reader = reader
+        self.mod = mod
+        self.scopes = [dict(local)]
+        self.attrs = attrs
+
+    def visit_Call(self, node: ast.Call) -> None:
+        reader, mod = self.reader, self.mod
+        func = node.func
+        if reader._is(mod, func, "mark", mod.mark_funcs):
+            reader.check_inline(mod, node)
+        elif isinstance(func, ast.Name):
+            decl = self.scopes[-1].get(func.id)
+            if decl is not None:
+                reader.check_call(mod, node, decl)
+        elif isinstance(func, ast.Attribute) and isinstance(func.value, ast.Name):
+            decl = self.attrs.get(func.value.id, {}).get(func.attr)
+            if decl is not None and func.value.id in self.scopes[0]:
+                decl = None  # the module alias is shadowed (unusual): do not guess
+            if decl is not None:
+                reader.check_call(mod, node, decl)
+        self.generic_visit(node)
+
+    def _scope(self, node: ast.AST, params: list[str]) -> None:
+        bound = set(params)
+        for sub in ast.walk(node):
+            if sub is node:
+                continue
+            if isinstance(sub, ast.Name) and isinstance(sub.ctx, ast.Store):
+                bound.add(sub.id)
+            elif isinstance(sub, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+                bound.add(sub.name)
+            elif isinstance(sub, ast.Import | ast.ImportFrom):
+                bound.update((a.asname or a.name).split(".")[0] for a in sub.names)
+        globals_ = {n for sub in ast.walk(node) if isinstance(sub, ast.Global) for n in sub.names}
+        scope = {k: v for k, v in self.scopes[-1].items() if k not in bound or k in globals_}
+        self.scopes.append(scope)
+        self.generic_visit(node)
+        self.scopes.pop()
+
+    def visit_FunctionDef(self, node: ast.FunctionDef | ast.AsyncFunctionDef) -> None:
+        a = node.args
+        params = [x.arg for x in (*a.posonlyargs, *a.args, *a.kwonlyargs)]
+        params += [x.arg for x in (a.vararg, a.kwarg) if x is not None]
+        self._scope(node, params)
+
+    visit_AsyncFunctionDef = visit_FunctionDef
+
+    def visit_Lambda(self, node: ast.Lambda) -> None:
+        a = node.args
+        self._scope(node, [x.arg for x in (*a.posonlyargs, *a.args, *a.kwonlyargs)])
+
+
+def _fields(fields: tuple[Field, ...]) -> str:
+    return ", ".join(map(str, fields))
+
+
+def scan(targets: Sequence[str]) -> Scan:
+    """Read every Python file of ``targets`` (paths or module names) and check the markers."""
+    result = Scan()
+    reader = _Reader(result)
+    modules = [m for m in map(reader.load, resolve_targets(targets)) if m is not None]
+    for mod in modules:
+        reader.check(mod)
+    result.problems.sort()
+    return result
+
+
+def run(
+    targets: Sequence[str], out: IO[str], err: IO[str], *, width: int = 80, style: Style
+) -> int:
+    result = scan(targets)
+    for decl in sorted(result.markers.values(), key=lambda d: d.name):
+        if decl.fields is None:
+            fields = "(dynamic fields)"
+        else:
+            fields = f"({_fields(decl.fields)})"
+        head = f"{style(decl.name, 'bold', 'cyan')}{fields}"
+        if len(decl.name) + len(fields) > width:
+            head = f"{style(decl.name, 'bold', 'cyan')}\n  {fields}"
+        kind = "inline, first used" if decl.inline else "declared"
+        sites = f"{decl.sites} call site{'s' if decl.sites != 1 else ''}"
+        out.write(f"{head}\n  {kind} {decl.file}:{decl.line}; {sites}\n")
+    for problem in result.problems:
+        err.write(f"{style(str(problem), 'red')}\n")
+    summary = (
+        f"{len(result.markers)} marker{'s' if len(result.markers) != 1 else ''} in "
+        f"{result.files} file{'s' if result.files != 1 else ''}"
+    )
+    if result.problems:
+        n = len(result.problems)
+        err.write(f"{summary}; {n} error{'s' if n != 1 else ''}\n")
+        return EXIT_FOUND_ERRORS
+    out.write(f"{summary}; no errors\n")
+    return EXIT_OK

@@ -1,0 +1,241 @@
+"""``tracemark record [options] -- python SCRIPT ARGS`` (or ``SCRIPT ARGS``, ``-m MODULE ARGS``):
+run a program with a recording of its markers, then say what was recorded.
+
+How the whole process tree is recorded
+--------------------------------------
+The program runs as a child process whose environment carries the recording settings
+(:mod:`._boot`) and whose ``PYTHONPATH`` starts with a directory holding a
+``sitecustomize.py``. Python runs that file at start-up in the program and in every Python
+process the program starts (``subprocess``, ``multiprocessing`` spawn and forkserver, since
+they inherit the environment), and it starts ``tracemark.record(DIR, ...)`` there. A forked
+child carries on the recording of its parent into its own sub-trace (the recorder's rule).
+Each process writes its own sub-directory of DIR, so the processes never share a file.
+
+Guarantees
+----------
+* The program's exit code is returned (128+N when a signal N killed it); tracemark's own
+  failures never change it, except that a program which cannot be started is exit code 127.
+* The trace is written even when the program crashes: an uncaught exception still runs the
+  interpreter's exit, which stops and flushes the recording; a process killed outright leaves
+  a trace readable up to its last written packet.
+* Ctrl-C goes to the program (it shares the terminal), not to tracemark, which waits for the
+  program and then reports. SIGTERM sent to tracemark is passed on to the program.
+* The summary goes to stderr, so the program's stdout can still be piped.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import IO, Any
+
+from . import _boot
+from ._common import (
+    EXIT_NOT_FOUND,
+    EXIT_UNAVAILABLE,
+    EXIT_USAGE,
+    CliError,
+    Progress,
+    Style,
+    human_duration,
+    human_size,
+    total_events,
+)
+
+SITE_DIR = Path(__file__).with_name("_site")
+TRACES = Path("tracemark-traces")
+_SIZE = re.compile(r"(\d+)\s*([kmg]?)(i?b)?\Z", re.I)
+
+
+def parse_size(text: str) -> int:
+    """``64K``, ``1M``, ``1MiB``, ``4096``: bytes (K = 1024)."""
+    m = _SIZE.match(text.strip())
+    if not m:
+        raise CliError(f"--buffer {text!r}: give a size like 256K, 4M or 65536", EXIT_USAGE)
+    return int(m[1]) << {"": 0, "k": 10, "m": 20, "g": 30}[m[2].lower()]
+
+
+def program_argv(module: str | None, command: Sequence[str]) -> list[str]:
+    """The argv to run: ``-m MODULE ARGS``, ``SCRIPT.py ARGS`` or any command line."""
+    command = list(command)
+    if command[:1] == ["--"]:
+        command = command[1:]
+    if module:
+        return [sys.executable, "-m", module, *command]
+    if not command:
+        raise CliError("nothing to record: give a program, e.g. -- python app.py", EXIT_USAGE)
+    first = command[0]
+    if first.endswith(".py") or (os.path.isfile(first) and not os.access(first, os.X_OK)):
+        if not os.path.isfile(first):
+            raise CliError(f"{first}: no such file", EXIT_NOT_FOUND)
+        return [sys.executable, *command]
+    if os.sep in first or (os.altsep and os.altsep in first):
+        if not (os.path.isfile(first) and os.access(first, os.X_OK)):
+            raise CliError(f"{first}: program not found", EXIT_NOT_FOUND)
+    elif shutil.which(first) is None:
+        raise CliError(f"{first}: program not found", EXIT_NOT_FOUND)
+    return command
+
+
+def default_dir(argv: Sequence[str], now: float | None = None) -> Path:
+    """A new directory under ./tracemark-traces/, named after the time and the program."""
+    stem = next(
+        (Path(a).stem for a in argv[1:] if not a.startswith("-") and a != "-m"), Path(argv[0]).stem
+    )
+    stem = re.sub(r"[^\w.-]+", "_", stem)[:40] or "trace"
+    base = TRACES / f"{time.strftime('%Y%m%d-%H%M%S', time.localtime(now))}-{stem}"
+    path, n = base, 1
+    while path.exists():
+        n += 1
+        path = base.with_name(f"{base.name}-{n}")
+    return path
+
+
+def environment(
+    trace_dir: Path,
+    events: Sequence[str],
+    mode: str,
+    buffer: int | None,
+    probes: Sequence[str],
+    base: dict[str, str] | None = None,
+) -> dict[str, str]:
+    """The environment of the recorded program."""
+    env = dict(os.environ if base is None else base)
+    for key in (_boot.ENV_BUFFER, _boot.ENV_PROBES):
+        env.pop(key, None)
+    env[_boot.ENV_DIR] = str(trace_dir.resolve())
+    env[_boot.ENV_EVENTS] = ",".join(events) if events else "*"
+    env[_boot.ENV_MODE] = mode
+    if buffer:
+        env[_boot.ENV_BUFFER] = str(buffer)
+    if probes:
+        env[_boot.ENV_PROBES] = "\n".join(probes)
+    env[_boot.ENV_HOME] = str(Path(__file__).resolve().parents[2])
+    path = env.get("PYTHONPATH")
+    env["PYTHONPATH"] = str(SITE_DIR) + (os.pathsep + path if path else "")
+    return env
+
+
+def check_probes_available(probes: Sequence[str]) -> None:
+    if not probes:
+        return
+    try:
+        from .. import probes as probes_module  # type: ignore[attr-defined]
+    except ImportError:
+        probes_module = None
+    if not hasattr(probes_module, "install_spec"):
+        raise CliError(
+            "--probe: dynamic probes are not available in this tracemark "
+            "(tracemark.probes.install_spec is missing)",
+            EXIT_UNAVAILABLE,
+        )
+
+
+def run(args: Any, err: IO[str], style: Style) -> int:
+    argv = program_argv(args.module, args.program)
+    check_probes_available(args.probe)
+    buffer = parse_size(args.buffer) if args.buffer else None
+    trace_dir = Path(args.output) if args.output else default_dir(argv)
+    if trace_dir.exists() and (not trace_dir.is_dir() or any(trace_dir.iterdir())):
+        raise CliError(
+            f"{trace_dir}: already exists and is not an empty directory; "
+            "choose another -o DIR or leave -o out",
+            EXIT_USAGE,
+        )
+    try:
+        trace_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CliError(f"{trace_dir}: cannot create the trace directory: {exc.strerror}") from None
+    env = environment(trace_dir, args.events or ["*"], args.mode, buffer, args.probe)
+    started = time.monotonic()
+    code = _run_child(argv, env)
+    elapsed = time.monotonic() - started
+    try:
+        summarize(trace_dir, err, style, top=args.top, elapsed=elapsed, code=code)
+    except CliError as exc:  # the program ran: its exit code matters more than ours
+        err.write(f"tracemark record: {exc.message}\n")
+    return code
+
+
+def _run_child(argv: list[str], env: dict[str, str]) -> int:
+    try:
+        child = subprocess.Popen(argv, env=env)
+    except OSError as exc:
+        raise CliError(f"{argv[0]}: cannot run it: {exc.strerror or exc}", EXIT_NOT_FOUND) from None
+    previous_int = signal.signal(signal.SIGINT, signal.SIG_IGN)  # the program handles Ctrl-C
+
+    def forward(signum: int, frame: Any) -> None:
+        child.send_signal(signum)
+
+    previous_term = signal.signal(signal.SIGTERM, forward)
+    try:
+        code = child.wait()
+    finally:
+        signal.signal(signal.SIGINT, previous_int)
+        signal.signal(signal.SIGTERM, previous_term)
+    return 128 - code if code < 0 else code
+
+
+def summarize(
+    trace_dir: Path, err: IO[str], style: Style, *, top: int, elapsed: float, code: int
+) -> None:
+    """Print what the recording holds: events per marker, discarded, duration, size, path."""
+    from ._common import guarded, reader
+
+    size = sum(f.stat().st_size for f in trace_dir.rglob("*") if f.is_file())
+    if next(trace_dir.rglob("metadata"), None) is None:
+        err.write(
+            f"tracemark record: no trace was written to {trace_dir} "
+            "(was it a Python program? did it start?)\n"
+        )
+        return
+    read_trace, trace_error = reader()
+    try:
+        trace = read_trace(str(trace_dir))
+        progress = Progress("reading the trace", total_events(trace), err)
+        counts = Counter(ev.name for ev in progress.wrap(guarded(trace.events())))
+    except trace_error as exc:
+        raise CliError(f"the trace is damaged: {exc}") from None
+    total = sum(counts.values())
+    processes = len({s.pid for s in trace.streams})
+    duration = (
+        trace.end - trace.start if trace.start is not None and trace.end is not None else None
+    )
+    status = f"exit code {code}" if code >= 0 else "killed"
+    err.write(
+        style("tracemark record:", "bold")
+        + f" {total:,} events from {processes} process{'es' if processes != 1 else ''}"
+        f" in {human_duration(duration)} (program ran {elapsed:.2f} s, {status})\n"
+    )
+    if trace.discarded:
+        err.write(
+            style(
+                f"  WARNING: {trace.discarded:,} events were DISCARDED: the buffers were full."
+                " Record fewer markers (-e) or give more --buffer.",
+                "bold",
+                "red",
+            )
+            + "\n"
+        )
+    width = max((len(n) for n, _ in counts.most_common(top)), default=0)
+    for name, count in counts.most_common(top):
+        err.write(f"  {name:<{min(width, 50)}} {count:>12,}\n")
+    if len(counts) > top:
+        rest = total - sum(c for _, c in counts.most_common(top))
+        err.write(f"  ({len(counts) - top} more markers, {rest:,} events)\n")
+    err.write(f"  trace: {trace_dir} ({human_size(size)})\n")
+    err.write(f"  view it: tracemark view {_quote(str(trace_dir))}\n")
+
+
+def _quote(text: str) -> str:
+    import shlex
+
+    return shlex.quote(text)

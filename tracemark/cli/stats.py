@@ -1,0 +1,350 @@
+"""``tracemark stats DIR``: what a trace holds, per marker, as bpftrace prints its ``@`` maps.
+
+For each marker: how many events and at what rate; for each numeric field (int or float,
+not bool) min / mean / max / p50 / p99 and a log2 histogram; for every other field (str,
+bool, bytes, object) the number of distinct values and the most frequent ones::
+
+    shop.db.query  300 events, 243.2/s
+      rows (int)  min 1  mean 1  max 1  p50 1  p99 1
+        [1]                 300 |@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@|
+      table (str)  1 distinct
+        prices              300  100.0%
+
+Guarantees
+----------
+* Every event is counted exactly once; the figures are exact (percentiles by nearest rank over
+  all values, not estimates). Numbers are kept in typed arrays: 8 bytes a value.
+* A histogram bucket ``[2^k, 2^(k+1))`` holds the values v with 2^k <= v < 2^(k+1); zero has
+  its own bucket ``[0]`` and negative values one bucket ``(..., 0)``; buckets between the
+  smallest and the largest non-empty one are shown even when empty, as bpftrace does. NaN is
+  counted apart and left out of min / mean / max / percentiles.
+* The text fits 80 columns; ``--json`` gives the same figures as one JSON document.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from array import array
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import IO, Any
+
+from ..markers.fields import show_value
+from ._common import Style, human_duration
+
+__all__ = ["FieldStats", "MarkerStats", "collect", "histogram", "render_json", "render_text"]
+
+TOP = 5  # most frequent values shown per non-numeric field
+BAR = 40  # histogram bar width, so a row fits 80 columns
+
+
+@dataclass
+class FieldStats:
+    """The values one field took, numeric ones in arrays and the others counted."""
+
+    ints: array = field(default_factory=lambda: array("q"))
+    floats: array = field(default_factory=lambda: array("d"))
+    big: list = field(default_factory=list)  # ints beyond 64 bits, rare
+    nan: int = 0
+    others: Counter = field(default_factory=Counter)
+
+    def add(self, value: Any) -> None:
+        kind = type(value)
+        if kind is int:
+            try:
+                self.ints.append(value)
+            except OverflowError:
+                self.big.append(value)
+        elif kind is float:
+            if value != value:
+                self.nan += 1
+            else:
+                self.floats.append(value)
+        else:
+            try:
+                self.others[value] += 1
+            except TypeError:  # unhashable: count it by its repr
+                self.others[repr(value)] += 1
+
+    def numbers(self) -> list:
+        """Every numeric value, sorted."""
+        values: list = [*self.ints, *self.floats, *self.big]
+        values.sort()
+        return values
+
+
+@dataclass
+class MarkerStats:
+    name: str
+    count: int = 0
+    first: int | None = None
+    last: int | None = None
+    fields: dict[str, FieldStats] = field(default_factory=dict)
+
+
+def collect(events: Iterable[Any]) -> dict[str, MarkerStats]:
+    """Per marker name (in order of first appearance), the figures of ``events``."""
+    stats: dict[str, MarkerStats] = {}
+    for ev in events:
+        m = stats.get(ev.name)
+        if m is None:
+            m = stats[ev.name] = MarkerStats(ev.name, first=ev.timestamp)
+        m.count += 1
+        m.last = ev.timestamp
+        fs = m.fields
+        for key, value in ev.fields.items():
+            f = fs.get(key)
+            if f is None:
+                f = fs[key] = FieldStats()
+            f.add(value)
+    return stats
+
+
+def _percentile(values: list, p: float) -> Any:
+    # Nearest rank: the smallest value with at least p% of the values at or below it.
+    rank = max(1, math.ceil(p / 100 * len(values)))
+    return values[rank - 1]
+
+
+def summary(values: list) -> dict[str, Any]:
+    """min / mean / max / p50 / p99 of sorted ``values`` (not empty)."""
+    return {
+        "min": values[0],
+        "mean": math.fsum(values) / len(values),
+        "max": values[-1],
+        "p50": _percentile(values, 50),
+        "p99": _percentile(values, 99),
+    }
+
+
+_ZERO = -(10**6)  # the bucket of 0, below every real k
+_INF = 1 << 20  # the bucket of +inf, above every real k
+
+
+def _bucket(v: Any) -> int | None:
+    """The log2 bucket k of a number (2^k <= v < 2^(k+1)); None for a negative one."""
+    if v < 0:
+        return None
+    if v == 0:
+        return _ZERO
+    if type(v) is int:
+        return v.bit_length() - 1
+    if math.isinf(v):
+        return _INF
+    return math.frexp(v)[1] - 1
+
+
+def histogram(values: Iterable[Any]) -> list[tuple[str, int]]:
+    """``[(label, count), ...]``: log2 buckets from the lowest to the highest non-empty one.
+
+    Empty buckets in between are listed too, unless that would take more than 64 rows
+    (values spread from 1e-300 to 1e300): then only the non-empty ones.
+    """
+    values = list(values)
+    counts = Counter(map(_bucket, values))
+    if not counts:
+        return []
+    rows = []
+    if None in counts:
+        rows.append(("(..., 0)", counts.pop(None)))
+    if _ZERO in counts:
+        rows.append(("[0]", counts.pop(_ZERO)))
+    if counts:
+        # [1, 2) holds only 1 when every value is an int: bpftrace's "[1]".
+        integers = all(type(v) is int for v in values)
+        low, high = min(counts), max(counts)
+        ks = range(low, high + 1) if high - low < 64 else sorted(counts)
+        for k in ks:
+            label = "[1]" if integers and k == 0 else _range_label(k)
+            rows.append((label, counts.get(k, 0)))
+    return rows
+
+
+_UNITS = (("E", 60), ("P", 50), ("T", 40), ("G", 30), ("M", 20), ("K", 10))
+
+
+def _power(k: int) -> str:
+    """2**k as bpftrace writes it: 512, 1K, 8M; small fractions as 0.25, then 2^-5."""
+    for unit, scale in _UNITS:
+        if k >= scale:
+            return f"{1 << (k - scale)}{unit}"
+    if k >= 0:
+        return str(1 << k)
+    if k >= -4:
+        return f"{2.0**k:g}"
+    return f"2^{k}"
+
+
+def _range_label(k: int) -> str:
+    if k == _INF:
+        return "[inf]"
+    return f"[{_power(k)}, {_power(k + 1)})"
+
+
+def _number(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}" if abs(v) < 1e15 else f"{v:.3e}"
+    return str(v)
+
+
+def _is_numeric(f: FieldStats) -> bool:
+    return bool(f.ints or f.floats or f.big or f.nan)
+
+
+def _duration(stats: dict[str, MarkerStats], start: int | None, end: int | None) -> int | None:
+    if start is None or end is None:
+        firsts = [m.first for m in stats.values() if m.first is not None]
+        lasts = [m.last for m in stats.values() if m.last is not None]
+        if not firsts:
+            return None
+        start, end = min(firsts), max(lasts)
+    return end - start
+
+
+def _rate(count: int, duration: int | None) -> float | None:
+    return count / (duration / 1e9) if duration else None
+
+
+def render_text(
+    stats: dict[str, MarkerStats],
+    *,
+    path: str = "",
+    start: int | None = None,
+    end: int | None = None,
+    discarded: int = 0,
+    processes: int | None = None,
+    threads: int | None = None,
+    style: Style | None = None,
+) -> str:
+    """The report as text, 80 columns wide."""
+    style = style or Style(False)
+    total = sum(m.count for m in stats.values())
+    duration = _duration(stats, start, end)
+    where = []
+    if processes is not None:
+        where.append(f"{processes} process{'es' if processes != 1 else ''}")
+    if threads is not None:
+        where.append(f"{threads} thread{'s' if threads != 1 else ''}")
+    lines = [
+        style(f"trace {path}", "bold") if path else style("trace", "bold"),
+        f"  {total:,} events in {human_duration(duration)}"
+        + (f" from {', '.join(where)}" if where else ""),
+    ]
+    if discarded:
+        lines.append(
+            style(f"  WARNING: {discarded:,} events were discarded (buffers full)", "bold", "red")
+        )
+    if not stats:
+        lines.append("  no events" + (" match" if total == 0 and path else ""))
+    for m in sorted(stats.values(), key=lambda m: (-m.count, m.name)):
+        rate = _rate(m.count, duration)
+        lines.append("")
+        lines.append(
+            f"{style(m.name, 'bold', 'cyan')}  {m.count:,} events"
+            + (f", {rate:,.1f}/s" if rate is not None else "")
+        )
+        for name, f in m.fields.items():
+            lines.extend(_field_lines(name, f, style))
+    return "\n".join(lines) + "\n"
+
+
+def _field_lines(name: str, f: FieldStats, style: Style) -> list[str]:
+    lines = []
+    if _is_numeric(f):
+        values = f.numbers()
+        kind = "float" if f.floats or f.nan else "int"
+        head = f"  {style(name, 'bold')} ({kind})"
+        if values:
+            s = summary(values)
+            head += "  " + "  ".join(f"{k} {_number(v)}" for k, v in s.items())
+        if f.nan:
+            head += f"  nan {f.nan:,}"
+        lines.append(head)
+        rows = histogram(values)
+        peak = max((c for _, c in rows), default=0) or 1
+        for label, count in rows:
+            bar = "@" * round(BAR * count / peak)
+            lines.append(f"    {label:<17} {count:>9,} |{bar:<{BAR}}|")
+    if f.others:
+        kinds = sorted({type(v).__name__ for v in f.others})
+        n = sum(f.others.values())
+        lines.append(f"  {style(name, 'bold')} ({'/'.join(kinds)})  {len(f.others):,} distinct")
+        for value, count in f.others.most_common(TOP):
+            shown = show_value(value)
+            if len(shown) > 40:
+                shown = shown[:39] + "…"
+            lines.append(f"    {shown:<40} {count:>12,}  {100 * count / n:5.1f}%")
+    return lines
+
+
+def render_json(
+    stats: dict[str, MarkerStats],
+    *,
+    path: str = "",
+    start: int | None = None,
+    end: int | None = None,
+    discarded: int = 0,
+    processes: int | None = None,
+    threads: int | None = None,
+) -> str:
+    """The report as one JSON document."""
+    duration = _duration(stats, start, end)
+    markers = {}
+    for m in stats.values():
+        fields: dict[str, Any] = {}
+        for name, f in m.fields.items():
+            entry: dict[str, Any] = {}
+            if _is_numeric(f):
+                values = f.numbers()
+                entry["type"] = "float" if f.floats or f.nan else "int"
+                entry["count"] = len(values) + f.nan
+                entry["nan"] = f.nan
+                if values:
+                    entry.update({k: _finite(v) for k, v in summary(values).items()})
+                entry["histogram"] = [{"bucket": b, "count": c} for b, c in histogram(values)]
+            if f.others:
+                entry["distinct"] = len(f.others)
+                entry["top"] = [
+                    {"value": _plain(v), "count": c} for v, c in f.others.most_common(TOP)
+                ]
+                entry.setdefault("type", "/".join(sorted({type(v).__name__ for v in f.others})))
+            fields[name] = entry
+        markers[m.name] = {
+            "count": m.count,
+            "rate": _rate(m.count, duration),
+            "first": m.first,
+            "last": m.last,
+            "fields": fields,
+        }
+    doc = {
+        "trace": path,
+        "start": start,
+        "end": end,
+        "duration_ns": duration,
+        "events": sum(m.count for m in stats.values()),
+        "discarded": discarded,
+        "processes": processes,
+        "threads": threads,
+        "markers": markers,
+    }
+    return json.dumps(doc, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
+
+
+def _finite(v: Any) -> Any:
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    return v
+
+
+def _plain(v: Any) -> Any:
+    if isinstance(v, bytes):
+        return v.hex()
+    if isinstance(v, str | int | float | bool) or v is None:
+        return _finite(v)
+    return repr(v)
+
+
+def write(stats: dict[str, MarkerStats], out: IO[str], *, as_json: bool, **info: Any) -> None:
+    out.write(render_json(stats, **info) if as_json else render_text(stats, **info))

@@ -1,0 +1,130 @@
+"""``tracemark view DIR``: the events of a trace, one line each, in time order.
+
+A line reads ``time (+delta) [pid thread] event field=value ...``::
+
+    14:02:07.123456 +0.000210 [4711 worker-0] shop.order.received order=1 items=3 customer=ada
+
+Guarantees
+----------
+* Events come in timestamp order (the reader merges every stream of every process) and
+  each is shown once; ``--limit N`` stops after the N-th shown event without reading further.
+* The delta is to the previous *shown* event, so a filtered listing reads naturally.
+* Values are shown as the printer shows them (``fields.show_value``): plain when
+  unambiguous, else repr; nothing an event carries can break a line in two.
+* On a terminal a line is cut at the terminal's width (marked with ``…``) and the event name
+  is coloured; piped output is complete and plain.
+* ``--json`` writes one JSON object per line: ``timestamp`` (ns since the Unix epoch),
+  ``name``, ``pid``, ``tid``, ``thread``, ``fields`` (in field order). Bytes become hex
+  strings and non-finite floats the strings ``"nan"``, ``"inf"``, ``"-inf"``, so every line
+  is strict JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Iterable
+from typing import IO, Any
+
+from ..markers.fields import show_value
+from ._common import Style
+
+__all__ = ["format_event", "write_json", "write_text"]
+
+
+def _clock(ns: int) -> str:
+    seconds, frac = divmod(ns, 1_000_000_000)
+    return f"{time.strftime('%H:%M:%S', time.localtime(seconds))}.{frac // 1000:06d}"
+
+
+def _delta(ns: int | None) -> str:
+    if ns is None:
+        return "+?.??????"
+    return f"+{ns / 1e9:.6f}"
+
+
+def _single_line(text: str) -> str:
+    # show_value leaves plain words alone and reprs the rest, so a newline is escaped;
+    # this only guards values shown plain by an odd type's repr.
+    return text.replace("\n", "\\n").replace("\r", "\\r")
+
+
+def format_event(
+    ev: Any, previous: int | None, *, width: int | None = None, style: Style | None = None
+) -> str:
+    """One event as a line of text. ``previous``: the timestamp of the event shown before.
+
+    ``width``: cut the line to this many columns (the fields are cut, never the event name).
+    """
+    style = style or Style(False)
+    who = f"[{ev.pid} {ev.thread or ev.tid}]"
+    head = f"{_clock(ev.timestamp)} {_delta(None if previous is None else ev.timestamp - previous)}"
+    fields = " ".join(f"{k}={_single_line(show_value(v))}" for k, v in ev.fields.items())
+    if width is not None:
+        room = width - len(head) - len(who) - len(ev.name) - 3
+        if len(fields) > room:
+            fields = fields[: max(0, room - 1)] + "…"
+    line = f"{style(head, 'dim')} {who} {style(ev.name, 'bold', 'cyan')}"
+    return f"{line} {fields}" if fields else line
+
+
+def write_text(
+    events: Iterable[Any],
+    out: IO[str],
+    *,
+    limit: int | None = None,
+    width: int | None = None,
+    style: Style | None = None,
+) -> int:
+    """Write ``events`` as lines to ``out``; return how many were written."""
+    previous = None
+    n = 0
+    write = out.write
+    for ev in events:
+        if limit is not None and n >= limit:
+            break
+        write(format_event(ev, previous, width=width, style=style) + "\n")
+        previous = ev.timestamp
+        n += 1
+    return n
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, bytes | bytearray):
+        return value.hex()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, str | int | float | bool) or value is None:
+        return value
+    return repr(value)
+
+
+def write_json(events: Iterable[Any], out: IO[str], *, limit: int | None = None) -> int:
+    """Write ``events`` as JSON lines to ``out``; return how many were written."""
+    encode = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode
+    n = 0
+    batch: list[str] = []
+    for ev in events:
+        if limit is not None and n >= limit:
+            break
+        obj = {
+            "timestamp": ev.timestamp,
+            "name": ev.name,
+            "pid": ev.pid,
+            "tid": ev.tid,
+            "thread": ev.thread,
+            "fields": ev.fields,
+        }
+        try:
+            batch.append(encode(obj))
+        except (TypeError, ValueError):  # bytes, nan, an odd type: the slow path
+            obj["fields"] = {k: _plain(v) for k, v in ev.fields.items()}
+            batch.append(encode(obj))
+        n += 1
+        if len(batch) >= 1024:  # one write per batch: the writes dominate otherwise
+            out.write("\n".join(batch) + "\n")
+            batch.clear()
+    if batch:
+        out.write("\n".join(batch) + "\n")
+    return n
