@@ -45,7 +45,8 @@ class FilterError(ValueError):
 
     def pointer(self) -> str:
         """Two lines: the expression, and a caret under the problem."""
-        return f"  {self.expr}\n  {' ' * self.column}^"
+        shown = self.expr.replace("\n", " ").replace("\r", " ").replace("\0", " ")
+        return f"  {shown}\n  {' ' * self.column}^"
 
 
 class _Missing:

@@ -309,7 +309,7 @@ class _Reader:
                 f"marker {decl.name!r} has fields ({_fields(decl.fields)}) here but "
                 f"({_fields(known.fields)}) where it is {what} at {known.file}:{known.line}",
             )
-            return known
+            return decl  # its own module's calls are checked against what it declares
         if known.inline and not decl.inline:  # a real declaration wins over an inline use
             decl.sites = known.sites
             self.scan.markers[decl.name] = decl
@@ -327,11 +327,12 @@ class _Reader:
             if isinstance(node, ast.ImportFrom):
                 source = self._resolve(mod, node)
                 other = self.modules.get(source) if source else None
-                if other is None:
-                    continue
                 for alias in node.names:
-                    if alias.name in other.bindings:
+                    if other is not None and alias.name in other.bindings:
                         local[alias.asname or alias.name] = other.bindings[alias.name]
+                    submodule = self.modules.get(f"{source}.{alias.name}") if source else None
+                    if submodule is not None:  # from package import module
+                        attrs[alias.asname or alias.name] = submodule.bindings
             elif isinstance(node, ast.Import):
                 for alias in node.names:
                     other = self.modules.get(alias.name)

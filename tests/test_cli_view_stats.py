@@ -1,0 +1,187 @@
+"""view and stats, as functions over events shaped like the reader's."""
+
+import io
+import json
+import math
+import time
+from types import SimpleNamespace
+
+from tracemark.cli._common import Style
+from tracemark.cli.stats import collect, histogram, render_json, render_text
+from tracemark.cli.view import format_event, write_json, write_text
+
+T0 = 1_767_225_600_000_000_000  # 2026-01-01 00:00:00 UTC, in ns
+
+
+def event(ts, name="net.rx", pid=100, tid=7, thread="worker-1", **fields):
+    return SimpleNamespace(
+        timestamp=ts, name=name, pid=pid, tid=tid, thread=thread, fields=dict(fields)
+    )
+
+
+def clock(ns):
+    return time.strftime("%H:%M:%S", time.localtime(ns // 10**9)) + f".{ns % 10**9 // 1000:06d}"
+
+
+def test_a_line_has_time_delta_process_thread_event_and_fields():
+    ev = event(T0 + 1_234_567, len=42, dev="eth0", rate=0.5)
+    line = format_event(ev, T0 + 1_000_000)
+    assert line == f"{clock(T0 + 1_234_567)} +0.000235 [100 worker-1] net.rx len=42 dev=eth0 rate=0.5"
+    first = format_event(ev, None)
+    assert "+?.??????" in first
+
+
+def test_values_that_are_not_plain_are_quoted_and_stay_on_one_line():
+    ev = event(T0, msg="two\nlines", blob=b"\x00\x01", thread="")
+    line = format_event(ev, None)
+    assert "\n" not in line
+    assert "msg='two\\nlines'" in line and "blob=b'\\x00\\x01'" in line
+    assert "[100 7]" in line  # the thread id when the name is unknown
+
+
+def test_width_cuts_the_fields_not_the_event_name():
+    ev = event(T0, text="x" * 200)
+    line = format_event(ev, None, width=80)
+    assert len(line) == 80 and line.endswith("…") and " net.rx " in line
+
+
+def test_colour_only_when_asked():
+    ev = event(T0, n=1)
+    assert "\x1b[" not in format_event(ev, None, style=Style(False))
+    assert "\x1b[1;36mnet.rx\x1b[0m" in format_event(ev, None, style=Style(True))
+
+
+def test_text_deltas_are_to_the_previous_shown_event_and_limit_stops():
+    events = [event(T0 + i * 1_000_000, n=i) for i in range(10)]
+    out = io.StringIO()
+    assert write_text(iter(events), out, limit=3) == 3
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 3
+    assert [line.split()[1] for line in lines] == ["+?.??????", "+0.001000", "+0.001000"]
+
+
+def test_limit_reads_no_further_than_needed():
+    taken = []
+
+    def events():
+        for i in range(100):
+            taken.append(i)
+            yield event(T0 + i, n=i)
+
+    write_text(events(), io.StringIO(), limit=5)
+    assert len(taken) <= 6
+    write_json(events(), io.StringIO(), limit=0)
+
+
+def test_json_is_one_strict_object_per_line():
+    events = [
+        event(T0, len=1, dev="eth0"),
+        event(T0 + 5, "odd", blob=b"\xff\x00", x=float("nan"), y=float("-inf"), z=None),
+    ]
+    out = io.StringIO()
+    assert write_json(iter(events), out) == 2
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 2
+    first = json.loads(lines[0])
+    assert first == {
+        "timestamp": T0,
+        "name": "net.rx",
+        "pid": 100,
+        "tid": 7,
+        "thread": "worker-1",
+        "fields": {"len": 1, "dev": "eth0"},
+    }
+    second = json.loads(lines[1], parse_constant=lambda c: (_ for _ in ()).throw(ValueError(c)))
+    assert second["fields"] == {"blob": "ff00", "x": "nan", "y": "-inf", "z": None}
+    assert list(first["fields"]) == ["len", "dev"]  # field order kept
+
+
+def test_json_batches_many_events():
+    out = io.StringIO()
+    assert write_json((event(T0 + i, n=i) for i in range(3000)), out) == 3000
+    assert [json.loads(x)["fields"]["n"] for x in out.getvalue().splitlines()] == list(range(3000))
+
+
+# -- stats ----------------------------------------------------------------------------------
+
+
+def sample():
+    events = []
+    for i in range(1, 101):
+        events.append(event(T0 + i * 10_000_000, "db.query", rows=i, ms=i / 10, table="t" + str(i % 3)))
+    for i in range(10):
+        events.append(event(T0 + i, "net.rx", len=0 if i < 4 else -i, ok=i % 2 == 0))
+    events.sort(key=lambda e: e.timestamp)
+    return events
+
+
+def test_counts_and_exact_percentiles():
+    stats = collect(sample())
+    db = stats["db.query"]
+    assert db.count == 100 and stats["net.rx"].count == 10
+    doc = json.loads(render_json(stats, start=T0, end=T0 + 10**9))
+    rows = doc["markers"]["db.query"]["fields"]["rows"]
+    assert (rows["min"], rows["max"], rows["p50"], rows["p99"]) == (1, 100, 50, 99)
+    assert rows["mean"] == 50.5
+    assert doc["markers"]["db.query"]["rate"] == 100.0
+    ms = doc["markers"]["db.query"]["fields"]["ms"]
+    assert ms["type"] == "float" and math.isclose(ms["max"], 10.0)
+    table = doc["markers"]["db.query"]["fields"]["table"]
+    assert table["distinct"] == 3 and table["top"][0] == {"value": "t1", "count": 34}
+    assert doc["events"] == 110
+
+
+def test_log2_buckets_follow_bpftrace():
+    rows = dict(histogram([0, 1, 2, 3, 4, 1023, 1024, -5]))
+    assert rows == {
+        "(..., 0)": 1,
+        "[0]": 1,
+        "[1]": 1,
+        "[2, 4)": 2,
+        "[4, 8)": 1,
+        "[8, 16)": 0,
+        "[16, 32)": 0,
+        "[32, 64)": 0,
+        "[64, 128)": 0,
+        "[128, 256)": 0,
+        "[256, 512)": 0,
+        "[512, 1K)": 1,
+        "[1K, 2K)": 1,
+    }
+    floats = dict(histogram([0.3, 0.6, 1.5, 3.0]))
+    assert floats == {"[0.25, 0.5)": 1, "[0.5, 1)": 1, "[1, 2)": 1, "[2, 4)": 1}
+    assert sum(dict(histogram([1e-300, 1e300])).values()) == 2  # wide spread: no empty rows
+
+
+def test_every_value_lands_in_exactly_one_bucket():
+    import random
+
+    rng = random.Random(3)
+    values = [rng.choice([rng.randint(-50, 10**9), rng.random() * 1e6]) for _ in range(2000)]
+    assert sum(c for _, c in histogram(values)) == len(values)
+
+
+def test_text_report_fits_80_columns_and_warns_about_discards():
+    text = render_text(
+        collect(sample()), path="t", start=T0, end=T0 + 10**9, discarded=7, processes=2, threads=3
+    )
+    assert all(len(line) <= 80 for line in text.splitlines())
+    assert "WARNING: 7 events were discarded" in text
+    assert "110 events in 1.00 s from 2 processes, 3 threads" in text
+    assert text.index("db.query") < text.index("net.rx")  # busiest first
+    assert "rows (int)  min 1  mean 50.5  max 100  p50 50  p99 99" in text
+    bars = [line for line in text.splitlines() if line.strip().startswith("[64, 128)")]
+    assert bars and bars[0].count("@") == 40  # the largest bucket fills the bar
+
+
+def test_nan_is_counted_apart():
+    stats = collect([event(T0, x=float("nan")), event(T0 + 1, x=2.0)])
+    doc = json.loads(render_json(stats))
+    x = doc["markers"]["net.rx"]["fields"]["x"]
+    assert x["nan"] == 1 and x["min"] == x["max"] == 2.0
+    assert "nan 1" in render_text(stats)
+
+
+def test_empty_input():
+    assert "no events" in render_text(collect([]), path="t")
+    assert json.loads(render_json(collect([])))["events"] == 0
