@@ -36,10 +36,10 @@ __all__ = ["main"]
 
 _EXAMPLES = """\
 examples:
-  tracemark record -- python app.py --port 8080   # record every marker of app.py
+  tracemark record -- python app.py --port 8080   # record all markers of app.py
   tracemark view tracemark-traces/20260101-120000-app --filter 'len > 1500'
   tracemark stats tracemark-traces/20260101-120000-app -e 'net.*'
-  tracemark list src/                              # markers in the code, checked"""
+  tracemark list src/                             # markers in the code, checked"""
 
 
 class _Parser(argparse.ArgumentParser):

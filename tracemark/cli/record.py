@@ -87,9 +87,8 @@ def program_argv(module: str | None, command: Sequence[str]) -> list[str]:
 
 def default_dir(argv: Sequence[str], now: float | None = None) -> Path:
     """A new directory under ./tracemark-traces/, named after the time and the program."""
-    stem = next(
-        (Path(a).stem for a in argv[1:] if not a.startswith("-") and a != "-m"), Path(argv[0]).stem
-    )
+    words = [a for a in argv[1:] if not a.startswith("-")] or [argv[0]]
+    stem = Path(words[0]).name.removesuffix(".py")
     stem = re.sub(r"[^\w.-]+", "_", stem)[:40] or "trace"
     base = TRACES / f"{time.strftime('%Y%m%d-%H%M%S', time.localtime(now))}-{stem}"
     path, n = base, 1

@@ -1,0 +1,148 @@
+"""tracemark record: how the program is run and how recording reaches every Python process."""
+
+import os
+import subprocess
+import sys
+import textwrap
+import types
+from pathlib import Path
+
+import pytest
+
+import tracemark
+from tracemark.cli import _boot
+from tracemark.cli._common import CliError
+from tracemark.cli.record import SITE_DIR, default_dir, environment, parse_size, program_argv
+
+ROOT = Path(tracemark.__file__).resolve().parents[1]
+
+
+def test_program_argv_accepts_a_command_a_script_or_a_module(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "app.py").write_text("pass\n")
+    assert program_argv(None, ["--", "python3", "app.py", "-x"]) == ["python3", "app.py", "-x"]
+    assert program_argv(None, ["app.py", "-x"]) == [sys.executable, "app.py", "-x"]
+    assert program_argv("http.server", ["8000"]) == [sys.executable, "-m", "http.server", "8000"]
+    with pytest.raises(CliError) as info:
+        program_argv(None, ["./nope"])
+    assert info.value.code == 127
+    with pytest.raises(CliError) as info:
+        program_argv(None, [])
+    assert info.value.code == 2
+
+
+def test_sizes():
+    assert parse_size("4096") == 4096
+    assert parse_size("256K") == 256 << 10
+    assert parse_size("4MiB") == 4 << 20
+    assert parse_size("1g") == 1 << 30
+    with pytest.raises(CliError):
+        parse_size("4 lots")
+
+
+def test_default_dirs_are_new_timestamped_and_named_after_the_program(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    first = default_dir([sys.executable, "serve.py", "--port", "1"], now=0)
+    assert first.parent == Path("tracemark-traces")
+    assert first.name.endswith("-serve") and first.name[:8].isdigit()
+    first.mkdir(parents=True)
+    second = default_dir([sys.executable, "serve.py"], now=0)
+    assert second != first and second.name == first.name + "-2"
+    assert default_dir([sys.executable, "-m", "pkg.mod"], now=0).name.endswith("-pkg.mod")
+
+
+def test_the_environment_carries_the_settings_and_puts_the_bootstrap_first(tmp_path):
+    env = environment(
+        tmp_path / "t", ["net.*", "db.*"], "overwrite", 1 << 20, ["json:loads"], {"PYTHONPATH": "/x"}
+    )
+    assert env["PYTHONPATH"] == f"{SITE_DIR}{os.pathsep}/x"
+    assert env["TRACEMARK_RECORD_DIR"] == str((tmp_path / "t").resolve())
+    settings = _boot.settings(env)
+    assert settings == {
+        "path": str((tmp_path / "t").resolve()),
+        "events": ["net.*", "db.*"],
+        "kwargs": {"mode": "overwrite", "subbuffer_size": 1 << 18, "subbuffers": 4},
+        "probes": ["json:loads"],
+    }
+    assert _boot.settings({}) is None
+
+
+def test_boot_starts_one_recording_with_the_settings(monkeypatch):
+    calls, installed = [], []
+
+    class FakeRecording:
+        def stop(self):
+            calls.append("stop")
+
+    def record(path, events, **kwargs):
+        calls.append((path, events, kwargs))
+        return FakeRecording()
+
+    monkeypatch.setattr(tracemark, "record", record, raising=False)
+    fake_probes = types.ModuleType("tracemark.probes")
+    fake_probes.install_spec = installed.append
+    monkeypatch.setitem(sys.modules, "tracemark.probes", fake_probes)
+    monkeypatch.setattr(tracemark, "probes", fake_probes, raising=False)
+    monkeypatch.setattr(_boot, "recording", None)
+    monkeypatch.setenv("TRACEMARK_RECORD_DIR", "/tmp/x")
+    monkeypatch.setenv("TRACEMARK_RECORD_EVENTS", "net.*")
+    monkeypatch.setenv("TRACEMARK_RECORD_PROBES", "json:loads\nos:getcwd")
+    monkeypatch.delenv("TRACEMARK_RECORD_MODE", raising=False)
+    monkeypatch.delenv("TRACEMARK_RECORD_BUFFER", raising=False)
+    _boot.start()
+    _boot.start()  # once per process
+    assert calls == [("/tmp/x", "net.*", {"mode": "discard"})]
+    assert installed == ["json:loads", "os:getcwd"]
+    _boot._stop()
+    assert calls[-1] == "stop" and _boot.recording is None
+
+
+def test_the_bootstrap_chains_to_the_sites_own_sitecustomize(tmp_path):
+    user_site = tmp_path / "site"
+    user_site.mkdir()
+    (user_site / "sitecustomize.py").write_text("import sys\nsys.stderr.write('user site ran\\n')\n")
+    env = environment(tmp_path / "trace", [], "discard", None, [], {"PYTHONPATH": str(user_site)})
+    env["PATH"] = os.environ["PATH"]
+    script = textwrap.dedent(
+        f"""
+        import sys, sitecustomize
+        print(sitecustomize.__file__)
+        print({str(SITE_DIR)!r} in sys.path)
+        """
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "user site ran" in proc.stderr
+    file, ours_on_path = proc.stdout.split()
+    assert Path(file) == user_site / "sitecustomize.py"
+    assert ours_on_path == "False"
+
+
+def run_record(tmp_path, *program):
+    return subprocess.run(
+        [sys.executable, "-m", "tracemark", "record", "-o", str(tmp_path / "t"), "--", *program],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+
+
+def test_the_programs_exit_code_is_returned(tmp_path):
+    proc = run_record(tmp_path, sys.executable, "-c", "import sys; print('out'); sys.exit(3)")
+    assert proc.returncode == 3
+    assert proc.stdout == "out\n"  # the summary goes to stderr
+
+
+def test_a_program_killed_by_a_signal_is_128_plus_n(tmp_path):
+    proc = run_record(tmp_path, sys.executable, "-c", "import os; os.kill(os.getpid(), 9)")
+    assert proc.returncode == 137
+
+
+def test_an_existing_trace_is_never_overwritten(tmp_path):
+    (tmp_path / "t").mkdir()
+    (tmp_path / "t" / "metadata").write_text("")
+    proc = run_record(tmp_path, sys.executable, "-c", "pass")
+    assert proc.returncode == 2 and "already exists" in proc.stderr
