@@ -9,7 +9,12 @@ from tracemark.cli.filter import FilterError, compile_filter
 
 def event(name="net.rx", fields=None, **more):
     return SimpleNamespace(
-        name=name, pid=10, tid=11, thread="worker-1", timestamp=1_000, fields={**(fields or {}), **more}
+        name=name,
+        pid=10,
+        tid=11,
+        thread="worker-1",
+        timestamp=1_000,
+        fields={**(fields or {}), **more},
     )
 
 

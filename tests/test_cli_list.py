@@ -9,9 +9,8 @@ from pathlib import Path
 import pytest
 
 import tracemark
-
 from tracemark.cli._common import Style
-from tracemark.cli.list import run, scan
+from tracemark.cli.listing import run, scan
 
 ROOT = Path(tracemark.__file__).resolve().parents[1]
 
@@ -152,7 +151,9 @@ def test_the_command_exits_1_on_errors_and_names_them(tmp_path):
 
 def test_nothing_is_imported(tmp_path, monkeypatch):
     files = dict(GOOD)
-    files["app/boom.py"] = "raise SystemExit('imported!')\nimport tracemark\ntracemark.mark('a.b')\n"
+    files["app/boom.py"] = (
+        "raise SystemExit('imported!')\nimport tracemark\ntracemark.mark('a.b')\n"
+    )
     monkeypatch.chdir(write(tmp_path, files))
     monkeypatch.syspath_prepend(str(tmp_path))
     result = scan(["app.boom"])  # a module name, found on sys.path

@@ -90,7 +90,10 @@ def make_trace(events, *, discarded=0, fail_after=None):
 
     return SimpleNamespace(
         events=stream,
-        streams=[SimpleNamespace(pid=1, tid=1, events=len(events)), SimpleNamespace(pid=2, tid=5, events=0)],
+        streams=[
+            SimpleNamespace(pid=1, tid=1, events=len(events)),
+            SimpleNamespace(pid=2, tid=5, events=0),
+        ],
         discarded=discarded,
         markers={"net.rx": (("len", "int"), ("dev", "str")), "net.tx": (("n", "int"),)},
         start=events[0].timestamp if events else None,
@@ -124,7 +127,9 @@ def trace_dir(tmp_path, monkeypatch):
 
 def test_view_lists_selected_and_filtered_events(trace_dir, capsys):
     path, _ = trace_dir
-    assert main(["view", str(path), "-e", "net.rx", "--filter", 'len >= 1500 and dev == "eth0"']) == 0
+    assert (
+        main(["view", str(path), "-e", "net.rx", "--filter", 'len >= 1500 and dev == "eth0"']) == 0
+    )
     lines = capsys.readouterr().out.splitlines()
     assert [line.split()[-2:] for line in lines] == [
         ["len=1500", "dev=eth0"],

@@ -53,7 +53,12 @@ def test_default_dirs_are_new_timestamped_and_named_after_the_program(tmp_path, 
 
 def test_the_environment_carries_the_settings_and_puts_the_bootstrap_first(tmp_path):
     env = environment(
-        tmp_path / "t", ["net.*", "db.*"], "overwrite", 1 << 20, ["json:loads"], {"PYTHONPATH": "/x"}
+        tmp_path / "t",
+        ["net.*", "db.*"],
+        "overwrite",
+        1 << 20,
+        ["json:loads"],
+        {"PYTHONPATH": "/x"},
     )
     assert env["PYTHONPATH"] == f"{SITE_DIR}{os.pathsep}/x"
     assert env["TRACEMARK_RECORD_DIR"] == str((tmp_path / "t").resolve())
@@ -100,7 +105,9 @@ def test_boot_starts_one_recording_with_the_settings(monkeypatch):
 def test_the_bootstrap_chains_to_the_sites_own_sitecustomize(tmp_path):
     user_site = tmp_path / "site"
     user_site.mkdir()
-    (user_site / "sitecustomize.py").write_text("import sys\nsys.stderr.write('user site ran\\n')\n")
+    (user_site / "sitecustomize.py").write_text(
+        "import sys\nsys.stderr.write('user site ran\\n')\n"
+    )
     env = environment(tmp_path / "trace", [], "discard", None, [], {"PYTHONPATH": str(user_site)})
     env["PATH"] = os.environ["PATH"]
     script = textwrap.dedent(

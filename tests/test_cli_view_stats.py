@@ -26,7 +26,9 @@ def clock(ns):
 def test_a_line_has_time_delta_process_thread_event_and_fields():
     ev = event(T0 + 1_234_567, len=42, dev="eth0", rate=0.5)
     line = format_event(ev, T0 + 1_000_000)
-    assert line == f"{clock(T0 + 1_234_567)} +0.000235 [100 worker-1] net.rx len=42 dev=eth0 rate=0.5"
+    assert (
+        line == f"{clock(T0 + 1_234_567)} +0.000235 [100 worker-1] net.rx len=42 dev=eth0 rate=0.5"
+    )
     first = format_event(ev, None)
     assert "+?.??????" in first
 
@@ -108,7 +110,9 @@ def test_json_batches_many_events():
 def sample():
     events = []
     for i in range(1, 101):
-        events.append(event(T0 + i * 10_000_000, "db.query", rows=i, ms=i / 10, table="t" + str(i % 3)))
+        events.append(
+            event(T0 + i * 10_000_000, "db.query", rows=i, ms=i / 10, table="t" + str(i % 3))
+        )
     for i in range(10):
         events.append(event(T0 + i, "net.rx", len=0 if i < 4 else -i, ok=i % 2 == 0))
     events.sort(key=lambda e: e.timestamp)

@@ -1,8 +1,9 @@
 """The ``tracemark`` command: record a program's markers, then look at the trace.
 
-One module per subcommand: :mod:`.record`, :mod:`.view`, :mod:`.stats`, :mod:`.list`;
-:mod:`.filter` is the ``--filter`` language and :mod:`._common` what they share (exit codes,
-errors, colour, progress). Standard library only (argparse).
+One module per subcommand: :mod:`.record`, :mod:`.view`, :mod:`.stats` and :mod:`.listing`
+(not ``list``: a submodule is an attribute of this package, and would shadow the builtin
+here); :mod:`.filter` is the ``--filter`` language and :mod:`._common` what they share (exit
+codes, errors, colour, progress). Standard library only (argparse).
 
 Guarantees: every user error is one line on stderr (``tracemark view: error: ...``) and a
 documented exit code (``tracemark --help``), never a traceback; a broken pipe
@@ -270,7 +271,7 @@ def _stats(args: argparse.Namespace, out: IO[str]) -> int:
 
 
 def _list(args: argparse.Namespace, out: IO[str], err: IO[str]) -> int:
-    from .list import run
+    from .listing import run
 
     return run(args.targets, out, err, width=width_of(out), style=Style(wants_colour(out)))
 
@@ -314,4 +315,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         except (OSError, ValueError):
             pass
         return 0
-

@@ -127,7 +127,7 @@ class Progress:
             return
         try:
             n = 0
-            for n, ev in enumerate(events, 1):  # noqa: B007 - n is read after the loop
+            for n, ev in enumerate(events, 1):
                 if not n % every:
                     self.update(n)
                 yield ev
@@ -170,7 +170,8 @@ def open_trace(path: str) -> Any:
     except trace_error as exc:
         raise CliError(f"corrupt trace: {exc}", EXIT_CORRUPT) from None
     except OSError as exc:
-        raise CliError(f"{path}: cannot read the trace: {exc.strerror or exc}", EXIT_NOT_TRACE)
+        message = f"{path}: cannot read the trace: {exc.strerror or exc}"
+        raise CliError(message, EXIT_NOT_TRACE) from None
 
 
 def reader() -> tuple[Callable[[str], Any], type[Exception]]:

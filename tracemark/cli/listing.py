@@ -169,7 +169,7 @@ def _shown(path: Path) -> str:
 # -- reading one module -------------------------------------------------------------------
 
 
-def _literal_str(node: ast.AST | None) -> str | None | type[Ellipsis]:
+def _literal_str(node: ast.AST | None) -> str | type[Ellipsis] | None:
     """A string or None literal; Ellipsis when the node is something else."""
     if isinstance(node, ast.Constant) and (node.value is None or isinstance(node.value, str)):
         return node.value
@@ -286,14 +286,13 @@ class _Reader:
                         types[k.arg] = v.value  # type: ignore[index]
                     else:
                         types[k.arg] = Ellipsis  # type: ignore[index]
-                if Ellipsis in types.values():
-                    fields = None
-                else:
-                    fields = fields_from_types(types)
+                fields = None if Ellipsis in types.values() else fields_from_types(types)
         except ValueError as exc:
             self.problem(mod, call, f"marker {name!r}: {exc}")
             return None
-        decl = Declaration(name, fields, fmt if isinstance(fmt, str) else None, mod.shown, call.lineno)
+        decl = Declaration(
+            name, fields, fmt if isinstance(fmt, str) else None, mod.shown, call.lineno
+        )
         return self._register(mod, call, decl)
 
     def _register(self, mod: _Module, node: ast.AST, decl: Declaration) -> Declaration:
@@ -400,7 +399,9 @@ class _Reader:
         except ValueError as exc:
             self.problem(mod, call, f"mark {name!r}: {exc}")
             return
-        decl = self._register(mod, call, Declaration(name, fields, fmt, mod.shown, call.lineno, True))
+        decl = self._register(
+            mod, call, Declaration(name, fields, fmt, mod.shown, call.lineno, True)
+        )
         decl.sites += 1
         if decl.fields is not None and decl.fields != fields:
             return  # the conflict was reported by _register
@@ -501,10 +502,7 @@ def run(
 ) -> int:
     result = scan(targets)
     for decl in sorted(result.markers.values(), key=lambda d: d.name):
-        if decl.fields is None:
-            fields = "(dynamic fields)"
-        else:
-            fields = f"({_fields(decl.fields)})"
+        fields = "(dynamic fields)" if decl.fields is None else f"({_fields(decl.fields)})"
         head = f"{style(decl.name, 'bold', 'cyan')}{fields}"
         if len(decl.name) + len(fields) > width:
             head = f"{style(decl.name, 'bold', 'cyan')}\n  {fields}"
