@@ -33,6 +33,7 @@ ENV_HOME = "TRACEMARK_HOME"
 
 #: Sub-buffers per thread channel when ``--buffer`` gives the total size.
 SUBBUFFERS = 4
+MIN_SUBBUFFER = 4096
 
 recording: Any = None
 
@@ -47,7 +48,8 @@ def settings(environ: dict[str, str] | None = None) -> dict[str, Any] | None:
     kwargs: dict[str, Any] = {"mode": env.get(ENV_MODE) or "discard"}
     buffer = env.get(ENV_BUFFER)
     if buffer:
-        kwargs["subbuffer_size"] = max(1, int(buffer) // SUBBUFFERS)
+        # The recorder wants sub-buffers of at least 4 KiB, in multiples of 8 bytes.
+        kwargs["subbuffer_size"] = max(MIN_SUBBUFFER, int(buffer) // SUBBUFFERS // 8 * 8)
         kwargs["subbuffers"] = SUBBUFFERS
     probes = [p for p in env.get(ENV_PROBES, "").split("\n") if p.strip()]
     return {"path": path, "events": events, "kwargs": kwargs, "probes": probes}
@@ -72,6 +74,26 @@ def start() -> None:
         config["path"], events if len(events) > 1 else events[0], **config["kwargs"]
     )
     atexit.register(_stop)
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _after_fork_in_child() -> None:
+    # A multiprocessing child made by fork ends with os._exit(), which skips atexit: the
+    # recorder would never flush its last, partly filled packets. multiprocessing runs its
+    # own finalizers before that exit, so the recording is stopped from one of them.
+    import sys
+
+    util = sys.modules.get("multiprocessing.util")
+    if util is not None and recording is not None:
+        # The child's bootstrap clears the finalizers it inherited, then runs the after-fork
+        # hooks: so register from one of those.
+        util.register_after_fork(recording, _finalize_in_child)
+
+
+def _finalize_in_child(rec: Any) -> None:
+    import multiprocessing.util
+
+    multiprocessing.util.Finalize(None, _stop, exitpriority=-100)  # after the child's own
 
 
 def _stop() -> None:

@@ -142,6 +142,12 @@ def run(args: Any, err: IO[str], style: Style) -> int:
     argv = program_argv(args.module, args.program)
     check_probes_available(args.probe)
     buffer = parse_size(args.buffer) if args.buffer else None
+    if buffer is not None and buffer < _boot.SUBBUFFERS * _boot.MIN_SUBBUFFER:
+        raise CliError(
+            f"--buffer {args.buffer}: at least {_boot.SUBBUFFERS * _boot.MIN_SUBBUFFER >> 10}K "
+            f"({_boot.SUBBUFFERS} sub-buffers of {_boot.MIN_SUBBUFFER >> 10}K)",
+            EXIT_USAGE,
+        )
     trace_dir = Path(args.output) if args.output else default_dir(argv)
     if trace_dir.exists() and (not trace_dir.is_dir() or any(trace_dir.iterdir())):
         raise CliError(
@@ -217,12 +223,11 @@ def summarize(
     if trace.discarded:
         err.write(
             style(
-                f"  WARNING: {trace.discarded:,} events were DISCARDED: the buffers were full."
-                " Record fewer markers (-e) or give more --buffer.",
+                f"  WARNING: {trace.discarded:,} events were DISCARDED (buffers full)",
                 "bold",
                 "red",
             )
-            + "\n"
+            + "\n  record fewer markers (-e GLOB) or give more buffer (--buffer 4M)\n"
         )
     width = max((len(n) for n, _ in counts.most_common(top)), default=0)
     for name, count in counts.most_common(top):

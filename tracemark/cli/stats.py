@@ -237,7 +237,7 @@ def render_text(
             style(f"  WARNING: {discarded:,} events were discarded (buffers full)", "bold", "red")
         )
     if not stats:
-        lines.append("  no events" + (" match" if total == 0 and path else ""))
+        lines.append("  no events")
     for m in sorted(stats.values(), key=lambda m: (-m.count, m.name)):
         rate = _rate(m.count, duration)
         lines.append("")
