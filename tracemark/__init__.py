@@ -16,6 +16,9 @@ Put named markers in code once; connect any number of tracers to them at run tim
 A marker is active exactly while a probe is connected to it. Probes are any callable
 ``probe(marker, args)``. Tracing never breaks the traced program: faults are counted and
 reported once (:mod:`tracemark.faults`), raised only in strict mode (``TRACEMARK_STRICT=1``).
+
+``tracemark.record(DIR)`` records markers into a CTF 1.8 trace (babeltrace2 reads it;
+:func:`tracemark.ctf.read_trace` too): see :mod:`tracemark.tracers.recorder`.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from .markers.dispatch import MAX_NESTING, synchronize
 from .markers.fields import Field
 from .markers.registry import Connection, Marker, MarkerInfo, connect, disconnect, markers
 from .tracers.printer import Printer
+from .tracers.recorder import Recording, RecordingSummary, record
 
 __version__ = "0.1.0"
 
@@ -40,6 +44,8 @@ __all__ = [
     "MarkerArgumentError",
     "MarkerInfo",
     "Printer",
+    "Recording",
+    "RecordingSummary",
     "TracemarkWarning",
     "connect",
     "disconnect",
@@ -47,6 +53,7 @@ __all__ = [
     "mark",
     "marker",
     "markers",
+    "record",
     "synchronize",
 ]
 
