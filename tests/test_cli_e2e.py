@@ -1,0 +1,269 @@
+"""End to end: the commands run as a user runs them (subprocesses), on real recordings."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+import tracemark
+
+ROOT = Path(tracemark.__file__).resolve().parents[1]
+
+APP = """
+import multiprocessing as mp
+import subprocess
+import sys
+import threading
+
+import tracemark
+
+rx = tracemark.marker("net.rx", "len=%d dev=%s")
+job = tracemark.marker("job.done", worker=str, ms=float)
+
+
+def child(kind, n):
+    for i in range(n):
+        rx(i, kind)
+
+
+def work(name):
+    for i in range(50):
+        job(name, i / 10)
+
+
+if __name__ == "__main__":
+    for i in range(1000):
+        rx(i, "eth0")
+    threads = [threading.Thread(target=work, args=(f"w{k}",), name=f"w{k}") for k in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for method in ("fork", "spawn"):
+        p = mp.get_context(method).Process(target=child, args=(method, 7))
+        p.start()
+        p.join()
+    code = "import tracemark; m = tracemark.marker('sub.x', n=int); [m(i) for i in range(5)]"
+    subprocess.run([sys.executable, "-c", code], check=True)
+    if "--crash" in sys.argv:
+        raise RuntimeError("the program crashed")
+    print("done")
+"""
+
+
+def tm(*args, cwd=None, timeout=120):
+    return subprocess.run(
+        [sys.executable, "-m", "tracemark", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+
+
+def json_events(trace, *more):
+    proc = tm("view", str(trace), "--json", *more)
+    assert proc.returncode == 0, proc.stderr
+    return [json.loads(line) for line in proc.stdout.splitlines()]
+
+
+@pytest.fixture(scope="module")
+def recorded(tmp_path_factory):
+    """One recording of APP (threads, fork and spawn children, a subprocess) that crashes."""
+    base = tmp_path_factory.mktemp("e2e")
+    (base / "app.py").write_text(APP)
+    proc = tm(
+        "record", "-o", str(base / "trace"), "--", sys.executable, "app.py", "--crash", cwd=base
+    )
+    return base / "trace", proc
+
+
+def test_every_process_and_thread_is_recorded_into_one_trace(recorded):
+    trace, _ = recorded
+    events = json_events(trace)
+    by_dev = Counter(e["fields"]["dev"] for e in events if e["name"] == "net.rx")
+    assert by_dev == {"eth0": 1000, "fork": 7, "spawn": 7}
+    assert Counter(e["name"] for e in events)["sub.x"] == 5
+    jobs = [e for e in events if e["name"] == "job.done"]
+    assert Counter(e["thread"] for e in jobs) == {"w0": 50, "w1": 50, "w2": 50}
+    pids = {e["fields"]["dev"]: e["pid"] for e in events if e["name"] == "net.rx"}
+    sub_pid = next(e["pid"] for e in events if e["name"] == "sub.x")
+    assert len({*pids.values(), sub_pid}) == 4  # parent, fork child, spawn child, subprocess
+    stamps = [e["timestamp"] for e in events]
+    assert stamps == sorted(stamps)
+    eth0 = [e["fields"]["len"] for e in events if e["fields"].get("dev") == "eth0"]
+    assert eth0 == list(range(1000))
+
+
+def test_a_crashing_program_keeps_its_exit_code_and_its_trace(recorded):
+    trace, proc = recorded
+    assert proc.returncode == 1
+    assert "RuntimeError: the program crashed" in proc.stderr
+    assert "done" not in proc.stdout
+    summary = proc.stderr[proc.stderr.index("tracemark record:") :]
+    assert "1,169 events from 4 processes" in summary
+    assert "net.rx" in summary and "1,014" in summary
+    assert f"tracemark view {trace}" in summary
+    assert "DISCARDED" not in summary
+
+
+def test_view_text_and_filter(recorded):
+    trace, _ = recorded
+    proc = tm(
+        "view", str(trace), "-e", "net.*", "--filter", 'dev in ("fork", "spawn") and len >= 5'
+    )
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 4
+    assert all(" net.rx len=" in line for line in lines)
+    assert sorted(line.split()[-1] for line in lines) == ["dev=fork"] * 2 + ["dev=spawn"] * 2
+    limited = tm("view", str(trace), "--limit", "3").stdout.splitlines()
+    assert len(limited) == 3 and "+?.??????" in limited[0]
+
+
+def test_stats_agrees_with_view(recorded):
+    trace, _ = recorded
+    proc = tm("stats", str(trace), "--json")
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    assert doc["events"] == len(json_events(trace)) == 1169
+    assert doc["processes"] == 4 and doc["discarded"] == 0
+    ms = doc["markers"]["job.done"]["fields"]["ms"]
+    assert (ms["min"], ms["max"], ms["p50"]) == (0.0, 4.9, 2.4)
+    text = tm("stats", str(trace)).stdout
+    assert "job.done  150 events" in text
+    assert max(map(len, text.splitlines())) <= 80
+
+
+def test_babeltrace2_sees_the_same_events(recorded):
+    trace, _ = recorded
+    if shutil.which("babeltrace2") is None:  # make test installs it; say so plainly if not
+        pytest.fail("babeltrace2 is not installed (apt-get install babeltrace2)")
+    out = subprocess.run(["babeltrace2", str(trace)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert len(out.stdout.splitlines()) == 1169
+
+
+@pytest.mark.parametrize(
+    ("expr", "column"),
+    [("len >> 2", 4), ("dev.split()", 3), ("lenn > 3", 0), ("__import__('os')", 0)],
+)
+def test_bad_filter_expressions(recorded, expr, column):
+    trace, _ = recorded
+    proc = tm("view", str(trace), "--filter", expr)
+    assert proc.returncode == 2
+    first, shown, caret = proc.stderr.splitlines()
+    assert first.startswith(f"tracemark view: error: bad --filter at column {column + 1}:")
+    assert shown == f"  {expr}" and caret == "  " + " " * column + "^"
+    assert proc.stdout == ""
+
+
+def damaged(recorded, tmp_path, how):
+    trace, _ = recorded
+    copy = tmp_path / "trace"
+    shutil.copytree(trace, copy)
+    stream = max(copy.rglob("stream_*"), key=lambda p: p.stat().st_size)
+    data = bytearray(stream.read_bytes())
+    if how == "magic":
+        data[0:4] = b"\0\0\0\0"
+    else:
+        del data[len(data) // 2 :]
+    stream.write_bytes(bytes(data))
+    return copy, stream
+
+
+@pytest.mark.parametrize("how", ["magic", "truncated"])
+@pytest.mark.parametrize("command", ["view", "stats"])
+def test_corrupt_traces_are_exit_4_naming_file_and_offset(recorded, tmp_path, how, command):
+    copy, stream = damaged(recorded, tmp_path, how)
+    proc = tm(command, str(copy))
+    assert proc.returncode == 4
+    (line,) = proc.stderr.splitlines()
+    assert line.startswith(f"tracemark {command}: error: corrupt trace: {stream}")
+    assert "offset" in line
+    assert "Traceback" not in proc.stderr
+
+
+def test_an_empty_trace(tmp_path):
+    proc = tm(
+        "record", "-o", str(tmp_path / "t"), "-e", "nothing.*", "--", sys.executable, "-c", "pass"
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "0 events" in proc.stderr
+    view = tm("view", str(tmp_path / "t"))
+    assert (view.returncode, view.stdout) == (0, "")
+    stats = tm("stats", str(tmp_path / "t"))
+    assert stats.returncode == 0 and "no events" in stats.stdout
+
+
+def test_discarded_events_are_loud(tmp_path):
+    burst = textwrap.dedent(
+        """
+        import tracemark
+        m = tracemark.marker("burst.x", n=int, s=str)
+        for i in range(200_000):
+            m(i, "x" * 40)
+        """
+    )
+    (tmp_path / "burst.py").write_text(burst)
+    proc = tm("record", "-o", str(tmp_path / "t"), "--buffer", "16K", "burst.py", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "events were DISCARDED" in proc.stderr
+    stats = tm("stats", str(tmp_path / "t"))
+    assert "WARNING:" in stats.stdout and "discarded" in stats.stdout
+    doc = json.loads(tm("stats", str(tmp_path / "t"), "--json").stdout)
+    assert doc["discarded"] > 0
+    assert doc["events"] + doc["discarded"] <= 200_000
+
+
+def test_sigterm_to_the_program_still_leaves_a_trace(tmp_path):
+    app = textwrap.dedent(
+        """
+        import os, signal, tracemark
+        m = tracemark.marker("t.x", n=int)
+        for i in range(100):
+            m(i)
+        os.kill(os.getpid(), signal.SIGTERM)
+        """
+    )
+    (tmp_path / "app.py").write_text(app)
+    proc = tm("record", "-o", str(tmp_path / "t"), "app.py", cwd=tmp_path)
+    assert proc.returncode == 128 + signal.SIGTERM
+    assert [e["fields"]["n"] for e in json_events(tmp_path / "t")] == list(range(100))
+
+
+def test_the_default_directory_and_module_mode(tmp_path):
+    pkg = tmp_path / "pkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "main.py").write_text(
+        "import sys, tracemark\ntracemark.mark('m.x', 'a=%s', sys.argv[1])\n"
+    )
+    proc = tm("record", "-m", "pkg.main", "hello", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    (trace,) = (tmp_path / "tracemark-traces").iterdir()
+    assert trace.name.endswith("-pkg.main")
+    assert [e["fields"] for e in json_events(trace)] == [{"a": "hello"}]
+
+
+def test_view_into_a_closed_pipe_is_quiet(recorded):
+    trace, _ = recorded
+    cmd = f"{sys.executable} -m tracemark view {trace} | head -1"
+    proc = subprocess.run(
+        cmd,
+        shell=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert len(proc.stdout.splitlines()) == 1
+    assert proc.stderr == ""
