@@ -1,5 +1,5 @@
 # Two jobs, each doing its own set-up (a virtual environment per Python under .venv-X.Y):
-#   make demo   record and show a trace of the bundled demo program
+#   make demo   record the bundled demo program with `tracemark record`, then show the trace
 #   make test   lint, then the test suite on every supported Python found
 # PYTHONS lists the interpreters `make test` uses; CI sets it to 3.11, 3.12 and 3.13.
 
@@ -18,9 +18,22 @@ if [ ! -x $$venv/bin/python ]; then $(1) -m venv $$venv >&2 || exit 1; fi; \
 $$venv/bin/python -m pip install -q --disable-pip-version-check -e '.[$(EXTRAS)]' >&2 || exit 1
 endef
 
+# The demo: record the bundled shop (4 worker threads and an invoice-printer child process,
+# about 4,000 events), then show what the trace holds and its first events.
+DEMO_TRACE ?= tracemark-traces/demo
+
 demo:
 	@$(call venv_for,$(PYTHON)); \
-	$$venv/bin/python -m tracemark.demo --print --orders 12
+	rm -rf $(DEMO_TRACE); \
+	echo "\$$ tracemark record -o $(DEMO_TRACE) -- python -m tracemark.demo --orders 600"; \
+	$$venv/bin/tracemark record -o $(DEMO_TRACE) -- $$venv/bin/python -m tracemark.demo --orders 600 \
+	  || exit $$?; \
+	echo; echo "\$$ tracemark stats $(DEMO_TRACE)"; \
+	$$venv/bin/tracemark stats $(DEMO_TRACE) || exit $$?; \
+	echo; echo "\$$ tracemark view $(DEMO_TRACE) --limit 12"; \
+	$$venv/bin/tracemark view $(DEMO_TRACE) --limit 12 || exit $$?; \
+	echo; echo "\$$ tracemark view $(DEMO_TRACE) --filter 'name == \"shop.payment\" and ok == \"no\"' --limit 5"; \
+	$$venv/bin/tracemark view $(DEMO_TRACE) --filter 'name == "shop.payment" and ok == "no"' --limit 5
 
 test: system-deps
 	@status=0; for py in $(PYTHONS); do \

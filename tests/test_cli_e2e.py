@@ -267,3 +267,20 @@ def test_view_into_a_closed_pipe_is_quiet(recorded):
     )
     assert len(proc.stdout.splitlines()) == 1
     assert proc.stderr == ""
+
+
+def test_the_demo_records_its_threads_and_its_invoice_printer(tmp_path):
+    proc = tm("record", "-o", str(tmp_path / "t"), "-m", "tracemark.demo", "--orders", "40")
+    assert proc.returncode == 0, proc.stderr
+    assert "processed 40 orders" in proc.stdout
+    events = json_events(tmp_path / "t")
+    names = Counter(e["name"] for e in events)
+    assert names["shop.order.received"] == 40
+    done = {e["fields"]["order"] for e in events if e["name"] == "shop.order.done"}
+    printed = [e for e in events if e["name"] == "shop.invoice.printed"]
+    assert {e["fields"]["order"] for e in printed} == done and len(printed) == len(done)
+    parent = {e["pid"] for e in events if e["name"] == "shop.order.received"}
+    child = {e["pid"] for e in printed}
+    assert len(parent) == 1 and len(child) == 1 and parent != child
+    workers = {e["thread"] for e in events if e["name"] == "shop.order.received"}
+    assert workers <= {f"worker-{i}" for i in range(4)} and len(workers) > 1
