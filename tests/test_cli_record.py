@@ -153,3 +153,22 @@ def test_an_existing_trace_is_never_overwritten(tmp_path):
     (tmp_path / "t" / "metadata").write_text("")
     proc = run_record(tmp_path, sys.executable, "-c", "pass")
     assert proc.returncode == 2 and "already exists" in proc.stderr
+
+
+def test_the_programs_own_options_are_left_to_it():
+    from tracemark.cli.record import split_argv
+
+    assert split_argv(["-o", "d", "-m", "pkg", "--port", "80"]) == (
+        ["-o", "d", "-m", "pkg"],
+        ["--port", "80"],
+    )
+    assert split_argv(["-e", "a.*", "--", "python", "-X", "dev"]) == (
+        ["-e", "a.*"],
+        ["python", "-X", "dev"],
+    )
+    assert split_argv(["--mode=overwrite", "app.py", "-o", "x"]) == (
+        ["--mode=overwrite"],
+        ["app.py", "-o", "x"],
+    )
+    assert split_argv(["-mpkg", "-v"]) == (["-mpkg"], ["-v"])
+    assert split_argv(["--top", "3"]) == (["--top", "3"], [])

@@ -282,7 +282,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     prog = "tracemark"
     try:
+        argv = list(sys.argv[1:] if argv is None else argv)
+        program: list[str] | None = None
+        if argv[:1] == ["record"]:
+            from .record import split_argv
+
+            own, program = split_argv(argv[1:])
+            argv = ["record", *own]
         args, extra = parser.parse_known_args(argv)
+        if program is not None:
+            args.program = program
         if args.subcommand is None:
             parser.print_help(out)
             return EXIT_USAGE

@@ -63,6 +63,33 @@ def parse_size(text: str) -> int:
     return int(m[1]) << {"": 0, "k": 10, "m": 20, "g": 30}[m[2].lower()]
 
 
+# record's options that take a value: what follows them is not the program yet.
+_WITH_VALUE = {"-o", "--output", "-e", "--events", "--probe", "--mode", "--buffer", "--top"}
+
+
+def split_argv(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """``record``'s own options, and the program's command line (from ``--``, ``-m MODULE``
+    or the first word that is not an option). argparse alone would take the program's
+    options (``-m pkg --port 80``) for record's own."""
+    argv = list(argv)
+    i = 0
+    while i < len(argv):
+        word = argv[i]
+        if word == "--":
+            return argv[:i], argv[i + 1 :]
+        if word == "-m":
+            return argv[: i + 2], argv[i + 2 :]
+        if word.startswith("-m") and not word.startswith("--"):  # -mpackage.module
+            return argv[: i + 1], argv[i + 1 :]
+        if word in _WITH_VALUE:
+            i += 2
+        elif word.startswith("-") and word != "-":
+            i += 1
+        else:
+            return argv[:i], argv[i:]
+    return argv, []
+
+
 def program_argv(module: str | None, command: Sequence[str]) -> list[str]:
     """The argv to run: ``-m MODULE ARGS``, ``SCRIPT.py ARGS`` or any command line."""
     command = list(command)
