@@ -189,3 +189,66 @@ def test_nan_is_counted_apart():
 def test_empty_input():
     assert "no events" in render_text(collect([]), path="t")
     assert json.loads(render_json(collect([])))["events"] == 0
+
+
+def test_the_fast_json_path_writes_what_the_json_module_writes():
+    import random
+
+    rng = random.Random(5)
+    odd_names = ["MainThread", 'with "quotes"', "100%", "ünï\u2028code", "tab\there"]
+    values = [0, -1, 2**63 - 1, 1.5, -0.0, 1e-300, 3.0e20, True, False, None, 'a"b\\c\n', "é"]
+    events = []
+    for i in range(300):
+        fields = {f"f{k}": rng.choice(values) for k in range(rng.randint(0, 4))}
+        events.append(
+            event(T0 + i, rng.choice(["a.b", "c.d"]), thread=rng.choice(odd_names), **fields)
+        )
+    out = io.StringIO()
+    write_json(iter(events), out)
+    for line, ev in zip(out.getvalue().rstrip("\n").split("\n"), events, strict=True):
+        expected = {
+            "timestamp": ev.timestamp,
+            "name": ev.name,
+            "pid": ev.pid,
+            "tid": ev.tid,
+            "thread": ev.thread,
+            "fields": ev.fields,
+        }
+        assert json.loads(line) == expected
+        assert line == json.dumps(expected, ensure_ascii=False, separators=(",", ":"))
+
+
+def test_bulk_collection_counts_what_value_by_value_counting_does(monkeypatch):
+    import random
+
+    from tracemark.cli import stats as stats_module
+
+    monkeypatch.setattr(stats_module, "_BATCH", 37)  # many folds, some partial
+    rng = random.Random(11)
+    pool = [1, -7, 2**70, 0.5, float("nan"), float("inf"), "x", "y", True, None, b"\x00"]
+    events = []
+    for i in range(2000):
+        kind = rng.choice(["plain", "mixed", "sparse"])
+        if kind == "plain":
+            fields = {"a": rng.randint(0, 10**6), "b": rng.random()}
+        elif kind == "mixed":
+            fields = {"a": rng.choice(pool), "b": rng.choice(pool)}
+        else:
+            fields = {"b": rng.random()} if i % 2 else {"c": "only"}
+        events.append(event(T0 + i, rng.choice(["m.plain", "m.other"]), **fields))
+    got = collect(events)
+    for name in ("m.plain", "m.other"):
+        mine = [e for e in events if e.name == name]
+        assert got[name].count == len(mine)
+        for key in ("a", "b", "c"):
+            values = [e.fields[key] for e in mine if key in e.fields]
+            if not values:
+                assert key not in got[name].fields
+                continue
+            f = got[name].fields[key]
+            numbers = sorted(v for v in values if type(v) in (int, float) and v == v)
+            assert f.numbers() == numbers
+            assert f.nan == sum(1 for v in values if type(v) is float and v != v)
+            others = [v for v in values if type(v) not in (int, float)]
+            assert sum(f.others.values()) == len(others)
+            assert sum(c for _, c in histogram(numbers)) == len(numbers)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import math
 from array import array
+from bisect import bisect_left, bisect_right
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -68,6 +69,20 @@ class FieldStats:
             except TypeError:  # unhashable: count it by its repr
                 self.others[repr(value)] += 1
 
+    def extend(self, values: list) -> None:
+        """``add`` each of ``values``, in bulk when they are all plain ints or all floats."""
+        if all(type(v) is int for v in values):
+            try:
+                self.ints.extend(values)
+                return
+            except OverflowError:  # one beyond 64 bits: value by value
+                pass
+        elif all(type(v) is float for v in values) and not any(v != v for v in values):
+            self.floats.extend(values)
+            return
+        for v in values:
+            self.add(v)
+
     def numbers(self) -> list:
         """Every numeric value, sorted."""
         values: list = [*self.ints, *self.floats, *self.big]
@@ -82,6 +97,30 @@ class MarkerStats:
     first: int | None = None
     last: int | None = None
     fields: dict[str, FieldStats] = field(default_factory=dict)
+    #: Field dicts not yet folded into ``fields``: a column at a time is much faster.
+    pending: list = field(default_factory=list, repr=False)
+
+    def fold(self) -> None:
+        rows, self.pending = self.pending, []
+        if not rows:
+            return
+        keys = dict.fromkeys(k for row in rows for k in row) if len(rows) < 64 else None
+        if keys is None:  # usually every row has the same fields: check, then trust it
+            keys = dict.fromkeys(rows[0])
+            if any(row.keys() != keys.keys() for row in rows):
+                keys = dict.fromkeys(k for row in rows for k in row)
+        missing = object()
+        for key in keys:
+            column = [row.get(key, missing) for row in rows]
+            if any(v is missing for v in column):
+                column = [v for v in column if v is not missing]
+            f = self.fields.get(key)
+            if f is None:
+                f = self.fields[key] = FieldStats()
+            f.extend(column)
+
+
+_BATCH = 1 << 14
 
 
 def collect(events: Iterable[Any]) -> dict[str, MarkerStats]:
@@ -93,12 +132,12 @@ def collect(events: Iterable[Any]) -> dict[str, MarkerStats]:
             m = stats[ev.name] = MarkerStats(ev.name, first=ev.timestamp)
         m.count += 1
         m.last = ev.timestamp
-        fs = m.fields
-        for key, value in ev.fields.items():
-            f = fs.get(key)
-            if f is None:
-                f = fs[key] = FieldStats()
-            f.add(value)
+        pending = m.pending
+        pending.append(ev.fields)
+        if len(pending) >= _BATCH:
+            m.fold()
+    for m in stats.values():
+        m.fold()
     return stats
 
 
@@ -120,7 +159,6 @@ def summary(values: list) -> dict[str, Any]:
 
 
 _ZERO = -(10**6)  # the bucket of 0, below every real k
-_INF = 1 << 20  # the bucket of +inf, above every real k
 
 
 def _bucket(v: Any) -> int | None:
@@ -131,8 +169,6 @@ def _bucket(v: Any) -> int | None:
         return _ZERO
     if type(v) is int:
         return v.bit_length() - 1
-    if math.isinf(v):
-        return _INF
     return math.frexp(v)[1] - 1
 
 
@@ -142,24 +178,39 @@ def histogram(values: Iterable[Any]) -> list[tuple[str, int]]:
     Empty buckets in between are listed too, unless that would take more than 64 rows
     (values spread from 1e-300 to 1e300): then only the non-empty ones.
     """
-    values = list(values)
-    counts = Counter(map(_bucket, values))
-    if not counts:
+    values = sorted(values)
+    if not values:
         return []
     rows = []
-    if None in counts:
-        rows.append(("(..., 0)", counts.pop(None)))
-    if _ZERO in counts:
-        rows.append(("[0]", counts.pop(_ZERO)))
-    if counts:
-        # [1, 2) holds only 1 when every value is an int: bpftrace's "[1]".
-        integers = all(type(v) is int for v in values)
-        low, high = min(counts), max(counts)
-        ks = range(low, high + 1) if high - low < 64 else sorted(counts)
-        for k in ks:
-            label = "[1]" if integers and k == 0 else _range_label(k)
-            rows.append((label, counts.get(k, 0)))
+    below_zero = bisect_left(values, 0)
+    if below_zero:
+        rows.append(("(..., 0)", below_zero))
+    zeros = bisect_right(values, 0) - below_zero
+    if zeros:
+        rows.append(("[0]", zeros))
+    positive = values[below_zero + zeros :]
+    if positive:
+        infinite = len(positive) - bisect_left(positive, math.inf)
+        finite = positive[: len(positive) - infinite]
+        if finite:
+            low, high = _bucket(finite[0]), _bucket(finite[-1])
+            assert low is not None and high is not None
+            # [1, 2) holds only 1 when every value is an int: bpftrace's "[1]".
+            integers = all(type(v) is int for v in finite)
+            buckets = range(low, high + 1) if high - low < 64 else sorted(set(map(_bucket, finite)))
+            for k in buckets:
+                count = bisect_left(finite, _pow2(k + 1)) - bisect_left(finite, _pow2(k))
+                if count or high - low < 64:
+                    label = "[1]" if integers and k == 0 else _range_label(k)
+                    rows.append((label, count))
+        if infinite:
+            rows.append(("[inf]", infinite))
     return rows
+
+
+def _pow2(k: int) -> int | float:
+    # An int when it can be one: exact against any int value, however large.
+    return 1 << k if k >= 0 else 2.0**k
 
 
 _UNITS = (("E", 60), ("P", 50), ("T", 40), ("G", 30), ("M", 20), ("K", 10))
@@ -178,14 +229,14 @@ def _power(k: int) -> str:
 
 
 def _range_label(k: int) -> str:
-    if k == _INF:
-        return "[inf]"
     return f"[{_power(k)}, {_power(k + 1)})"
 
 
 def _number(v: Any) -> str:
     if isinstance(v, float):
-        return f"{v:.4g}" if abs(v) < 1e15 else f"{v:.3e}"
+        if 1e4 <= abs(v) < 1e15:  # 500000.5, not 5e+05
+            return f"{v:.1f}"
+        return f"{v:.4g}"
     return str(v)
 
 
