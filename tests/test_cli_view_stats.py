@@ -252,3 +252,37 @@ def test_bulk_collection_counts_what_value_by_value_counting_does(monkeypatch):
             others = [v for v in values if type(v) not in (int, float)]
             assert sum(f.others.values()) == len(others)
             assert sum(c for _, c in histogram(numbers)) == len(numbers)
+
+
+def test_the_fast_text_path_writes_what_format_event_writes():
+    import random
+
+    rng = random.Random(9)
+    values = [
+        0,
+        -3,
+        2**80,
+        0.1,
+        float("nan"),
+        "plain",
+        "two words",
+        "a\nb",
+        "50%",
+        b"\x01",
+        True,
+        None,
+    ]
+    events = []
+    ts = T0
+    for _ in range(400):
+        ts += rng.choice([1, 999, 10**9 + 7])
+        fields = {f"f{k}": rng.choice(values) for k in range(rng.randint(0, 3))}
+        thread = rng.choice(["MainThread", "", "100% busy"])
+        events.append(event(ts, rng.choice(["a.b", "c%d"]), thread=thread, **fields))
+    out = io.StringIO()
+    write_text(iter(events), out)
+    expected, previous = [], None
+    for ev in events:
+        expected.append(format_event(ev, previous))
+        previous = ev.timestamp
+    assert out.getvalue().split("\n")[:-1] == expected

@@ -34,9 +34,14 @@ from ._common import Style
 __all__ = ["format_event", "write_json", "write_text"]
 
 
+_last_second: list = [None, ""]  # localtime is slow; events come many to a second
+
+
 def _clock(ns: int) -> str:
     seconds, frac = divmod(ns, 1_000_000_000)
-    return f"{time.strftime('%H:%M:%S', time.localtime(seconds))}.{frac // 1000:06d}"
+    if _last_second[0] != seconds:
+        _last_second[:] = [seconds, time.strftime("%H:%M:%S", time.localtime(seconds))]
+    return f"{_last_second[1]}.{frac // 1000:06d}"
 
 
 def _delta(ns: int | None) -> str:
@@ -70,6 +75,28 @@ def format_event(
     return f"{line} {fields}" if fields else line
 
 
+def _show_other(value: Any) -> str:
+    return _single_line(show_value(value))
+
+
+# show_value by exact type, for the types the reader gives (their text never has a newline).
+_SHOW: dict[type, Any] = {
+    int: int.__repr__,
+    float: lambda v: f"{v:.6g}",
+    str: show_value,
+    bool: repr,
+    bytes: repr,
+}
+
+
+def _line_template(ev: Any) -> str:
+    """A %-template of one event's line after the time and delta (escaped once)."""
+    who = f"[{ev.pid} {ev.thread or ev.tid}]"
+    fields = " ".join(f"{k}=%s" for k in ev.fields)
+    text = f" {who} {ev.name} ".replace("%", "%%") + fields
+    return text.rstrip(" ") if not ev.fields else text
+
+
 def write_text(
     events: Iterable[Any],
     out: IO[str],
@@ -78,16 +105,39 @@ def write_text(
     width: int | None = None,
     style: Style | None = None,
 ) -> int:
-    """Write ``events`` as lines to ``out``; return how many were written."""
+    """Write ``events`` as lines to ``out``; return how many were written.
+
+    Plain output (no width, no colour) takes a fast path, a template per event shape, that
+    writes exactly what :func:`format_event` writes (a test holds them to it).
+    """
     previous = None
     n = 0
-    write = out.write
+    batch: list[str] = []
+    plain = width is None and (style is None or not style.enabled)
+    templates: dict[tuple, str] = {}
+    show = _SHOW
     for ev in events:
         if limit is not None and n >= limit:
             break
-        write(format_event(ev, previous, width=width, style=style) + "\n")
+        if plain:
+            fields = ev.fields
+            key = (ev.name, ev.pid, ev.thread or ev.tid, *fields)
+            template = templates.get(key)
+            if template is None:
+                template = templates[key] = _line_template(ev)
+            ts = ev.timestamp
+            head = f"{_clock(ts)} {_delta(None if previous is None else ts - previous)}"
+            values = [show.get(type(v), _show_other)(v) for v in fields.values()]
+            batch.append(head + template % tuple(values))
+        else:
+            batch.append(format_event(ev, previous, width=width, style=style))
         previous = ev.timestamp
         n += 1
+        if len(batch) >= 256:
+            out.write("\n".join(batch) + "\n")
+            batch.clear()
+    if batch:
+        out.write("\n".join(batch) + "\n")
     return n
 
 

@@ -1,0 +1,106 @@
+"""Issue 5: ``tracemark stats`` and ``tracemark view --json`` over a 1,000,000-event trace,
+against ``babeltrace2`` printing the same trace, in the same run.
+
+Run: ``python -m benchmarks.run cli``. Each command runs as a user runs it (a new process,
+output to /dev/null), best of ``REPEAT`` wall-clock timings, interleaved so that noise hits
+every case alike. ``TRACEMARK_BENCH_EVENTS`` changes the trace size (default 1,000,000).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+EVENTS = int(os.environ.get("TRACEMARK_BENCH_EVENTS", 1_000_000))
+REPEAT = 3
+TITLE = f"CLI: reading a {EVENTS:,}-event trace (1 thread, fields int, str, float)"
+BASELINE = "babeltrace2 DIR (text)"
+
+_MAKE_TRACE = textwrap.dedent(
+    """
+    import sys, tracemark
+    ev = tracemark.marker("bench.event", n=int, dev=str, ms=float)
+    devs = ["eth0", "eth1", "lo", "wlan0"]
+    with tracemark.record(sys.argv[1], subbuffer_size=1 << 20, subbuffers=16) as rec:
+        for i in range(int(sys.argv[2])):
+            ev(i, devs[i & 3], i * 0.001)
+    s = rec.summary
+    print(s.recorded, s.discarded + s.lost)
+    """
+)
+
+_READ_ONLY = (
+    "import sys; from tracemark.ctf import read_trace\n"
+    "for _ in read_trace(sys.argv[1]).events(): pass"
+)
+
+
+def _env() -> dict[str, str]:
+    path = os.environ.get("PYTHONPATH")
+    return {**os.environ, "PYTHONPATH": str(ROOT) + (os.pathsep + path if path else "")}
+
+
+def _time(argv: list[str]) -> float:
+    t0 = time.perf_counter()
+    subprocess.run(
+        argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env(), check=True
+    )
+    return time.perf_counter() - t0
+
+
+def report() -> str:
+    with tempfile.TemporaryDirectory() as tmp:
+        trace = str(Path(tmp, "trace"))
+        made = subprocess.run(
+            [sys.executable, "-c", _MAKE_TRACE, trace, str(EVENTS)],
+            capture_output=True,
+            text=True,
+            env=_env(),
+            check=True,
+        )
+        recorded, lost = map(int, made.stdout.split())
+        tm = [sys.executable, "-m", "tracemark"]
+        cases = {
+            BASELINE: ["babeltrace2", trace],
+            "tracemark stats DIR": [*tm, "stats", trace],
+            "tracemark view --json DIR": [*tm, "view", "--json", trace],
+            "tracemark view DIR (text)": [*tm, "view", trace],
+            "reader alone: iterate read_trace(DIR).events()": [
+                sys.executable,
+                "-c",
+                _READ_ONLY,
+                trace,
+            ],
+            "python -m tracemark --version (start-up)": [*tm, "--version"],
+        }
+        if shutil.which("babeltrace2") is None:
+            del cases[BASELINE]
+        best = dict.fromkeys(cases, float("inf"))
+        for _ in range(REPEAT):
+            for name, argv in cases.items():
+                best[name] = min(best[name], _time(argv))
+    ref = best.get(BASELINE)
+    lines = [
+        f"### {TITLE}",
+        "",
+        f"{time.strftime('%Y-%m-%d')}, Python {platform.python_version()} "
+        f"({sys.implementation.name}, {platform.machine()}); baseline: {BASELINE}; "
+        f"best of {REPEAT} wall-clock runs each; trace: {recorded:,} events recorded, "
+        f"{lost:,} discarded or lost",
+        "",
+        "| command | seconds | events/s | ratio to baseline |",
+        "| --- | ---: | ---: | ---: |",
+    ]
+    for name, seconds in best.items():
+        ratio = f"{seconds / ref:.2f}x" if ref else "n/a (babeltrace2 not installed)"
+        rate = "-" if "start-up" in name else f"{recorded / seconds:,.0f}"
+        lines.append(f"| {name} | {seconds:.2f} | {rate} | {ratio} |")
+    return "\n".join(lines) + "\n"
