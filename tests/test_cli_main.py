@@ -169,6 +169,8 @@ def test_corruption_met_while_reading_is_exit_4_naming_file_and_offset(trace_dir
         "tracemark view: error: corrupt trace: trace/1234/stream_0: packet header at byte 4096: "
         "bad magic"
     )
+    assert main(["view", "--json", str(path)]) == 4
+    assert len(capsys.readouterr().out.splitlines()) == 5
     assert main(["stats", str(path)]) == 4
 
 

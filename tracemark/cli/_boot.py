@@ -75,9 +75,21 @@ def start() -> None:
     )
     atexit.register(_stop)
     os.register_at_fork(after_in_child=_after_fork_in_child)
+    _start_consumer()
+
+
+def _start_consumer() -> None:
+    # Python 3.12 refuses to start a thread once interpreter shutdown has begun, which is
+    # when atexit stops the recording; the recorder starts its consumer thread lazily, and
+    # a stop that has to start it then fails and loses the buffered events. So start it
+    # now. (Private API of the recorder, used defensively; see the note in the CLI report.)
+    start = getattr(recording, "_start_consumer", None)
+    if start is not None:
+        start()
 
 
 def _after_fork_in_child() -> None:
+    _start_consumer()  # the parent's consumer thread does not exist in the child
     # A multiprocessing child made by fork ends with os._exit(), which skips atexit: the
     # recorder would never flush its last, partly filled packets. multiprocessing runs its
     # own finalizers before that exit, so the recording is stopped from one of them.

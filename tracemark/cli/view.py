@@ -97,6 +97,26 @@ def _line_template(ev: Any) -> str:
     return text.rstrip(" ") if not ev.fields else text
 
 
+class _Batched:
+    """Lines written a batch at a time (one write per batch: per line, the writes dominate)."""
+
+    def __init__(self, out: IO[str], size: int = 512) -> None:
+        self.out = out
+        self.size = size
+        self.lines: list[str] = []
+
+    def add(self, line: str) -> None:
+        lines = self.lines
+        lines.append(line)
+        if len(lines) >= self.size:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.lines:
+            self.out.write("\n".join(self.lines) + "\n")
+            self.lines.clear()
+
+
 def write_text(
     events: Iterable[Any],
     out: IO[str],
@@ -108,36 +128,35 @@ def write_text(
     """Write ``events`` as lines to ``out``; return how many were written.
 
     Plain output (no width, no colour) takes a fast path, a template per event shape, that
-    writes exactly what :func:`format_event` writes (a test holds them to it).
+    writes exactly what :func:`format_event` writes (a test holds them to it). If reading
+    fails part-way, every line read before the failure is written.
     """
     previous = None
     n = 0
-    batch: list[str] = []
     plain = width is None and (style is None or not style.enabled)
     templates: dict[tuple, str] = {}
     show = _SHOW
-    for ev in events:
-        if limit is not None and n >= limit:
-            break
-        if plain:
-            fields = ev.fields
-            key = (ev.name, ev.pid, ev.thread or ev.tid, *fields)
-            template = templates.get(key)
-            if template is None:
-                template = templates[key] = _line_template(ev)
-            ts = ev.timestamp
-            head = f"{_clock(ts)} {_delta(None if previous is None else ts - previous)}"
-            values = [show.get(type(v), _show_other)(v) for v in fields.values()]
-            batch.append(head + template % tuple(values))
-        else:
-            batch.append(format_event(ev, previous, width=width, style=style))
-        previous = ev.timestamp
-        n += 1
-        if len(batch) >= 256:
-            out.write("\n".join(batch) + "\n")
-            batch.clear()
-    if batch:
-        out.write("\n".join(batch) + "\n")
+    batch = _Batched(out)
+    try:
+        for ev in events:
+            if limit is not None and n >= limit:
+                break
+            if plain:
+                fields = ev.fields
+                key = (ev.name, ev.pid, ev.thread or ev.tid, *fields)
+                template = templates.get(key)
+                if template is None:
+                    template = templates[key] = _line_template(ev)
+                ts = ev.timestamp
+                head = f"{_clock(ts)} {_delta(None if previous is None else ts - previous)}"
+                values = [show.get(type(v), _show_other)(v) for v in fields.values()]
+                batch.add(head + template % tuple(values))
+            else:
+                batch.add(format_event(ev, previous, width=width, style=style))
+            previous = ev.timestamp
+            n += 1
+    finally:
+        batch.flush()
     return n
 
 
@@ -189,33 +208,31 @@ def write_json(events: Iterable[Any], out: IO[str], *, limit: int | None = None)
     templates: dict[tuple, str] = {}
     coders = _ENCODE
     n = 0
-    batch: list[str] = []
-    for ev in events:
-        if limit is not None and n >= limit:
-            break
-        fields = ev.fields
-        key = (ev.name, ev.thread, *fields)
-        template = templates.get(key)
-        if template is None:
-            template = templates[key] = _template(ev)
-        try:
-            values = [coders[type(v)](v) for v in fields.values()]
-            line = template % (ev.timestamp, ev.pid, ev.tid, *values)
-        except (KeyError, TypeError):  # bytes, an odd type, a non-int pid: the slow path
-            obj = {
-                "timestamp": ev.timestamp,
-                "name": ev.name,
-                "pid": ev.pid,
-                "tid": ev.tid,
-                "thread": ev.thread,
-                "fields": {k: _plain(v) for k, v in fields.items()},
-            }
-            line = encode(obj)
-        batch.append(line)
-        n += 1
-        if len(batch) >= 1024:  # one write per batch: the writes dominate otherwise
-            out.write("\n".join(batch) + "\n")
-            batch.clear()
-    if batch:
-        out.write("\n".join(batch) + "\n")
+    batch = _Batched(out)
+    try:
+        for ev in events:
+            if limit is not None and n >= limit:
+                break
+            fields = ev.fields
+            key = (ev.name, ev.thread, *fields)
+            template = templates.get(key)
+            if template is None:
+                template = templates[key] = _template(ev)
+            try:
+                values = [coders[type(v)](v) for v in fields.values()]
+                line = template % (ev.timestamp, ev.pid, ev.tid, *values)
+            except (KeyError, TypeError):  # bytes, an odd type, a non-int pid: the slow path
+                obj = {
+                    "timestamp": ev.timestamp,
+                    "name": ev.name,
+                    "pid": ev.pid,
+                    "tid": ev.tid,
+                    "thread": ev.thread,
+                    "fields": {k: _plain(v) for k, v in fields.items()},
+                }
+                line = encode(obj)
+            batch.add(line)
+            n += 1
+    finally:
+        batch.flush()
     return n
