@@ -1,6 +1,7 @@
 """The command line as a whole: help, exit codes, one-line errors, and the wiring of view and
 stats to the trace reader (a stand-in reader here; tests/test_cli_e2e.py uses the real one)."""
 
+import io
 import json
 import os
 import subprocess
@@ -204,3 +205,35 @@ def test_a_missing_reader_is_a_clear_error(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "tracemark.ctf", None)  # import fails
     assert main(["view", str(tmp_path)]) == 5
     assert "trace reader (tracemark.ctf) is not available" in capsys.readouterr().err
+
+
+class FakeTTY(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_colour_only_on_a_terminal_and_never_with_no_color(monkeypatch):
+    monkeypatch.setenv("TERM", "xterm")
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    assert _common.wants_colour(FakeTTY())
+    assert not _common.wants_colour(io.StringIO())
+    monkeypatch.setenv("NO_COLOR", "1")
+    assert not _common.wants_colour(FakeTTY())
+    monkeypatch.setenv("NO_COLOR", "")  # empty means unset (no-color.org)
+    assert _common.wants_colour(FakeTTY())
+    monkeypatch.setenv("TERM", "dumb")
+    assert not _common.wants_colour(FakeTTY())
+
+
+def test_progress_only_on_a_terminal_and_erased_after():
+    quiet = io.StringIO()
+    events = list(range(100_000))
+    assert list(_common.Progress("reading", 100_000, quiet).wrap(iter(events))) == events
+    assert quiet.getvalue() == ""
+    tty = FakeTTY()
+    progress = _common.Progress("reading", 100_000, tty)
+    progress._last = -1e9  # draw at the first chance
+    assert list(progress.wrap(iter(events), every=50_000)) == events
+    drawn = tty.getvalue()
+    assert "reading: 50,000 events (50%)" in drawn
+    assert drawn.endswith("\r\x1b[K")  # the line is erased at the end

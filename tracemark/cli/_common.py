@@ -201,6 +201,8 @@ def select(
     """The events of ``trace`` whose name matches ``globs`` and that pass ``predicate``."""
     match = name_matcher(globs)
     events = guarded(trace.events())
+    if predicate is None and not globs:
+        return events
     if predicate is None:
         return (ev for ev in events if match(ev.name))
     return (ev for ev in events if match(ev.name) and predicate(ev))

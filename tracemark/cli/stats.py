@@ -80,6 +80,12 @@ class FieldStats:
         elif all(type(v) is float for v in values) and not any(v != v for v in values):
             self.floats.extend(values)
             return
+        elif not any(type(v) in (int, float) for v in values):
+            try:
+                self.others.update(values)  # counted in C
+                return
+            except TypeError:  # something unhashable: value by value
+                pass
         for v in values:
             self.add(v)
 
