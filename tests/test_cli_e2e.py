@@ -284,3 +284,22 @@ def test_the_demo_records_its_threads_and_its_invoice_printer(tmp_path):
     assert len(parent) == 1 and len(child) == 1 and parent != child
     workers = {e["thread"] for e in events if e["name"] == "shop.order.received"}
     assert workers <= {f"worker-{i}" for i in range(4)} and len(workers) > 1
+
+
+def test_a_python_without_tracemark_installed_is_recorded_too(tmp_path):
+    base = Path(sys.base_prefix, "bin", f"python{sys.version_info[0]}.{sys.version_info[1]}")
+    assert base.exists(), base
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    check = subprocess.run([str(base), "-c", "import tracemark"], env=env, capture_output=True)
+    bare = check.returncode != 0  # true under `make test` (tracemark is in the venv only)
+    (tmp_path / "app.py").write_text("import tracemark\ntracemark.mark('bare.x', 'n=%d', 42)\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "tracemark", "record", "-o", "t", "--", str(base), "app.py"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**env, "PYTHONPATH": ""} if bare else {**env, "PYTHONPATH": str(ROOT)},
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert [e["fields"] for e in json_events(tmp_path / "t")] == [{"n": 42}]
