@@ -57,6 +57,11 @@ BAD = {
         def g(rx):
             rx(1)  # a parameter named rx is not the marker
 
+        def local():
+            tick = tm.marker("net.tick", n=int)
+            tick(1)
+            tick("too", "many")
+
         def h(*a, **k):
             rx(*a)
             rx(**k)
@@ -125,7 +130,8 @@ def test_wrong_call_sites_are_errors_with_file_line_and_column(tmp_path, monkeyp
         "bad/mod.py:11:11: error: net.rx(len, dev): field 'len' is given twice",
         "bad/mod.py:12:5: error: mark 'net.drop': format 'reason=%s code=%d' has 2 fields, "
         "given 1 value",
-        "bad/mod.py:20:15: error: net.other(n) has no field 'bad'",
+        "bad/mod.py:20:5: error: net.tick(n) takes 1 value, called with 2 positional",
+        "bad/mod.py:25:15: error: net.other(n) has no field 'bad'",
         "bad/more.py:4:1: error: net.rx(len, dev) called without 'len', 'dev'",
         "bad/syntax.py:2:12: error: cannot parse",
     ]
@@ -145,7 +151,7 @@ def test_the_command_exits_1_on_errors_and_names_them(tmp_path):
     )
     assert proc.returncode == 1, proc.stderr
     assert "bad/mod.py:9:5: error:" in proc.stderr
-    assert "13 errors" in proc.stderr.splitlines()[-1]
+    assert "14 errors" in proc.stderr.splitlines()[-1]
     assert "Traceback" not in proc.stderr
 
 

@@ -11,9 +11,9 @@ What is recognised (``tm`` standing for any name ``tracemark`` is imported as):
   the same with ``marker`` imported from tracemark;
 * inline markers ``tm.mark("name", "fmt", values...)`` (a declaration and a call at once);
 * call sites ``X(...)`` of a declared marker bound to a module-level name ``X``: in its own
-  module (unless a function or class scope rebinds ``X``), through ``from mod import X``
-  (relative imports too) and as ``mod.X(...)`` after ``import mod``, when ``mod`` is among
-  the files read.
+  module (unless a function scope rebinds ``X``), through ``from mod import X`` (relative
+  imports too) and as ``mod.X(...)`` after ``import mod``, when ``mod`` is among the files
+  read; and of a marker bound to a name inside a function, in that function.
 
 Guarantees
 ----------
@@ -180,6 +180,8 @@ class _Reader:
     def __init__(self, scan: Scan) -> None:
         self.scan = scan
         self.modules: dict[str, _Module] = {}
+        #: Every declaration by the id of its call node, for names bound inside functions.
+        self.by_call: dict[int, Declaration] = {}
 
     def problem(self, mod: _Module, node: ast.AST, message: str) -> None:
         self.scan.problems.append(
@@ -293,7 +295,9 @@ class _Reader:
         decl = Declaration(
             name, fields, fmt if isinstance(fmt, str) else None, mod.shown, call.lineno
         )
-        return self._register(mod, call, decl)
+        decl = self._register(mod, call, decl)
+        self.by_call[id(call)] = decl
+        return decl
 
     def _register(self, mod: _Module, node: ast.AST, decl: Declaration) -> Declaration:
         known = self.scan.markers.get(decl.name)
@@ -465,6 +469,15 @@ class _SiteVisitor(ast.NodeVisitor):
                 bound.update((a.asname or a.name).split(".")[0] for a in sub.names)
         globals_ = {n for sub in ast.walk(node) if isinstance(sub, ast.Global) for n in sub.names}
         scope = {k: v for k, v in self.scopes[-1].items() if k not in bound or k in globals_}
+        # A marker declared and bound inside this function: ``rx = tracemark.marker(...)``.
+        for sub in ast.walk(node):
+            if (
+                isinstance(sub, ast.Assign)
+                and len(sub.targets) == 1
+                and isinstance(sub.targets[0], ast.Name)
+                and id(sub.value) in self.reader.by_call
+            ):
+                scope[sub.targets[0].id] = self.reader.by_call[id(sub.value)]
         self.scopes.append(scope)
         self.generic_visit(node)
         self.scopes.pop()
