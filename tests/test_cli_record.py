@@ -172,3 +172,48 @@ def test_the_programs_own_options_are_left_to_it():
     )
     assert split_argv(["-mpkg", "-v"]) == (["-mpkg"], ["-v"])
     assert split_argv(["--top", "3"]) == (["--top", "3"], [])
+
+
+def test_a_probe_that_fails_to_install_is_one_line_and_recording_goes_on(monkeypatch, capsys):
+    calls = []
+
+    class FakeRecording:
+        def stop(self):
+            calls.append("stop")
+
+    def install_spec(spec):
+        if spec == "bad:spec":
+            raise ValueError("no module named 'bad'")
+        calls.append(spec)
+
+    monkeypatch.setattr(tracemark, "record", lambda *a, **k: FakeRecording(), raising=False)
+    fake_probes = types.ModuleType("tracemark.probes")
+    fake_probes.install_spec = install_spec
+    monkeypatch.setitem(sys.modules, "tracemark.probes", fake_probes)
+    monkeypatch.setattr(tracemark, "probes", fake_probes, raising=False)
+    monkeypatch.setattr(_boot, "recording", None)
+    monkeypatch.setenv("TRACEMARK_RECORD_DIR", "/tmp/x")
+    monkeypatch.setenv("TRACEMARK_RECORD_PROBES", "bad:spec\njson:loads")
+    _boot.start()
+    assert _boot.recording is not None and calls == ["json:loads"]
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("tracemark: --probe bad:spec not installed in") and "'bad'" in line
+    _boot._stop()
+
+
+def test_probe_specs_are_checked_before_the_program_starts(monkeypatch):
+    from tracemark.cli.record import check_probes_available
+
+    def parse_spec(spec):
+        if "{" in spec and "}" not in spec:
+            raise ValueError("unclosed {")
+
+    fake_probes = types.ModuleType("tracemark.probes")
+    fake_probes.install_spec = lambda spec: None
+    fake_probes.parse_spec = parse_spec
+    monkeypatch.setitem(sys.modules, "tracemark.probes", fake_probes)
+    monkeypatch.setattr(tracemark, "probes", fake_probes, raising=False)
+    check_probes_available(["json:loads", "json:loads{s}"])
+    with pytest.raises(CliError) as info:
+        check_probes_available(["json:loads{s"])
+    assert info.value.code == 2 and "unclosed {" in info.value.message

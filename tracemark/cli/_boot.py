@@ -64,11 +64,6 @@ def start() -> None:
         return
     import tracemark
 
-    if config["probes"]:
-        from tracemark import probes  # type: ignore[attr-defined]
-
-        for spec in config["probes"]:
-            probes.install_spec(spec)
     events = config["events"]
     recording = tracemark.record(  # type: ignore[attr-defined]
         config["path"], events if len(events) > 1 else events[0], **config["kwargs"]
@@ -76,6 +71,22 @@ def start() -> None:
     atexit.register(_stop)
     os.register_at_fork(after_in_child=_after_fork_in_child)
     _start_consumer()
+    if config["probes"]:
+        _install_probes(config["probes"])
+
+
+def _install_probes(specs: list[str]) -> None:
+    """Install each ``--probe`` spec; one that fails here (a child process that is another
+    program, without the probed module) is one line on stderr, and recording goes on."""
+    import sys
+
+    from tracemark import probes  # type: ignore[attr-defined]
+
+    for spec in specs:
+        try:
+            probes.install_spec(spec)
+        except Exception as exc:
+            sys.stderr.write(f"tracemark: --probe {spec} not installed in {os.getpid()}: {exc}\n")
 
 
 def _start_consumer() -> None:

@@ -163,6 +163,15 @@ def check_probes_available(probes: Sequence[str]) -> None:
             "(tracemark.probes.install_spec is missing)",
             EXIT_UNAVAILABLE,
         )
+    parse = getattr(probes_module, "parse_spec", None)
+    for spec in probes:  # a typo is caught here, not in every process of the program
+        if "\n" in spec:
+            raise CliError(f"--probe {spec!r}: a spec is one line", EXIT_USAGE)
+        if parse is not None:
+            try:
+                parse(spec)
+            except ValueError as exc:
+                raise CliError(f"--probe {spec}: {exc}", EXIT_USAGE) from None
 
 
 def run(args: Any, err: IO[str], style: Style) -> int:
