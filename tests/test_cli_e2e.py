@@ -303,3 +303,39 @@ def test_a_python_without_tracemark_installed_is_recorded_too(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert [e["fields"] for e in json_events(tmp_path / "t")] == [{"n": 42}]
+
+
+def on_a_terminal(argv, env):
+    """Run argv with stdout and stderr on a pseudo-terminal; return what it wrote."""
+    import pty
+
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen(argv, stdout=follower, stderr=follower, env=env)
+    os.close(follower)
+    chunks = []
+    while True:
+        try:
+            data = os.read(leader, 65536)
+        except OSError:  # EIO: the other side is closed
+            break
+        if not data:
+            break
+        chunks.append(data)
+    os.close(leader)
+    assert proc.wait(timeout=60) == 0
+    return b"".join(chunks).decode()
+
+
+def test_on_a_terminal_lines_fit_and_colour_follows_no_color(recorded):
+    trace, _ = recorded
+    argv = [sys.executable, "-m", "tracemark", "view", str(trace), "-e", "job.*", "--limit", "5"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "60", "TERM": "xterm"}
+    env.pop("NO_COLOR", None)
+    coloured = on_a_terminal(argv, env)
+    lines = coloured.replace("\r\n", "\n").splitlines()
+    assert len(lines) == 5 and "\x1b[1;36mjob.done\x1b[0m" in coloured
+    plain = on_a_terminal(argv, {**env, "NO_COLOR": "1"})
+    assert "\x1b[" not in plain
+    plain_lines = plain.replace("\r\n", "\n").splitlines()
+    assert len(plain_lines) == 5 and all(len(line) <= 60 for line in plain_lines)
+    assert any(line.endswith("…") for line in plain_lines)

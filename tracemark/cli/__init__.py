@@ -16,8 +16,8 @@ import argparse
 import os
 import shutil
 import sys
-from collections.abc import Sequence
-from typing import IO, NoReturn
+from collections.abc import Callable, Sequence
+from typing import IO, Any, NoReturn
 
 from ._common import (
     EXIT_CODES_HELP,
@@ -46,7 +46,7 @@ examples:
 class _Parser(argparse.ArgumentParser):
     """argparse, with errors as one line and help laid out for 80 columns."""
 
-    def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         width = min(80, shutil.get_terminal_size((80, 24)).columns)
         kwargs.setdefault(
             "formatter_class",
@@ -215,7 +215,7 @@ def _trace_args(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _predicate(trace, args):  # type: ignore[no-untyped-def]
+def _predicate(trace: Any, args: argparse.Namespace) -> Callable[[Any], bool] | None:
     if not args.filter:
         return None
     from .filter import FilterError, compile_filter

@@ -65,7 +65,7 @@ def start() -> None:
     import tracemark
 
     events = config["events"]
-    recording = tracemark.record(  # type: ignore[attr-defined]
+    recording = tracemark.record(
         config["path"], events if len(events) > 1 else events[0], **config["kwargs"]
     )
     atexit.register(_stop)
@@ -80,7 +80,7 @@ def _install_probes(specs: list[str]) -> None:
     program, without the probed module) is one line on stderr, and recording goes on."""
     import sys
 
-    from tracemark import probes  # type: ignore[attr-defined]
+    from tracemark import probes
 
     for spec in specs:
         try:

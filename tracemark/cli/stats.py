@@ -164,15 +164,8 @@ def summary(values: list) -> dict[str, Any]:
     }
 
 
-_ZERO = -(10**6)  # the bucket of 0, below every real k
-
-
-def _bucket(v: Any) -> int | None:
-    """The log2 bucket k of a number (2^k <= v < 2^(k+1)); None for a negative one."""
-    if v < 0:
-        return None
-    if v == 0:
-        return _ZERO
+def _bucket(v: Any) -> int:
+    """The log2 bucket k of a positive, finite number: 2^k <= v < 2^(k+1)."""
     if type(v) is int:
         return v.bit_length() - 1
     return math.frexp(v)[1] - 1
@@ -200,7 +193,6 @@ def histogram(values: Iterable[Any]) -> list[tuple[str, int]]:
         finite = positive[: len(positive) - infinite]
         if finite:
             low, high = _bucket(finite[0]), _bucket(finite[-1])
-            assert low is not None and high is not None
             # [1, 2) holds only 1 when every value is an int: bpftrace's "[1]".
             integers = all(type(v) is int for v in finite)
             buckets = range(low, high + 1) if high - low < 64 else sorted(set(map(_bucket, finite)))
