@@ -16,6 +16,10 @@ Put named markers in code once; connect any number of tracers to them at run tim
 A marker is active exactly while a probe is connected to it. Probes are any callable
 ``probe(marker, args)``. Tracing never breaks the traced program: faults are counted and
 reported once (:mod:`tracemark.faults`), raised only in strict mode (``TRACEMARK_STRICT=1``).
+
+Code nobody marked can be probed at run time: ``tracemark.probe("json:loads")`` declares the
+marker ``probe.json.loads.entry`` and fires it on every call (:mod:`tracemark.probes`);
+``tracemark.unprobe(handle)`` removes it.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from .markers import registry as _registry
 from .markers.dispatch import MAX_NESTING, synchronize
 from .markers.fields import Field
 from .markers.registry import Connection, Marker, MarkerInfo, connect, disconnect, markers
+from .probes import Probe, ProbeError, probe, unprobe
 from .tracers.printer import Printer
 
 __version__ = "0.1.0"
@@ -40,6 +45,8 @@ __all__ = [
     "MarkerArgumentError",
     "MarkerInfo",
     "Printer",
+    "Probe",
+    "ProbeError",
     "TracemarkWarning",
     "connect",
     "disconnect",
@@ -47,7 +54,9 @@ __all__ = [
     "mark",
     "marker",
     "markers",
+    "probe",
     "synchronize",
+    "unprobe",
 ]
 
 

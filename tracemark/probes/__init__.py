@@ -39,7 +39,7 @@ from collections.abc import Iterable
 
 from ..markers import registry
 from . import core
-from .probe import AT, Probe
+from .events import AT, Probe
 from .spec import Spec, parse_spec
 from .targets import ProbeError, check_captures, resolve
 
@@ -69,6 +69,18 @@ def mechanism():
             _mechanism = core.choose()
             registry.add_listener(_on_activity)
         return _mechanism
+
+
+def _use(name: str | None) -> None:
+    """Switch mechanism (tests run both on 3.12+); only while no probe is installed."""
+    global _mechanism
+    with _lock:
+        if _by_name:
+            raise RuntimeError(f"cannot switch mechanism with probes installed: {probes()}")
+        first = _mechanism is None
+        _mechanism = core.choose(name)
+        if first:
+            registry.add_listener(_on_activity)
 
 
 def _on_activity(marker: registry.MarkerCore, active: bool) -> None:

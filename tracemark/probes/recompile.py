@@ -64,7 +64,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .. import faults
-from .probe import Probe
+from .events import Probe
 from .targets import ProbeError
 
 __all__ = ["NAME", "Recompile"]
@@ -110,6 +110,11 @@ class Recompile:
     def install(self, probe: Probe) -> None:
         pass
 
+    def serves(self, code: types.CodeType) -> int:
+        """How many enabled probes the swapped-in copy has on ``code`` (for tests)."""
+        with self._lock:
+            return sum(p.code is code for o in self._owned.values() for p in o.probes)
+
     def remove(self, probe: Probe) -> None:
         pass
 
@@ -131,6 +136,8 @@ class Recompile:
                 faults.report("probe-code-taken", probe.name, _taken(probe, func))
                 if not add and probe in owned.probes:
                     owned.probes.remove(probe)
+                if not owned.probes:  # theirs now: forget ours
+                    self._owned.pop(func, None)
                 return
             probes = [*owned.probes, probe] if add else [p for p in owned.probes if p is not probe]
             if probes:
@@ -407,10 +414,7 @@ class _Instrumenter:
 
 
 def _yields(node: ast.AST) -> bool:
-    for child in _own_nodes(node):
-        if isinstance(child, ast.Yield | ast.YieldFrom):
-            return True
-    return False
+    return any(isinstance(child, ast.Yield | ast.YieldFrom) for child in _own_nodes(node))
 
 
 def _own_nodes(node: ast.AST):

@@ -28,7 +28,7 @@ import threading
 import types
 from typing import Any
 
-from .probe import Probe
+from .events import Probe
 
 __all__ = ["NAME", "SysMonitoring"]
 

@@ -232,9 +232,18 @@ def _nested_code(spec: str, code: types.CodeType, name: str, outer: str) -> type
 
 
 def _params(code: types.CodeType) -> tuple[str, ...]:
-    n = code.co_argcount + code.co_kwonlyargcount
-    n += bool(code.co_flags & inspect.CO_VARARGS) + bool(code.co_flags & inspect.CO_VARKEYWORDS)
-    return code.co_varnames[:n]
+    """Parameter names in the order of the signature (``co_varnames`` puts ``*args`` after
+    the keyword-only ones)."""
+    names = code.co_varnames
+    pos, kw = code.co_argcount, code.co_kwonlyargcount
+    star = bool(code.co_flags & inspect.CO_VARARGS)
+    out = list(names[:pos])
+    if star:
+        out.append(names[pos + kw])
+    out += names[pos : pos + kw]
+    if code.co_flags & inspect.CO_VARKEYWORDS:
+        out.append(names[pos + kw + star])
+    return tuple(out)
 
 
 # --- lines -------------------------------------------------------------------------------------
