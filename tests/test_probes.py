@@ -5,6 +5,8 @@ import inspect
 import json
 import pathlib
 import sys
+import threading
+import time
 import traceback
 import warnings
 
@@ -62,6 +64,8 @@ def test_entry_records_the_arguments_as_a_marker(events):
     assert events == [(h.name, (1, 2, "(3,)", "ab", "{'z': [1]}"))]
     info = tracemark.markers(h.name)[0]
     assert info.active and info.where == f"{SHAPES}:{shapes.plain.__code__.co_firstlineno}"
+    (site,) = info.sites  # which mechanism serves it, and why
+    assert site.startswith("entry probe on probe_shapes:plain") and P.core.REASON in site
 
 
 def test_return_records_value_and_duration(events):
@@ -506,4 +510,41 @@ def test_nothing_is_left_when_the_marker_fields_conflict():
     registry.declare("app.taken", None, {"x": int})
     with pytest.raises(P.ProbeError, match="declared at"):
         tracemark.probe("probe_shapes:plain", name="app.taken")
+    assert P.probes() == []
+
+
+def test_threads_call_while_probes_come_and_go():
+    """Installing, enabling and removing probes while threads run the function: every call
+    returns the right value, and every event seen is whole."""
+    stop = threading.Event()
+    errors = []
+    seen = []
+
+    def worker():
+        n = 0
+        while not stop.is_set():
+            n += 1
+            if shapes.plain(n, 1) != n + 1 or list(shapes.gen(2)) != [0, 1]:
+                errors.append(n)
+
+    def probe(marker, args):
+        seen.append(args)
+
+    conn = tracemark.connect("probe.probe_shapes.*", probe)
+    threads = [threading.Thread(target=worker) for _ in range(3)]
+    for t in threads:
+        t.start()
+    try:
+        for _ in range(30):
+            hs = [tracemark.probe("probe_shapes:plain"), tracemark.probe("probe_shapes:gen")]
+            time.sleep(0.001)
+            for h in hs:
+                tracemark.unprobe(h)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    tracemark.disconnect(conn)
+    assert errors == []
+    assert seen and all(a in {(a[0], 1, "()", None, "{}"), (2,)} for a in seen)
     assert P.probes() == []

@@ -68,7 +68,17 @@ def mechanism():
         if _mechanism is None:
             _mechanism = core.choose()
             registry.add_listener(_on_activity)
+            registry.add_site_reporter(_sites)
         return _mechanism
+
+
+def _sites(marker: registry.MarkerCore) -> tuple[str, ...]:
+    """What ``tracemark.markers()`` shows as the site of a probe's marker: how it is served."""
+    p = _by_name.get(marker.name)
+    if p is None or p.core is not marker:
+        return ()
+    state = "enabled" if p.enabled else "installed, events off until a probe is connected"
+    return (f"{p.at} probe on {p.target.spec} ({p.target.where}): {core.REASON}; {state}",)
 
 
 def _use(name: str | None) -> None:
@@ -81,6 +91,7 @@ def _use(name: str | None) -> None:
         _mechanism = core.choose(name)
         if first:
             registry.add_listener(_on_activity)
+            registry.add_site_reporter(_sites)
 
 
 def _on_activity(marker: registry.MarkerCore, active: bool) -> None:
