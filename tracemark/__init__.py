@@ -20,6 +20,9 @@ reported once (:mod:`tracemark.faults`), raised only in strict mode (``TRACEMARK
 Code nobody marked can be probed at run time: ``tracemark.probe("json:loads")`` declares the
 marker ``probe.json.loads.entry`` and fires it on every call (:mod:`tracemark.probes`);
 ``tracemark.unprobe(handle)`` removes it.
+
+``tracemark.record(DIR)`` records markers into a CTF 1.8 trace (babeltrace2 reads it;
+:func:`tracemark.ctf.read_trace` too): see :mod:`tracemark.tracers.recorder`.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from .markers.fields import Field
 from .markers.registry import Connection, Marker, MarkerInfo, connect, disconnect, markers
 from .probes import Probe, ProbeError, probe, unprobe
 from .tracers.printer import Printer
+from .tracers.recorder import Recording, RecordingSummary, record
 
 __version__ = "0.1.0"
 
@@ -47,6 +51,8 @@ __all__ = [
     "Printer",
     "Probe",
     "ProbeError",
+    "Recording",
+    "RecordingSummary",
     "TracemarkWarning",
     "connect",
     "disconnect",
@@ -55,6 +61,7 @@ __all__ = [
     "marker",
     "markers",
     "probe",
+    "record",
     "synchronize",
     "unprobe",
 ]

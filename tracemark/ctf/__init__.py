@@ -1,0 +1,20 @@
+"""CTF 1.8: the trace format the recorder writes (:mod:`.writer`) and a reader for it.
+
+::
+
+    from tracemark.ctf import read_trace, TraceError
+
+    trace = read_trace("out/trace")   # a directory written by tracemark.record()
+    for ev in trace.events():         # every stream, merged in timestamp order
+        print(ev.timestamp, ev.pid, ev.tid, ev.thread, ev.name, ev.fields)
+
+The same traces open in babeltrace2 and Trace Compass; this reader is the project's own,
+pure Python, streaming, and strict (any damage is a :class:`TraceError` naming the file and
+the byte offset).
+"""
+
+from __future__ import annotations
+
+from .reader import Event, Stream, SubTrace, Trace, TraceError, read_trace
+
+__all__ = ["Event", "Stream", "SubTrace", "Trace", "TraceError", "read_trace"]

@@ -1,0 +1,551 @@
+"""A pure-Python reader for the CTF traces tracemark writes (see :mod:`.writer`).
+
+::
+
+    trace = read_trace("out/trace")     # a DIR given to record(): every sub-trace in it
+    for ev in trace.events():           # all streams, merged in timestamp order
+        print(ev.timestamp, ev.thread, ev.name, ev.fields)
+
+Guarantees
+----------
+* **Streaming.** Each stream is read one packet at a time; merging holds one decoded event
+  per stream. A trace of any size reads in bounded memory.
+* **Complete or an error.** Corrupt or truncated input raises :class:`TraceError` whose
+  message names the file and the byte offset (for ``metadata``: the character offset); any
+  input, however damaged, gives events or that error, never another exception, never a hang
+  (every step advances by at least one event header).
+* **Checked like babeltrace2, and more.** Magic, trace uuid (babeltrace2 2.0.4 does not check
+  it), stream id, sizes in bits within the packet and the file, timestamps never going
+  backwards within a stream nor past ``timestamp_end``, event ids declared in the metadata,
+  strings valid UTF-8 and terminated inside the packet.
+* Only tracemark's own layout is read: a metadata file whose fixed part differs (another
+  tracer's CTF) is a TraceError saying so, rather than a misreading.
+"""
+
+from __future__ import annotations
+
+import heapq
+import os
+import re
+import struct
+from collections.abc import Callable, Iterator
+from operator import attrgetter
+from pathlib import Path
+from typing import Any
+
+from . import writer as W
+
+__all__ = ["Event", "Stream", "SubTrace", "Trace", "TraceError", "read_trace"]
+
+
+class TraceError(Exception):
+    """A trace that is corrupt, truncated, or not one tracemark wrote; ``str()`` names the
+    file and the byte offset."""
+
+    def __init__(self, path: str | os.PathLike[str], offset: int, message: str) -> None:
+        self.path = str(path)
+        self.offset = offset
+        super().__init__(f"{self.path}: at byte offset {offset}: {message}")
+
+
+class Event:
+    """One recorded event."""
+
+    __slots__ = ("fields", "name", "pid", "thread", "tid", "timestamp")
+
+    def __init__(
+        self, timestamp: int, name: str, fields: dict[str, Any], pid: int, tid: int, thread: str
+    ) -> None:
+        #: ns since the Unix epoch (the clock's offset applied).
+        self.timestamp = timestamp
+        self.name = name
+        #: field name -> value, in field order; object fields are their repr string.
+        self.fields = fields
+        self.pid = pid
+        self.tid = tid
+        self.thread = thread
+
+    def __repr__(self) -> str:
+        return (
+            f"Event({self.timestamp}, {self.name!r}, {self.fields!r}, pid={self.pid}, "
+            f"tid={self.tid}, thread={self.thread!r})"
+        )
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Event):
+            return NotImplemented
+        return all(getattr(self, a) == getattr(other, a) for a in self.__slots__)
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+# --- metadata ---------------------------------------------------------------------------------
+
+_TYPE_NAMES = {
+    "tm_int": "int",
+    "tm_float": "float",
+    "tm_str": "str",
+    "tm_object": "object",
+    "tm_bool": "bool",
+}
+_EVENT = re.compile(
+    r'event \{\n\tname = "((?:[^"\\\n]|\\.)*)";\n\tid = (\d+);\n\tstream_id = 0;\n'
+    r"\tfields := struct \{\n((?:\t\t[^\n]*\n)*)\t\};\n\};\n"
+)
+_FIELD = re.compile(r"\t\t(tm_\w+) _([A-Za-z]\w*);\n")
+_BYTES = re.compile(r"\t\ttm_len __([A-Za-z]\w*)_len;\n\t\ttm_byte _\1\[__\1_len\];\n")
+_UUID = re.compile(r'\ntrace \{\n\tmajor = 1;\n\tminor = 8;\n\tuuid = "([0-9a-f-]{36})";\n')
+_CLOCK = re.compile(
+    r"\n\tfreq = (\d+);\n\tprecision = \d+;\n\toffset_s = (-?\d+);\n\toffset = (\d+);"
+)
+_ENV = re.compile(r"\nenv \{\n((?:\t\w+ = [^\n]*;\n)*)\};\n")
+_ENV_ITEM = re.compile(r'\t(\w+) = (-?\d+|"(?:[^"\\]|\\.)*");\n')
+
+
+def _unquote(text: str) -> str:
+    body = text[1:-1]
+    return re.sub(
+        r"\\(x[0-9a-fA-F]{2}|.)",
+        lambda m: {"n": "\n"}.get(m[1], chr(int(m[1][1:], 16)) if m[1][0] == "x" else m[1]),
+        body,
+    )
+
+
+class _Metadata:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            text = path.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise TraceError(path, exc.start, "metadata is not valid UTF-8") from None
+        except OSError as exc:
+            raise TraceError(path, 0, f"cannot read metadata: {exc.strerror or exc}") from None
+        if not text.startswith("/* CTF 1.8 */"):
+            raise TraceError(path, 0, "metadata does not start with '/* CTF 1.8 */'")
+        m = _UUID.search(text)
+        if not m:
+            raise TraceError(path, 0, "metadata has no trace block with a uuid")
+        try:
+            self.uuid = bytes.fromhex(m[1].replace("-", ""))
+        except ValueError:
+            raise TraceError(path, m.start(1), "trace uuid is not valid") from None
+        if len(self.uuid) != 16:
+            raise TraceError(path, m.start(1), "trace uuid is not 16 bytes")
+        layout = text.find(W.STREAM_TSDL)
+        if layout < 0 or W.TYPES_TSDL not in text:
+            layout = -1
+        if layout < 0:
+            raise TraceError(
+                path,
+                0,
+                "the stream layout is not tracemark's (this reader reads only traces "
+                "tracemark wrote; use babeltrace2 for others)",
+            )
+        c = _CLOCK.search(text)
+        if not c or int(c[1]) == 0:
+            raise TraceError(path, 0, "metadata has no valid clock block")
+        self.freq = int(c[1])
+        self.offset_ns = (int(c[2]) * self.freq + int(c[3])) * 1_000_000_000 // self.freq
+        self.env: dict[str, str | int] = {}
+        e = _ENV.search(text)
+        if e:
+            for item in _ENV_ITEM.finditer(e[1]):
+                v = item[2]
+                self.env[item[1]] = _unquote(v) if v.startswith('"') else int(v)
+        self.events: dict[int, tuple[str, tuple[tuple[str, str], ...]]] = {}
+        pos = layout + len(W.STREAM_TSDL)
+        while True:
+            start = text.find("\nevent {", pos)
+            if start < 0:
+                break
+            m = _EVENT.match(text, start + 1)
+            if not m:
+                raise TraceError(path, start + 1, "event class block cannot be parsed")
+            fields = self._fields(m[3], m.start(3))
+            event_id = int(m[2])
+            if event_id in self.events:
+                raise TraceError(path, m.start(2), f"event id {event_id} declared twice")
+            self.events[event_id] = (_unquote(f'"{m[1]}"'), fields)
+            pos = m.end() - 1
+        if text[pos:].strip() and not text[pos:].strip().startswith("/*"):
+            rest = len(text) - len(text[pos:].lstrip())
+            if text[rest:].strip():
+                raise TraceError(path, rest, "unexpected text after the last event class")
+
+    def _fields(self, body: str, offset: int) -> tuple[tuple[str, str], ...]:
+        out = []
+        pos = 0
+        while pos < len(body):
+            m = _BYTES.match(body, pos)
+            if m:
+                out.append((m[1], "bytes"))
+            else:
+                m = _FIELD.match(body, pos)
+                if not m or m[1] not in _TYPE_NAMES:
+                    raise TraceError(self.path, offset + pos, "event field cannot be parsed")
+                out.append((m[2], _TYPE_NAMES[m[1]]))
+            pos = m.end()
+        return tuple(out)
+
+
+# --- decoders, one per event class -------------------------------------------------------------
+
+_FIXED = {"int": ("q", 8), "float": ("d", 8), "bool": ("?", 1)}
+
+
+def _compile_decoder(fields: tuple[tuple[str, str], ...]) -> Callable[[bytes, int, int], Any]:
+    """``decode(data, pos, end) -> (fields dict, new pos)``; raises struct.error, ValueError
+    (no NUL before ``end``, invalid UTF-8) or IndexError on damaged data."""
+    lines = ["def decode(data, pos, end):\n"]
+    ns: dict[str, Any] = {}
+    group: list[str] = []
+    fmt = ""
+    size = 0
+
+    def flush() -> None:
+        nonlocal group, fmt, size
+        if group:
+            name = f"_S{len(ns)}"
+            ns[name] = struct.Struct("<" + fmt)
+            lines.append(f"    {', '.join(group)}, = {name}.unpack_from(data, pos)\n")
+            lines.append(f"    pos += {size}\n")
+            lines.append("    if pos > end: raise ValueError('past the end')\n")
+        group, fmt, size = [], "", 0
+
+    for i, (_, type_name) in enumerate(fields):
+        v = f"v{i}"
+        if type_name in _FIXED:
+            c, n = _FIXED[type_name]
+            group.append(v)
+            fmt += c
+            size += n
+        elif type_name in ("str", "object"):
+            flush()
+            lines.append(f"    z = data.index(0, pos, end)\n    {v} = data[pos:z].decode()\n")
+            lines.append("    pos = z + 1\n")
+        else:  # bytes
+            flush()
+            lines.append("    n, = _U32.unpack_from(data, pos)\n    pos += 4\n")
+            lines.append("    if pos + n > end: raise ValueError('past the end')\n")
+            lines.append(f"    {v} = data[pos:pos + n]\n    pos += n\n")
+    flush()
+    items = ", ".join(f"{name!r}: v{i}" for i, (name, _) in enumerate(fields))
+    lines.append(f"    return {{{items}}}, pos\n")
+    ns["_U32"] = struct.Struct("<I")
+    exec(compile("".join(lines), "<tracemark decoder>", "exec"), ns)
+    return ns["decode"]
+
+
+# --- streams -----------------------------------------------------------------------------------
+
+_HEADER = W.HEADER
+_CTX = W.CTX_FIXED
+_EVENT_HEADER = W.EVENT_HEADER
+_FIXED_SIZE = W.PACKET_FIXED_SIZE
+
+
+class _Packet:
+    __slots__ = (
+        "content_end",
+        "discarded",
+        "offset",
+        "pid",
+        "seq",
+        "size",
+        "start",
+        "thread",
+        "tid",
+        "ts_begin",
+        "ts_end",
+    )
+
+
+def _open(path: Path) -> Any:
+    try:
+        return open(path, "rb")
+    except OSError as exc:
+        raise TraceError(path, 0, f"cannot read stream: {exc.strerror or exc}") from None
+
+
+class Stream:
+    """One stream file: one thread (at one nesting level) of one process."""
+
+    def __init__(self, sub: SubTrace, path: Path) -> None:
+        self.sub = sub
+        self.path = path
+        self._packets: list[_Packet] = []
+        self._events: int | None = None
+        self._index()
+        first = self._packets[0] if self._packets else None
+        self.pid: int = first.pid if first else int(sub.env.get("vpid", 0) or 0)
+        self.tid: int = first.tid if first else 0
+        #: The thread's name (as of its last packet: a thread may be renamed).
+        self.thread: str = self._packets[-1].thread if self._packets else ""
+        self.instance_id = -1
+
+    @property
+    def packets(self) -> int:
+        """Number of packets in the file."""
+        return len(self._packets)
+
+    @property
+    def discarded(self) -> int:
+        """Events discarded in this stream (the last packet's free-running counter)."""
+        return self._packets[-1].discarded if self._packets else 0
+
+    @property
+    def lost_packets(self) -> int:
+        """Packets missing from the sequence (overwritten in overwrite mode)."""
+        if not self._packets:
+            return 0
+        return self._packets[-1].seq - self._packets[0].seq + 1 - len(self._packets)
+
+    @property
+    def events(self) -> int:
+        """Number of events in the stream (decodes the stream once, then cached)."""
+        if self._events is None:
+            for _ in self.iter_events():
+                pass
+        return self._events  # type: ignore[return-value]
+
+    def _index(self) -> None:
+        """Read every packet's header and context; check they fit the file and each other."""
+        path = self.path
+        f = _open(path)
+        size = os.fstat(f.fileno()).st_size
+        uuid = self.sub.meta.uuid
+        offset = 0
+        instance = None
+        prev: _Packet | None = None
+        with f:
+            while offset < size:
+                f.seek(offset)
+                head = f.read(_FIXED_SIZE + 256)
+                if len(head) < _FIXED_SIZE:
+                    raise TraceError(path, offset, "truncated packet header")
+                magic, puuid, stream_id, inst = _HEADER.unpack_from(head, 0)
+                if magic != W.MAGIC:
+                    raise TraceError(path, offset, f"bad packet magic {magic:#010x}")
+                if puuid != uuid:
+                    raise TraceError(path, offset + 4, "packet uuid differs from the trace uuid")
+                if stream_id != 0:
+                    raise TraceError(path, offset + 20, f"unknown stream id {stream_id}")
+                if instance is None:
+                    instance = inst
+                elif inst != instance:
+                    raise TraceError(path, offset + 24, "stream_instance_id changes in a file")
+                p = _Packet()
+                (p.ts_begin, p.ts_end, content, psize, p.seq, p.discarded, p.tid, p.pid) = (
+                    _CTX.unpack_from(head, _HEADER.size)
+                )
+                where = offset + _HEADER.size
+                if content % 8 or psize % 8 or content > psize:
+                    raise TraceError(path, where + 16, "content_size/packet_size are invalid")
+                content //= 8
+                psize //= 8
+                if content < _FIXED_SIZE + 1:
+                    raise TraceError(path, where + 16, "content_size is smaller than the header")
+                if offset + psize > size:
+                    raise TraceError(
+                        path,
+                        offset,
+                        f"truncated packet: {psize} bytes declared, {size - offset} in the file",
+                    )
+                z = head.find(b"\0", _FIXED_SIZE, content)
+                if z < 0:
+                    raise TraceError(path, offset + _FIXED_SIZE, "thread name not terminated")
+                try:
+                    p.thread = head[_FIXED_SIZE:z].decode()
+                except UnicodeDecodeError:
+                    raise TraceError(path, offset + _FIXED_SIZE, "thread name invalid") from None
+                if p.ts_end < p.ts_begin:
+                    raise TraceError(path, where + 8, "timestamp_end is before timestamp_begin")
+                if prev is not None:
+                    if p.ts_begin < prev.ts_end:
+                        raise TraceError(path, where, "packet begins before the previous ends")
+                    if p.seq <= prev.seq:
+                        raise TraceError(path, where + 32, "packet_seq_num does not increase")
+                    if p.discarded < prev.discarded:
+                        raise TraceError(path, where + 40, "events_discarded goes backwards")
+                p.offset = offset
+                p.start = z + 1
+                p.content_end = content
+                p.size = psize
+                self._packets.append(p)
+                prev = p
+                offset += psize
+        self.instance_id = instance if instance is not None else -1
+
+    def iter_events(self, packets: list[_Packet] | None = None) -> Iterator[Event]:
+        """This stream's events in order, read one packet at a time (or those of
+        ``packets``, a part of this stream's packet list)."""
+        whole = packets is None
+        if packets is None:
+            packets = self._packets
+        path = self.path
+        sub = self.sub
+        decoders = sub.decoders
+        offset_ns = sub.meta.offset_ns
+        scale = sub.meta.freq
+        unpack_header = _EVENT_HEADER.unpack_from
+        header_size = _EVENT_HEADER.size
+        n = 0
+        f = _open(path)
+        with f:
+            last = 0
+            for p in packets:
+                f.seek(p.offset)
+                data = f.read(p.content_end)
+                if len(data) < p.content_end:
+                    raise TraceError(path, p.offset, "stream file shrank while being read")
+                pos = p.start
+                end = p.content_end
+                pid, tid, thread = p.pid, p.tid, p.thread
+                last = max(last, p.ts_begin)
+                while pos < end:
+                    at = pos
+                    try:
+                        event_id, ts = unpack_header(data, pos)
+                        pos += header_size
+                        if pos > end:
+                            raise ValueError
+                        name, decode = decoders[event_id]
+                        fields, pos = decode(data, pos, end)
+                    except KeyError:
+                        raise TraceError(
+                            path, p.offset + at, f"event id {event_id} is not in the metadata"
+                        ) from None
+                    except (struct.error, ValueError, IndexError):
+                        raise TraceError(
+                            path, p.offset + at, "event runs past the packet content or is damaged"
+                        ) from None
+                    if ts < last or ts > p.ts_end:
+                        raise TraceError(
+                            path,
+                            p.offset + at + 4,
+                            "event timestamp goes backwards or past the packet's timestamp_end",
+                        )
+                    last = ts
+                    n += 1
+                    if scale != 1_000_000_000:
+                        ts = ts * 1_000_000_000 // scale
+                    yield Event(ts + offset_ns, name, fields, pid, tid, thread)
+                last = max(last, p.ts_end)
+        if whole:
+            self._events = n
+
+    def bounds(self) -> tuple[int | None, int | None]:
+        """The timestamps of the first and last event (reads only the packets needed)."""
+        first = last = None
+        for p in self._packets:
+            for ev in self.iter_events([p]):
+                first = ev.timestamp
+                break
+            if first is not None:
+                break
+        for p in reversed(self._packets):
+            for ev in self.iter_events([p]):
+                last = ev.timestamp
+            if last is not None:
+                break
+        return first, last
+
+
+class SubTrace:
+    """One process's CTF trace: a ``metadata`` file and its stream files."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.meta = _Metadata(path / "metadata")
+        self.env = self.meta.env
+        self.pid = int(self.env.get("vpid", 0) or 0)
+        self.decoders = {
+            eid: (name, _compile_decoder(fields))
+            for eid, (name, fields) in self.meta.events.items()
+        }
+        names = sorted(
+            e.name for e in os.scandir(path) if e.is_file() and not e.name.startswith(".")
+        )
+        self.streams = [Stream(self, path / n) for n in names if n != "metadata"]
+        seen: dict[int, Path] = {}
+        for s in self.streams:
+            if s.instance_id in seen and s.instance_id >= 0:
+                raise TraceError(
+                    s.path,
+                    24,
+                    f"stream_instance_id {s.instance_id} is also used by {seen[s.instance_id]}",
+                )
+            seen[s.instance_id] = s.path
+
+
+class Trace:
+    """Every sub-trace under one directory, read as one trace."""
+
+    def __init__(self, path: Path, subtraces: list[SubTrace]) -> None:
+        self.path = path
+        self.subtraces = subtraces
+        self.streams: list[Stream] = [s for sub in subtraces for s in sub.streams]
+        self.markers: dict[str, tuple[tuple[str, str], ...]] = {}
+        for sub in subtraces:
+            for name, fields in sub.meta.events.values():
+                self.markers.setdefault(name, fields)
+        self._bounds: tuple[int | None, int | None] | None = None
+
+    @property
+    def discarded(self) -> int:
+        """Events discarded, over every stream."""
+        return sum(s.discarded for s in self.streams)
+
+    @property
+    def lost_packets(self) -> int:
+        """Packets overwritten (overwrite mode), over every stream."""
+        return sum(s.lost_packets for s in self.streams)
+
+    def events(self) -> Iterator[Event]:
+        """Every event of every stream, merged in timestamp order (ties: stream order)."""
+        iterators = [s.iter_events() for s in self.streams if s.packets]
+        if len(iterators) == 1:
+            return iterators[0]
+        return heapq.merge(*iterators, key=attrgetter("timestamp"))
+
+    def _compute_bounds(self) -> tuple[int | None, int | None]:
+        if self._bounds is None:
+            bounds = [s.bounds() for s in self.streams]
+            firsts = [b[0] for b in bounds if b[0] is not None]
+            lasts = [b[1] for b in bounds if b[1] is not None]
+            self._bounds = (min(firsts, default=None), max(lasts, default=None))
+        return self._bounds
+
+    @property
+    def start(self) -> int | None:
+        """ns since the epoch of the first event, None if there is none."""
+        return self._compute_bounds()[0]
+
+    @property
+    def end(self) -> int | None:
+        """ns since the epoch of the last event, None if there is none."""
+        return self._compute_bounds()[1]
+
+    def __repr__(self) -> str:
+        n, k = len(self.subtraces), len(self.streams)
+        return f"<Trace {str(self.path)!r}: {n} sub-traces, {k} streams>"
+
+
+def read_trace(path: str | os.PathLike[str]) -> Trace:
+    """Open the trace directory ``path`` (what :func:`tracemark.record` wrote).
+
+    Every directory under ``path`` holding a ``metadata`` file is a sub-trace (one per
+    process, and one per snapshot). Raises :class:`TraceError` if there is none, or if any
+    is corrupt or truncated. Events are read only when iterated.
+    """
+    root = Path(path)
+    if not root.is_dir():
+        raise TraceError(root, 0, "not a directory (a trace is the directory record() wrote)")
+    found = []
+    for directory, dirs, files in os.walk(root):
+        dirs.sort()
+        if "metadata" in files:
+            found.append(Path(directory))
+    if not found:
+        raise TraceError(root, 0, "no CTF trace here (no metadata file in it or below it)")
+    return Trace(root, [SubTrace(p) for p in found])

@@ -1,0 +1,330 @@
+"""The CTF 1.8 layout tracemark writes: TSDL metadata, packets, and one packer per event class.
+
+What a trace directory holds (CTF 1.8, "Common Trace Format" specification, sections cited
+as "CTF §n")::
+
+    metadata        plain-text TSDL, starting with "/* CTF 1.8 */" (CTF §7.1, babeltrace2
+                    requires the marker); event classes are appended as markers first fire
+    stream_<n>      one per thread (and nesting level): a sequence of complete packets
+
+Guarantees of the layout
+------------------------
+* Every type is byte-aligned (``align = 8`` bits) and little-endian, so a packed event is
+  exactly what a ``struct.Struct`` with a ``"<"`` format produces: no padding to compute.
+* Packet header (CTF §5.1): ``magic`` 0xC1FC1FC1, the trace ``uuid``, ``stream_id`` (always
+  0: one stream class), ``stream_instance_id`` (unique per stream file in a trace: babeltrace2
+  merges files that share one and then fails).
+* Packet context (CTF §5.2): ``timestamp_begin``/``timestamp_end`` (the clock, ns),
+  ``content_size`` and ``packet_size`` in *bits*, ``packet_seq_num`` (gaps mean packets lost
+  in overwrite mode), ``events_discarded`` (a free-running per-stream counter: each packet
+  holds the total so far), then tracemark's ``tid``, ``pid`` and ``thread_name`` (the
+  thread's name when the packet was opened). The fixed part comes first so a packet can be
+  closed by patching fixed offsets.
+* Event header: ``uint32 id`` then ``uint64 timestamp`` (ns of the monotonic clock; the clock's
+  offset maps it to the Unix epoch, CTF §8). Timestamps never go backwards within a stream and
+  never pass the packet's ``timestamp_end``.
+* Event payload by the marker's field types, each field named ``_<name>`` in TSDL (a leading
+  underscore is stripped by readers, CTF §4.1.2, so any field name, even a TSDL keyword like
+  ``align``, is safe): int -> ``tm_int`` (int64), float -> ``tm_float`` (IEEE double),
+  str -> ``tm_str`` (NUL-terminated UTF-8), object -> ``tm_object`` (its repr, as a string),
+  bool -> ``tm_bool`` (uint8 enum false/true), bytes -> ``tm_len __<name>_len`` followed by
+  ``tm_byte _<name>[__<name>_len]`` (a sequence, CTF §4.2.3). The type alias names let the
+  reader give back the declared Python type.
+"""
+
+from __future__ import annotations
+
+import struct
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+__all__ = [
+    "CTX_FIXED",
+    "EVENT_HEADER",
+    "HEADER",
+    "MAGIC",
+    "PACKET_FIXED_SIZE",
+    "STREAM_TSDL",
+    "TYPES_TSDL",
+    "compile_packer",
+    "event_class",
+    "metadata_preamble",
+    "open_packet",
+]
+
+MAGIC = 0xC1FC1FC1
+
+#: Packet header: magic, uuid, stream_id, stream_instance_id.
+HEADER = struct.Struct("<I16sIQ")
+#: Packet context, fixed part: timestamp_begin, timestamp_end, content_size, packet_size,
+#: packet_seq_num, events_discarded, tid, pid. The thread name (a string) follows.
+CTX_FIXED = struct.Struct("<QQQQQQqq")
+PACKET_FIXED_SIZE = HEADER.size + CTX_FIXED.size
+#: Offsets inside a packet that closing it patches.
+OFF_TS_BEGIN = HEADER.size
+OFF_TS_END = HEADER.size + 8
+OFF_SEQ = HEADER.size + 32
+OFF_DISCARDED = HEADER.size + 40
+#: timestamp_end, content_size, packet_size: patched together when a packet closes.
+CLOSE = struct.Struct("<QQQ")
+EVENT_HEADER = struct.Struct("<IQ")
+
+#: Field type -> TSDL type alias (the aliases are declared in the preamble).
+TYPE_ALIASES = {
+    int: "tm_int",
+    float: "tm_float",
+    str: "tm_str",
+    object: "tm_object",
+    bool: "tm_bool",
+    bytes: "tm_byte",
+}
+
+
+def _quote(text: str) -> str:
+    """A TSDL string literal (CTF §4.1.5 escapes)."""
+    out = text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    return '"' + "".join(c if c.isprintable() else f"\\x{ord(c) & 0xFF:02x}" for c in out) + '"'
+
+
+#: Type aliases; their names tell the reader the declared Python type of a field.
+TYPES_TSDL = """typealias integer { size = 8; align = 8; signed = false; } := uint8_t;
+typealias integer { size = 32; align = 8; signed = false; } := uint32_t;
+typealias integer { size = 64; align = 8; signed = false; } := uint64_t;
+typealias integer { size = 64; align = 8; signed = true; } := int64_t;
+typealias integer { size = 64; align = 8; signed = true; } := tm_int;
+typealias floating_point { exp_dig = 11; mant_dig = 53; align = 8; } := tm_float;
+typealias string { encoding = UTF8; } := tm_str;
+typealias string { encoding = UTF8; } := tm_object;
+typealias enum : uint8_t { "false" = 0, "true" = 1 } := tm_bool;
+typealias integer { size = 32; align = 8; signed = false; } := tm_len;
+typealias integer { size = 8; align = 8; signed = false; base = 16; } := tm_byte;
+
+"""
+
+#: The clock type and the stream class: the fixed layout the reader relies on.
+STREAM_TSDL = """typealias integer {
+\tsize = 64; align = 8; signed = false;
+\tmap = clock.monotonic.value;
+} := tm_clock;
+
+stream {
+\tid = 0;
+\tevent.header := struct {
+\t\tuint32_t id;
+\t\ttm_clock timestamp;
+\t};
+\tpacket.context := struct {
+\t\ttm_clock timestamp_begin;
+\t\ttm_clock timestamp_end;
+\t\tuint64_t content_size;
+\t\tuint64_t packet_size;
+\t\tuint64_t packet_seq_num;
+\t\tuint64_t events_discarded;
+\t\tint64_t tid;
+\t\tint64_t pid;
+\t\tstring thread_name;
+\t};
+};
+"""
+
+
+def metadata_preamble(trace_uuid: bytes, clock_offset_ns: int, env: dict[str, str | int]) -> str:
+    """The metadata text before any event class: types, trace, env, clock, stream."""
+    u = trace_uuid.hex()
+    uuid_text = f"{u[:8]}-{u[8:12]}-{u[12:16]}-{u[16:20]}-{u[20:]}"
+    env_lines = "".join(
+        f"\t{key} = {value if isinstance(value, int) else _quote(str(value))};\n"
+        for key, value in env.items()
+    )
+    offset_s, offset = divmod(clock_offset_ns, 1_000_000_000)
+    return f"""/* CTF 1.8 */
+
+{TYPES_TSDL}trace {{
+\tmajor = 1;
+\tminor = 8;
+\tuuid = "{uuid_text}";
+\tbyte_order = le;
+\tpacket.header := struct {{
+\t\tuint32_t magic;
+\t\tuint8_t uuid[16];
+\t\tuint32_t stream_id;
+\t\tuint64_t stream_instance_id;
+\t}};
+}};
+
+env {{
+{env_lines}}};
+
+clock {{
+\tname = "monotonic";
+\tuuid = "{uuid_text}";
+\tdescription = "CLOCK_MONOTONIC, offset to the Unix epoch measured at start";
+\tfreq = 1000000000;
+\tprecision = 1;
+\toffset_s = {offset_s};
+\toffset = {offset};
+\tabsolute = true;
+}};
+
+{STREAM_TSDL}"""
+
+
+def event_class(name: str, event_id: int, fields: Sequence[Any]) -> str:
+    """The TSDL ``event`` block of one marker (``fields``: its :class:`Field` tuple)."""
+    lines = []
+    for f in fields:
+        if f.type is bytes:
+            lines.append(f"\t\ttm_len __{f.name}_len;\n")
+            lines.append(f"\t\ttm_byte _{f.name}[__{f.name}_len];\n")
+        else:
+            lines.append(f"\t\t{TYPE_ALIASES[f.type]} _{f.name};\n")
+    return (
+        f"\nevent {{\n\tname = {_quote(name)};\n\tid = {event_id};\n\tstream_id = 0;\n"
+        f"\tfields := struct {{\n{''.join(lines)}\t}};\n}};\n"
+    )
+
+
+def open_packet(
+    buf: bytearray,
+    trace_uuid: bytes,
+    instance_id: int,
+    seq: int,
+    ts_begin: int,
+    tid: int,
+    pid: int,
+    thread_name: bytes,
+) -> int:
+    """Write a packet's header and context at the start of ``buf``; return where events go.
+
+    The closing fields (timestamp_end, sizes, events_discarded) are patched by the closer.
+    """
+    HEADER.pack_into(buf, 0, MAGIC, trace_uuid, 0, instance_id)
+    CTX_FIXED.pack_into(buf, HEADER.size, ts_begin, ts_begin, 0, 0, seq, 0, tid, pid)
+    end = PACKET_FIXED_SIZE + len(thread_name) + 1
+    buf[PACKET_FIXED_SIZE:end] = thread_name + b"\0"
+    return end
+
+
+def close_packet(buf: bytearray, content_bytes: int, ts_end: int, discarded: int) -> None:
+    """Patch the closing fields of a packet whose events end at ``content_bytes``."""
+    bits = content_bytes * 8
+    CLOSE.pack_into(buf, OFF_TS_END, ts_end, bits, bits)
+    struct.pack_into("<Q", buf, OFF_DISCARDED, discarded)
+
+
+def thread_name_bytes(name: str) -> bytes:
+    """A thread name as the packet context stores it: UTF-8, no NUL, at most 255 bytes."""
+    return clean_text(name).encode()[:255].decode("utf-8", "ignore").encode()
+
+
+def clean_text(text: str) -> str:
+    """``text`` as valid UTF-8 without NUL bytes (CTF strings are NUL-terminated)."""
+    if "\0" in text:
+        text = text.replace("\0", "\\x00")
+    try:
+        text.encode()
+    except UnicodeEncodeError:  # lone surrogates
+        text = text.encode("utf-8", "backslashreplace").decode()
+    return text
+
+
+# --- packers -----------------------------------------------------------------------------------
+#
+# One generated function per event class: ``pack(buf, pos, ts, args) -> end`` or, when the
+# payload is variable, ``size(args)`` then the pack. Python generates them the way the marker
+# core generates firing functions: straight-line code, a precompiled Struct for everything
+# fixed-size, and a small cache of Structs keyed by the string lengths for the rest, so one
+# event is normally one ``pack_into`` call.
+
+_STRUCT_CACHE_LIMIT = 2048
+
+_FIXED_FORMAT = {int: "q", float: "d", bool: "?"}
+
+
+def compile_packer(event_id: int, fields: Sequence[Any]) -> Callable[[tuple, Any], None]:
+    """The function ``write(args, ch)`` that records one event of this class in channel ``ch``.
+
+    It encodes the variable fields, reserves room in ``ch``'s current packet (``ch.pos`` up to
+    ``ch.limit``; ``ch.switch(size)`` closes the packet and opens the next one, returning the
+    new position or -1 when the event is discarded), packs header and payload with one
+    ``pack_into``, and only then publishes ``ch.pos``: an interruption half-way leaves the
+    packet's committed content untouched. Values that do not fit their type raise
+    ``struct.error``, ``OverflowError``, ``TypeError`` or ``ValueError`` before anything is
+    written. The caller guarantees nothing else writes to ``ch`` meanwhile (see the recorder's
+    ``busy`` flag).
+    """
+    names = [f"a{i}" for i in range(len(fields))]
+    prep: list[str] = []
+    fmt_parts: list[str] = ["<IQ"]
+    values: list[str] = []
+    var: list[str] = []  # expressions of the variable lengths, in order
+    fixed_size = EVENT_HEADER.size
+    for n, f in zip(names, fields, strict=True):
+        t = f.type
+        if t in _FIXED_FORMAT:
+            fmt_parts.append(_FIXED_FORMAT[t])
+            fixed_size += struct.calcsize("<" + _FIXED_FORMAT[t])
+            values.append(n)
+        elif t is str or t is object:
+            src = n if t is str else f"_repr({n})"
+            prep.append(f"    {n} = {src}.encode()\n")
+            prep.append(f"    if 0 in {n}: {n} = _clean({n})\n")
+            fmt_parts.append("{}s")
+            var.append(f"len({n}) + 1")  # the NUL comes from the "s" format's zero padding
+            values.append(n)
+        else:  # bytes: a uint32 length, then the bytes
+            prep.append(f"    {n} = bytes({n})\n")
+            fmt_parts.append("I{}s")
+            fixed_size += 4
+            var.append(f"len({n})")
+            values.append(f"len({n}), {n}")
+    unpack = (", ".join(names) + ("," if len(names) == 1 else "")) if names else "_"
+    lines = [f"def write(args, ch):\n    {unpack} = args\n", *prep]
+    if not var:
+        ns: dict[str, Any] = {"_S": struct.Struct("".join(fmt_parts))}
+        lines.append("    s = _S\n")
+    else:
+        key = var[0] if len(var) == 1 else "(" + ", ".join(var) + ")"
+        lines.append(
+            f"    key = {key}\n"
+            "    try:\n        s = _cache[key]\n"
+            "    except KeyError:\n        s = _make(key)\n"
+        )
+        template = "".join(fmt_parts)
+        cache: dict[Any, struct.Struct] = {}
+
+        def make(key: Any) -> struct.Struct:
+            lengths = key if isinstance(key, tuple) else (key,)
+            s = struct.Struct(template.format(*lengths))
+            if len(cache) < _STRUCT_CACHE_LIMIT:
+                cache[key] = s
+            return s
+
+        ns = {"_cache": cache, "_make": make}
+    lines.append(
+        "    size = s.size\n"
+        "    pos = ch.pos\n"
+        "    end = pos + size\n"
+        "    if end > ch.limit:\n"
+        "        pos = ch.switch(size)\n"
+        "        if pos < 0:\n            return\n"
+        "        end = pos + size\n"
+        f"    s.pack_into(ch.buf, pos, {event_id}, _now(), {', '.join(values)})\n"
+        "    ch.pos = end\n"
+        "    ch.count += 1\n"
+    )
+    ns.update(
+        _repr=repr,
+        _clean=_clean_bytes,
+        _now=time.monotonic_ns,
+        len=len,
+        bytes=bytes,
+        KeyError=KeyError,
+    )
+    exec(compile("".join(lines), f"<tracemark packer {event_id}>", "exec"), ns)
+    return ns["write"]
+
+
+def _clean_bytes(data: bytes) -> bytes:
+    return data.replace(b"\0", b"\\x00")

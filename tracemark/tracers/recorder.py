@@ -1,0 +1,729 @@
+"""The recorder: marker events into a CTF 1.8 trace, LTTng style.
+
+::
+
+    with tracemark.record("out/trace", events=["net.*", "db.*"]) as rec:
+        serve()
+    print(rec.summary)            # events recorded, discarded, where
+
+    $ babeltrace2 out/trace       # or tracemark.ctf.read_trace("out/trace")
+
+Vocabulary (LTTng's): a *recording* (session) has one *channel* per thread, made of
+``subbuffers`` fixed-size *sub-buffers*; a full sub-buffer is a CTF *packet*, handed to the
+*consumer* thread which appends it to that thread's stream file.
+
+Directory layout: ``record(DIR)`` creates ``DIR`` if needed and writes this process's trace
+into its own sub-directory ``DIR/<pid>-<n>/`` (``metadata`` and one ``stream_<k>`` file per
+thread and nesting level), so any number of processes (fork children, unrelated processes
+given the same ``DIR``) can record into one ``DIR`` at once; ``babeltrace2 DIR`` and
+:func:`tracemark.ctf.read_trace` read them all. Thread names are in every packet's context.
+
+Guarantees
+----------
+* **The firing thread never blocks on disk and takes no lock.** It reserves room in its own
+  sub-buffer, packs the event with one precompiled ``struct`` call and publishes the new
+  position; a full sub-buffer is handed over through a deque and a byte written to a pipe
+  (async-signal-safe, so a signal handler may do it too).
+* **Bounded memory.** ``subbuffers * subbuffer_size`` bytes per thread (and per nesting level
+  actually used), whatever the event rate.
+* **Nothing is lost silently.** ``mode="discard"``: when every sub-buffer is full, new events
+  are dropped and counted in the next packet's ``events_discarded``. ``mode="overwrite"``
+  (flight recorder): the oldest full packet is reused; nothing is written until
+  :meth:`Recording.snapshot` or stop, and overwritten packets show as gaps in
+  ``packet_seq_num`` (babeltrace2 reports them as discarded packets). A value that does not
+  fit its field type (an int beyond 64 bits) is counted as discarded and reported once.
+* **Nesting-safe.** A signal handler, ``__del__`` or weakref callback that fires a marker
+  while this thread is recording an event does not touch the interrupted sub-buffer: each
+  channel has a ``busy`` flag set before its position is read, and a nested event goes to the
+  next nesting level's channel (its own stream, same thread), up to ``MAX_NESTING`` levels.
+  The check and the set are two steps, but an interruption between them runs to completion
+  before the outer event reads the position, so it can only ever see a consistent channel.
+* **Only complete packets are written.** A stream file grows by whole packets only (a short
+  write on a full disk is truncated away), so a process killed with SIGKILL leaves a trace
+  that reads up to the last written packet (babeltrace2 2.0.4 rejects a whole trace that
+  ends inside a packet).
+* **Flushed on stop, at normal exit (atexit) and on SIGTERM** (when SIGTERM had its default
+  action: the trace is flushed, then the signal is delivered again with the default action;
+  a handler the program installed is chained to, and the program's own exit then flushes).
+* **fork**: the child records into its own sub-trace of the same directory; nothing of the
+  parent's buffers is carried over.
+* **Faults never break the program**: an unwritable directory or a full disk stops the
+  writing, counts every event that could not be written, and is reported once.
+"""
+
+from __future__ import annotations
+
+import atexit
+import collections
+import fnmatch
+import itertools
+import os
+import re
+import select
+import signal
+import socket
+import struct
+import sys
+import threading
+import time
+import uuid as _uuid
+import weakref
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .. import faults
+from ..ctf import writer as W
+from ..markers import registry
+from ..markers.dispatch import MAX_NESTING
+
+__all__ = ["Recording", "RecordingSummary", "record"]
+
+#: Default sub-buffer (packet) size and count per channel: 1 MiB per thread.
+SUBBUFFER_SIZE = 256 * 1024
+SUBBUFFERS = 4
+
+#: How often the consumer looks at the channels when nobody wakes it (seconds).
+_POLL = 0.05
+
+_VALUE_ERRORS = (struct.error, OverflowError, TypeError, ValueError)
+
+
+@dataclass
+class RecordingSummary:
+    """What a recording did, returned by :meth:`Recording.stop`."""
+
+    #: The directory given to :func:`record` and this process's sub-trace in it.
+    path: Path
+    trace_path: Path
+    #: Events written to the trace.
+    recorded: int = 0
+    #: Events counted in ``events_discarded``: buffers full, values that did not fit.
+    discarded: int = 0
+    #: Events in packets that could not be written (disk full, unwritable directory).
+    lost: int = 0
+    #: Events overwritten in overwrite mode (not in any snapshot).
+    overwritten: int = 0
+    #: Stream files written.
+    streams: int = 0
+    #: Why writing stopped early, if it did.
+    error: str | None = None
+    snapshots: list[Path] = field(default_factory=list)
+
+
+class _Channel:
+    """One thread's sub-buffers at one nesting level: the producer side is lock-free."""
+
+    __slots__ = (
+        "__weakref__",
+        "buf",
+        "busy",
+        "child",
+        "count",
+        "discarded",
+        "fd",
+        "file_size",
+        "free",
+        "full",
+        "instance_id",
+        "level",
+        "limit",
+        "name",
+        "overwritten",
+        "pos",
+        "rec",
+        "seq",
+        "thread",
+        "tid",
+        "written",
+    )
+
+    def __init__(self, rec: Recording, level: int, thread: threading.Thread) -> None:
+        self.rec = rec
+        self.level = level
+        self.thread = weakref.ref(thread)
+        self.tid = threading.get_native_id()
+        self.name = W.thread_name_bytes(thread.name)
+        self.busy = False
+        self.child: _Channel | None = None
+        self.instance_id = rec._next_instance()
+        self.free = collections.deque(bytearray(rec.subbuffer_size) for _ in range(rec.nbufs))
+        self.full: collections.deque = collections.deque()  # (buf, events, seq)
+        self.buf = bytearray(0)
+        self.pos = 0
+        self.limit = -1  # no packet open: the first event opens one
+        self.count = 0  # events in the open packet
+        self.seq = -1
+        self.discarded = 0  # free-running, as events_discarded
+        self.overwritten = 0
+        self.written = 0  # events in packets written to disk
+        self.fd = -1
+        self.file_size = 0
+
+    # --- producer side (the owning thread, or whoever stops the recording) ---
+
+    def switch(self, size: int) -> int:
+        """Close the open packet, open the next; the position for ``size`` bytes, or -1."""
+        rec = self.rec
+        if self.limit >= 0:
+            self._close(time.monotonic_ns())
+        if not rec.running or size + W.PACKET_FIXED_SIZE + len(self.name) + 1 > rec.subbuffer_size:
+            if rec.running:
+                rec._too_large(size)
+            self.discarded += 1
+            return -1
+        try:
+            buf = self.free.popleft()
+        except IndexError:
+            if not rec.overwrite:
+                self.discarded += 1
+                return -1
+            try:
+                buf, events, _ = self.full.popleft()
+            except IndexError:  # taken by a concurrent snapshot: never happens in practice
+                self.discarded += 1
+                return -1
+            self.overwritten += events
+        self.seq += 1
+        thread = self.thread()
+        if thread is not None:
+            self.name = W.thread_name_bytes(thread.name)
+        start = W.open_packet(
+            buf,
+            rec.trace_uuid,
+            self.instance_id,
+            self.seq,
+            time.monotonic_ns(),
+            self.tid,
+            rec.pid,
+            self.name,
+        )
+        self.count = 0
+        self.buf = buf
+        self.pos = start
+        self.limit = len(buf)
+        return start
+
+    def _close(self, ts_end: int) -> None:
+        """Seal the open packet and hand it to the consumer (or keep it, overwrite mode)."""
+        buf, pos, events = self.buf, self.pos, self.count
+        self.limit = -1  # from here on, a nested or next event opens a new packet
+        W.close_packet(buf, pos, ts_end, self.discarded)
+        self.full.append((buf, events, self.seq))
+        if not self.rec.overwrite:
+            self.rec._wake()
+
+    def flush(self) -> None:
+        """Close the open packet if it holds events (the recording is stopping)."""
+        if self.limit >= 0 and self.count:
+            self._close(time.monotonic_ns())
+        elif self.limit >= 0:
+            self.limit = -1
+            self.free.append(self.buf)
+            self.seq -= 1  # the empty packet was never written: no gap in packet_seq_num
+        if self.child is not None:
+            self.child.flush()
+
+
+class Recording:
+    """A recording session: markers matching ``events`` into a CTF trace under ``path``.
+
+    Made by :func:`record`, already started. Use as a context manager or call :meth:`stop`.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        events: str | Iterable[str] = "*",
+        *,
+        mode: str = "discard",
+        subbuffer_size: int = SUBBUFFER_SIZE,
+        subbuffers: int = SUBBUFFERS,
+    ) -> None:
+        if mode not in ("discard", "overwrite"):
+            raise ValueError(f"mode must be 'discard' or 'overwrite', not {mode!r}")
+        if subbuffer_size < 4096 or subbuffer_size % 8:
+            raise ValueError(
+                f"subbuffer_size must be a multiple of 8 of at least 4096, not {subbuffer_size}"
+            )
+        if subbuffers < 2:
+            raise ValueError(f"subbuffers must be at least 2, not {subbuffers}")
+        self.path = Path(path)
+        self.patterns = [events] if isinstance(events, str) else list(events)
+        if not self.patterns:
+            raise ValueError("events must name at least one marker glob")
+        self.mode = mode
+        self.overwrite = mode == "overwrite"
+        self.subbuffer_size = subbuffer_size
+        self.nbufs = subbuffers
+        self.running = False
+        self._stopping = False
+        self.summary: RecordingSummary | None = None
+        self._lock = threading.RLock()  # slow paths only; re-entrant for signal handlers
+        self._connections: list[registry.Connection] = []
+
+    # --- life cycle ---
+
+    def start(self) -> Recording:
+        """Create the sub-trace directory, write the metadata, connect to the markers."""
+        if self.running:
+            raise RuntimeError("this recording is already running")
+        self._classes: dict[str, int] = {}  # marker name -> event id
+        self._classes_text = ""
+        self._setup_process()
+        self.running = True
+        _active.add(self)
+        _install_handlers()
+        # One connection per glob; a marker matching several globs is recorded once, by the
+        # first one that matches it (the others map it to None).
+        for i, pattern in enumerate(self.patterns):
+            earlier = self.patterns[:i]
+            self._connections.append(
+                registry.connect(pattern, self._make_probe(earlier), reentrant=True)
+            )
+        return self
+
+    def _setup_process(self) -> None:
+        """Everything that is per process: run at start and again in a fork child."""
+        self.pid = os.getpid()
+        self.trace_uuid = _uuid.uuid4().bytes
+        self._instances = itertools.count()
+        self._channels: list[_Channel] = []
+        self._tls = threading.local()
+        self._pending_metadata: collections.deque[str] = collections.deque()
+        self._recorded = self._discarded_bad = self._lost = 0
+        self._error: str | None = None
+        self._snapshots: list[Path] = []
+        self._consumer: threading.Thread | None = None
+        self._stop_consumer = False
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_w, False)
+        self.trace_path = self._make_trace_dir()
+        offset = time.time_ns() - time.monotonic_ns()
+        env = {
+            "domain": "ust",
+            "tracer_name": "tracemark",
+            "hostname": socket.gethostname(),
+            "procname": Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "python",
+            "vpid": self.pid,
+            "python": sys.version.split()[0],
+        }
+        # Event classes survive a fork: the packers already compiled carry their ids.
+        text = W.metadata_preamble(self.trace_uuid, offset, env) + self._classes_text
+        for pattern in self.patterns:
+            for info in registry.markers(pattern):
+                if info.name not in self._classes:
+                    text += self._event_class(info.name, info.fields)
+        self._metadata_text = text
+        if not self.overwrite:
+            self._write_metadata(self.trace_path, text, "w")
+
+    def _make_trace_dir(self) -> Path:
+        self.path.mkdir(parents=True, exist_ok=True)
+        for n in itertools.count():
+            candidate = self.path / f"{self.pid}-{n}"
+            try:
+                candidate.mkdir()
+            except FileExistsError:
+                continue
+            return candidate
+        raise AssertionError("unreachable")
+
+    def stop(self) -> RecordingSummary:
+        """Stop recording, write everything still buffered, and return the summary.
+
+        Stopping twice returns the same summary.
+        """
+        with self._lock:
+            if self.summary is not None or self._stopping:
+                return self.summary or self._summarize()
+            self._stopping = True
+            for conn in self._connections:
+                registry.disconnect(conn)
+        # No thread is inside the probe after this (unless it takes longer than the timeout:
+        # then its late events are counted as discarded, see _Channel.switch).
+        registry.synchronize(timeout=5.0)
+        self.running = False
+        _active.discard(self)
+        with self._lock:
+            for ch in list(self._channels):
+                ch.flush()
+        if self.overwrite:
+            self._snapshot()
+        else:
+            self._stop_consumer = True
+            self._wake()
+            consumer = self._consumer
+            if consumer is not None and consumer is not threading.current_thread():
+                consumer.join()
+            self._drain()  # whatever the consumer did not get to (or never started for)
+            self._close_files()
+        for fd in (self._wake_r, self._wake_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self.summary = self._summarize()
+        return self.summary
+
+    def _summarize(self) -> RecordingSummary:
+        chans = list(self._all_channels())
+        return RecordingSummary(
+            path=self.path,
+            trace_path=self.trace_path,
+            recorded=sum(ch.written for ch in chans),
+            discarded=sum(ch.discarded for ch in chans),
+            lost=self._lost,
+            overwritten=sum(ch.overwritten for ch in chans),
+            streams=sum(1 for ch in chans if ch.written or ch.fd != -1),
+            error=self._error,
+            snapshots=list(self._snapshots),
+        )
+
+    def _all_channels(self) -> Iterable[_Channel]:
+        for ch in list(self._channels):
+            while ch is not None:
+                yield ch
+                ch = ch.child
+
+    def __enter__(self) -> Recording:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        state = "running" if self.running else "stopped"
+        return f"<Recording {str(self.path)!r} {self.patterns} {self.mode} ({state})>"
+
+    # --- the probe (the firing thread's fast path) ---
+
+    def _make_probe(self, earlier: list[str]) -> Any:
+        writers: dict[Any, Any] = {}
+        claimed = [re.compile(fnmatch.translate(p)).match for p in earlier]
+        rec = self
+
+        def new_marker(marker: Any) -> Any:
+            if any(match(marker.name) for match in claimed):
+                writer = None  # an earlier glob of this recording records it
+            else:
+                writer = rec._writer_for(marker)
+            writers[marker] = writer
+            return writer
+
+        def probe(marker: Any, args: tuple) -> None:
+            try:
+                write = writers[marker]
+            except KeyError:
+                write = new_marker(marker)
+            if write is None:
+                return
+            tls = rec._tls
+            try:
+                ch = tls.ch
+            except AttributeError:
+                ch = rec._new_channel()
+            if ch.busy:
+                ch = rec._nested(ch)
+                if ch is None:
+                    return
+            ch.busy = True
+            try:
+                write(args, ch)
+            except _VALUE_ERRORS as exc:
+                rec._bad_value(ch, marker, args, exc)
+            finally:
+                ch.busy = False
+
+        probe.__qualname__ = f"Recording.probe[{self.path}]"
+        probe.writers = writers  # type: ignore[attr-defined]
+        return probe
+
+    def _writer_for(self, marker: Any) -> Any:
+        with self._lock:
+            event_id = self._classes.get(marker.name)
+            if event_id is None:
+                text = self._event_class(marker.name, marker.fields)
+                self._metadata_text += text
+                self._pending_metadata.append(text)
+                event_id = self._classes[marker.name]
+            return W.compile_packer(event_id, marker.fields)
+
+    def _event_class(self, name: str, fields: Any) -> str:
+        event_id = self._classes[name] = len(self._classes)
+        text = W.event_class(name, event_id, fields)
+        self._classes_text += text
+        return text
+
+    def _new_channel(self) -> _Channel:
+        ch = _Channel(self, 0, threading.current_thread())
+        with self._lock:
+            self._channels.append(ch)
+        self._tls.ch = ch
+        return ch
+
+    def _nested(self, ch: _Channel) -> _Channel | None:
+        while ch.busy:
+            if ch.level + 1 >= MAX_NESTING:
+                ch.discarded += 1  # counted in that channel's next packet
+                return None
+            if ch.child is None:
+                ch.child = _Channel(self, ch.level + 1, threading.current_thread())
+            ch = ch.child
+        return ch
+
+    def _next_instance(self) -> int:
+        return next(self._instances)
+
+    def _bad_value(self, ch: _Channel, marker: Any, args: tuple, exc: Exception) -> None:
+        if isinstance(exc, UnicodeEncodeError):  # lone surrogates: record a cleaned copy
+            clean = tuple(W.clean_text(a) if isinstance(a, str) else a for a in args)
+            try:
+                W.compile_packer(self._classes[marker.name], marker.fields)(clean, ch)
+                return
+            except _VALUE_ERRORS as again:
+                exc = again
+        ch.discarded += 1
+        message = (
+            f"marker {marker.name!r} fired with a value its field type cannot record "
+            f"({type(exc).__name__}: {exc}); the event was counted as discarded"
+        )
+        if faults.report("record-bad-value", marker.name, message):
+            raise faults.MarkerArgumentError(message) from exc
+
+    def _too_large(self, size: int) -> None:
+        faults.report(
+            "record-too-large",
+            str(self.path),
+            f"an event of {size} bytes does not fit a sub-buffer of {self.subbuffer_size} "
+            "bytes; it was counted as discarded (raise subbuffer_size to record it)",
+        )
+
+    # --- the consumer ---
+
+    def _wake(self) -> None:
+        if self._consumer is None and not self._stop_consumer:
+            self._start_consumer()
+        try:
+            os.write(self._wake_w, b"\0")
+        except OSError:  # the pipe is full (the consumer is already awake) or closed
+            pass
+
+    def _start_consumer(self) -> None:
+        with self._lock:
+            if self._consumer is None:
+                self._consumer = threading.Thread(
+                    target=self._consume, name="tracemark-consumer", daemon=True
+                )
+                self._consumer.start()
+
+    def _consume(self) -> None:
+        while True:
+            try:
+                ready, _, _ = select.select([self._wake_r], [], [], _POLL)
+                if ready:
+                    os.read(self._wake_r, 4096)
+            except (OSError, ValueError):
+                pass
+            self._drain()
+            if self._stop_consumer:
+                return
+
+    def _drain(self) -> None:
+        """Write the pending metadata, then every full packet (metadata first: an event
+        class is always on disk before any packet that uses it)."""
+        with self._lock:
+            while self._pending_metadata:
+                text = self._pending_metadata.popleft()
+                if self._error is None:
+                    self._write_metadata(self.trace_path, text, "a")
+            for ch in list(self._all_channels()):
+                while ch.full:
+                    buf, events, _ = ch.full.popleft()
+                    self._write_packet(ch, buf, events)
+                    ch.free.append(buf)
+
+    def _write_metadata(self, directory: Path, text: str, how: str) -> None:
+        try:
+            with open(directory / "metadata", how, encoding="utf-8") as f:
+                f.write(text)
+        except OSError as exc:
+            self._fail(f"cannot write {directory / 'metadata'}: {exc}")
+
+    def _write_packet(self, ch: _Channel, buf: bytearray, events: int) -> None:
+        if self._error is not None:
+            self._lost += events
+            return
+        size = struct.unpack_from("<Q", buf, W.OFF_TS_END + 8)[0] // 8
+        try:
+            if ch.fd == -1:
+                path = self.trace_path / f"stream_{ch.instance_id}"
+                ch.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            view = memoryview(buf)[:size]
+            done = 0
+            while done < size:
+                done += os.write(ch.fd, view[done:])
+        except OSError as exc:
+            if ch.fd != -1:
+                try:  # only complete packets: cut a partial write away
+                    os.ftruncate(ch.fd, ch.file_size)
+                except OSError:
+                    pass
+            self._lost += events
+            self._fail(f"cannot write the trace in {self.trace_path}: {exc}")
+            return
+        ch.file_size += size
+        ch.written += events
+
+    def _fail(self, message: str) -> None:
+        if self._error is None:
+            self._error = message
+            faults.report(
+                "record-write",
+                str(self.trace_path),
+                f"{message}; recording goes on counting the events it cannot write",
+            )
+
+    def _close_files(self) -> None:
+        for ch in self._all_channels():
+            if ch.fd != -1:
+                try:
+                    os.close(ch.fd)
+                except OSError:
+                    pass
+                ch.fd = -2  # closed, was written
+
+    # --- overwrite mode ---
+
+    def snapshot(self) -> Path:
+        """Write what the buffers hold now as a trace of its own; return its directory.
+
+        Overwrite mode only. Each snapshot is ``<sub-trace>/snapshot-<k>/``: complete packets,
+        plus each thread's open packet up to its last complete event.
+        """
+        if not self.overwrite:
+            raise RuntimeError("snapshot() is for mode='overwrite' recordings")
+        if not self.running:
+            raise RuntimeError("this recording is stopped")
+        return self._snapshot()
+
+    def _snapshot(self) -> Path:
+        with self._lock:
+            directory = self.trace_path / f"snapshot-{len(self._snapshots)}"
+            try:
+                directory.mkdir()
+            except OSError as exc:
+                self._fail(f"cannot create {directory}: {exc}")
+                return directory
+            self._write_metadata(directory, self._metadata_text, "w")
+            for ch in list(self._all_channels()):
+                packets = self._copy_packets(ch)
+                if not packets:
+                    continue
+                try:
+                    with open(directory / f"stream_{ch.instance_id}", "wb") as f:
+                        for _, data, events in packets:
+                            f.write(data)
+                            ch.written += events
+                except OSError as exc:
+                    self._fail(f"cannot write {directory}: {exc}")
+            self._snapshots.append(directory)
+            return directory
+
+    def _copy_packets(self, ch: _Channel) -> list[tuple[int, bytes, int]]:
+        """Consistent copies of ``ch``'s packets while its thread may still be writing."""
+        found: dict[int, tuple[int, bytes, int]] = {}
+        # The open packet first: read the position, then copy; a copy whose header no longer
+        # carries the sequence number read is a reused buffer and is skipped.
+        seq, pos, count, buf = ch.seq, ch.pos, ch.count, ch.buf
+        if ch.limit >= 0 and count:
+            data = bytearray(buf[:pos])
+            if len(data) >= W.OFF_SEQ + 8 and struct.unpack_from("<Q", data, W.OFF_SEQ)[0] == seq:
+                W.close_packet(data, pos, time.monotonic_ns(), ch.discarded)
+                found[seq] = (seq, bytes(data), count)
+        for buf, events, pseq in list(ch.full):
+            size = struct.unpack_from("<Q", buf, W.OFF_TS_END + 8)[0] // 8
+            data = bytes(buf[:size])
+            if struct.unpack_from("<Q", data, W.OFF_SEQ)[0] == pseq:
+                found.setdefault(pseq, (pseq, data, events))
+        return sorted(found.values())
+
+    # --- fork ---
+
+    def _after_fork_in_child(self) -> None:
+        """The child records into a sub-trace of its own; the parent's buffers are dropped."""
+        self._lock = threading.RLock()
+        try:
+            self._setup_process()
+        except OSError as exc:
+            self.running = False
+            faults.report("record-fork", str(self.path), f"recording stopped in child: {exc}")
+            for conn in self._connections:
+                registry.disconnect(conn)
+
+
+# --- process-wide: active recordings, exit, SIGTERM, fork ---------------------------------------
+
+_active: weakref.WeakSet[Recording] = weakref.WeakSet()
+_installed = False
+_previous_sigterm: Any = None
+
+
+def _install_handlers() -> None:
+    global _installed, _previous_sigterm
+    if _installed:
+        return
+    _installed = True
+    atexit.register(_stop_all)
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.getsignal(signal.SIGTERM)
+        if previous is not signal.SIG_IGN:
+            _previous_sigterm = previous
+            signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+def _stop_all() -> None:
+    for rec in list(_active):
+        try:
+            rec.stop()
+        except Exception as exc:  # at exit: report, never raise
+            faults.report("record-stop", str(rec.path), f"stopping {rec!r} failed: {exc!r}")
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    previous = _previous_sigterm
+    if callable(previous):  # the program's handler decides; its exit path flushes
+        previous(signum, frame)
+        return
+    _stop_all()
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _after_fork_in_child() -> None:
+    for rec in list(_active):
+        if rec.running:
+            rec._after_fork_in_child()
+
+
+def record(
+    path: str | os.PathLike[str],
+    events: str | Iterable[str] = "*",
+    *,
+    mode: str = "discard",
+    subbuffer_size: int = SUBBUFFER_SIZE,
+    subbuffers: int = SUBBUFFERS,
+) -> Recording:
+    """Start recording the markers matching ``events`` (a glob or several) into ``path``.
+
+    Returns the running :class:`Recording`; ``with record(...):`` stops it on exit, or call
+    ``.stop()``, which returns a :class:`RecordingSummary`. ``mode`` is ``"discard"`` (drop
+    and count new events when every sub-buffer is full) or ``"overwrite"`` (keep the newest;
+    write on :meth:`Recording.snapshot` and at stop). Each thread gets ``subbuffers``
+    sub-buffers of ``subbuffer_size`` bytes.
+    """
+    return Recording(
+        path, events, mode=mode, subbuffer_size=subbuffer_size, subbuffers=subbuffers
+    ).start()
