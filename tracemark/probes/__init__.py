@@ -120,6 +120,7 @@ def _declare(p: Probe, name: str | None) -> None:
         except ValueError as exc:
             raise ProbeError(str(exc)) from None
         p.name = name
+        p.compile()
         return
     parts = [*p.target.module.split("."), *p.target.name_parts]
     if p.at != "line":
@@ -134,6 +135,7 @@ def _declare(p: Probe, name: str | None) -> None:
             continue  # left by an earlier probe with other captures
         p.core = registry.declare(candidate, None, types_, where=where)
         p.name = candidate
+        p.compile()
         return
     raise ProbeError(f"too many probes on {p.target.spec!r}")
 

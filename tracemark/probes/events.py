@@ -22,7 +22,6 @@ Guarantees
 
 from __future__ import annotations
 
-import sys
 import time
 import types
 from typing import Any
@@ -119,30 +118,39 @@ class Probe:
         return None if self.core is None else self.core.fire
 
     # --- events (called by the mechanisms; none of them raises, but in strict mode) ------------
+    #
+    # The emitters are compiled per probe (like the markers' firing functions) so the hot path
+    # is straight-line code: no loop over captures, no call per plain value.
 
-    def _values(self, frame: types.FrameType) -> tuple:
-        if not self._paths:
-            return ()
-        local = frame.f_locals
-        return tuple(_capture(local, p) for p in self._paths)
+    def compile(self) -> None:
+        """Build the emitters, once the marker is declared (``self.core`` is set)."""
+        fire = self.core.fire  # type: ignore[union-attr]
+        paths = self._paths
+        if self.at in ("entry", "line"):
+            #: ``emit_frame(frame)``: fire from the locals of a running frame.
+            self.emit_frame = _emitter("frame", "", paths, fire, self._starts)
+        #: For an entry probe that captures parameters by plain name (or nothing), the names
+        #: a mechanism may pass straight to ``emit_args`` instead of handing over the frame.
+        self.direct: tuple[str, ...] | None = None
+        if self.at == "entry" and all(len(p) == 1 and p[0] in self.target.params for p in paths):
+            self.direct = tuple(p[0] for p in paths)
+            self.emit_args = fire if not paths else _args_emitter(len(paths), fire)
+        if self.at == "return":
+            self.emit_return = _emitter("frame, value", "return", paths, fire, self._starts)
+            self.start = _emitter("frame", "start", (), fire, self._starts)
 
     def on_start(self, frame: types.FrameType) -> None:
         """A frame of the code started (first resume, for generators and coroutines)."""
         if self.at == "return":
-            starts = self._starts
-            if len(starts) >= _MAX_STARTS:
-                starts.clear()
-            starts[id(frame)] = time.perf_counter_ns()
+            self.start(frame)
         elif self.at == "entry":
-            self.core.fire(*self._values(frame))  # type: ignore[union-attr]
+            self.emit_frame(frame)
 
     def on_return(self, frame: types.FrameType, value: object) -> None:
-        t0 = self._starts.pop(id(frame), None)
-        duration = -1 if t0 is None else time.perf_counter_ns() - t0
-        self.core.fire(value_of(value), duration, *self._values(frame))  # type: ignore[union-attr]
+        self.emit_return(frame, value)
 
     def on_line(self, frame: types.FrameType) -> None:
-        self.core.fire(*self._values(frame))  # type: ignore[union-attr]
+        self.emit_frame(frame)
 
     def on_raise(self, frame: types.FrameType, exc: BaseException) -> None:
         self._starts.pop(id(frame), None)
@@ -152,7 +160,9 @@ class Probe:
             message = f"<str failed: {type(err).__name__}>"
         if len(message) > MAX_REPR:
             message = message[: MAX_REPR - 3] + "..."
-        self.core.fire(_exc_type(exc), message, *self._values(frame))  # type: ignore[union-attr]
+        local = frame.f_locals if self._paths else {}
+        values = tuple(_capture(local, p) for p in self._paths)
+        self.core.fire(_exc_type(exc), message, *values)  # type: ignore[union-attr]
 
     def forget_frames(self) -> None:
         self._starts.clear()
@@ -162,6 +172,74 @@ class Probe:
         return f"<Probe {self.name} on {self.target.spec!r} at {self.at} ({state})>"
 
 
-def caller_frame() -> types.FrameType:
-    """The frame that called the function that calls this (the probed frame, for hooks)."""
-    return sys._getframe(2)
+def _slow(value: object, name: str) -> object:
+    if value is _UNBOUND:
+        return f"<unbound: {name}>"
+    return value_of(value)
+
+
+_EMITTER_GLOBALS = {
+    "_P": frozenset(_PLAIN),
+    "_U": _UNBOUND,
+    "_slow": _slow,
+    "_capture": _capture,
+    "_value_of": value_of,
+    "_ns": time.perf_counter_ns,
+    "_id": id,
+    "_len": len,
+    "_type": type,
+    "_MAX_STARTS": _MAX_STARTS,
+}
+
+
+def _emitter(
+    params: str, kind: str, paths: tuple[tuple[str, ...], ...], fire: Any, starts: dict
+) -> Any:
+    """Compile ``emit(params)``: capture ``paths`` from the frame's locals and fire."""
+    body = []
+    if kind == "start":
+        body += [
+            "if _len(_starts) >= _MAX_STARTS:",
+            "    _starts.clear()",  # bounded: starts whose return never came
+            "_starts[_id(frame)] = _ns()",
+        ]
+    if kind == "return":
+        body += [
+            "t1 = _ns()",
+            "t0 = _starts.pop(_id(frame), None)",
+            "duration = -1 if t0 is None else t1 - t0",
+            "if _type(value) not in _P:",
+            "    value = _value_of(value)",
+        ]
+    if paths:
+        body.append("L = frame.f_locals")
+    names = []
+    for i, path in enumerate(paths):
+        v = f"v{i}"
+        names.append(v)
+        if len(path) == 1:
+            body += [
+                f"{v} = L.get({path[0]!r}, _U)",
+                f"if _type({v}) not in _P:",
+                f"    {v} = _slow({v}, {path[0]!r})",
+            ]
+        else:
+            body.append(f"{v} = _capture(L, {path!r})")
+    if kind == "return":
+        names = ["value", "duration", *names]
+    if kind != "start":
+        body.append(f"_fire({', '.join(names)})")
+    source = f"def emit({params}):\n" + "".join(f"    {line}\n" for line in body)
+    namespace = {**_EMITTER_GLOBALS, "_fire": fire, "_starts": starts}
+    exec(compile(source, "<tracemark probe>", "exec"), namespace)
+    return namespace["emit"]
+
+
+def _args_emitter(n: int, fire: Any) -> Any:
+    """Compile ``emit(v0, ..., vn)``: the values passed straight in, made plain, fired."""
+    names = [f"v{i}" for i in range(n)]
+    body = [f"    if _type({v}) not in _P:\n        {v} = _value_of({v})\n" for v in names]
+    source = f"def emit({', '.join(names)}):\n{''.join(body)}    _fire({', '.join(names)})\n"
+    namespace = {**_EMITTER_GLOBALS, "_fire": fire}
+    exec(compile(source, "<tracemark probe>", "exec"), namespace)
+    return namespace["emit"]

@@ -105,7 +105,7 @@ class Recompile:
                 raise ProbeError(_taken(probe, func))
             original = owned.original if owned else func.__code__
             enabled = owned.probes if owned else []
-            build(func, original, [*enabled, probe], probe.target.spec)
+            build(func, original, [*enabled, probe], probe.target.spec, trial=probe)
 
     def install(self, probe: Probe) -> None:
         pass
@@ -218,9 +218,17 @@ _plain_cache: dict[tuple[str, str, types.CodeType], bool] = {}
 
 
 def build(
-    func: types.FunctionType, original: types.CodeType, probes: list[Probe], spec: str
+    func: types.FunctionType,
+    original: types.CodeType,
+    probes: list[Probe],
+    spec: str,
+    trial: Probe | None = None,
 ) -> types.CodeType:
-    """The instrumented copy of ``original`` (the code of ``func``) serving ``probes``."""
+    """The instrumented copy of ``original`` (the code of ``func``) serving ``probes``.
+
+    ``trial``: a probe whose marker is not declared yet (a check before installing); its
+    hooks are stand-ins, and the result is thrown away.
+    """
     filename, source = _source(func, spec)
     key = (filename, source, original)
     if key not in _plain_cache:
@@ -249,7 +257,7 @@ def build(
                 f"cannot probe {spec!r} with the {NAME} mechanism: no 'def' for "
                 f"{code.co_qualname} at line {code.co_firstlineno} of {filename}"
             )
-        _Instrumenter(node, group, hooks).run()
+        _Instrumenter(node, group, hooks, trial).run()
     compiled = _compile(tree, filename)
     new = _find_code(compiled, original.co_qualname, original.co_firstlineno)
     if new is None:  # pragma: no cover - the plain compile above found it
@@ -274,51 +282,28 @@ def _replace_consts(code: types.CodeType, hooks: dict[str, object]) -> types.Cod
 # --- the hooks ---------------------------------------------------------------------------------
 
 
-def _hook_fault(probe: Probe, exc: Exception) -> None:
-    message = f"probe {probe.name!r} failed while capturing: {type(exc).__name__}: {exc}"
-    if faults.report("probe-capture", probe.name, message):
-        raise exc
+def _stand_in(*args: object) -> None:
+    """The hook of a probe being checked before its marker exists (never called)."""
 
 
-def _start_hook(probes: tuple[Probe, ...]) -> Callable[[], None]:
+def _framed(emit: Callable[..., object]) -> Callable[[], None]:
+    """A hook taking no arguments that hands the probed frame to ``emit``."""
     getframe = sys._getframe
 
-    def start() -> None:
-        frame = getframe(1)
-        for p in probes:
-            try:
-                p.on_start(frame)
-            except Exception as exc:
-                _hook_fault(p, exc)
+    def hook() -> None:
+        emit(getframe(1))
 
-    return start
+    return hook
 
 
-def _return_hook(probe: Probe) -> Callable[[object], object]:
+def _return_hook(emit: Callable[..., object]) -> Callable[[object], object]:
     getframe = sys._getframe
 
     def returned(value: object) -> object:
-        try:
-            probe.on_return(getframe(1), value)
-        except Exception as exc:
-            _hook_fault(probe, exc)
+        emit(getframe(1), value)
         return value
 
     return returned
-
-
-def _line_hook(probes: tuple[Probe, ...]) -> Callable[[], None]:
-    getframe = sys._getframe
-
-    def line() -> None:
-        frame = getframe(1)
-        for p in probes:
-            try:
-                p.on_line(frame)
-            except Exception as exc:
-                _hook_fault(p, exc)
-
-    return line
 
 
 def _raise_hook(probes: tuple[Probe, ...]) -> Callable[[], None]:
@@ -329,10 +314,7 @@ def _raise_hook(probes: tuple[Probe, ...]) -> Callable[[], None]:
         frame = getframe(1)
         exc = exc_info()[1]
         for p in probes:
-            try:
-                p.on_raise(frame, exc)  # type: ignore[arg-type]
-            except Exception as err:
-                _hook_fault(p, err)
+            p.on_raise(frame, exc)  # type: ignore[arg-type]
 
     return raised
 
@@ -340,10 +322,13 @@ def _raise_hook(probes: tuple[Probe, ...]) -> Callable[[], None]:
 class _Instrumenter:
     """Adds the hook calls of ``probes`` (all on one code object) to one ``def``."""
 
-    def __init__(self, node: Any, probes: list[Probe], hooks: dict[str, object]) -> None:
+    def __init__(
+        self, node: Any, probes: list[Probe], hooks: dict[str, object], trial: Probe | None
+    ) -> None:
         self.node = node
         self.probes = probes
         self.hooks = hooks
+        self.trial = trial
         self.async_gen = isinstance(node, ast.AsyncFunctionDef) and _yields(node)
 
     def _const(self, obj: object, at: Any = None) -> ast.Constant:
@@ -375,26 +360,40 @@ class _Instrumenter:
             and isinstance(body[0].value.value, str)
         ):
             doc = [body.pop(0)]
+        live = [p for p in probes if p is not self.trial]
+        stand_in = self.trial is not None and self.trial in probes
         lines: dict[int, list[Probe]] = {}
         for p in probes:
             if p.at == "line":
                 lines.setdefault(p.line, []).append(p)  # type: ignore[arg-type]
         for line, group in lines.items():
-            hook = _line_hook(tuple(group))
+            emits = [p.emit_frame for p in group if p in live]
+            hook = _stand_in if stand_in and len(emits) < len(group) else _framed_all(emits)
             body = _insert_at_line(body, line, lambda at, h=hook: self._stmt(h, at))
-        returns = [p for p in probes if p.at == "return"]
-        for p in returns:
-            hook = _return_hook(p)
+        for p in probes:
+            if p.at != "return":
+                continue
+            hook = _return_hook(p.emit_return) if p in live else _stand_in
             body = _Returns(self, hook).rewrite(body)
             # Falling off the end: on the last statement's line, where the implicit
             # 'return None' is too, so no new line event appears.
             last = body[-1] if body else None
             none = self._at(ast.Constant(None), last)
             body.append(self._at(ast.Expr(self._call(hook, none, at=last)), last))
-        starts = tuple(p for p in probes if p.at in ("entry", "return"))
-        head = [self._stmt(_start_hook(starts))] if starts else []
+        head = []
+        for p in probes:
+            if p.at == "return":
+                head.append(self._stmt(_framed(p.start) if p in live else _stand_in))
+            elif p.at == "entry":
+                if p is self.trial:
+                    head.append(self._stmt(_stand_in))
+                elif p.direct is not None:  # the values straight from the parameters
+                    args = [self._at(ast.Name(n, ast.Load())) for n in p.direct]
+                    head.append(self._at(ast.Expr(self._call(p.emit_args, *args))))
+                else:
+                    head.append(self._stmt(_framed(p.emit_frame)))
         raising = tuple(p for p in probes if p.at == "raise")
-        if raising:
+        if raising:  # (on_raise is a plain method: fine for a trial probe too)
             handler = ast.ExceptHandler(
                 type=self._const(BaseException),
                 name=None,
@@ -411,6 +410,19 @@ class _Instrumenter:
                 )
             ]
         node.body = doc + head + (body or [self._at(ast.Pass())])
+
+
+def _framed_all(emits: list[Callable[..., object]]) -> Callable[[], None]:
+    if len(emits) == 1:
+        return _framed(emits[0])
+    getframe = sys._getframe
+
+    def hook() -> None:
+        frame = getframe(1)
+        for emit in emits:
+            emit(frame)
+
+    return hook
 
 
 def _yields(node: ast.AST) -> bool:

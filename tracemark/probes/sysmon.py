@@ -26,9 +26,12 @@ from __future__ import annotations
 import sys
 import threading
 import types
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .events import Probe
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 __all__ = ["NAME", "SysMonitoring"]
 
@@ -49,7 +52,7 @@ class SysMonitoring:
         self._enabled: list[Probe] = []
         self._installed = 0
         # code -> probes, per kind of event; replaced whole on every change.
-        self._start: dict[types.CodeType, tuple[Probe, ...]] = {}
+        self._start: dict[types.CodeType, Callable[[], object]] = {}
         self._return: dict[types.CodeType, tuple[Probe, ...]] = {}
         self._line: dict[types.CodeType, dict[int, tuple[Probe, ...]]] = {}
         self._unwind: dict[types.CodeType, tuple[Probe, ...]] = {}
@@ -113,13 +116,13 @@ class SysMonitoring:
             probe.forget_frames()
 
     def _publish(self, restart: bool) -> None:
-        start: dict[types.CodeType, tuple[Probe, ...]] = {}
+        starting: dict[types.CodeType, tuple[Probe, ...]] = {}
         ret: dict[types.CodeType, tuple[Probe, ...]] = {}
         line: dict[types.CodeType, dict[int, tuple[Probe, ...]]] = {}
         unwind: dict[types.CodeType, tuple[Probe, ...]] = {}
         for p in self._enabled:
             if p.at in ("entry", "return"):
-                start[p.code] = (*start.get(p.code, ()), p)
+                starting[p.code] = (*starting.get(p.code, ()), p)
             if p.at == "return":
                 ret[p.code] = (*ret.get(p.code, ()), p)
                 unwind[p.code] = (*unwind.get(p.code, ()), p)  # forget the start time
@@ -128,6 +131,7 @@ class SysMonitoring:
                 lines[p.line] = (*lines.get(p.line, ()), p)  # type: ignore[index]
             elif p.at == "raise":
                 unwind[p.code] = (*unwind.get(p.code, ()), p)
+        start = {code: _start_handler(probes) for code, probes in starting.items()}
         ev = _mon.events
         wanted: dict[types.CodeType, int] = {}
         for code in start:
@@ -157,11 +161,9 @@ class SysMonitoring:
     # --- callbacks -----------------------------------------------------------------------------
 
     def _on_start(self, code: types.CodeType, offset: int) -> None:
-        probes = self._start.get(code)
-        if probes:
-            frame = sys._getframe(1)
-            for p in probes:
-                p.on_start(frame)
+        handler = self._start.get(code)
+        if handler is not None:
+            handler()
 
     def _on_return(self, code: types.CodeType, offset: int, value: object) -> None:
         probes = self._return.get(code)
@@ -191,3 +193,31 @@ class SysMonitoring:
                     p.on_raise(frame, exc)
                 else:
                     p._starts.pop(id(frame), None)
+
+
+def _start_handler(probes: tuple[Probe, ...]) -> Callable[[], object]:
+    """What ``PY_START`` of one code object runs: as little as its probes need.
+
+    Entry probes that capture nothing fire their marker straight away; only probes that read
+    locals or time the call take the frame (``sys._getframe`` makes a frame object, which
+    costs more than all the rest).
+    """
+    if all(p.at == "entry" and not p.capture for p in probes):
+        fires = tuple(p.core.fire for p in probes)  # type: ignore[union-attr]
+        if len(fires) == 1:
+            return fires[0]
+
+        def fire_all() -> None:
+            for fire in fires:
+                fire()
+
+        return fire_all
+    calls = tuple(p.start if p.at == "return" else p.emit_frame for p in probes)
+    getframe = sys._getframe
+
+    def with_frame() -> None:
+        frame = getframe(2)  # 0: this, 1: the PY_START callback, 2: the probed frame
+        for call in calls:
+            call(frame)
+
+    return with_frame
