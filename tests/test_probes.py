@@ -15,6 +15,7 @@ import pytest
 
 import tracemark
 from tracemark import probes as P
+from tracemark.ctf import read_trace
 from tracemark.env import PYBEHAVIOR
 from tracemark.markers import registry
 from tracemark.probes import events as probe_events
@@ -506,11 +507,12 @@ def test_sysmon_takes_a_free_tool_id_never_0_or_1():
     assert mon.get_tool(4) is None
 
 
-def test_nothing_is_left_when_the_marker_fields_conflict():
+def test_nothing_is_left_when_the_marker_fields_conflict(mech):
     registry.declare("app.taken", None, {"x": int})
     with pytest.raises(P.ProbeError, match="declared at"):
         tracemark.probe("probe_shapes:plain", name="app.taken")
     assert P.probes() == []
+    assert getattr(mech, "tool", None) is None  # sys.monitoring: the tool id was given back
 
 
 def test_threads_call_while_probes_come_and_go():
@@ -548,3 +550,15 @@ def test_threads_call_while_probes_come_and_go():
     assert errors == []
     assert seen and all(a in {(a[0], 1, "()", None, "{}"), (2,)} for a in seen)
     assert P.probes() == []
+
+
+def test_the_recorder_records_probe_events_unchanged(tmp_path):
+    entry = tracemark.probe("probe_shapes:plain", capture=["a", "key"])
+    ret = tracemark.probe("probe_shapes:plain", at="return")
+    with tracemark.record(tmp_path / "trace", "probe.*"):
+        shapes.plain(4, key="xy")
+    trace = read_trace(tmp_path / "trace")
+    got = [(e.name, e.fields) for e in trace.events()]
+    assert [n for n, _ in got] == [entry.name, ret.name]
+    assert got[0][1] == {"a": "4", "key": "'xy'"}  # object fields are recorded as repr
+    assert got[1][1]["value"] == "8" and got[1][1]["duration_ns"] > 0

@@ -14,7 +14,9 @@ Guarantees
 * **A probe is a marker.** Each probe declares a marker in the same registry, named
   ``probe.<module>.<qualname>.<at>`` (``probe.<module>.<qualname>.line<N>`` for a line),
   or ``name=``. Every tracer consumes it unchanged, by name or glob. A second probe on the
-  same target gets its own marker (``..._2``): two probes, both fire.
+  same target gets its own marker (``..._2``): two probes, both fire. Markers are never
+  undeclared, so a probe whose fields differ from an earlier probe's marker of the same
+  default name (other captures) also gets a suffix; ``handle.name`` is always the truth.
 * **Nothing half-installed.** Every error (see :mod:`.targets`) is raised before anything
   changes; :class:`ProbeError` is a ValueError.
 * **Zero cost when nobody listens.** A probe's events are switched on only while its marker
@@ -176,7 +178,11 @@ def probe(
     p.mechanism = mech.name  # type: ignore[attr-defined]
     with registry._lock, _lock:  # no marker turns active half-way through
         mech.check(p)  # type: ignore[attr-defined]
-        _declare(p, name)
+        try:
+            _declare(p, name)
+        except BaseException:
+            mech.abandon()  # type: ignore[attr-defined]
+            raise
         mech.install(p)  # type: ignore[attr-defined]
         _by_name[p.name] = p
         p.installed = True

@@ -110,6 +110,9 @@ class Recompile:
     def install(self, probe: Probe) -> None:
         pass
 
+    def abandon(self) -> None:
+        pass
+
     def serves(self, code: types.CodeType) -> int:
         """How many enabled probes the swapped-in copy has on ``code`` (for tests)."""
         with self._lock:

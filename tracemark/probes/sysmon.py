@@ -91,7 +91,15 @@ class SysMonitoring:
     # --- what the registry asks ----------------------------------------------------------------
 
     def check(self, probe: Probe) -> None:
-        """Raise if ``probe`` cannot be served; installs nothing."""
+        """Raise if ``probe`` cannot be served (no free tool id); changes no code."""
+        with self._lock:
+            self._take_tool()
+
+    def abandon(self) -> None:
+        """A checked probe was not installed after all: give the tool id back if unused."""
+        with self._lock:
+            if not self._installed:
+                self._free_tool()
 
     def install(self, probe: Probe) -> None:
         with self._lock:
