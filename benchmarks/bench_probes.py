@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator
 
 import tracemark
 from tracemark import probes
+from tracemark.env import PYBEHAVIOR
 
 from .harness import Case, _best, _loop, table
 
@@ -181,7 +182,7 @@ def report(number: int = 100_000, repeat: int = 7) -> str:
         ),
         (Case("sys.setprofile, no-op profiler", "profiled(1, 2)", ns), _profiling),
     ]
-    if hasattr(sys, "monitoring"):
+    if PYBEHAVIOR.sys_monitoring:
         rows.insert(
             -1,
             (
@@ -208,6 +209,6 @@ def report(number: int = 100_000, repeat: int = 7) -> str:
     text = table(title, cases, results, BASELINE)
     if viz is None:
         text += "\nviztracer is not installed: its row is missing.\n"
-    if not hasattr(sys, "monitoring"):
+    if not PYBEHAVIOR.sys_monitoring:
         text += "\nNo sys.monitoring on this Python: no bare-callback row.\n"
     return text

@@ -562,3 +562,17 @@ def test_the_recorder_records_probe_events_unchanged(tmp_path):
     assert [n for n, _ in got] == [entry.name, ret.name]
     assert got[0][1] == {"a": "4", "key": "'xy'"}  # object fields are recorded as repr
     assert got[1][1]["value"] == "8" and got[1][1]["duration_ns"] > 0
+
+
+def test_raise_probes_need_the_global_unwind_event_only_while_enabled(mech):
+    h = tracemark.probe("probe_shapes:fails", at="raise")
+    conn = tracemark.connect(h.name, lambda m, a: None)
+    if mech.name == "sys.monitoring":
+        assert sys.monitoring.get_events(mech.tool) == sys.monitoring.events.PY_UNWIND
+    with pytest.raises(ValueError):
+        shapes.fails(1)
+    assert conn.errors == 0 and tracemark.markers(h.name)[0].active
+    tracemark.disconnect(conn)
+    if mech.name == "sys.monitoring":
+        assert sys.monitoring.get_events(mech.tool) == 0  # off again: no cost anywhere
+    assert mech.serves(h.target.code) == 0
