@@ -90,7 +90,8 @@ def _import(name: str, spec: str) -> types.ModuleType:
         return importlib.import_module(name)
     except ModuleNotFoundError as exc:
         if exc.name is not None and name != exc.name and not name.startswith(exc.name + "."):
-            raise  # the module exists but itself imports something missing: its own error
+            # the module exists but itself imports something missing
+            raise ProbeError(f"cannot probe {spec!r}: importing {name!r} failed: {exc}") from exc
         raise ProbeError(f"cannot probe {spec!r}: there is no module named {name!r}") from None
     except ImportError as exc:
         raise ProbeError(f"cannot probe {spec!r}: importing {name!r} failed: {exc}") from exc
