@@ -17,6 +17,10 @@ A marker is active exactly while a probe is connected to it. Probes are any call
 ``probe(marker, args)``. Tracing never breaks the traced program: faults are counted and
 reported once (:mod:`tracemark.faults`), raised only in strict mode (``TRACEMARK_STRICT=1``).
 
+Code nobody marked can be probed at run time: ``tracemark.probe("json:loads")`` declares the
+marker ``probe.json.loads.entry`` and fires it on every call (:mod:`tracemark.probes`);
+``tracemark.unprobe(handle)`` removes it.
+
 ``tracemark.record(DIR)`` records markers into a CTF 1.8 trace (babeltrace2 reads it;
 :func:`tracemark.ctf.read_trace` too): see :mod:`tracemark.tracers.recorder`.
 """
@@ -31,6 +35,7 @@ from .markers import registry as _registry
 from .markers.dispatch import MAX_NESTING, synchronize
 from .markers.fields import Field
 from .markers.registry import Connection, Marker, MarkerInfo, connect, disconnect, markers
+from .probes import Probe, ProbeError, probe, unprobe
 from .tracers.printer import Printer
 from .tracers.recorder import Recording, RecordingSummary, record
 
@@ -44,6 +49,8 @@ __all__ = [
     "MarkerArgumentError",
     "MarkerInfo",
     "Printer",
+    "Probe",
+    "ProbeError",
     "Recording",
     "RecordingSummary",
     "TracemarkWarning",
@@ -53,8 +60,10 @@ __all__ = [
     "mark",
     "marker",
     "markers",
+    "probe",
     "record",
     "synchronize",
+    "unprobe",
 ]
 
 

@@ -1,0 +1,233 @@
+"""Dynamic probes: entry, return, line and raise probes on code nobody marked.
+
+The kprobes / jretprobes of tracemark::
+
+    h = tracemark.probe("json:loads", capture=["s"])        # marker probe.json.loads.entry
+    r = tracemark.probe("json:loads", at="return")          # .return: value, duration_ns
+    tracemark.probe("app/db.py:120", capture=["rows", "sql"])  # a line, with locals
+    tracemark.connect("probe.json.*", tracemark.Printer())
+    ...
+    tracemark.unprobe(h)
+
+Guarantees
+----------
+* **A probe is a marker.** Each probe declares a marker in the same registry, named
+  ``probe.<module>.<qualname>.<at>`` (``probe.<module>.<qualname>.line<N>`` for a line),
+  or ``name=``. Every tracer consumes it unchanged, by name or glob. A second probe on the
+  same target gets its own marker (``..._2``): two probes, both fire. Markers are never
+  undeclared, so a probe whose fields differ from an earlier probe's marker of the same
+  default name (other captures) also gets a suffix; ``handle.name`` is always the truth.
+* **Nothing half-installed.** Every error (see :mod:`.targets`) is raised before anything
+  changes; :class:`ProbeError` is a ValueError.
+* **Zero cost when nobody listens.** A probe's events are switched on only while its marker
+  is active (a registry listener), so an installed probe without a connected consumer costs
+  nothing, and code that is not probed runs unchanged on every Python.
+* **unprobe restores.** After :func:`unprobe` the function's code and events are exactly as
+  before (on 3.11 the very same code object; on 3.12+ no local event of tracemark's tool id
+  on it, and the tool id given back once no probe is left). Probes in flight finish; use
+  :func:`tracemark.synchronize` to wait for them.
+* **Semantics preserved.** Return values, exceptions, tracebacks with their line numbers,
+  generators (entry once per call, return once at the end), coroutines, async generators,
+  closures, methods, decorated functions (probed at ``__wrapped__``), recursion.
+
+The mechanism serving probes is chosen in :mod:`.core` (``sys.monitoring`` on 3.12+, an
+instrumented copy compiled from source on 3.11).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable
+
+from ..markers import registry
+from . import core
+from .events import AT, Probe
+from .spec import Spec, parse_spec
+from .targets import ProbeError, check_captures, resolve
+
+__all__ = [
+    "AT",
+    "Probe",
+    "ProbeError",
+    "Spec",
+    "install_spec",
+    "mechanism",
+    "parse_spec",
+    "probe",
+    "probes",
+    "unprobe",
+]
+
+_lock = threading.RLock()
+_by_name: dict[str, Probe] = {}
+_mechanism: object | None = None
+
+
+def mechanism():
+    """The mechanism object serving probes in this process (chosen on first use)."""
+    global _mechanism
+    with _lock:
+        if _mechanism is None:
+            _mechanism = core.choose()
+            registry.add_listener(_on_activity)
+            registry.add_site_reporter(_sites)
+        return _mechanism
+
+
+def _sites(marker: registry.MarkerCore) -> tuple[str, ...]:
+    """What ``tracemark.markers()`` shows as the site of a probe's marker: how it is served."""
+    p = _by_name.get(marker.name)
+    if p is None or p.core is not marker:
+        return ()
+    state = "enabled" if p.enabled else "installed, events off until a probe is connected"
+    return (f"{p.at} probe on {p.target.spec} ({p.target.where}): {core.REASON}; {state}",)
+
+
+def _use(name: str | None) -> None:
+    """Switch mechanism (tests run both on 3.12+); only while no probe is installed."""
+    global _mechanism
+    with _lock:
+        if _by_name:
+            raise RuntimeError(f"cannot switch mechanism with probes installed: {probes()}")
+        first = _mechanism is None
+        _mechanism = core.choose(name)
+        if first:
+            registry.add_listener(_on_activity)
+            registry.add_site_reporter(_sites)
+
+
+def _on_activity(marker: registry.MarkerCore, active: bool) -> None:
+    """Registry listener: a probe's events follow its marker's activity."""
+    p = _by_name.get(marker.name)
+    if p is None or not p.installed or p.core is not marker or p.enabled == active:
+        return
+    mech = mechanism()
+    (mech.enable if active else mech.disable)(p)  # type: ignore[attr-defined]
+    p.enabled = active
+
+
+def _clean(part: str) -> str:
+    out = "".join(c if c.isalnum() or c == "_" else "_" for c in part.strip("<>")) or "_"
+    return "_" + out if out[0].isdigit() else out
+
+
+def _declare(p: Probe, name: str | None) -> None:
+    types_ = p.field_types()
+    where = p.target.where
+    if name is not None:
+        if name in _by_name:
+            raise ProbeError(f"probe name {name!r} is already used by {_by_name[name]!r}")
+        try:
+            p.core = registry.declare(name, None, types_, where=where)
+        except ValueError as exc:
+            raise ProbeError(str(exc)) from None
+        p.name = name
+        p.compile()
+        return
+    parts = [*p.target.module.split("."), *p.target.name_parts]
+    if p.at != "line":
+        parts.append(p.at)
+    base = "probe." + ".".join(_clean(x) for x in parts)
+    for n in range(1, 1000):
+        candidate = base if n == 1 else f"{base}_{n}"
+        if candidate in _by_name:
+            continue
+        existing = registry.lookup(candidate)
+        if existing is not None and existing.fields != registry.fields_from_types(types_):
+            continue  # left by an earlier probe with other captures
+        p.core = registry.declare(candidate, None, types_, where=where)
+        p.name = candidate
+        p.compile()
+        return
+    raise ProbeError(f"too many probes on {p.target.spec!r}")
+
+
+def probe(
+    target: str,
+    *,
+    at: str = "entry",
+    capture: Iterable[str] | str | None = None,
+    name: str | None = None,
+) -> Probe:
+    """Probe ``target`` (``module:qualname``, ``module:LINE`` or ``path/file.py:LINE``).
+
+    ``at`` is ``entry`` (the arguments, or ``capture``), ``return`` (``value`` and
+    ``duration_ns``), ``raise`` (``exc_type`` and ``message`` of an exception leaving the
+    function) or ``line`` (for a LINE target, which implies it). ``capture`` names locals of
+    the function, optionally with attribute paths (``req.url``). Returns the handle for
+    :func:`unprobe`; raises :class:`ProbeError` (a ValueError) with the reason when the
+    probe cannot be installed, having installed nothing.
+    """
+    if at not in AT:
+        raise ProbeError(f"at must be one of {', '.join(AT)}, not {at!r}")
+    tgt = resolve(target)
+    if tgt.line is not None:
+        if at == "entry":
+            at = "line"
+        elif at != "line":
+            raise ProbeError(f"cannot probe {target!r} at {at!r}: a LINE target is a line probe")
+    elif at == "line":
+        raise ProbeError(
+            f"cannot probe {target!r} at 'line': give the line as 'module:LINE' or 'file.py:LINE'"
+        )
+    paths = check_captures(tgt, capture)
+    if capture is None and at == "entry":
+        paths = tgt.params
+    p = Probe(tgt, at, paths, name or "")
+    mech = mechanism()
+    p.mechanism = mech.name  # type: ignore[attr-defined]
+    with registry._lock, _lock:  # no marker turns active half-way through
+        mech.check(p)  # type: ignore[attr-defined]
+        try:
+            _declare(p, name)
+        except BaseException:
+            mech.abandon()  # type: ignore[attr-defined]
+            raise
+        mech.install(p)  # type: ignore[attr-defined]
+        _by_name[p.name] = p
+        p.installed = True
+        if p.core is not None and p.core.active:
+            try:
+                mech.enable(p)  # type: ignore[attr-defined]
+            except BaseException:
+                _by_name.pop(p.name, None)
+                p.installed = False
+                mech.remove(p)  # type: ignore[attr-defined]
+                raise
+            p.enabled = True
+    return p
+
+
+def unprobe(handle: Probe) -> bool:
+    """Remove a probe: its events stop and its function is as before. False if already gone.
+
+    Its marker stays declared (connections to it stay), but it never fires again.
+    """
+    if not isinstance(handle, Probe):
+        raise TypeError(f"unprobe() takes what probe() returned, not {handle!r}")
+    mech = mechanism()
+    with registry._lock, _lock:
+        if not handle.installed:
+            return False
+        if handle.enabled:
+            mech.disable(handle)  # type: ignore[attr-defined]
+            handle.enabled = False
+        handle.installed = False
+        _by_name.pop(handle.name, None)
+        mech.remove(handle)  # type: ignore[attr-defined]
+    return True
+
+
+def install_spec(spec: str) -> Probe:
+    """Install the probe a SPEC describes (see :mod:`.spec`); what ``--probe SPEC`` calls.
+
+    A bad spec, or a probe that cannot be installed, is a ValueError with the reason.
+    """
+    s = parse_spec(spec)
+    return probe(s.target, at=s.at, capture=s.capture)
+
+
+def probes() -> list[Probe]:
+    """Every installed probe, by marker name."""
+    with _lock:
+        return [_by_name[n] for n in sorted(_by_name)]

@@ -1,0 +1,245 @@
+"""A probe: one marker in the registry, fired from events of one code object.
+
+The mechanisms (:mod:`.sysmon`, :mod:`.recompile`) only report *events*: a frame started,
+returned, reached a line, or let an exception out. This module turns an event into the
+marker's values and fires the marker, so every mechanism produces identical events.
+
+Guarantees
+----------
+* **Fields.** ``entry``: the captured names, by default the function's parameters in order.
+  ``return``: ``value``, ``duration_ns`` (-1 when the call started before the probe was
+  enabled), then the captured names. ``line``: the captured names. ``raise``: ``exc_type``
+  (qualified name), ``message`` (``str(exc)``, truncated), then the captured names. A capture
+  ``req.url`` becomes the field ``req_url``.
+* **Values.** ``int float str bytes bool`` and ``None`` values (exact types) are kept as they
+  are; anything else is recorded as its repr, cut to :data:`MAX_REPR` characters. A repr or
+  an attribute that raises, or a local that is not bound yet, is recorded as a ``<...>``
+  string saying so: capturing never raises into the traced program.
+* **Durations** are measured from the probe's own start event for that frame, with
+  ``time.perf_counter_ns``; generator and coroutine frames measure from the first resume to
+  the end.
+"""
+
+from __future__ import annotations
+
+import time
+import types
+from typing import Any
+
+from ..markers import registry
+from .targets import Target, field_name
+
+__all__ = ["AT", "MAX_REPR", "Probe"]
+
+#: Where a probe can fire.
+AT = ("entry", "return", "line", "raise")
+#: Longest repr recorded for a value that is not a plain int/float/str/bytes/bool.
+MAX_REPR = 200
+
+_PLAIN = {int, float, str, bytes, bool, type(None)}
+#: Start times of frames kept for return probes are dropped past this many (frames whose
+#: return event never came, e.g. the probe was enabled in the middle of a call).
+_MAX_STARTS = 10_000
+_UNBOUND = object()
+
+
+def value_of(v: object) -> object:
+    """The recorded form of a captured value (see the module docstring)."""
+    if type(v) in _PLAIN:
+        return v
+    try:
+        text = repr(v)
+    except Exception as exc:
+        return f"<repr failed: {type(exc).__name__}>"
+    if type(text) is not str:
+        return "<repr failed: not a str>"
+    return text if len(text) <= MAX_REPR else text[: MAX_REPR - 3] + "..."
+
+
+def _capture(local: dict[str, Any], path: tuple[str, ...]) -> object:
+    value = local.get(path[0], _UNBOUND)
+    if value is _UNBOUND:
+        return f"<unbound: {path[0]}>"
+    for attr in path[1:]:
+        try:
+            value = getattr(value, attr)
+        except Exception as exc:
+            return f"<{type(exc).__name__}: {'.'.join(path)}>"
+    return value_of(value)
+
+
+def _exc_type(exc: BaseException) -> str:
+    cls = type(exc)
+    mod = cls.__module__
+    return cls.__qualname__ if mod == "builtins" else f"{mod}.{cls.__qualname__}"
+
+
+class Probe:
+    """The handle :func:`tracemark.probe` returns; pass it to :func:`tracemark.unprobe`.
+
+    Attributes: ``target`` (the resolved :class:`~.targets.Target`), ``at``, ``capture``
+    (dotted paths), ``name`` (its marker's name), ``marker`` (the firing function, as a probe
+    receives it), ``mechanism`` (which mechanism serves it) and ``installed``.
+    """
+
+    def __init__(self, target: Target, at: str, capture: tuple[str, ...], name: str) -> None:
+        self.target = target
+        self.at = at
+        self.capture = capture
+        self.name = name
+        self.code: types.CodeType = target.code
+        self.line = target.line
+        self.installed = False
+        self.enabled = False
+        self.mechanism = ""
+        self.core: registry.MarkerCore | None = None
+        self._paths = tuple(tuple(p.split(".")) for p in capture)
+        self._starts: dict[int, int] = {}
+
+    # --- the marker ---------------------------------------------------------------------------
+
+    def field_types(self) -> dict[str, object]:
+        fixed: dict[str, object] = {
+            "entry": {},
+            "return": {"value": object, "duration_ns": int},
+            "line": {},
+            "raise": {"exc_type": str, "message": str},
+        }[self.at]
+        types_ = dict(fixed)
+        for path in self.capture:
+            name = field_name(path)
+            while name in types_:
+                name += "_"
+            types_[name] = object
+        return types_
+
+    @property
+    def marker(self) -> Any:
+        return None if self.core is None else self.core.fire
+
+    # --- events (called by the mechanisms; none of them raises, but in strict mode) ------------
+    #
+    # The emitters are compiled per probe (like the markers' firing functions) so the hot path
+    # is straight-line code: no loop over captures, no call per plain value.
+
+    def compile(self) -> None:
+        """Build the emitters, once the marker is declared (``self.core`` is set)."""
+        fire = self.core.fire  # type: ignore[union-attr]
+        paths = self._paths
+        if self.at in ("entry", "line"):
+            #: ``emit_frame(frame)``: fire from the locals of a running frame.
+            self.emit_frame = _emitter("frame", "", paths, fire, self._starts)
+        #: For an entry probe that captures parameters by plain name (or nothing), the names
+        #: a mechanism may pass straight to ``emit_args`` instead of handing over the frame.
+        self.direct: tuple[str, ...] | None = None
+        if self.at == "entry" and all(len(p) == 1 and p[0] in self.target.params for p in paths):
+            self.direct = tuple(p[0] for p in paths)
+            self.emit_args = fire if not paths else _args_emitter(len(paths), fire)
+        if self.at == "return":
+            self.emit_return = _emitter("frame, value", "return", paths, fire, self._starts)
+            self.start = _emitter("frame", "start", (), fire, self._starts)
+
+    def on_start(self, frame: types.FrameType) -> None:
+        """A frame of the code started (first resume, for generators and coroutines)."""
+        if self.at == "return":
+            self.start(frame)
+        elif self.at == "entry":
+            self.emit_frame(frame)
+
+    def on_return(self, frame: types.FrameType, value: object) -> None:
+        self.emit_return(frame, value)
+
+    def on_line(self, frame: types.FrameType) -> None:
+        self.emit_frame(frame)
+
+    def on_raise(self, frame: types.FrameType, exc: BaseException) -> None:
+        self._starts.pop(id(frame), None)
+        try:
+            message = str(exc)
+        except Exception as err:
+            message = f"<str failed: {type(err).__name__}>"
+        if len(message) > MAX_REPR:
+            message = message[: MAX_REPR - 3] + "..."
+        local = frame.f_locals if self._paths else {}
+        values = tuple(_capture(local, p) for p in self._paths)
+        self.core.fire(_exc_type(exc), message, *values)  # type: ignore[union-attr]
+
+    def forget_frames(self) -> None:
+        self._starts.clear()
+
+    def __repr__(self) -> str:
+        state = "installed" if self.installed else "removed"
+        return f"<Probe {self.name} on {self.target.spec!r} at {self.at} ({state})>"
+
+
+def _slow(value: object, name: str) -> object:
+    if value is _UNBOUND:
+        return f"<unbound: {name}>"
+    return value_of(value)
+
+
+_EMITTER_GLOBALS = {
+    "_P": frozenset(_PLAIN),
+    "_U": _UNBOUND,
+    "_slow": _slow,
+    "_capture": _capture,
+    "_value_of": value_of,
+    "_ns": time.perf_counter_ns,
+    "_id": id,
+    "_len": len,
+    "_type": type,
+    "_MAX_STARTS": _MAX_STARTS,
+}
+
+
+def _emitter(
+    params: str, kind: str, paths: tuple[tuple[str, ...], ...], fire: Any, starts: dict
+) -> Any:
+    """Compile ``emit(params)``: capture ``paths`` from the frame's locals and fire."""
+    body = []
+    if kind == "start":
+        body += [
+            "if _len(_starts) >= _MAX_STARTS:",
+            "    _starts.clear()",  # bounded: starts whose return never came
+            "_starts[_id(frame)] = _ns()",
+        ]
+    if kind == "return":
+        body += [
+            "t1 = _ns()",
+            "t0 = _starts.pop(_id(frame), None)",
+            "duration = -1 if t0 is None else t1 - t0",
+            "if _type(value) not in _P:",
+            "    value = _value_of(value)",
+        ]
+    if paths:
+        body.append("L = frame.f_locals")
+    names = []
+    for i, path in enumerate(paths):
+        v = f"v{i}"
+        names.append(v)
+        if len(path) == 1:
+            body += [
+                f"{v} = L.get({path[0]!r}, _U)",
+                f"if _type({v}) not in _P:",
+                f"    {v} = _slow({v}, {path[0]!r})",
+            ]
+        else:
+            body.append(f"{v} = _capture(L, {path!r})")
+    if kind == "return":
+        names = ["value", "duration", *names]
+    if kind != "start":
+        body.append(f"_fire({', '.join(names)})")
+    source = f"def emit({params}):\n" + "".join(f"    {line}\n" for line in body)
+    namespace = {**_EMITTER_GLOBALS, "_fire": fire, "_starts": starts}
+    exec(compile(source, "<tracemark probe>", "exec"), namespace)
+    return namespace["emit"]
+
+
+def _args_emitter(n: int, fire: Any) -> Any:
+    """Compile ``emit(v0, ..., vn)``: the values passed straight in, made plain, fired."""
+    names = [f"v{i}" for i in range(n)]
+    body = [f"    if _type({v}) not in _P:\n        {v} = _value_of({v})\n" for v in names]
+    source = f"def emit({', '.join(names)}):\n{''.join(body)}    _fire({', '.join(names)})\n"
+    namespace = {**_EMITTER_GLOBALS, "_fire": fire}
+    exec(compile(source, "<tracemark probe>", "exec"), namespace)
+    return namespace["emit"]
