@@ -23,13 +23,14 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
 
+from ..ctf import TraceError, read_trace
+
 #: Exit codes, documented in ``tracemark --help``.
 EXIT_OK = 0
 EXIT_FOUND_ERRORS = 1  # list: marker declarations or call sites that do not match
 EXIT_USAGE = 2  # unknown option, bad argument, bad filter expression
 EXIT_NOT_TRACE = 3  # the path is missing or is not a trace directory
 EXIT_CORRUPT = 4  # the trace is corrupt or truncated
-EXIT_UNAVAILABLE = 5  # a part of tracemark this command needs is not installed
 EXIT_NOT_FOUND = 127  # record: the program to run was not found (as a shell says)
 
 EXIT_CODES_HELP = f"""\
@@ -39,7 +40,6 @@ exit codes:
   {EXIT_USAGE}    usage error: unknown option, bad argument or --filter expression
   {EXIT_NOT_TRACE}    not a trace directory (or it does not exist)
   {EXIT_CORRUPT}    corrupt or truncated trace (the message names file and offset)
-  {EXIT_UNAVAILABLE}    a part of tracemark this command needs is not installed
   {EXIT_NOT_FOUND}  record: the program to run was not found
   record otherwise returns the program's own exit code
        (128+N if the program was killed by signal N)"""
@@ -164,34 +164,20 @@ def open_trace(path: str) -> Any:
             "make one with: tracemark record -- python app.py",
             EXIT_NOT_TRACE,
         )
-    read_trace, trace_error = reader()
     try:
         return read_trace(path)
-    except trace_error as exc:
+    except TraceError as exc:
         raise CliError(f"corrupt trace: {exc}", EXIT_CORRUPT) from None
     except OSError as exc:
         message = f"{path}: cannot read the trace: {exc.strerror or exc}"
         raise CliError(message, EXIT_NOT_TRACE) from None
 
 
-def reader() -> tuple[Callable[[str], Any], type[Exception]]:
-    """``(read_trace, TraceError)`` from :mod:`tracemark.ctf`, or a CliError saying it is
-    missing (the reader is a separate piece of tracemark)."""
-    try:
-        from ..ctf import TraceError, read_trace
-    except ImportError as exc:
-        raise CliError(
-            f"the trace reader (tracemark.ctf) is not available: {exc}", EXIT_UNAVAILABLE
-        ) from None
-    return read_trace, TraceError
-
-
 def guarded(events: Iterable[Any]) -> Iterator[Any]:
     """``events`` with a TraceError met while streaming turned into a CliError."""
-    _, trace_error = reader()
     try:
         yield from events
-    except trace_error as exc:
+    except TraceError as exc:
         raise CliError(f"corrupt trace: {exc}", EXIT_CORRUPT) from None
 
 

@@ -37,10 +37,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, Any
 
+from ..ctf import TraceError, read_trace
+from ..probes import parse_spec
 from . import _boot
 from ._common import (
     EXIT_NOT_FOUND,
-    EXIT_UNAVAILABLE,
     EXIT_USAGE,
     CliError,
     Progress,
@@ -150,33 +151,20 @@ def environment(
     return env
 
 
-def check_probes_available(probes: Sequence[str]) -> None:
-    if not probes:
-        return
-    try:
-        from .. import probes as probes_module  # type: ignore[attr-defined]
-    except ImportError:
-        probes_module = None
-    if not hasattr(probes_module, "install_spec"):
-        raise CliError(
-            "--probe: dynamic probes are not available in this tracemark "
-            "(tracemark.probes.install_spec is missing)",
-            EXIT_UNAVAILABLE,
-        )
-    parse = getattr(probes_module, "parse_spec", None)
-    for spec in probes:  # a typo is caught here, not in every process of the program
+def check_probe_specs(specs: Sequence[str]) -> None:
+    """Reject a bad ``--probe`` spec before the program starts, not in each of its processes."""
+    for spec in specs:
         if "\n" in spec:
             raise CliError(f"--probe {spec!r}: a spec is one line", EXIT_USAGE)
-        if parse is not None:
-            try:
-                parse(spec)
-            except ValueError as exc:
-                raise CliError(f"--probe {spec}: {exc}", EXIT_USAGE) from None
+        try:
+            parse_spec(spec)
+        except ValueError as exc:
+            raise CliError(f"--probe {spec}: {exc}", EXIT_USAGE) from None
 
 
 def run(args: Any, err: IO[str], style: Style) -> int:
     argv = program_argv(args.module, args.program)
-    check_probes_available(args.probe)
+    check_probe_specs(args.probe)
     buffer = parse_size(args.buffer) if args.buffer else None
     if buffer is not None and buffer < _boot.SUBBUFFERS * _boot.MIN_SUBBUFFER:
         raise CliError(
@@ -229,7 +217,7 @@ def summarize(
     trace_dir: Path, err: IO[str], style: Style, *, top: int, elapsed: float, code: int
 ) -> None:
     """Print what the recording holds: events per marker, discarded, duration, size, path."""
-    from ._common import guarded, reader
+    from ._common import guarded
 
     size = sum(f.stat().st_size for f in trace_dir.rglob("*") if f.is_file())
     if next(trace_dir.rglob("metadata"), None) is None:
@@ -238,12 +226,11 @@ def summarize(
             "(was it a Python program? did it start?)\n"
         )
         return
-    read_trace, trace_error = reader()
     try:
         trace = read_trace(str(trace_dir))
         progress = Progress("reading the trace", total_events(trace), err)
         counts = Counter(ev.name for ev in progress.wrap(guarded(trace.events())))
-    except trace_error as exc:
+    except TraceError as exc:
         raise CliError(f"the trace is damaged: {exc}") from None
     total = sum(counts.values())
     processes = len({s.pid for s in trace.streams})
