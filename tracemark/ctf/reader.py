@@ -295,10 +295,11 @@ class Stream:
 
     @property
     def lost_packets(self) -> int:
-        """Packets missing from the sequence (overwritten in overwrite mode)."""
+        """Packets missing from the sequence, before the first one included (overwritten in
+        overwrite mode)."""
         if not self._packets:
             return 0
-        return self._packets[-1].seq - self._packets[0].seq + 1 - len(self._packets)
+        return self._packets[-1].seq + 1 - len(self._packets)  # numbering starts at 0
 
     @property
     def events(self) -> int:

@@ -133,6 +133,7 @@ class _Channel:
         "overwritten",
         "pos",
         "rec",
+        "reported",
         "seq",
         "thread",
         "tid",
@@ -156,6 +157,7 @@ class _Channel:
         self.count = 0  # events in the open packet
         self.seq = -1
         self.discarded = 0  # free-running, as events_discarded
+        self.reported = 0  # events_discarded of the last packet closed
         self.overwritten = 0
         self.written = 0  # events in packets written to disk
         self.fd = -1
@@ -209,9 +211,10 @@ class _Channel:
         """Seal the open packet and hand it to the consumer (or keep it, overwrite mode)."""
         buf, pos, events = self.buf, self.pos, self.count
         self.limit = -1  # from here on, a nested or next event opens a new packet
-        W.close_packet(buf, pos, ts_end, self.discarded)
+        self.reported = discarded = self.discarded
+        W.close_packet(buf, pos, ts_end, discarded)
         self.full.append((buf, events, self.seq))
-        if not self.rec.overwrite:
+        if not self.rec.overwrite and self.rec.running:
             self.rec._wake()
 
     def flush(self) -> None:
@@ -224,6 +227,26 @@ class _Channel:
             self.seq -= 1  # the empty packet was never written: no gap in packet_seq_num
         if self.child is not None:
             self.child.flush()
+
+    def last_count(self) -> None:
+        """At stop, events discarded after the last packet: record their count in one more
+        packet without events (events_discarded is only ever carried by packets)."""
+        if self.discarded == self.reported:
+            return
+        buf = self.free.popleft() if self.free else bytearray(self.rec.subbuffer_size)
+        self.seq += 1
+        self.pos = W.open_packet(
+            buf,
+            self.rec.trace_uuid,
+            self.instance_id,
+            self.seq,
+            time.monotonic_ns(),
+            self.tid,
+            self.rec.pid,
+            self.name,
+        )
+        self.buf, self.count = buf, 0
+        self._close(time.monotonic_ns())
 
 
 class Recording:
@@ -299,6 +322,7 @@ class Recording:
         self._stop_consumer = False
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
+        self.trace_path = self.path / f"{self.pid}-?"
         self.trace_path = self._make_trace_dir()
         offset = time.time_ns() - time.monotonic_ns()
         env = {
@@ -316,19 +340,24 @@ class Recording:
                 if info.name not in self._classes:
                     text += self._event_class(info.name, info.fields)
         self._metadata_text = text
-        if not self.overwrite:
+        if not self.overwrite and self._error is None:
             self._write_metadata(self.trace_path, text, "w")
 
     def _make_trace_dir(self) -> Path:
-        self.path.mkdir(parents=True, exist_ok=True)
-        for n in itertools.count():
-            candidate = self.path / f"{self.pid}-{n}"
-            try:
-                candidate.mkdir()
-            except FileExistsError:
-                continue
-            return candidate
-        raise AssertionError("unreachable")
+        """``DIR/<pid>-<n>``, the first that does not exist yet. If it cannot be made, the
+        recording still runs (the program must not notice) and counts every event as lost."""
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            for n in itertools.count():
+                candidate = self.path / f"{self.pid}-{n}"
+                try:
+                    candidate.mkdir()
+                except FileExistsError:
+                    continue
+                return candidate
+        except OSError as exc:
+            self._fail(f"cannot create the trace directory in {self.path}: {exc}")
+        return self.path / f"{self.pid}-0"
 
     def stop(self) -> RecordingSummary:
         """Stop recording, write everything still buffered, and return the summary.
@@ -358,6 +387,9 @@ class Recording:
             if consumer is not None and consumer is not threading.current_thread():
                 consumer.join()
             self._drain()  # whatever the consumer did not get to (or never started for)
+            for ch in list(self._all_channels()):
+                ch.last_count()
+            self._drain()
             self._close_files()
         for fd in (self._wake_r, self._wake_w):
             try:
@@ -459,9 +491,12 @@ class Recording:
     def _new_channel(self) -> _Channel:
         ch = _Channel(self, 0, threading.current_thread())
         with self._lock:
-            self._channels.append(ch)
-        self._tls.ch = ch
-        return ch
+            self._channels.append(ch)  # registered even if a nested one won the race below
+        try:
+            return self._tls.ch  # a signal handler made (and used) one meanwhile
+        except AttributeError:
+            self._tls.ch = ch
+            return ch
 
     def _nested(self, ch: _Channel) -> _Channel | None:
         while ch.busy:
@@ -469,7 +504,11 @@ class Recording:
                 ch.discarded += 1  # counted in that channel's next packet
                 return None
             if ch.child is None:
-                ch.child = _Channel(self, ch.level + 1, threading.current_thread())
+                child = _Channel(self, ch.level + 1, threading.current_thread())
+                # Making a channel takes a while (its buffers): a signal handler may have
+                # made one meanwhile and written to it. Keep that one, drop ours.
+                if ch.child is None:
+                    ch.child = child
             ch = ch.child
         return ch
 
