@@ -120,17 +120,18 @@ class _Metadata:
             raise TraceError(path, exc.start, "metadata is not valid UTF-8") from None
         except OSError as exc:
             raise TraceError(path, 0, f"cannot read metadata: {exc.strerror or exc}") from None
+        self._text = text
         if not text.startswith("/* CTF 1.8 */"):
-            raise TraceError(path, 0, "metadata does not start with '/* CTF 1.8 */'")
+            raise self._error(0, "metadata does not start with '/* CTF 1.8 */'")
         m = _UUID.search(text)
         if not m:
-            raise TraceError(path, 0, "metadata has no trace block with a uuid")
+            raise self._error(0, "metadata has no trace block with a uuid")
         try:
             self.uuid = bytes.fromhex(m[1].replace("-", ""))
         except ValueError:
-            raise TraceError(path, m.start(1), "trace uuid is not valid") from None
+            raise self._error(m.start(1), "trace uuid is not valid") from None
         if len(self.uuid) != 16:
-            raise TraceError(path, m.start(1), "trace uuid is not 16 bytes")
+            raise self._error(m.start(1), "trace uuid is not 16 bytes")
         layout = text.find(W.STREAM_TSDL)
         if layout < 0 or W.TYPES_TSDL not in text:
             layout = -1
@@ -143,7 +144,7 @@ class _Metadata:
             )
         c = _CLOCK.search(text)
         if not c or int(c[1]) == 0:
-            raise TraceError(path, 0, "metadata has no valid clock block")
+            raise self._error(0, "metadata has no valid clock block")
         self.freq = int(c[1])
         self.offset_ns = (int(c[2]) * self.freq + int(c[3])) * 1_000_000_000 // self.freq
         self.env: dict[str, str | int] = {}
@@ -160,17 +161,21 @@ class _Metadata:
                 break
             m = _EVENT.match(text, start + 1)
             if not m:
-                raise TraceError(path, start + 1, "event class block cannot be parsed")
+                raise self._error(start + 1, "event class block cannot be parsed")
             fields = self._fields(m[3], m.start(3))
             event_id = int(m[2])
             if event_id in self.events:
-                raise TraceError(path, m.start(2), f"event id {event_id} declared twice")
+                raise self._error(m.start(2), f"event id {event_id} declared twice")
             self.events[event_id] = (_unquote(f'"{m[1]}"'), fields)
             pos = m.end() - 1
         if text[pos:].strip() and not text[pos:].strip().startswith("/*"):
             rest = len(text) - len(text[pos:].lstrip())
             if text[rest:].strip():
-                raise TraceError(path, rest, "unexpected text after the last event class")
+                raise self._error(rest, "unexpected text after the last event class")
+
+    def _error(self, at: int, message: str) -> TraceError:
+        """A TraceError at character ``at`` of the text, reported as a byte offset."""
+        return TraceError(self.path, len(self._text[:at].encode()), message)
 
     def _fields(self, body: str, offset: int) -> tuple[tuple[str, str], ...]:
         out = []
@@ -182,7 +187,7 @@ class _Metadata:
             else:
                 m = _FIELD.match(body, pos)
                 if not m or m[1] not in _TYPE_NAMES:
-                    raise TraceError(self.path, offset + pos, "event field cannot be parsed")
+                    raise self._error(offset + pos, "event field cannot be parsed")
                 out.append((m[2], _TYPE_NAMES[m[1]]))
             pos = m.end()
         return tuple(out)

@@ -87,6 +87,8 @@ SUBBUFFERS = 4
 #: How often the consumer looks at the channels when nobody wakes it (seconds).
 _POLL = 0.05
 
+_IOV_MAX = 512  # at most this many packets per writev (Linux allows 1024)
+
 _VALUE_ERRORS = (struct.error, OverflowError, TypeError, ValueError)
 
 
@@ -137,6 +139,7 @@ class _Channel:
         "seq",
         "thread",
         "tid",
+        "unallocated",
         "written",
     )
 
@@ -149,7 +152,10 @@ class _Channel:
         self.busy = False
         self.child: _Channel | None = None
         self.instance_id = rec._next_instance()
-        self.free = collections.deque(bytearray(rec.subbuffer_size) for _ in range(rec.nbufs))
+        # Sub-buffers are allocated when first needed: a thread that fires a few events
+        # costs one sub-buffer, not the whole channel.
+        self.free: collections.deque[bytearray] = collections.deque()
+        self.unallocated = rec.nbufs
         self.full: collections.deque = collections.deque()  # (buf, events, seq)
         self.buf = bytearray(0)
         self.pos = 0
@@ -175,15 +181,18 @@ class _Channel:
                 rec._too_large(size)
             self.discarded += 1
             return -1
-        try:
+        if self.free:
             buf = self.free.popleft()
-        except IndexError:
-            if not rec.overwrite:
-                self.discarded += 1
-                return -1
+        elif self.unallocated > 0:
+            self.unallocated -= 1
+            buf = bytearray(rec.subbuffer_size)
+        elif not rec.overwrite:
+            self.discarded += 1
+            return -1
+        else:
             try:
                 buf, events, _ = self.full.popleft()
-            except IndexError:  # taken by a concurrent snapshot: never happens in practice
+            except IndexError:  # every sub-buffer is being copied by a snapshot
                 self.discarded += 1
                 return -1
             self.overwritten += events
@@ -578,10 +587,12 @@ class Recording:
                 if self._error is None:
                     self._write_metadata(self.trace_path, text, "a")
             for ch in list(self._all_channels()):
+                batch = []
                 while ch.full:
-                    buf, events, _ = ch.full.popleft()
-                    self._write_packet(ch, buf, events)
-                    ch.free.append(buf)
+                    batch.append(ch.full.popleft())
+                if batch:
+                    self._write_packets(ch, batch)
+                    ch.free.extend(buf for buf, _, _ in batch)
 
     def _write_metadata(self, directory: Path, text: str, how: str) -> None:
         try:
@@ -590,30 +601,47 @@ class Recording:
         except OSError as exc:
             self._fail(f"cannot write {directory / 'metadata'}: {exc}")
 
-    def _write_packet(self, ch: _Channel, buf: bytearray, events: int) -> None:
+    def _write_packets(self, ch: _Channel, batch: list[tuple[bytearray, int, int]]) -> None:
+        """Append whole packets to ``ch``'s stream file with as few system calls as possible
+        (each one gives the GIL away and must win it back from the firing threads)."""
         if self._error is not None:
-            self._lost += events
+            self._lost += sum(events for _, events, _ in batch)
             return
-        size = struct.unpack_from("<Q", buf, W.OFF_TS_END + 8)[0] // 8
+        views = []
+        for buf, _, _ in batch:
+            size = struct.unpack_from("<Q", buf, W.OFF_TS_END + 8)[0] // 8
+            views.append(memoryview(buf)[:size])
+        total = sum(len(v) for v in views)
+        done = 0
         try:
             if ch.fd == -1:
                 path = self.trace_path / f"stream_{ch.instance_id}"
                 ch.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-            view = memoryview(buf)[:size]
-            done = 0
-            while done < size:
-                done += os.write(ch.fd, view[done:])
+            while done < total:
+                rest, skip = [], done
+                for v in views:
+                    if skip >= len(v):
+                        skip -= len(v)
+                        continue
+                    rest.append(v[skip:])
+                    skip = 0
+                done += os.writev(ch.fd, rest[:_IOV_MAX])
         except OSError as exc:
-            if ch.fd != -1:
-                try:  # only complete packets: cut a partial write away
-                    os.ftruncate(ch.fd, ch.file_size)
-                except OSError:
-                    pass
-            self._lost += events
             self._fail(f"cannot write the trace in {self.trace_path}: {exc}")
-            return
-        ch.file_size += size
-        ch.written += events
+        # Count (and keep) only the packets written whole; cut a partial one away.
+        kept = 0
+        for v, (_, events, _) in zip(views, batch, strict=True):
+            if kept + len(v) <= done:
+                kept += len(v)
+                ch.written += events
+            else:
+                self._lost += events
+        if kept != done:
+            try:
+                os.ftruncate(ch.fd, ch.file_size + kept)
+            except OSError:
+                pass
+        ch.file_size += kept
 
     def _fail(self, message: str) -> None:
         if self._error is None:
