@@ -322,7 +322,10 @@ class Recording:
         self.trace_uuid = _uuid.uuid4().bytes
         self._instances = itertools.count()
         self._channels: list[_Channel] = []
-        self._tls = threading.local()
+        try:
+            self._tls.__dict__.clear()  # a fork child: the forking thread's channel is gone
+        except AttributeError:
+            self._tls = threading.local()
         self._pending_metadata: collections.deque[str] = collections.deque()
         self._recorded = self._discarded_bad = self._lost = 0
         self._error: str | None = None
@@ -444,6 +447,7 @@ class Recording:
         writers: dict[Any, Any] = {}
         claimed = [re.compile(fnmatch.translate(p)).match for p in earlier]
         rec = self
+        tls = self._tls  # the same object for the recording's life (a fork child clears it)
 
         def new_marker(marker: Any) -> Any:
             if any(match(marker.name) for match in claimed):
@@ -460,7 +464,6 @@ class Recording:
                 write = new_marker(marker)
             if write is None:
                 return
-            tls = rec._tls
             try:
                 ch = tls.ch
             except AttributeError:
