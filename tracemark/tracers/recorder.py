@@ -322,6 +322,7 @@ class Recording:
         self.trace_uuid = _uuid.uuid4().bytes
         self._instances = itertools.count()
         self._channels: list[_Channel] = []
+        self._retired: list[tuple[int, int, int, bool]] = []  # stats of ended threads
         try:
             self._tls.__dict__.clear()  # a fork child: the forking thread's channel is gone
         except AttributeError:
@@ -354,6 +355,8 @@ class Recording:
         self._metadata_text = text
         if not self.overwrite and self._error is None:
             self._write_metadata(self.trace_path, text, "w")
+        if not self.overwrite:
+            self._start_consumer()
 
     def _make_trace_dir(self) -> Path:
         """``DIR/<pid>-<n>``, the first that does not exist yet. If it cannot be made, the
@@ -412,24 +415,23 @@ class Recording:
         return self.summary
 
     def _summarize(self) -> RecordingSummary:
-        chans = list(self._all_channels())
+        stats = [(c.written, c.discarded, c.overwritten, c.fd != -1) for c in self._all_channels()]
+        stats += self._retired
         return RecordingSummary(
             path=self.path,
             trace_path=self.trace_path,
-            recorded=sum(ch.written for ch in chans),
-            discarded=sum(ch.discarded for ch in chans),
+            recorded=sum(s[0] for s in stats),
+            discarded=sum(s[1] for s in stats),
             lost=self._lost,
-            overwritten=sum(ch.overwritten for ch in chans),
-            streams=sum(1 for ch in chans if ch.written or ch.fd != -1),
+            overwritten=sum(s[2] for s in stats),
+            streams=sum(1 for s in stats if s[3]),
             error=self._error,
             snapshots=list(self._snapshots),
         )
 
     def _all_channels(self) -> Iterable[_Channel]:
         for ch in list(self._channels):
-            while ch is not None:
-                yield ch
-                ch = ch.child
+            yield from _chain(ch)
 
     def __enter__(self) -> Recording:
         return self
@@ -490,7 +492,8 @@ class Recording:
             if event_id is None:
                 text = self._event_class(marker.name, marker.fields)
                 self._metadata_text += text
-                self._pending_metadata.append(text)
+                if not self.overwrite:  # overwrite mode writes it whole with each snapshot
+                    self._pending_metadata.append(text)
                 event_id = self._classes[marker.name]
             return W.compile_packer(event_id, marker.fields)
 
@@ -590,12 +593,42 @@ class Recording:
                 if self._error is None:
                     self._write_metadata(self.trace_path, text, "a")
             for ch in list(self._all_channels()):
-                batch = []
-                while ch.full:
-                    batch.append(ch.full.popleft())
-                if batch:
-                    self._write_packets(ch, batch)
-                    ch.free.extend(buf for buf, _, _ in batch)
+                self._write_full(ch)
+            if self.running and not self._stopping:
+                self._retire_dead_threads()
+
+    def _write_full(self, ch: _Channel) -> None:
+        batch = []
+        while ch.full:
+            batch.append(ch.full.popleft())
+        if batch:
+            self._write_packets(ch, batch)
+            ch.free.extend(buf for buf, _, _ in batch)
+
+    def _retire_dead_threads(self) -> None:
+        """Write out and forget the channels of threads that ended, so that memory stays
+        bounded by the threads alive, not by every thread that ever fired (a thread that
+        has ended runs no producer code: its channel can be closed from here)."""
+        for ch in list(self._channels):
+            thread = ch.thread()
+            # The main thread counts as ended while atexit handlers (which may fire markers)
+            # still run on it: its channel stays until stop.
+            if thread is threading.main_thread() or (thread is not None and thread.is_alive()):
+                continue
+            ch.flush()
+            for c in _chain(ch):
+                self._write_full(c)
+                c.last_count()
+                self._write_full(c)
+                self._retired.append((c.written, c.discarded, c.overwritten, c.fd != -1))
+                if c.fd >= 0:
+                    try:
+                        os.close(c.fd)
+                    except OSError:
+                        pass
+                c.fd = -2
+                c.free.clear()
+            self._channels.remove(ch)
 
     def _write_metadata(self, directory: Path, text: str, how: str) -> None:
         try:
@@ -737,19 +770,30 @@ class Recording:
 
 _active: weakref.WeakSet[Recording] = weakref.WeakSet()
 _installed = False
+_sigterm_installed = False
 _previous_sigterm: Any = None
 
 
+def _chain(ch: _Channel | None) -> Iterable[_Channel]:
+    """A thread's channel and those of its nesting levels."""
+    while ch is not None:
+        yield ch
+        ch = ch.child
+
+
 def _install_handlers() -> None:
-    global _installed, _previous_sigterm
-    if _installed:
-        return
-    _installed = True
-    atexit.register(_stop_all)
-    os.register_at_fork(after_in_child=_after_fork_in_child)
-    if threading.current_thread() is threading.main_thread():
+    """atexit and fork hooks once per process; the SIGTERM handler once, from the main
+    thread (Python only lets the main thread set signal handlers: a recording started in
+    another thread is still flushed at exit, not on SIGTERM, until one starts there)."""
+    global _installed, _sigterm_installed, _previous_sigterm
+    if not _installed:
+        _installed = True
+        atexit.register(_stop_all)
+        os.register_at_fork(after_in_child=_after_fork_in_child)
+    if not _sigterm_installed and threading.current_thread() is threading.main_thread():
+        _sigterm_installed = True
         previous = signal.getsignal(signal.SIGTERM)
-        if previous is not signal.SIG_IGN:
+        if previous is not signal.SIG_IGN:  # a program that ignores SIGTERM goes on doing so
             _previous_sigterm = previous
             signal.signal(signal.SIGTERM, _on_sigterm)
 
