@@ -252,6 +252,7 @@ _FIXED_SIZE = W.PACKET_FIXED_SIZE
 class _Packet:
     __slots__ = (
         "content_end",
+        "count",
         "discarded",
         "offset",
         "pid",
@@ -279,7 +280,6 @@ class Stream:
         self.sub = sub
         self.path = path
         self._packets: list[_Packet] = []
-        self._events: int | None = None
         self._index()
         first = self._packets[0] if self._packets else None
         self.pid: int = first.pid if first else int(sub.env.get("vpid", 0) or 0)
@@ -308,11 +308,9 @@ class Stream:
 
     @property
     def events(self) -> int:
-        """Number of events in the stream (decodes the stream once, then cached)."""
-        if self._events is None:
-            for _ in self.iter_events():
-                pass
-        return self._events  # type: ignore[return-value]
+        """Number of events in the stream (from the packet contexts: no decoding; iterating
+        checks every packet holds as many as its context says)."""
+        return sum(p.count for p in self._packets)
 
     def _index(self) -> None:
         """Read every packet's header and context; check they fit the file and each other."""
@@ -341,9 +339,17 @@ class Stream:
                 elif inst != instance:
                     raise TraceError(path, offset + 24, "stream_instance_id changes in a file")
                 p = _Packet()
-                (p.ts_begin, p.ts_end, content, psize, p.seq, p.discarded, p.tid, p.pid) = (
-                    _CTX.unpack_from(head, _HEADER.size)
-                )
+                (
+                    p.ts_begin,
+                    p.ts_end,
+                    content,
+                    psize,
+                    p.seq,
+                    p.discarded,
+                    p.count,
+                    p.tid,
+                    p.pid,
+                ) = _CTX.unpack_from(head, _HEADER.size)
                 where = offset + _HEADER.size
                 if content % 8 or psize % 8 or content > psize:
                     raise TraceError(path, where + 16, "content_size/packet_size are invalid")
@@ -385,7 +391,6 @@ class Stream:
     def iter_events(self, packets: list[_Packet] | None = None) -> Iterator[Event]:
         """This stream's events in order, read one packet at a time (or those of
         ``packets``, a part of this stream's packet list)."""
-        whole = packets is None
         if packets is None:
             packets = self._packets
         path = self.path
@@ -395,7 +400,6 @@ class Stream:
         scale = sub.meta.freq
         unpack_header = _EVENT_HEADER.unpack_from
         header_size = _EVENT_HEADER.size
-        n = 0
         f = _open(path)
         with f:
             last = 0
@@ -407,6 +411,7 @@ class Stream:
                 pos = p.start
                 end = p.content_end
                 pid, tid, thread = p.pid, p.tid, p.thread
+                n = 0
                 last = max(last, p.ts_begin)
                 while pos < end:
                     at = pos
@@ -436,9 +441,13 @@ class Stream:
                     if scale != 1_000_000_000:
                         ts = ts * 1_000_000_000 // scale
                     yield Event(ts + offset_ns, name, fields, pid, tid, thread)
+                if n != p.count:
+                    raise TraceError(
+                        path,
+                        p.offset + W.OFF_COUNT,
+                        f"packet holds {n} events, its context says {p.count}",
+                    )
                 last = max(last, p.ts_end)
-        if whole:
-            self._events = n
 
     def bounds(self) -> tuple[int | None, int | None]:
         """The timestamps of the first and last event (reads only the packets needed)."""

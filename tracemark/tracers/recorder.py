@@ -221,7 +221,7 @@ class _Channel:
         buf, pos, events = self.buf, self.pos, self.count
         self.limit = -1  # from here on, a nested or next event opens a new packet
         self.reported = discarded = self.discarded
-        W.close_packet(buf, pos, ts_end, discarded)
+        W.close_packet(buf, pos, ts_end, discarded, events)
         self.full.append((buf, events, self.seq))
         if not self.rec.overwrite and self.rec.running:
             self.rec._wake()
@@ -743,7 +743,7 @@ class Recording:
         if ch.limit >= 0 and count:
             data = bytearray(buf[:pos])
             if len(data) >= W.OFF_SEQ + 8 and struct.unpack_from("<Q", data, W.OFF_SEQ)[0] == seq:
-                W.close_packet(data, pos, time.monotonic_ns(), ch.discarded)
+                W.close_packet(data, pos, time.monotonic_ns(), ch.discarded, count)
                 found[seq] = (seq, bytes(data), count)
         for buf, events, pseq in list(ch.full):
             size = struct.unpack_from("<Q", buf, W.OFF_TS_END + 8)[0] // 8
