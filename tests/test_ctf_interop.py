@@ -74,7 +74,8 @@ def values_for(i, who):
 
 LINE = re.compile(
     r"\[(?P<s>\d+)\.(?P<ns>\d{9})\] \(\+[^)]*\) [^ ]+ (?P<name>[\w.]+): "
-    r'\{ event_count = \d+, tid = (?P<tid>\d+), pid = (?P<pid>\d+), thread_name = "(?P<thread>[^"]*)" \}, '
+    r"\{ event_count = \d+, tid = (?P<tid>\d+), pid = (?P<pid>\d+), "
+    r'thread_name = "(?P<thread>[^"]*)" \}, '
     r"\{ (?P<fields>.*) \}$"
 )
 

@@ -31,7 +31,7 @@ import struct
 from collections.abc import Callable, Iterator
 from operator import attrgetter
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from . import writer as W
 
@@ -48,35 +48,22 @@ class TraceError(Exception):
         super().__init__(f"{self.path}: at byte offset {offset}: {message}")
 
 
-class Event:
-    """One recorded event."""
+class Event(NamedTuple):
+    """One recorded event (a named tuple: built by the reader at C speed)."""
 
-    __slots__ = ("fields", "name", "pid", "thread", "tid", "timestamp")
+    #: ns since the Unix epoch (the clock's offset applied).
+    timestamp: int
+    #: The marker's name.
+    name: str
+    #: field name -> value, in field order; object fields are their repr string.
+    fields: dict[str, Any]
+    pid: int
+    tid: int
+    #: The thread's name when the event's packet was opened ('' if unknown).
+    thread: str
 
-    def __init__(
-        self, timestamp: int, name: str, fields: dict[str, Any], pid: int, tid: int, thread: str
-    ) -> None:
-        #: ns since the Unix epoch (the clock's offset applied).
-        self.timestamp = timestamp
-        self.name = name
-        #: field name -> value, in field order; object fields are their repr string.
-        self.fields = fields
-        self.pid = pid
-        self.tid = tid
-        self.thread = thread
 
-    def __repr__(self) -> str:
-        return (
-            f"Event({self.timestamp}, {self.name!r}, {self.fields!r}, pid={self.pid}, "
-            f"tid={self.tid}, thread={self.thread!r})"
-        )
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, Event):
-            return NotImplemented
-        return all(getattr(self, a) == getattr(other, a) for a in self.__slots__)
-
-    __hash__ = None  # type: ignore[assignment]
+_new_event = tuple.__new__
 
 
 # --- metadata ---------------------------------------------------------------------------------
@@ -440,7 +427,7 @@ class Stream:
                     n += 1
                     if scale != 1_000_000_000:
                         ts = ts * 1_000_000_000 // scale
-                    yield Event(ts + offset_ns, name, fields, pid, tid, thread)
+                    yield _new_event(Event, (ts + offset_ns, name, fields, pid, tid, thread))
                 if n != p.count:
                     raise TraceError(
                         path,
