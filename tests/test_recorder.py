@@ -8,6 +8,7 @@ import sys
 import textwrap
 import threading
 import time
+import weakref
 
 import pytest
 
@@ -382,15 +383,20 @@ def test_full_disk_program_completes_and_only_complete_packets_remain(tmp_path):
 # --- re-entrancy -------------------------------------------------------------------------------
 
 
+@pytest.mark.filterwarnings("ignore:.*fired from inside a probe:tracemark.TracemarkWarning")
 def test_signal_handler_firing_markers_in_the_middle_of_recording(tmp_path, uniq):
     main = tracemark.marker(f"{uniq}.main", i=int, s=str, x=float)
     nested = tracemark.marker(f"{uniq}.nested", k=int, s=str)
     fired = []
+    keep = []
     recording = True
 
     class Dying:
         def __del__(self):
             nested(-len(fired), "from __del__")
+
+    class Target:
+        pass
 
     def handler(signum, frame):
         if not recording:
@@ -398,6 +404,9 @@ def test_signal_handler_firing_markers_in_the_middle_of_recording(tmp_path, uniq
         fired.append(1)
         nested(len(fired), "from a signal handler" * (len(fired) % 3))
         Dying()
+        target = Target()
+        keep.append(weakref.ref(target, lambda _: nested(0, "from a weakref callback")))
+        del target
 
     old = signal.signal(signal.SIGALRM, handler)
     try:
@@ -422,7 +431,7 @@ def test_signal_handler_firing_markers_in_the_middle_of_recording(tmp_path, uniq
     assert all(f["s"] == "payload" * (f["i"] % 5) for f in mains)
     nested_ks = sorted(ev.fields["k"] for ev in evs if ev.name == f"{uniq}.nested")
     dropped = tracemark.markers(f"{uniq}.nested")[0].dropped_nested  # deeper than MAX_NESTING
-    assert len(nested_ks) == 2 * len(fired) - dropped
+    assert len(nested_ks) == 3 * len(fired) - dropped
     assert rec.summary.discarded == 0
     assert len(trace.streams) >= 2  # the nested events went to the next nesting level
 

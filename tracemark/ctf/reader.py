@@ -300,7 +300,13 @@ class Stream:
         return sum(p.count for p in self._packets)
 
     def _index(self) -> None:
-        """Read every packet's header and context; check they fit the file and each other."""
+        """Read every packet's header and context; check they fit the file and each other.
+
+        CTF §5.1: a packet starts with the magic and the trace uuid; §5.2: content_size and
+        packet_size are in bits, content_size <= packet_size; a stream's packets follow each
+        other in time (timestamp_begin/end) and packet_seq_num order; events_discarded is a
+        free-running counter, so it never decreases.
+        """
         path = self.path
         f = _open(path)
         size = os.fstat(f.fileno()).st_size

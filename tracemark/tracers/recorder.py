@@ -24,8 +24,10 @@ Guarantees
   sub-buffer, packs the event with one precompiled ``struct`` call and publishes the new
   position; a full sub-buffer is handed over through a deque and a byte written to a pipe
   (async-signal-safe, so a signal handler may do it too).
-* **Bounded memory.** ``subbuffers * subbuffer_size`` bytes per thread (and per nesting level
-  actually used), whatever the event rate.
+* **Bounded memory.** ``subbuffers * subbuffer_size`` bytes per live thread (and per nesting
+  level actually used), whatever the event rate; sub-buffers are allocated when first
+  needed, and the consumer writes out and releases the channels of threads that ended
+  (in overwrite mode they are kept for the next snapshot).
 * **Nothing is lost silently.** ``mode="discard"``: when every sub-buffer is full, new events
   are dropped and counted in the next packet's ``events_discarded``. ``mode="overwrite"``
   (flight recorder): the oldest full packet is reused; nothing is written until
