@@ -330,7 +330,7 @@ class Recording:
         except AttributeError:
             self._tls = threading.local()
         self._pending_metadata: collections.deque[str] = collections.deque()
-        self._recorded = self._discarded_bad = self._lost = 0
+        self._lost = 0
         self._error: str | None = None
         self._snapshots: list[Path] = []
         self._consumer: threading.Thread | None = None
@@ -758,7 +758,14 @@ class Recording:
 
     def _after_fork_in_child(self) -> None:
         """The child records into a sub-trace of its own; the parent's buffers are dropped."""
-        self._lock = threading.RLock()
+        self._lock = threading.RLock()  # another thread may have held it at fork time
+        # The parent's descriptors are not the child's business: close the inherited copies.
+        fds = [self._wake_r, self._wake_w] + [c.fd for c in self._all_channels() if c.fd >= 0]
+        for fd in fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
         try:
             self._setup_process()
         except OSError as exc:
