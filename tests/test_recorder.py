@@ -198,6 +198,21 @@ def test_directory_layout_one_subtrace_per_recording(tmp_path, uniq):
     assert [ev.fields["n"] for ev in events_of(tmp_path / "new")] == [1, 2]
 
 
+def test_start_and_stop_without_with(tmp_path, uniq):
+    m = tracemark.marker(f"{uniq}.m", n=int)
+    rec = tracemark.record(tmp_path, f"{uniq}.*")
+    assert rec.running and tracemark.markers(f"{uniq}.m")[0].active
+    with pytest.raises(RuntimeError, match="already running"):
+        rec.start()
+    m(1)
+    summary = rec.stop()
+    assert rec.stop() is summary and summary.recorded == 1
+    m(2)  # not recorded any more
+    with pytest.raises(RuntimeError, match="does not start again"):
+        rec.start()
+    assert [ev.fields["n"] for ev in events_of(tmp_path)] == [1]
+
+
 def test_bad_arguments_to_record():
     with pytest.raises(ValueError, match="mode"):
         tracemark.record("x", mode="ring")

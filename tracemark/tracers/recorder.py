@@ -303,6 +303,8 @@ class Recording:
         """Create the sub-trace directory, write the metadata, connect to the markers."""
         if self.running:
             raise RuntimeError("this recording is already running")
+        if self._stopping:
+            raise RuntimeError("a stopped recording does not start again; call record() anew")
         self._classes: dict[str, int] = {}  # marker name -> event id
         self._classes_text = ""
         self._setup_process()
