@@ -244,3 +244,35 @@ def test_babeltrace_reads_a_snapshot_with_lost_packets(tmp_path):
     got = [int(line.rsplit("i = ", 1)[1].rstrip(" }")) for line in bt.stdout.splitlines()]
     assert got == list(range(got[0], 3000)) and got[0] > 0
     assert [ev.fields["i"] for ev in read_trace(snap).events()] == got
+
+
+NESTED = r"""
+import signal, sys, tracemark
+main = tracemark.marker("nest.main", i=int, s=str)
+nested = tracemark.marker("nest.inner", k=int)
+def handler(signum, frame):
+    nested(1)
+signal.signal(signal.SIGALRM, handler)
+with tracemark.record(sys.argv[1], subbuffer_size=1 << 16, subbuffers=64) as rec:
+    signal.setitimer(signal.ITIMER_REAL, 0.0005, 0.0005)
+    for i in range(20000):
+        main(i, "x" * (i % 7))
+    signal.setitimer(signal.ITIMER_REAL, 0, 0)
+print(rec.summary.recorded, rec.summary.discarded)
+"""
+
+
+def test_babeltrace_reads_the_streams_of_nested_events(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-c", NESTED, str(tmp_path)], capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    recorded, discarded = map(int, out.stdout.split())
+    assert discarded == 0
+    bt = subprocess.run(["babeltrace2", str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert bt.returncode == 0, bt.stderr
+    lines = bt.stdout.splitlines()
+    assert len(lines) == recorded == len(list(read_trace(tmp_path).events()))
+    mains = [int(line.rsplit("i = ", 1)[1].split(",")[0]) for line in lines if "nest.main" in line]
+    assert mains == list(range(20000))
+    assert any("nest.inner" in line for line in lines)
