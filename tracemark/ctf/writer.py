@@ -255,14 +255,16 @@ _FIXED_FORMAT = {int: "q", float: "d", bool: "?"}
 def compile_packer(event_id: int, fields: Sequence[Any]) -> Callable[[tuple, Any], None]:
     """The function ``write(args, ch)`` that records one event of this class in channel ``ch``.
 
-    It encodes the variable fields, reserves room in ``ch``'s current packet (``ch.pos`` up to
-    ``ch.limit``; ``ch.switch(size)`` closes the packet and opens the next one, returning the
-    new position or -1 when the event is discarded), packs header and payload with one
-    ``pack_into``, and only then publishes ``ch.pos``: an interruption half-way leaves the
-    packet's committed content untouched. Values that do not fit their type raise
-    ``struct.error``, ``OverflowError``, ``TypeError`` or ``ValueError`` before anything is
-    written. The caller guarantees nothing else writes to ``ch`` meanwhile (see the recorder's
-    ``busy`` flag).
+    It encodes the variable fields, reserves room in ``ch``'s current packet (from the
+    position in the low 32 bits of ``ch.pc`` up to ``ch.limit``; ``ch.switch(size)`` closes
+    the packet and opens the next one, returning the new position or -1 when the event is
+    discarded), packs header and payload with one ``pack_into``, and only then publishes the
+    new position and event count (the high bits of ``ch.pc``) with one store: an
+    interruption half-way leaves the packet's committed content untouched, and another
+    thread reading ``ch.pc`` always sees a position and a count that agree. Values that do
+    not fit their type raise ``struct.error``, ``OverflowError``, ``TypeError`` or
+    ``ValueError`` before anything is written. The caller guarantees nothing else writes to
+    ``ch`` meanwhile (see the recorder's ``busy`` flag).
     """
     names = [f"a{i}" for i in range(len(fields))]
     prep: list[str] = []
@@ -314,15 +316,13 @@ def compile_packer(event_id: int, fields: Sequence[Any]) -> Callable[[tuple, Any
         ns = {"_cache": cache, "_make": make}
     lines.append(
         "    size = s.size\n"
-        "    pos = ch.pos\n"
-        "    end = pos + size\n"
-        "    if end > ch.limit:\n"
-        "        pos = ch.switch(size)\n"
+        "    pc = ch.pc\n"
+        "    pos = pc & 0xFFFFFFFF\n"
+        "    if pos + size > ch.limit:\n"
+        "        pc = pos = ch.switch(size)\n"
         "        if pos < 0:\n            return\n"
-        "        end = pos + size\n"
         f"    s.pack_into(ch.buf, pos, {event_id}, _now(), {', '.join(values)})\n"
-        "    ch.pos = end\n"
-        "    ch.count += 1\n"
+        "    ch.pc = pc + size + 0x100000000\n"
     )
     ns.update(
         _repr=repr,

@@ -89,6 +89,7 @@ SUBBUFFERS = 4
 #: How often the consumer looks at the channels when nobody wakes it (seconds).
 _POLL = 0.05
 
+_POS_MASK = 0xFFFFFFFF
 _IOV_MAX = 512  # at most this many packets per writev (Linux allows 1024)
 
 _VALUE_ERRORS = (struct.error, OverflowError, TypeError, ValueError)
@@ -124,7 +125,6 @@ class _Channel:
         "buf",
         "busy",
         "child",
-        "count",
         "discarded",
         "fd",
         "file_size",
@@ -135,7 +135,7 @@ class _Channel:
         "limit",
         "name",
         "overwritten",
-        "pos",
+        "pc",
         "rec",
         "reported",
         "seq",
@@ -160,9 +160,10 @@ class _Channel:
         self.unallocated = rec.nbufs
         self.full: collections.deque = collections.deque()  # (buf, events, seq)
         self.buf = bytearray(0)
-        self.pos = 0
+        # Position in the open packet (low 32 bits) and events in it (the bits above), in
+        # one int so that one store publishes both (see writer.compile_packer).
+        self.pc = 0
         self.limit = -1  # no packet open: the first event opens one
-        self.count = 0  # events in the open packet
         self.seq = -1
         self.discarded = 0  # free-running, as events_discarded
         self.reported = 0  # events_discarded of the last packet closed
@@ -212,15 +213,15 @@ class _Channel:
             rec.pid,
             self.name,
         )
-        self.count = 0
         self.buf = buf
-        self.pos = start
+        self.pc = start
         self.limit = len(buf)
         return start
 
     def _close(self, ts_end: int) -> None:
         """Seal the open packet and hand it to the consumer (or keep it, overwrite mode)."""
-        buf, pos, events = self.buf, self.pos, self.count
+        buf, pc = self.buf, self.pc
+        pos, events = pc & _POS_MASK, pc >> 32
         self.limit = -1  # from here on, a nested or next event opens a new packet
         self.reported = discarded = self.discarded
         W.close_packet(buf, pos, ts_end, discarded, events)
@@ -230,7 +231,7 @@ class _Channel:
 
     def flush(self) -> None:
         """Close the open packet if it holds events (the recording is stopping)."""
-        if self.limit >= 0 and self.count:
+        if self.limit >= 0 and self.pc >> 32:
             self._close(time.monotonic_ns())
         elif self.limit >= 0:
             self.limit = -1
@@ -246,7 +247,8 @@ class _Channel:
             return
         buf = self.free.popleft() if self.free else bytearray(self.rec.subbuffer_size)
         self.seq += 1
-        self.pos = W.open_packet(
+        self.buf = buf
+        self.pc = W.open_packet(
             buf,
             self.rec.trace_uuid,
             self.instance_id,
@@ -256,7 +258,6 @@ class _Channel:
             self.rec.pid,
             self.name,
         )
-        self.buf, self.count = buf, 0
         self._close(time.monotonic_ns())
 
 
@@ -743,7 +744,8 @@ class Recording:
         found: dict[int, tuple[int, bytes, int]] = {}
         # The open packet first: read the position, then copy; a copy whose header no longer
         # carries the sequence number read is a reused buffer and is skipped.
-        seq, pos, count, buf = ch.seq, ch.pos, ch.count, ch.buf
+        seq, pc, buf = ch.seq, ch.pc, ch.buf
+        pos, count = pc & _POS_MASK, pc >> 32
         if ch.limit >= 0 and count:
             data = bytearray(buf[:pos])
             if len(data) >= W.OFF_SEQ + 8 and struct.unpack_from("<Q", data, W.OFF_SEQ)[0] == seq:
