@@ -295,7 +295,11 @@ class Recording:
         self.running = False
         self._stopping = False
         self.summary: RecordingSummary | None = None
-        self._lock = threading.RLock()  # slow paths only; re-entrant for signal handlers
+        # Slow paths only, re-entrant for signal handlers. _lock: the consumer's work (held
+        # during disk writes); _reg_lock: registering event classes and channels, which the
+        # firing threads do, so it is never held across I/O.
+        self._lock = threading.RLock()
+        self._reg_lock = threading.RLock()
         self._connections: list[registry.Connection] = []
 
     # --- life cycle ---
@@ -492,7 +496,7 @@ class Recording:
         return probe
 
     def _writer_for(self, marker: Any) -> Any:
-        with self._lock:
+        with self._reg_lock:
             event_id = self._classes.get(marker.name)
             if event_id is None:
                 text = self._event_class(marker.name, marker.fields)
@@ -510,7 +514,7 @@ class Recording:
 
     def _new_channel(self) -> _Channel:
         ch = _Channel(self, 0, threading.current_thread())
-        with self._lock:
+        with self._reg_lock:
             self._channels.append(ch)  # registered even if a nested one won the race below
         try:
             return self._tls.ch  # a signal handler made (and used) one meanwhile
@@ -570,7 +574,7 @@ class Recording:
             pass
 
     def _start_consumer(self) -> None:
-        with self._lock:
+        with self._reg_lock:
             if self._consumer is None:
                 self._consumer = threading.Thread(
                     target=self._consume, name="tracemark-consumer", daemon=True
@@ -633,7 +637,8 @@ class Recording:
                         pass
                 c.fd = -2
                 c.free.clear()
-            self._channels.remove(ch)
+            with self._reg_lock:
+                self._channels.remove(ch)
 
     def _write_metadata(self, directory: Path, text: str, how: str) -> None:
         try:
@@ -762,7 +767,9 @@ class Recording:
 
     def _after_fork_in_child(self) -> None:
         """The child records into a sub-trace of its own; the parent's buffers are dropped."""
-        self._lock = threading.RLock()  # another thread may have held it at fork time
+        # Another thread may have held them at fork time.
+        self._lock = threading.RLock()
+        self._reg_lock = threading.RLock()
         # The parent's descriptors are not the child's business: close the inherited copies.
         fds = [self._wake_r, self._wake_w] + [c.fd for c in self._all_channels() if c.fd >= 0]
         for fd in fds:
