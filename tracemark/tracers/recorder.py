@@ -589,7 +589,10 @@ class Recording:
                     os.read(self._wake_r, 4096)
             except (OSError, ValueError):
                 pass
-            self._drain()
+            try:
+                self._drain()
+            except Exception as exc:  # a consumer that dies would silently fill the buffers
+                self._fail(f"the consumer failed: {exc!r}")
             if self._stop_consumer:
                 return
 
