@@ -83,6 +83,13 @@ def test_an_empty_recording_reads_as_no_events(tmp_path):
     assert trace.streams == []
 
 
+def test_trace_error_can_carry_just_a_message():
+    err = TraceError("something else went wrong")
+    assert str(err) == "something else went wrong" and err.path is None and err.offset is None
+    err = TraceError("f", 12, "bad")
+    assert (str(err), err.path, err.offset) == ("f: at byte offset 12: bad", "f", 12)
+
+
 @pytest.mark.parametrize(
     "make, message",
     [

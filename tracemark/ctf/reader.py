@@ -40,9 +40,22 @@ __all__ = ["Event", "Stream", "SubTrace", "Trace", "TraceError", "read_trace"]
 
 class TraceError(Exception):
     """A trace that is corrupt, truncated, or not one tracemark wrote; ``str()`` names the
-    file and the byte offset."""
+    file and the byte offset (``.path``, ``.offset``).
 
-    def __init__(self, path: str | os.PathLike[str], offset: int, message: str) -> None:
+    ``TraceError(path, offset, message)``; ``TraceError(message)`` alone also works (for
+    callers that wrap other failures), with ``.path`` and ``.offset`` None.
+    """
+
+    path: str | None
+    offset: int | None
+
+    def __init__(
+        self, path: str | os.PathLike[str], offset: int | None = None, message: str | None = None
+    ) -> None:
+        if message is None and offset is None:
+            self.path = self.offset = None
+            super().__init__(str(path))
+            return
         self.path = str(path)
         self.offset = offset
         super().__init__(f"{self.path}: at byte offset {offset}: {message}")
