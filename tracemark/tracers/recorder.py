@@ -82,9 +82,11 @@ from ..markers.dispatch import MAX_NESTING
 
 __all__ = ["Recording", "RecordingSummary", "record"]
 
-#: Default sub-buffer (packet) size and count per channel: 1 MiB per thread.
+#: Default sub-buffer (packet) size and count per channel: at most 2 MiB per thread (allocated
+#: as needed: a thread that fires a little holds one sub-buffer). Room for ~10 ms of a thread
+#: firing flat out while the consumer waits for the GIL.
 SUBBUFFER_SIZE = 256 * 1024
-SUBBUFFERS = 4
+SUBBUFFERS = 8
 
 #: How often the consumer looks at the channels when nobody wakes it (seconds).
 _POLL = 0.05
@@ -582,40 +584,50 @@ class Recording:
                 self._consumer.start()
 
     def _consume(self) -> None:
+        """Write full packets until stopped. Every system call gives the GIL away, and with
+        a thread firing flat out winning it back can take a whole switch interval (5 ms):
+        so while there is work the consumer only writes (one writev per stream), and it
+        waits on the wake-up pipe only when a round found nothing to do."""
+        busy = False
         while True:
+            if not busy:
+                try:
+                    ready, _, _ = select.select([self._wake_r], [], [], _POLL)
+                    if ready:
+                        os.read(self._wake_r, 65536)
+                except (OSError, ValueError):
+                    pass
             try:
-                ready, _, _ = select.select([self._wake_r], [], [], _POLL)
-                if ready:
-                    os.read(self._wake_r, 4096)
-            except (OSError, ValueError):
-                pass
-            try:
-                self._drain()
+                busy = self._drain() > 0
             except Exception as exc:  # a consumer that dies would silently fill the buffers
                 self._fail(f"the consumer failed: {exc!r}")
+                busy = False
             if self._stop_consumer:
                 return
 
-    def _drain(self) -> None:
+    def _drain(self) -> int:
         """Write the pending metadata, then every full packet (metadata first: an event
-        class is always on disk before any packet that uses it)."""
+        class is always on disk before any packet that uses it); return how many packets."""
+        written = 0
         with self._lock:
             while self._pending_metadata:
                 text = self._pending_metadata.popleft()
                 if self._error is None:
                     self._write_metadata(self.trace_path, text, "a")
             for ch in list(self._all_channels()):
-                self._write_full(ch)
+                written += self._write_full(ch)
             if self.running and not self._stopping:
                 self._retire_dead_threads()
+        return written
 
-    def _write_full(self, ch: _Channel) -> None:
+    def _write_full(self, ch: _Channel) -> int:
         batch = []
         while ch.full:
             batch.append(ch.full.popleft())
         if batch:
             self._write_packets(ch, batch)
             ch.free.extend(buf for buf, _, _ in batch)
+        return len(batch)
 
     def _retire_dead_threads(self) -> None:
         """Write out and forget the channels of threads that ended, so that memory stays
