@@ -213,6 +213,25 @@ def test_start_and_stop_without_with(tmp_path, uniq):
     assert [ev.fields["n"] for ev in events_of(tmp_path)] == [1]
 
 
+def test_no_consumer_thread_possible_stop_writes_the_trace(tmp_path, uniq, monkeypatch):
+    m = tracemark.marker(f"{uniq}.m", n=int)
+
+    def refuse(self):
+        raise RuntimeError("can't create new thread at interpreter shutdown")
+
+    monkeypatch.setattr(threading.Thread, "start", refuse)
+    with (
+        pytest.warns(tracemark.TracemarkWarning, match="could not start"),
+        tracemark.record(tmp_path, f"{uniq}.*", subbuffer_size=4096) as rec,
+    ):
+        for i in range(1000):
+            m(i)
+    monkeypatch.undo()
+    s = rec.summary
+    assert s.recorded + s.discarded == 1000 and s.recorded > 0
+    assert [ev.fields["n"] for ev in events_of(tmp_path)] == list(range(s.recorded))
+
+
 def test_bad_arguments_to_record():
     with pytest.raises(ValueError, match="mode"):
         tracemark.record("x", mode="ring")

@@ -576,12 +576,25 @@ class Recording:
             pass
 
     def _start_consumer(self) -> None:
+        """Start the consumer thread if it is not running (idempotent; the CLI calls it in
+        fork children). Python refuses new threads once interpreter shutdown began (3.12+):
+        then packets are written by :meth:`stop` instead, and until then, once the buffers
+        are full, new events are counted as discarded."""
         with self._reg_lock:
             if self._consumer is None:
-                self._consumer = threading.Thread(
-                    target=self._consume, name="tracemark-consumer", daemon=True
-                )
-                self._consumer.start()
+                thread = threading.Thread(target=self._consume, name="tracemark-consumer")
+                thread.daemon = True
+                try:
+                    thread.start()
+                except RuntimeError as exc:
+                    faults.report(
+                        "record-consumer",
+                        str(self.trace_path),
+                        f"the recorder's consumer thread could not start ({exc}); the trace "
+                        "is written when the recording stops",
+                    )
+                    return
+                self._consumer = thread
 
     def _consume(self) -> None:
         """Write full packets until stopped. Every system call gives the GIL away, and with
