@@ -40,7 +40,9 @@ class MarkerArgumentError(TypeError):
     mode; otherwise the event is dropped and counted)."""
 
 
-_lock = threading.Lock()
+# Re-entrant: a signal handler may fire a marker (and report a fault) while this thread is
+# inside report() already; a plain Lock would deadlock there.
+_lock = threading.RLock()
 _counts: Counter[tuple[str, str]] = Counter()
 _strict = env.STRICT
 

@@ -31,7 +31,7 @@ import struct
 from collections.abc import Callable, Iterator
 from operator import attrgetter
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from . import writer as W
 
@@ -40,43 +40,43 @@ __all__ = ["Event", "Stream", "SubTrace", "Trace", "TraceError", "read_trace"]
 
 class TraceError(Exception):
     """A trace that is corrupt, truncated, or not one tracemark wrote; ``str()`` names the
-    file and the byte offset."""
+    file and the byte offset (``.path``, ``.offset``).
 
-    def __init__(self, path: str | os.PathLike[str], offset: int, message: str) -> None:
+    ``TraceError(path, offset, message)``; ``TraceError(message)`` alone also works (for
+    callers that wrap other failures), with ``.path`` and ``.offset`` None.
+    """
+
+    path: str | None
+    offset: int | None
+
+    def __init__(
+        self, path: str | os.PathLike[str], offset: int | None = None, message: str | None = None
+    ) -> None:
+        if message is None and offset is None:
+            self.path = self.offset = None
+            super().__init__(str(path))
+            return
         self.path = str(path)
         self.offset = offset
         super().__init__(f"{self.path}: at byte offset {offset}: {message}")
 
 
-class Event:
-    """One recorded event."""
+class Event(NamedTuple):
+    """One recorded event (a named tuple: built by the reader at C speed)."""
 
-    __slots__ = ("fields", "name", "pid", "thread", "tid", "timestamp")
+    #: ns since the Unix epoch (the clock's offset applied).
+    timestamp: int
+    #: The marker's name.
+    name: str
+    #: field name -> value, in field order; object fields are their repr string.
+    fields: dict[str, Any]
+    pid: int
+    tid: int
+    #: The thread's name when the event's packet was opened ('' if unknown).
+    thread: str
 
-    def __init__(
-        self, timestamp: int, name: str, fields: dict[str, Any], pid: int, tid: int, thread: str
-    ) -> None:
-        #: ns since the Unix epoch (the clock's offset applied).
-        self.timestamp = timestamp
-        self.name = name
-        #: field name -> value, in field order; object fields are their repr string.
-        self.fields = fields
-        self.pid = pid
-        self.tid = tid
-        self.thread = thread
 
-    def __repr__(self) -> str:
-        return (
-            f"Event({self.timestamp}, {self.name!r}, {self.fields!r}, pid={self.pid}, "
-            f"tid={self.tid}, thread={self.thread!r})"
-        )
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, Event):
-            return NotImplemented
-        return all(getattr(self, a) == getattr(other, a) for a in self.__slots__)
-
-    __hash__ = None  # type: ignore[assignment]
+_new_event = tuple.__new__
 
 
 # --- metadata ---------------------------------------------------------------------------------
@@ -120,17 +120,18 @@ class _Metadata:
             raise TraceError(path, exc.start, "metadata is not valid UTF-8") from None
         except OSError as exc:
             raise TraceError(path, 0, f"cannot read metadata: {exc.strerror or exc}") from None
+        self._text = text
         if not text.startswith("/* CTF 1.8 */"):
-            raise TraceError(path, 0, "metadata does not start with '/* CTF 1.8 */'")
+            raise self._error(0, "metadata does not start with '/* CTF 1.8 */'")
         m = _UUID.search(text)
         if not m:
-            raise TraceError(path, 0, "metadata has no trace block with a uuid")
+            raise self._error(0, "metadata has no trace block with a uuid")
         try:
             self.uuid = bytes.fromhex(m[1].replace("-", ""))
         except ValueError:
-            raise TraceError(path, m.start(1), "trace uuid is not valid") from None
+            raise self._error(m.start(1), "trace uuid is not valid") from None
         if len(self.uuid) != 16:
-            raise TraceError(path, m.start(1), "trace uuid is not 16 bytes")
+            raise self._error(m.start(1), "trace uuid is not 16 bytes")
         layout = text.find(W.STREAM_TSDL)
         if layout < 0 or W.TYPES_TSDL not in text:
             layout = -1
@@ -143,7 +144,7 @@ class _Metadata:
             )
         c = _CLOCK.search(text)
         if not c or int(c[1]) == 0:
-            raise TraceError(path, 0, "metadata has no valid clock block")
+            raise self._error(0, "metadata has no valid clock block")
         self.freq = int(c[1])
         self.offset_ns = (int(c[2]) * self.freq + int(c[3])) * 1_000_000_000 // self.freq
         self.env: dict[str, str | int] = {}
@@ -160,17 +161,21 @@ class _Metadata:
                 break
             m = _EVENT.match(text, start + 1)
             if not m:
-                raise TraceError(path, start + 1, "event class block cannot be parsed")
+                raise self._error(start + 1, "event class block cannot be parsed")
             fields = self._fields(m[3], m.start(3))
             event_id = int(m[2])
             if event_id in self.events:
-                raise TraceError(path, m.start(2), f"event id {event_id} declared twice")
+                raise self._error(m.start(2), f"event id {event_id} declared twice")
             self.events[event_id] = (_unquote(f'"{m[1]}"'), fields)
             pos = m.end() - 1
         if text[pos:].strip() and not text[pos:].strip().startswith("/*"):
             rest = len(text) - len(text[pos:].lstrip())
             if text[rest:].strip():
-                raise TraceError(path, rest, "unexpected text after the last event class")
+                raise self._error(rest, "unexpected text after the last event class")
+
+    def _error(self, at: int, message: str) -> TraceError:
+        """A TraceError at character ``at`` of the text, reported as a byte offset."""
+        return TraceError(self.path, len(self._text[:at].encode()), message)
 
     def _fields(self, body: str, offset: int) -> tuple[tuple[str, str], ...]:
         out = []
@@ -182,7 +187,7 @@ class _Metadata:
             else:
                 m = _FIELD.match(body, pos)
                 if not m or m[1] not in _TYPE_NAMES:
-                    raise TraceError(self.path, offset + pos, "event field cannot be parsed")
+                    raise self._error(offset + pos, "event field cannot be parsed")
                 out.append((m[2], _TYPE_NAMES[m[1]]))
             pos = m.end()
         return tuple(out)
@@ -247,6 +252,7 @@ _FIXED_SIZE = W.PACKET_FIXED_SIZE
 class _Packet:
     __slots__ = (
         "content_end",
+        "count",
         "discarded",
         "offset",
         "pid",
@@ -274,7 +280,6 @@ class Stream:
         self.sub = sub
         self.path = path
         self._packets: list[_Packet] = []
-        self._events: int | None = None
         self._index()
         first = self._packets[0] if self._packets else None
         self.pid: int = first.pid if first else int(sub.env.get("vpid", 0) or 0)
@@ -295,21 +300,26 @@ class Stream:
 
     @property
     def lost_packets(self) -> int:
-        """Packets missing from the sequence (overwritten in overwrite mode)."""
+        """Packets missing from the sequence, before the first one included (overwritten in
+        overwrite mode)."""
         if not self._packets:
             return 0
-        return self._packets[-1].seq - self._packets[0].seq + 1 - len(self._packets)
+        return self._packets[-1].seq + 1 - len(self._packets)  # numbering starts at 0
 
     @property
     def events(self) -> int:
-        """Number of events in the stream (decodes the stream once, then cached)."""
-        if self._events is None:
-            for _ in self.iter_events():
-                pass
-        return self._events  # type: ignore[return-value]
+        """Number of events in the stream (from the packet contexts: no decoding; iterating
+        checks every packet holds as many as its context says)."""
+        return sum(p.count for p in self._packets)
 
     def _index(self) -> None:
-        """Read every packet's header and context; check they fit the file and each other."""
+        """Read every packet's header and context; check they fit the file and each other.
+
+        CTF §5.1: a packet starts with the magic and the trace uuid; §5.2: content_size and
+        packet_size are in bits, content_size <= packet_size; a stream's packets follow each
+        other in time (timestamp_begin/end) and packet_seq_num order; events_discarded is a
+        free-running counter, so it never decreases.
+        """
         path = self.path
         f = _open(path)
         size = os.fstat(f.fileno()).st_size
@@ -335,9 +345,17 @@ class Stream:
                 elif inst != instance:
                     raise TraceError(path, offset + 24, "stream_instance_id changes in a file")
                 p = _Packet()
-                (p.ts_begin, p.ts_end, content, psize, p.seq, p.discarded, p.tid, p.pid) = (
-                    _CTX.unpack_from(head, _HEADER.size)
-                )
+                (
+                    p.ts_begin,
+                    p.ts_end,
+                    content,
+                    psize,
+                    p.seq,
+                    p.discarded,
+                    p.count,
+                    p.tid,
+                    p.pid,
+                ) = _CTX.unpack_from(head, _HEADER.size)
                 where = offset + _HEADER.size
                 if content % 8 or psize % 8 or content > psize:
                     raise TraceError(path, where + 16, "content_size/packet_size are invalid")
@@ -379,7 +397,6 @@ class Stream:
     def iter_events(self, packets: list[_Packet] | None = None) -> Iterator[Event]:
         """This stream's events in order, read one packet at a time (or those of
         ``packets``, a part of this stream's packet list)."""
-        whole = packets is None
         if packets is None:
             packets = self._packets
         path = self.path
@@ -389,7 +406,6 @@ class Stream:
         scale = sub.meta.freq
         unpack_header = _EVENT_HEADER.unpack_from
         header_size = _EVENT_HEADER.size
-        n = 0
         f = _open(path)
         with f:
             last = 0
@@ -401,6 +417,7 @@ class Stream:
                 pos = p.start
                 end = p.content_end
                 pid, tid, thread = p.pid, p.tid, p.thread
+                n = 0
                 last = max(last, p.ts_begin)
                 while pos < end:
                     at = pos
@@ -429,10 +446,14 @@ class Stream:
                     n += 1
                     if scale != 1_000_000_000:
                         ts = ts * 1_000_000_000 // scale
-                    yield Event(ts + offset_ns, name, fields, pid, tid, thread)
+                    yield _new_event(Event, (ts + offset_ns, name, fields, pid, tid, thread))
+                if n != p.count:
+                    raise TraceError(
+                        path,
+                        p.offset + W.OFF_COUNT,
+                        f"packet holds {n} events, its context says {p.count}",
+                    )
                 last = max(last, p.ts_end)
-        if whole:
-            self._events = n
 
     def bounds(self) -> tuple[int | None, int | None]:
         """The timestamps of the first and last event (reads only the packets needed)."""

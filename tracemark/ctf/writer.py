@@ -17,7 +17,9 @@ Guarantees of the layout
 * Packet context (CTF §5.2): ``timestamp_begin``/``timestamp_end`` (the clock, ns),
   ``content_size`` and ``packet_size`` in *bits*, ``packet_seq_num`` (gaps mean packets lost
   in overwrite mode), ``events_discarded`` (a free-running per-stream counter: each packet
-  holds the total so far), then tracemark's ``tid``, ``pid`` and ``thread_name`` (the
+  holds the total so far), then tracemark's ``event_count`` (events in this packet: the
+  reader counts a stream without decoding it, and checks), ``tid``, ``pid`` and
+  ``thread_name`` (the
   thread's name when the packet was opened). The fixed part comes first so a packet can be
   closed by patching fixed offsets.
 * Event header: ``uint32 id`` then ``uint64 timestamp`` (ns of the monotonic clock; the clock's
@@ -58,14 +60,18 @@ MAGIC = 0xC1FC1FC1
 #: Packet header: magic, uuid, stream_id, stream_instance_id.
 HEADER = struct.Struct("<I16sIQ")
 #: Packet context, fixed part: timestamp_begin, timestamp_end, content_size, packet_size,
-#: packet_seq_num, events_discarded, tid, pid. The thread name (a string) follows.
-CTX_FIXED = struct.Struct("<QQQQQQqq")
+#: packet_seq_num, events_discarded, event_count, tid, pid. The thread name (a string)
+#: follows.
+CTX_FIXED = struct.Struct("<QQQQQQQqq")
 PACKET_FIXED_SIZE = HEADER.size + CTX_FIXED.size
 #: Offsets inside a packet that closing it patches.
 OFF_TS_BEGIN = HEADER.size
 OFF_TS_END = HEADER.size + 8
 OFF_SEQ = HEADER.size + 32
 OFF_DISCARDED = HEADER.size + 40
+OFF_COUNT = HEADER.size + 48
+#: events_discarded, event_count
+DISCARDED_COUNT = struct.Struct("<QQ")
 #: timestamp_end, content_size, packet_size: patched together when a packet closes.
 CLOSE = struct.Struct("<QQQ")
 EVENT_HEADER = struct.Struct("<IQ")
@@ -121,6 +127,7 @@ stream {
 \t\tuint64_t packet_size;
 \t\tuint64_t packet_seq_num;
 \t\tuint64_t events_discarded;
+\t\tuint64_t event_count;
 \t\tint64_t tid;
 \t\tint64_t pid;
 \t\tstring thread_name;
@@ -197,20 +204,23 @@ def open_packet(
 ) -> int:
     """Write a packet's header and context at the start of ``buf``; return where events go.
 
-    The closing fields (timestamp_end, sizes, events_discarded) are patched by the closer.
+    The closing fields (timestamp_end, sizes, events_discarded, event_count) are patched by
+    the closer.
     """
     HEADER.pack_into(buf, 0, MAGIC, trace_uuid, 0, instance_id)
-    CTX_FIXED.pack_into(buf, HEADER.size, ts_begin, ts_begin, 0, 0, seq, 0, tid, pid)
+    CTX_FIXED.pack_into(buf, HEADER.size, ts_begin, ts_begin, 0, 0, seq, 0, 0, tid, pid)
     end = PACKET_FIXED_SIZE + len(thread_name) + 1
     buf[PACKET_FIXED_SIZE:end] = thread_name + b"\0"
     return end
 
 
-def close_packet(buf: bytearray, content_bytes: int, ts_end: int, discarded: int) -> None:
+def close_packet(
+    buf: bytearray, content_bytes: int, ts_end: int, discarded: int, count: int
+) -> None:
     """Patch the closing fields of a packet whose events end at ``content_bytes``."""
     bits = content_bytes * 8
     CLOSE.pack_into(buf, OFF_TS_END, ts_end, bits, bits)
-    struct.pack_into("<Q", buf, OFF_DISCARDED, discarded)
+    DISCARDED_COUNT.pack_into(buf, OFF_DISCARDED, discarded, count)
 
 
 def thread_name_bytes(name: str) -> bytes:
@@ -245,14 +255,16 @@ _FIXED_FORMAT = {int: "q", float: "d", bool: "?"}
 def compile_packer(event_id: int, fields: Sequence[Any]) -> Callable[[tuple, Any], None]:
     """The function ``write(args, ch)`` that records one event of this class in channel ``ch``.
 
-    It encodes the variable fields, reserves room in ``ch``'s current packet (``ch.pos`` up to
-    ``ch.limit``; ``ch.switch(size)`` closes the packet and opens the next one, returning the
-    new position or -1 when the event is discarded), packs header and payload with one
-    ``pack_into``, and only then publishes ``ch.pos``: an interruption half-way leaves the
-    packet's committed content untouched. Values that do not fit their type raise
-    ``struct.error``, ``OverflowError``, ``TypeError`` or ``ValueError`` before anything is
-    written. The caller guarantees nothing else writes to ``ch`` meanwhile (see the recorder's
-    ``busy`` flag).
+    It encodes the variable fields, reserves room in ``ch``'s current packet (from the
+    position in the low 32 bits of ``ch.pc`` up to ``ch.limit``; ``ch.switch(size)`` closes
+    the packet and opens the next one, returning the new position or -1 when the event is
+    discarded), packs header and payload with one ``pack_into``, and only then publishes the
+    new position and event count (the high bits of ``ch.pc``) with one store: an
+    interruption half-way leaves the packet's committed content untouched, and another
+    thread reading ``ch.pc`` always sees a position and a count that agree. Values that do
+    not fit their type raise ``struct.error``, ``OverflowError``, ``TypeError`` or
+    ``ValueError`` before anything is written. The caller guarantees nothing else writes to
+    ``ch`` meanwhile (see the recorder's ``busy`` flag).
     """
     names = [f"a{i}" for i in range(len(fields))]
     prep: list[str] = []
@@ -304,15 +316,13 @@ def compile_packer(event_id: int, fields: Sequence[Any]) -> Callable[[tuple, Any
         ns = {"_cache": cache, "_make": make}
     lines.append(
         "    size = s.size\n"
-        "    pos = ch.pos\n"
-        "    end = pos + size\n"
-        "    if end > ch.limit:\n"
-        "        pos = ch.switch(size)\n"
+        "    pc = ch.pc\n"
+        "    pos = pc & 0xFFFFFFFF\n"
+        "    if pos + size > ch.limit:\n"
+        "        pc = pos = ch.switch(size)\n"
         "        if pos < 0:\n            return\n"
-        "        end = pos + size\n"
         f"    s.pack_into(ch.buf, pos, {event_id}, _now(), {', '.join(values)})\n"
-        "    ch.pos = end\n"
-        "    ch.count += 1\n"
+        "    ch.pc = pc + size + 0x100000000\n"
     )
     ns.update(
         _repr=repr,

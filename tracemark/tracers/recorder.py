@@ -24,8 +24,10 @@ Guarantees
   sub-buffer, packs the event with one precompiled ``struct`` call and publishes the new
   position; a full sub-buffer is handed over through a deque and a byte written to a pipe
   (async-signal-safe, so a signal handler may do it too).
-* **Bounded memory.** ``subbuffers * subbuffer_size`` bytes per thread (and per nesting level
-  actually used), whatever the event rate.
+* **Bounded memory.** ``subbuffers * subbuffer_size`` bytes per live thread (and per nesting
+  level actually used), whatever the event rate; sub-buffers are allocated when first
+  needed, and the consumer writes out and releases the channels of threads that ended
+  (in overwrite mode they are kept for the next snapshot).
 * **Nothing is lost silently.** ``mode="discard"``: when every sub-buffer is full, new events
   are dropped and counted in the next packet's ``events_discarded``. ``mode="overwrite"``
   (flight recorder): the oldest full packet is reused; nothing is written until
@@ -80,12 +82,17 @@ from ..markers.dispatch import MAX_NESTING
 
 __all__ = ["Recording", "RecordingSummary", "record"]
 
-#: Default sub-buffer (packet) size and count per channel: 1 MiB per thread.
+#: Default sub-buffer (packet) size and count per channel: at most 2 MiB per thread (allocated
+#: as needed: a thread that fires a little holds one sub-buffer). Room for ~10 ms of a thread
+#: firing flat out while the consumer waits for the GIL.
 SUBBUFFER_SIZE = 256 * 1024
-SUBBUFFERS = 4
+SUBBUFFERS = 8
 
 #: How often the consumer looks at the channels when nobody wakes it (seconds).
 _POLL = 0.05
+
+_POS_MASK = 0xFFFFFFFF
+_IOV_MAX = 512  # at most this many packets per writev (Linux allows 1024)
 
 _VALUE_ERRORS = (struct.error, OverflowError, TypeError, ValueError)
 
@@ -120,7 +127,6 @@ class _Channel:
         "buf",
         "busy",
         "child",
-        "count",
         "discarded",
         "fd",
         "file_size",
@@ -131,11 +137,13 @@ class _Channel:
         "limit",
         "name",
         "overwritten",
-        "pos",
+        "pc",
         "rec",
+        "reported",
         "seq",
         "thread",
         "tid",
+        "unallocated",
         "written",
     )
 
@@ -148,14 +156,19 @@ class _Channel:
         self.busy = False
         self.child: _Channel | None = None
         self.instance_id = rec._next_instance()
-        self.free = collections.deque(bytearray(rec.subbuffer_size) for _ in range(rec.nbufs))
+        # Sub-buffers are allocated when first needed: a thread that fires a few events
+        # costs one sub-buffer, not the whole channel.
+        self.free: collections.deque[bytearray] = collections.deque()
+        self.unallocated = rec.nbufs
         self.full: collections.deque = collections.deque()  # (buf, events, seq)
         self.buf = bytearray(0)
-        self.pos = 0
+        # Position in the open packet (low 32 bits) and events in it (the bits above), in
+        # one int so that one store publishes both (see writer.compile_packer).
+        self.pc = 0
         self.limit = -1  # no packet open: the first event opens one
-        self.count = 0  # events in the open packet
         self.seq = -1
         self.discarded = 0  # free-running, as events_discarded
+        self.reported = 0  # events_discarded of the last packet closed
         self.overwritten = 0
         self.written = 0  # events in packets written to disk
         self.fd = -1
@@ -173,15 +186,18 @@ class _Channel:
                 rec._too_large(size)
             self.discarded += 1
             return -1
-        try:
+        if self.free:
             buf = self.free.popleft()
-        except IndexError:
-            if not rec.overwrite:
-                self.discarded += 1
-                return -1
+        elif self.unallocated > 0:
+            self.unallocated -= 1
+            buf = bytearray(rec.subbuffer_size)
+        elif not rec.overwrite:
+            self.discarded += 1
+            return -1
+        else:
             try:
                 buf, events, _ = self.full.popleft()
-            except IndexError:  # taken by a concurrent snapshot: never happens in practice
+            except IndexError:  # every sub-buffer is being copied by a snapshot
                 self.discarded += 1
                 return -1
             self.overwritten += events
@@ -199,24 +215,25 @@ class _Channel:
             rec.pid,
             self.name,
         )
-        self.count = 0
         self.buf = buf
-        self.pos = start
+        self.pc = start
         self.limit = len(buf)
         return start
 
     def _close(self, ts_end: int) -> None:
         """Seal the open packet and hand it to the consumer (or keep it, overwrite mode)."""
-        buf, pos, events = self.buf, self.pos, self.count
+        buf, pc = self.buf, self.pc
+        pos, events = pc & _POS_MASK, pc >> 32
         self.limit = -1  # from here on, a nested or next event opens a new packet
-        W.close_packet(buf, pos, ts_end, self.discarded)
+        self.reported = discarded = self.discarded
+        W.close_packet(buf, pos, ts_end, discarded, events)
         self.full.append((buf, events, self.seq))
-        if not self.rec.overwrite:
+        if not self.rec.overwrite and self.rec.running:
             self.rec._wake()
 
     def flush(self) -> None:
         """Close the open packet if it holds events (the recording is stopping)."""
-        if self.limit >= 0 and self.count:
+        if self.limit >= 0 and self.pc >> 32:
             self._close(time.monotonic_ns())
         elif self.limit >= 0:
             self.limit = -1
@@ -224,6 +241,26 @@ class _Channel:
             self.seq -= 1  # the empty packet was never written: no gap in packet_seq_num
         if self.child is not None:
             self.child.flush()
+
+    def last_count(self) -> None:
+        """At stop, events discarded after the last packet: record their count in one more
+        packet without events (events_discarded is only ever carried by packets)."""
+        if self.discarded == self.reported:
+            return
+        buf = self.free.popleft() if self.free else bytearray(self.rec.subbuffer_size)
+        self.seq += 1
+        self.buf = buf
+        self.pc = W.open_packet(
+            buf,
+            self.rec.trace_uuid,
+            self.instance_id,
+            self.seq,
+            time.monotonic_ns(),
+            self.tid,
+            self.rec.pid,
+            self.name,
+        )
+        self._close(time.monotonic_ns())
 
 
 class Recording:
@@ -260,7 +297,11 @@ class Recording:
         self.running = False
         self._stopping = False
         self.summary: RecordingSummary | None = None
-        self._lock = threading.RLock()  # slow paths only; re-entrant for signal handlers
+        # Slow paths only, re-entrant for signal handlers. _lock: the consumer's work (held
+        # during disk writes); _reg_lock: registering event classes and channels, which the
+        # firing threads do, so it is never held across I/O.
+        self._lock = threading.RLock()
+        self._reg_lock = threading.RLock()
         self._connections: list[registry.Connection] = []
 
     # --- life cycle ---
@@ -269,6 +310,8 @@ class Recording:
         """Create the sub-trace directory, write the metadata, connect to the markers."""
         if self.running:
             raise RuntimeError("this recording is already running")
+        if self._stopping:
+            raise RuntimeError("a stopped recording does not start again; call record() anew")
         self._classes: dict[str, int] = {}  # marker name -> event id
         self._classes_text = ""
         self._setup_process()
@@ -290,15 +333,20 @@ class Recording:
         self.trace_uuid = _uuid.uuid4().bytes
         self._instances = itertools.count()
         self._channels: list[_Channel] = []
-        self._tls = threading.local()
+        self._retired: list[tuple[int, int, int, bool]] = []  # stats of ended threads
+        try:
+            self._tls.__dict__.clear()  # a fork child: the forking thread's channel is gone
+        except AttributeError:
+            self._tls = threading.local()
         self._pending_metadata: collections.deque[str] = collections.deque()
-        self._recorded = self._discarded_bad = self._lost = 0
+        self._lost = 0
         self._error: str | None = None
         self._snapshots: list[Path] = []
         self._consumer: threading.Thread | None = None
         self._stop_consumer = False
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
+        self.trace_path = self.path / f"{self.pid}-?"
         self.trace_path = self._make_trace_dir()
         offset = time.time_ns() - time.monotonic_ns()
         env = {
@@ -316,19 +364,26 @@ class Recording:
                 if info.name not in self._classes:
                     text += self._event_class(info.name, info.fields)
         self._metadata_text = text
-        if not self.overwrite:
+        if not self.overwrite and self._error is None:
             self._write_metadata(self.trace_path, text, "w")
+        if not self.overwrite:
+            self._start_consumer()
 
     def _make_trace_dir(self) -> Path:
-        self.path.mkdir(parents=True, exist_ok=True)
-        for n in itertools.count():
-            candidate = self.path / f"{self.pid}-{n}"
-            try:
-                candidate.mkdir()
-            except FileExistsError:
-                continue
-            return candidate
-        raise AssertionError("unreachable")
+        """``DIR/<pid>-<n>``, the first that does not exist yet. If it cannot be made, the
+        recording still runs (the program must not notice) and counts every event as lost."""
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            for n in itertools.count():
+                candidate = self.path / f"{self.pid}-{n}"
+                try:
+                    candidate.mkdir()
+                except FileExistsError:
+                    continue
+                return candidate
+        except OSError as exc:
+            self._fail(f"cannot create the trace directory in {self.path}: {exc}")
+        return self.path / f"{self.pid}-0"
 
     def stop(self) -> RecordingSummary:
         """Stop recording, write everything still buffered, and return the summary.
@@ -358,6 +413,9 @@ class Recording:
             if consumer is not None and consumer is not threading.current_thread():
                 consumer.join()
             self._drain()  # whatever the consumer did not get to (or never started for)
+            for ch in list(self._all_channels()):
+                ch.last_count()
+            self._drain()
             self._close_files()
         for fd in (self._wake_r, self._wake_w):
             try:
@@ -368,24 +426,23 @@ class Recording:
         return self.summary
 
     def _summarize(self) -> RecordingSummary:
-        chans = list(self._all_channels())
+        stats = [(c.written, c.discarded, c.overwritten, c.fd != -1) for c in self._all_channels()]
+        stats += self._retired
         return RecordingSummary(
             path=self.path,
             trace_path=self.trace_path,
-            recorded=sum(ch.written for ch in chans),
-            discarded=sum(ch.discarded for ch in chans),
+            recorded=sum(s[0] for s in stats),
+            discarded=sum(s[1] for s in stats),
             lost=self._lost,
-            overwritten=sum(ch.overwritten for ch in chans),
-            streams=sum(1 for ch in chans if ch.written or ch.fd != -1),
+            overwritten=sum(s[2] for s in stats),
+            streams=sum(1 for s in stats if s[3]),
             error=self._error,
             snapshots=list(self._snapshots),
         )
 
     def _all_channels(self) -> Iterable[_Channel]:
         for ch in list(self._channels):
-            while ch is not None:
-                yield ch
-                ch = ch.child
+            yield from _chain(ch)
 
     def __enter__(self) -> Recording:
         return self
@@ -403,6 +460,7 @@ class Recording:
         writers: dict[Any, Any] = {}
         claimed = [re.compile(fnmatch.translate(p)).match for p in earlier]
         rec = self
+        tls = self._tls  # the same object for the recording's life (a fork child clears it)
 
         def new_marker(marker: Any) -> Any:
             if any(match(marker.name) for match in claimed):
@@ -419,7 +477,6 @@ class Recording:
                 write = new_marker(marker)
             if write is None:
                 return
-            tls = rec._tls
             try:
                 ch = tls.ch
             except AttributeError:
@@ -441,12 +498,13 @@ class Recording:
         return probe
 
     def _writer_for(self, marker: Any) -> Any:
-        with self._lock:
+        with self._reg_lock:
             event_id = self._classes.get(marker.name)
             if event_id is None:
                 text = self._event_class(marker.name, marker.fields)
                 self._metadata_text += text
-                self._pending_metadata.append(text)
+                if not self.overwrite:  # overwrite mode writes it whole with each snapshot
+                    self._pending_metadata.append(text)
                 event_id = self._classes[marker.name]
             return W.compile_packer(event_id, marker.fields)
 
@@ -458,10 +516,13 @@ class Recording:
 
     def _new_channel(self) -> _Channel:
         ch = _Channel(self, 0, threading.current_thread())
-        with self._lock:
-            self._channels.append(ch)
-        self._tls.ch = ch
-        return ch
+        with self._reg_lock:
+            self._channels.append(ch)  # registered even if a nested one won the race below
+        try:
+            return self._tls.ch  # a signal handler made (and used) one meanwhile
+        except AttributeError:
+            self._tls.ch = ch
+            return ch
 
     def _nested(self, ch: _Channel) -> _Channel | None:
         while ch.busy:
@@ -469,7 +530,11 @@ class Recording:
                 ch.discarded += 1  # counted in that channel's next packet
                 return None
             if ch.child is None:
-                ch.child = _Channel(self, ch.level + 1, threading.current_thread())
+                child = _Channel(self, ch.level + 1, threading.current_thread())
+                # Making a channel takes a while (its buffers): a signal handler may have
+                # made one meanwhile and written to it. Keep that one, drop ours.
+                if ch.child is None:
+                    ch.child = child
             ch = ch.child
         return ch
 
@@ -511,38 +576,97 @@ class Recording:
             pass
 
     def _start_consumer(self) -> None:
-        with self._lock:
+        """Start the consumer thread if it is not running (idempotent; the CLI calls it in
+        fork children). Python refuses new threads once interpreter shutdown began (3.12+):
+        then packets are written by :meth:`stop` instead, and until then, once the buffers
+        are full, new events are counted as discarded."""
+        with self._reg_lock:
             if self._consumer is None:
-                self._consumer = threading.Thread(
-                    target=self._consume, name="tracemark-consumer", daemon=True
-                )
-                self._consumer.start()
+                thread = threading.Thread(target=self._consume, name="tracemark-consumer")
+                thread.daemon = True
+                try:
+                    thread.start()
+                except RuntimeError as exc:
+                    faults.report(
+                        "record-consumer",
+                        str(self.trace_path),
+                        f"the recorder's consumer thread could not start ({exc}); the trace "
+                        "is written when the recording stops",
+                    )
+                    return
+                self._consumer = thread
 
     def _consume(self) -> None:
+        """Write full packets until stopped. Every system call gives the GIL away, and with
+        a thread firing flat out winning it back can take a whole switch interval (5 ms):
+        so while there is work the consumer only writes (one writev per stream), and it
+        waits on the wake-up pipe only when a round found nothing to do."""
+        busy = False
         while True:
+            if not busy:
+                try:
+                    ready, _, _ = select.select([self._wake_r], [], [], _POLL)
+                    if ready:
+                        os.read(self._wake_r, 65536)
+                except (OSError, ValueError):
+                    pass
             try:
-                ready, _, _ = select.select([self._wake_r], [], [], _POLL)
-                if ready:
-                    os.read(self._wake_r, 4096)
-            except (OSError, ValueError):
-                pass
-            self._drain()
+                busy = self._drain() > 0
+            except Exception as exc:  # a consumer that dies would silently fill the buffers
+                self._fail(f"the consumer failed: {exc!r}")
+                busy = False
             if self._stop_consumer:
                 return
 
-    def _drain(self) -> None:
+    def _drain(self) -> int:
         """Write the pending metadata, then every full packet (metadata first: an event
-        class is always on disk before any packet that uses it)."""
+        class is always on disk before any packet that uses it); return how many packets."""
+        written = 0
         with self._lock:
             while self._pending_metadata:
                 text = self._pending_metadata.popleft()
                 if self._error is None:
                     self._write_metadata(self.trace_path, text, "a")
             for ch in list(self._all_channels()):
-                while ch.full:
-                    buf, events, _ = ch.full.popleft()
-                    self._write_packet(ch, buf, events)
-                    ch.free.append(buf)
+                written += self._write_full(ch)
+            if self.running and not self._stopping:
+                self._retire_dead_threads()
+        return written
+
+    def _write_full(self, ch: _Channel) -> int:
+        batch = []
+        while ch.full:
+            batch.append(ch.full.popleft())
+        if batch:
+            self._write_packets(ch, batch)
+            ch.free.extend(buf for buf, _, _ in batch)
+        return len(batch)
+
+    def _retire_dead_threads(self) -> None:
+        """Write out and forget the channels of threads that ended, so that memory stays
+        bounded by the threads alive, not by every thread that ever fired (a thread that
+        has ended runs no producer code: its channel can be closed from here)."""
+        for ch in list(self._channels):
+            thread = ch.thread()
+            # The main thread counts as ended while atexit handlers (which may fire markers)
+            # still run on it: its channel stays until stop.
+            if thread is threading.main_thread() or (thread is not None and thread.is_alive()):
+                continue
+            ch.flush()
+            for c in _chain(ch):
+                self._write_full(c)
+                c.last_count()
+                self._write_full(c)
+                self._retired.append((c.written, c.discarded, c.overwritten, c.fd != -1))
+                if c.fd >= 0:
+                    try:
+                        os.close(c.fd)
+                    except OSError:
+                        pass
+                c.fd = -2
+                c.free.clear()
+            with self._reg_lock:
+                self._channels.remove(ch)
 
     def _write_metadata(self, directory: Path, text: str, how: str) -> None:
         try:
@@ -551,30 +675,47 @@ class Recording:
         except OSError as exc:
             self._fail(f"cannot write {directory / 'metadata'}: {exc}")
 
-    def _write_packet(self, ch: _Channel, buf: bytearray, events: int) -> None:
+    def _write_packets(self, ch: _Channel, batch: list[tuple[bytearray, int, int]]) -> None:
+        """Append whole packets to ``ch``'s stream file with as few system calls as possible
+        (each one gives the GIL away and must win it back from the firing threads)."""
         if self._error is not None:
-            self._lost += events
+            self._lost += sum(events for _, events, _ in batch)
             return
-        size = struct.unpack_from("<Q", buf, W.OFF_TS_END + 8)[0] // 8
+        views = []
+        for buf, _, _ in batch:
+            size = struct.unpack_from("<Q", buf, W.OFF_TS_END + 8)[0] // 8
+            views.append(memoryview(buf)[:size])
+        total = sum(len(v) for v in views)
+        done = 0
         try:
             if ch.fd == -1:
                 path = self.trace_path / f"stream_{ch.instance_id}"
                 ch.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-            view = memoryview(buf)[:size]
-            done = 0
-            while done < size:
-                done += os.write(ch.fd, view[done:])
+            while done < total:
+                rest, skip = [], done
+                for v in views:
+                    if skip >= len(v):
+                        skip -= len(v)
+                        continue
+                    rest.append(v[skip:])
+                    skip = 0
+                done += os.writev(ch.fd, rest[:_IOV_MAX])
         except OSError as exc:
-            if ch.fd != -1:
-                try:  # only complete packets: cut a partial write away
-                    os.ftruncate(ch.fd, ch.file_size)
-                except OSError:
-                    pass
-            self._lost += events
             self._fail(f"cannot write the trace in {self.trace_path}: {exc}")
-            return
-        ch.file_size += size
-        ch.written += events
+        # Count (and keep) only the packets written whole; cut a partial one away.
+        kept = 0
+        for v, (_, events, _) in zip(views, batch, strict=True):
+            if kept + len(v) <= done:
+                kept += len(v)
+                ch.written += events
+            else:
+                self._lost += events
+        if kept != done:
+            try:
+                os.ftruncate(ch.fd, ch.file_size + kept)
+            except OSError:
+                pass
+        ch.file_size += kept
 
     def _fail(self, message: str) -> None:
         if self._error is None:
@@ -636,11 +777,12 @@ class Recording:
         found: dict[int, tuple[int, bytes, int]] = {}
         # The open packet first: read the position, then copy; a copy whose header no longer
         # carries the sequence number read is a reused buffer and is skipped.
-        seq, pos, count, buf = ch.seq, ch.pos, ch.count, ch.buf
+        seq, pc, buf = ch.seq, ch.pc, ch.buf
+        pos, count = pc & _POS_MASK, pc >> 32
         if ch.limit >= 0 and count:
             data = bytearray(buf[:pos])
             if len(data) >= W.OFF_SEQ + 8 and struct.unpack_from("<Q", data, W.OFF_SEQ)[0] == seq:
-                W.close_packet(data, pos, time.monotonic_ns(), ch.discarded)
+                W.close_packet(data, pos, time.monotonic_ns(), ch.discarded, count)
                 found[seq] = (seq, bytes(data), count)
         for buf, events, pseq in list(ch.full):
             size = struct.unpack_from("<Q", buf, W.OFF_TS_END + 8)[0] // 8
@@ -653,7 +795,16 @@ class Recording:
 
     def _after_fork_in_child(self) -> None:
         """The child records into a sub-trace of its own; the parent's buffers are dropped."""
+        # Another thread may have held them at fork time.
         self._lock = threading.RLock()
+        self._reg_lock = threading.RLock()
+        # The parent's descriptors are not the child's business: close the inherited copies.
+        fds = [self._wake_r, self._wake_w] + [c.fd for c in self._all_channels() if c.fd >= 0]
+        for fd in fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
         try:
             self._setup_process()
         except OSError as exc:
@@ -667,19 +818,30 @@ class Recording:
 
 _active: weakref.WeakSet[Recording] = weakref.WeakSet()
 _installed = False
+_sigterm_installed = False
 _previous_sigterm: Any = None
 
 
+def _chain(ch: _Channel | None) -> Iterable[_Channel]:
+    """A thread's channel and those of its nesting levels."""
+    while ch is not None:
+        yield ch
+        ch = ch.child
+
+
 def _install_handlers() -> None:
-    global _installed, _previous_sigterm
-    if _installed:
-        return
-    _installed = True
-    atexit.register(_stop_all)
-    os.register_at_fork(after_in_child=_after_fork_in_child)
-    if threading.current_thread() is threading.main_thread():
+    """atexit and fork hooks once per process; the SIGTERM handler once, from the main
+    thread (Python only lets the main thread set signal handlers: a recording started in
+    another thread is still flushed at exit, not on SIGTERM, until one starts there)."""
+    global _installed, _sigterm_installed, _previous_sigterm
+    if not _installed:
+        _installed = True
+        atexit.register(_stop_all)
+        os.register_at_fork(after_in_child=_after_fork_in_child)
+    if not _sigterm_installed and threading.current_thread() is threading.main_thread():
+        _sigterm_installed = True
         previous = signal.getsignal(signal.SIGTERM)
-        if previous is not signal.SIG_IGN:
+        if previous is not signal.SIG_IGN:  # a program that ignores SIGTERM goes on doing so
             _previous_sigterm = previous
             signal.signal(signal.SIGTERM, _on_sigterm)
 

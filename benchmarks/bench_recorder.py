@@ -1,0 +1,164 @@
+"""Issue 4: the cost of recording an event, and the throughput of the recorder.
+
+Run: ``python -m benchmarks.run recorder``.
+
+Three tables:
+
+* cost per event, one thread, a marker with 3 fields (int, str, float), against packing the
+  same values with ``struct.pack_into`` alone (the floor of any binary recorder in Python),
+  the same marker with a no-op probe (the marker core's share), ``logging`` to a file, and
+  viztracer's ``log_instant`` (when viztracer is installed);
+* sustained throughput in discard mode with default buffers, one thread, and the loss;
+* the loss figure with 4 threads firing flat out (they share one GIL, so together they
+  fire about as fast as one).
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import struct
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import tracemark
+
+from .harness import Case, measure, table
+
+TITLE = "Recorder: cost per recorded event, 3 fields (int, str, float), one thread"
+BASELINE = "struct.pack_into alone (same 3 fields + header)"
+
+
+def _cases(tmp: Path) -> tuple[list[Case], list[object]]:
+    m = tracemark.marker("bench.rec", n=int, s=str, x=float)
+    quiet = tracemark.marker("bench.noop", n=int, s=str, x=float)
+    tracemark.connect("bench.noop", lambda marker, args: None)
+    buf = bytearray(1 << 16)
+    packer = struct.Struct("<IQq6sd")
+    handler = logging.FileHandler(tmp / "log.txt")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(threadName)s %(message)s"))
+    log = logging.getLogger("bench.recorder.file")
+    log.handlers[:] = [handler]
+    log.propagate = False
+    log.setLevel(logging.INFO)
+    ns = {
+        "m": m,
+        "quiet": quiet,
+        "buf": buf,
+        "packer": packer,
+        "now": time.monotonic_ns,
+        "n": 1500,
+        "s": "hello",
+        "x": 2.5,
+        "log": log,
+    }
+    cases = [
+        Case(BASELINE, "packer.pack_into(buf, 0, 7, now(), n, s.encode(), x)", ns),
+        Case("marker, one no-op probe", "quiet(n, s, x)", ns, "the marker core's share"),
+        Case("marker recorded by tracemark.record()", "m(n, s, x)", ns, "target: < 400 ns"),
+        Case(
+            "logging.info to a file (formatted)",
+            'log.info("n=%d s=%s x=%f", n, s, x)',
+            ns,
+        ),
+    ]
+    return cases, [handler]
+
+
+def _viztracer_case() -> tuple[Case | None, object]:
+    try:
+        from viztracer import VizTracer
+    except ImportError:
+        return None, None
+    # C calls are not traced, so the baseline (C calls only) runs at full speed while the
+    # tracer is on; log_instant is a Python method, traced as viztracer always does.
+    viz = VizTracer(verbose=0, tracer_entries=1_000_000, ignore_c_function=True)
+    ns = {"viz": viz, "n": 1500, "s": "hello", "x": 2.5}
+    case = Case(
+        "viztracer log_instant (tracer running)",
+        'viz.log_instant("rec", args={"n": n, "s": s, "x": x})',
+        ns,
+        "in-memory ring buffer, written at save",
+    )
+    return case, viz
+
+
+def _throughput(tmp: Path, threads: int, seconds: float) -> tuple[float, int, int]:
+    """Fire flat out from ``threads`` threads for ``seconds``; events/s, recorded, lost."""
+    m = tracemark.marker("bench.flat", n=int, s=str, x=float)
+    stop = threading.Event()
+    fired = [0] * threads
+
+    def work(k: int) -> None:
+        i = 0
+        while not stop.is_set():
+            for _ in range(1000):
+                m(i, "hello", 2.5)
+                i += 1
+        fired[k] = i
+
+    rec = tracemark.record(tmp / f"flat{threads}", "bench.flat")
+    workers = [threading.Thread(target=work, args=(k,)) for k in range(threads)]
+    t0 = time.perf_counter()
+    for w in workers:
+        w.start()
+    time.sleep(seconds)
+    stop.set()
+    for w in workers:
+        w.join()
+    elapsed = time.perf_counter() - t0
+    summary = rec.stop()
+    total = sum(fired)
+    assert summary.recorded + summary.discarded + summary.lost == total
+    return total / elapsed, summary.recorded, summary.discarded + summary.lost
+
+
+def report() -> str:
+    tmp = Path(tempfile.mkdtemp(prefix="tracemark-bench-"))
+    try:
+        cases, cleanup = _cases(tmp)
+        # Buffers that hold everything the measurement fires: this row is the cost of
+        # recording an event, never the (cheaper) cost of discarding one.
+        rec = tracemark.record(tmp / "cost", "bench.rec", subbuffer_size=1 << 20, subbuffers=48)
+        try:
+            results = measure(cases, number=100_000, repeat=7)
+        finally:
+            summary = rec.stop()
+        viz_case, viz = _viztracer_case()
+        if viz_case is None:
+            cases.append(Case("viztracer log_instant", "pass", {}, "viztracer not installed"))
+            results[cases[-1].name] = float("nan")
+        else:
+            viz.start()  # type: ignore[attr-defined]
+            try:  # with the baseline again, in the same run
+                again = measure([cases[0], viz_case], number=100_000, repeat=7)
+            finally:
+                viz.stop()  # type: ignore[attr-defined]
+            cases.append(viz_case)
+            results[viz_case.name] = again[viz_case.name] * results[BASELINE] / again[BASELINE]
+            viz_case.note += f" (baseline under the tracer: {again[BASELINE]:.0f} ns)"
+        for c in cleanup:
+            c.close()  # type: ignore[attr-defined]
+        text = table(TITLE, cases, results, BASELINE)
+        text += (
+            f"\nRecorded {summary.recorded:,} events while measuring, "
+            f"{summary.discarded + summary.lost:,} discarded (48 MiB of buffers).\n\n"
+        )
+        lines = [
+            "### Recorder: sustained throughput, discard mode, default buffers",
+            "",
+            "| threads | events/s fired | recorded | lost (discarded) | loss |",
+            "| ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for threads in (1, 4):
+            rate, recorded, lost = _throughput(tmp, threads, 2.0)
+            total = recorded + lost
+            lines.append(
+                f"| {threads} | {rate:,.0f} | {recorded:,} | {lost:,} | "
+                f"{lost / total if total else 0:.2%} |"
+            )
+        return text + "\n".join(lines) + "\n"
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
