@@ -28,6 +28,8 @@ from .markers import registry as _registry
 from .markers.dispatch import MAX_NESTING, synchronize
 from .markers.fields import Field
 from .markers.registry import Connection, Marker, MarkerInfo, connect, disconnect, markers
+from .patching import Site, patch
+from .patching import patcher as _patcher
 from .tracers.printer import Printer
 
 __version__ = "0.1.0"
@@ -40,6 +42,7 @@ __all__ = [
     "MarkerArgumentError",
     "MarkerInfo",
     "Printer",
+    "Site",
     "TracemarkWarning",
     "connect",
     "disconnect",
@@ -47,6 +50,7 @@ __all__ = [
     "mark",
     "marker",
     "markers",
+    "patch",
     "synchronize",
 ]
 
@@ -86,3 +90,7 @@ def mark(name: str, fmt: str | None = None, /, *args: Any) -> None:
             return
         _inline[name, fmt] = fire
     fire(*args)
+
+
+# Inactive marker statements inside functions become one jump (see tracemark.patching).
+_patcher.install()

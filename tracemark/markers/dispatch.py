@@ -201,6 +201,12 @@ def resolve_arguments(
     return tuple(values)
 
 
+#: Called as ``lazy_hook(core)`` when an inactive marker fires while its ``_lazy`` global is
+#: set: how the patcher (:mod:`tracemark.patching`) learns that an unpatched site ran. The
+#: patcher sets it before any marker is declared and clears ``_lazy`` per marker once it has
+#: nothing more to learn, so the inactive path costs one more global test, then nothing.
+lazy_hook: Callable[[Any], None] | None = None
+
 _TEMPLATE = """\
 def fire({params}*_extra, **_named):
     if _probes:
@@ -226,6 +232,8 @@ def fire({params}*_extra, **_named):
                     _probe_failed(_core, probe, exc)
         finally:
             state.depth = depth
+    elif _lazy:
+        _lazy(_core)
 """
 
 
@@ -253,6 +261,7 @@ def compile_fire(
         "__builtins__": {},
         "_probes": (),
         "_nested": (),
+        "_lazy": lazy_hook,
         "_core": core,
         "_fields": fields,
         "_index": {f.name: i for i, f in enumerate(fields)},
