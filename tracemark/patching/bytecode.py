@@ -173,13 +173,7 @@ def _inside(pos: Position, span: Position) -> bool:
     return (line, col) >= (span[0], span[2]) and (end_line, end_col) <= (span[1], span[3])
 
 
-def statement_spans(instrs: Sequence[Instr], span: Position) -> list[tuple[int, int]]:
-    """Every compiled copy of the expression statement whose source span is ``span``.
-
-    Holds on 3.11, 3.12 and 3.13: the ``POP_TOP`` that discards an expression statement's
-    value carries the statement's own span, and nothing else carries exactly that span and is a
-    ``POP_TOP`` (a call's span is the statement's span, but the call is a ``CALL``).
-    """
+def _pieces(instrs: Sequence[Instr], span: Position) -> list[tuple[int, int]]:
     out = []
     for i, ins in enumerate(instrs):
         if ins.opcode != POP_TOP or ins.position != span:
@@ -190,6 +184,27 @@ def statement_spans(instrs: Sequence[Instr], span: Position) -> list[tuple[int, 
         if j < i:
             out.append((instrs[j].offset, ins.end))
     return out
+
+
+def statement_spans(instrs: Sequence[Instr], span: Position) -> list[tuple[int, int]]:
+    """Every compiled copy of the expression statement whose source span is ``span``.
+
+    Holds on 3.11, 3.12 and 3.13: the ``POP_TOP`` that discards an expression statement's
+    value carries the statement's own span, and nothing else carries exactly that span and is a
+    ``POP_TOP`` (a call's span is the statement's span, but the call is a ``CALL``).
+
+    A piece that is only entered by a jump from another piece of the same statement is not a
+    copy but a branch of it (3.12+ lays out the ``else`` arm of ``f(a if c else b)`` after the
+    function's return, ending in a copy of the code that follows the statement); it is left
+    out, and :func:`verify` follows the branch into it.
+    """
+    pieces = _pieces(instrs, span)
+    inner_targets = {
+        ins.target
+        for ins in instrs
+        if ins.target is not None and any(s <= ins.offset < e for s, e in pieces)
+    }
+    return [(s, e) for s, e in pieces if s not in inner_targets]
 
 
 # --- writing the jump -------------------------------------------------------------------------
@@ -263,12 +278,59 @@ def _stack_effect(ins: Instr, jump: bool) -> int:
     return dis.stack_effect(ins.opcode, arg, jump=jump)
 
 
-def _check_depth(by_offset: dict[int, Instr], start: int, end: int) -> None:
-    """Every normal path from ``start`` stays in ``[start, end)`` and reaches ``end`` with the
-    stack as it was at ``start`` (an expression statement leaves nothing behind)."""
+def _handler(table: Sequence[ExceptionEntry], off: int) -> tuple[int, int, bool] | None:
+    for e in table:
+        if e.start <= off < e.end:
+            return e.target, e.depth, e.lasti
+    return None
+
+
+def _same_tail(
+    by_offset: dict[int, Instr], table: Sequence[ExceptionEntry], a: int, b: int
+) -> bool:
+    """True if the code from ``a`` and from ``b`` is the same straight-line block up to a
+    return or raise: a copy the compiler made of an exit block (3.12+ duplicates small exit
+    blocks, ``return x`` after an ``if``, for each predecessor)."""
+    for _ in range(32):
+        x, y = by_offset.get(a), by_offset.get(b)
+        if x is None or y is None or x.target is not None or y.target is not None:
+            return False
+        if (x.opcode, x.arg, x.position) != (y.opcode, y.arg, y.position):
+            return False
+        if _handler(table, a) != _handler(table, b):
+            return False
+        if x.opcode in _NO_FALLTHROUGH:
+            return True
+        a, b = x.end, y.end
+    return False
+
+
+def _check_depth(
+    by_offset: dict[int, Instr],
+    table: Sequence[ExceptionEntry],
+    start: int,
+    end: int,
+    siblings: dict[int, int],
+) -> None:
+    """Every normal path from ``start`` reaches the end of the statement with the stack as it
+    was at ``start`` (an expression statement leaves nothing behind).
+
+    A path may branch into another compiled piece of the same statement (``siblings``: start
+    -> end; 3.12+ lays out the ``else`` of a conditional expression as its own block ending in
+    a copy of what follows the statement). Such a piece's end must be followed by the same
+    code as ``end``, so that jumping to ``end`` is jumping to the same continuation.
+    """
+    regions = {start: end}
     depth = {start: 0}
     work = [start]
-    at_end: set[int] = set()
+    exits: dict[int, set[int]] = {}
+
+    def region_of(off: int) -> int | None:
+        for s, e in regions.items():
+            if s <= off < e:
+                return e
+        return None
+
     while work:
         off = work.pop()
         ins = by_offset[off]
@@ -276,19 +338,26 @@ def _check_depth(by_offset: dict[int, Instr], start: int, end: int) -> None:
             d = depth[off] + _stack_effect(ins, is_jump)
             if d < 0:
                 raise VerifyError(f"stack underflow at offset {off} inside the statement")
-            if nxt == end:
-                at_end.add(d)
+            if nxt in regions.values():
+                exits.setdefault(nxt, set()).add(d)
                 continue
-            if not start < nxt < end:
-                raise VerifyError(f"control leaves the statement from offset {off} to {nxt}")
+            if region_of(nxt) is None:
+                if nxt not in siblings:
+                    raise VerifyError(f"control leaves the statement from offset {off} to {nxt}")
+                regions[nxt] = siblings[nxt]
             if nxt in depth:
                 if depth[nxt] != d:
                     raise VerifyError(f"inconsistent stack depth at offset {nxt}")
                 continue
             depth[nxt] = d
             work.append(nxt)
-    if at_end != {0}:
-        raise VerifyError(f"stack depth after the statement is {sorted(at_end)}, not 0")
+    for exit_, depths in exits.items():
+        if depths != {0}:
+            raise VerifyError(f"stack depth after the statement is {sorted(depths)}, not 0")
+        if exit_ != end and not _same_tail(by_offset, table, exit_, end):
+            raise VerifyError(f"the statement continues at {exit_} with other code than at {end}")
+    if end not in exits:
+        raise VerifyError(f"no path through the statement reaches {end}")
 
 
 def _reachable(
@@ -357,7 +426,12 @@ def verify(original: CodeType, variant: CodeType, spans: Sequence[tuple[int, int
         target = _decode_jump(raw_new, start)
         if target != end:
             raise VerifyError(f"the jump at {start} lands on {target}, not {end}")
-        _check_depth(by_offset, start, end)
+        pop_top = by_offset.get(end - 2)
+        if pop_top is None or pop_top.opcode != POP_TOP:
+            raise VerifyError(f"span {start}..{end} does not end after a POP_TOP")
+        siblings = dict(_pieces(instrs, pop_top.position))
+        siblings.pop(start, None)
+        _check_depth(by_offset, table, start, end, siblings)
         jumps[start] = end
         for k in range(start, end):
             touched[k] = 1

@@ -161,18 +161,32 @@ class Unit:
                 _units[id(code)] = self
         return found
 
-    def add(self, func: FunctionType) -> None:
+    def add(self, func: FunctionType) -> bool:
+        """Manage ``func`` from now on; False if it cannot share this unit's variants."""
         orig = self.origin.get(id(func.__code__))
         if orig is None:
-            return
+            return False
         for ref, _ in self.funcs:
             if ref() is func:
-                return
+                return False
+        if orig is self.root and not self._same_closure_markers(func):
+            func.__code__ = orig  # its closure holds other markers: plain call path
+            return False
         self.funcs.append((weakref.ref(func), orig))
-        if self.refused:
-            return
-        mapping = self.mapping()
-        func.__code__ = mapping[id(orig)]
+        if not self.refused:
+            func.__code__ = self.mapping()[id(orig)]
+        return True
+
+    def _same_closure_markers(self, func: FunctionType) -> bool:
+        """A marker reached through a closure variable is resolved from one function object;
+        another function object of the same code may hold another marker in that cell."""
+        root = self.root
+        if not root.co_freevars:
+            return True
+        source = finder.source_statements(root.co_filename, func.__globals__) or {}
+        found = finder.find_statements(root, func, func.__globals__, source)
+        mine = self.statements.get(id(root), [])
+        return [(s.span, s.core) for s in found] == [(s.span, s.core) for s in mine]
 
     def install(self) -> None:
         if self.refused:
@@ -398,8 +412,7 @@ def _learn(core: Any, frame: Any) -> bool:
     learnt = False
     for obj in gc.get_referrers(code):
         if isinstance(obj, FunctionType) and obj.__code__ is code:
-            unit.add(obj)
-            learnt = True
+            learnt = unit.add(obj) or learnt
     return learnt
 
 
