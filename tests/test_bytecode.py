@@ -22,14 +22,14 @@ def _load(tmp_path, monkeypatch, name, source):
     return importlib.import_module(name)
 
 
-def _statement(func, line):
+def _statement(func, line, col=4):
     """(instructions, span, copies) of the expression statement on source line ``line``."""
     instrs = bytecode.instructions(func.__code__)
     spans = {
         i.position
         for i in instrs
-        if i.opcode == bytecode.POP_TOP and i.position[0] == line and i.position[2] == 4
-    }  # every statement in SOURCE is indented by 4: the statement's own POP_TOP
+        if i.opcode == bytecode.POP_TOP and i.position[0] == line and i.position[2] == col
+    }  # the statement's own POP_TOP starts where the statement does
     (span,) = spans
     return instrs, span, bytecode.statement_spans(instrs, span)
 
@@ -79,7 +79,7 @@ def mod(tmp_path, monkeypatch, uniq):
 def test_finally_body_is_compiled_once_per_path(mod):
     # Trap 1: every copy is a site. 3.11-3.13 emit the finally body on the return path and on
     # the exception path.
-    instrs, span, copies = _statement(mod.fin, 13)
+    instrs, span, copies = _statement(mod.fin, 13, 8)
     assert len(copies) >= 2
     by = {i.offset: i for i in instrs}
     for start, end in copies:
@@ -94,7 +94,7 @@ def test_finally_body_is_compiled_once_per_path(mod):
 def test_instruction_after_the_statement_can_carry_its_position(mod):
     # Trap 3: the RETURN_VALUE after the inlined finally body has the statement's position,
     # so the copy must end at the POP_TOP, not at the last instruction with that position.
-    instrs, span, copies = _statement(mod.fin, 13)
+    instrs, span, copies = _statement(mod.fin, 13, 8)
     by = {i.offset: i for i in instrs}
     after = [by[end] for _, end in copies if end in by]
     assert any(i.position[:2] == span[:2] and i.opcode != bytecode.POP_TOP for i in after)
@@ -200,7 +200,7 @@ def test_verifier_rejects_a_stack_mismatch(mod):
 
 def test_verifier_rejects_a_span_entered_from_outside(mod):
     # From the first marker statement to the end of the second: the `if` jumps into it.
-    _, _, first = _statement(mod.branch, 25)
+    _, _, first = _statement(mod.branch, 25, 8)
     _, _, second = _statement(mod.branch, 26)
     bad = [(first[0][0], second[0][1])]
     with pytest.raises(VerifyError, match="reachable"):
