@@ -7,7 +7,7 @@ Results never depend on a marker's arguments, so the three runs (unpatched, patc
 patched-active) must agree on everything but ``EFFECTS``.
 """
 
-# ruff: noqa: B012, SIM102, RUF015
+# ruff: noqa: B018
 
 import asyncio
 import contextlib

@@ -31,7 +31,8 @@ def _statement(func, line, col=4):
         if i.opcode == bytecode.POP_TOP and i.position[0] == line and i.position[2] == col
     }  # the statement's own POP_TOP starts where the statement does
     (span,) = spans
-    return instrs, span, bytecode.statement_spans(instrs, span)
+    handlers = [e.target for e in bytecode.exception_table(func.__code__)]
+    return instrs, span, bytecode.statement_spans(instrs, span, handlers)
 
 
 def _patched(func, copies):
@@ -82,7 +83,7 @@ def test_finally_body_is_compiled_once_per_path(mod):
     instrs, span, copies = _statement(mod.fin, 13, 8)
     assert len(copies) >= 2
     by = {i.offset: i for i in instrs}
-    for start, end in copies:
+    for _, end in copies:
         assert by[end - 2].opcode == bytecode.POP_TOP and by[end - 2].position == span
     variant = _patched(mod.fin, copies)
     bytecode.verify(mod.fin.__code__, variant, copies)
@@ -121,7 +122,7 @@ def test_long_jumps_use_extended_arg(tmp_path, monkeypatch, uniq):
     args = ", ".join(f"eff({i})" for i in range(150))
     source = SOURCE.format(p=uniq) + f"\ndef long():\n    rx([{args}])\n    return 7\n"
     mod = _load(tmp_path, monkeypatch, f"long_{uniq}", source)
-    instrs, span, copies = _statement(mod.long, source.count("\n") - 1)
+    _, _, copies = _statement(mod.long, source.count("\n") - 1)
     ((start, end),) = copies
     assert (end - start) // 2 > 255  # needs at least one EXTENDED_ARG
     variant = _patched(mod.long, copies)
@@ -165,13 +166,13 @@ def test_exception_table_matches_dis(mod):
 
 
 def test_verifier_accepts_the_real_thing(mod):
-    instrs, span, copies = _statement(mod.branch, 26)
+    _, _, copies = _statement(mod.branch, 26)
     bytecode.verify(mod.branch.__code__, _patched(mod.branch, copies), copies)
 
 
 def test_verifier_rejects_a_jump_landing_elsewhere(mod):
-    instrs, span, copies = _statement(mod.branch, 26)
-    ((start, end),) = copies
+    _, _, copies = _statement(mod.branch, 26)
+    ((start, _),) = copies
     raw = bytearray(_patched(mod.branch, copies).co_code)
     raw[start + 1] -= 1  # one unit short: into the middle of the statement
     with pytest.raises(VerifyError, match="lands on"):
@@ -181,7 +182,7 @@ def test_verifier_rejects_a_jump_landing_elsewhere(mod):
 
 
 def test_verifier_rejects_a_span_not_ending_after_pop_top(mod):
-    instrs, span, copies = _statement(mod.branch, 26)
+    instrs, _, copies = _statement(mod.branch, 26)
     ((start, end),) = copies
     call = max(i.offset for i in instrs if i.offset < end - 2)
     bad = [(start, call)]
@@ -190,7 +191,7 @@ def test_verifier_rejects_a_span_not_ending_after_pop_top(mod):
 
 
 def test_verifier_rejects_a_stack_mismatch(mod):
-    instrs, span, copies = _statement(mod.branch, 26)
+    instrs, _, copies = _statement(mod.branch, 26)
     ((start, end),) = copies
     second = next(i.offset for i in instrs if i.offset > start)  # skips the callee's load
     bad = [(second, end)]
@@ -208,7 +209,7 @@ def test_verifier_rejects_a_span_entered_from_outside(mod):
 
 
 def test_verifier_rejects_bytes_changed_elsewhere(mod):
-    instrs, span, copies = _statement(mod.branch, 26)
+    _, _, copies = _statement(mod.branch, 26)
     raw = bytearray(_patched(mod.branch, copies).co_code)
     raw[2] = bytecode.NOP  # the `if c` test
     raw[3] = 0

@@ -110,11 +110,15 @@ def instructions(code: CodeType) -> list[Instr]:
     for i, ins in enumerate(raw):
         end = raw[i + 1].offset if i + 1 < len(raw) else total
         pos = ins.positions
-        position = (pos.lineno, pos.end_lineno, pos.col_offset, pos.end_col_offset) if pos else (
-            None,
-            None,
-            None,
-            None,
+        position = (
+            (pos.lineno, pos.end_lineno, pos.col_offset, pos.end_col_offset)
+            if pos
+            else (
+                None,
+                None,
+                None,
+                None,
+            )
         )
         target = ins.argval if ins.opcode in _JUMPS and isinstance(ins.argval, int) else None
         out.append(
@@ -159,7 +163,9 @@ def exception_table(code: CodeType) -> list[ExceptionEntry]:
         length, i = _varints(data, i)
         target, i = _varints(data, i)
         dl, i = _varints(data, i)
-        out.append(ExceptionEntry(start * 2, (start + length) * 2, target * 2, dl >> 1, bool(dl & 1)))
+        out.append(
+            ExceptionEntry(start * 2, (start + length) * 2, target * 2, dl >> 1, bool(dl & 1))
+        )
     return out
 
 
@@ -173,38 +179,69 @@ def _inside(pos: Position, span: Position) -> bool:
     return (line, col) >= (span[0], span[2]) and (end_line, end_col) <= (span[1], span[3])
 
 
-def _pieces(instrs: Sequence[Instr], span: Position) -> list[tuple[int, int]]:
+def statement_spans(
+    instrs: Sequence[Instr], span: Position, handlers: Iterable[int] = ()
+) -> list[tuple[int, int]]:
+    """Every compiled copy of the expression statement whose source span is ``span``, as
+    ``(start, end)`` offsets: the jump goes at ``start`` and lands on ``end``.
+
+    Rules (3.11, 3.12 and 3.13):
+
+    * the ``POP_TOP`` that discards an expression statement's value carries exactly the
+      statement's span; a copy ends right after the first such ``POP_TOP`` that normal flow
+      from its start reaches through the statement's own instructions (instructions whose
+      position lies inside the span);
+    * a copy starts at an instruction of the statement that is entered from outside it: the
+      instruction laid out before it is not part of the statement, or cannot fall into it
+      (a return, raise or jump), and no jump laid out earlier inside the statement leads to
+      it (that would make it a branch of the statement, not an entry: 3.12+ lays out the
+      ``else`` arm of ``f(a if c else b)`` after the function's return, right after the
+      RERAISE that ends another copy);
+    * exception handlers (``handlers``: their offsets) are never copies, even when they
+      carry the statement's position and flow back into it (3.13: an ``await``'s
+      ``CLEANUP_THROW`` jumps back to its ``END_SEND``).
+    """
+    handlers = set(handlers)
+    inside = [_inside(x.position, span) for x in instrs]
+    index = {x.offset: k for k, x in enumerate(instrs)}
     out = []
-    for i, ins in enumerate(instrs):
-        if ins.opcode != POP_TOP or ins.position != span:
+    for k, ins in enumerate(instrs):
+        if not inside[k] or (ins.opcode == POP_TOP and ins.position == span):
             continue
-        j = i
-        while j > 0 and _inside(instrs[j - 1].position, span):
-            j -= 1
-        if j < i:
-            out.append((instrs[j].offset, ins.end))
+        if k and inside[k - 1] and instrs[k - 1].opcode not in _NO_FALLTHROUGH:
+            continue  # falls in from the statement's previous instruction
+        if ins.offset in handlers:
+            continue
+        if any(inside[j] and instrs[j].target == ins.offset for j in range(k)):
+            continue  # a branch of the statement
+        end = _first_pop_top(instrs, inside, index, k, span)
+        if end is not None and end > ins.offset:
+            out.append((ins.offset, end))
     return out
 
 
-def statement_spans(instrs: Sequence[Instr], span: Position) -> list[tuple[int, int]]:
-    """Every compiled copy of the expression statement whose source span is ``span``.
-
-    Holds on 3.11, 3.12 and 3.13: the ``POP_TOP`` that discards an expression statement's
-    value carries the statement's own span, and nothing else carries exactly that span and is a
-    ``POP_TOP`` (a call's span is the statement's span, but the call is a ``CALL``).
-
-    A piece that is only entered by a jump from another piece of the same statement is not a
-    copy but a branch of it (3.12+ lays out the ``else`` arm of ``f(a if c else b)`` after the
-    function's return, ending in a copy of the code that follows the statement); it is left
-    out, and :func:`verify` follows the branch into it.
-    """
-    pieces = _pieces(instrs, span)
-    inner_targets = {
-        ins.target
-        for ins in instrs
-        if ins.target is not None and any(s <= ins.offset < e for s, e in pieces)
-    }
-    return [(s, e) for s, e in pieces if s not in inner_targets]
+def _first_pop_top(
+    instrs: Sequence[Instr], inside: list[bool], index: dict[int, int], k: int, span: Position
+) -> int | None:
+    """The end of the statement's POP_TOP nearest in layout that normal flow from
+    ``instrs[k]`` reaches through the statement's own instructions."""
+    found = []
+    seen = set()
+    work = [k]
+    while work:
+        j = work.pop()
+        if j in seen:
+            continue
+        seen.add(j)
+        ins = instrs[j]
+        if ins.opcode == POP_TOP and ins.position == span:
+            found.append(ins.end)
+            continue
+        for nxt, _ in _successors(ins):
+            n = index.get(nxt)
+            if n is not None and inside[n]:
+                work.append(n)
+    return min(found) if found else None
 
 
 # --- writing the jump -------------------------------------------------------------------------
@@ -310,54 +347,45 @@ def _check_depth(
     table: Sequence[ExceptionEntry],
     start: int,
     end: int,
-    siblings: dict[int, int],
+    span: Position,
 ) -> None:
-    """Every normal path from ``start`` reaches the end of the statement with the stack as it
-    was at ``start`` (an expression statement leaves nothing behind).
+    """Every normal path from ``start`` stays in the statement and reaches its end with the
+    stack as it was at ``start`` (an expression statement leaves nothing behind).
 
-    A path may branch into another compiled piece of the same statement (``siblings``: start
-    -> end; 3.12+ lays out the ``else`` of a conditional expression as its own block ending in
-    a copy of what follows the statement). Such a piece's end must be followed by the same
-    code as ``end``, so that jumping to ``end`` is jumping to the same continuation.
+    A path may branch into statement code laid out elsewhere (3.12+ puts the ``else`` arm of
+    a conditional expression after the function's return, ending in a copy of what follows
+    the statement). Such a path's exit must be followed by the same code as ``end``, so that
+    jumping to ``end`` is jumping to the same continuation.
     """
-    regions = {start: end}
     depth = {start: 0}
     work = [start]
     exits: dict[int, set[int]] = {}
-
-    def region_of(off: int) -> int | None:
-        for s, e in regions.items():
-            if s <= off < e:
-                return e
-        return None
-
     while work:
         off = work.pop()
         ins = by_offset[off]
+        if ins.opcode == POP_TOP and ins.position == span:
+            exits.setdefault(ins.end, set()).add(depth[off] - 1)
+            continue
         for nxt, is_jump in _successors(ins):
             d = depth[off] + _stack_effect(ins, is_jump)
             if d < 0:
                 raise VerifyError(f"stack underflow at offset {off} inside the statement")
-            if nxt in regions.values():
-                exits.setdefault(nxt, set()).add(d)
-                continue
-            if region_of(nxt) is None:
-                if nxt not in siblings:
-                    raise VerifyError(f"control leaves the statement from offset {off} to {nxt}")
-                regions[nxt] = siblings[nxt]
+            target = by_offset.get(nxt)
+            if target is None or not (start <= nxt < end or _inside(target.position, span)):
+                raise VerifyError(f"control leaves the statement from offset {off} to {nxt}")
             if nxt in depth:
                 if depth[nxt] != d:
                     raise VerifyError(f"inconsistent stack depth at offset {nxt}")
                 continue
             depth[nxt] = d
             work.append(nxt)
+    if end not in exits:
+        raise VerifyError(f"no path through the statement reaches {end}")
     for exit_, depths in exits.items():
         if depths != {0}:
             raise VerifyError(f"stack depth after the statement is {sorted(depths)}, not 0")
         if exit_ != end and not _same_tail(by_offset, table, exit_, end):
             raise VerifyError(f"the statement continues at {exit_} with other code than at {end}")
-    if end not in exits:
-        raise VerifyError(f"no path through the statement reaches {end}")
 
 
 def _reachable(
@@ -429,9 +457,7 @@ def verify(original: CodeType, variant: CodeType, spans: Sequence[tuple[int, int
         pop_top = by_offset.get(end - 2)
         if pop_top is None or pop_top.opcode != POP_TOP:
             raise VerifyError(f"span {start}..{end} does not end after a POP_TOP")
-        siblings = dict(_pieces(instrs, pop_top.position))
-        siblings.pop(start, None)
-        _check_depth(by_offset, table, start, end, siblings)
+        _check_depth(by_offset, table, start, end, pop_top.position)
         jumps[start] = end
         for k in range(start, end):
             touched[k] = 1

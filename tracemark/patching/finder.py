@@ -132,6 +132,7 @@ def find_statements(
 ) -> list[Statement]:
     """The marker statements compiled into ``code`` (not its nested code objects)."""
     instrs = bytecode.instructions(code)
+    handlers = {e.target for e in bytecode.exception_table(code)}
     spans = {ins.position for ins in instrs if ins.opcode == bytecode.POP_TOP}
     out = []
     for span in spans:
@@ -141,7 +142,7 @@ def find_statements(
         core = _marker_of(call, code, func, globs)
         if core is None:
             continue
-        copies = bytecode.statement_spans(instrs, span)
+        copies = bytecode.statement_spans(instrs, span, handlers)
         if copies:
             out.append(Statement(core, span, tuple(copies)))  # type: ignore[arg-type]
     out.sort(key=lambda s: s.span)

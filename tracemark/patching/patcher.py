@@ -242,9 +242,7 @@ def _functions_of(obj: Any, seen: set[int]) -> Iterator[FunctionType]:
     if id(obj) in seen:
         return
     seen.add(id(obj))
-    if isinstance(obj, MethodType):
-        yield from _functions_of(obj.__func__, seen)
-    elif isinstance(obj, staticmethod | classmethod):
+    if isinstance(obj, MethodType | staticmethod | classmethod):
         yield from _functions_of(obj.__func__, seen)
     elif isinstance(obj, property):
         for f in (obj.fget, obj.fset, obj.fdel):
@@ -287,7 +285,9 @@ def _analyse(func: FunctionType) -> Unit | None:
             if id(c) in _units:  # already part of another unit: leave this tree alone
                 found = {}
                 break
-            sts = finder.find_statements(c, func if c is code else None, func.__globals__, statements)
+            sts = finder.find_statements(
+                c, func if c is code else None, func.__globals__, statements
+            )
             if sts:
                 found[id(c)] = sts
     if not found:
