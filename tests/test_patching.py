@@ -183,6 +183,50 @@ def test_lazy_patching_on_first_inactive_run(tmp_path, monkeypatch, uniq):
     assert [(s.where, s.patched) for s in info.sites] == [(f"{src}:5", True)]
 
 
+def test_lazy_patching_finds_methods_wrapped_functions_and_closures(tmp_path, monkeypatch, uniq):
+    src = tmp_path / f"lazy2_{uniq}.py"
+    src.write_text(
+        "import functools\n"
+        "import tracemark\n"
+        f"m = tracemark.marker('{uniq}.m', 'v=%d')\n"
+        "seen = []\n"
+        "def deco(f):\n"
+        "    @functools.wraps(f)\n"
+        "    def wrapper(*a):\n"
+        "        return f(*a)\n"
+        "    return wrapper\n"
+        "class K:\n"
+        "    @property\n"
+        "    def p(self):\n"
+        "        m(seen.append('p') or 1)\n"
+        "        return 'p'\n"
+        "@deco\n"
+        "def wrapped(x):\n"
+        "    m(seen.append('w') or x)\n"
+        "    return x\n"
+        "def outer():\n"
+        "    def inner():\n"
+        "        m(seen.append('i') or 2)\n"
+        "        return 'i'\n"
+        "    return inner\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    mod = __import__(src.stem)
+    inner = mod.outer()
+    for _ in range(2):
+        assert (mod.K().p, mod.wrapped(3), inner(), mod.outer()()) == ("p", 3, "i", "i")
+    # The first site to run patched its whole module: `wrapped` (found through __wrapped__)
+    # never ran its marker's arguments. The closure made before that ran them once, and was
+    # found then (through its code) and switched.
+    assert mod.seen == ["p", "i"]
+    (info,) = tracemark.markers(f"{uniq}.m")
+    assert sorted(s.function for s in info.sites if s.patched) == [
+        "K.p",
+        "outer.<locals>.inner",
+        "wrapped",
+    ]
+
+
 def test_unpatchable_sites_say_why(tmp_path, monkeypatch, uniq):
     src = tmp_path / f"unp_{uniq}.py"
     src.write_text(
