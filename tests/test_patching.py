@@ -227,6 +227,29 @@ def test_lazy_patching_finds_methods_wrapped_functions_and_closures(tmp_path, mo
     ]
 
 
+def test_inline_mark_declared_after_its_function_was_analysed(tmp_path, monkeypatch, uniq):
+    src = tmp_path / f"late_{uniq}.py"
+    src.write_text(
+        "import tracemark\n"
+        f"m = tracemark.marker('{uniq}.m', 'v=%d')\n"
+        "seen = []\n"
+        "def g():\n"
+        "    m(1)\n"
+        "def f():\n"
+        f"    tracemark.mark('{uniq}.late', 'v=%d', seen.append(1) or 1)\n"
+        "    return 'f'\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    mod = __import__(src.stem)
+    mod.g()  # patches the module; f has no resolvable statement yet
+    original = mod.f.__code__
+    assert mod.f() == "f"  # declares the name, fires inactive: f is looked at again
+    assert mod.f.__code__ is not original
+    assert (mod.f(), mod.seen) == ("f", [1])
+    (info,) = tracemark.markers(f"{uniq}.late")
+    assert [s.patched for s in info.sites] == [True]
+
+
 def test_unpatchable_sites_say_why(tmp_path, monkeypatch, uniq):
     src = tmp_path / f"unp_{uniq}.py"
     src.write_text(

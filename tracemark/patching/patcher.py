@@ -234,6 +234,7 @@ _by_core: dict[Any, list[Unit]] = {}
 _unpatchable: dict[tuple[int, int], tuple[Any, Site]] = {}  # (id(code), line) -> (code, site)
 _no_sites: dict[int, CodeType] = {}  # analysed codes without marker statements
 _idle: dict[Any, int] = {}  # core -> hook calls that taught nothing
+_retried: set[tuple[int, Any]] = set()  # (id(code), core) looked at again for a late name
 
 
 def _functions_of(obj: Any, seen: set[int]) -> Iterator[FunctionType]:
@@ -338,6 +339,7 @@ def unpatch_all() -> None:
         _unpatchable.clear()
         _no_sites.clear()
         _idle.clear()
+        _retried.clear()
         for core in registry.iter_cores():
             core.namespace["_lazy"] = dispatch.lazy_hook
 
@@ -381,6 +383,11 @@ def _learn(core: Any, frame: Any) -> bool:
     if (id(code), line) in _unpatchable:
         return False
     unit = _units.get(id(code))
+    if unit is None and id(code) in _no_sites and (id(code), core) not in _retried:
+        # Analysed before, when this statement's ``tracemark.mark`` name was not declared
+        # yet: look again, once per marker.
+        _retried.add((id(code), core))
+        del _no_sites[id(code)]
     if unit is None and id(code) not in _no_sites:
         why = _kind_of(code)
         if not why:
