@@ -20,7 +20,7 @@ import pytest
 
 import tracemark
 from tracemark import env
-from tracemark.markers import registry
+from tracemark.markers import dispatch, registry
 from tracemark.patching import patcher
 
 CORPUS_MARKERS = [registry.lookup(n) for n in ("corpus.mk", "corpus.other", "corpus.modmk")]
@@ -46,7 +46,7 @@ def _unpatched():
     patcher.unpatch_all()
     cores = [*CORPUS_MARKERS, registry.lookup("corpus.inline")]
     for core in cores:
-        core.namespace["_lazy"] = None
+        patcher.set_armed(core, False)
     return cores
 
 
@@ -64,7 +64,7 @@ def three_runs():
     cores = _unpatched()
     plain = _run_all()
     for core in cores:
-        core.namespace["_lazy"] = patcher._on_unpatched_run
+        patcher.set_armed(core, True)
     sites = tracemark.patch(corpus)
     inactive = _run_all()
     events: list = []
@@ -280,10 +280,10 @@ def test_hook_switches_itself_off_and_rearms(uniq):
     code = compile(f"for i in range({patcher.HOOK_BUDGET + 5}): m(i)", "<loop>", "exec")
     exec(code, {"m": m})
     core = registry.core_of(m)
-    assert core.namespace["_lazy"] is None  # nothing left to learn: the plain path is bare
+    assert core.namespace["_probes"] == ()  # nothing left to learn: the plain path is bare
     with tracemark.connect(f"{uniq}.m", lambda m, a: None):
         pass
-    assert core.namespace["_lazy"] is patcher._on_unpatched_run
+    assert core.namespace["_probes"] is dispatch.ARMED
 
 
 def test_refusals(monkeypatch, uniq, tmp_path):

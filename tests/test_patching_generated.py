@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 
 import tracemark
 from tracemark.markers import registry
+from tracemark.patching import patcher
 
 _dir = Path(tempfile.mkdtemp(prefix="tracemark-gen-"))
 _ids = itertools.count()
@@ -129,9 +130,9 @@ def test_generated_functions_behave_the_same(data, gen):
     source += "    return len(trail)\n"
     mod = _load(source)
     core = registry.lookup("gen.m")
-    core.namespace["_lazy"] = None  # no lazy patching: this is the unpatched run
+    patcher.set_armed(core, False)  # no lazy patching: this is the unpatched run
     plain = _run(mod, gen)
-    core.namespace["_lazy"] = tracemark.patching.patcher._on_unpatched_run
+    patcher.set_armed(core, True)
     sites = tracemark.patch(mod)
     assert sites == [] or all(s.patched for s in sites), (source, sites)
     assert len(sites) == sum(line.lstrip().startswith("m(") for line in body)

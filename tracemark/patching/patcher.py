@@ -4,7 +4,8 @@ When a function is patched
 --------------------------
 * **Lazily, the first time an inactive marker site runs** in a function that is not patched
   yet. The marker's firing function calls :func:`_on_unpatched_run` (the dispatch's
-  ``lazy_hook``); it finds the function object(s) running that code (the module's functions,
+  ``lazy_hook``, reached through the marker's probe tuple, so it costs nothing once the
+  marker is disarmed); it finds the function object(s) running that code (the module's functions,
   methods, properties and ``__wrapped__`` chains, then ``gc.get_referrers`` on the code),
   analyses every function of that module that holds marker statements, and installs the
   variant for the markers active now. The program is self-optimising: a site pays the plain
@@ -16,7 +17,7 @@ When a function is patched
   statements gets the variant for the new set of active markers, built once and cached.
 * Never at declaration: the functions that use a marker are usually defined after it.
 
-The hook of a marker switches itself off (``_lazy`` cleared) after :data:`HOOK_BUDGET` calls
+The hook of a marker switches itself off (the marker is disarmed) after :data:`HOOK_BUDGET` calls
 that taught it nothing (module-level code, lambdas and other sites that cannot be patched),
 so such sites cost the plain call path only; it re-arms when the marker turns inactive again.
 
@@ -341,7 +342,7 @@ def unpatch_all() -> None:
         _idle.clear()
         _retried.clear()
         for core in registry.iter_cores():
-            core.namespace["_lazy"] = dispatch.lazy_hook
+            set_armed(core, True)
 
 
 # --- hooks from the marker core -----------------------------------------------------------------
@@ -360,19 +361,27 @@ def _kind_of(code: CodeType) -> str:
     return ""
 
 
-def _on_unpatched_run(core: Any) -> None:
-    """An inactive marker fired through the plain call path: patch the caller if possible."""
+def _on_unpatched_run(marker: Any) -> None:
+    """An inactive marker fired through the plain call path: patch the caller if possible.
+
+    Called by the marker's armed probe tuple: the frames above are the probe, the firing
+    function, then the site (or ``tracemark.mark`` and then the site).
+    """
+    core = registry.core_of(marker)
+    if core is None:
+        return
     try:
-        frame = sys._getframe(2)
+        frame = sys._getframe(3)
         if frame.f_code is _MARK_CODE and frame.f_back is not None:
             frame = frame.f_back
         with registry._lock:
             if not _learn(core, frame):
                 idle = _idle[core] = _idle.get(core, 0) + 1
                 if idle >= HOOK_BUDGET:
-                    core.namespace["_lazy"] = None
+                    set_armed(core, False)
     except Exception as exc:  # tracing never breaks the traced program
-        core.namespace["_lazy"] = None
+        with registry._lock:
+            set_armed(core, False)
         faults.report("patch-error", core.name, f"tracemark could not patch a site: {exc!r}")
 
 
@@ -437,6 +446,18 @@ def _reanalyse(unit: Unit) -> bool:
     return True
 
 
+def set_armed(core: Any, armed: bool) -> None:
+    """Arm (or disarm) ``core``'s firing function to call the lazy hook while it has no probe.
+
+    Call under ``registry._lock``: the registry publishes probe tuples under it too.
+    """
+    ns = core.namespace
+    if armed and not core.connections and dispatch.lazy_hook is not None:
+        ns["_probes"] = dispatch.ARMED
+    elif not armed and ns["_probes"] is dispatch.ARMED:
+        ns["_probes"] = ()
+
+
 def _note_unpatchable(core: Any, code: CodeType, line: int, why: str) -> None:
     reason = _refusal() or why
     site = Site(core.name, f"{code.co_filename}:{line}", code.co_qualname, False, reason)
@@ -449,7 +470,7 @@ def _on_switch(core: Any, active: bool) -> None:
         unit.install()
     if not active and dispatch.lazy_hook is not None:
         _idle.pop(core, None)
-        core.namespace["_lazy"] = dispatch.lazy_hook
+        set_armed(core, True)  # the registry has just published an empty probe tuple
 
 
 def _report(core: Any) -> tuple[Site, ...]:
@@ -474,4 +495,4 @@ def install() -> None:
         registry.add_listener(_on_switch)
         registry.add_site_reporter(_report)
         for core in registry.iter_cores():
-            core.namespace["_lazy"] = _on_unpatched_run
+            set_armed(core, True)
