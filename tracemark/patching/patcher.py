@@ -3,13 +3,12 @@
 When a function is patched
 --------------------------
 * **Lazily, the first time an inactive marker site runs** in a function that is not patched
-  yet. The marker's firing function calls :func:`_on_unpatched_run` (the dispatch's
-  ``lazy_hook``, reached through the marker's probe tuple, so it costs nothing once the
-  marker is disarmed); it finds the function object(s) running that code (the module's functions,
-  methods, properties and ``__wrapped__`` chains, then ``gc.get_referrers`` on the code),
-  analyses every function of that module that holds marker statements, and installs the
-  variant for the markers active now. The program is self-optimising: a site pays the plain
-  call once, then about one jump.
+  yet. A marker without probes is *armed*: its probe tuple is ``dispatch.ARMED``, whose one
+  probe calls :func:`_on_unpatched_run`. That finds the function object(s) running the
+  caller's code (the module's functions, methods, properties and ``__wrapped__`` chains, then
+  ``gc.get_referrers`` on the code), analyses every function of that module holding marker
+  statements, and installs the variant for the markers active now. The program is
+  self-optimising: a site pays the plain call (and the analysis) once, then about one jump.
 * **Explicitly**, with :func:`patch` (a function, class or module), for code that should be
   free from its first run (``tracemark.patch(sys.modules[__name__])`` at the end of a module).
 * **On connect/disconnect**: the registry tells the patcher (``registry.add_listener``) when a
@@ -17,9 +16,14 @@ When a function is patched
   statements gets the variant for the new set of active markers, built once and cached.
 * Never at declaration: the functions that use a marker are usually defined after it.
 
-The hook of a marker switches itself off (the marker is disarmed) after :data:`HOOK_BUDGET` calls
-that taught it nothing (module-level code, lambdas and other sites that cannot be patched),
-so such sites cost the plain call path only; it re-arms when the marker turns inactive again.
+A marker is disarmed (its probe tuple becomes ``()``) after :data:`HOOK_BUDGET` calls of the
+hook that taught it nothing (module-level code, lambdas and other sites that cannot be
+patched), so such sites then cost the bare plain call path; it is armed again whenever it
+turns inactive. A site first reached while its marker is disarmed stays on the plain call
+path until then, or until :func:`patch` is called on it.
+
+Under ``TRACEMARK_NOPATCH=1`` or on a free-threaded build, sites are still found (so that
+``tracemark.markers()`` can say why they are not patched) but no code object is replaced.
 
 What swapping guarantees
 ------------------------
