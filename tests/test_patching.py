@@ -11,7 +11,9 @@ from __future__ import annotations
 import dataclasses
 import dis
 import inspect
+import os
 import re
+import subprocess
 import sys
 import traceback
 
@@ -302,8 +304,6 @@ def test_refusals(monkeypatch, uniq, tmp_path):
 
 
 def test_nopatch_environment_variable(tmp_path):
-    import subprocess
-
     src = tmp_path / "np_mod.py"
     src.write_text(
         "import tracemark\nm = tracemark.marker('np.m', 'v=%d')\ndef f():\n    m(1)\n"
@@ -316,7 +316,7 @@ def test_nopatch_environment_variable(tmp_path):
         [sys.executable, str(src)],
         capture_output=True,
         text=True,
-        env={**__import__("os").environ, **env_vars},
+        env={**os.environ, **env_vars},
         check=True,
     )
     assert out.stdout.strip() == "['TRACEMARK_NOPATCH=1']"
