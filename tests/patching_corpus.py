@@ -272,6 +272,16 @@ def case_methods(trail):
     return t.method(2), Thing.static(3), Thing.klass(4), t.value
 
 
+class SubThing(Thing):
+    def method(self, a):
+        mk(eff(a))  # the function has a __class__ cell (super())
+        return super().method(a) * 2
+
+
+def case_super(trail):
+    return SubThing().method(4)
+
+
 def gen(n):
     for i in range(n):
         mk(eff(i))

@@ -108,7 +108,9 @@ class Unit:
         self.cores = {s.core for sts in statements.values() for s in sts}
         self.variants: dict[frozenset, dict[int, CodeType]] = {}
         self.origin: dict[int, CodeType] = {i: c for i, c in self.codes.items()}
-        self.funcs: list[tuple[weakref.ref, CodeType]] = []
+        # Every function object running this unit's code -> the original code it runs a
+        # variant of (weak: a closure that is dropped is forgotten).
+        self.funcs: weakref.WeakKeyDictionary[FunctionType, CodeType] = weakref.WeakKeyDictionary()
         self.nested = any(i != id(root) and sts for i, sts in statements.items())
         self.refused = ""
         self._check_each()
@@ -171,13 +173,12 @@ class Unit:
         orig = self.origin.get(id(func.__code__))
         if orig is None:
             return False
-        for ref, _ in self.funcs:
-            if ref() is func:
-                return False
+        if func in self.funcs:
+            return False
         if orig is self.root and not self._same_closure_markers(func):
             func.__code__ = orig  # its closure holds other markers: plain call path
             return False
-        self.funcs.append((weakref.ref(func), orig))
+        self.funcs[func] = orig
         if not self.refused:
             func.__code__ = self.mapping()[id(orig)]
         return True
@@ -197,18 +198,8 @@ class Unit:
         if self.refused:
             return
         mapping = self.mapping()
-        if self.nested:
-            # Function objects made from nested code before this switch: find them all.
-            for obj in gc.get_referrers(*{id(c): c for c in self._all_codes()}.values()):
-                if isinstance(obj, FunctionType) and id(obj.__code__) in self.origin:
-                    self.add(obj)
-        alive = []
-        for ref, orig in self.funcs:
-            func = ref()
-            if func is not None:
-                func.__code__ = mapping[id(orig)]
-                alive.append((ref, orig))
-        self.funcs = alive
+        for func, orig in list(self.funcs.items()):
+            func.__code__ = mapping[id(orig)]
 
     def _all_codes(self) -> Iterator[CodeType]:
         yield from self.codes.values()
@@ -335,10 +326,8 @@ def unpatch_all() -> None:
     """Put every patched function back on its original code and forget all analysis (tests)."""
     with registry._lock:
         for unit in {id(u): u for u in _units.values()}.values():
-            for ref, orig in unit.funcs:
-                func = ref()
-                if func is not None:
-                    func.__code__ = orig
+            for func, orig in list(unit.funcs.items()):
+                func.__code__ = orig
         _units.clear()
         _by_core.clear()
         _unpatchable.clear()
@@ -437,7 +426,7 @@ def _learn(core: Any, frame: Any) -> bool:
 
 
 def _reanalyse(unit: Unit) -> bool:
-    funcs = [f for f in (ref() for ref, _ in unit.funcs) if f is not None]
+    funcs = list(unit.funcs)
     for func in funcs:
         func.__code__ = unit.origin[id(func.__code__)]
     for cid in [cid for cid, u in _units.items() if u is unit]:
@@ -470,7 +459,18 @@ def _note_unpatchable(core: Any, code: CodeType, line: int, why: str) -> None:
 
 def _on_switch(core: Any, active: bool) -> None:
     """Registry listener (called under its lock): install the right variants for ``core``."""
-    for unit in _by_core.get(core, ()):
+    units = [u for u in _by_core.get(core, ()) if not u.refused]
+    nested = [u for u in units if u.nested]
+    if nested:
+        # Function objects made from nested code (closures) since the last switch run the
+        # variant their parent's constants held then: find them all, in one pass over the heap.
+        codes = {id(c): c for u in nested for c in u._all_codes()}
+        for obj in gc.get_referrers(*codes.values()):
+            if isinstance(obj, FunctionType):
+                unit = _units.get(id(obj.__code__))
+                if unit is not None and any(unit is u for u in nested):
+                    unit.add(obj)
+    for unit in units:
         unit.install()
     if not active and dispatch.lazy_hook is not None:
         _idle.pop(core, None)
