@@ -277,6 +277,15 @@ def test_unpatchable_sites_say_why(tmp_path, monkeypatch, uniq):
     assert not any(s.patched for s in info.sites)
 
 
+def test_tracemark_internal_callers_are_not_sites(uniq):
+    m = tracemark.marker(f"{uniq}.m", "v=%d")
+    ns = {"m": m}
+    exec(compile("def emit(v):\n    m(v)\n", "<tracemark probe>", "exec"), ns)
+    ns["emit"](1)
+    (info,) = tracemark.markers(f"{uniq}.m")
+    assert info.sites == ()  # a probe mechanism's emitter is not a place in the user's code
+
+
 def test_hook_switches_itself_off_and_rearms(uniq):
     m = tracemark.marker(f"{uniq}.m", "v=%d")
     code = compile(f"for i in range({patcher.HOOK_BUDGET + 5}): m(i)", "<loop>", "exec")

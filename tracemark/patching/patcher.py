@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import gc
 import inspect
+import os
 import sys
 import weakref
 from collections.abc import Iterator
@@ -382,7 +383,7 @@ def _learn(core: Any, frame: Any) -> bool:
     """Handle one unpatched run; True if something new was learnt (or patched)."""
     code = frame.f_code
     line = frame.f_lineno
-    if (id(code), line) in _unpatchable:
+    if (id(code), line) in _unpatchable or _internal(code.co_filename):
         return False
     unit = _units.get(id(code))
     if unit is None and id(code) in _no_sites and (id(code), core) not in _retried:
@@ -451,6 +452,14 @@ def set_armed(core: Any, armed: bool) -> None:
         ns["_probes"] = ()
 
 
+def _internal(filename: str) -> bool:
+    """tracemark's own code (generated emitters, the probe mechanisms) is not a marker site;
+    the bundled demo is a program like any other."""
+    if filename.startswith("<tracemark"):
+        return True
+    return filename.startswith(_PACKAGE_DIR) and not filename.startswith(_DEMO_DIR)
+
+
 def _note_unpatchable(core: Any, code: CodeType, line: int, why: str) -> None:
     reason = _refusal() or why
     site = Site(core.name, f"{code.co_filename}:{line}", code.co_qualname, False, reason)
@@ -484,6 +493,8 @@ def _report(core: Any) -> tuple[Site, ...]:
 
 
 _MARK_CODE: CodeType | None = None
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+_DEMO_DIR = os.path.join(_PACKAGE_DIR, "demo") + os.sep
 
 
 def install() -> None:
