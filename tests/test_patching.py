@@ -286,6 +286,22 @@ def test_tracemark_internal_callers_are_not_sites(uniq):
     assert info.sites == ()  # a probe mechanism's emitter is not a place in the user's code
 
 
+def test_code_replaced_by_someone_else_is_left_alone(uniq, tmp_path, monkeypatch):
+    src = tmp_path / f"other_{uniq}.py"
+    src.write_text(
+        f"import tracemark\nm = tracemark.marker('{uniq}.m', 'v=%d')\n"
+        "def f():\n    m(1)\n    return 1\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    mod = __import__(src.stem)
+    tracemark.patch(mod)
+    theirs = (lambda: 2).__code__.replace(co_name="f")
+    mod.f.__code__ = theirs  # another tool swapped in its own code
+    with tracemark.connect(f"{uniq}.m", lambda m, a: None):
+        assert mod.f.__code__ is theirs
+    assert mod.f.__code__ is theirs
+
+
 def test_hook_switches_itself_off_and_rearms(uniq):
     m = tracemark.marker(f"{uniq}.m", "v=%d")
     code = compile(f"for i in range({patcher.HOOK_BUDGET + 5}): m(i)", "<loop>", "exec")

@@ -200,7 +200,10 @@ class Unit:
             return
         mapping = self.mapping()
         for func, orig in list(self.funcs.items()):
-            func.__code__ = mapping[id(orig)]
+            # Never fight over __code__: a function whose code someone else replaced since
+            # (a dynamic probe's instrumented copy, a debugger) is left as they made it.
+            if self.origin.get(id(func.__code__)) is orig:
+                func.__code__ = mapping[id(orig)]
 
     def _all_codes(self) -> Iterator[CodeType]:
         yield from self.codes.values()
