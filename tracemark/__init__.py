@@ -35,6 +35,8 @@ from .markers import registry as _registry
 from .markers.dispatch import MAX_NESTING, synchronize
 from .markers.fields import Field
 from .markers.registry import Connection, Marker, MarkerInfo, connect, disconnect, markers
+from .patching import Site, patch
+from .patching import patcher as _patcher
 from .probes import Probe, ProbeError, probe, unprobe
 from .tracers.printer import Printer
 from .tracers.recorder import Recording, RecordingSummary, record
@@ -53,6 +55,7 @@ __all__ = [
     "ProbeError",
     "Recording",
     "RecordingSummary",
+    "Site",
     "TracemarkWarning",
     "connect",
     "disconnect",
@@ -60,6 +63,7 @@ __all__ = [
     "mark",
     "marker",
     "markers",
+    "patch",
     "probe",
     "record",
     "synchronize",
@@ -102,3 +106,7 @@ def mark(name: str, fmt: str | None = None, /, *args: Any) -> None:
             return
         _inline[name, fmt] = fire
     fire(*args)
+
+
+# Inactive marker statements inside functions become one jump (see tracemark.patching).
+_patcher.install()

@@ -21,6 +21,11 @@ class _Behavior:
     #: PEP 669 ``sys.monitoring`` exists (3.12+): dynamic probes use it instead of
     #: rewriting code objects.
     sys_monitoring: bool = PYVERSION >= (3, 12)
+    #: PEP 709 (3.12+): list/set/dict comprehensions are inlined into the function, their
+    #: exception handler laid out at the end of it, far from the statement they belong to.
+    inlined_comprehensions: bool = PYVERSION >= (3, 12)
+    #: 3.12+: an ``await`` has a ``CLEANUP_THROW`` handler placed after the function's return.
+    await_cleanup_at_end: bool = PYVERSION >= (3, 12)
     #: A build without the GIL (PEP 703). Swapping ``__code__`` is still one reference store,
     #: but tracemark has not been proven there, so code patching is refused and says why.
     free_threaded: bool = bool(sysconfig.get_config_var("Py_GIL_DISABLED"))

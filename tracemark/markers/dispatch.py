@@ -201,6 +201,30 @@ def resolve_arguments(
     return tuple(values)
 
 
+#: Called as ``lazy_hook(marker)`` when a marker fires while its probe tuple is :data:`ARMED`:
+#: how the patcher (:mod:`tracemark.patching`) learns that an unpatched site ran. The patcher
+#: arms a marker that has no probe, and disarms it (``_probes = ()``) once it has nothing more
+#: to learn. The hook travels as a probe, so neither the inactive path nor the active path pays
+#: anything for it; only the rare branches (arguments that do not fit, nesting) ask whether
+#: the marker is merely armed, so that an inactive marker never reports a fault.
+lazy_hook: Callable[[Any], None] | None = None
+
+
+def _lazy_probe(marker: Any, args: tuple) -> None:
+    hook = lazy_hook
+    if hook is not None:
+        hook(marker)
+
+
+class _Armed(tuple):
+    """The type of :data:`ARMED`: a probe tuple that only the patcher publishes."""
+
+    __slots__ = ()
+
+
+ARMED = _Armed((_lazy_probe,))
+
+
 _TEMPLATE = """\
 def fire({params}*_extra, **_named):
     if _probes:
@@ -210,10 +234,14 @@ def fire({params}*_extra, **_named):
             state = _new_thread_state()
         depth = state.depth
         if depth and (depth >= MAX_NESTING or not _nested):
+            if _probes is _ARMED:
+                return None
             return _dropped_nested(_core)
         state.depth = depth + 1
         try:
             if {bad}:
+                if _probes is _ARMED:
+                    return None
                 args = _resolve_arguments(_fields, _index, ({names}), _extra, _named)
                 if args is None:
                     return _bad_arguments(_core, ({names}), _extra, _named)
@@ -251,8 +279,9 @@ def compile_fire(
     namespace: dict[str, Any] = {
         **_CHECK_GLOBALS,
         "__builtins__": {},
-        "_probes": (),
+        "_probes": ARMED if lazy_hook is not None else (),
         "_nested": (),
+        "_ARMED": ARMED,
         "_core": core,
         "_fields": fields,
         "_index": {f.name: i for i, f in enumerate(fields)},

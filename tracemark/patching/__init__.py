@@ -1,0 +1,37 @@
+"""Zero-cost inactive markers: jump over marker statements by rewriting code objects.
+
+An inactive marker statement inside a function (``rx(len(pkt), dev)``, ``mod.rx(...)``,
+``tracemark.mark("a.b", "%d", x)``) costs about one jump once its function is patched, and
+its arguments are not evaluated. The kernel patches a NOP into a JMP; here each function gets
+a variant of its code object in which the first instruction of every inactive marker
+statement is a forward jump past the statement, and ``func.__code__`` is swapped to the
+variant for the set of markers active now.
+
+Layout
+------
+* :mod:`.bytecode`: every version-specific fact about CPython bytecode (3.11-3.13): reading
+  instructions and positions, finding each compiled copy of a statement, writing the jump,
+  parsing the exception table, verifying a variant.
+* :mod:`.finder`: marker statements from the function's source (``ast``), mapped to
+  instructions by their exact source span.
+* :mod:`.patcher`: the policy (lazy on first run, :func:`patch` on demand, switching on
+  connect/disconnect), the variant cache, and the per-site report in ``tracemark.markers()``.
+
+Guarantees
+----------
+* Semantics are preserved: a patched function returns, raises, yields and awaits exactly as
+  the original, with the same line numbers in tracebacks, ``inspect.getsource`` and ``dis``
+  output; an inactive marker statement's arguments are not evaluated (as if it were absent).
+* Every variant is verified before it is installed; a site that cannot be patched safely
+  (module level, lambdas, exec'd code, a free-threaded build, ``TRACEMARK_NOPATCH=1``, a
+  statement the verifier rejects) keeps the plain call path and says why in
+  ``tracemark.markers()[i].sites``.
+* A call that starts after ``connect()`` returns runs code in which the marker is live;
+  frames already running keep the code they started with.
+"""
+
+from __future__ import annotations
+
+from .patcher import HOOK_BUDGET, Site, patch, unpatch_all
+
+__all__ = ["HOOK_BUDGET", "Site", "patch", "unpatch_all"]

@@ -1,0 +1,516 @@
+"""The patching policy: which functions get rewritten, when, and how variants are switched.
+
+When a function is patched
+--------------------------
+* **Lazily, the first time an inactive marker site runs** in a function that is not patched
+  yet. A marker without probes is *armed*: its probe tuple is ``dispatch.ARMED``, whose one
+  probe calls :func:`_on_unpatched_run`. That finds the function object(s) running the
+  caller's code (the module's functions, methods, properties and ``__wrapped__`` chains, then
+  ``gc.get_referrers`` on the code), analyses every function of that module holding marker
+  statements, and installs the variant for the markers active now. The program is
+  self-optimising: a site pays the plain call (and the analysis) once, then about one jump.
+* **Explicitly**, with :func:`patch` (a function, class or module), for code that should be
+  free from its first run (``tracemark.patch(sys.modules[__name__])`` at the end of a module).
+* **On connect/disconnect**: the registry tells the patcher (``registry.add_listener``) when a
+  marker turns active or inactive, and every function already patched that holds one of its
+  statements gets the variant for the new set of active markers, built once and cached.
+* Never at declaration: the functions that use a marker are usually defined after it.
+
+A marker is disarmed (its probe tuple becomes ``()``) after :data:`HOOK_BUDGET` calls of the
+hook that taught it nothing (module-level code, lambdas and other sites that cannot be
+patched), so such sites then cost the bare plain call path; it is armed again whenever it
+turns inactive. A site first reached while its marker is disarmed stays on the plain call
+path until then, or until :func:`patch` is called on it.
+
+Under ``TRACEMARK_NOPATCH=1`` or on a free-threaded build, sites are still found (so that
+``tracemark.markers()`` can say why they are not patched) but no code object is replaced.
+
+What swapping guarantees
+------------------------
+* A variant is built from the original code object only (never a variant of a variant), and
+  :func:`.bytecode.verify` checks it before it is installed; a statement the verifier rejects
+  is left unpatched and says why in ``tracemark.markers()``.
+* Installing is one reference store per function object (``func.__code__ = variant``), under
+  the GIL: a call that starts afterwards runs the new code. **Frames already running keep the
+  code they started with**: a call (or a suspended generator or coroutine) that began before
+  a probe connected still jumps over that marker until it returns. Events are delivered from
+  every call that starts after ``connect()`` returns.
+* Nested functions and closures: the parent's variant holds the nested variants in its
+  ``co_consts``, so every function object made from it afterwards runs the right variant;
+  function objects that already exist are found and swapped too.
+* Sites are resolved when a function is analysed: rebinding the global name of a marker to
+  another object later is not noticed.
+"""
+
+from __future__ import annotations
+
+import gc
+import inspect
+import os
+import sys
+import weakref
+from collections.abc import Iterator
+from dataclasses import dataclass
+from types import CodeType, FunctionType, MethodType, ModuleType
+from typing import Any
+
+from .. import env, faults
+from ..markers import dispatch, registry
+from . import bytecode, finder
+
+__all__ = ["HOOK_BUDGET", "Site", "patch", "unpatch_all"]
+
+#: Calls of a marker's lazy hook that find nothing new before the hook switches itself off.
+HOOK_BUDGET = 64
+
+_CO_OPTIMIZED = inspect.CO_OPTIMIZED
+
+
+@dataclass(frozen=True)
+class Site:
+    """One place in code that fires a marker, and how it is served (``MarkerInfo.sites``)."""
+
+    marker: str
+    where: str  # file:line
+    function: str  # qualified name of the code holding it
+    patched: bool  # True: jumped over while inactive; False: plain call path
+    reason: str  # why not patched ("" when patched)
+    copies: int = 1  # compiled copies of the statement (finally bodies)
+
+    @property
+    def mechanism(self) -> str:
+        return "patched jump" if self.patched else "plain call"
+
+
+def _refusal() -> str:
+    """Why nothing may be patched in this process, or ""."""
+    if env.NOPATCH:
+        return "TRACEMARK_NOPATCH=1"
+    if env.PYBEHAVIOR.free_threaded:
+        return "free-threaded build"
+    return ""
+
+
+def _tree(code: CodeType) -> Iterator[CodeType]:
+    yield code
+    for const in code.co_consts:
+        if isinstance(const, CodeType):
+            yield from _tree(const)
+
+
+class Unit:
+    """The code tree of one outermost function, and every variant of it built so far."""
+
+    def __init__(self, root: CodeType, statements: dict[int, list[finder.Statement]]):
+        self.root = root
+        self.codes = {id(c): c for c in _tree(root)}
+        self.statements = statements  # id(original code) -> its marker statements
+        self.rejected: dict[tuple[int, tuple], str] = {}  # (code id, span) -> verifier's why
+        self.cores = {s.core for sts in statements.values() for s in sts}
+        self.variants: dict[frozenset, dict[int, CodeType]] = {}
+        self.origin: dict[int, CodeType] = {i: c for i, c in self.codes.items()}
+        # Every function object running this unit's code -> the original code it runs a
+        # variant of (weak: a closure that is dropped is forgotten).
+        self.funcs: weakref.WeakKeyDictionary[FunctionType, CodeType] = weakref.WeakKeyDictionary()
+        self.nested = any(i != id(root) and sts for i, sts in statements.items())
+        self.refused = ""
+        self._check_each()
+
+    def _check_each(self) -> None:
+        """Verify each statement on its own, so one bad statement does not cost the others."""
+        for cid, sts in self.statements.items():
+            code = self.codes[cid]
+            instrs = bytecode.instructions(code)
+            for st in sts:
+                try:
+                    raw = bytecode.jump_over(code, instrs, st.copies)
+                    bytecode.verify(code, code.replace(co_code=raw), st.copies)
+                except bytecode.VerifyError as exc:
+                    self.rejected[cid, st.span] = f"verifier: {exc}"
+
+    def _build(self, code: CodeType, skip: frozenset, out: dict[int, CodeType]) -> CodeType:
+        consts = tuple(
+            self._build(c, skip, out) if isinstance(c, CodeType) and id(c) in self.codes else c
+            for c in code.co_consts
+        )
+        cid = id(code)
+        spans = [
+            copy
+            for st in self.statements.get(cid, ())
+            if st.core in skip and (cid, st.span) not in self.rejected
+            for copy in st.copies
+        ]
+        changed = any(a is not b for a, b in zip(consts, code.co_consts, strict=True))
+        variant = code
+        if spans or changed:
+            raw = code.co_code
+            if spans:
+                raw = bytecode.jump_over(code, bytecode.instructions(code), spans)
+            variant = code.replace(co_code=raw, co_consts=consts)
+            try:
+                bytecode.verify(code, variant, spans)
+            except bytecode.VerifyError:
+                # Each statement passed alone; a combination that fails stays unpatched.
+                variant = code.replace(co_consts=consts) if changed else code
+        out[cid] = variant
+        self.origin[id(variant)] = code
+        return variant
+
+    def mapping(self) -> dict[int, CodeType]:
+        """Original code id -> the code to run for the markers active now (cached)."""
+        active = frozenset(c for c in self.cores if c.active)
+        found = self.variants.get(active)
+        if found is None:
+            found = dict(self.codes)
+            if not self.refused:
+                self._build(self.root, frozenset(self.cores - active), found)
+            self.variants[active] = found
+            for code in found.values():
+                _units[id(code)] = self
+        return found
+
+    def add(self, func: FunctionType) -> bool:
+        """Manage ``func`` from now on; False if it cannot share this unit's variants."""
+        orig = self.origin.get(id(func.__code__))
+        if orig is None:
+            return False
+        if func in self.funcs:
+            return False
+        if orig is self.root and not self._same_closure_markers(func):
+            func.__code__ = orig  # its closure holds other markers: plain call path
+            return False
+        self.funcs[func] = orig
+        if not self.refused:
+            func.__code__ = self.mapping()[id(orig)]
+        return True
+
+    def _same_closure_markers(self, func: FunctionType) -> bool:
+        """A marker reached through a closure variable is resolved from one function object;
+        another function object of the same code may hold another marker in that cell."""
+        root = self.root
+        if not root.co_freevars:
+            return True
+        source = finder.source_statements(root.co_filename, func.__globals__) or {}
+        found = finder.find_statements(root, func, func.__globals__, source)
+        mine = self.statements.get(id(root), [])
+        return [(s.span, s.core) for s in found] == [(s.span, s.core) for s in mine]
+
+    def install(self) -> None:
+        if self.refused:
+            return
+        mapping = self.mapping()
+        for func, orig in list(self.funcs.items()):
+            # Never fight over __code__: a function whose code someone else replaced since
+            # (a dynamic probe's instrumented copy, a debugger) is left as they made it.
+            if self.origin.get(id(func.__code__)) is orig:
+                func.__code__ = mapping[id(orig)]
+
+    def _all_codes(self) -> Iterator[CodeType]:
+        yield from self.codes.values()
+        for mapping in self.variants.values():
+            yield from mapping.values()
+
+    def sites(self, core: Any) -> Iterator[Site]:
+        for cid, sts in self.statements.items():
+            code = self.codes[cid]
+            for st in sts:
+                if st.core is not core:
+                    continue
+                why = self.refused or self.rejected.get((cid, st.span), "")
+                yield Site(
+                    core.name,
+                    f"{code.co_filename}:{st.span[0]}",
+                    code.co_qualname,
+                    not why,
+                    why,
+                    len(st.copies),
+                )
+
+
+# --- state (all under registry._lock) ----------------------------------------------------------
+
+_units: dict[int, Unit] = {}  # id(code), original or variant -> its unit
+_by_core: dict[Any, list[Unit]] = {}
+_unpatchable: dict[tuple[int, int], tuple[Any, Site]] = {}  # (id(code), line) -> (code, site)
+_no_sites: dict[int, CodeType] = {}  # analysed codes without marker statements
+_idle: dict[Any, int] = {}  # core -> hook calls that taught nothing
+_retried: set[tuple[int, Any]] = set()  # (id(code), core) looked at again for a late name
+
+
+def _functions_of(obj: Any, seen: set[int]) -> Iterator[FunctionType]:
+    """Plain functions reachable from a function, method, class or module, unwrapping
+    decorators (``__wrapped__``), static/class methods and properties."""
+    if id(obj) in seen:
+        return
+    seen.add(id(obj))
+    if isinstance(obj, MethodType | staticmethod | classmethod):
+        yield from _functions_of(obj.__func__, seen)
+    elif isinstance(obj, property):
+        for f in (obj.fget, obj.fset, obj.fdel):
+            if f is not None:
+                yield from _functions_of(f, seen)
+    elif isinstance(obj, FunctionType):
+        yield obj
+        wrapped = obj.__dict__.get("__wrapped__")
+        if wrapped is not None:
+            yield from _functions_of(wrapped, seen)
+    elif isinstance(obj, type):
+        for value in list(vars(obj).values()):
+            yield from _functions_of(value, seen)
+    elif isinstance(obj, ModuleType):
+        for value in list(vars(obj).values()):
+            if isinstance(value, FunctionType) and value.__globals__ is not vars(obj):
+                continue  # imported from elsewhere
+            if isinstance(value, type) and getattr(value, "__module__", None) != obj.__name__:
+                continue
+            if isinstance(value, FunctionType | type):
+                yield from _functions_of(value, seen)
+    else:
+        wrapped = getattr(obj, "__dict__", {}).get("__wrapped__")
+        if wrapped is not None:
+            yield from _functions_of(wrapped, seen)
+
+
+def _analyse(func: FunctionType) -> Unit | None:
+    """The unit of ``func``'s code (made now if needed), or None if it has no statements."""
+    code = func.__code__
+    unit = _units.get(id(code))
+    if unit is not None:
+        return unit
+    if id(code) in _no_sites:
+        return None
+    statements = finder.source_statements(code.co_filename, func.__globals__)
+    found: dict[int, list[finder.Statement]] = {}
+    if statements:
+        for c in _tree(code):
+            if id(c) in _units:  # already part of another unit: leave this tree alone
+                found = {}
+                break
+            sts = finder.find_statements(
+                c, func if c is code else None, func.__globals__, statements
+            )
+            if sts:
+                found[id(c)] = sts
+    if not found:
+        _no_sites[id(code)] = code
+        return None
+    unit = Unit(code, found)
+    unit.refused = _refusal()
+    for cid in unit.codes:
+        _units[cid] = unit
+    for core in unit.cores:
+        _by_core.setdefault(core, []).append(unit)
+    return unit
+
+
+def _take(func: FunctionType) -> Unit | None:
+    unit = _analyse(func)
+    if unit is not None:
+        unit.add(func)
+    return unit
+
+
+def patch(obj: Any) -> list[Site]:
+    """Patch every function reachable from ``obj`` (function, method, class or module) now,
+    rather than on the first run of each site; returns the sites found, patched or not."""
+    out: list[Site] = []
+    with registry._lock:
+        units = []
+        for func in _functions_of(obj, set()):
+            unit = _take(func)
+            if unit is not None and unit not in units:
+                units.append(unit)
+        for unit in units:
+            for core in sorted(unit.cores, key=lambda c: c.name):
+                out.extend(unit.sites(core))
+    return out
+
+
+def unpatch_all() -> None:
+    """Put every patched function back on its original code and forget all analysis (tests)."""
+    with registry._lock:
+        for unit in {id(u): u for u in _units.values()}.values():
+            for func, orig in list(unit.funcs.items()):
+                func.__code__ = orig
+        _units.clear()
+        _by_core.clear()
+        _unpatchable.clear()
+        _no_sites.clear()
+        _idle.clear()
+        _retried.clear()
+        for core in registry.iter_cores():
+            set_armed(core, True)
+
+
+# --- hooks from the marker core -----------------------------------------------------------------
+
+
+def _kind_of(code: CodeType) -> str:
+    """Why code of this shape is never patched, or ""."""
+    if code.co_name == "<module>":
+        return "module level"
+    if code.co_name == "<lambda>":
+        return "lambda"
+    if not code.co_flags & _CO_OPTIMIZED:
+        return "class body or exec'd code"
+    if finder.source_statements(code.co_filename, None) is None:
+        return "exec'd code (no source)"
+    return ""
+
+
+def _on_unpatched_run(marker: Any) -> None:
+    """An inactive marker fired through the plain call path: patch the caller if possible.
+
+    Called by the marker's armed probe tuple: the frames above are the probe, the firing
+    function, then the site (or ``tracemark.mark`` and then the site).
+    """
+    core = registry.core_of(marker)
+    if core is None:
+        return
+    try:
+        frame = sys._getframe(3)
+        if frame.f_code is _MARK_CODE and frame.f_back is not None:
+            frame = frame.f_back
+        with registry._lock:
+            if not _learn(core, frame):
+                idle = _idle[core] = _idle.get(core, 0) + 1
+                if idle >= HOOK_BUDGET:
+                    set_armed(core, False)
+    except Exception as exc:  # tracing never breaks the traced program
+        with registry._lock:
+            set_armed(core, False)
+        faults.report("patch-error", core.name, f"tracemark could not patch a site: {exc!r}")
+
+
+def _learn(core: Any, frame: Any) -> bool:
+    """Handle one unpatched run; True if something new was learnt (or patched)."""
+    code = frame.f_code
+    line = frame.f_lineno
+    if (id(code), line) in _unpatchable or _internal(code.co_filename):
+        return False
+    unit = _units.get(id(code))
+    if unit is None and id(code) in _no_sites and (id(code), core) not in _retried:
+        # Analysed before, when this statement's ``tracemark.mark`` name was not declared
+        # yet: look again, once per marker.
+        _retried.add((id(code), core))
+        del _no_sites[id(code)]
+    if unit is None and id(code) not in _no_sites:
+        why = _kind_of(code)
+        if not why:
+            module = sys.modules.get(frame.f_globals.get("__name__", ""))
+            if isinstance(module, ModuleType) and vars(module) is frame.f_globals:
+                for func in _functions_of(module, set()):
+                    _take(func)
+            for obj in gc.get_referrers(code):
+                if isinstance(obj, FunctionType) and obj.__code__ is code:
+                    _take(obj)
+            unit = _units.get(id(code))
+            if unit is not None:
+                return True
+            why = "function object not found"
+        _note_unpatchable(core, code, line, why)
+        return True
+    if unit is None:
+        # Analysed, no statement found at this line: a form the finder does not know.
+        _note_unpatchable(core, code, line, "not a marker statement the patcher recognises")
+        return True
+    if core not in unit.cores and not unit.refused:
+        # A statement the analysis could not resolve then (``tracemark.mark`` of a name
+        # declared only now): analyse the function again.
+        return _reanalyse(unit)
+    if unit.refused or unit.origin.get(id(code)) is not code:
+        return False  # refused, or a variant in which this site is kept on purpose
+    # Original code still running: a function object made before the parent was patched, or a
+    # copy of the function. Find the ones holding this code.
+    learnt = False
+    for obj in gc.get_referrers(code):
+        if isinstance(obj, FunctionType) and obj.__code__ is code:
+            learnt = unit.add(obj) or learnt
+    return learnt
+
+
+def _reanalyse(unit: Unit) -> bool:
+    funcs = list(unit.funcs)
+    for func in funcs:
+        func.__code__ = unit.origin[id(func.__code__)]
+    for cid in [cid for cid, u in _units.items() if u is unit]:
+        del _units[cid]
+    for units in _by_core.values():
+        if unit in units:
+            units.remove(unit)
+    for func in funcs:
+        _take(func)
+    return True
+
+
+def set_armed(core: Any, armed: bool) -> None:
+    """Arm (or disarm) ``core``'s firing function to call the lazy hook while it has no probe.
+
+    Call under ``registry._lock``: the registry publishes probe tuples under it too.
+    """
+    ns = core.namespace
+    if armed and not core.connections and dispatch.lazy_hook is not None:
+        ns["_probes"] = dispatch.ARMED
+    elif not armed and ns["_probes"] is dispatch.ARMED:
+        ns["_probes"] = ()
+
+
+def _internal(filename: str) -> bool:
+    """tracemark's own code (generated emitters, the probe mechanisms) is not a marker site;
+    the bundled demo is a program like any other."""
+    if filename.startswith("<tracemark"):
+        return True
+    return filename.startswith(_PACKAGE_DIR) and not filename.startswith(_DEMO_DIR)
+
+
+def _note_unpatchable(core: Any, code: CodeType, line: int, why: str) -> None:
+    reason = _refusal() or why
+    site = Site(core.name, f"{code.co_filename}:{line}", code.co_qualname, False, reason)
+    _unpatchable[id(code), line] = (code, site)
+
+
+def _on_switch(core: Any, active: bool) -> None:
+    """Registry listener (called under its lock): install the right variants for ``core``."""
+    units = [u for u in _by_core.get(core, ()) if not u.refused]
+    nested = [u for u in units if u.nested]
+    if nested:
+        # Function objects made from nested code (closures) since the last switch run the
+        # variant their parent's constants held then: find them all, in one pass over the heap.
+        codes = {id(c): c for u in nested for c in u._all_codes()}
+        for obj in gc.get_referrers(*codes.values()):
+            if isinstance(obj, FunctionType):
+                unit = _units.get(id(obj.__code__))
+                if unit is not None and any(unit is u for u in nested):
+                    unit.add(obj)
+    for unit in units:
+        unit.install()
+    if not active and dispatch.lazy_hook is not None:
+        _idle.pop(core, None)
+        set_armed(core, True)  # the registry has just published an empty probe tuple
+
+
+def _report(core: Any) -> tuple[Site, ...]:
+    sites = [s for unit in _by_core.get(core, ()) for s in unit.sites(core)]
+    sites += [site for _, site in _unpatchable.values() if site.marker == core.name]
+    return tuple(sites)
+
+
+_MARK_CODE: CodeType | None = None
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+_DEMO_DIR = os.path.join(_PACKAGE_DIR, "demo") + os.sep
+
+
+def install() -> None:
+    """Connect the patcher to the marker core (once, at import of :mod:`tracemark`)."""
+    global _MARK_CODE
+    import tracemark
+
+    _MARK_CODE = tracemark.mark.__code__
+    with registry._lock:
+        if dispatch.lazy_hook is _on_unpatched_run:
+            return
+        dispatch.lazy_hook = _on_unpatched_run
+        registry.add_listener(_on_switch)
+        registry.add_site_reporter(_report)
+        for core in registry.iter_cores():
+            set_armed(core, True)
