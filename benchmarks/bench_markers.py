@@ -19,6 +19,9 @@ def cases() -> list[Case]:
     def empty(n, dev):
         pass
 
+    def empty_any(*args, **kwargs):
+        pass
+
     def noop_probe(marker, args):
         pass
 
@@ -33,6 +36,7 @@ def cases() -> list[Case]:
         "dev": "eth0",
         "flag": False,
         "empty": empty,
+        "empty_any": empty_any,
         "rx": rx,
         "active": active,
         "tracemark": tracemark,
@@ -41,7 +45,13 @@ def cases() -> list[Case]:
     out = [
         Case("`if flag:` guard (flag off)", "if flag: empty(n, dev)", ns),
         Case(BASELINE, "empty(n, dev)", ns),
-        Case("inactive marker rx(n, dev)", "rx(n, dev)", ns, "target: <= empty call"),
+        Case(
+            "empty function f(*args, **kwargs)",
+            "empty_any(n, dev)",
+            ns,
+            "a signature that accepts any call, as a marker's must",
+        ),
+        Case("inactive marker rx(n, dev)", "rx(n, dev)", ns, "plain call path (not patched)"),
         Case(
             "inactive tracemark.mark(name, fmt, n, dev)",
             'tracemark.mark("bench.inline", "len=%d dev=%s", n, dev)',
