@@ -281,3 +281,18 @@ def test_threads_call_while_probes_come_and_go_and_the_marker_switches(mod, mech
         assert type(args[0]) is int
     assert P.probes() == [] and patcher._held == {}
     assert is_variant(mod.f) and site_states(mod)[0] == ("f", True, "")
+
+
+def test_a_closure_patched_on_its_own_is_suspended_through_its_parent(mod, mech):
+    inner = mod.outer()
+    tracemark.patch(inner)  # the closure's code gets a unit of its own; outer is not analysed
+    assert is_variant(inner) and not is_variant(mod.outer)
+    h = tracemark.probe(f"{mod.__name__}:outer.<locals>.inner")
+    assert inner.__code__ is h.target.code  # the original nested code, where events are
+    assert ("outer.<locals>.inner", False, patcher.SUSPENDED) in site_states(mod)
+    mod.seen.clear()
+    assert inner(1) == 101 and mod.seen == [-1]  # plain call path while suspended
+    tracemark.unprobe(h)
+    assert is_variant(inner)
+    mod.seen.clear()
+    assert inner(2) == 102 and mod.seen == []

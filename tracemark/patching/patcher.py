@@ -441,30 +441,31 @@ def suspend(func: FunctionType) -> CodeType:
         tree = {id(c): c for c in _tree(root)}
         for cid in tree:
             _suspended_codes[cid] = _suspended_codes.get(cid, 0) + 1
-        unit = _units.get(id(root))
-        if unit is None:
-            return root
-        runners = [f for f, orig in unit.funcs.items() if id(orig) in tree]
-        nested = [
-            c
-            for c in unit._all_codes()
-            if unit.origin[id(c)] is not c
-            and id(unit.origin[id(c)]) in tree
-            and unit.origin[id(c)] is not unit.root
-        ]
-        if nested:
-            # Closures made from a parent's variant run nested variants the unit may never
-            # have seen: find them on the heap (installing a probe is rare).
-            for obj in gc.get_referrers(*nested):
-                if isinstance(obj, FunctionType) and obj not in runners:
-                    runners.append(obj)
-        for f in runners:
-            orig = unit.origin.get(id(f.__code__))
-            if orig is None or id(orig) not in tree:
-                continue  # not running our code (someone else's, or another tree)
-            unit.funcs.pop(f, None)
-            f.__code__ = orig
-            _parked[f] = orig
+        # The units holding code of this tree: usually one, whose root is ``root`` or holds
+        # it; a closure analysed on its own before its parent has a unit of its own.
+        units = {id(u): u for cid in tree if (u := _units.get(cid)) is not None}
+        for unit in units.values():
+            runners = [f for f, orig in unit.funcs.items() if id(orig) in tree]
+            nested = [
+                c
+                for c in unit._all_codes()
+                if unit.origin[id(c)] is not c
+                and id(unit.origin[id(c)]) in tree
+                and unit.origin[id(c)] is not unit.root
+            ]
+            if nested:
+                # Closures made from a parent's variant run nested variants the unit may
+                # never have seen: find them on the heap (installing a probe is rare).
+                for obj in gc.get_referrers(*nested):
+                    if isinstance(obj, FunctionType) and obj not in runners:
+                        runners.append(obj)
+            for f in runners:
+                orig = unit.origin.get(id(f.__code__))
+                if orig is None or id(orig) not in tree:
+                    continue  # not running our code (someone else's, or another tree)
+                unit.funcs.pop(f, None)
+                f.__code__ = orig
+                _parked[f] = orig
         return root
 
 
