@@ -28,10 +28,32 @@ Guarantees
   ``tracemark.markers()[i].sites``.
 * A call that starts after ``connect()`` returns runs code in which the marker is live;
   frames already running keep the code they started with.
+* Dynamic probes and the patcher never fight over ``__code__``: a probed function is
+  *suspended* (:func:`suspend`, :func:`resume`, :func:`original_code`; the protocol is in
+  :mod:`.patcher`), runs its original code while a probe is installed, and gets its variant
+  back when the last probe is removed.
 """
 
 from __future__ import annotations
 
-from .patcher import HOOK_BUDGET, Site, patch, unpatch_all
+from .patcher import (
+    HOOK_BUDGET,
+    SUSPENDED,
+    Site,
+    original_code,
+    patch,
+    resume,
+    suspend,
+    unpatch_all,
+)
 
-__all__ = ["HOOK_BUDGET", "Site", "patch", "unpatch_all"]
+__all__ = [
+    "HOOK_BUDGET",
+    "SUSPENDED",
+    "Site",
+    "original_code",
+    "patch",
+    "resume",
+    "suspend",
+    "unpatch_all",
+]

@@ -40,6 +40,37 @@ What swapping guarantees
   function objects that already exist are found and swapped too.
 * Sites are resolved when a function is analysed: rebinding the global name of a marker to
   another object later is not noticed.
+
+Sharing ``__code__`` with dynamic probes: suspend / resume
+-----------------------------------------------------------
+Dynamic probes (:mod:`tracemark.probes`) also change what a function runs: on 3.11 (or
+``TRACEMARK_PROBES=recompile``) they swap ``func.__code__`` to an instrumented copy of the
+*original* code, on 3.12+ they enable ``sys.monitoring`` events on the original code object,
+which never fire while a variant runs. This is the one protocol between the two, and it lives
+here:
+
+* :func:`original_code` ``(func)`` is the code object ``func`` had before tracemark patched
+  it (``func.__code__`` itself when the patcher never touched it). Probe targets are resolved
+  on it, never on a variant.
+* :func:`suspend` ``(func)`` puts the original code back on ``func`` and stops managing it:
+  no variant swap on connect/disconnect, no lazy or explicit patching. Suspension is counted
+  (each probe on the function suspends once) and is **by code tree**: the function's original
+  code and every code object nested in it (``co_consts``, recursively) are suspended, so every
+  function object running any of them -- ``func``, other function objects made from the same
+  code, closures made from its nested ``def``s before or after -- runs the original code. (A
+  probe on ``outer.<locals>.inner`` is served on the nested *original* code, and closures made
+  from a variant would never reach it.) The limit of this choice: code is suspended for all its
+  function objects, so a sibling closure of a probed one also loses its jumps while the probe
+  is installed; and a code object that is nested in a function *other* than ``func`` (a copy
+  made by ``code.replace``) is not reached.
+* While suspended, marker statements in that code take the plain marker call path: correct,
+  not free. ``tracemark.markers()`` says so per site (``"suspended: dynamic probe
+  installed"``).
+* :func:`resume` ``(func)`` undoes one :func:`suspend`; when the last one is undone, every
+  function object that was taken off a variant, and ``func``, is managed again and gets the
+  variant for the markers active now -- but only if it still runs the original code: code
+  someone else installed in between is never overwritten. A function never analysed before is
+  left to the lazy path (its first inactive run patches it).
 """
 
 from __future__ import annotations
@@ -58,10 +89,22 @@ from .. import env, faults
 from ..markers import dispatch, registry
 from . import bytecode, finder
 
-__all__ = ["HOOK_BUDGET", "Site", "patch", "unpatch_all"]
+__all__ = [
+    "HOOK_BUDGET",
+    "SUSPENDED",
+    "Site",
+    "original_code",
+    "patch",
+    "resume",
+    "suspend",
+    "unpatch_all",
+]
 
 #: Calls of a marker's lazy hook that find nothing new before the hook switches itself off.
 HOOK_BUDGET = 64
+
+#: The ``Site.reason`` of a marker statement in code whose function a dynamic probe holds.
+SUSPENDED = "suspended: dynamic probe installed"
 
 _CO_OPTIMIZED = inspect.CO_OPTIMIZED
 
@@ -176,6 +219,12 @@ class Unit:
             return False
         if func in self.funcs:
             return False
+        if id(orig) in _suspended_codes:
+            # A dynamic probe holds this code: run the original, and take it back on resume.
+            if func.__code__ is not orig:
+                func.__code__ = orig
+            _parked[func] = orig
+            return False
         if orig is self.root and not self._same_closure_markers(func):
             func.__code__ = orig  # its closure holds other markers: plain call path
             return False
@@ -217,6 +266,8 @@ class Unit:
                 if st.core is not core:
                     continue
                 why = self.refused or self.rejected.get((cid, st.span), "")
+                if not why and cid in _suspended_codes:
+                    why = SUSPENDED
                 yield Site(
                     core.name,
                     f"{code.co_filename}:{st.span[0]}",
@@ -235,6 +286,12 @@ _unpatchable: dict[tuple[int, int], tuple[Any, Site]] = {}  # (id(code), line) -
 _no_sites: dict[int, CodeType] = {}  # analysed codes without marker statements
 _idle: dict[Any, int] = {}  # core -> hook calls that taught nothing
 _retried: set[tuple[int, Any]] = set()  # (id(code), core) looked at again for a late name
+# Suspension (see "Sharing __code__ with dynamic probes" above).
+_held: dict[FunctionType, list[Any]] = {}  # func -> [its original code, suspend count]
+_suspended_codes: dict[int, int] = {}  # id(code in a held tree) -> how many holds cover it
+_places: set[tuple[str, str, int]] = set()  # _place() of every analysed code with sites
+# Function objects taken off a variant by a suspension -> the original they run now.
+_parked: weakref.WeakKeyDictionary[FunctionType, CodeType] = weakref.WeakKeyDictionary()
 
 
 def _functions_of(obj: Any, seen: set[int]) -> Iterator[FunctionType]:
@@ -273,7 +330,7 @@ def _functions_of(obj: Any, seen: set[int]) -> Iterator[FunctionType]:
 
 def _analyse(func: FunctionType) -> Unit | None:
     """The unit of ``func``'s code (made now if needed), or None if it has no statements."""
-    code = func.__code__
+    code = _original(func)  # never analyse a probe's instrumented copy as if it were original
     unit = _units.get(id(code))
     if unit is not None:
         return unit
@@ -296,8 +353,9 @@ def _analyse(func: FunctionType) -> Unit | None:
         return None
     unit = Unit(code, found)
     unit.refused = _refusal()
-    for cid in unit.codes:
+    for cid, c in unit.codes.items():
         _units[cid] = unit
+        _places.add(_place(c))
     for core in unit.cores:
         _by_core.setdefault(core, []).append(unit)
     return unit
@@ -338,8 +396,119 @@ def unpatch_all() -> None:
         _no_sites.clear()
         _idle.clear()
         _retried.clear()
+        _places.clear()
         for core in registry.iter_cores():
             set_armed(core, True)
+
+
+# --- sharing __code__ with dynamic probes (see the module docstring) ---------------------------
+
+
+def _original(func: FunctionType) -> CodeType:
+    held = _held.get(func)
+    if held is not None:
+        return held[0]
+    code = func.__code__
+    unit = _units.get(id(code))
+    if unit is not None:
+        return unit.origin.get(id(code), code)
+    return code
+
+
+def original_code(func: FunctionType) -> CodeType:
+    """The code object ``func`` had before tracemark patched it (``func.__code__`` if the
+    patcher never replaced it)."""
+    with registry._lock:
+        return _original(func)
+
+
+def suspend(func: FunctionType) -> CodeType:
+    """Put ``func``'s original code back and stop patching it (and every function object
+    running code of its tree) until the matching :func:`resume`; returns the original code.
+
+    Counted: each call needs one :func:`resume`. Call it before changing ``func.__code__`` or
+    enabling events on its code.
+    """
+    if not isinstance(func, FunctionType):
+        raise TypeError(f"suspend() takes a Python function, not {func!r}")
+    with registry._lock:
+        held = _held.get(func)
+        if held is not None:
+            held[1] += 1
+            return held[0]
+        root = _original(func)
+        _held[func] = [root, 1]
+        tree = {id(c): c for c in _tree(root)}
+        for cid in tree:
+            _suspended_codes[cid] = _suspended_codes.get(cid, 0) + 1
+        # The units holding code of this tree: usually one, whose root is ``root`` or holds
+        # it; a closure analysed on its own before its parent has a unit of its own.
+        units = {id(u): u for cid in tree if (u := _units.get(cid)) is not None}
+        for unit in units.values():
+            runners = [f for f, orig in unit.funcs.items() if id(orig) in tree]
+            nested = [
+                c
+                for c in unit._all_codes()
+                if unit.origin[id(c)] is not c
+                and id(unit.origin[id(c)]) in tree
+                and unit.origin[id(c)] is not unit.root
+            ]
+            if nested:
+                # Closures made from a parent's variant run nested variants the unit may
+                # never have seen: find them on the heap (installing a probe is rare).
+                for obj in gc.get_referrers(*nested):
+                    if isinstance(obj, FunctionType) and obj not in runners:
+                        runners.append(obj)
+            for f in runners:
+                orig = unit.origin.get(id(f.__code__))
+                if orig is None or id(orig) not in tree:
+                    continue  # not running our code (someone else's, or another tree)
+                unit.funcs.pop(f, None)
+                f.__code__ = orig
+                _parked[f] = orig
+        return root
+
+
+def resume(func: FunctionType) -> bool:
+    """Undo one :func:`suspend`; after the last, patch ``func`` (and the function objects the
+    suspension took off their variants) again for the markers active now, if they still run
+    their original code. False if ``func`` was not suspended."""
+    with registry._lock:
+        held = _held.get(func)
+        if held is None:
+            return False
+        held[1] -= 1
+        if held[1]:
+            return True
+        del _held[func]
+        for c in _tree(held[0]):
+            left = _suspended_codes.pop(id(c)) - 1
+            if left:
+                _suspended_codes[id(c)] = left
+        back = [f for f, orig in list(_parked.items()) if id(orig) not in _suspended_codes]
+        if func not in back:
+            back.append(func)
+        for f in back:
+            _parked.pop(f, None)
+            unit = _units.get(id(f.__code__))
+            if unit is not None:
+                unit.add(f)  # refuses code that is not a unit's (someone else's)
+        return True
+
+
+def _place(code: CodeType) -> tuple[str, str, int]:
+    """Where code comes from: the same for every compilation of one ``def``."""
+    return (code.co_filename, code.co_qualname, code.co_firstlineno)
+
+
+def _probe_copy_of(code: CodeType) -> FunctionType | None:
+    """The suspended function whose current code tree (a probe's instrumented copy) holds
+    ``code``, or None."""
+    for func, (root, _) in _held.items():
+        current = func.__code__
+        if current is not root and any(c is code for c in _tree(current)):
+            return func
+    return None
 
 
 # --- hooks from the marker core -----------------------------------------------------------------
@@ -388,6 +557,13 @@ def _learn(core: Any, frame: Any) -> bool:
     line = frame.f_lineno
     if (id(code), line) in _unpatchable or _internal(code.co_filename):
         return False
+    if _held:
+        owner = _probe_copy_of(code)
+        if owner is not None:
+            # A dynamic probe's copy of a suspended function: never patch it; analyse the
+            # original, so that markers() lists its sites as suspended.
+            _analyse(owner)
+            return False
     unit = _units.get(id(code))
     if unit is None and id(code) in _no_sites and (id(code), core) not in _retried:
         # Analysed before, when this statement's ``tracemark.mark`` name was not declared
@@ -407,6 +583,10 @@ def _learn(core: Any, frame: Any) -> bool:
             unit = _units.get(id(code))
             if unit is not None:
                 return True
+            if _place(code) in _places:
+                # Another compilation of code we know: a dynamic probe's instrumented copy
+                # still running in a frame that started before the probe was removed.
+                return False
             why = "function object not found"
         _note_unpatchable(core, code, line, why)
         return True

@@ -32,6 +32,28 @@ Guarantees
 
 The mechanism serving probes is chosen in :mod:`.core` (``sys.monitoring`` on 3.12+, an
 instrumented copy compiled from source on 3.11).
+
+Probes and the marker patcher
+-----------------------------
+A function holding marker statements may run a variant of its code made by the marker
+patcher (:mod:`tracemark.patching`); ``sys.monitoring`` events enabled on the original never
+fire in a variant, and the recompiling mechanism must start from the original. So, in one
+place (:func:`probe` and :func:`unprobe` here, with the protocol of
+:func:`tracemark.patching.patcher.suspend`):
+
+* a probe **suspends** patching of its target's owning function (and of every function object
+  running code of that function's tree) *before* the mechanism checks or installs anything:
+  the original code is put back, and the patcher stops switching variants or patching it
+  lazily. Suspension is counted, once per installed probe, whatever the mechanism.
+* Targets are resolved on the original code (:func:`~tracemark.patching.patcher.original_code`),
+  so events are enabled on, and copies compiled from, the original.
+* While suspended, the function's marker statements take the plain marker call path (correct,
+  not free), and ``tracemark.markers()`` reports those sites as
+  ``"suspended: dynamic probe installed"``.
+* :func:`unprobe` first lets the mechanism restore exactly the code the function had when the
+  probe was installed (the original), then **resumes** the patcher, which puts the variant
+  for the markers active now back once the last probe on that function is gone. A probe that
+  fails to install resumes at once: nothing is left suspended.
 """
 
 from __future__ import annotations
@@ -40,6 +62,7 @@ import threading
 from collections.abc import Iterable
 
 from ..markers import registry
+from ..patching import patcher
 from . import core
 from .events import AT, Probe
 from .spec import Spec, parse_spec
@@ -176,26 +199,38 @@ def probe(
     p = Probe(tgt, at, paths, name or "")
     mech = mechanism()
     p.mechanism = mech.name  # type: ignore[attr-defined]
+    owner = tgt.owner
     with registry._lock, _lock:  # no marker turns active half-way through
-        mech.check(p)  # type: ignore[attr-defined]
+        if owner is not None:
+            patcher.suspend(owner)  # the original code runs from here on (see above)
         try:
-            _declare(p, name)
+            _install(p, mech, name)
         except BaseException:
-            mech.abandon()  # type: ignore[attr-defined]
+            if owner is not None:
+                patcher.resume(owner)
             raise
-        mech.install(p)  # type: ignore[attr-defined]
-        _by_name[p.name] = p
-        p.installed = True
-        if p.core is not None and p.core.active:
-            try:
-                mech.enable(p)  # type: ignore[attr-defined]
-            except BaseException:
-                _by_name.pop(p.name, None)
-                p.installed = False
-                mech.remove(p)  # type: ignore[attr-defined]
-                raise
-            p.enabled = True
     return p
+
+
+def _install(p: Probe, mech: object, name: str | None) -> None:
+    mech.check(p)  # type: ignore[attr-defined]
+    try:
+        _declare(p, name)
+    except BaseException:
+        mech.abandon()  # type: ignore[attr-defined]
+        raise
+    mech.install(p)  # type: ignore[attr-defined]
+    _by_name[p.name] = p
+    p.installed = True
+    if p.core is not None and p.core.active:
+        try:
+            mech.enable(p)  # type: ignore[attr-defined]
+        except BaseException:
+            _by_name.pop(p.name, None)
+            p.installed = False
+            mech.remove(p)  # type: ignore[attr-defined]
+            raise
+        p.enabled = True
 
 
 def unprobe(handle: Probe) -> bool:
@@ -215,6 +250,8 @@ def unprobe(handle: Probe) -> bool:
         handle.installed = False
         _by_name.pop(handle.name, None)
         mech.remove(handle)  # type: ignore[attr-defined]
+        if handle.target.owner is not None:
+            patcher.resume(handle.target.owner)  # the variant is back after the last probe
     return True
 
 

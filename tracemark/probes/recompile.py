@@ -33,8 +33,10 @@ Guarantees
   ``__code__`` is set back to the very code object that was there before.
 * **Verified source**: before instrumenting, the unmodified source is compiled too and must
   give a code object equal to the function's own; otherwise (source edited since import,
-  code built some other way, or ``__code__`` already rewritten by something else such as
-  the marker patcher) the probe is refused with a message that says so.
+  code built some other way, or ``__code__`` already rewritten by something else such as a
+  debugger or a mock) the probe is refused with a message that says so. The marker
+  patcher's variants are not in the way: :func:`tracemark.probe` suspends patching of the
+  function first, which puts its original code back (see :mod:`tracemark.probes`).
 * **Refuses to fight over ``__code__``**: the function's ``__code__`` must be the one this
   mechanism last set; a function rewritten by someone else in between is left alone and the
   fault reported.

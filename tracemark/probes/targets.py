@@ -13,6 +13,10 @@ Guarantees
   end); static and class methods and properties at their underlying function.
 * Nested qualnames (``outer.<locals>.inner``) name the code object inside ``outer``'s code,
   so every function made from it later is probed too.
+* The code named is always the function's *original* code
+  (:func:`tracemark.patching.patcher.original_code`), never a variant the marker patcher
+  installed: probes are served on the original, with patching suspended (see
+  :mod:`tracemark.probes`).
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ import re
 import sys
 import types
 from dataclasses import dataclass, field
+
+from ..patching.patcher import original_code
 
 __all__ = ["ProbeError", "Target", "resolve"]
 
@@ -156,7 +162,7 @@ def _function_target(spec: str, module: types.ModuleType, qualname: str) -> Targ
         done.append(part)
         func = _function_of(value)
         if func is not None:
-            owner, code = func, func.__code__
+            owner, code = func, original_code(func)  # never a marker patcher's variant
         elif isinstance(value, type | types.ModuleType):
             obj = value
         elif i == len(parts) - 1:
@@ -289,7 +295,7 @@ def _line_target(spec: str, module: types.ModuleType, line: int) -> Target:
     best: tuple[types.CodeType, types.FunctionType] | None = None
     lines_with_code: set[int] = set()
     for func in _functions_of(module):
-        for code in _all_code(func.__code__):
+        for code in _all_code(original_code(func)):
             if os.path.realpath(code.co_filename) != real:
                 continue
             lines = _code_lines(code)
