@@ -166,10 +166,21 @@ def test_markers_declared_after_start_are_appended_to_the_metadata(tmp_path, uni
         late = tracemark.marker(f"{uniq}.late", s=str)
         late("x")
         tracemark.mark(f"{uniq}.inline", "v=%d", 3)
+        tracemark.marker(f"{uniq}.never", n=int)  # bound, but never fired
+        same = tracemark.marker(f"{uniq}.same", n=int)  # same types: shares compiled code
+        same(4)
     assert [(ev.name, ev.fields) for ev in events_of(tmp_path)] == [
         (f"{uniq}.early", {"n": 1}),
         (f"{uniq}.late", {"s": "x"}),
         (f"{uniq}.inline", {"v": 3}),
+        (f"{uniq}.same", {"n": 4}),
+    ]
+    # Only markers fired get an event class, in the order they first fired.
+    assert list(read_trace(tmp_path).markers) == [
+        f"{uniq}.early",
+        f"{uniq}.late",
+        f"{uniq}.inline",
+        f"{uniq}.same",
     ]
 
 

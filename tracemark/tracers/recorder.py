@@ -68,6 +68,7 @@ import struct
 import sys
 import threading
 import time
+import types
 import uuid as _uuid
 import weakref
 from collections.abc import Iterable
@@ -457,47 +458,32 @@ class Recording:
     # --- the probe (the firing thread's fast path) ---
 
     def _make_probe(self, earlier: list[str]) -> Any:
-        writers: dict[Any, Any] = {}
+        """The probe of one glob: the registry calls its ``bind(marker)`` once per marker
+        and calls the returned per-marker function on every event (see :func:`_bind`)."""
+        bound: dict[Any, Any] = {}
         claimed = [re.compile(fnmatch.translate(p)).match for p in earlier]
-        rec = self
-        tls = self._tls  # the same object for the recording's life (a fork child clears it)
 
-        def new_marker(marker: Any) -> Any:
-            if any(match(marker.name) for match in claimed):
-                writer = None  # an earlier glob of this recording records it
-            else:
-                writer = rec._writer_for(marker)
-            writers[marker] = writer
-            return writer
+        def bind(marker: Any) -> Any:
+            fn = bound.get(marker)
+            if fn is None:
+                if any(match(marker.name) for match in claimed):
+                    fn = _skip  # an earlier glob of this recording records it
+                else:
+                    fn = _bind(self, marker)
+                bound[marker] = fn
+            return fn
 
         def probe(marker: Any, args: tuple) -> None:
-            try:
-                write = writers[marker]
-            except KeyError:
-                write = new_marker(marker)
-            if write is None:
-                return
-            try:
-                ch = tls.ch
-            except AttributeError:
-                ch = rec._new_channel()
-            if ch.busy:
-                ch = rec._nested(ch)
-                if ch is None:
-                    return
-            ch.busy = True
-            try:
-                write(args, ch)
-            except _VALUE_ERRORS as exc:
-                rec._bad_value(ch, marker, args, exc)
-            finally:
-                ch.busy = False
+            # Only for a caller that does not bind (the registry always does).
+            (bound.get(marker) or bind(marker))(marker, args)
 
         probe.__qualname__ = f"Recording.probe[{self.path}]"
-        probe.writers = writers  # type: ignore[attr-defined]
+        probe.bind = bind  # type: ignore[attr-defined]
         return probe
 
-    def _writer_for(self, marker: Any) -> Any:
+    def _event_id(self, marker: Any) -> int:
+        """The event id of ``marker`` in this recording, adding its event class to the
+        metadata the first time (any thread, or a signal handler: idempotent)."""
         with self._reg_lock:
             event_id = self._classes.get(marker.name)
             if event_id is None:
@@ -506,7 +492,7 @@ class Recording:
                 if not self.overwrite:  # overwrite mode writes it whole with each snapshot
                     self._pending_metadata.append(text)
                 event_id = self._classes[marker.name]
-            return W.compile_packer(event_id, marker.fields)
+            return event_id
 
     def _event_class(self, name: str, fields: Any) -> str:
         event_id = self._classes[name] = len(self._classes)
@@ -545,7 +531,7 @@ class Recording:
         if isinstance(exc, UnicodeEncodeError):  # lone surrogates: record a cleaned copy
             clean = tuple(W.clean_text(a) if isinstance(a, str) else a for a in args)
             try:
-                W.compile_packer(self._classes[marker.name], marker.fields)(clean, ch)
+                W.compile_packer(self._event_id(marker), marker.fields)(clean, ch)
                 return
             except _VALUE_ERRORS as again:
                 exc = again
@@ -812,6 +798,85 @@ class Recording:
             faults.report("record-fork", str(self.path), f"recording stopped in child: {exc}")
             for conn in self._connections:
                 registry.disconnect(conn)
+
+
+# --- the per-marker probe ---------------------------------------------------------------------
+#
+# The firing thread's whole path, generated as one function per marker (bound by the
+# registry, see registry.connect): no lookup of the marker's writer, no call to a separate
+# packer. The code depends only on the marker's field types, so it is compiled once per type
+# signature and each marker gets a function with its own globals (event id, recording).
+
+_PROBE_TEMPLATE = """\
+def probe(marker, args):
+    {unpack} = args
+    try:
+        ch = _tls.ch
+    except AttributeError:
+        ch = _new_channel()
+    if ch.busy:
+        ch = _nested(ch)
+        if ch is None:
+            return
+    ch.busy = True
+    try:
+{pack}    except _VALUE_ERRORS as exc:
+        _bad_value(ch, marker, args, exc)
+    finally:
+        ch.busy = False
+"""
+
+#: The first call registers the marker's event class (markers are bound when they are
+#: connected, but only those fired get an event class), then swaps in the real code.
+_FIRST_SOURCE = """\
+def probe(marker, args):
+    _first(_self)
+    return _self(marker, args)
+"""
+
+_compiled: dict[tuple[type, ...], tuple[Any, dict[str, Any]]] = {}
+_FIRST_CODE = compile(_FIRST_SOURCE, "<tracemark recorder probe>", "exec").co_consts[0]
+
+
+def _probe_code(fields: Any) -> tuple[Any, dict[str, Any]]:
+    """The code object of the probe for this type signature and the globals it shares."""
+    key = tuple(f.type for f in fields)
+    found = _compiled.get(key)
+    if found is None:
+        body, shared = W.pack_source(fields, "        ")
+        source = _PROBE_TEMPLATE.format(unpack=W.unpack_source(len(fields)), pack=body)
+        module = compile(source, "<tracemark recorder probe>", "exec")
+        code = next(c for c in module.co_consts if isinstance(c, types.CodeType))
+        found = _compiled[key] = (code, shared)
+    return found
+
+
+def _bind(rec: Recording, marker: Any) -> Any:
+    """The function the registry calls on each event of ``marker`` for recording ``rec``."""
+    code, shared = _probe_code(marker.fields)
+    ns: dict[str, Any] = {
+        **shared,
+        "_ID": None,
+        "_tls": rec._tls,  # the same object for the recording's life (a fork child clears it)
+        "_new_channel": rec._new_channel,
+        "_nested": rec._nested,
+        "_bad_value": rec._bad_value,
+        "_VALUE_ERRORS": _VALUE_ERRORS,
+        "AttributeError": AttributeError,
+    }
+    fn = types.FunctionType(_FIRST_CODE, ns, f"record[{marker.name}]")
+
+    def first(self: Any) -> None:
+        ns["_ID"] = rec._event_id(marker)
+        self.__code__ = code  # atomic: a nested first call finds either code, both correct
+
+    ns["_first"] = first
+    ns["_self"] = fn
+    return fn
+
+
+def _skip(marker: Any, args: tuple) -> None:
+    """A marker this probe leaves to another glob of the same recording."""
 
 
 # --- process-wide: active recordings, exit, SIGTERM, fork ---------------------------------------
