@@ -13,6 +13,8 @@ Guarantees
   with other fields it is a ValueError naming both declarations.
 * Every change (declare, connect, disconnect) happens under one lock and is published to the
   firing threads by replacing immutable tuples (see :mod:`.dispatch`); firing takes no lock.
+* A fork child gets a fresh registry lock, so a fork while another thread holds it cannot
+  deadlock the child.
 * Listeners (the code patcher) hear about every marker that turns active or inactive, under
   the lock, in the order it happened.
 * **Probes bound per marker.** A probe object with a ``bind(marker)`` method is asked, once
@@ -28,6 +30,7 @@ Guarantees
 from __future__ import annotations
 
 import fnmatch
+import os
 import re
 import sys
 import threading
@@ -188,6 +191,17 @@ _lock = threading.RLock()
 _markers: dict[str, MarkerCore] = {}
 _connections: list[Connection] = []
 _listeners: list[Callable[[MarkerCore, bool], None]] = []
+
+
+def _new_lock_in_child() -> None:
+    # Only the forking thread survives a fork: had another thread held the lock then, the
+    # child would deadlock on its first connect, declare or fault. The data it guards is
+    # changed by single assignments of immutable tuples, so the child can carry on with it.
+    global _lock
+    _lock = threading.RLock()
+
+
+os.register_at_fork(after_in_child=_new_lock_in_child)
 
 
 # --- faults from the firing path (slow path only) ---------------------------------------------
