@@ -546,6 +546,36 @@ def test_fork_child_records_its_own_subtrace_without_the_parents_buffers(tmp_pat
     ]
 
 
+MP_SCRIPT = """
+import multiprocessing as mp, sys, tracemark
+m = tracemark.marker("mp.m", who=str, i=int)
+
+def child(n):
+    for i in range(n):
+        m("child", i)  # far less than a packet: all of it is in the open packet at exit
+
+if __name__ == "__main__":
+    with tracemark.record(sys.argv[1]) as rec:
+        m("parent", 0)
+        p = mp.get_context("fork").Process(target=child, args=(int(sys.argv[2]),))
+        p.start()
+        p.join()
+        assert p.exitcode == 0, p.exitcode
+"""
+
+
+def test_a_multiprocessing_fork_child_is_flushed_though_it_skips_atexit(tmp_path):
+    # The child ends with os._exit() (multiprocessing's way): no atexit, yet its events are
+    # all in its sub-trace, written by a multiprocessing finalizer.
+    done = run_child(MP_SCRIPT, tmp_path, 300)
+    assert done.returncode == 0, done.stderr
+    evs = events_of(tmp_path)
+    child = [ev for ev in evs if ev.fields["who"] == "child"]
+    assert [ev.fields["i"] for ev in child] == list(range(300))
+    assert len({ev.pid for ev in child}) == 1 and child[0].pid != evs[0].pid
+    assert read_trace(tmp_path).discarded == 0
+
+
 EXIT_SCRIPT = """
 import os, signal, sys, time, tracemark
 m = tracemark.marker("exit.m", i=int)

@@ -48,7 +48,8 @@ Guarantees
   action: the trace is flushed, then the signal is delivered again with the default action;
   a handler the program installed is chained to, and the program's own exit then flushes).
 * **fork**: the child records into its own sub-trace of the same directory; nothing of the
-  parent's buffers is carried over.
+  parent's buffers is carried over. A ``multiprocessing`` child made by fork, which ends
+  with ``os._exit()`` (no atexit), is flushed by a multiprocessing finalizer.
 * **Faults never break the program**: an unwritable directory or a full disk stops the
   writing, counts every event that could not be written, and is reported once.
 """
@@ -930,9 +931,24 @@ def _on_sigterm(signum: int, frame: Any) -> None:
 
 
 def _after_fork_in_child() -> None:
-    for rec in list(_active):
-        if rec.running:
-            rec._after_fork_in_child()
+    running = [rec for rec in list(_active) if rec.running]
+    for rec in running:
+        rec._after_fork_in_child()
+    # A multiprocessing child made by fork ends with os._exit(), which skips atexit: its last
+    # packets would never be written. multiprocessing runs its own finalizers before that
+    # exit, so stop the recordings from one. Its bootstrap first clears the finalizers the
+    # child inherited, then runs the after-fork hooks: so register the finalizer from one of
+    # those. Only when multiprocessing is in use (imported); a plain os.fork() child that
+    # ends with os._exit() must call tracemark's stop itself.
+    util = sys.modules.get("multiprocessing.util")
+    if running and util is not None:
+        util.register_after_fork(_stop_all, _finalize_multiprocessing_child)
+
+
+def _finalize_multiprocessing_child(_: object) -> None:
+    util = sys.modules["multiprocessing.util"]
+    # The lowest priority: after the child's own finalizers, which may still fire markers.
+    util.Finalize(None, _stop_all, exitpriority=-(2**31))
 
 
 def record(
