@@ -271,6 +271,35 @@ def test_discard_mode_counts_every_dropped_event(tmp_path, uniq):
     assert len(got) == summary.recorded
 
 
+def test_small_buffers_flat_out_every_event_is_read_or_counted_every_time(tmp_path, uniq):
+    # Tiny buffers and a consumer racing the firing threads: whatever the interleaving, the
+    # events read back plus the discarded count is exactly what was fired, in every run.
+    m = tracemark.marker(f"{uniq}.m", i=int, s=str, x=float)
+    fired = 0
+    for run in range(3):
+        path = tmp_path / str(run)
+        threads = 1 if run < 2 else 2
+        n = 300_000 // threads
+
+        def work(n=n):
+            for i in range(n):
+                m(i, "hello", 2.5)
+
+        with tracemark.record(path, f"{uniq}.*", subbuffer_size=4096, subbuffers=4) as rec:
+            workers = [threading.Thread(target=work) for _ in range(threads - 1)]
+            for w in workers:
+                w.start()
+            work()
+            for w in workers:
+                w.join()
+        fired = n * threads
+        trace = read_trace(path)
+        read = sum(1 for _ in trace.events())
+        assert (run, read + trace.discarded) == (run, fired)
+        assert (read, trace.discarded) == (rec.summary.recorded, rec.summary.discarded)
+        assert rec.summary.lost == 0 and read > 0
+
+
 def test_discarded_count_is_carried_by_the_next_packet(tmp_path, uniq):
     m = tracemark.marker(f"{uniq}.m", i=int)
     rec = tracemark.record(tmp_path, f"{uniq}.*", subbuffer_size=4096, subbuffers=2)
