@@ -533,7 +533,9 @@ class SubTrace:
             eid: (name, _compile_decoder(fields))
             for eid, (name, fields) in self.meta.events.items()
         }
-        self.skips = {eid: _compile_skipper(fields) for eid, (_, fields) in self.meta.events.items()}
+        self.skips = {
+            eid: _compile_skipper(fields) for eid, (_, fields) in self.meta.events.items()
+        }
         names = sorted(
             e.name for e in os.scandir(path) if e.is_file() and not e.name.startswith(".")
         )

@@ -296,6 +296,7 @@ def pack_source(fields: Sequence[Any], indent: str) -> tuple[str, dict[str, Any]
     fmt_parts: list[str] = ["<IQ"]
     values: list[str] = []
     var: list[str] = []  # expressions of the variable lengths, in order
+    extra: list[int] = []  # what each variable field's format adds to its length
     for n, f in zip(names, fields, strict=True):
         t = f.type
         if t in _FIXED_FORMAT:
@@ -306,46 +307,51 @@ def pack_source(fields: Sequence[Any], indent: str) -> tuple[str, dict[str, Any]
             prep.append(f"{n} = {src}.encode()\n")
             prep.append(f"if 0 in {n}: {n} = _clean({n})\n")
             fmt_parts.append("{}s")
-            var.append(f"len({n}) + 1")  # the NUL comes from the "s" format's zero padding
+            var.append(f"len({n})")
+            extra.append(1)  # the NUL, from the "s" format's zero padding
             values.append(n)
         else:  # bytes: a uint32 length, then the bytes
             prep.append(f"{n} = bytes({n})\n")
             fmt_parts.append("I{}s")
             var.append(f"len({n})")
+            extra.append(0)
             values.append(f"len({n}), {n}")
     lines = list(prep)
+    # The Struct's bound pack_into and its size, found together: no attribute lookups.
     if not var:
-        ns: dict[str, Any] = {"_S": struct.Struct("".join(fmt_parts))}
-        lines.append("s = _S\n")
+        fixed = struct.Struct("".join(fmt_parts))
+        ns: dict[str, Any] = {"_pack": fixed.pack_into}
+        lines.append(f"pack, size = _pack, {fixed.size}\n")
     else:
         key = var[0] if len(var) == 1 else "(" + ", ".join(var) + ")"
         lines += [
-            f"key = {key}\n",
             "try:\n",
-            "    s = _cache[key]\n",
+            f"    pack, size = _cache[{key}]\n",
             "except KeyError:\n",
-            "    s = _make(key)\n",
+            f"    pack, size = _make({key})\n",
         ]
         template = "".join(fmt_parts)
-        cache: dict[Any, struct.Struct] = {}
+        cache: dict[Any, tuple[Callable[..., None], int]] = {}
 
-        def make(key: Any) -> struct.Struct:
+        def make(key: Any) -> tuple[Callable[..., None], int]:
             lengths = key if isinstance(key, tuple) else (key,)
-            s = struct.Struct(template.format(*lengths))
+            s = struct.Struct(
+                template.format(*(n + e for n, e in zip(lengths, extra, strict=True)))
+            )
+            found = (s.pack_into, s.size)
             if len(cache) < _STRUCT_CACHE_LIMIT:
-                cache[key] = s
-            return s
+                cache[key] = found
+            return found
 
         ns = {"_cache": cache, "_make": make}
     lines += [
-        "size = s.size\n",
         "pc = ch.pc\n",
         "pos = pc & 0xFFFFFFFF\n",
         "if pos + size > ch.limit:\n",
         "    pc = pos = ch.switch(size)\n",
         "    if pos < 0:\n",
         "        return\n",
-        f"s.pack_into(ch.buf, pos, _ID, _now(), {', '.join(values)})\n",
+        f"pack(ch.buf, pos, _ID, _now(), {', '.join(values)})\n",
         "ch.pc = pc + size + 0x100000000\n",
     ]
     ns.update(
