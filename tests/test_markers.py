@@ -373,9 +373,7 @@ def test_a_probe_with_bind_is_bound_once_per_marker_even_declared_later(uniq):
         early(v)
         late(v)
     assert sorted(b.bound) == [f"{uniq}.early", f"{uniq}.late"]  # once each, not per event
-    assert b.calls == [
-        (f"{uniq}.{n}", True, (v,)) for v in range(3) for n in ("early", "late")
-    ]
+    assert b.calls == [(f"{uniq}.{n}", True, (v,)) for v in range(3) for n in ("early", "late")]
     tracemark.disconnect(h)
     early(9)
     assert len(b.calls) == 6 and not tracemark.markers(f"{uniq}.early")[0].active

@@ -23,7 +23,9 @@ Guarantees
 * **The firing thread never blocks on disk and takes no lock.** It reserves room in its own
   sub-buffer, packs the event with one precompiled ``struct`` call and publishes the new
   position; a full sub-buffer is handed over through a deque and a byte written to a pipe
-  (async-signal-safe, so a signal handler may do it too).
+  (async-signal-safe, so a signal handler may do it too). That whole path is one generated
+  function per marker, which the registry binds to the marker (the probe's ``bind``): no
+  per-event lookup of the marker's packer, no second call.
 * **Bounded memory.** ``subbuffers * subbuffer_size`` bytes per live thread (and per nesting
   level actually used), whatever the event rate; sub-buffers are allocated when first
   needed, and the consumer writes out and releases the channels of threads that ended
@@ -467,11 +469,9 @@ class Recording:
         def bind(marker: Any) -> Any:
             fn = bound.get(marker)
             if fn is None:
-                if any(match(marker.name) for match in claimed):
-                    fn = _skip  # an earlier glob of this recording records it
-                else:
-                    fn = _bind(self, marker)
-                bound[marker] = fn
+                # A marker that an earlier glob of this recording matches is recorded there.
+                claimed_earlier = any(match(marker.name) for match in claimed)
+                fn = bound[marker] = _skip if claimed_earlier else _bind(self, marker)
             return fn
 
         def probe(marker: Any, args: tuple) -> None:
