@@ -22,8 +22,9 @@ Guarantees
 ----------
 * **The firing thread never blocks on disk and takes no lock.** It reserves room in its own
   sub-buffer, packs the event with one precompiled ``struct`` call and publishes the new
-  position; a full sub-buffer is handed over through a deque and a byte written to a pipe
-  (async-signal-safe, so a signal handler may do it too). That whole path is one generated
+  position; a full sub-buffer is handed over through a deque and the release of a lock the
+  consumer waits on (never blocks: releasing an unheld lock is a no-op here, so a signal
+  handler may do it too). That whole path is one generated
   function per marker, which the registry binds to the marker (the probe's ``bind``): no
   per-event lookup of the marker's packer, no second call.
 * **Bounded memory.** ``subbuffers * subbuffer_size`` bytes per live thread (and per nesting
@@ -58,13 +59,13 @@ Guarantees
 
 from __future__ import annotations
 
+import _thread
 import atexit
 import collections
 import fnmatch
 import itertools
 import os
 import re
-import select
 import signal
 import socket
 import struct
@@ -348,8 +349,12 @@ class Recording:
         self._snapshots: list[Path] = []
         self._consumer: threading.Thread | None = None
         self._stop_consumer = False
-        self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_w, False)
+        # The consumer waits on this lock, held while it has nothing to do; a producer wakes
+        # it by releasing it. One wait is one GIL hand-over for the consumer (a pipe cost
+        # two: select, then read), and with a thread firing flat out each hand-over can take
+        # a whole switch interval.
+        self._wakeup = _thread.allocate_lock()
+        self._wakeup.acquire()
         self.trace_path = self.path / f"{self.pid}-?"
         self.trace_path = self._make_trace_dir()
         offset = time.time_ns() - time.monotonic_ns()
@@ -421,11 +426,6 @@ class Recording:
                 ch.last_count()
             self._drain()
             self._close_files()
-        for fd in (self._wake_r, self._wake_w):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
         self.summary = self._summarize()
         return self.summary
 
@@ -558,8 +558,8 @@ class Recording:
         if self._consumer is None and not self._stop_consumer:
             self._start_consumer()
         try:
-            os.write(self._wake_w, b"\0")
-        except OSError:  # the pipe is full (the consumer is already awake) or closed
+            self._wakeup.release()
+        except RuntimeError:  # already released: the consumer is awake or about to be
             pass
 
     def _start_consumer(self) -> None:
@@ -587,16 +587,11 @@ class Recording:
         """Write full packets until stopped. Every system call gives the GIL away, and with
         a thread firing flat out winning it back can take a whole switch interval (5 ms):
         so while there is work the consumer only writes (one writev per stream), and it
-        waits on the wake-up pipe only when a round found nothing to do."""
+        waits for a wake-up only when a round found nothing to do."""
         busy = False
         while True:
             if not busy:
-                try:
-                    ready, _, _ = select.select([self._wake_r], [], [], _POLL)
-                    if ready:
-                        os.read(self._wake_r, 65536)
-                except (OSError, ValueError):
-                    pass
+                self._wakeup.acquire(timeout=_POLL)
             try:
                 busy = self._drain() > 0
             except Exception as exc:  # a consumer that dies would silently fill the buffers
@@ -786,7 +781,7 @@ class Recording:
         self._lock = threading.RLock()
         self._reg_lock = threading.RLock()
         # The parent's descriptors are not the child's business: close the inherited copies.
-        fds = [self._wake_r, self._wake_w] + [c.fd for c in self._all_channels() if c.fd >= 0]
+        fds = [c.fd for c in self._all_channels() if c.fd >= 0]
         for fd in fds:
             try:
                 os.close(fd)
