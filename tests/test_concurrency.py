@@ -130,3 +130,65 @@ def test_connecting_does_not_disturb_calls_in_flight(uniq):
     go_on.set()
     t.join()
     assert seen_by_late == [1]
+
+
+def _fork_and_wait(child, timeout=20.0):
+    """Run ``child()`` in a fork child; its exit status (124 if it hung and was killed)."""
+    import os
+    import signal
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # 3.12+: fork with threads
+        pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            child()
+            code = 0
+        finally:
+            os._exit(code)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        time.sleep(0.01)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    return 124
+
+
+def test_fork_while_another_thread_holds_the_registry_and_faults_locks(uniq):
+    from tracemark import faults
+    from tracemark.markers import registry
+
+    held, release = threading.Event(), threading.Event()
+
+    def holder():
+        with registry._lock, faults._lock:
+            held.set()
+            release.wait(30)
+
+    t = threading.Thread(target=holder)
+    t.start()
+    try:
+        assert held.wait(10)
+
+        def child():
+            # Each of these takes a lock that the parent's other thread holds at fork time.
+            m = tracemark.marker(f"{uniq}.child", "v=%d")
+            calls = []
+            tracemark.connect(f"{uniq}.*", lambda mk, a: calls.append(a))
+            m(1)
+            faults.report("test-fork", uniq, "reported in the child")
+            assert calls == [(1,)]
+
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            assert _fork_and_wait(child) == 0
+    finally:
+        release.set()
+        t.join()

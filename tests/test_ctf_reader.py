@@ -58,6 +58,24 @@ def test_streams_describe_threads_and_packets(small_trace):
     assert evs[0] == evs[0] and evs[0] != evs[1]
 
 
+def test_each_event_is_decoded_once_even_with_the_bounds(small_trace):
+    trace = read_trace(small_trace)
+    calls = []
+    for sub in trace.subtraces:
+        for eid, (name, decode) in list(sub.decoders.items()):
+
+            def counting(data, pos, end, decode=decode):
+                calls.append(pos)
+                return decode(data, pos, end)
+
+            sub.decoders[eid] = (name, counting)
+    evs = list(trace.events())
+    assert len(calls) == len(evs) == 800
+    start, end = trace.start, trace.end  # one decode per stream for the first event only
+    assert (start, end) == (evs[0].timestamp, evs[-1].timestamp)
+    assert len(calls) == 800 + len(trace.streams)
+
+
 def test_a_renamed_thread_is_reported_by_its_latest_name(tmp_path, uniq):
     m = tracemark.marker(f"{uniq}.m", s=str)
     with tracemark.record(tmp_path, f"{uniq}.*", subbuffer_size=4096):

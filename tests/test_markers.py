@@ -334,3 +334,78 @@ def test_del_during_a_probe_is_handled(uniq):
     m(0)
     m(1)
     assert seen == [0, 99, 1]
+
+
+# --- probes bound per marker -------------------------------------------------------------------
+
+
+class Binder:
+    """A probe that specialises itself per marker, and can be told to fail doing so."""
+
+    def __init__(self, fail_for=(), returns=None):
+        self.bound = []
+        self.calls = []
+        self.fail_for = fail_for
+        self.returns = returns
+
+    def __call__(self, marker, args):  # pragma: no cover - the registry always binds
+        raise AssertionError("the registry should call what bind() returned")
+
+    def bind(self, marker):
+        self.bound.append(marker.name)
+        if marker.name in self.fail_for:
+            raise RuntimeError("cannot bind")
+        if self.returns is not None:
+            return self.returns
+
+        def bound(mk, args, name=marker.name):
+            self.calls.append((name, mk is marker, args))
+
+        return bound
+
+
+def test_a_probe_with_bind_is_bound_once_per_marker_even_declared_later(uniq):
+    early = tracemark.marker(f"{uniq}.early", "v=%d")
+    b = Binder()
+    h = tracemark.connect(f"{uniq}.*", b)
+    late = tracemark.marker(f"{uniq}.late", "v=%d")
+    for v in range(3):
+        early(v)
+        late(v)
+    assert sorted(b.bound) == [f"{uniq}.early", f"{uniq}.late"]  # once each, not per event
+    assert b.calls == [(f"{uniq}.{n}", True, (v,)) for v in range(3) for n in ("early", "late")]
+    tracemark.disconnect(h)
+    early(9)
+    assert len(b.calls) == 6 and not tracemark.markers(f"{uniq}.early")[0].active
+    # Connecting again binds again (a disconnected binding is forgotten).
+    tracemark.connect(f"{uniq}.early", b)
+    early(10)
+    assert b.bound.count(f"{uniq}.early") == 2 and b.calls[-1] == (f"{uniq}.early", True, (10,))
+
+
+def test_a_bind_that_fails_is_counted_against_the_connection(uniq):
+    good = tracemark.marker(f"{uniq}.good", "v=%d")
+    bad = tracemark.marker(f"{uniq}.bad", "v=%d")
+    b = Binder(fail_for=(f"{uniq}.bad",))
+    with pytest.warns(TracemarkWarning, match="could not bind"):
+        h = tracemark.connect(f"{uniq}.*", b)
+    good(1)
+    bad(2)
+    assert h.errors == 1 and [c[0] for c in b.calls] == [f"{uniq}.good"]
+    assert not tracemark.markers(f"{uniq}.bad")[0].active  # not connected to it
+    with pytest.warns(TracemarkWarning, match="not callable"):
+        h2 = tracemark.connect(f"{uniq}.good", Binder(returns=42))
+    assert h2.errors == 1
+
+
+def test_a_bound_callable_that_raises_is_counted_against_its_connection(uniq):
+    m = tracemark.marker(f"{uniq}.m", "v=%d")
+
+    def boom(marker, args):
+        raise ValueError("boom")
+
+    h = tracemark.connect(f"{uniq}.m", Binder(returns=boom))
+    with pytest.warns(TracemarkWarning, match="boom"):
+        m(1)
+    m(2)
+    assert h.errors == 2 and tracemark.markers(f"{uniq}.m")[0].probe_errors == 2

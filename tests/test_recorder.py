@@ -166,10 +166,21 @@ def test_markers_declared_after_start_are_appended_to_the_metadata(tmp_path, uni
         late = tracemark.marker(f"{uniq}.late", s=str)
         late("x")
         tracemark.mark(f"{uniq}.inline", "v=%d", 3)
+        tracemark.marker(f"{uniq}.never", n=int)  # bound, but never fired
+        same = tracemark.marker(f"{uniq}.same", n=int)  # same types: shares compiled code
+        same(4)
     assert [(ev.name, ev.fields) for ev in events_of(tmp_path)] == [
         (f"{uniq}.early", {"n": 1}),
         (f"{uniq}.late", {"s": "x"}),
         (f"{uniq}.inline", {"v": 3}),
+        (f"{uniq}.same", {"n": 4}),
+    ]
+    # Only markers fired get an event class, in the order they first fired.
+    assert list(read_trace(tmp_path).markers) == [
+        f"{uniq}.early",
+        f"{uniq}.late",
+        f"{uniq}.inline",
+        f"{uniq}.same",
     ]
 
 
@@ -258,6 +269,35 @@ def test_discard_mode_counts_every_dropped_event(tmp_path, uniq):
     assert got == list(range(len(got)))  # the first ones are kept, the rest dropped
     assert trace.discarded == summary.discarded
     assert len(got) == summary.recorded
+
+
+def test_small_buffers_flat_out_every_event_is_read_or_counted_every_time(tmp_path, uniq):
+    # Tiny buffers and a consumer racing the firing threads: whatever the interleaving, the
+    # events read back plus the discarded count is exactly what was fired, in every run.
+    m = tracemark.marker(f"{uniq}.m", i=int, s=str, x=float)
+    fired = 0
+    for run in range(3):
+        path = tmp_path / str(run)
+        threads = 1 if run < 2 else 2
+        n = 300_000 // threads
+
+        def work(n=n):
+            for i in range(n):
+                m(i, "hello", 2.5)
+
+        with tracemark.record(path, f"{uniq}.*", subbuffer_size=4096, subbuffers=4) as rec:
+            workers = [threading.Thread(target=work) for _ in range(threads - 1)]
+            for w in workers:
+                w.start()
+            work()
+            for w in workers:
+                w.join()
+        fired = n * threads
+        trace = read_trace(path)
+        read = sum(1 for _ in trace.events())
+        assert (run, read + trace.discarded) == (run, fired)
+        assert (read, trace.discarded) == (rec.summary.recorded, rec.summary.discarded)
+        assert rec.summary.lost == 0 and read > 0
 
 
 def test_discarded_count_is_carried_by_the_next_packet(tmp_path, uniq):
@@ -533,6 +573,36 @@ def test_fork_child_records_its_own_subtrace_without_the_parents_buffers(tmp_pat
         ("child", 2, pid),
         ("parent", 3, os.getpid()),
     ]
+
+
+MP_SCRIPT = """
+import multiprocessing as mp, sys, tracemark
+m = tracemark.marker("mp.m", who=str, i=int)
+
+def child(n):
+    for i in range(n):
+        m("child", i)  # far less than a packet: all of it is in the open packet at exit
+
+if __name__ == "__main__":
+    with tracemark.record(sys.argv[1]) as rec:
+        m("parent", 0)
+        p = mp.get_context("fork").Process(target=child, args=(int(sys.argv[2]),))
+        p.start()
+        p.join()
+        assert p.exitcode == 0, p.exitcode
+"""
+
+
+def test_a_multiprocessing_fork_child_is_flushed_though_it_skips_atexit(tmp_path):
+    # The child ends with os._exit() (multiprocessing's way): no atexit, yet its events are
+    # all in its sub-trace, written by a multiprocessing finalizer.
+    done = run_child(MP_SCRIPT, tmp_path, 300)
+    assert done.returncode == 0, done.stderr
+    evs = events_of(tmp_path)
+    child = [ev for ev in evs if ev.fields["who"] == "child"]
+    assert [ev.fields["i"] for ev in child] == list(range(300))
+    assert len({ev.pid for ev in child}) == 1 and child[0].pid != evs[0].pid
+    assert read_trace(tmp_path).discarded == 0
 
 
 EXIT_SCRIPT = """

@@ -15,6 +15,7 @@ exception inside a marker call.
 
 from __future__ import annotations
 
+import os
 import threading
 import warnings
 from collections import Counter
@@ -43,6 +44,16 @@ class MarkerArgumentError(TypeError):
 # Re-entrant: a signal handler may fire a marker (and report a fault) while this thread is
 # inside report() already; a plain Lock would deadlock there.
 _lock = threading.RLock()
+
+
+def _new_lock_in_child() -> None:
+    # A fork while another thread held the lock would leave it held forever in the child
+    # (only the forking thread survives): every report there would deadlock.
+    global _lock
+    _lock = threading.RLock()
+
+
+os.register_at_fork(after_in_child=_new_lock_in_child)
 _counts: Counter[tuple[str, str]] = Counter()
 _strict = env.STRICT
 

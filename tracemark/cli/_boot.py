@@ -13,8 +13,9 @@ inherits, and puts :file:`_site/sitecustomize.py` first on ``PYTHONPATH``, which
 =========================  ===============================================================
 
 Guarantees: :func:`start` records at most once per process (a forked child is the
-recorder's business: it carries on into its own sub-trace); the recording is stopped, and so
-flushed, at interpreter exit. Every failure is reported as one line on stderr by the caller
+recorder's business: it carries on into its own sub-trace, and is flushed even when it is a
+``multiprocessing`` child that skips atexit); the recording is stopped, and so flushed, at
+interpreter exit. Every failure is reported as one line on stderr by the caller
 (``sitecustomize``) and the program runs on untraced.
 """
 
@@ -69,8 +70,6 @@ def start() -> None:
         config["path"], events if len(events) > 1 else events[0], **config["kwargs"]
     )
     atexit.register(_stop)
-    os.register_at_fork(after_in_child=_after_fork_in_child)
-    _start_consumer()
     if config["probes"]:
         _install_probes(config["probes"])
 
@@ -87,36 +86,6 @@ def _install_probes(specs: list[str]) -> None:
             probes.install_spec(spec)
         except Exception as exc:
             sys.stderr.write(f"tracemark: --probe {spec} not installed in {os.getpid()}: {exc}\n")
-
-
-def _start_consumer() -> None:
-    # Python 3.12 refuses to start a thread once interpreter shutdown has begun, which is
-    # when atexit stops the recording; the recorder starts its consumer thread lazily, and
-    # a stop that has to start it then fails and loses the buffered events. So start it
-    # now. (Private API of the recorder, used defensively; see the note in the CLI report.)
-    start = getattr(recording, "_start_consumer", None)
-    if start is not None:
-        start()
-
-
-def _after_fork_in_child() -> None:
-    _start_consumer()  # the parent's consumer thread does not exist in the child
-    # A multiprocessing child made by fork ends with os._exit(), which skips atexit: the
-    # recorder would never flush its last, partly filled packets. multiprocessing runs its
-    # own finalizers before that exit, so the recording is stopped from one of them.
-    import sys
-
-    util = sys.modules.get("multiprocessing.util")
-    if util is not None and recording is not None:
-        # The child's bootstrap clears the finalizers it inherited, then runs the after-fork
-        # hooks: so register from one of those.
-        util.register_after_fork(recording, _finalize_in_child)
-
-
-def _finalize_in_child(rec: Any) -> None:
-    import multiprocessing.util
-
-    multiprocessing.util.Finalize(None, _stop, exitpriority=-100)  # after the child's own
 
 
 def _stop() -> None:

@@ -241,6 +241,29 @@ def _compile_decoder(fields: tuple[tuple[str, str], ...]) -> Callable[[bytes, in
     return ns["decode"]
 
 
+def _compile_skipper(fields: tuple[tuple[str, str], ...]) -> Callable[[bytes, int, int], int]:
+    """``skip(data, pos, end) -> new pos``: the end of an event's payload, nothing decoded;
+    raises like the decoder on damaged data."""
+    steps = [
+        _FIXED[t][1] if t in _FIXED else (0 if t in ("str", "object") else -1) for _, t in fields
+    ]
+    u32 = struct.Struct("<I").unpack_from
+
+    def skip(data: bytes, pos: int, end: int) -> int:
+        for step in steps:
+            if step > 0:
+                pos += step
+            elif step == 0:
+                pos = data.index(0, pos, end) + 1
+            else:
+                pos += 4 + u32(data, pos)[0]
+            if pos > end:
+                raise ValueError("past the end")
+        return pos
+
+    return skip
+
+
 # --- streams -----------------------------------------------------------------------------------
 
 _HEADER = W.HEADER
@@ -456,7 +479,9 @@ class Stream:
                 last = max(last, p.ts_end)
 
     def bounds(self) -> tuple[int | None, int | None]:
-        """The timestamps of the first and last event (reads only the packets needed)."""
+        """The timestamps of the first and last event. Decodes one event for the first; the
+        last packet is only walked (event headers and field lengths), not decoded: a reader
+        that iterates the events and asks for the bounds decodes each event once."""
         first = last = None
         for p in self._packets:
             for ev in self.iter_events([p]):
@@ -465,11 +490,35 @@ class Stream:
             if first is not None:
                 break
         for p in reversed(self._packets):
-            for ev in self.iter_events([p]):
-                last = ev.timestamp
+            last = self._last_timestamp(p)
             if last is not None:
                 break
         return first, last
+
+    def _last_timestamp(self, p: _Packet) -> int | None:
+        """The timestamp of ``p``'s last event (None if it has none), without decoding."""
+        if not p.count:
+            return None
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(p.offset)
+                data = f.read(p.content_end)
+            skips = self.sub.skips
+            pos, end, ts = p.start, p.content_end, None
+            while pos < end:
+                event_id, ts = _EVENT_HEADER.unpack_from(data, pos)
+                pos = skips[event_id](data, pos + _EVENT_HEADER.size, end)
+        except (OSError, KeyError, struct.error, ValueError, IndexError):
+            ts = None
+        if ts is None or pos != end:  # damaged: decoding says where and why
+            ts = None
+            for ev in self.iter_events([p]):
+                ts = ev.timestamp
+            return ts
+        meta = self.sub.meta
+        if meta.freq != 1_000_000_000:
+            ts = ts * 1_000_000_000 // meta.freq
+        return ts + meta.offset_ns
 
 
 class SubTrace:
@@ -483,6 +532,9 @@ class SubTrace:
         self.decoders = {
             eid: (name, _compile_decoder(fields))
             for eid, (name, fields) in self.meta.events.items()
+        }
+        self.skips = {
+            eid: _compile_skipper(fields) for eid, (_, fields) in self.meta.events.items()
         }
         names = sorted(
             e.name for e in os.scandir(path) if e.is_file() and not e.name.startswith(".")

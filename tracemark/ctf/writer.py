@@ -53,6 +53,8 @@ __all__ = [
     "event_class",
     "metadata_preamble",
     "open_packet",
+    "pack_source",
+    "unpack_source",
 ]
 
 MAGIC = 0xC1FC1FC1
@@ -266,64 +268,92 @@ def compile_packer(event_id: int, fields: Sequence[Any]) -> Callable[[tuple, Any
     ``ValueError`` before anything is written. The caller guarantees nothing else writes to
     ``ch`` meanwhile (see the recorder's ``busy`` flag).
     """
+    body, ns = pack_source(fields, "    ")
+    unpack = unpack_source(len(fields))
+    ns["_ID"] = event_id
+    source = f"def write(args, ch):\n    {unpack} = args\n{body}"
+    exec(compile(source, f"<tracemark packer {event_id}>", "exec"), ns)
+    return ns["write"]
+
+
+def unpack_source(count: int) -> str:
+    """The target list ``a0, a1, ...`` that :func:`pack_source` expects the values in."""
+    names = [f"a{i}" for i in range(count)]
+    return (", ".join(names) + ("," if count == 1 else "")) if names else "_"
+
+
+def pack_source(fields: Sequence[Any], indent: str) -> tuple[str, dict[str, Any]]:
+    """Source lines (each starting with ``indent``) that pack one event into channel ``ch``,
+    and the globals they need besides ``_ID`` (the event id, set by the caller).
+
+    The lines expect the values in locals ``a0, a1, ...`` (see :func:`unpack_source`) and may
+    ``return`` early when the event is discarded. They depend on the field *types* only, so
+    callers can compile them once per type signature and share the ``struct`` cache; that is
+    what :func:`compile_packer` and the recorder's per-marker probes do.
+    """
     names = [f"a{i}" for i in range(len(fields))]
     prep: list[str] = []
     fmt_parts: list[str] = ["<IQ"]
     values: list[str] = []
     var: list[str] = []  # expressions of the variable lengths, in order
-    fixed_size = EVENT_HEADER.size
+    extra: list[int] = []  # what each variable field's format adds to its length
     for n, f in zip(names, fields, strict=True):
         t = f.type
         if t in _FIXED_FORMAT:
             fmt_parts.append(_FIXED_FORMAT[t])
-            fixed_size += struct.calcsize("<" + _FIXED_FORMAT[t])
             values.append(n)
         elif t is str or t is object:
             src = n if t is str else f"_repr({n})"
-            prep.append(f"    {n} = {src}.encode()\n")
-            prep.append(f"    if 0 in {n}: {n} = _clean({n})\n")
+            prep.append(f"{n} = {src}.encode()\n")
+            prep.append(f"if 0 in {n}: {n} = _clean({n})\n")
             fmt_parts.append("{}s")
-            var.append(f"len({n}) + 1")  # the NUL comes from the "s" format's zero padding
+            var.append(f"len({n})")
+            extra.append(1)  # the NUL, from the "s" format's zero padding
             values.append(n)
         else:  # bytes: a uint32 length, then the bytes
-            prep.append(f"    {n} = bytes({n})\n")
+            prep.append(f"{n} = bytes({n})\n")
             fmt_parts.append("I{}s")
-            fixed_size += 4
             var.append(f"len({n})")
+            extra.append(0)
             values.append(f"len({n}), {n}")
-    unpack = (", ".join(names) + ("," if len(names) == 1 else "")) if names else "_"
-    lines = [f"def write(args, ch):\n    {unpack} = args\n", *prep]
+    lines = list(prep)
+    # The Struct's bound pack_into and its size, found together: no attribute lookups.
     if not var:
-        ns: dict[str, Any] = {"_S": struct.Struct("".join(fmt_parts))}
-        lines.append("    s = _S\n")
+        fixed = struct.Struct("".join(fmt_parts))
+        ns: dict[str, Any] = {"_pack": fixed.pack_into}
+        lines.append(f"pack, size = _pack, {fixed.size}\n")
     else:
         key = var[0] if len(var) == 1 else "(" + ", ".join(var) + ")"
-        lines.append(
-            f"    key = {key}\n"
-            "    try:\n        s = _cache[key]\n"
-            "    except KeyError:\n        s = _make(key)\n"
-        )
+        lines += [
+            "try:\n",
+            f"    pack, size = _cache[{key}]\n",
+            "except KeyError:\n",
+            f"    pack, size = _make({key})\n",
+        ]
         template = "".join(fmt_parts)
-        cache: dict[Any, struct.Struct] = {}
+        cache: dict[Any, tuple[Callable[..., None], int]] = {}
 
-        def make(key: Any) -> struct.Struct:
+        def make(key: Any) -> tuple[Callable[..., None], int]:
             lengths = key if isinstance(key, tuple) else (key,)
-            s = struct.Struct(template.format(*lengths))
+            s = struct.Struct(
+                template.format(*(n + e for n, e in zip(lengths, extra, strict=True)))
+            )
+            found = (s.pack_into, s.size)
             if len(cache) < _STRUCT_CACHE_LIMIT:
-                cache[key] = s
-            return s
+                cache[key] = found
+            return found
 
         ns = {"_cache": cache, "_make": make}
-    lines.append(
-        "    size = s.size\n"
-        "    pc = ch.pc\n"
-        "    pos = pc & 0xFFFFFFFF\n"
-        "    if pos + size > ch.limit:\n"
-        "        pc = pos = ch.switch(size)\n"
-        "        if pos < 0:\n            return\n"
-        f"    s.pack_into(ch.buf, pos, {event_id}, _now(), {', '.join(values)})\n"
-        "    ch.pc = pc + size + 0x100000000\n"
-    )
+    lines += [
+        "pc = ch.pc\n",
+        "pos = pc & 0xFFFFFFFF\n",
+        "if pos + size > ch.limit:\n",
+        "    pc = pos = ch.switch(size)\n",
+        "    if pos < 0:\n",
+        "        return\n",
+        f"pack(ch.buf, pos, _ID, _now(), {', '.join(values)})\n",
+        "ch.pc = pc + size + 0x100000000\n",
+    ]
     ns.update(
         _repr=repr,
         _clean=_clean_bytes,
@@ -332,8 +362,7 @@ def compile_packer(event_id: int, fields: Sequence[Any]) -> Callable[[tuple, Any
         bytes=bytes,
         KeyError=KeyError,
     )
-    exec(compile("".join(lines), f"<tracemark packer {event_id}>", "exec"), ns)
-    return ns["write"]
+    return "".join(indent + line for line in lines), ns
 
 
 def _clean_bytes(data: bytes) -> bytes:

@@ -13,13 +13,24 @@ Guarantees
   with other fields it is a ValueError naming both declarations.
 * Every change (declare, connect, disconnect) happens under one lock and is published to the
   firing threads by replacing immutable tuples (see :mod:`.dispatch`); firing takes no lock.
+* A fork child gets a fresh registry lock, so a fork while another thread holds it cannot
+  deadlock the child.
 * Listeners (the code patcher) hear about every marker that turns active or inactive, under
   the lock, in the order it happened.
+* **Probes bound per marker.** A probe object with a ``bind(marker)`` method is asked, once
+  per marker it attaches to (now or when the marker is declared later, under the lock), for
+  the callable to run on that marker's events; that callable, with the same convention
+  ``fn(marker, args)``, is what the firing function calls. A tracer uses it to specialise its
+  path for one marker (the recorder: no per-event lookup of the marker's packer, one call
+  fewer). Errors of a bound callable are counted against its connection like the probe's own.
+  A ``bind`` that raises or returns something not callable leaves that marker unconnected
+  for this probe, counted in ``Connection.errors`` and reported once (``probe-bind-error``).
 """
 
 from __future__ import annotations
 
 import fnmatch
+import os
 import re
 import sys
 import threading
@@ -147,6 +158,8 @@ class MarkerCore:
         self.bad_arguments = 0
         self.dropped_nested = 0
         self.probe_errors = 0
+        #: Connection -> what its probe's ``bind`` returned for this marker.
+        self.bound: dict[Connection, Callable[[Any, tuple], object]] = {}
         self.fire, self.namespace = compile_fire(
             fields,
             self,
@@ -169,15 +182,26 @@ class MarkerCore:
 
     def publish(self) -> None:
         """Give the firing threads the new probe tuples: one store each."""
-        conns = self.connections
-        self.namespace["_nested"] = tuple(c.probe for c in conns if c.reentrant)
-        self.namespace["_probes"] = tuple(c.probe for c in conns)
+        conns, bound = self.connections, self.bound
+        self.namespace["_nested"] = tuple(bound.get(c, c.probe) for c in conns if c.reentrant)
+        self.namespace["_probes"] = tuple(bound.get(c, c.probe) for c in conns)
 
 
 _lock = threading.RLock()
 _markers: dict[str, MarkerCore] = {}
 _connections: list[Connection] = []
 _listeners: list[Callable[[MarkerCore, bool], None]] = []
+
+
+def _new_lock_in_child() -> None:
+    # Only the forking thread survives a fork: had another thread held the lock then, the
+    # child would deadlock on its first connect, declare or fault. The data it guards is
+    # changed by single assignments of immutable tuples, so the child can carry on with it.
+    global _lock
+    _lock = threading.RLock()
+
+
+os.register_at_fork(after_in_child=_new_lock_in_child)
 
 
 # --- faults from the firing path (slow path only) ---------------------------------------------
@@ -200,7 +224,7 @@ def _probe_failed(core: MarkerCore, probe: object, exc: Exception) -> None:
     with _lock:
         core.probe_errors += 1
         for conn in core.connections:
-            if conn.probe is probe:
+            if core.bound.get(conn, conn.probe) is probe:
                 conn.errors += 1
                 break
     message = (
@@ -336,6 +360,22 @@ def _attach(core: MarkerCore, conn: Connection) -> None:
             f"has ({core.signature()}), declared at {core.where}; not connected to it",
         )
         return
+    bind = getattr(conn.probe, "bind", None)
+    if bind is not None:
+        try:
+            fn = bind(core.fire)
+            if not callable(fn):
+                raise TypeError(f"bind() returned {fn!r}, which is not callable")
+        except Exception as exc:  # a probe's fault: counted and reported, never raised here
+            conn.errors += 1
+            faults.report(
+                "probe-bind-error",
+                f"{core.name}:{id(conn)}",
+                f"probe {conn.probe!r} could not bind marker {core.name!r} "
+                f"({type(exc).__name__}: {exc}); not connected to it",
+            )
+            return
+        core.bound[conn] = fn
     was_active = core.active
     core.connections = (*core.connections, conn)
     core.publish()
@@ -359,6 +399,7 @@ def disconnect(conn: Connection) -> bool:
         for core in _markers.values():
             if conn in core.connections:
                 core.connections = tuple(c for c in core.connections if c is not conn)
+                core.bound.pop(conn, None)
                 core.publish()
                 if not core.connections:
                     _notify(core, False)

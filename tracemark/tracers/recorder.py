@@ -22,8 +22,11 @@ Guarantees
 ----------
 * **The firing thread never blocks on disk and takes no lock.** It reserves room in its own
   sub-buffer, packs the event with one precompiled ``struct`` call and publishes the new
-  position; a full sub-buffer is handed over through a deque and a byte written to a pipe
-  (async-signal-safe, so a signal handler may do it too).
+  position; a full sub-buffer is handed over through a deque and the release of a lock the
+  consumer waits on (never blocks: releasing an unheld lock is a no-op here, so a signal
+  handler may do it too). That whole path is one generated
+  function per marker, which the registry binds to the marker (the probe's ``bind``): no
+  per-event lookup of the marker's packer, no second call.
 * **Bounded memory.** ``subbuffers * subbuffer_size`` bytes per live thread (and per nesting
   level actually used), whatever the event rate; sub-buffers are allocated when first
   needed, and the consumer writes out and releases the channels of threads that ended
@@ -48,26 +51,28 @@ Guarantees
   action: the trace is flushed, then the signal is delivered again with the default action;
   a handler the program installed is chained to, and the program's own exit then flushes).
 * **fork**: the child records into its own sub-trace of the same directory; nothing of the
-  parent's buffers is carried over.
+  parent's buffers is carried over. A ``multiprocessing`` child made by fork, which ends
+  with ``os._exit()`` (no atexit), is flushed by a multiprocessing finalizer.
 * **Faults never break the program**: an unwritable directory or a full disk stops the
   writing, counts every event that could not be written, and is reported once.
 """
 
 from __future__ import annotations
 
+import _thread
 import atexit
 import collections
 import fnmatch
 import itertools
 import os
 import re
-import select
 import signal
 import socket
 import struct
 import sys
 import threading
 import time
+import types
 import uuid as _uuid
 import weakref
 from collections.abc import Iterable
@@ -344,8 +349,12 @@ class Recording:
         self._snapshots: list[Path] = []
         self._consumer: threading.Thread | None = None
         self._stop_consumer = False
-        self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_w, False)
+        # The consumer waits on this lock, held while it has nothing to do; a producer wakes
+        # it by releasing it. One wait is one GIL hand-over for the consumer (a pipe cost
+        # two: select, then read), and with a thread firing flat out each hand-over can take
+        # a whole switch interval.
+        self._wakeup = _thread.allocate_lock()
+        self._wakeup.acquire()
         self.trace_path = self.path / f"{self.pid}-?"
         self.trace_path = self._make_trace_dir()
         offset = time.time_ns() - time.monotonic_ns()
@@ -417,11 +426,6 @@ class Recording:
                 ch.last_count()
             self._drain()
             self._close_files()
-        for fd in (self._wake_r, self._wake_w):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
         self.summary = self._summarize()
         return self.summary
 
@@ -457,47 +461,30 @@ class Recording:
     # --- the probe (the firing thread's fast path) ---
 
     def _make_probe(self, earlier: list[str]) -> Any:
-        writers: dict[Any, Any] = {}
+        """The probe of one glob: the registry calls its ``bind(marker)`` once per marker
+        and calls the returned per-marker function on every event (see :func:`_bind`)."""
+        bound: dict[Any, Any] = {}
         claimed = [re.compile(fnmatch.translate(p)).match for p in earlier]
-        rec = self
-        tls = self._tls  # the same object for the recording's life (a fork child clears it)
 
-        def new_marker(marker: Any) -> Any:
-            if any(match(marker.name) for match in claimed):
-                writer = None  # an earlier glob of this recording records it
-            else:
-                writer = rec._writer_for(marker)
-            writers[marker] = writer
-            return writer
+        def bind(marker: Any) -> Any:
+            fn = bound.get(marker)
+            if fn is None:
+                # A marker that an earlier glob of this recording matches is recorded there.
+                claimed_earlier = any(match(marker.name) for match in claimed)
+                fn = bound[marker] = _skip if claimed_earlier else _bind(self, marker)
+            return fn
 
         def probe(marker: Any, args: tuple) -> None:
-            try:
-                write = writers[marker]
-            except KeyError:
-                write = new_marker(marker)
-            if write is None:
-                return
-            try:
-                ch = tls.ch
-            except AttributeError:
-                ch = rec._new_channel()
-            if ch.busy:
-                ch = rec._nested(ch)
-                if ch is None:
-                    return
-            ch.busy = True
-            try:
-                write(args, ch)
-            except _VALUE_ERRORS as exc:
-                rec._bad_value(ch, marker, args, exc)
-            finally:
-                ch.busy = False
+            # Only for a caller that does not bind (the registry always does).
+            (bound.get(marker) or bind(marker))(marker, args)
 
         probe.__qualname__ = f"Recording.probe[{self.path}]"
-        probe.writers = writers  # type: ignore[attr-defined]
+        probe.bind = bind  # type: ignore[attr-defined]
         return probe
 
-    def _writer_for(self, marker: Any) -> Any:
+    def _event_id(self, marker: Any) -> int:
+        """The event id of ``marker`` in this recording, adding its event class to the
+        metadata the first time (any thread, or a signal handler: idempotent)."""
         with self._reg_lock:
             event_id = self._classes.get(marker.name)
             if event_id is None:
@@ -506,7 +493,7 @@ class Recording:
                 if not self.overwrite:  # overwrite mode writes it whole with each snapshot
                     self._pending_metadata.append(text)
                 event_id = self._classes[marker.name]
-            return W.compile_packer(event_id, marker.fields)
+            return event_id
 
     def _event_class(self, name: str, fields: Any) -> str:
         event_id = self._classes[name] = len(self._classes)
@@ -545,7 +532,7 @@ class Recording:
         if isinstance(exc, UnicodeEncodeError):  # lone surrogates: record a cleaned copy
             clean = tuple(W.clean_text(a) if isinstance(a, str) else a for a in args)
             try:
-                W.compile_packer(self._classes[marker.name], marker.fields)(clean, ch)
+                W.compile_packer(self._event_id(marker), marker.fields)(clean, ch)
                 return
             except _VALUE_ERRORS as again:
                 exc = again
@@ -571,8 +558,8 @@ class Recording:
         if self._consumer is None and not self._stop_consumer:
             self._start_consumer()
         try:
-            os.write(self._wake_w, b"\0")
-        except OSError:  # the pipe is full (the consumer is already awake) or closed
+            self._wakeup.release()
+        except RuntimeError:  # already released: the consumer is awake or about to be
             pass
 
     def _start_consumer(self) -> None:
@@ -600,16 +587,11 @@ class Recording:
         """Write full packets until stopped. Every system call gives the GIL away, and with
         a thread firing flat out winning it back can take a whole switch interval (5 ms):
         so while there is work the consumer only writes (one writev per stream), and it
-        waits on the wake-up pipe only when a round found nothing to do."""
+        waits for a wake-up only when a round found nothing to do."""
         busy = False
         while True:
             if not busy:
-                try:
-                    ready, _, _ = select.select([self._wake_r], [], [], _POLL)
-                    if ready:
-                        os.read(self._wake_r, 65536)
-                except (OSError, ValueError):
-                    pass
+                self._wakeup.acquire(timeout=_POLL)
             try:
                 busy = self._drain() > 0
             except Exception as exc:  # a consumer that dies would silently fill the buffers
@@ -799,7 +781,7 @@ class Recording:
         self._lock = threading.RLock()
         self._reg_lock = threading.RLock()
         # The parent's descriptors are not the child's business: close the inherited copies.
-        fds = [self._wake_r, self._wake_w] + [c.fd for c in self._all_channels() if c.fd >= 0]
+        fds = [c.fd for c in self._all_channels() if c.fd >= 0]
         for fd in fds:
             try:
                 os.close(fd)
@@ -812,6 +794,85 @@ class Recording:
             faults.report("record-fork", str(self.path), f"recording stopped in child: {exc}")
             for conn in self._connections:
                 registry.disconnect(conn)
+
+
+# --- the per-marker probe ---------------------------------------------------------------------
+#
+# The firing thread's whole path, generated as one function per marker (bound by the
+# registry, see registry.connect): no lookup of the marker's writer, no call to a separate
+# packer. The code depends only on the marker's field types, so it is compiled once per type
+# signature and each marker gets a function with its own globals (event id, recording).
+
+_PROBE_TEMPLATE = """\
+def probe(marker, args):
+    {unpack} = args
+    try:
+        ch = _tls.ch
+    except AttributeError:
+        ch = _new_channel()
+    if ch.busy:
+        ch = _nested(ch)
+        if ch is None:
+            return
+    ch.busy = True
+    try:
+{pack}    except _VALUE_ERRORS as exc:
+        _bad_value(ch, marker, args, exc)
+    finally:
+        ch.busy = False
+"""
+
+#: The first call registers the marker's event class (markers are bound when they are
+#: connected, but only those fired get an event class), then swaps in the real code.
+_FIRST_SOURCE = """\
+def probe(marker, args):
+    _first(_self)
+    return _self(marker, args)
+"""
+
+_compiled: dict[tuple[type, ...], tuple[Any, dict[str, Any]]] = {}
+_FIRST_CODE = compile(_FIRST_SOURCE, "<tracemark recorder probe>", "exec").co_consts[0]
+
+
+def _probe_code(fields: Any) -> tuple[Any, dict[str, Any]]:
+    """The code object of the probe for this type signature and the globals it shares."""
+    key = tuple(f.type for f in fields)
+    found = _compiled.get(key)
+    if found is None:
+        body, shared = W.pack_source(fields, "        ")
+        source = _PROBE_TEMPLATE.format(unpack=W.unpack_source(len(fields)), pack=body)
+        module = compile(source, "<tracemark recorder probe>", "exec")
+        code = next(c for c in module.co_consts if isinstance(c, types.CodeType))
+        found = _compiled[key] = (code, shared)
+    return found
+
+
+def _bind(rec: Recording, marker: Any) -> Any:
+    """The function the registry calls on each event of ``marker`` for recording ``rec``."""
+    code, shared = _probe_code(marker.fields)
+    ns: dict[str, Any] = {
+        **shared,
+        "_ID": None,
+        "_tls": rec._tls,  # the same object for the recording's life (a fork child clears it)
+        "_new_channel": rec._new_channel,
+        "_nested": rec._nested,
+        "_bad_value": rec._bad_value,
+        "_VALUE_ERRORS": _VALUE_ERRORS,
+        "AttributeError": AttributeError,
+    }
+    fn = types.FunctionType(_FIRST_CODE, ns, f"record[{marker.name}]")
+
+    def first(self: Any) -> None:
+        ns["_ID"] = rec._event_id(marker)
+        self.__code__ = code  # atomic: a nested first call finds either code, both correct
+
+    ns["_first"] = first
+    ns["_self"] = fn
+    return fn
+
+
+def _skip(marker: Any, args: tuple) -> None:
+    """A marker this probe leaves to another glob of the same recording."""
 
 
 # --- process-wide: active recordings, exit, SIGTERM, fork ---------------------------------------
@@ -865,9 +926,24 @@ def _on_sigterm(signum: int, frame: Any) -> None:
 
 
 def _after_fork_in_child() -> None:
-    for rec in list(_active):
-        if rec.running:
-            rec._after_fork_in_child()
+    running = [rec for rec in list(_active) if rec.running]
+    for rec in running:
+        rec._after_fork_in_child()
+    # A multiprocessing child made by fork ends with os._exit(), which skips atexit: its last
+    # packets would never be written. multiprocessing runs its own finalizers before that
+    # exit, so stop the recordings from one. Its bootstrap first clears the finalizers the
+    # child inherited, then runs the after-fork hooks: so register the finalizer from one of
+    # those. Only when multiprocessing is in use (imported); a plain os.fork() child that
+    # ends with os._exit() must call tracemark's stop itself.
+    util = sys.modules.get("multiprocessing.util")
+    if running and util is not None:
+        util.register_after_fork(_stop_all, _finalize_multiprocessing_child)
+
+
+def _finalize_multiprocessing_child(_: object) -> None:
+    util = sys.modules["multiprocessing.util"]
+    # The lowest priority: after the child's own finalizers, which may still fire markers.
+    util.Finalize(None, _stop_all, exitpriority=-(2**31))
 
 
 def record(
