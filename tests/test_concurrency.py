@@ -160,13 +160,13 @@ def _fork_and_wait(child, timeout=20.0):
 
 
 def test_fork_while_another_thread_holds_the_registry_and_faults_locks(uniq):
-    from tracemark import faults
+    from tracemark import faults, probes
     from tracemark.markers import registry
 
     held, release = threading.Event(), threading.Event()
 
     def holder():
-        with registry._lock, faults._lock:
+        with registry._lock, faults._lock, probes._lock:
             held.set()
             release.wait(30)
 
@@ -183,6 +183,8 @@ def test_fork_while_another_thread_holds_the_registry_and_faults_locks(uniq):
             m(1)
             faults.report("test-fork", uniq, "reported in the child")
             assert calls == [(1,)]
+            h = tracemark.probe("json:dumps")
+            tracemark.unprobe(h)
 
         import warnings
 

@@ -349,9 +349,9 @@ class Binder:
         self.returns = returns
 
     def __call__(self, marker, args):  # pragma: no cover - the registry always binds
-        raise AssertionError("the registry should call what bind() returned")
+        raise AssertionError("the registry should call what bind_marker() returned")
 
-    def bind(self, marker):
+    def bind_marker(self, marker):
         self.bound.append(marker.name)
         if marker.name in self.fail_for:
             raise RuntimeError("cannot bind")

@@ -17,7 +17,7 @@ Guarantees
   deadlock the child.
 * Listeners (the code patcher) hear about every marker that turns active or inactive, under
   the lock, in the order it happened.
-* **Probes bound per marker.** A probe object with a ``bind(marker)`` method is asked, once
+* **Probes bound per marker.** A probe object with a ``bind_marker(marker)`` method is asked, once
   per marker it attaches to (now or when the marker is declared later, under the lock), for
   the callable to run on that marker's events; that callable, with the same convention
   ``fn(marker, args)``, is what the firing function calls. A tracer uses it to specialise its
@@ -360,12 +360,12 @@ def _attach(core: MarkerCore, conn: Connection) -> None:
             f"has ({core.signature()}), declared at {core.where}; not connected to it",
         )
         return
-    bind = getattr(conn.probe, "bind", None)
+    bind = getattr(conn.probe, "bind_marker", None)
     if bind is not None:
         try:
             fn = bind(core.fire)
             if not callable(fn):
-                raise TypeError(f"bind() returned {fn!r}, which is not callable")
+                raise TypeError(f"bind_marker() returned {fn!r}, which is not callable")
         except Exception as exc:  # a probe's fault: counted and reported, never raised here
             conn.errors += 1
             faults.report(

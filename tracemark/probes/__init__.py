@@ -58,6 +58,7 @@ place (:func:`probe` and :func:`unprobe` here, with the protocol of
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Iterable
 
@@ -82,6 +83,15 @@ __all__ = [
 ]
 
 _lock = threading.RLock()
+
+
+def _new_lock_in_child() -> None:
+    # As the registry's lock: a fork while another thread held it must not deadlock the child.
+    global _lock
+    _lock = threading.RLock()
+
+
+os.register_at_fork(after_in_child=_new_lock_in_child)
 _by_name: dict[str, Probe] = {}
 _mechanism: object | None = None
 

@@ -461,7 +461,7 @@ class Recording:
     # --- the probe (the firing thread's fast path) ---
 
     def _make_probe(self, earlier: list[str]) -> Any:
-        """The probe of one glob: the registry calls its ``bind(marker)`` once per marker
+        """The probe of one glob: the registry calls its ``bind_marker(marker)`` once per marker
         and calls the returned per-marker function on every event (see :func:`_bind`)."""
         bound: dict[Any, Any] = {}
         claimed = [re.compile(fnmatch.translate(p)).match for p in earlier]
@@ -479,7 +479,7 @@ class Recording:
             (bound.get(marker) or bind(marker))(marker, args)
 
         probe.__qualname__ = f"Recording.probe[{self.path}]"
-        probe.bind = bind  # type: ignore[attr-defined]
+        probe.bind_marker = bind  # type: ignore[attr-defined]
         return probe
 
     def _event_id(self, marker: Any) -> int:
