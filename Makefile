@@ -15,7 +15,8 @@ define venv_for
 v=$$($(1) -c 'import sys; print("%d.%d" % sys.version_info[:2])'); \
 venv=.venv-$$v; \
 if [ ! -x $$venv/bin/python ]; then $(1) -m venv $$venv >&2 || exit 1; fi; \
-$$venv/bin/python -m pip install -q --disable-pip-version-check -e '.[$(EXTRAS)]' >&2 || exit 1
+$$venv/bin/python -m pip install -q --disable-pip-version-check -e '.[$(EXTRAS)]' \
+  >$$venv/pip.log 2>&1 || { cat $$venv/pip.log >&2; exit 1; }
 endef
 
 # The demo: record the bundled shop (4 worker threads and an invoice-printer child process,
