@@ -8,7 +8,7 @@
     for ev in trace.events():         # every stream, merged in timestamp order
         print(ev.timestamp, ev.pid, ev.tid, ev.thread, ev.name, ev.fields)
 
-The same traces open in babeltrace2 and Trace Compass; this reader is the project's own,
+The same traces open in babeltrace2 (the tests check it); this reader is the project's own,
 pure Python, streaming, and strict (any damage is a :class:`TraceError` naming the file and
 the byte offset).
 """
