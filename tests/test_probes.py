@@ -564,6 +564,16 @@ def test_the_recorder_records_probe_events_unchanged(tmp_path):
     assert got[1][1]["value"] == "8" and got[1][1]["duration_ns"] > 0
 
 
+def test_a_captured_object_is_recorded_as_its_repr_once(tmp_path):
+    """A probe turns an object into its repr; the recorder must not quote that text again."""
+    h = tracemark.probe("probe_shapes:plain", capture=["extra", "key"])
+    with tracemark.record(tmp_path / "trace", "probe.*"):
+        shapes.plain(1, key=("t",), k=[1])
+    (ev,) = read_trace(tmp_path / "trace").events()
+    assert ev.name == h.name
+    assert ev.fields == {"extra": "{'k': [1]}", "key": "('t',)"}
+
+
 def test_raise_probes_need_the_global_unwind_event_only_while_enabled(mech):
     h = tracemark.probe("probe_shapes:fails", at="raise")
     conn = tracemark.connect(h.name, lambda m, a: None)

@@ -75,6 +75,16 @@ def test_nan_and_subclasses_and_printf_markers(tmp_path, uniq):
     assert second.fields == {"n": 1, "x": 3.0, "s": "t", "r": "None"}
 
 
+def test_an_object_field_stores_a_repr_and_repr_text_as_it_is(tmp_path, uniq):
+    from tracemark.markers.fields import ReprText
+
+    m = tracemark.marker(f"{uniq}.o", o=object)
+    with tracemark.record(tmp_path, f"{uniq}.*"):
+        m("xy")  # a str in an object field: its repr, quotes and all
+        m(ReprText("<Foo at 0x1>"))  # already a repr: stored once, not quoted again
+    assert [ev.fields["o"] for ev in events_of(tmp_path)] == ["'xy'", "<Foo at 0x1>"]
+
+
 def test_strings_with_nul_and_lone_surrogates_are_recorded_cleaned(tmp_path, uniq):
     m = tracemark.marker(f"{uniq}.s", s=str, after=int)
     with tracemark.record(tmp_path, f"{uniq}.*") as rec:

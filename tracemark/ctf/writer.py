@@ -28,7 +28,8 @@ Guarantees of the layout
 * Event payload by the marker's field types, each field named ``_<name>`` in TSDL (a leading
   underscore is stripped by readers, CTF §4.1.2, so any field name, even a TSDL keyword like
   ``align``, is safe): int -> ``tm_int`` (int64), float -> ``tm_float`` (IEEE double),
-  str -> ``tm_str`` (NUL-terminated UTF-8), object -> ``tm_object`` (its repr, as a string),
+  str -> ``tm_str`` (NUL-terminated UTF-8), object -> ``tm_object`` (its repr, as a string;
+  a ``ReprText`` is a repr already and stored as it is),
   bool -> ``tm_bool`` (uint8 enum false/true), bytes -> ``tm_len __<name>_len`` followed by
   ``tm_byte _<name>[__<name>_len]`` (a sequence, CTF §4.2.3). The type alias names let the
   reader give back the declared Python type.
@@ -40,6 +41,8 @@ import struct
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
+
+from ..markers.fields import ReprText
 
 __all__ = [
     "CTX_FIXED",
@@ -282,6 +285,12 @@ def unpack_source(count: int) -> str:
     return (", ".join(names) + ("," if count == 1 else "")) if names else "_"
 
 
+def object_text(value: Any) -> str:
+    """What an ``object`` field stores: the value's repr, or the value itself when it is a
+    :class:`~tracemark.markers.fields.ReprText` (already a repr)."""
+    return value if type(value) is ReprText else repr(value)
+
+
 def pack_source(fields: Sequence[Any], indent: str) -> tuple[str, dict[str, Any]]:
     """Source lines (each starting with ``indent``) that pack one event into channel ``ch``,
     and the globals they need besides ``_ID`` (the event id, set by the caller).
@@ -303,7 +312,7 @@ def pack_source(fields: Sequence[Any], indent: str) -> tuple[str, dict[str, Any]
             fmt_parts.append(_FIXED_FORMAT[t])
             values.append(n)
         elif t is str or t is object:
-            src = n if t is str else f"_repr({n})"
+            src = n if t is str else f"_text({n})"
             prep.append(f"{n} = {src}.encode()\n")
             prep.append(f"if 0 in {n}: {n} = _clean({n})\n")
             fmt_parts.append("{}s")
@@ -355,7 +364,7 @@ def pack_source(fields: Sequence[Any], indent: str) -> tuple[str, dict[str, Any]
         "ch.pc = pc + size + 0x100000000\n",
     ]
     ns.update(
-        _repr=repr,
+        _text=object_text,
         _clean=_clean_bytes,
         _now=time.monotonic_ns,
         len=len,

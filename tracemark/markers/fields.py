@@ -21,7 +21,14 @@ import keyword
 import re
 from dataclasses import dataclass
 
-__all__ = ["FIELD_TYPES", "Field", "fields_from_format", "fields_from_types", "render"]
+__all__ = [
+    "FIELD_TYPES",
+    "Field",
+    "ReprText",
+    "fields_from_format",
+    "fields_from_types",
+    "render",
+]
 
 #: The types a field can have, by their name in a declaration.
 FIELD_TYPES: dict[str, type] = {
@@ -46,6 +53,16 @@ _SPEC = re.compile(
     r"%(?P<flags>[-+ #0]*)(?P<width>\d*)(?:\.(?P<prec>\d+))?(?P<conv>[a-zA-Z%])"
 )
 _IDENT = re.compile(r"[A-Za-z_]\w*\Z")
+
+
+class ReprText(str):
+    """Text that already is the repr of a value (dynamic probes make it for captured values).
+
+    An ``object`` field is stored as the repr of its value; a ReprText is stored as it is, so
+    a value made text once is not quoted a second time.
+    """
+
+    __slots__ = ()
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ import types
 from typing import Any
 
 from ..markers import registry
+from ..markers.fields import ReprText
 from .targets import Target, field_name
 
 __all__ = ["AT", "MAX_REPR", "Probe"]
@@ -50,21 +51,21 @@ def value_of(v: object) -> object:
     try:
         text = repr(v)
     except Exception as exc:
-        return f"<repr failed: {type(exc).__name__}>"
-    if type(text) is not str:
-        return "<repr failed: not a str>"
-    return text if len(text) <= MAX_REPR else text[: MAX_REPR - 3] + "..."
+        return ReprText(f"<repr failed: {type(exc).__name__}>")
+    if not isinstance(text, str):
+        return ReprText("<repr failed: not a str>")
+    return ReprText(text if len(text) <= MAX_REPR else text[: MAX_REPR - 3] + "...")
 
 
 def _capture(local: dict[str, Any], path: tuple[str, ...]) -> object:
     value = local.get(path[0], _UNBOUND)
     if value is _UNBOUND:
-        return f"<unbound: {path[0]}>"
+        return ReprText(f"<unbound: {path[0]}>")
     for attr in path[1:]:
         try:
             value = getattr(value, attr)
         except Exception as exc:
-            return f"<{type(exc).__name__}: {'.'.join(path)}>"
+            return ReprText(f"<{type(exc).__name__}: {'.'.join(path)}>")
     return value_of(value)
 
 
@@ -174,7 +175,7 @@ class Probe:
 
 def _slow(value: object, name: str) -> object:
     if value is _UNBOUND:
-        return f"<unbound: {name}>"
+        return ReprText(f"<unbound: {name}>")
     return value_of(value)
 
 
