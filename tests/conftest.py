@@ -3,6 +3,8 @@ import itertools
 import pytest
 
 import tracemark
+from tracemark import probes
+from tracemark.env import PYBEHAVIOR
 from tracemark.markers import registry
 
 _ids = itertools.count()
@@ -40,3 +42,17 @@ class Recorder:
 @pytest.fixture
 def rec():
     return Recorder()
+
+
+#: The dynamic-probe mechanisms this Python has (both are tested where both exist).
+MECHANISMS = ["sys.monitoring", "recompile"] if PYBEHAVIOR.sys_monitoring else ["recompile"]
+
+
+@pytest.fixture(params=MECHANISMS)
+def mech(request):
+    """Run a probe test under one mechanism; remove whatever probes it left behind."""
+    probes._use(request.param)
+    yield probes.mechanism()
+    for p in probes.probes():
+        probes.unprobe(p)
+    tracemark.synchronize()

@@ -20,7 +20,7 @@ from tracemark.env import PYBEHAVIOR
 from tracemark.markers import registry
 from tracemark.probes import events as probe_events
 
-MECHANISMS = ["sys.monitoring", "recompile"] if PYBEHAVIOR.sys_monitoring else ["recompile"]
+pytestmark = pytest.mark.usefixtures("mech")  # every test, on every mechanism
 SHAPES = shapes.__file__
 
 
@@ -31,15 +31,6 @@ def line_of(text, path=SHAPES):
             if text in line:
                 return n
     raise AssertionError(text)
-
-
-@pytest.fixture(params=MECHANISMS, autouse=True)
-def mech(request):
-    P._use(request.param)
-    yield P.mechanism()
-    for p in P.probes():
-        P.unprobe(p)
-    tracemark.synchronize()
 
 
 @pytest.fixture

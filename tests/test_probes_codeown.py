@@ -14,11 +14,10 @@ import pytest
 
 import tracemark
 from tracemark import probes as P
-from tracemark.env import PYBEHAVIOR
 from tracemark.markers import registry
 from tracemark.patching import patcher
 
-MECHANISMS = ["sys.monitoring", "recompile"] if PYBEHAVIOR.sys_monitoring else ["recompile"]
+pytestmark = pytest.mark.usefixtures("mech")  # every test, on every mechanism
 
 SOURCE = """\
 import tracemark
@@ -39,15 +38,6 @@ def outer():
 LINE_MARK = 6  # m(seen.append(x) or x)
 LINE_RAISE = 8
 LINE_RETURN = 9
-
-
-@pytest.fixture(params=MECHANISMS, autouse=True)
-def mech(request):
-    P._use(request.param)
-    yield P.mechanism()
-    for p in P.probes():
-        P.unprobe(p)
-    tracemark.synchronize()
 
 
 @pytest.fixture
