@@ -409,3 +409,105 @@ def test_a_bound_callable_that_raises_is_counted_against_its_connection(uniq):
         m(1)
     m(2)
     assert h.errors == 2 and tracemark.markers(f"{uniq}.m")[0].probe_errors == 2
+
+
+# --- bindings: separate depth-0 and nested callables, fused inline bodies ----------------------
+
+
+class Fused:
+    """A probe that binds a depth-0 function, a nested one and an inline body, each of which
+    notes which path ran; the inline body can be made to raise."""
+
+    def __init__(self, fail=False):
+        self.events = []
+        self.fail = fail
+
+    def __call__(self, marker, args):  # pragma: no cover - the registry always binds
+        raise AssertionError("the registry should call what bind_marker() returned")
+
+    def bind_marker(self, marker):
+        from tracemark.markers.dispatch import Binding, Inline
+
+        names = ", ".join(f.name for f in marker.fields)
+        body = f"_in.note('inline', ({names},))\n"
+        if self.fail:
+            body = "_in.note('inline', 1 / 0)\n"
+        return Binding(
+            top=lambda mk, args: self.note("top", args),
+            nested=lambda mk, args: self.note("nested", args),
+            inline=Inline(body, {}, self),
+        )
+
+    def note(self, path, args):
+        self.events.append((path, args))
+
+
+def test_an_inline_body_runs_fused_only_while_it_is_the_only_probe(uniq):
+    m = tracemark.marker(f"{uniq}.m", n=int, s=str)
+    core = m.__tracemark__
+    plain = m.__code__
+    p = Fused()
+    h = tracemark.connect(f"{uniq}.*", p)
+    assert m.__code__ is not plain  # fused
+    m(1, "a")
+    m(n=2, s="b")  # keywords take the general path: the depth-0 callable
+    other = tracemark.connect(f"{uniq}.*", lambda mk, args: None)
+    m(3, "c")  # two probes: the loop, which calls the depth-0 callable
+    tracemark.disconnect(other)
+    m(4, "d")
+    assert p.events == [
+        ("inline", (1, "a")),
+        ("top", (2, "b")),
+        ("top", (3, "c")),
+        ("inline", (4, "d")),
+    ]
+    tracemark.disconnect(h)
+    assert m.__code__ is plain and core.namespace[core.slots[next(iter(core.slots))]] is None
+    m(5, "e")
+    assert len(p.events) == 4
+
+
+def test_nested_events_reach_the_nested_callable_of_a_reentrant_binding(uniq):
+    m = tracemark.marker(f"{uniq}.m", n=int)
+    p = Fused()
+
+    def fires(marker, args):
+        if args[0] == 0:
+            m(1)  # inside a probe: depth 1
+
+    tracemark.connect(f"{uniq}.m", fires)
+    tracemark.connect(f"{uniq}.*", p, reentrant=True)
+    m(0)
+    assert p.events == [("nested", (1,)), ("top", (0,))]
+
+
+def test_an_inline_body_that_raises_is_counted_against_its_connection(uniq):
+    m = tracemark.marker(f"{uniq}.m", n=int)
+    p = Fused(fail=True)
+    h = tracemark.connect(f"{uniq}.*", p)
+    with pytest.warns(TracemarkWarning, match=r"probe <.*Fused.*ZeroDivisionError"):
+        m(1)
+    m(2)
+    info = tracemark.markers(f"{uniq}.m")[0]
+    assert info.probe_errors == 2 and h.errors == 2
+
+
+# Every name the generated firing code uses: a field may be called any of them.
+GENERATED_NAMES = sorted(
+    {"state", "depth", "args", "probe", "exc", "int", "str", "float", "bytes", "bool", "len"}
+    | {"KeyError", "AttributeError", "Exception", "MAX_NESTING", "marker", "fire", "ch", "pos"}
+)
+
+
+def test_fields_may_be_named_like_anything_the_generated_code_uses(uniq):
+    fields = {name: (int if i % 2 else str) for i, name in enumerate(GENERATED_NAMES)}
+    m = tracemark.marker(f"{uniq}.m", **fields)
+    values = tuple(i if t is int else f"v{i}" for i, t in enumerate(fields.values()))
+    got = []
+    for probe in (lambda mk, args: got.append(args), Fused()):
+        h = tracemark.connect(f"{uniq}.*", probe)
+        m(*values)
+        m(**dict(zip(fields, values, strict=True)))
+        tracemark.disconnect(h)
+    assert got == [values, values]
+    assert probe.events == [("inline", values), ("top", values)]

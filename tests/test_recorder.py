@@ -8,6 +8,7 @@ import sys
 import textwrap
 import threading
 import time
+import warnings
 import weakref
 
 import pytest
@@ -682,3 +683,68 @@ def test_sigkill_leaves_a_trace_readable_up_to_the_last_written_packet(tmp_path)
     assert got == sorted(set(got))  # in order; the gaps are counted as discarded
     assert len(got) + trace.discarded <= 20000
     proc.stdout.close()
+
+
+# --- the fused path --------------------------------------------------------------------------
+
+
+def _fire_everything(m):
+    for values in ODD_VALUES:
+        m(*values)
+    m(2**64, "too big", 1.0, b"", True, None)  # does not fit int64: counted as discarded
+    m(1, "lone \udc80 surrogate", 1.0, b"", True, None)  # recorded cleaned
+    m(i=3, s="keywords", f=3.0, b=b"k", t=False, o=3)
+    m("not an int")  # does not fit the fields: the marker's own fault, not the recorder's
+
+
+def test_fused_and_general_paths_record_the_same_trace(tmp_path, uniq):
+    """Alone, the recording is fused into the firing function; with another probe on the
+    marker, it runs as a function from the loop. The traces must not differ."""
+    m = tracemark.marker(f"{uniq}.all", i=int, s=str, f=float, b=bytes, t=bool, o=object)
+    plain = m.__code__
+    traces = []
+    for other in (None, lambda marker, args: None):
+        path = tmp_path / ("fused" if other is None else "general")
+        h = other and tracemark.connect(f"{uniq}.*", other)
+        with warnings.catch_warnings(), tracemark.record(path, f"{uniq}.*") as r:
+            warnings.simplefilter("ignore", tracemark.TracemarkWarning)  # reported once anyway
+            assert (m.__code__ is plain) is (other is not None)
+            _fire_everything(m)
+        if h:
+            tracemark.disconnect(h)
+        assert (r.summary.recorded, r.summary.discarded) == (len(ODD_VALUES) + 2, 1)
+        traces.append([(ev.name, ev.fields) for ev in events_of(path)])
+    assert m.__code__ is plain  # nothing fused once the recordings stopped
+    assert traces[0] == traces[1]
+    assert traces[0][-2][1]["s"] == "lone \\udc80 surrogate"
+    assert tracemark.markers(f"{uniq}.all")[0].bad_arguments == 2
+
+
+def test_two_recordings_taking_turns_on_one_thread(tmp_path, uniq):
+    """The fused path keeps the thread's channel in one per-thread slot: two recordings that
+    take turns on a thread keep replacing each other there, and each gets all its events."""
+    a = tracemark.marker(f"{uniq}.a", n=int)
+    b = tracemark.marker(f"{uniq}.b", n=int)
+    with (
+        tracemark.record(tmp_path / "a", f"{uniq}.a"),
+        tracemark.record(tmp_path / "b", f"{uniq}.b"),
+    ):
+        for n in range(500):
+            a(n)
+            b(-n)
+    assert [ev.fields["n"] for ev in events_of(tmp_path / "a")] == list(range(500))
+    assert [ev.fields["n"] for ev in events_of(tmp_path / "b")] == [-n for n in range(500)]
+
+
+def test_fields_named_like_the_generated_code_record_correctly(tmp_path, uniq):
+    from test_markers import GENERATED_NAMES
+
+    kinds = [int, str, float, bytes]
+    fields = {name: kinds[i % 4] for i, name in enumerate(GENERATED_NAMES)}
+    samples = {int: 7, str: "seven", float: 7.5, bytes: b"7"}
+    values = tuple(samples[t] for t in fields.values())
+    m = tracemark.marker(f"{uniq}.m", **fields)
+    with tracemark.record(tmp_path, f"{uniq}.*") as r:
+        m(*values)
+    assert r.summary.recorded == 1
+    assert tuple(events_of(tmp_path)[0].fields.values()) == values

@@ -57,7 +57,6 @@ __all__ = [
     "metadata_preamble",
     "open_packet",
     "pack_source",
-    "unpack_source",
 ]
 
 MAGIC = 0xC1FC1FC1
@@ -260,29 +259,24 @@ _FIXED_FORMAT = {int: "q", float: "d", bool: "?"}
 def compile_packer(event_id: int, fields: Sequence[Any]) -> Callable[[tuple, Any], None]:
     """The function ``write(args, ch)`` that records one event of this class in channel ``ch``.
 
-    It encodes the variable fields, reserves room in ``ch``'s current packet (from the
-    position in the low 32 bits of ``ch.pc`` up to ``ch.limit``; ``ch.switch(size)`` closes
-    the packet and opens the next one, returning the new position or -1 when the event is
-    discarded), packs header and payload with one ``pack_into``, and only then publishes the
-    new position and event count (the high bits of ``ch.pc``) with one store: an
-    interruption half-way leaves the packet's committed content untouched, and another
-    thread reading ``ch.pc`` always sees a position and a count that agree. Values that do
+    It encodes the variable fields, reserves room in ``ch``'s current packet (from
+    ``ch.pos`` up to ``ch.limit``; ``ch.switch(size)`` closes the packet and opens the next
+    one, returning the new position or -1 when the event is discarded), packs header and
+    payload with one ``pack_into``, and only then publishes the new position and event count
+    (``ch.pos``, ``ch.count``) with two stores that no thread switch or signal handler can
+    come between: an interruption half-way leaves the packet's committed content untouched,
+    and another thread always sees a position and a count that agree. Values that do
     not fit their type raise ``struct.error``, ``OverflowError``, ``TypeError`` or
     ``ValueError`` before anything is written. The caller guarantees nothing else writes to
-    ``ch`` meanwhile (see the recorder's ``busy`` flag).
+    ``ch`` meanwhile (the recorder's nesting rules).
     """
-    body, ns = pack_source(fields, "    ")
-    unpack = unpack_source(len(fields))
-    ns["_ID"] = event_id
-    source = f"def write(args, ch):\n    {unpack} = args\n{body}"
+    names = [f"a{i}" for i in range(len(fields))]
+    body, ns = pack_source(fields, names, "    ")
+    ns["_id"] = event_id
+    unpack = (", ".join(names) + ("," if len(names) == 1 else "")) if names else "_"
+    source = f"def write(args, _ch):\n    {unpack} = args\n{body}"
     exec(compile(source, f"<tracemark packer {event_id}>", "exec"), ns)
     return ns["write"]
-
-
-def unpack_source(count: int) -> str:
-    """The target list ``a0, a1, ...`` that :func:`pack_source` expects the values in."""
-    names = [f"a{i}" for i in range(count)]
-    return (", ".join(names) + ("," if count == 1 else "")) if names else "_"
 
 
 def object_text(value: Any) -> str:
@@ -291,53 +285,56 @@ def object_text(value: Any) -> str:
     return value if type(value) is ReprText else repr(value)
 
 
-def pack_source(fields: Sequence[Any], indent: str) -> tuple[str, dict[str, Any]]:
-    """Source lines (each starting with ``indent``) that pack one event into channel ``ch``,
-    and the globals they need besides ``_ID`` (the event id, set by the caller).
+def pack_source(
+    fields: Sequence[Any], names: Sequence[str], indent: str
+) -> tuple[str, dict[str, Any]]:
+    """Source lines (each starting with ``indent``) that pack one event into channel ``_ch``
+    with event id ``_id``, and the globals they need.
 
-    The lines expect the values in locals ``a0, a1, ...`` (see :func:`unpack_source`) and may
+    The values are read from the locals ``names`` (one per field, never assigned to); every
+    other name the lines use, local or global, starts with ``_`` (which field names cannot),
+    so they can run inside a marker's firing function (the recorder fuses them there). They may
     ``return`` early when the event is discarded. They depend on the field *types* only, so
-    callers can compile them once per type signature and share the ``struct`` cache; that is
-    what :func:`compile_packer` and the recorder's per-marker probes do.
+    callers compile them once per type signature and share the ``struct`` cache.
     """
-    names = [f"a{i}" for i in range(len(fields))]
     prep: list[str] = []
     fmt_parts: list[str] = ["<IQ"]
     values: list[str] = []
     var: list[str] = []  # expressions of the variable lengths, in order
     extra: list[int] = []  # what each variable field's format adds to its length
-    for n, f in zip(names, fields, strict=True):
+    for i, (n, f) in enumerate(zip(names, fields, strict=True)):
         t = f.type
+        v = f"_v{i}"
         if t in _FIXED_FORMAT:
             fmt_parts.append(_FIXED_FORMAT[t])
             values.append(n)
         elif t is str or t is object:
             src = n if t is str else f"_text({n})"
-            prep.append(f"{n} = {src}.encode()\n")
-            prep.append(f"if 0 in {n}: {n} = _clean({n})\n")
+            prep.append(f"{v} = {src}.encode()\n")
+            prep.append(f"if 0 in {v}: {v} = _clean({v})\n")
             fmt_parts.append("{}s")
-            var.append(f"len({n})")
+            var.append(f"_len({v})")
             extra.append(1)  # the NUL, from the "s" format's zero padding
-            values.append(n)
+            values.append(v)
         else:  # bytes: a uint32 length, then the bytes
-            prep.append(f"{n} = bytes({n})\n")
+            prep.append(f"{v} = _bytes({n})\n")
             fmt_parts.append("I{}s")
-            var.append(f"len({n})")
+            var.append(f"_len({v})")
             extra.append(0)
-            values.append(f"len({n}), {n}")
+            values.append(f"_len({v}), {v}")
     lines = list(prep)
     # The Struct's bound pack_into and its size, found together: no attribute lookups.
     if not var:
         fixed = struct.Struct("".join(fmt_parts))
         ns: dict[str, Any] = {"_pack": fixed.pack_into}
-        lines.append(f"pack, size = _pack, {fixed.size}\n")
+        lines.append(f"_packer, _size = _pack, {fixed.size}\n")
     else:
         key = var[0] if len(var) == 1 else "(" + ", ".join(var) + ")"
         lines += [
             "try:\n",
-            f"    pack, size = _cache[{key}]\n",
-            "except KeyError:\n",
-            f"    pack, size = _make({key})\n",
+            f"    _packer, _size = _cache[{key}]\n",
+            "except _KeyError:\n",
+            f"    _packer, _size = _make({key})\n",
         ]
         template = "".join(fmt_parts)
         cache: dict[Any, tuple[Callable[..., None], int]] = {}
@@ -354,22 +351,25 @@ def pack_source(fields: Sequence[Any], indent: str) -> tuple[str, dict[str, Any]
 
         ns = {"_cache": cache, "_make": make}
     lines += [
-        "pc = ch.pc\n",
-        "pos = pc & 0xFFFFFFFF\n",
-        "if pos + size > ch.limit:\n",
-        "    pc = pos = ch.switch(size)\n",
-        "    if pos < 0:\n",
+        "_pos = _ch.pos\n",
+        "if _pos + _size > _ch.limit:\n",
+        "    _pos = _ch.switch(_size)\n",
+        "    if _pos < 0:\n",
         "        return\n",
-        f"pack(ch.buf, pos, _ID, _now(), {', '.join(values)})\n",
-        "ch.pc = pc + size + 0x100000000\n",
+        f"_packer(_ch.buf, _pos, _id, _now(), {', '.join(values)})\n",
+        # Publish: two stores with nothing between them where CPython could switch threads
+        # or run a signal handler (no call, no eval-breaker check), so whoever reads the
+        # channel sees a position and an event count that agree.
+        "_ch.pos = _pos + _size\n",
+        "_ch.count += 1\n",
     ]
     ns.update(
         _text=object_text,
         _clean=_clean_bytes,
         _now=time.monotonic_ns,
-        len=len,
-        bytes=bytes,
-        KeyError=KeyError,
+        _len=len,
+        _bytes=bytes,
+        _KeyError=KeyError,
     )
     return "".join(indent + line for line in lines), ns
 

@@ -32,6 +32,15 @@ Guarantees of the active path
   ``reentrant=True`` (tracers built to nest, like the recorder), and at most
   :data:`MAX_NESTING` levels deep. Anything beyond that is dropped and counted, never
   recursed into.
+* **One depth-0 call at a time.** On one thread, the probes of a marker fired outside every
+  probe (depth 0) never run while another depth-0 call is running: whatever interrupts them
+  and fires a marker is nested. A tracer can keep one per-thread buffer for depth 0 and
+  write it without a flag (the recorder does).
+* **Fused probes are invisible.** A probe may bind a :class:`Binding` with an
+  :class:`Inline` body, which the firing function runs in place of the call while that
+  probe is the marker's only one (code swapped by the registry). The body must do exactly
+  what the probe's depth-0 callable does; keyword calls, nested events and markers with
+  several probes take the loop.
 * **Faults never propagate.** Arguments that do not fit the fields drop the event; a probe
   that raises an ``Exception`` is skipped for that event; both are counted and reported once
   (:mod:`tracemark.faults`), raised only in strict mode. ``KeyboardInterrupt`` and
@@ -41,16 +50,18 @@ Guarantees of the active path
 from __future__ import annotations
 
 import numbers
+import os
 import sys
+import textwrap
 import threading
 import time
-from collections.abc import Callable
-from types import FrameType
-from typing import Any
+from collections.abc import Callable, Mapping
+from types import CodeType, FrameType, FunctionType
+from typing import Any, NamedTuple
 
 from .fields import Field
 
-__all__ = ["MAX_NESTING", "compile_fire", "synchronize"]
+__all__ = ["MAX_NESTING", "Binding", "Inline", "compile_fire", "fire_code", "synchronize"]
 
 #: How deep markers may nest on one thread (a probe firing a marker that reaches a probe that
 #: fires a marker...). Like LTTng's nesting levels for interrupts.
@@ -75,10 +86,13 @@ FIRE_FILENAME = "<tracemark marker>"
 
 
 class _ThreadState:
-    __slots__ = ("depth",)
+    __slots__ = ("cache", "depth")
 
     def __init__(self) -> None:
         self.depth = 0  # > 0 while this thread is inside the probes of a marker
+        #: One value per thread that inline probe bodies may keep here (see Inline): shared
+        #: by all of them, so a body checks that what it finds is its own.
+        self.cache: object = None
 
 
 _tls = threading.local()
@@ -87,6 +101,17 @@ _tls = threading.local()
 def _new_thread_state() -> _ThreadState:
     state = _tls.state = _ThreadState()
     return state
+
+
+def _forget_cache_in_child() -> None:
+    # What an inline body cached (a recorder's channel) belongs to the parent process; the
+    # forking thread is the only one left in the child, so clearing its state is enough.
+    state = getattr(_tls, "state", None)
+    if state is not None:
+        state.cache = None
+
+
+os.register_at_fork(after_in_child=_forget_cache_in_child)
 
 
 def _firing_frames(skip: int) -> dict[int, list[FrameType]]:
@@ -138,7 +163,8 @@ def synchronize(timeout: float | None = None) -> bool:
 
 # --- argument checks, one per field type -----------------------------------------------------
 # Each check is an expression that is True when the value does NOT fit. The first test is
-# the exact type (a pointer compare); the general one only runs for other types.
+# the exact type (a pointer compare); the general one only runs for other types. Every name
+# in generated code starts with "_", so no field name (which cannot) shadows it.
 
 
 def _not_int(v: Any) -> bool:
@@ -154,11 +180,11 @@ def _not_bytes(v: Any) -> bool:
 
 
 _CHECKS: dict[type, str] = {
-    int: "(_type({0}) is not int and _not_int({0}))",
-    float: "(_type({0}) is not float and _not_real({0}))",
-    str: "(_type({0}) is not str and not _isinstance({0}, str))",
-    bytes: "(_type({0}) is not bytes and _not_bytes({0}))",
-    bool: "(_type({0}) is not bool and _not_int({0}))",
+    int: "(_type({0}) is not _int and _not_int({0}))",
+    float: "(_type({0}) is not _float and _not_real({0}))",
+    str: "(_type({0}) is not _str and not _isinstance({0}, _str))",
+    bytes: "(_type({0}) is not _bytes and _not_bytes({0}))",
+    bool: "(_type({0}) is not _bool and _not_int({0}))",
     object: "({0} is _MISSING)",
 }
 
@@ -169,11 +195,11 @@ _CHECK_GLOBALS = {
     "_not_int": _not_int,
     "_not_real": _not_real,
     "_not_bytes": _not_bytes,
-    "int": int,
-    "float": float,
-    "str": str,
-    "bytes": bytes,
-    "bool": bool,
+    "_int": int,
+    "_float": float,
+    "_str": str,
+    "_bytes": bytes,
+    "_bool": bool,
 }
 
 #: The same checks as functions, for the slow path that sorts out keyword arguments.
@@ -225,36 +251,107 @@ class _Armed(tuple):
 ARMED = _Armed((_lazy_probe,))
 
 
+class Inline(NamedTuple):
+    """A probe's path fused into a marker's firing function (see :class:`Binding`).
+
+    ``source`` is the body of the probe for one marker: statements that read the event's
+    values from locals named like the marker's fields (never assigning them), the probe's
+    per-binding state from the local ``_in`` (``state``) and the marker from ``_marker``, use
+    only locals whose names start with ``_`` and the globals in ``globals`` (which must not
+    give a name another meaning than the firing function's own), and may ``return``. It runs
+    only at depth 0, like :attr:`Binding.top`, and must do exactly what ``top`` does; an
+    exception out of it is the probe's fault, counted and reported like one out of ``top``.
+    It may keep one per-thread value in ``_st.cache`` (the thread's dispatch state, which
+    it gets for free, where a ``threading.local`` costs ~25 ns); every inline body shares that
+    slot, so a body must check that what it finds there is its own. A fork child starts
+    with the slot empty.
+    """
+
+    source: str
+    globals: Mapping[str, Any]
+    state: object
+
+
+class Binding(NamedTuple):
+    """What a probe's ``bind_marker(marker)`` may return instead of a single callable.
+
+    * ``top`` is called for events fired at depth 0, outside every probe on this thread. The
+      firing function guarantees that no other depth-0 call runs on the same thread while it
+      does (an interruption that fires a marker is nested, depth 1): a tracer can keep one
+      per-thread buffer for depth 0 and write to it without any flag.
+    * ``nested`` (default: ``top``) is called for events fired inside a probe (depth >= 1), if
+      the probe was connected with ``reentrant=True``.
+    * ``inline`` (optional) fuses ``top`` into the firing function while it is the marker's
+      only probe: no call, no argument tuple. This is how the recorder gets under its
+      per-event budget; it changes nothing a probe could observe.
+    """
+
+    top: Callable[[Any, tuple], object]
+    nested: Callable[[Any, tuple], object] | None = None
+    inline: Inline | None = None
+
+
 _TEMPLATE = """\
 def fire({params}*_extra, **_named):
     if _probes:
         try:
-            state = _tls.state
-        except AttributeError:
-            state = _new_thread_state()
-        depth = state.depth
-        if depth and (depth >= MAX_NESTING or not _nested):
+            _st = _tls.state
+        except _AttributeError:
+            _st = _new_thread_state()
+        _depth = _st.depth
+        if _depth and (_depth >= _MAX_NESTING or not _nested):
             if _probes is _ARMED:
                 return None
             return _dropped_nested(_core)
-        state.depth = depth + 1
+        _st.depth = _depth + 1
         try:
             if {bad}:
                 if _probes is _ARMED:
                     return None
-                args = _resolve_arguments(_fields, _index, ({names}), _extra, _named)
-                if args is None:
+                _args = _resolve_arguments(_fields, _index, ({names}), _extra, _named)
+                if _args is None:
                     return _bad_arguments(_core, ({names}), _extra, _named)
             else:
-                args = ({names})
-            for probe in _nested if depth else _probes:
+{inline}                _args = ({names})
+            for _probe in _nested if _depth else _probes:
                 try:
-                    probe(_marker, args)
-                except Exception as exc:
-                    _probe_failed(_core, probe, exc)
+                    _probe(_marker, _args)
+                except _Exception as _exc:
+                    _probe_failed(_core, _probe, _exc)
         finally:
-            state.depth = depth
+            _st.depth = _depth
 """
+
+# The fused path, placed in the template above when a marker has an inline probe. Its state
+# is read from one global, so a thread sees one binding's state whole, or None (then the
+# ordinary loop runs): the registry clears it before it changes the code or the probes.
+# Every local of the firing function starts with "_": field names cannot (fields.py).
+_INLINE = """\
+                _in = {slot}
+                if _in is not None and not _depth:
+                    try:
+{body}
+                    except _Exception as _exc:
+                        _probe_failed(_core, _in, _exc)
+                    return None
+"""
+
+
+def fire_code(fields: tuple[Field, ...], inline: str | None = None, slot: str = "") -> CodeType:
+    """The code of a firing function for ``fields``; with ``inline``, a probe body fused into
+    its depth-0 path, reading its state from the global ``slot``."""
+    names = [f.name for f in fields]
+    fused = ""
+    if inline is not None:
+        fused = _INLINE.format(slot=slot, body=textwrap.indent(inline, " " * 24))
+    source = _TEMPLATE.format(
+        params="".join(f"{n}=_MISSING, " for n in names) + ("/, " if names else ""),
+        bad=" or ".join(["_extra", "_named", *(_CHECKS[f.type].format(f.name) for f in fields)]),
+        names="".join(f"{n}, " for n in names),
+        inline=fused,
+    )
+    module = compile(source, FIRE_FILENAME, "exec")
+    return next(c for c in module.co_consts if isinstance(c, CodeType))
 
 
 def compile_fire(
@@ -268,14 +365,9 @@ def compile_fire(
     """Compile the firing function of one marker.
 
     Returns the function and its globals dict: the registry publishes a new probe tuple by
-    assigning ``namespace["_probes"]`` (and ``"_nested"``), one store each.
+    assigning ``namespace["_probes"]`` (and ``"_nested"``), one store each, and fuses an
+    inline probe by swapping the function's ``__code__`` for one from :func:`fire_code`.
     """
-    names = [f.name for f in fields]
-    source = _TEMPLATE.format(
-        params="".join(f"{n}=_MISSING, " for n in names) + ("/, " if names else ""),
-        bad=" or ".join(["_extra", "_named", *(_CHECKS[f.type].format(f.name) for f in fields)]),
-        names="".join(f"{n}, " for n in names),
-    )
     namespace: dict[str, Any] = {
         **_CHECK_GLOBALS,
         "__builtins__": {},
@@ -287,15 +379,18 @@ def compile_fire(
         "_index": {f.name: i for i, f in enumerate(fields)},
         "_tls": _tls,
         "_new_thread_state": _new_thread_state,
-        "MAX_NESTING": MAX_NESTING,
+        "_MAX_NESTING": MAX_NESTING,
         "_resolve_arguments": resolve_arguments,
         "_bad_arguments": bad_arguments,
         "_probe_failed": probe_failed,
         "_dropped_nested": dropped_nested,
-        "AttributeError": AttributeError,
-        "Exception": Exception,
+        "_AttributeError": AttributeError,
+        "_Exception": Exception,
     }
-    exec(compile(source, FIRE_FILENAME, "exec"), namespace)
-    fire = namespace["fire"]
+    fire = FunctionType(fire_code(fields), namespace, "fire", _defaults(fields))
     namespace["_marker"] = fire
     return fire, namespace
+
+
+def _defaults(fields: tuple[Field, ...]) -> tuple | None:
+    return (_MISSING,) * len(fields) or None

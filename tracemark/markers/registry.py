@@ -17,14 +17,16 @@ Guarantees
   deadlock the child.
 * Listeners (the code patcher) hear about every marker that turns active or inactive, under
   the lock, in the order it happened.
-* **Probes bound per marker.** A probe object with a ``bind_marker(marker)`` method is asked, once
-  per marker it attaches to (now or when the marker is declared later, under the lock), for
-  the callable to run on that marker's events; that callable, with the same convention
-  ``fn(marker, args)``, is what the firing function calls. A tracer uses it to specialise its
-  path for one marker (the recorder: no per-event lookup of the marker's packer, one call
-  fewer). Errors of a bound callable are counted against its connection like the probe's own.
-  A ``bind`` that raises or returns something not callable leaves that marker unconnected
-  for this probe, counted in ``Connection.errors`` and reported once (``probe-bind-error``).
+* **Probes bound per marker.** A probe object with a ``bind_marker(marker)`` method is asked,
+  once per marker it attaches to (now or when the marker is declared later, under the lock),
+  for what to run on that marker's events: a callable ``fn(marker, args)``, or a
+  :class:`~.dispatch.Binding` (separate callables for depth 0 and for nested events, and
+  optionally an :class:`~.dispatch.Inline` body that the firing function runs fused while
+  it is the marker's only probe). A tracer uses it to specialise its path for one marker
+  (the recorder: no per-event lookup of the marker's packer, no call at all when fused).
+  Errors of a bound callable are counted against its connection like the probe's own. A
+  ``bind`` that raises or returns something not callable leaves that marker unconnected for
+  this probe, counted in ``Connection.errors`` and reported once (``probe-bind-error``).
 """
 
 from __future__ import annotations
@@ -36,10 +38,11 @@ import sys
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from types import CodeType
 from typing import Any, Protocol, runtime_checkable
 
 from .. import faults
-from .dispatch import _MISSING, compile_fire, synchronize
+from .dispatch import _MISSING, Binding, Inline, compile_fire, fire_code, synchronize
 from .fields import Field, fields_from_format, fields_from_types
 
 __all__ = [
@@ -158,8 +161,12 @@ class MarkerCore:
         self.bad_arguments = 0
         self.dropped_nested = 0
         self.probe_errors = 0
-        #: Connection -> what its probe's ``bind`` returned for this marker.
-        self.bound: dict[Connection, Callable[[Any, tuple], object]] = {}
+        #: Connection -> what its probe's ``bind_marker`` returned for this marker.
+        self.bound: dict[Connection, Binding] = {}
+        #: Inline bodies fused into the firing function so far: source -> state slot name,
+        #: and slot -> the firing code with that body.
+        self.slots: dict[str, str] = {}
+        self.fused_codes: dict[str, CodeType] = {}
         self.fire, self.namespace = compile_fire(
             fields,
             self,
@@ -168,6 +175,7 @@ class MarkerCore:
             dropped_nested=_dropped_nested,
         )
         f = self.fire
+        self.plain_code = f.__code__
         f.__name__ = f.__qualname__ = name
         f.__doc__ = f"Fire marker {name!r} ({self.signature()}); declared at {where}."
         f.name, f.fields, f.fmt, f.where = name, fields, fmt, where
@@ -181,10 +189,42 @@ class MarkerCore:
         return bool(self.connections)
 
     def publish(self) -> None:
-        """Give the firing threads the new probe tuples: one store each."""
-        conns, bound = self.connections, self.bound
-        self.namespace["_nested"] = tuple(bound.get(c, c.probe) for c in conns if c.reentrant)
-        self.namespace["_probes"] = tuple(bound.get(c, c.probe) for c in conns)
+        """Give the firing threads the new probe tuples: one store each.
+
+        When the marker's only probe offers an :class:`Inline`, the firing function's code is
+        the one with that body fused in. Every inline slot is cleared before the code or the
+        tuples change and the new one is set last, so a thread runs either a whole old
+        binding, or the loop over the tuple it read, or the new inline state.
+        """
+        conns, ns = self.connections, self.namespace
+        bindings = [self.bound.get(c) or Binding(c.probe) for c in conns]
+        inline = bindings[0].inline if len(bindings) == 1 else None
+        code, slot = self._fused(inline)
+        for old in self.slots.values():
+            ns[old] = None
+        if self.fire.__code__ is not code:
+            self.fire.__code__ = code
+        pairs = zip(bindings, conns, strict=True)
+        ns["_nested"] = tuple(b.nested or b.top for b, c in pairs if c.reentrant)
+        ns["_probes"] = tuple(b.top for b in bindings)
+        if inline is not None and slot:
+            ns[slot] = inline.state
+
+    def _fused(self, inline: Inline | None) -> tuple[CodeType, str]:
+        """The firing code for ``inline`` (compiled once per body) and its state slot; the
+        plain code and "" when there is none or its globals clash with the marker's."""
+        if inline is None:
+            return self.plain_code, ""
+        ns = self.namespace
+        if any(ns.get(k, v) is not v for k, v in inline.globals.items()):
+            return self.plain_code, ""  # another body gave a name another meaning: no fusion
+        slot = self.slots.get(inline.source)
+        if slot is None:
+            slot = self.slots[inline.source] = f"_inline{len(self.slots)}"
+            ns[slot] = None
+            self.fused_codes[slot] = fire_code(self.fields, inline.source, slot)
+        ns.update(inline.globals)
+        return self.fused_codes[slot], slot
 
 
 _lock = threading.RLock()
@@ -224,8 +264,10 @@ def _probe_failed(core: MarkerCore, probe: object, exc: Exception) -> None:
     with _lock:
         core.probe_errors += 1
         for conn in core.connections:
-            if core.bound.get(conn, conn.probe) is probe:
+            b = core.bound.get(conn)
+            if probe is conn.probe or (b is not None and probe in _parts(b)):
                 conn.errors += 1
+                probe = conn.probe  # named as the user connected it
                 break
     message = (
         f"probe {probe!r} raised {type(exc).__name__}: {exc} on marker {core.name!r}; "
@@ -233,6 +275,11 @@ def _probe_failed(core: MarkerCore, probe: object, exc: Exception) -> None:
     )
     if faults.report("probe-error", f"{core.name}:{id(probe)}", message):
         raise exc
+
+
+def _parts(b: Binding) -> tuple[object, ...]:
+    """What the firing function may report as the failing probe of binding ``b``."""
+    return (b.top, b.nested, b.inline.state if b.inline is not None else None)
 
 
 def _dropped_nested(core: MarkerCore) -> None:
@@ -364,7 +411,9 @@ def _attach(core: MarkerCore, conn: Connection) -> None:
     if bind is not None:
         try:
             fn = bind(core.fire)
-            if not callable(fn):
+            if not isinstance(fn, Binding):
+                fn = Binding(fn)
+            if not all(callable(p) for p in (fn.top, fn.nested or fn.top)):
                 raise TypeError(f"bind_marker() returned {fn!r}, which is not callable")
         except Exception as exc:  # a probe's fault: counted and reported, never raised here
             conn.errors += 1

@@ -24,9 +24,9 @@ Guarantees
   sub-buffer, packs the event with one precompiled ``struct`` call and publishes the new
   position; a full sub-buffer is handed over through a deque and the release of a lock the
   consumer waits on (never blocks: releasing an unheld lock is a no-op here, so a signal
-  handler may do it too). That whole path is one generated
-  function per marker, which the registry binds to the marker (the probe's ``bind``): no
-  per-event lookup of the marker's packer, no second call.
+  handler may do it too). That whole path is generated per marker and, while the recording
+  is the marker's only probe, fused into the marker's firing function
+  (:class:`~tracemark.markers.dispatch.Inline`): no call, no per-event lookup.
 * **Bounded memory.** ``subbuffers * subbuffer_size`` bytes per live thread (and per nesting
   level actually used), whatever the event rate; sub-buffers are allocated when first
   needed, and the consumer writes out and releases the channels of threads that ended
@@ -38,11 +38,13 @@ Guarantees
   ``packet_seq_num`` (babeltrace2 reports them as discarded packets). A value that does not
   fit its field type (an int beyond 64 bits) is counted as discarded and reported once.
 * **Nesting-safe.** A signal handler, ``__del__`` or weakref callback that fires a marker
-  while this thread is recording an event does not touch the interrupted sub-buffer: each
-  channel has a ``busy`` flag set before its position is read, and a nested event goes to the
-  next nesting level's channel (its own stream, same thread), up to ``MAX_NESTING`` levels.
-  The check and the set are two steps, but an interruption between them runs to completion
-  before the outer event reads the position, so it can only ever see a consistent channel.
+  while this thread is recording an event does not touch the interrupted sub-buffer. Events
+  fired at depth 0 (outside every probe) go to the thread's level-0 channel, which needs no
+  flag: the firing function never runs two depth-0 probe calls at once on one thread. A
+  nested event (depth >= 1) goes to the first channel of levels 1, 2, ... whose ``busy``
+  flag is clear (its own stream, same thread), up to ``MAX_NESTING`` levels. The check and
+  the set are two steps, but an interruption between them runs to completion before the
+  outer event reads the position, so it can only ever see a consistent channel.
 * **Only complete packets are written.** A stream file grows by whole packets only (a short
   write on a full disk is truncated away), so a process killed with SIGKILL leaves a trace
   that reads up to the last written packet (babeltrace2 2.0.4 rejects a whole trace that
@@ -70,6 +72,7 @@ import signal
 import socket
 import struct
 import sys
+import textwrap
 import threading
 import time
 import types
@@ -83,7 +86,7 @@ from typing import Any
 from .. import faults
 from ..ctf import writer as W
 from ..markers import registry
-from ..markers.dispatch import MAX_NESTING
+from ..markers.dispatch import MAX_NESTING, Binding, Inline
 
 __all__ = ["Recording", "RecordingSummary", "record"]
 
@@ -96,7 +99,6 @@ SUBBUFFERS = 8
 #: How often the consumer looks at the channels when nobody wakes it (seconds).
 _POLL = 0.05
 
-_POS_MASK = 0xFFFFFFFF
 _IOV_MAX = 512  # at most this many packets per writev (Linux allows 1024)
 
 _VALUE_ERRORS = (struct.error, OverflowError, TypeError, ValueError)
@@ -132,6 +134,7 @@ class _Channel:
         "buf",
         "busy",
         "child",
+        "count",
         "discarded",
         "fd",
         "file_size",
@@ -142,7 +145,7 @@ class _Channel:
         "limit",
         "name",
         "overwritten",
-        "pc",
+        "pos",
         "rec",
         "reported",
         "seq",
@@ -167,9 +170,10 @@ class _Channel:
         self.unallocated = rec.nbufs
         self.full: collections.deque = collections.deque()  # (buf, events, seq)
         self.buf = bytearray(0)
-        # Position in the open packet (low 32 bits) and events in it (the bits above), in
-        # one int so that one store publishes both (see writer.compile_packer).
-        self.pc = 0
+        # Position in the open packet and events in it, published together (see
+        # writer.compile_packer).
+        self.pos = 0
+        self.count = 0
         self.limit = -1  # no packet open: the first event opens one
         self.seq = -1
         self.discarded = 0  # free-running, as events_discarded
@@ -221,14 +225,14 @@ class _Channel:
             self.name,
         )
         self.buf = buf
-        self.pc = start
+        self.pos = start
+        self.count = 0
         self.limit = len(buf)
         return start
 
     def _close(self, ts_end: int) -> None:
         """Seal the open packet and hand it to the consumer (or keep it, overwrite mode)."""
-        buf, pc = self.buf, self.pc
-        pos, events = pc & _POS_MASK, pc >> 32
+        buf, pos, events = self.buf, self.pos, self.count
         self.limit = -1  # from here on, a nested or next event opens a new packet
         self.reported = discarded = self.discarded
         W.close_packet(buf, pos, ts_end, discarded, events)
@@ -238,7 +242,7 @@ class _Channel:
 
     def flush(self) -> None:
         """Close the open packet if it holds events (the recording is stopping)."""
-        if self.limit >= 0 and self.pc >> 32:
+        if self.limit >= 0 and self.count:
             self._close(time.monotonic_ns())
         elif self.limit >= 0:
             self.limit = -1
@@ -255,7 +259,8 @@ class _Channel:
         buf = self.free.popleft() if self.free else bytearray(self.rec.subbuffer_size)
         self.seq += 1
         self.buf = buf
-        self.pc = W.open_packet(
+        self.count = 0
+        self.pos = W.open_packet(
             buf,
             self.rec.trace_uuid,
             self.instance_id,
@@ -511,8 +516,18 @@ class Recording:
             self._tls.ch = ch
             return ch
 
-    def _nested(self, ch: _Channel) -> _Channel | None:
-        while ch.busy:
+    def _nested_channel(self) -> _Channel | None:
+        """This thread's channel for a nested event (depth >= 1), marked busy; None (counted
+        as discarded) when every nesting level is in use.
+
+        Level 0 belongs to depth 0, which this event may have interrupted, so the search
+        starts at level 1; a busy level is one that an event this one interrupted is writing.
+        """
+        try:
+            ch = self._tls.ch
+        except AttributeError:
+            ch = self._new_channel()
+        while True:
             if ch.level + 1 >= MAX_NESTING:
                 ch.discarded += 1  # counted in that channel's next packet
                 return None
@@ -523,7 +538,9 @@ class Recording:
                 if ch.child is None:
                     ch.child = child
             ch = ch.child
-        return ch
+            if not ch.busy:
+                ch.busy = True
+                return ch
 
     def _next_instance(self) -> int:
         return next(self._instances)
@@ -759,8 +776,7 @@ class Recording:
         found: dict[int, tuple[int, bytes, int]] = {}
         # The open packet first: read the position, then copy; a copy whose header no longer
         # carries the sequence number read is a reused buffer and is skipped.
-        seq, pc, buf = ch.seq, ch.pc, ch.buf
-        pos, count = pc & _POS_MASK, pc >> 32
+        seq, pos, count, buf = ch.seq, ch.pos, ch.count, ch.buf
         if ch.limit >= 0 and count:
             data = bytearray(buf[:pos])
             if len(data) >= W.OFF_SEQ + 8 and struct.unpack_from("<Q", data, W.OFF_SEQ)[0] == seq:
@@ -798,77 +814,118 @@ class Recording:
 
 # --- the per-marker probe ---------------------------------------------------------------------
 #
-# The firing thread's whole path, generated as one function per marker (bound by the
-# registry, see registry.connect): no lookup of the marker's writer, no call to a separate
-# packer. The code depends only on the marker's field types, so it is compiled once per type
-# signature and each marker gets a function with its own globals (event id, recording).
+# The firing thread's whole path is generated per marker (field names and types): find this
+# thread's channel, pack the event with one precompiled struct call, publish the position.
+# The registry gets it three ways (a dispatch.Binding): fused into the marker's firing
+# function while the recording is the marker's only probe (no call, no argument tuple: the
+# common case, and what the per-event budget needs), as a function for depth 0 when other
+# probes share the marker, and as a function for nested events (depth >= 1).
+#
+# Depth 0 needs no flag: the firing function never runs two depth-0 calls at once on one
+# thread, so the level-0 channel is only ever written by one of them. Nested events go to the
+# channels of levels 1, 2, ... (a busy flag each), never to level 0, which the interrupted
+# depth-0 call may be in the middle of.
 
-_PROBE_TEMPLATE = """\
-def probe(marker, args):
-    {unpack} = args
-    try:
-        ch = _tls.ch
-    except AttributeError:
-        ch = _new_channel()
-    if ch.busy:
-        ch = _nested(ch)
-        if ch is None:
-            return
-    ch.busy = True
-    try:
-{pack}    except _VALUE_ERRORS as exc:
-        _bad_value(ch, marker, args, exc)
-    finally:
-        ch.busy = False
+_TOP_CHANNEL = """\
+try:
+    _ch = _in.tls.ch
+except _AttributeError:
+    _ch = _in.rec._new_channel()
 """
 
-#: The first call registers the marker's event class (markers are bound when they are
-#: connected, but only those fired get an event class), then swaps in the real code.
-_FIRST_SOURCE = """\
-def probe(marker, args):
-    _first(_self)
-    return _self(marker, args)
+# Fused, the level-0 channel is kept in the thread's dispatch state (dispatch.Inline): a
+# threading.local lookup costs more than the rest of finding it. Another recording's channel
+# there is replaced.
+_INLINE_CHANNEL = """\
+_ch = _st.cache
+if _ch is None or _ch.rec is not _in.rec:
+{top}    _st.cache = _ch
+""".format(top=textwrap.indent(_TOP_CHANNEL, "    "))
+
+_WRITE = """\
+_id = _in.id
+if _id is None:
+    _id = _in.first()
+try:
+{pack}except _VALUE_ERRORS as _exc:
+    _in.rec._bad_value(_ch, _marker, ({values}), _exc)
 """
 
-_compiled: dict[tuple[type, ...], tuple[Any, dict[str, Any]]] = {}
-_FIRST_CODE = compile(_FIRST_SOURCE, "<tracemark recorder probe>", "exec").co_consts[0]
+_FUNCTION = """\
+def probe(_marker, _args):
+    {unpack}_in = _state
+{body}"""
+
+_NESTED_BODY = """\
+_ch = _in.rec._nested_channel()
+if _ch is None:
+    return
+try:
+{write}finally:
+    _ch.busy = False
+"""
 
 
-def _probe_code(fields: Any) -> tuple[Any, dict[str, Any]]:
-    """The code object of the probe for this type signature and the globals it shares."""
-    key = tuple(f.type for f in fields)
+class _Bound:
+    """One recording's binding of one marker: the state its generated paths read as ``_in``."""
+
+    __slots__ = ("id", "marker", "rec", "tls")
+
+    def __init__(self, rec: Recording, marker: Any) -> None:
+        self.rec = rec
+        self.marker = marker
+        self.tls = rec._tls  # the same object for the recording's life (a fork child clears it)
+        self.id: int | None = None  # the event id, given when the marker first fires
+
+    def first(self) -> int:
+        """Register the marker's event class (markers are bound when they are connected, but
+        only those fired get one); idempotent, so a nested first call is harmless."""
+        self.id = self.rec._event_id(self.marker)
+        return self.id
+
+    def __repr__(self) -> str:
+        return f"<recording {str(self.rec.path)!r} of marker {self.marker.name!r}>"
+
+
+_compiled: dict[tuple, tuple[str, types.CodeType, types.CodeType, dict[str, Any]]] = {}
+
+
+def _paths(fields: Any) -> tuple[str, types.CodeType, types.CodeType, dict[str, Any]]:
+    """For one field signature (names and types): the depth-0 body (for fusing), the code of
+    the depth-0 and nested functions, and the globals they share (the struct cache)."""
+    key = tuple((f.name, f.type) for f in fields)
     found = _compiled.get(key)
     if found is None:
-        body, shared = W.pack_source(fields, "        ")
-        source = _PROBE_TEMPLATE.format(unpack=W.unpack_source(len(fields)), pack=body)
-        module = compile(source, "<tracemark recorder probe>", "exec")
-        code = next(c for c in module.co_consts if isinstance(c, types.CodeType))
-        found = _compiled[key] = (code, shared)
+        names = [f.name for f in fields]
+        pack, shared = W.pack_source(fields, names, "    ")
+        shared.update(_VALUE_ERRORS=_VALUE_ERRORS, _AttributeError=AttributeError)
+        values = "".join(f"{n}, " for n in names)
+        write = _WRITE.format(pack=pack, values=values)
+        top = _TOP_CHANNEL + write
+        fused = _INLINE_CHANNEL + write
+        nested = _NESTED_BODY.format(write=textwrap.indent(write, "    "))
+        unpack = f"{values} = _args\n    " if names else ""
+
+        def code(body: str) -> types.CodeType:
+            source = _FUNCTION.format(unpack=unpack, body=textwrap.indent(body, "    "))
+            module = compile(source, "<tracemark recorder probe>", "exec")
+            return next(c for c in module.co_consts if isinstance(c, types.CodeType))
+
+        found = _compiled[key] = (fused, code(top), code(nested), shared)
     return found
 
 
-def _bind(rec: Recording, marker: Any) -> Any:
-    """The function the registry calls on each event of ``marker`` for recording ``rec``."""
-    code, shared = _probe_code(marker.fields)
-    ns: dict[str, Any] = {
-        **shared,
-        "_ID": None,
-        "_tls": rec._tls,  # the same object for the recording's life (a fork child clears it)
-        "_new_channel": rec._new_channel,
-        "_nested": rec._nested,
-        "_bad_value": rec._bad_value,
-        "_VALUE_ERRORS": _VALUE_ERRORS,
-        "AttributeError": AttributeError,
-    }
-    fn = types.FunctionType(_FIRST_CODE, ns, f"record[{marker.name}]")
-
-    def first(self: Any) -> None:
-        ns["_ID"] = rec._event_id(marker)
-        self.__code__ = code  # atomic: a nested first call finds either code, both correct
-
-    ns["_first"] = first
-    ns["_self"] = fn
-    return fn
+def _bind(rec: Recording, marker: Any) -> Binding:
+    """What the registry runs on each event of ``marker`` for recording ``rec``."""
+    fused, top_code, nested_code, shared = _paths(marker.fields)
+    state = _Bound(rec, marker)
+    ns = {**shared, "_state": state}
+    name = f"record[{marker.name}]"
+    return Binding(
+        top=types.FunctionType(top_code, ns, name),
+        nested=types.FunctionType(nested_code, ns, name),
+        inline=Inline(fused, shared, state),
+    )
 
 
 def _skip(marker: Any, args: tuple) -> None:
