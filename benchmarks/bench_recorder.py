@@ -37,7 +37,7 @@ def _cases(tmp: Path) -> tuple[list[Case], list[object]]:
     quiet = tracemark.marker("bench.noop", n=int, s=str, x=float)
     tracemark.connect("bench.noop", lambda marker, args: None)
     buf = bytearray(1 << 16)
-    packer = struct.Struct("<IQq6sd")
+    packer = struct.Struct("<IQqI5sd")  # header, n, len(s), s, x
     handler = logging.FileHandler(tmp / "log.txt")
     handler.setFormatter(logging.Formatter("%(asctime)s %(threadName)s %(message)s"))
     log = logging.getLogger("bench.recorder.file")
@@ -56,7 +56,7 @@ def _cases(tmp: Path) -> tuple[list[Case], list[object]]:
         "log": log,
     }
     cases = [
-        Case(BASELINE, "packer.pack_into(buf, 0, 7, now(), n, s.encode(), x)", ns),
+        Case(BASELINE, "packer.pack_into(buf, 0, 7, now(), n, 5, s.encode(), x)", ns),
         Case("marker, one no-op probe", "quiet(n, s, x)", ns, "the marker core's share"),
         Case("marker recorded by tracemark.record()", "m(n, s, x)", ns, "target: < 400 ns"),
         Case(

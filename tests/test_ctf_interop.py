@@ -276,3 +276,35 @@ def test_babeltrace_reads_the_streams_of_nested_events(tmp_path):
     mains = [int(line.rsplit("i = ", 1)[1].split(",")[0]) for line in lines if "nest.main" in line]
     assert mains == list(range(20000))
     assert any("nest.inner" in line for line in lines)
+
+
+def test_babeltrace_reads_text_with_nul_up_to_it_and_stays_in_step(tmp_path):
+    """str and object fields are length-prefixed UTF-8 (text sequences, CTF 1.8 §4.2.3): a NUL
+    inside is kept (the project's reader gives it back whole); babeltrace2 shows the text up
+    to it and, reading by the length, decodes the fields after it correctly."""
+    code = textwrap.dedent(
+        """
+        import sys, tracemark
+        m = tracemark.marker("nul.m", s=str, after=int, o=object)
+        with tracemark.record(sys.argv[1]):
+            m("a\\0b", 1, "\\0")
+            m("plain", 2, None)
+        """
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    bt = subprocess.run(
+        ["babeltrace2", "--clock-seconds", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert bt.returncode == 0, bt.stderr
+    fields = [parse_fields(LINE.match(line)["fields"]) for line in bt.stdout.splitlines()]
+    assert [(unquote(f["s"]), f["after"], unquote(f["o"])) for f in fields] == [
+        ("a", "1", "'\\x00'"),
+        ("plain", "2", "None"),
+    ]
+    assert [ev.fields["s"] for ev in read_trace(tmp_path).events()] == ["a\0b", "plain"]

@@ -86,15 +86,15 @@ def test_an_object_field_stores_a_repr_and_repr_text_as_it_is(tmp_path, uniq):
     assert [ev.fields["o"] for ev in events_of(tmp_path)] == ["'xy'", "<Foo at 0x1>"]
 
 
-def test_strings_with_nul_and_lone_surrogates_are_recorded_cleaned(tmp_path, uniq):
-    m = tracemark.marker(f"{uniq}.s", s=str, after=int)
+def test_strings_keep_nul_and_lone_surrogates_are_recorded_cleaned(tmp_path, uniq):
+    m = tracemark.marker(f"{uniq}.s", s=str, after=int, o=object)
     with tracemark.record(tmp_path, f"{uniq}.*") as rec:
-        m("a\0b", 1)
-        m("bad \udc80 surrogate", 2)
+        m("a\0b", 1, "\0")
+        m("bad \udc80 surrogate", 2, None)
     evs = events_of(tmp_path)
     assert [ev.fields for ev in evs] == [
-        {"s": "a\\x00b", "after": 1},
-        {"s": "bad \\udc80 surrogate", "after": 2},
+        {"s": "a\0b", "after": 1, "o": "'\\x00'"},  # text is length-prefixed: NUL is kept
+        {"s": "bad \\udc80 surrogate", "after": 2, "o": "None"},
     ]
     assert rec.summary.discarded == 0
 

@@ -81,19 +81,16 @@ _new_event = tuple.__new__
 
 # --- metadata ---------------------------------------------------------------------------------
 
-_TYPE_NAMES = {
-    "tm_int": "int",
-    "tm_float": "float",
-    "tm_str": "str",
-    "tm_object": "object",
-    "tm_bool": "bool",
-}
+_TYPE_NAMES = {"tm_int": "int", "tm_float": "float", "tm_bool": "bool"}
+_SEQUENCE_TYPES = {"tm_byte": "bytes", "tm_str": "str", "tm_object": "object"}
 _EVENT = re.compile(
     r'event \{\n\tname = "((?:[^"\\\n]|\\.)*)";\n\tid = (\d+);\n\tstream_id = 0;\n'
     r"\tfields := struct \{\n((?:\t\t[^\n]*\n)*)\t\};\n\};\n"
 )
 _FIELD = re.compile(r"\t\t(tm_\w+) _([A-Za-z]\w*);\n")
-_BYTES = re.compile(r"\t\ttm_len __([A-Za-z]\w*)_len;\n\t\ttm_byte _\1\[__\1_len\];\n")
+_SEQUENCE = re.compile(
+    r"\t\ttm_len __([A-Za-z]\w*)_len;\n\t\t(tm_byte|tm_str|tm_object) _\1\[__\1_len\];\n"
+)
 _UUID = re.compile(r'\ntrace \{\n\tmajor = 1;\n\tminor = 8;\n\tuuid = "([0-9a-f-]{36})";\n')
 _CLOCK = re.compile(
     r"\n\tfreq = (\d+);\n\tprecision = \d+;\n\toffset_s = (-?\d+);\n\toffset = (\d+);"
@@ -181,9 +178,9 @@ class _Metadata:
         out = []
         pos = 0
         while pos < len(body):
-            m = _BYTES.match(body, pos)
+            m = _SEQUENCE.match(body, pos)
             if m:
-                out.append((m[1], "bytes"))
+                out.append((m[1], _SEQUENCE_TYPES[m[2]]))
             else:
                 m = _FIELD.match(body, pos)
                 if not m or m[1] not in _TYPE_NAMES:
@@ -200,7 +197,7 @@ _FIXED = {"int": ("q", 8), "float": ("d", 8), "bool": ("?", 1)}
 
 def _compile_decoder(fields: tuple[tuple[str, str], ...]) -> Callable[[bytes, int, int], Any]:
     """``decode(data, pos, end) -> (fields dict, new pos)``; raises struct.error, ValueError
-    (no NUL before ``end``, invalid UTF-8) or IndexError on damaged data."""
+    (a length past ``end``, invalid UTF-8) or IndexError on damaged data."""
     lines = ["def decode(data, pos, end):\n"]
     ns: dict[str, Any] = {}
     group: list[str] = []
@@ -224,15 +221,12 @@ def _compile_decoder(fields: tuple[tuple[str, str], ...]) -> Callable[[bytes, in
             group.append(v)
             fmt += c
             size += n
-        elif type_name in ("str", "object"):
-            flush()
-            lines.append(f"    z = data.index(0, pos, end)\n    {v} = data[pos:z].decode()\n")
-            lines.append("    pos = z + 1\n")
-        else:  # bytes
+        else:  # a length, then bytes (UTF-8 text for str and object)
             flush()
             lines.append("    n, = _U32.unpack_from(data, pos)\n    pos += 4\n")
             lines.append("    if pos + n > end: raise ValueError('past the end')\n")
-            lines.append(f"    {v} = data[pos:pos + n]\n    pos += n\n")
+            text = ".decode()" if type_name != "bytes" else ""
+            lines.append(f"    {v} = data[pos:pos + n]{text}\n    pos += n\n")
     flush()
     items = ", ".join(f"{name!r}: v{i}" for i, (name, _) in enumerate(fields))
     lines.append(f"    return {{{items}}}, pos\n")
@@ -244,17 +238,13 @@ def _compile_decoder(fields: tuple[tuple[str, str], ...]) -> Callable[[bytes, in
 def _compile_skipper(fields: tuple[tuple[str, str], ...]) -> Callable[[bytes, int, int], int]:
     """``skip(data, pos, end) -> new pos``: the end of an event's payload, nothing decoded;
     raises like the decoder on damaged data."""
-    steps = [
-        _FIXED[t][1] if t in _FIXED else (0 if t in ("str", "object") else -1) for _, t in fields
-    ]
+    steps = [_FIXED[t][1] if t in _FIXED else -1 for _, t in fields]
     u32 = struct.Struct("<I").unpack_from
 
     def skip(data: bytes, pos: int, end: int) -> int:
         for step in steps:
             if step > 0:
                 pos += step
-            elif step == 0:
-                pos = data.index(0, pos, end) + 1
             else:
                 pos += 4 + u32(data, pos)[0]
             if pos > end:

@@ -28,10 +28,13 @@ Guarantees of the layout
 * Event payload by the marker's field types, each field named ``_<name>`` in TSDL (a leading
   underscore is stripped by readers, CTF §4.1.2, so any field name, even a TSDL keyword like
   ``align``, is safe): int -> ``tm_int`` (int64), float -> ``tm_float`` (IEEE double),
-  str -> ``tm_str`` (NUL-terminated UTF-8), object -> ``tm_object`` (its repr, as a string;
-  a ``ReprText`` is a repr already and stored as it is),
-  bool -> ``tm_bool`` (uint8 enum false/true), bytes -> ``tm_len __<name>_len`` followed by
-  ``tm_byte _<name>[__<name>_len]`` (a sequence, CTF §4.2.3). The type alias names let the
+  bool -> ``tm_bool`` (uint8 enum false/true); str, object (its repr; a ``ReprText`` is a
+  repr already and stored as it is) and bytes -> ``tm_len __<name>_len`` followed by
+  ``tm_str`` / ``tm_object`` / ``tm_byte`` ``_<name>[__<name>_len]`` (a CTF sequence; for
+  text its elements are 8-bit integers with ``encoding = UTF8``, which CTF readers present
+  as a string: babeltrace2 does, up to a NUL, tested).
+  Text is length-prefixed rather than NUL-terminated: a NUL inside is kept, no byte has to be
+  checked, and a reader stays in step whatever the text holds. The type alias names let the
   reader give back the declared Python type.
 """
 
@@ -81,6 +84,9 @@ CLOSE = struct.Struct("<QQQ")
 EVENT_HEADER = struct.Struct("<IQ")
 
 #: Field type -> TSDL type alias (the aliases are declared in the preamble).
+#: Field types stored as a length and a sequence of bytes (text or not).
+_SEQUENCES = (str, object, bytes)
+
 TYPE_ALIASES = {
     int: "tm_int",
     float: "tm_float",
@@ -104,8 +110,8 @@ typealias integer { size = 64; align = 8; signed = false; } := uint64_t;
 typealias integer { size = 64; align = 8; signed = true; } := int64_t;
 typealias integer { size = 64; align = 8; signed = true; } := tm_int;
 typealias floating_point { exp_dig = 11; mant_dig = 53; align = 8; } := tm_float;
-typealias string { encoding = UTF8; } := tm_str;
-typealias string { encoding = UTF8; } := tm_object;
+typealias integer { size = 8; align = 8; signed = false; encoding = UTF8; } := tm_str;
+typealias integer { size = 8; align = 8; signed = false; encoding = UTF8; } := tm_object;
 typealias enum : uint8_t { "false" = 0, "true" = 1 } := tm_bool;
 typealias integer { size = 32; align = 8; signed = false; } := tm_len;
 typealias integer { size = 8; align = 8; signed = false; base = 16; } := tm_byte;
@@ -185,9 +191,9 @@ def event_class(name: str, event_id: int, fields: Sequence[Any]) -> str:
     """The TSDL ``event`` block of one marker (``fields``: its :class:`Field` tuple)."""
     lines = []
     for f in fields:
-        if f.type is bytes:
+        if f.type in _SEQUENCES:
             lines.append(f"\t\ttm_len __{f.name}_len;\n")
-            lines.append(f"\t\ttm_byte _{f.name}[__{f.name}_len];\n")
+            lines.append(f"\t\t{TYPE_ALIASES[f.type]} _{f.name}[__{f.name}_len];\n")
         else:
             lines.append(f"\t\t{TYPE_ALIASES[f.type]} _{f.name};\n")
     return (
@@ -300,28 +306,24 @@ def pack_source(
     prep: list[str] = []
     fmt_parts: list[str] = ["<IQ"]
     values: list[str] = []
-    var: list[str] = []  # expressions of the variable lengths, in order
-    extra: list[int] = []  # what each variable field's format adds to its length
+    var: list[str] = []  # the variable lengths, in order
     for i, (n, f) in enumerate(zip(names, fields, strict=True)):
         t = f.type
         v = f"_v{i}"
         if t in _FIXED_FORMAT:
             fmt_parts.append(_FIXED_FORMAT[t])
             values.append(n)
-        elif t is str or t is object:
-            src = n if t is str else f"_text({n})"
-            prep.append(f"{v} = {src}.encode()\n")
-            prep.append(f"if 0 in {v}: {v} = _clean({v})\n")
-            fmt_parts.append("{}s")
-            var.append(f"_len({v})")
-            extra.append(1)  # the NUL, from the "s" format's zero padding
-            values.append(v)
-        else:  # bytes: a uint32 length, then the bytes
-            prep.append(f"{v} = _bytes({n})\n")
+        else:  # a uint32 length, then the bytes (UTF-8 text for str and object)
+            if t is str:
+                prep.append(f"{v} = {n}.encode()\n")
+            elif t is object:
+                prep.append(f"{v} = _text({n}).encode()\n")
+            else:
+                prep.append(f"{v} = _bytes({n})\n")
+            prep.append(f"_n{i} = _len({v})\n")
             fmt_parts.append("I{}s")
-            var.append(f"_len({v})")
-            extra.append(0)
-            values.append(f"_len({v}), {v}")
+            var.append(f"_n{i}")
+            values.append(f"_n{i}, {v}")
     lines = list(prep)
     # The Struct's bound pack_into and its size, found together: no attribute lookups.
     if not var:
@@ -341,9 +343,7 @@ def pack_source(
 
         def make(key: Any) -> tuple[Callable[..., None], int]:
             lengths = key if isinstance(key, tuple) else (key,)
-            s = struct.Struct(
-                template.format(*(n + e for n, e in zip(lengths, extra, strict=True)))
-            )
+            s = struct.Struct(template.format(*lengths))
             found = (s.pack_into, s.size)
             if len(cache) < _STRUCT_CACHE_LIMIT:
                 cache[key] = found
@@ -365,14 +365,9 @@ def pack_source(
     ]
     ns.update(
         _text=object_text,
-        _clean=_clean_bytes,
         _now=time.monotonic_ns,
         _len=len,
         _bytes=bytes,
         _KeyError=KeyError,
     )
     return "".join(indent + line for line in lines), ns
-
-
-def _clean_bytes(data: bytes) -> bytes:
-    return data.replace(b"\0", b"\\x00")

@@ -701,10 +701,13 @@ class Recording:
                 done += os.writev(ch.fd, rest[:_IOV_MAX])
         except OSError as exc:
             self._fail(f"cannot write the trace in {self.trace_path}: {exc}")
-        # Count (and keep) only the packets written whole; cut a partial one away.
+        # Count (and keep) only the packets written whole; cut a partial one away. Every
+        # packet after the first one cut is lost too, even a smaller one that would fit.
         kept = 0
+        whole = True
         for v, (_, events, _) in zip(views, batch, strict=True):
-            if kept + len(v) <= done:
+            whole = whole and kept + len(v) <= done
+            if whole:
                 kept += len(v)
                 ch.written += events
             else:
