@@ -208,9 +208,12 @@ def test_discarded_events_are_loud(tmp_path):
     burst = textwrap.dedent(
         """
         import tracemark
+        from tracemark.tracers.recorder import _active
         m = tracemark.marker("burst.x", n=int, s=str)
-        for i in range(200_000):
-            m(i, "x" * 40)
+        (rec,) = _active  # the recording the CLI started here
+        with rec._lock:  # the consumer cannot write meanwhile, as with a disk that stalls
+            for i in range(200_000):
+                m(i, "x" * 40)
         """
     )
     (tmp_path / "burst.py").write_text(burst)
