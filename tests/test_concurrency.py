@@ -1,5 +1,6 @@
 """Connecting and disconnecting while many threads fire: nothing torn, nothing lost."""
 
+import subprocess
 import sys
 import threading
 import time
@@ -194,3 +195,36 @@ def test_fork_while_another_thread_holds_the_registry_and_faults_locks(uniq):
     finally:
         release.set()
         t.join()
+
+
+GC_IN_CURRENT_FRAMES = r"""
+import gc, threading, tracemark
+
+class Holder:
+    def __init__(self):
+        self.local = threading.local()
+        self.me = self  # a cycle: only the collector frees it, and its threading.local
+
+stop = threading.Event()
+workers = [threading.Thread(target=stop.wait) for _ in range(4)]
+for t in workers:
+    t.start()
+gc.set_threshold(1)  # collect at nearly every allocation
+for _ in range(300):
+    for _ in range(20):
+        Holder()
+    tracemark.synchronize()
+stop.set()
+for t in workers:
+    t.join()
+print("done")
+"""
+
+
+def test_synchronize_survives_a_collection_freeing_a_thread_local():
+    """CPython 3.11 hangs for good if a garbage collection starts inside
+    sys._current_frames() and frees a threading.local (gh-106883): synchronize must not."""
+    out = subprocess.run(
+        [sys.executable, "-c", GC_IN_CURRENT_FRAMES], capture_output=True, text=True, timeout=60
+    )
+    assert (out.returncode, out.stdout.strip()) == (0, "done"), out.stderr

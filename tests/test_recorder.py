@@ -1,5 +1,6 @@
 """The recorder: what is fired is either in the trace or counted, whatever happens meanwhile."""
 
+import itertools
 import math
 import os
 import signal
@@ -748,3 +749,45 @@ def test_fields_named_like_the_generated_code_record_correctly(tmp_path, uniq):
         m(*values)
     assert r.summary.recorded == 1
     assert tuple(events_of(tmp_path)[0].fields.values()) == values
+
+
+def test_recordings_come_and_go_while_threads_fire_flat_out(tmp_path, uniq):
+    """Each stop disconnects, waits out the threads inside the (fused) path, then flushes:
+    every trace reads back whole, holds exactly what its summary says was recorded, and each
+    thread's values arrive in the order fired, whichever path recorded them."""
+    m = tracemark.marker(f"{uniq}.m", k=int, i=int, s=str)
+    other = tracemark.marker(f"{uniq}.o", i=int)
+    stop = threading.Event()
+
+    def work(k):
+        i = 0
+        while not stop.is_set():
+            m(k, i, "x" * (i % 5))
+            other(i)
+            i += 1
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        summaries = []
+        for n in range(6):
+            extra = tracemark.connect(f"{uniq}.m", lambda mk, args: None) if n % 3 == 2 else None
+            with tracemark.record(tmp_path / str(n), f"{uniq}.*", subbuffer_size=8192) as r:
+                m(-1, n, "main")  # at least this one, however the threads are scheduled
+                time.sleep(0.01)
+            if extra:
+                tracemark.disconnect(extra)
+            summaries.append(r.summary)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    for n, s in enumerate(summaries):
+        evs = events_of(tmp_path / str(n))
+        assert len(evs) == s.recorded and (-1, n) in [
+            (e.fields.get("k"), e.fields["i"]) for e in evs
+        ]
+        for k in range(4):
+            seq = [ev.fields["i"] for ev in evs if ev.name.endswith(".m") and ev.fields["k"] == k]
+            assert all(a < b for a, b in itertools.pairwise(seq))  # no repeats either

@@ -49,6 +49,7 @@ Guarantees of the active path
 
 from __future__ import annotations
 
+import gc
 import numbers
 import os
 import sys
@@ -114,10 +115,29 @@ def _forget_cache_in_child() -> None:
 os.register_at_fork(after_in_child=_forget_cache_in_child)
 
 
+def current_frames() -> dict[int, FrameType]:
+    """``sys._current_frames()``, safe from a CPython 3.11 deadlock.
+
+    It holds the runtime's thread-list lock while it makes frame objects; if that allocation
+    starts a garbage collection which frees a ``threading.local`` (whose clean-up takes the
+    same lock), the interpreter hangs for good with the GIL held (CPython gh-106883, fixed
+    in 3.12, not in 3.11; a recording per test was enough to hit it). So no collection may
+    start meanwhile: the collector is paused around the call, if it was running.
+    """
+    paused = gc.isenabled()
+    if paused:
+        gc.disable()
+    try:
+        return sys._current_frames()
+    finally:
+        if paused:
+            gc.enable()
+
+
 def _firing_frames(skip: int) -> dict[int, list[FrameType]]:
     """Per thread (but the one with ident ``skip``), the frames of firing functions on it."""
     found: dict[int, list[FrameType]] = {}
-    for ident, frame in sys._current_frames().items():
+    for ident, frame in current_frames().items():
         if ident == skip:
             continue
         f: FrameType | None = frame
