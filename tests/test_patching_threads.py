@@ -93,3 +93,43 @@ def test_eight_threads_call_while_sites_switch(worker_module, uniq):
     assert must_see["b"] <= received["b"]
     unit = patcher._units[id(worker_module.work.__code__)]
     assert worker_module.work.__code__ is unit.mapping()[id(unit.root)]  # back to inactive
+
+
+def test_a_loop_running_unpatched_code_searches_the_heap_once_per_switch(
+    tmp_path, monkeypatch, uniq
+):
+    """A frame that started before its function was patched runs the original code to its
+    end, firing the (inactive) marker through the plain path each iteration: the patcher
+    looks for function objects holding that code once per switch, not once per iteration."""
+    src = tmp_path / f"loop_{uniq}.py"
+    src.write_text(
+        "import tracemark\n"
+        f"a = tracemark.marker('{uniq}.a', 'i=%d')\n"
+        "def loop(n, during):\n"
+        "    for i in range(n):\n"
+        "        a(i)\n"
+        "        if i == 0:\n"
+        "            during()\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    mod = __import__(src.stem)
+    searches = []
+    real = patcher.gc.get_referrers
+
+    def counting(*objs):
+        if any(o is mod.loop.__code__ for o in objs) or any(
+            getattr(o, "co_name", "") == "loop" for o in objs
+        ):
+            searches.append(objs)
+        return real(*objs)
+
+    monkeypatch.setattr(patcher.gc, "get_referrers", counting)
+
+    def during():  # the loop is running its original code now: switch it twice
+        with tracemark.connect(f"{uniq}.a", lambda marker, args: None):
+            pass
+        assert mod.loop.__code__ is not original  # patched meanwhile
+
+    original = mod.loop.__code__
+    mod.loop(500, during)
+    assert 1 <= len(searches) <= 4  # the analysis and once per switch, not ~500

@@ -285,6 +285,9 @@ _by_core: dict[Any, list[Unit]] = {}
 _unpatchable: dict[tuple[int, int], tuple[Any, Site]] = {}  # (id(code), line) -> (code, site)
 _no_sites: dict[int, CodeType] = {}  # analysed codes without marker statements
 _idle: dict[Any, int] = {}  # core -> hook calls that taught nothing
+_searched: set[int] = set()  # id(original code) whose function objects were looked for since
+# the last switch: a thread looping in a frame that started before its function was patched
+# runs the original code for good, and must not cost a heap search per iteration
 _retried: set[tuple[int, Any]] = set()  # (id(code), core) looked at again for a late name
 # Suspension (see "Sharing __code__ with dynamic probes" above).
 _held: dict[FunctionType, list[Any]] = {}  # func -> [its original code, suspend count]
@@ -395,6 +398,7 @@ def unpatch_all() -> None:
         _unpatchable.clear()
         _no_sites.clear()
         _idle.clear()
+        _searched.clear()
         _retried.clear()
         _places.clear()
         for core in registry.iter_cores():
@@ -601,7 +605,11 @@ def _learn(core: Any, frame: Any) -> bool:
     if unit.refused or unit.origin.get(id(code)) is not code:
         return False  # refused, or a variant in which this site is kept on purpose
     # Original code still running: a function object made before the parent was patched, or a
-    # copy of the function. Find the ones holding this code.
+    # copy of the function, or a frame that started before patching. Find the functions
+    # holding this code, once per switch.
+    if id(code) in _searched:
+        return False
+    _searched.add(id(code))
     learnt = False
     for obj in gc.get_referrers(code):
         if isinstance(obj, FunctionType) and obj.__code__ is code:
@@ -651,6 +659,7 @@ def _note_unpatchable(core: Any, code: CodeType, line: int, why: str) -> None:
 
 def _on_switch(core: Any, active: bool) -> None:
     """Registry listener (called under its lock): install the right variants for ``core``."""
+    _searched.clear()
     units = [u for u in _by_core.get(core, ()) if not u.refused]
     nested = [u for u in units if u.nested]
     if nested:
