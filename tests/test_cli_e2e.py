@@ -344,3 +344,33 @@ def test_on_a_terminal_lines_fit_and_colour_follows_no_color(recorded):
     plain_lines = plain.replace("\r\n", "\n").splitlines()
     assert len(plain_lines) == 5 and all(len(line) <= 50 for line in plain_lines)
     assert all(line.endswith("…") and " job.done " in line for line in plain_lines)
+
+
+def test_a_packet_torn_by_sigkill_is_cut_and_said(tmp_path):
+    """A program killed while the kernel copies a packet into its stream file leaves part of
+    it (simulated here: the program appends half a packet itself, then is killed)."""
+    app = textwrap.dedent(
+        """
+        import os, signal, time, tracemark
+        from tracemark.tracers.recorder import _active
+        m = tracemark.marker("t.x", n=int, s=str)
+        (rec,) = _active
+        for i in range(5000):
+            m(i, "x" * 30)  # several packets of the 16K sub-buffers
+        stream = rec.trace_path / "stream_0"
+        while not stream.exists() or stream.stat().st_size == 0:
+            time.sleep(0.01)  # the consumer writes the first full packets
+        with open(stream, "ab") as f:
+            f.write(stream.read_bytes()[:3000])  # a packet cut short
+        os.kill(os.getpid(), signal.SIGKILL)
+        """
+    )
+    (tmp_path / "app.py").write_text(app)
+    proc = tm("record", "-o", str(tmp_path / "t"), "--buffer", "128K", "app.py", cwd=tmp_path)
+    assert proc.returncode == 128 + signal.SIGKILL
+    assert "stream_0: cut the last 3,000 bytes, part of a packet" in proc.stderr
+    assert "events from 1 process" in proc.stderr and "damaged" not in proc.stderr
+    events = json_events(tmp_path / "t")
+    assert events and [e["fields"]["n"] for e in events] == list(range(len(events)))
+    bt = subprocess.run(["babeltrace2", str(tmp_path / "t")], capture_output=True, text=True)
+    assert bt.returncode == 0 and len(bt.stdout.splitlines()) == len(events)

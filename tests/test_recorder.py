@@ -665,8 +665,8 @@ def test_sigkill_leaves_a_trace_readable_up_to_the_last_written_packet(tmp_path)
         assert proc.stdout.readline() == "fired\n"
         # Kill once the consumer has written packets and is idle. A SIGKILL that lands while
         # the kernel is still copying a packet into the file can leave part of it (the kernel
-        # stops a write between pages for a fatal signal): that narrow window is a known limit,
-        # not what this test is about.
+        # stops a write between pages for a fatal signal): cut_partial_packets() is for that
+        # (tested in test_ctf_reader and test_cli_e2e), not what this test is about.
         deadline, last = time.monotonic() + 20, None
         while time.monotonic() < deadline:
             sizes = sorted((str(s), s.stat().st_size) for s in tmp_path.glob("*/stream_*"))

@@ -17,7 +17,10 @@ Guarantees
   failures never change it, except that a program which cannot be started is exit code 127.
 * The trace is written even when the program crashes: an uncaught exception still runs the
   interpreter's exit, which stops and flushes the recording; a process killed outright leaves
-  a trace readable up to its last written packet.
+  a trace readable up to its last written packet. Killed while the kernel was copying a
+  packet into a file, it may leave part of one: once the program has ended, tracemark cuts
+  such torn tails from the streams of processes that are gone, and says so (babeltrace2
+  refuses a whole trace with one).
 * Ctrl-C goes to the program (it shares the terminal), not to tracemark, which waits for the
   program and then reports. SIGTERM sent to tracemark is passed on to the program.
 * The summary goes to stderr, so the program's stdout can still be piped.
@@ -37,7 +40,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, Any
 
-from ..ctf import TraceError, read_trace
+from ..ctf import TraceError, cut_partial_packets, read_trace
 from ..probes import parse_spec
 from . import _boot
 from ._common import (
@@ -187,6 +190,11 @@ def run(args: Any, err: IO[str], style: Style) -> int:
     started = time.monotonic()
     code = _run_child(argv, env)
     elapsed = time.monotonic() - started
+    for path, cut in cut_torn_tails(trace_dir):
+        err.write(
+            f"tracemark record: {path}: cut the last {cut:,} bytes, part of a packet its process "
+            "left when it was killed while writing\n"
+        )
     try:
         summarize(trace_dir, err, style, top=args.top, elapsed=elapsed, code=code)
     except CliError as exc:  # the program ran: its exit code matters more than ours
@@ -211,6 +219,30 @@ def _run_child(argv: list[str], env: dict[str, str]) -> int:
         signal.signal(signal.SIGINT, previous_int)
         signal.signal(signal.SIGTERM, previous_term)
     return 128 - code if code < 0 else code
+
+
+def cut_torn_tails(trace_dir: Path) -> list[tuple[Path, int]]:
+    """Cut the half-written last packet a killed process may leave in its stream files
+    (only of processes that have ended: a live one may still be appending)."""
+    cut = []
+    for sub in sorted(trace_dir.glob("*-*")):
+        pid = sub.name.split("-", 1)[0]
+        if pid.isdigit() and (sub / "metadata").is_file() and not _alive(int(pid)):
+            try:
+                cut += cut_partial_packets(sub)
+            except OSError:
+                pass  # unreadable: the summary reports what it can read
+    return cut
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # exists, but not ours to signal
+    return True
 
 
 def summarize(

@@ -15,6 +15,24 @@ the byte offset).
 
 from __future__ import annotations
 
-from .reader import Event, Stream, SubTrace, Trace, TraceError, read_trace
+from .reader import (
+    Event,
+    Stream,
+    SubTrace,
+    Trace,
+    TraceError,
+    cut_partial_packet,
+    cut_partial_packets,
+    read_trace,
+)
 
-__all__ = ["Event", "Stream", "SubTrace", "Trace", "TraceError", "read_trace"]
+__all__ = [
+    "Event",
+    "Stream",
+    "SubTrace",
+    "Trace",
+    "TraceError",
+    "cut_partial_packet",
+    "cut_partial_packets",
+    "read_trace",
+]

@@ -35,7 +35,16 @@ from typing import Any, NamedTuple
 
 from . import writer as W
 
-__all__ = ["Event", "Stream", "SubTrace", "Trace", "TraceError", "read_trace"]
+__all__ = [
+    "Event",
+    "Stream",
+    "SubTrace",
+    "Trace",
+    "TraceError",
+    "cut_partial_packet",
+    "cut_partial_packets",
+    "read_trace",
+]
 
 
 class TraceError(Exception):
@@ -345,7 +354,12 @@ class Stream:
                 f.seek(offset)
                 head = f.read(_FIXED_SIZE + 256)
                 if len(head) < _FIXED_SIZE:
-                    raise TraceError(path, offset, "truncated packet header")
+                    raise TraceError(
+                        path,
+                        offset,
+                        "truncated packet header (a process killed while writing leaves this; "
+                        "tracemark.ctf.cut_partial_packets() cuts it)",
+                    )
                 magic, puuid, stream_id, inst = _HEADER.unpack_from(head, 0)
                 if magic != W.MAGIC:
                     raise TraceError(path, offset, f"bad packet magic {magic:#010x}")
@@ -380,7 +394,9 @@ class Stream:
                     raise TraceError(
                         path,
                         offset,
-                        f"truncated packet: {psize} bytes declared, {size - offset} in the file",
+                        f"truncated packet: {psize} bytes declared, {size - offset} in the file "
+                        "(a process killed while writing leaves this; "
+                        "tracemark.ctf.cut_partial_packets() cuts it)",
                     )
                 z = head.find(b"\0", _FIXED_SIZE, content)
                 if z < 0:
@@ -612,3 +628,54 @@ def read_trace(path: str | os.PathLike[str]) -> Trace:
     if not found:
         raise TraceError(root, 0, "no CTF trace here (no metadata file in it or below it)")
     return Trace(root, [SubTrace(p) for p in found])
+
+
+# --- repair --------------------------------------------------------------------------------------
+
+
+def cut_partial_packet(stream_file: str | os.PathLike[str]) -> int:
+    """Truncate a stream file that ends inside a packet at that packet's start; return how
+    many bytes were cut (0 when the file ends on a packet boundary).
+
+    The recorder only ever appends whole packets, but a process killed (SIGKILL, the OOM
+    killer) while the kernel copies one can leave part of it; babeltrace2 then refuses the
+    whole trace and :func:`read_trace` raises. Only packet headers are read: a file damaged
+    in any other way is left as it is, for the reader to report. Never call it on a stream
+    that a live process may still be appending to.
+    """
+    path = Path(stream_file)
+    with open(path, "r+b") as f:
+        size = os.fstat(f.fileno()).st_size
+        offset = 0
+        while offset < size:
+            f.seek(offset)
+            head = f.read(_HEADER.size + _CTX.size)
+            if len(head) < _HEADER.size + _CTX.size:
+                break  # the file ends inside a packet's header
+            if _HEADER.unpack_from(head, 0)[0] != W.MAGIC:
+                return 0  # not a torn tail: damage for the reader to report
+            psize = _CTX.unpack_from(head, _HEADER.size)[3]
+            if psize % 8 or psize // 8 < _FIXED_SIZE:
+                return 0
+            if offset + psize // 8 > size:
+                break  # the file ends inside this packet
+            offset += psize // 8
+        else:
+            return 0
+        f.truncate(offset)
+        return size - offset
+
+
+def cut_partial_packets(path: str | os.PathLike[str]) -> list[tuple[Path, int]]:
+    """:func:`cut_partial_packet` on every stream file of every sub-trace under ``path``;
+    the files that were cut and by how many bytes."""
+    cut = []
+    for directory, dirs, files in os.walk(path):
+        dirs.sort()
+        if "metadata" in files:
+            for name in sorted(files):
+                if name != "metadata" and not name.startswith("."):
+                    n = cut_partial_packet(Path(directory) / name)
+                    if n:
+                        cut.append((Path(directory) / name, n))
+    return cut
