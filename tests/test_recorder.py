@@ -187,11 +187,13 @@ def test_markers_declared_after_start_are_appended_to_the_metadata(tmp_path, uni
         (f"{uniq}.inline", {"v": 3}),
         (f"{uniq}.same", {"n": 4}),
     ]
-    # Only markers fired get an event class, in the order they first fired.
+    # Every marker the recording binds has an event class (declared before the start, or
+    # since, in the order they were declared), fired or not.
     assert list(read_trace(tmp_path).markers) == [
         f"{uniq}.early",
         f"{uniq}.late",
         f"{uniq}.inline",
+        f"{uniq}.never",
         f"{uniq}.same",
     ]
 

@@ -32,7 +32,7 @@ from typing import Any
 from . import faults
 from .faults import MarkerArgumentError, TracemarkWarning
 from .markers import registry as _registry
-from .markers.dispatch import MAX_NESTING, synchronize
+from .markers.dispatch import MAX_NESTING, Binding, Inline, synchronize
 from .markers.fields import Field
 from .markers.registry import Connection, Marker, MarkerInfo, connect, disconnect, markers
 from .patching import Site, patch
@@ -45,8 +45,10 @@ __version__ = "0.1.0"
 
 __all__ = [
     "MAX_NESTING",
+    "Binding",
     "Connection",
     "Field",
+    "Inline",
     "Marker",
     "MarkerArgumentError",
     "MarkerInfo",

@@ -17,6 +17,8 @@ into its own sub-directory ``DIR/<pid>-<n>/`` (``metadata`` and one ``stream_<k>
 thread and nesting level), so any number of processes (fork children, unrelated processes
 given the same ``DIR``) can record into one ``DIR`` at once; ``babeltrace2 DIR`` and
 :func:`tracemark.ctf.read_trace` read them all. Thread names are in every packet's context.
+Every marker the recording matches has an event class in ``metadata``: those declared at
+the start, and each one declared later, appended when it is declared (before it can fire).
 
 Guarantees
 ----------
@@ -494,7 +496,7 @@ class Recording:
 
     def _event_id(self, marker: Any) -> int:
         """The event id of ``marker`` in this recording, adding its event class to the
-        metadata the first time (any thread, or a signal handler: idempotent)."""
+        metadata the first time (idempotent; called when a marker is bound)."""
         with self._reg_lock:
             event_id = self._classes.get(marker.name)
             if event_id is None:
@@ -852,8 +854,6 @@ if _ch is None or _ch.rec is not _in.rec:
 
 _WRITE = """\
 _id = _in.id
-if _id is None:
-    _id = _in.first()
 try:
 {pack}except _VALUE_ERRORS as _exc:
     _in.rec._bad_value(_ch, _marker, ({values}), _exc)
@@ -883,13 +883,9 @@ class _Bound:
         self.rec = rec
         self.marker = marker
         self.tls = rec._tls  # the same object for the recording's life (a fork child clears it)
-        self.id: int | None = None  # the event id, given when the marker first fires
-
-    def first(self) -> int:
-        """Register the marker's event class (markers are bound when they are connected, but
-        only those fired get one); idempotent, so a nested first call is harmless."""
-        self.id = self.rec._event_id(self.marker)
-        return self.id
+        # The event id: the recording's start registered the markers declared by then; a
+        # marker declared later is bound, so registered, when it is declared.
+        self.id = rec._event_id(marker)
 
     def __repr__(self) -> str:
         return f"<recording {str(self.rec.path)!r} of marker {self.marker.name!r}>"
