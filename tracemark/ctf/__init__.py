@@ -15,24 +15,5 @@ the byte offset).
 
 from __future__ import annotations
 
-from .reader import (
-    Event,
-    Stream,
-    SubTrace,
-    Trace,
-    TraceError,
-    cut_partial_packet,
-    cut_partial_packets,
-    read_trace,
-)
-
-__all__ = [
-    "Event",
-    "Stream",
-    "SubTrace",
-    "Trace",
-    "TraceError",
-    "cut_partial_packet",
-    "cut_partial_packets",
-    "read_trace",
-]
+from .reader import *  # noqa: F403  (the reader's public names are this package's)
+from .reader import __all__ as __all__
