@@ -793,3 +793,34 @@ def test_recordings_come_and_go_while_threads_fire_flat_out(tmp_path, uniq):
         for k in range(4):
             seq = [ev.fields["i"] for ev in evs if ev.name.endswith(".m") and ev.fields["k"] == k]
             assert all(a < b for a, b in itertools.pairwise(seq))  # no repeats either
+
+
+def test_a_stopped_recording_holds_no_buffer_memory(tmp_path, uniq):
+    """The program may keep the recording (for its summary), and a thread's dispatch state may
+    still point at one of its channels: neither keeps the sub-buffers alive."""
+    import tracemalloc
+
+    m = tracemark.marker(f"{uniq}.m", i=int, s=str)
+
+    def work():
+        for i in range(20_000):
+            m(i, "x" * 20)
+
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        with tracemark.record(tmp_path, f"{uniq}.*", subbuffer_size=64 * 1024) as rec:
+            threads = [threading.Thread(target=work) for _ in range(4)]
+            for t in threads:
+                t.start()
+            work()
+            for t in threads:
+                t.join()
+            during = tracemalloc.get_traced_memory()[0]
+        after = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    assert rec.summary.recorded + rec.summary.discarded == 100_000
+    assert during - before > 5 * 64 * 1024  # every thread had sub-buffers
+    assert after - before < 2 * 64 * 1024  # and now none is held
+    m(1, "after")  # fired after the stop: nothing recorded, nothing raised

@@ -258,6 +258,15 @@ class _Channel:
         if self.child is not None:
             self.child.flush()
 
+    def release(self) -> None:
+        """Drop the sub-buffers once the recording has stopped and written them: a stopped
+        recording (which the program may keep, for its summary) holds no buffer memory. An
+        event fired after this finds no open packet and ``rec.running`` false: discarded."""
+        self.free.clear()
+        self.full.clear()
+        self.unallocated = 0
+        self.buf = bytearray(0)
+
     def last_count(self) -> None:
         """At stop, events discarded after the last packet: record their count in one more
         packet without events (events_discarded is only ever carried by packets)."""
@@ -438,6 +447,8 @@ class Recording:
                 ch.last_count()
             self._drain()
             self._close_files()
+        for ch in list(self._all_channels()):
+            ch.release()
         self.summary = self._summarize()
         return self.summary
 
