@@ -511,3 +511,29 @@ def test_fields_may_be_named_like_anything_the_generated_code_uses(uniq):
         tracemark.disconnect(h)
     assert got == [values, values]
     assert probe.events == [("inline", values), ("top", values)]
+
+
+def test_a_lone_probe_is_called_straight_from_the_firing_function(uniq):
+    """With one probe the loop is compiled away (a direct call); with two it is back; both
+    deliver the same events, and a failing lone probe is counted against its connection."""
+    m = tracemark.marker(f"{uniq}.m", n=int)
+    plain = m.__code__
+    seen = []
+    h = tracemark.connect(f"{uniq}.m", lambda marker, args: seen.append(("one", args)))
+    assert m.__code__ is not plain
+    m(1)
+    h2 = tracemark.connect(f"{uniq}.m", lambda marker, args: seen.append(("two", args)))
+    assert m.__code__ is plain
+    m(2)
+    tracemark.disconnect(h2)
+    m(3)
+    assert seen == [("one", (1,)), ("one", (2,)), ("two", (2,)), ("one", (3,))]
+    tracemark.disconnect(h)
+
+    def fails(marker, args):
+        raise KeyError(args)
+
+    h3 = tracemark.connect(f"{uniq}.m", fails)
+    with pytest.warns(TracemarkWarning, match="fails.*KeyError"):
+        m(4)
+    assert h3.errors == 1 and tracemark.markers(f"{uniq}.m")[0].probe_errors == 1

@@ -36,11 +36,11 @@ Guarantees of the active path
   probe (depth 0) never run while another depth-0 call is running: whatever interrupts them
   and fires a marker is nested. A tracer can keep one per-thread buffer for depth 0 and
   write it without a flag (the recorder does).
-* **Fused probes are invisible.** A probe may bind a :class:`Binding` with an
-  :class:`Inline` body, which the firing function runs in place of the call while that
-  probe is the marker's only one (code swapped by the registry). The body must do exactly
-  what the probe's depth-0 callable does; keyword calls, nested events and markers with
-  several probes take the loop.
+* **Fused probes are invisible.** While a marker has one probe, the registry swaps in a
+  firing function with that probe fused into its depth-0 path: a direct call (no loop), or
+  the :class:`Inline` body the probe bound (:class:`Binding`), which must do exactly what
+  its depth-0 callable does. Keyword calls, nested events and markers with several probes
+  take the loop.
 * **Faults never propagate.** Arguments that do not fit the fields drop the event; a probe
   that raises an ``Exception`` is skipped for that event; both are counted and reported once
   (:mod:`tracemark.faults`), raised only in strict mode. ``KeyboardInterrupt`` and

