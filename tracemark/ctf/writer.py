@@ -4,7 +4,8 @@ What a trace directory holds (CTF 1.8, "Common Trace Format" specification, sect
 as "CTF §n")::
 
     metadata        plain-text TSDL, starting with "/* CTF 1.8 */" (CTF §7.1, babeltrace2
-                    requires the marker); event classes are appended as markers first fire
+                    requires the marker); event classes are appended as markers are
+                    declared after the recording started
     stream_<n>      one per thread (and nesting level): a sequence of complete packets
 
 Guarantees of the layout
