@@ -36,24 +36,5 @@ Guarantees
 
 from __future__ import annotations
 
-from .patcher import (
-    HOOK_BUDGET,
-    SUSPENDED,
-    Site,
-    original_code,
-    patch,
-    resume,
-    suspend,
-    unpatch_all,
-)
-
-__all__ = [
-    "HOOK_BUDGET",
-    "SUSPENDED",
-    "Site",
-    "original_code",
-    "patch",
-    "resume",
-    "suspend",
-    "unpatch_all",
-]
+from .patcher import *  # noqa: F403  (the patcher's public names are this package's)
+from .patcher import __all__ as __all__
