@@ -22,6 +22,7 @@ Guarantees
 
 from __future__ import annotations
 
+import sys
 import time
 import types
 from typing import Any
@@ -130,6 +131,11 @@ class Probe:
         if self.at in ("entry", "line"):
             #: ``emit_frame(frame)``: fire from the locals of a running frame.
             self.emit_frame = _emitter("frame", "", paths, fire, self._starts)
+        if self.at == "entry":
+            #: ``emit_caller()``: the same for the frame two calls up, found by the emitter
+            #: itself (a ``sys.monitoring`` callback calls it: one call less than
+            #: ``emit_frame(sys._getframe(2))``).
+            self.emit_caller = _emitter("", "", paths, fire, self._starts, frame_at=2)
         #: For an entry probe that captures parameters by plain name (or nothing), the names
         #: a mechanism may pass straight to ``emit_args`` instead of handing over the frame.
         self.direct: tuple[str, ...] | None = None
@@ -190,14 +196,21 @@ _EMITTER_GLOBALS = {
     "_len": len,
     "_type": type,
     "_MAX_STARTS": _MAX_STARTS,
+    "_getframe": sys._getframe,
 }
 
 
 def _emitter(
-    params: str, kind: str, paths: tuple[tuple[str, ...], ...], fire: Any, starts: dict
+    params: str,
+    kind: str,
+    paths: tuple[tuple[str, ...], ...],
+    fire: Any,
+    starts: dict,
+    frame_at: int | None = None,
 ) -> Any:
-    """Compile ``emit(params)``: capture ``paths`` from the frame's locals and fire."""
-    body = []
+    """Compile ``emit(params)``: capture ``paths`` from the frame's locals and fire; with
+    ``frame_at``, the frame is ``sys._getframe(frame_at)`` as seen from ``emit``."""
+    body = [] if frame_at is None else [f"frame = _getframe({frame_at})"]
     if kind == "start":
         body += [
             "if _len(_starts) >= _MAX_STARTS:",

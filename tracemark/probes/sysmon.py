@@ -220,6 +220,8 @@ def _start_handler(probes: tuple[Probe, ...]) -> Callable[[], object]:
                 fire()
 
         return fire_all
+    if len(probes) == 1 and probes[0].at == "entry":
+        return probes[0].emit_caller  # finds the frame itself: 0 emit, 1 callback, 2 probed
     calls = tuple(p.start if p.at == "return" else p.emit_frame for p in probes)
     getframe = sys._getframe
 
