@@ -145,16 +145,9 @@ class Probe:
         if self.at == "return":
             self.emit_return = _emitter("frame, value", "return", paths, fire, self._starts)
             self.start = _emitter("frame", "start", (), fire, self._starts)
-
-    def on_start(self, frame: types.FrameType) -> None:
-        """A frame of the code started (first resume, for generators and coroutines)."""
-        if self.at == "return":
-            self.start(frame)
-        elif self.at == "entry":
-            self.emit_frame(frame)
-
-    def on_return(self, frame: types.FrameType, value: object) -> None:
-        self.emit_return(frame, value)
+            #: The same two, finding the frame two calls up themselves (see emit_caller).
+            self.return_caller = _emitter("value", "return", paths, fire, self._starts, 2)
+            self.start_caller = _emitter("", "start", (), fire, self._starts, 2)
 
     def on_line(self, frame: types.FrameType) -> None:
         self.emit_frame(frame)

@@ -53,7 +53,7 @@ class SysMonitoring:
         self._installed = 0
         # code -> probes, per kind of event; replaced whole on every change.
         self._start: dict[types.CodeType, Callable[[], object]] = {}
-        self._return: dict[types.CodeType, tuple[Probe, ...]] = {}
+        self._return: dict[types.CodeType, Callable[[object], object]] = {}
         self._line: dict[types.CodeType, dict[int, tuple[Probe, ...]]] = {}
         self._unwind: dict[types.CodeType, tuple[Probe, ...]] = {}
 
@@ -140,6 +140,7 @@ class SysMonitoring:
             elif p.at == "raise":
                 unwind[p.code] = (*unwind.get(p.code, ()), p)
         start = {code: _start_handler(probes) for code, probes in starting.items()}
+        returning = {code: _return_handler(probes) for code, probes in ret.items()}
         ev = _mon.events
         wanted: dict[types.CodeType, int] = {}
         for code in start:
@@ -151,7 +152,8 @@ class SysMonitoring:
         before = set(self._start) | set(self._return) | set(self._line) | set(self._unwind)
         # Publish the new tables before switching events on, and switch events off before
         # dropping code from the tables: a callback never finds its code missing by surprise.
-        self._start, self._return, self._line, self._unwind = start, ret, line, unwind
+        self._start, self._return = start, returning
+        self._line, self._unwind = line, unwind
         tool = self.tool
         for code in before - set(wanted):
             _mon.set_local_events(tool, code, 0)
@@ -174,11 +176,9 @@ class SysMonitoring:
             handler()
 
     def _on_return(self, code: types.CodeType, offset: int, value: object) -> None:
-        probes = self._return.get(code)
-        if probes:
-            frame = sys._getframe(1)
-            for p in probes:
-                p.on_return(frame, value)
+        handler = self._return.get(code)
+        if handler is not None:
+            handler(value)
 
     def _on_line(self, code: types.CodeType, line: int) -> Any:
         lines = self._line.get(code)
@@ -220,8 +220,9 @@ def _start_handler(probes: tuple[Probe, ...]) -> Callable[[], object]:
                 fire()
 
         return fire_all
-    if len(probes) == 1 and probes[0].at == "entry":
-        return probes[0].emit_caller  # finds the frame itself: 0 emit, 1 callback, 2 probed
+    if len(probes) == 1:  # the emitter finds the frame itself: 0 emit, 1 callback, 2 probed
+        p = probes[0]
+        return p.emit_caller if p.at == "entry" else p.start_caller
     calls = tuple(p.start if p.at == "return" else p.emit_frame for p in probes)
     getframe = sys._getframe
 
@@ -231,3 +232,18 @@ def _start_handler(probes: tuple[Probe, ...]) -> Callable[[], object]:
             call(frame)
 
     return with_frame
+
+
+def _return_handler(probes: tuple[Probe, ...]) -> Callable[[object], object]:
+    """What ``PY_RETURN`` of one code object runs: its return probes' emitters."""
+    if len(probes) == 1:
+        return probes[0].return_caller  # 0: the emitter, 1: the callback, 2: the probed frame
+    emits = tuple(p.emit_return for p in probes)
+    getframe = sys._getframe
+
+    def each(value: object) -> None:
+        frame = getframe(2)  # 0: this, 1: the PY_RETURN callback, 2: the probed frame
+        for emit in emits:
+            emit(frame, value)
+
+    return each
