@@ -62,7 +62,15 @@ from typing import Any, NamedTuple
 
 from .fields import Field
 
-__all__ = ["MAX_NESTING", "Binding", "Inline", "compile_fire", "fire_code", "synchronize"]
+__all__ = [
+    "MAX_NESTING",
+    "Binding",
+    "Inline",
+    "call_body",
+    "compile_fire",
+    "fire_code",
+    "synchronize",
+]
 
 #: How deep markers may nest on one thread (a probe firing a marker that reaches a probe that
 #: fires a marker...). Like LTTng's nesting levels for interrupts.
@@ -357,6 +365,15 @@ _INLINE = """\
 """
 
 
+def call_body(fields: tuple[Field, ...]) -> str:
+    """The inline body that calls a marker's only probe (its state, ``_in``) directly."""
+    return f"_in(_marker, ({_value_list(fields)}))\n"
+
+
+def _value_list(fields: tuple[Field, ...]) -> str:
+    return "".join(f"{f.name}, " for f in fields)
+
+
 def fire_code(fields: tuple[Field, ...], inline: str | None = None, slot: str = "") -> CodeType:
     """The code of a firing function for ``fields``; with ``inline``, a probe body fused into
     its depth-0 path, reading its state from the global ``slot``."""
@@ -367,7 +384,7 @@ def fire_code(fields: tuple[Field, ...], inline: str | None = None, slot: str = 
     source = _TEMPLATE.format(
         params="".join(f"{n}=_MISSING, " for n in names) + ("/, " if names else ""),
         bad=" or ".join(["_extra", "_named", *(_CHECKS[f.type].format(f.name) for f in fields)]),
-        names="".join(f"{n}, " for n in names),
+        names=_value_list(fields),
         inline=fused,
     )
     module = compile(source, FIRE_FILENAME, "exec")

@@ -42,7 +42,15 @@ from types import CodeType
 from typing import Any, Protocol, runtime_checkable
 
 from .. import faults
-from .dispatch import _MISSING, Binding, Inline, compile_fire, fire_code, synchronize
+from .dispatch import (
+    _MISSING,
+    Binding,
+    Inline,
+    call_body,
+    compile_fire,
+    fire_code,
+    synchronize,
+)
 from .fields import Field, fields_from_format, fields_from_types
 
 __all__ = [
@@ -163,12 +171,11 @@ class MarkerCore:
         self.probe_errors = 0
         #: Connection -> what its probe's ``bind_marker`` returned for this marker.
         self.bound: dict[Connection, Binding] = {}
-        #: Inline bodies fused into the firing function so far: source -> state slot name,
-        #: and slot -> the firing code with that body.
-        self.slots: dict[str, str] = {}
-        self.fused_codes: dict[str, CodeType] = {}
+        #: Inline bodies fused into the firing function so far: source -> (the global that
+        #: holds its state, the firing code with that body).
+        self.fused: dict[str, tuple[str, CodeType]] = {}
         #: The inline body that calls a marker's only probe directly.
-        self.call_source = f"_in(_marker, ({''.join(f'{f.name}, ' for f in fields)}))\n"
+        self.call_source = call_body(fields)
         self.fire, self.namespace = compile_fire(
             fields,
             self,
@@ -205,7 +212,7 @@ class MarkerCore:
         if len(bindings) == 1:  # the only probe: its own body, or else a direct call
             inline = bindings[0].inline or Inline(self.call_source, {}, bindings[0].top)
         code, slot = self._fused(inline)
-        for old in self.slots.values():
+        for old, _ in self.fused.values():
             ns[old] = None
         if self.fire.__code__ is not code:
             self.fire.__code__ = code
@@ -223,13 +230,13 @@ class MarkerCore:
         ns = self.namespace
         if any(ns.get(k, v) is not v for k, v in inline.globals.items()):
             return self.plain_code, ""  # another body gave a name another meaning: no fusion
-        slot = self.slots.get(inline.source)
-        if slot is None:
-            slot = self.slots[inline.source] = f"_inline{len(self.slots)}"
+        found = self.fused.get(inline.source)
+        if found is None:
+            slot = f"_inline{len(self.fused)}"
             ns[slot] = None
-            self.fused_codes[slot] = fire_code(self.fields, inline.source, slot)
+            found = self.fused[inline.source] = (slot, fire_code(self.fields, inline.source, slot))
         ns.update(inline.globals)
-        return self.fused_codes[slot], slot
+        return found[1], found[0]
 
 
 _lock = threading.RLock()
