@@ -96,9 +96,11 @@ _EVENT = re.compile(
     r'event \{\n\tname = "((?:[^"\\\n]|\\.)*)";\n\tid = (\d+);\n\tstream_id = 0;\n'
     r"\tfields := struct \{\n((?:\t\t[^\n]*\n)*)\t\};\n\};\n"
 )
-_FIELD = re.compile(r"\t\t(tm_\w+) _([A-Za-z]\w*);\n")
+# A field key is ASCII (tracemark.ctf.writer.ctf_field_key), or a raw non-ASCII name in
+# traces written before names were escaped.
+_FIELD = re.compile(r"\t\t(tm_\w+) _(\w+);\n")
 _SEQUENCE = re.compile(
-    r"\t\ttm_len __([A-Za-z]\w*)_len;\n\t\t(tm_byte|tm_str|tm_object) _\1\[__\1_len\];\n"
+    r"\t\ttm_len __(\w+)_len;\n\t\t(tm_byte|tm_str|tm_object) _\1\[__\1_len\];\n"
 )
 _UUID = re.compile(r'\ntrace \{\n\tmajor = 1;\n\tminor = 8;\n\tuuid = "([0-9a-f-]{36})";\n')
 _CLOCK = re.compile(
@@ -189,12 +191,18 @@ class _Metadata:
         while pos < len(body):
             m = _SEQUENCE.match(body, pos)
             if m:
-                out.append((m[1], _SEQUENCE_TYPES[m[2]]))
+                key, type_name = m[1], _SEQUENCE_TYPES[m[2]]
             else:
                 m = _FIELD.match(body, pos)
                 if not m or m[1] not in _TYPE_NAMES:
                     raise self._error(offset + pos, "event field cannot be parsed")
-                out.append((m[2], _TYPE_NAMES[m[1]]))
+                key, type_name = m[2], _TYPE_NAMES[m[1]]
+            name = W.field_name_from_key(key)  # an escaped non-ASCII name: see the writer
+            if name is None:
+                raise self._error(offset + pos, f"event field name {key!r} is not valid")
+            if name in (f[0] for f in out):
+                raise self._error(offset + pos, f"event field {name!r} declared twice")
+            out.append((name, type_name))
             pos = m.end()
         return tuple(out)
 
