@@ -26,6 +26,7 @@ from ._common import (
     Progress,
     Style,
     field_names,
+    guarded,
     open_trace,
     select,
     total_events,
@@ -255,10 +256,11 @@ def _stats(args: argparse.Namespace, out: IO[str]) -> int:
     progress = Progress("reading", total_events(trace))
     collected = stats.collect(progress.wrap(events))
     streams = list(getattr(trace, "streams", ()))
+    start, end = next(guarded((trace.start, trace.end) for _ in (0,)))  # may decode, may fail
     info = {
         "path": args.trace,
-        "start": trace.start,
-        "end": trace.end,
+        "start": start,
+        "end": end,
         "discarded": trace.discarded,
         "processes": len({s.pid for s in streams}),
         "threads": len({(s.pid, s.tid) for s in streams}),

@@ -104,9 +104,14 @@ TYPE_ALIASES = {
 
 
 def _quote(text: str) -> str:
-    """A TSDL string literal (CTF §4.1.5 escapes)."""
-    out = text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-    return '"' + "".join(c if c.isprintable() else f"\\x{ord(c) & 0xFF:02x}" for c in out) + '"'
+    """A TSDL string literal (CTF §4.1.5 escapes): a character that is not printable is
+    written as the ``\\xNN`` escapes of its UTF-8 bytes (the reader decodes them back)."""
+    out = clean_text(text).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    return (
+        '"'
+        + "".join(c if c.isprintable() else "".join(f"\\x{b:02x}" for b in c.encode()) for c in out)
+        + '"'
+    )
 
 
 # --- field names in TSDL ------------------------------------------------------------------------
