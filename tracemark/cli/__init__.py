@@ -28,6 +28,7 @@ from ._common import (
     field_names,
     guarded,
     open_trace,
+    printable,
     select,
     total_events,
     wants_colour,
@@ -310,9 +311,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _stats(args, out)
         return _list(args, out, err)
     except CliError as exc:
-        err.write(f"{exc.prog or prog}: error: {exc.message}\n")
+        err.write(f"{exc.prog or prog}: error: {printable(exc.message)}\n")
         if exc.detail:
-            err.write(exc.detail + "\n")
+            err.write("\n".join(map(printable, exc.detail.split("\n"))) + "\n")
         return exc.code
     except KeyboardInterrupt:
         err.write(f"{prog}: interrupted\n")

@@ -47,7 +47,7 @@ from typing import IO
 
 from ..markers.fields import Field, fields_from_format, fields_from_types
 from ..markers.registry import check_name
-from ._common import EXIT_FOUND_ERRORS, EXIT_OK, EXIT_USAGE, CliError, Style
+from ._common import EXIT_FOUND_ERRORS, EXIT_OK, EXIT_USAGE, CliError, Style, printable
 
 __all__ = ["Declaration", "Problem", "Scan", "scan"]
 
@@ -89,7 +89,8 @@ class Problem:
     message: str
 
     def __str__(self) -> str:
-        return f"{self.file}:{self.line}:{self.col + 1}: error: {self.message}"
+        where = printable(f"{self.file}:{self.line}:{self.col + 1}")
+        return f"{where}: error: {printable(self.message)}"
 
 
 @dataclass
@@ -557,12 +558,13 @@ def run(
     result = scan(targets)
     for decl in sorted(result.markers.values(), key=lambda d: d.name):
         fields = "(dynamic fields)" if decl.fields is None else f"({_fields(decl.fields)})"
-        head = f"{style(decl.name, 'bold', 'cyan')}{fields}"
-        if len(decl.name) + len(fields) > width:
-            head = f"{style(decl.name, 'bold', 'cyan')}\n  {fields}"
+        name = printable(decl.name)
+        head = f"{style(name, 'bold', 'cyan')}{fields}"
+        if len(name) + len(fields) > width:
+            head = f"{style(name, 'bold', 'cyan')}\n  {fields}"
         kind = "inline, first used" if decl.inline else "declared"
         sites = f"{decl.sites} call site{'s' if decl.sites != 1 else ''}"
-        out.write(f"{head}\n  {kind} {decl.file}:{decl.line}; {sites}\n")
+        out.write(f"{head}\n  {kind} {printable(decl.file)}:{decl.line}; {sites}\n")
     for problem in result.problems:
         err.write(f"{style(str(problem), 'red')}\n")
     summary = (
