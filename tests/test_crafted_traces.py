@@ -246,3 +246,38 @@ def test_mutated_traces_give_events_or_one_line_exit_4(good, tmp_path_factory, d
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)
+
+
+# -- field names in the metadata ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("key", "name"),
+    [
+        ("0citt_u00e0", "città"),  # escaped, as the writer spells it
+        ("città", "città"),  # raw, as tracemark wrote it before escaping
+        ("0Bool", "Bool"),
+    ],
+)
+def test_field_keys_are_read_back_as_the_names_they_spell(good, tmp_path, key, name):
+    dst, sub = clone(good, tmp_path)
+    edit_metadata(sub, "tm_int _i;", f"tm_int _{key};")
+    ev = next(iter(read_trace(dst).events()))
+    assert next(iter(ev.fields)) == name
+
+
+@pytest.mark.parametrize(
+    ("key", "what"),
+    [
+        ("0abc", "field name '0abc' is not valid"),  # not the canonical spelling of abc
+        ("0_u00zz", "is not valid"),
+        ("Bool", "field name 'Bool' is not valid"),  # _Bool is a TSDL keyword
+        ("s", "field 's' declared twice"),
+        ("0_u0073", "is not valid"),  # 's' escaped: not canonical
+    ],
+)
+def test_field_keys_that_no_name_gives_are_refused(good, tmp_path, key, what):
+    dst, sub = clone(good, tmp_path)
+    edit_metadata(sub, "tm_int _i;", f"tm_int _{key};")
+    with pytest.raises(TraceError, match=what):
+        read_trace(dst)

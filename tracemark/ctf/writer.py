@@ -141,7 +141,15 @@ _ESCAPE = re.compile(r"_u([0-9a-f]{4})|_U([0-9a-f]{8})|__")
 
 def ctf_field_key(name: str) -> str:
     """The ASCII key under which field ``name`` is written (``_<key>``, ``__<key>_len``):
-    the name itself when TSDL can spell it, else its reversible escape (see above)."""
+    the name itself when TSDL can spell it, else its reversible escape.
+
+    Mapped, not refused: Python identifiers may be non-ASCII, so users write
+    ``marker("a.b", città=int)`` and ``"größe=%d"``; refusing them would make a valid Python
+    name a tracing error. The escape is simple (``città`` -> ``0citt_u00e0``, ``Bool`` ->
+    ``0Bool``), stable, needs nothing else in the metadata, is readable in babeltrace2's
+    output, and :func:`field_name_from_key` turns it back into the name exactly. Keys of
+    plain ASCII names are unchanged, so existing traces and tools see what they saw.
+    """
     if _PLAIN_KEY.match(name) and name not in _RESERVED_KEYS:
         return name
     out = ["0"]
