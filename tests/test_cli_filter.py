@@ -118,3 +118,81 @@ def test_no_user_text_reaches_eval(monkeypatch):
     monkeypatch.setattr(builtins, "eval", forbidden)
     monkeypatch.setattr(builtins, "exec", forbidden)
     assert compile_filter('len > 3 and dev == "eth0"')(RX)
+
+
+# -- limits: bounded work, one clear error ----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("expr", "message"),
+    [
+        ("not " * 3000 + "True", "characters long; the limit is 10,000"),
+        ("-" * 5000 + "len > 0", "nests more than 100 levels deep"),
+        (" + ".join(["len"] * 30000) + " > 0", "characters long"),
+        ("not " * 2000 + "True", "nests more than 100 levels deep"),
+        ("+".join(["len"] * 2400) + " > 0", "nests more than 100 levels deep"),
+        ("(" * 3000 + "len" + ")" * 3000 + " > 0", "nests more than 100 levels deep"),
+        ("abs(" * 1500 + "len" + ")" * 1500 + " > 0", "nests more than 100 levels deep"),
+        ('len("x" * 1000000000) > 0', "would build a value of 1,000,000,000 items"),
+        ('("ab" * 1000) * 1000000 == dev', "would build a value of 2,000,000,000 items"),
+        ("len((1,) * 2000000) > 0", "would build a value of 2,000,000 items"),
+    ],
+)
+def test_expressions_too_large_to_evaluate_safely_are_refused(expr, message):
+    with pytest.raises(FilterError, match=message) as info:
+        compile_filter(expr)
+    assert 0 <= info.value.column <= len(expr)
+    if len(expr) > 200:
+        assert info.value.pointer() == ""  # no 10,000-column caret line
+
+
+def test_the_limits_leave_ordinary_nesting_alone():
+    assert compile_filter("-" * 90 + "len < 0")(RX) is False  # even count: +1600
+    assert compile_filter(" + ".join(["len"] * 90) + " == 144000")(RX) is True
+    assert compile_filter('dev * 3 == "eth0eth0eth0" and len(dev * 250000) == 1000000')(RX)
+
+
+def test_values_built_from_fields_are_bounded_before_they_are_built():
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        big = compile_filter("len(dev * len * len * len) > 0")  # 4 * 1600**3 characters
+        assert big(RX) is False
+        assert compile_filter("len(dev * len) == 6400")(RX) is True
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 10_000_000
+
+
+def test_percent_is_arithmetic_not_formatting():
+    padded = event(fmt="%0999999999d", n=1)
+    assert compile_filter("len(fmt % n) > 0")(padded) is False
+    assert compile_filter('len("%0999999999d" % 1) > 0')(padded) is False
+    assert compile_filter("n % 2 == 1")(padded) is True
+
+
+def test_a_filter_too_deep_is_one_line_from_the_command(tmp_path):
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, tracemark\n"
+        "with tracemark.record(sys.argv[1]):\n"
+        "    tracemark.mark('f.d', 'i=%d', 1)"
+    )
+    subprocess.run([sys.executable, "-c", code, str(tmp_path / "t")], check=True, timeout=60)
+    exprs = ["not " * 3000 + "True", "-" * 5000 + "i>0", "+".join(["i"] * 30000) + ">0"]
+    exprs += ["not " * 2000 + "True", 'len("x" * 1000000000) > 0']
+    for expr in exprs:
+        out = subprocess.run(
+            [sys.executable, "-m", "tracemark", "view", str(tmp_path / "t"), f"--filter={expr}"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert out.returncode == 2, out.stderr
+        line = out.stderr.splitlines()[0]
+        assert line.startswith("tracemark view: error: bad --filter at column ")
+        assert len(out.stderr.splitlines()) == (1 if len(expr) > 200 else 3)  # + caret

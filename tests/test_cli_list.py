@@ -180,3 +180,50 @@ def test_the_bundled_demo_is_clean():
     result = scan(["tracemark.demo"])
     assert result.problems == []
     assert "shop.order.received" in result.markers
+
+
+def test_files_that_cannot_be_read_safely_are_skipped_and_the_command_goes_on(tmp_path):
+    """A FIFO named like a module (which hung), 100,000 unary minuses (MemoryError), nesting
+    deeper than the checker's recursion, a file beyond the size limit: each is reported as
+    skipped with its reason; the good file is still listed and checked."""
+    import os
+
+    from tracemark.cli.listing import MAX_SOURCE
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "good.py").write_text(
+        'import tracemark\nm = tracemark.marker("ok.m", "n=%d")\nm(1, 2)\n'
+    )
+    (src / "neg.py").write_text("x = " + "-" * 100_000 + "1\n")
+    (src / "deep.py").write_text(
+        "import tracemark\ny = "
+        + "+".join(["f(1)"] * 3000)
+        + "\nz = "
+        + "(" * 150
+        + "1"
+        + ")" * 150
+    )
+    os.mkfifo(src / "x.py")
+    with open(src / "huge.py", "wb") as f:
+        f.truncate(MAX_SOURCE + 1)
+    proc = subprocess.run(
+        [sys.executable, "-m", "tracemark", "list", "src"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)},
+    )
+    assert "Traceback" not in proc.stderr
+    assert proc.returncode == 1, proc.stderr
+    assert "ok.m(n: int)" in proc.stdout
+    errors = proc.stderr.splitlines()
+    assert "src/good.py:3:1: error: ok.m(n) takes 1 value, called with 2 positional arguments" in (
+        errors
+    )
+    assert "src/x.py:1:1: error: skipped: not a regular file" in errors
+    assert "src/huge.py:1:1: error: skipped: larger than 10 MiB" in errors
+    assert "src/neg.py:1:1: error: skipped: nested too deeply to check" in errors
+    assert "src/deep.py:1:1: error: skipped: nested too deeply to check" in errors
+    assert errors[-1].endswith("; 5 errors")

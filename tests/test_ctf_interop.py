@@ -308,3 +308,72 @@ def test_babeltrace_reads_text_with_nul_up_to_it_and_stays_in_step(tmp_path):
         ("plain", "2", "None"),
     ]
     assert [ev.fields["s"] for ev in read_trace(tmp_path).events()] == ["a\0b", "plain"]
+
+
+# Field names TSDL cannot spell: non-ASCII (Python identifiers may be) and the three that
+# become TSDL keywords with the leading underscore. Every other TSDL keyword as a field name.
+NAMES = r"""
+import sys, tracemark
+kw = ["align", "struct", "int", "enum", "event", "string", "integer", "typealias", "typedef",
+      "variant", "signed", "floating_point", "stream", "trace", "env", "clock", "callsite",
+      "const", "char", "void", "unsigned", "Bool", "Complex", "Imaginary", "len", "x_len"]
+a = tracemark.marker("names.a", città=int, größe=str, ñ_x=bytes, 𓀀x=float, plain=int)
+b = tracemark.marker("names.b", "größe=%d ärger=%s")
+k = tracemark.marker("names.kw", **{n: int for n in kw})
+ks = tracemark.marker("names.kws", **{n: str for n in kw})
+with tracemark.record(sys.argv[1]):
+    a(7, "groß", b"\x01", 1.5, 9)
+    b(3, "viel")
+    k(*range(len(kw)))
+    ks(*kw)
+"""
+
+
+def test_babeltrace_reads_fields_whose_names_tsdl_cannot_spell(tmp_path):
+    """Non-ASCII names and Bool/Complex/Imaginary made babeltrace2 refuse the whole trace;
+    they are written escaped (``città`` -> ``0citt_u00e0``) and read back as they were."""
+    out = subprocess.run(
+        [sys.executable, "-c", NAMES, str(tmp_path)], capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    bt = subprocess.run(
+        ["babeltrace2", "--clock-seconds", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert bt.returncode == 0, bt.stderr
+    lines = bt.stdout.splitlines()
+    assert len(lines) == 4
+    got = {}
+    for line in lines:
+        m = LINE.match(line)
+        assert m, line
+        got[m["name"]] = parse_fields(m["fields"])
+    a = got["names.a"]
+    assert a["0citt_u00e0"] == "7"
+    assert unquote(a["0gr_u00f6_u00dfe"]) == "groß"
+    assert a["0_u00f1__x"] == "[ [0] = 0x1 ]"
+    assert float(a["0_U00013000x"]) == 1.5
+    assert a["plain"] == "9"
+    assert got["names.b"]["0gr_u00f6_u00dfe"] == "3"
+    assert unquote(got["names.b"]["0_u00e4rger"]) == "viel"
+    kw = got["names.kw"]
+    assert list(kw.values()) == [str(i) for i in range(26)]
+    assert list(kw)[:3] == ["align", "struct", "int"]
+    assert list(kw)[21:24] == ["0Bool", "0Complex", "0Imaginary"]
+    kws = {n: unquote(v) for n, v in got["names.kws"].items() if not n.startswith("_")}
+    assert kws["0Bool"] == "Bool" and kws["align"] == "align" and kws["x_len"] == "x_len"
+
+    events = {ev.name: ev for ev in read_trace(tmp_path).events()}
+    assert events["names.a"].fields == {
+        "città": 7,
+        "größe": "groß",
+        "ñ_x": b"\x01",
+        "𓀀x": 1.5,
+        "plain": 9,
+    }
+    assert events["names.b"].fields == {"größe": 3, "ärger": "viel"}
+    assert list(events["names.kw"].fields.values()) == list(range(26))
+    assert list(events["names.kw"].fields) == list(events["names.kws"].fields.values())
+    assert events["names.kws"].fields["Bool"] == "Bool"

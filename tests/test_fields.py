@@ -80,3 +80,68 @@ def test_parsing_agrees_with_python_percent_operator(parts):
     assert len(fields) == len(parts)
     values = tuple(_SAMPLE[f.type] for f in fields)
     assert render(fmt, fields, values) == fmt % values
+
+
+def test_non_ascii_names_are_fields_like_any_other():
+    """Python identifiers may be non-ASCII: a format names them whole, not from the first
+    ASCII letter on."""
+    assert fields_from_format("größe=%d ärger=%s") == (Field("größe", int), Field("ärger", str))
+    assert fields_from_types({"città": int}) == (Field("città", int),)
+    assert fields_from_format("1ärger=%d") == (Field("ärger", int),)  # as "1len=%d" -> len
+
+
+def test_names_are_nfkc_normalised_as_python_normalises_identifiers():
+    (field,) = fields_from_format("ﬁ=%d")
+    assert field.name == "fi"
+    fire = {}
+    exec("def f(**kw): fire.update(kw)\nf(ﬁ=1)", {"fire": fire})
+    assert list(fire) == [field.name]  # what a keyword call passes
+    assert fields_from_types({"ﬁ": int}) == (Field("fi", int),)
+
+
+@pytest.mark.parametrize("name", ["é€", "x→", "é-", "_é", "2é"])
+def test_non_identifiers_are_refused_whatever_the_script(name):
+    with pytest.raises(ValueError, match="not a public identifier"):
+        fields_from_types({name: int})
+
+
+_TSDL_IDENT = __import__("re").compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+_identifiers = st.text(
+    st.characters(codec="utf-8", categories=("L", "N", "Pc", "Mn", "Mc")), min_size=1
+).filter(lambda s: s.isidentifier() and not s.startswith("_"))
+
+
+@given(_identifiers, _identifiers)
+def test_ctf_keys_are_tsdl_identifiers_reversible_and_distinct(a, b):
+    from tracemark.ctf.writer import ctf_field_key, field_name_from_key
+
+    for name in (a, b):
+        key = ctf_field_key(name)
+        assert _TSDL_IDENT.match("_" + key) and _TSDL_IDENT.match(f"__{key}_len")
+        assert key.isascii()
+        assert field_name_from_key(key) == name
+        if name.isascii() and name not in ("Bool", "Complex", "Imaginary"):
+            assert key == name  # ASCII names are written as before
+        for other in (a, b):  # a field key is never another field's length key
+            assert key != f"_{ctf_field_key(other)}_len"
+    assert (ctf_field_key(a) == ctf_field_key(b)) == (a == b)
+
+
+@pytest.mark.parametrize(
+    "pair", [("città", "citt_u00e0"), ("xàé", "x_u00e0é"), ("Bool", "Bool"), ("a_à", "a__à")]
+)
+def test_escaped_keys_never_collide_with_names_that_spell_the_escape(pair):
+    from tracemark.ctf.writer import ctf_field_key
+
+    a, b = pair
+    if a == b:
+        assert ctf_field_key(a) == "0Bool"
+        return
+    assert ctf_field_key(a) != ctf_field_key(b)
+
+
+@pytest.mark.parametrize("key", ["0abc", "0_u0041", "0_uzzzz", "0a_b", "_x", "0", "0_u00e", "é x"])
+def test_keys_not_in_canonical_form_are_refused(key):
+    from tracemark.ctf.writer import field_name_from_key
+
+    assert field_name_from_key(key) is None

@@ -26,7 +26,9 @@ from ._common import (
     Progress,
     Style,
     field_names,
+    guarded,
     open_trace,
+    printable,
     select,
     total_events,
     wants_colour,
@@ -255,10 +257,11 @@ def _stats(args: argparse.Namespace, out: IO[str]) -> int:
     progress = Progress("reading", total_events(trace))
     collected = stats.collect(progress.wrap(events))
     streams = list(getattr(trace, "streams", ()))
+    start, end = next(guarded((trace.start, trace.end) for _ in (0,)))  # may decode, may fail
     info = {
         "path": args.trace,
-        "start": trace.start,
-        "end": trace.end,
+        "start": start,
+        "end": end,
         "discarded": trace.discarded,
         "processes": len({s.pid for s in streams}),
         "threads": len({(s.pid, s.tid) for s in streams}),
@@ -308,9 +311,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _stats(args, out)
         return _list(args, out, err)
     except CliError as exc:
-        err.write(f"{exc.prog or prog}: error: {exc.message}\n")
+        err.write(f"{exc.prog or prog}: error: {printable(exc.message)}\n")
         if exc.detail:
-            err.write(exc.detail + "\n")
+            err.write("\n".join(map(printable, exc.detail.split("\n"))) + "\n")
         return exc.code
     except KeyboardInterrupt:
         err.write(f"{prog}: interrupted\n")

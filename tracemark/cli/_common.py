@@ -9,6 +9,10 @@ Guarantees
 * Colour only when the stream is a terminal, ``TERM`` is not ``dumb`` and ``NO_COLOR`` is
   unset or empty (https://no-color.org); progress only when stderr is a terminal.
 * Output is laid out for 80 columns; on a wider or narrower terminal its width is used.
+* Nothing a trace or a source tree holds can drive the terminal: every name, path and text
+  from them is printed through :func:`printable`, which escapes control characters (C0, DEL,
+  C1), line and paragraph separators and bidirectional-text controls, so a crafted thread
+  name cannot forge a line, set the window title or reorder what is shown.
 """
 
 from __future__ import annotations
@@ -43,6 +47,26 @@ exit codes:
   {EXIT_NOT_FOUND}  record: the program to run was not found
   record otherwise returns the program's own exit code
        (128+N if the program was killed by signal N)"""
+
+
+# C0 and DEL and C1 controls; U+061C, U+200E/F, U+202A-E, U+2066-9: bidirectional-text
+# controls; U+2028/9: line and paragraph separators (line breaks to some terminals).
+_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069]")
+_NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escape(m: re.Match[str]) -> str:
+    c = m[0]
+    return _NAMED.get(c) or (f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}")
+
+
+def printable(text: str) -> str:
+    """``text`` safe to print on a terminal, on one line: control characters, separators and
+    bidirectional controls written as ``\\n``, ``\\x1b``, ``\\u2028``...; other text unchanged
+    (the same object when there is nothing to escape: cheap on the common path)."""
+    if _UNSAFE.search(text) is None:
+        return text
+    return _UNSAFE.sub(_escape, text)
 
 
 class CliError(Exception):

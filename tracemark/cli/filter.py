@@ -18,6 +18,12 @@ Guarantees
 * An event that lacks a field (another marker) never matches a comparison on it, and nothing
   an event carries can make evaluation raise: a comparison between values of different types
   is false, arithmetic that fails gives "missing".
+* Bounded work. An expression has at most :data:`MAX_LENGTH` characters (10,000) and nests at
+  most :data:`MAX_DEPTH` levels (100): beyond, a FilterError, never a RecursionError. A value
+  the filter builds (``*`` repeating or ``+`` joining text, bytes or tuples) has at most
+  :data:`MAX_VALUE` items (1,000,000): written with constants only (``"x" * 10**9``) it is a
+  FilterError, otherwise the result is "missing", checked before anything is built. ``%`` is
+  arithmetic only: on text (printf formatting, which can pad to any width) it gives "missing".
 """
 
 from __future__ import annotations
@@ -28,7 +34,14 @@ import operator
 from collections.abc import Callable, Iterable
 from typing import Any
 
-__all__ = ["METADATA", "FilterError", "compile_filter"]
+__all__ = ["MAX_DEPTH", "MAX_LENGTH", "MAX_VALUE", "METADATA", "FilterError", "compile_filter"]
+
+#: The longest expression accepted, in characters.
+MAX_LENGTH = 10_000
+#: The deepest nesting accepted (operators inside operators, calls inside calls...).
+MAX_DEPTH = 100
+#: The most characters, bytes or items a value built by the filter may have.
+MAX_VALUE = 1_000_000
 
 #: Event attributes a filter can name, besides the fields.
 METADATA = ("name", "pid", "tid", "thread", "timestamp")
@@ -44,7 +57,10 @@ class FilterError(ValueError):
         self.column = max(0, min(column, len(expr)))
 
     def pointer(self) -> str:
-        """Two lines: the expression, and a caret under the problem."""
+        """Two lines: the expression, and a caret under the problem ('' for a very long
+        expression, which would not help)."""
+        if len(self.expr) > 200:
+            return ""
         shown = self.expr.replace("\n", " ").replace("\r", " ").replace("\0", " ")
         return f"  {shown}\n  {' ' * self.column}^"
 
@@ -73,13 +89,42 @@ _COMPARE: dict[type, Callable[[Any, Any], bool]] = {
     ast.In: lambda a, b: a in b,
     ast.NotIn: lambda a, b: a not in b,
 }
+
+
+class _TooBig(ValueError):
+    """A value beyond MAX_VALUE was about to be built."""
+
+
+_SIZED = (str, bytes, tuple, list)
+
+
+def _mul(a: Any, b: Any) -> Any:
+    if isinstance(b, _SIZED):
+        a, b = b, a
+    if isinstance(a, _SIZED) and isinstance(b, int) and len(a) * b > MAX_VALUE:
+        raise _TooBig(f"* would build a value of {len(a) * b:,} items")
+    return operator.mul(a, b)
+
+
+def _add(a: Any, b: Any) -> Any:
+    if isinstance(a, _SIZED) and isinstance(b, _SIZED) and len(a) + len(b) > MAX_VALUE:
+        raise _TooBig(f"+ would build a value of {len(a) + len(b):,} items")
+    return operator.add(a, b)
+
+
+def _mod(a: Any, b: Any) -> Any:
+    if isinstance(a, str | bytes):
+        raise TypeError("% is arithmetic only in a filter, not formatting")
+    return operator.mod(a, b)
+
+
 _ARITH: dict[type, Callable[[Any, Any], Any]] = {
-    ast.Add: operator.add,
+    ast.Add: _add,
     ast.Sub: operator.sub,
-    ast.Mult: operator.mul,
+    ast.Mult: _mul,
     ast.Div: operator.truediv,
     ast.FloorDiv: operator.floordiv,
-    ast.Mod: operator.mod,
+    ast.Mod: _mod,
 }
 # Methods callable on a string value; each takes the string and the (evaluated) arguments.
 _METHODS: dict[str, tuple[int, Callable[..., Any]]] = {
@@ -112,14 +157,25 @@ def compile_filter(expr: str, known_fields: Iterable[str] | None = None) -> Call
     for bad in "\n\r\0":
         if bad in expr:
             raise FilterError(f"{bad!r} is not allowed in a filter", expr, expr.find(bad))
+    if len(expr) > MAX_LENGTH:
+        message = f"the filter is {len(expr):,} characters long; the limit is {MAX_LENGTH:,}"
+        raise FilterError(message, expr, MAX_LENGTH)
     lead = len(expr) - len(expr.lstrip())
     text = expr.strip()
+    too_deep = f"the filter nests more than {MAX_DEPTH} levels deep"
     try:
         tree = ast.parse(text, mode="eval")
     except SyntaxError as exc:
+        if "too many nested" in exc.msg or "too complex" in exc.msg:
+            raise FilterError(too_deep, expr, 0) from None
         if not exc.offset:  # offset 0: the parser ran out of input
             raise FilterError("incomplete expression", expr, lead + len(text)) from None
         raise FilterError(f"syntax error: {exc.msg}", expr, lead + exc.offset - 1) from None
+    except (RecursionError, MemoryError):  # the parser's own stack (3.11: MemoryError)
+        raise FilterError(too_deep, expr, 0) from None
+    deep = _too_deep(tree.body)
+    if deep is not None:
+        raise FilterError(too_deep, expr, lead + _column(text, deep))
     known = None if known_fields is None else frozenset(known_fields)
     fn = _Compiler(expr, known, lead).build(tree.body)
 
@@ -130,6 +186,45 @@ def compile_filter(expr: str, known_fields: Iterable[str] | None = None) -> Call
             return False
 
     return match
+
+
+def _too_deep(root: ast.AST) -> ast.AST | None:
+    """The first node nested deeper than MAX_DEPTH, None if there is none (walked without
+    recursion, so any depth is measured safely)."""
+    stack = [(root, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            return node
+        stack.extend((child, depth + 1) for child in ast.iter_child_nodes(node))
+    return None
+
+
+_NOT_CONSTANT: Any = object()
+
+
+def _constant(node: ast.AST) -> Any:
+    """The value of ``node`` if it is made of constants only (checked like at run time),
+    else _NOT_CONSTANT; raises _TooBig."""
+    if isinstance(node, ast.Constant):
+        return node.value
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub | ast.UAdd):
+        value = _constant(node.operand)
+        if type(value) in (int, float):
+            return -value if isinstance(node.op, ast.USub) else value
+    if isinstance(node, ast.Tuple | ast.List):
+        items = [_constant(e) for e in node.elts]
+        return _NOT_CONSTANT if _NOT_CONSTANT in items else tuple(items)
+    if isinstance(node, ast.BinOp) and type(node.op) in _ARITH:
+        left, right = _constant(node.left), _constant(node.right)
+        if left is not _NOT_CONSTANT and right is not _NOT_CONSTANT:
+            try:
+                return _ARITH[type(node.op)](left, right)
+            except _TooBig:
+                raise
+            except Exception:
+                return _NOT_CONSTANT
+    return _NOT_CONSTANT
 
 
 class _Compiler:
@@ -216,6 +311,10 @@ class _Compiler:
         op = _ARITH.get(type(node.op))
         if op is None:
             raise self.fail(node, f"{_describe(node.op)} is not allowed in a filter", node.left)
+        try:
+            _constant(node)
+        except _TooBig as exc:
+            raise self.fail(node, f"{exc}; the limit is {MAX_VALUE:,}", node.left) from None
         left, right = self.build(node.left), self.build(node.right)
 
         def arith(ev: Any) -> Any:

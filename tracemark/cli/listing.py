@@ -28,12 +28,17 @@ Guarantees
   refuse (bad name or format), the same name declared twice with different fields, a file
   that does not parse. A call with ``*args`` or ``**kwargs`` is checked only as far as it can
   be. Declarations whose name or fields are not literals are listed as dynamic, unchecked.
+* A file that cannot be read safely is skipped, reported as an error with the reason, and
+  the command goes on: only regular files (a FIFO named ``x.py`` is not opened for
+  reading, so it cannot hang the command) of at most :data:`MAX_SOURCE` bytes (10 MiB), and
+  source nested too deeply for Python's parser or for this checker.
 """
 
 from __future__ import annotations
 
 import ast
 import os
+import stat
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -42,11 +47,27 @@ from typing import IO
 
 from ..markers.fields import Field, fields_from_format, fields_from_types
 from ..markers.registry import check_name
-from ._common import EXIT_FOUND_ERRORS, EXIT_OK, EXIT_USAGE, CliError, Style
+from ._common import EXIT_FOUND_ERRORS, EXIT_OK, EXIT_USAGE, CliError, Style, printable
 
 __all__ = ["Declaration", "Problem", "Scan", "scan"]
 
 _SKIP_DIRS = {"__pycache__", "node_modules", "site-packages", "build", "dist"}
+
+#: The largest source file read, in bytes.
+MAX_SOURCE = 10 << 20
+
+
+def _read_source(path: Path) -> bytes:
+    """The bytes of ``path`` if it is a regular file of at most MAX_SOURCE bytes, else
+    OSError/ValueError saying why; opened non-blocking, so a FIFO cannot hang the reader."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ValueError("not a regular file")
+        data = f.read(MAX_SOURCE + 1)
+    if len(data) > MAX_SOURCE:
+        raise ValueError(f"larger than {MAX_SOURCE >> 20} MiB")
+    return data
 
 
 @dataclass
@@ -68,7 +89,8 @@ class Problem:
     message: str
 
     def __str__(self) -> str:
-        return f"{self.file}:{self.line}:{self.col + 1}: error: {self.message}"
+        where = printable(f"{self.file}:{self.line}:{self.col + 1}")
+        return f"{where}: error: {printable(self.message)}"
 
 
 @dataclass
@@ -191,20 +213,34 @@ class _Reader:
     def load(self, path: Path) -> _Module | None:
         shown = _shown(path)
         try:
-            source = path.read_bytes()
+            source = _read_source(path)
+        except OSError as exc:
+            self.scan.problems.append(Problem(shown, 1, 0, f"skipped: {exc.strerror or exc}"))
+            return None
+        except ValueError as exc:
+            self.scan.problems.append(Problem(shown, 1, 0, f"skipped: {exc}"))
+            return None
+        try:
             tree = ast.parse(source, filename=shown)
         except SyntaxError as exc:
             self.scan.problems.append(
                 Problem(shown, exc.lineno or 1, (exc.offset or 1) - 1, f"cannot parse: {exc.msg}")
             )
             return None
-        except (OSError, ValueError) as exc:
-            self.scan.problems.append(Problem(shown, 1, 0, f"cannot read: {exc}"))
+        except (RecursionError, MemoryError):  # the parser's own limits
+            self.scan.problems.append(Problem(shown, 1, 0, _TOO_DEEP))
+            return None
+        except ValueError as exc:  # source with a NUL byte (3.11)
+            self.scan.problems.append(Problem(shown, 1, 0, f"cannot parse: {exc}"))
             return None
         self.scan.files += 1
         mod = _Module(path, shown, _module_name(path), tree)
-        self._imports(mod)
-        self._declarations(mod)
+        try:
+            self._imports(mod)
+            self._declarations(mod)
+        except RecursionError:
+            self.scan.problems.append(Problem(shown, 1, 0, _TOO_DEEP))
+            return None
         if mod.name:
             self.modules[mod.name] = mod
         return mod
@@ -495,6 +531,9 @@ class _SiteVisitor(ast.NodeVisitor):
         self._scope(node, [x.arg for x in (*a.posonlyargs, *a.args, *a.kwonlyargs)])
 
 
+_TOO_DEEP = "skipped: nested too deeply to check"
+
+
 def _fields(fields: tuple[Field, ...]) -> str:
     return ", ".join(map(str, fields))
 
@@ -505,7 +544,10 @@ def scan(targets: Sequence[str]) -> Scan:
     reader = _Reader(result)
     modules = [m for m in map(reader.load, resolve_targets(targets)) if m is not None]
     for mod in modules:
-        reader.check(mod)
+        try:
+            reader.check(mod)
+        except RecursionError:  # the site visitor recurses with the source's nesting
+            result.problems.append(Problem(mod.shown, 1, 0, _TOO_DEEP))
     result.problems.sort()
     return result
 
@@ -516,12 +558,13 @@ def run(
     result = scan(targets)
     for decl in sorted(result.markers.values(), key=lambda d: d.name):
         fields = "(dynamic fields)" if decl.fields is None else f"({_fields(decl.fields)})"
-        head = f"{style(decl.name, 'bold', 'cyan')}{fields}"
-        if len(decl.name) + len(fields) > width:
-            head = f"{style(decl.name, 'bold', 'cyan')}\n  {fields}"
+        name = printable(decl.name)
+        head = f"{style(name, 'bold', 'cyan')}{fields}"
+        if len(name) + len(fields) > width:
+            head = f"{style(name, 'bold', 'cyan')}\n  {fields}"
         kind = "inline, first used" if decl.inline else "declared"
         sites = f"{decl.sites} call site{'s' if decl.sites != 1 else ''}"
-        out.write(f"{head}\n  {kind} {decl.file}:{decl.line}; {sites}\n")
+        out.write(f"{head}\n  {kind} {printable(decl.file)}:{decl.line}; {sites}\n")
     for problem in result.problems:
         err.write(f"{style(str(problem), 'red')}\n")
     summary = (

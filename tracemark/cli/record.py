@@ -51,6 +51,7 @@ from ._common import (
     Style,
     human_duration,
     human_size,
+    printable,
     total_events,
 )
 
@@ -192,13 +193,13 @@ def run(args: Any, err: IO[str], style: Style) -> int:
     elapsed = time.monotonic() - started
     for path, cut in cut_torn_tails(trace_dir):
         err.write(
-            f"tracemark record: {path}: cut the last {cut:,} bytes, part of a packet its process "
-            "left when it was killed while writing\n"
+            f"tracemark record: {printable(str(path))}: cut the last {cut:,} bytes, part of a "
+            "packet its process left when it was killed while writing\n"
         )
     try:
         summarize(trace_dir, err, style, top=args.top, elapsed=elapsed, code=code)
     except CliError as exc:  # the program ran: its exit code matters more than ours
-        err.write(f"tracemark record: {exc.message}\n")
+        err.write(f"tracemark record: {printable(exc.message)}\n")
     return code
 
 
@@ -254,7 +255,7 @@ def summarize(
     size = sum(f.stat().st_size for f in trace_dir.rglob("*") if f.is_file())
     if next(trace_dir.rglob("metadata"), None) is None:
         err.write(
-            f"tracemark record: no trace was written to {trace_dir} "
+            f"tracemark record: no trace was written to {printable(str(trace_dir))} "
             "(was it a Python program? did it start?)\n"
         )
         return
@@ -284,14 +285,14 @@ def summarize(
             )
             + "\n  record fewer markers (-e GLOB) or give more buffer (--buffer 4M)\n"
         )
-    width = max((len(n) for n, _ in counts.most_common(top)), default=0)
+    width = max((len(printable(n)) for n, _ in counts.most_common(top)), default=0)
     for name, count in counts.most_common(top):
-        err.write(f"  {name:<{min(width, 50)}} {count:>12,}\n")
+        err.write(f"  {printable(name):<{min(width, 50)}} {count:>12,}\n")
     if len(counts) > top:
         rest = total - sum(c for _, c in counts.most_common(top))
         err.write(f"  ({len(counts) - top} more markers, {rest:,} events)\n")
-    err.write(f"  trace: {trace_dir} ({human_size(size)})\n")
-    err.write(f"  view it: tracemark view {_quote(str(trace_dir))}\n")
+    err.write(f"  trace: {printable(str(trace_dir))} ({human_size(size)})\n")
+    err.write(f"  view it: tracemark view {printable(_quote(str(trace_dir)))}\n")
 
 
 def _quote(text: str) -> str:

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from typing import IO, Any
 
 from ..markers.fields import show_value
-from ._common import Style, human_duration
+from ._common import Style, human_duration, printable
 
 __all__ = ["FieldStats", "MarkerStats", "collect", "histogram", "render_json", "render_text"]
 
@@ -277,7 +277,7 @@ def render_text(
     if threads is not None:
         where.append(f"{threads} thread{'s' if threads != 1 else ''}")
     lines = [
-        style(f"trace {path}", "bold") if path else style("trace", "bold"),
+        style(f"trace {printable(path)}", "bold") if path else style("trace", "bold"),
         f"  {total:,} events in {human_duration(duration)}"
         + (f" from {', '.join(where)}" if where else ""),
     ]
@@ -291,7 +291,7 @@ def render_text(
         rate = _rate(m.count, duration)
         lines.append("")
         lines.append(
-            f"{style(m.name, 'bold', 'cyan')}  {m.count:,} events"
+            f"{style(printable(m.name), 'bold', 'cyan')}  {m.count:,} events"
             + (f", {rate:,.1f}/s" if rate is not None else "")
         )
         for name, f in m.fields.items():
@@ -304,7 +304,7 @@ def _field_lines(name: str, f: FieldStats, style: Style) -> list[str]:
     if _is_numeric(f):
         values = f.numbers()
         kind = "float" if f.floats or f.nan else "int"
-        head = f"  {style(name, 'bold')} ({kind})"
+        head = f"  {style(printable(name), 'bold')} ({kind})"
         if values:
             s = summary(values)
             head += "  " + "  ".join(f"{k} {_number(v)}" for k, v in s.items())
@@ -319,9 +319,10 @@ def _field_lines(name: str, f: FieldStats, style: Style) -> list[str]:
     if f.others:
         kinds = sorted({type(v).__name__ for v in f.others})
         n = sum(f.others.values())
-        lines.append(f"  {style(name, 'bold')} ({'/'.join(kinds)})  {len(f.others):,} distinct")
+        shown_name = style(printable(name), "bold")
+        lines.append(f"  {shown_name} ({'/'.join(kinds)})  {len(f.others):,} distinct")
         for value, count in f.others.most_common(TOP):
-            shown = show_value(value)
+            shown = printable(show_value(value))
             if len(shown) > 40:
                 shown = shown[:39] + "…"
             lines.append(f"    {shown:<40} {count:>12,}  {100 * count / n:5.1f}%")

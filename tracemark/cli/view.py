@@ -10,7 +10,9 @@ Guarantees
   each is shown once; ``--limit N`` stops after the N-th shown event without reading further.
 * The delta is to the previous *shown* event, so a filtered listing reads naturally.
 * Values are shown as the printer shows them (``fields.show_value``): plain when
-  unambiguous, else repr; nothing an event carries can break a line in two.
+  unambiguous, else repr; nothing an event carries can break a line in two or reach the
+  terminal as a control character: event, thread and field names are printed through
+  ``_common.printable`` (values are repr'd whenever they are not plain).
 * On a terminal a line is cut at the terminal's width (marked with ``…``) and the event name
   is coloured; piped output is complete and plain.
 * ``--json`` writes one JSON object per line: ``timestamp`` (ns since the Unix epoch),
@@ -29,7 +31,7 @@ from json.encoder import encode_basestring  # type: ignore[attr-defined]
 from typing import IO, Any
 
 from ..markers.fields import show_value
-from ._common import Style
+from ._common import Style, printable
 
 __all__ = ["format_event", "write_json", "write_text"]
 
@@ -53,7 +55,7 @@ def _delta(ns: int | None) -> str:
 def _single_line(text: str) -> str:
     # show_value leaves plain words alone and reprs the rest, so a newline is escaped;
     # this only guards values shown plain by an odd type's repr.
-    return text.replace("\n", "\\n").replace("\r", "\\r")
+    return printable(text)
 
 
 def format_event(
@@ -64,19 +66,20 @@ def format_event(
     ``width``: cut the line to this many columns (the fields are cut, never the event name).
     """
     style = style or Style(False)
-    who = f"[{ev.pid} {ev.thread or ev.tid}]"
+    who = printable(f"[{ev.pid} {ev.thread or ev.tid}]")
+    name = printable(ev.name)
     head = f"{_clock(ev.timestamp)} {_delta(None if previous is None else ev.timestamp - previous)}"
-    fields = " ".join(f"{k}={_single_line(show_value(v))}" for k, v in ev.fields.items())
+    fields = " ".join(f"{printable(k)}={_single_line(show_value(v))}" for k, v in ev.fields.items())
     if width is not None:
-        room = width - len(head) - len(who) - len(ev.name) - 3
+        room = width - len(head) - len(who) - len(name) - 3
         if len(fields) > room:
             fields = fields[: max(0, room - 1)] + "…"
-    line = f"{style(head, 'dim')} {who} {style(ev.name, 'bold', 'cyan')}"
+    line = f"{style(head, 'dim')} {who} {style(name, 'bold', 'cyan')}"
     return f"{line} {fields}" if fields else line
 
 
 def _show_other(value: Any) -> str:
-    return _single_line(show_value(value))
+    return printable(show_value(value))
 
 
 # show_value by exact type, for the types the reader gives (their text never has a newline).
@@ -91,9 +94,9 @@ _SHOW: dict[type, Any] = {
 
 def _line_template(ev: Any) -> str:
     """A %-template of one event's line after the time and delta (escaped once)."""
-    who = f"[{ev.pid} {ev.thread or ev.tid}]"
-    fields = " ".join(f"{k}=%s" for k in ev.fields)
-    text = f" {who} {ev.name} ".replace("%", "%%") + fields
+    who = printable(f"[{ev.pid} {ev.thread or ev.tid}]")
+    fields = " ".join(f"{printable(k).replace('%', '%%')}=%s" for k in ev.fields)
+    text = f" {who} {printable(ev.name)} ".replace("%", "%%") + fields
     return text.rstrip(" ") if not ev.fields else text
 
 

@@ -18,6 +18,10 @@ Guarantees
   it), stream id, sizes in bits within the packet and the file, timestamps never going
   backwards within a stream nor past ``timestamp_end``, event ids declared in the metadata,
   strings valid UTF-8 and terminated inside the packet.
+* **Crafted input is refused, not obeyed.** Only regular files are read (a FIFO, a device or
+  a symlink to one is a TraceError, opened without blocking); ``metadata`` may hold at most
+  :data:`METADATA_LIMIT` bytes (64 MiB) and a packet at most :data:`PACKET_LIMIT` bytes
+  (1 GiB); numbers in the metadata have at most 20 digits.
 * Only tracemark's own layout is read: a metadata file whose fixed part differs (another
   tracer's CTF) is a TraceError saying so, rather than a misreading.
 """
@@ -27,6 +31,7 @@ from __future__ import annotations
 import heapq
 import os
 import re
+import stat
 import struct
 from collections.abc import Callable, Iterator
 from operator import attrgetter
@@ -36,6 +41,8 @@ from typing import Any, NamedTuple
 from . import writer as W
 
 __all__ = [
+    "METADATA_LIMIT",
+    "PACKET_LIMIT",
     "Event",
     "Stream",
     "SubTrace",
@@ -87,6 +94,38 @@ class Event(NamedTuple):
 
 _new_event = tuple.__new__
 
+#: The largest metadata file read, in bytes (tracemark's are a few KiB per hundred markers).
+METADATA_LIMIT = 64 << 20
+#: The largest packet read, in bytes (a packet is read whole; recorder sub-buffers are far
+#: smaller).
+PACKET_LIMIT = 1 << 30
+
+
+def _open_regular(path: Path, what: str) -> Any:
+    """``path`` opened for reading if it is a regular file (symlinks followed), else a
+    TraceError. Opened non-blocking first, so a FIFO cannot hang the reader."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:
+        raise TraceError(path, 0, f"cannot read {what}: {exc.strerror or exc}") from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise TraceError(path, 0, f"{what} is not a regular file")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _number(text: str) -> int:
+    """A decimal from the metadata; ValueError beyond 20 digits (int() of a huge one is slow,
+    and beyond 4,300 digits raises its own ValueError)."""
+    if len(text.lstrip("-")) > 20:
+        raise ValueError("number too long")
+    return int(text)
+
 
 # --- metadata ---------------------------------------------------------------------------------
 
@@ -96,9 +135,11 @@ _EVENT = re.compile(
     r'event \{\n\tname = "((?:[^"\\\n]|\\.)*)";\n\tid = (\d+);\n\tstream_id = 0;\n'
     r"\tfields := struct \{\n((?:\t\t[^\n]*\n)*)\t\};\n\};\n"
 )
-_FIELD = re.compile(r"\t\t(tm_\w+) _([A-Za-z]\w*);\n")
+# A field key is ASCII (tracemark.ctf.writer.ctf_field_key), or a raw non-ASCII name in
+# traces written before names were escaped.
+_FIELD = re.compile(r"\t\t(tm_\w+) _(\w+);\n")
 _SEQUENCE = re.compile(
-    r"\t\ttm_len __([A-Za-z]\w*)_len;\n\t\t(tm_byte|tm_str|tm_object) _\1\[__\1_len\];\n"
+    r"\t\ttm_len __(\w+)_len;\n\t\t(tm_byte|tm_str|tm_object) _\1\[__\1_len\];\n"
 )
 _UUID = re.compile(r'\ntrace \{\n\tmajor = 1;\n\tminor = 8;\n\tuuid = "([0-9a-f-]{36})";\n')
 _CLOCK = re.compile(
@@ -108,20 +149,37 @@ _ENV = re.compile(r"\nenv \{\n((?:\t\w+ = [^\n]*;\n)*)\};\n")
 _ENV_ITEM = re.compile(r'\t(\w+) = (-?\d+|"(?:[^"\\]|\\.)*");\n')
 
 
-def _unquote(text: str) -> str:
-    body = text[1:-1]
-    return re.sub(
-        r"\\(x[0-9a-fA-F]{2}|.)",
-        lambda m: {"n": "\n"}.get(m[1], chr(int(m[1][1:], 16)) if m[1][0] == "x" else m[1]),
-        body,
-    )
+_STRING_PART = re.compile(r"\\x([0-9a-fA-F]{2})|\\(.)|[^\\]+|\\", re.DOTALL)
+
+
+def _unquote(text: str) -> str | None:
+    """A TSDL string literal's value (the writer's escapes: ``\\xNN`` are the bytes of UTF-8
+    text; bytes that are not UTF-8, from older writers, become U+FFFD); None when it ends
+    in a lone backslash."""
+    out = bytearray()
+    for m in _STRING_PART.finditer(text, 1, len(text) - 1):
+        if m[1] is not None:
+            out.append(int(m[1], 16))
+        elif m[2] is not None:
+            out += b"\n" if m[2] == "n" else m[2].encode()
+        elif m[0] == "\\":
+            return None  # a lone backslash at the end
+        else:
+            out += m[0].encode()
+    return out.decode("utf-8", "replace")
 
 
 class _Metadata:
     def __init__(self, path: Path) -> None:
         self.path = path
         try:
-            text = path.read_bytes().decode("utf-8")
+            with _open_regular(path, "metadata") as f:
+                data = f.read(METADATA_LIMIT + 1)
+            if len(data) > METADATA_LIMIT:
+                raise TraceError(
+                    path, METADATA_LIMIT, f"metadata is larger than {METADATA_LIMIT >> 20} MiB"
+                )
+            text = data.decode("utf-8")
         except UnicodeDecodeError as exc:
             raise TraceError(path, exc.start, "metadata is not valid UTF-8") from None
         except OSError as exc:
@@ -149,16 +207,26 @@ class _Metadata:
                 "tracemark wrote; use babeltrace2 for others)",
             )
         c = _CLOCK.search(text)
-        if not c or int(c[1]) == 0:
-            raise self._error(0, "metadata has no valid clock block")
-        self.freq = int(c[1])
-        self.offset_ns = (int(c[2]) * self.freq + int(c[3])) * 1_000_000_000 // self.freq
+        try:
+            if not c or _number(c[1]) == 0:
+                raise ValueError
+            self.freq = _number(c[1])
+            offset = _number(c[2]) * self.freq + _number(c[3])
+        except ValueError:
+            raise self._error(c.start() if c else 0, "metadata has no valid clock block") from None
+        self.offset_ns = offset * 1_000_000_000 // self.freq
         self.env: dict[str, str | int] = {}
         e = _ENV.search(text)
         if e:
             for item in _ENV_ITEM.finditer(e[1]):
                 v = item[2]
-                self.env[item[1]] = _unquote(v) if v.startswith('"') else int(v)
+                try:
+                    value = _unquote(v) if v.startswith('"') else _number(v)
+                except ValueError:
+                    value = None
+                if value is None:
+                    raise self._error(e.start(1) + item.start(2), f"env {item[1]} is not valid")
+                self.env[item[1]] = value
         self.events: dict[int, tuple[str, tuple[tuple[str, str], ...]]] = {}
         pos = layout + len(W.STREAM_TSDL)
         while True:
@@ -169,10 +237,15 @@ class _Metadata:
             if not m:
                 raise self._error(start + 1, "event class block cannot be parsed")
             fields = self._fields(m[3], m.start(3))
+            name = _unquote(f'"{m[1]}"')
+            if name is None:
+                raise self._error(m.start(1), "event name is not a valid string")
+            if len(m[2]) > 10 or int(m[2]) > 0xFFFFFFFF:  # the event header's uint32
+                raise self._error(m.start(2), "event id does not fit 32 bits")
             event_id = int(m[2])
             if event_id in self.events:
                 raise self._error(m.start(2), f"event id {event_id} declared twice")
-            self.events[event_id] = (_unquote(f'"{m[1]}"'), fields)
+            self.events[event_id] = (name, fields)
             pos = m.end() - 1
         if text[pos:].strip() and not text[pos:].strip().startswith("/*"):
             rest = len(text) - len(text[pos:].lstrip())
@@ -189,12 +262,18 @@ class _Metadata:
         while pos < len(body):
             m = _SEQUENCE.match(body, pos)
             if m:
-                out.append((m[1], _SEQUENCE_TYPES[m[2]]))
+                key, type_name = m[1], _SEQUENCE_TYPES[m[2]]
             else:
                 m = _FIELD.match(body, pos)
                 if not m or m[1] not in _TYPE_NAMES:
                     raise self._error(offset + pos, "event field cannot be parsed")
-                out.append((m[2], _TYPE_NAMES[m[1]]))
+                key, type_name = m[2], _TYPE_NAMES[m[1]]
+            name = W.field_name_from_key(key)  # an escaped non-ASCII name: see the writer
+            if name is None:
+                raise self._error(offset + pos, f"event field name {key!r} is not valid")
+            if name in (f[0] for f in out):
+                raise self._error(offset + pos, f"event field {name!r} declared twice")
+            out.append((name, type_name))
             pos = m.end()
         return tuple(out)
 
@@ -289,10 +368,7 @@ class _Packet:
 
 
 def _open(path: Path) -> Any:
-    try:
-        return open(path, "rb")
-    except OSError as exc:
-        raise TraceError(path, 0, f"cannot read stream: {exc.strerror or exc}") from None
+    return _open_regular(path, "stream")
 
 
 class Stream:
@@ -388,6 +464,10 @@ class Stream:
                     raise TraceError(path, where + 16, "content_size/packet_size are invalid")
                 content //= 8
                 psize //= 8
+                if psize > PACKET_LIMIT:
+                    raise TraceError(
+                        path, where + 24, f"packet_size is beyond {PACKET_LIMIT >> 20} MiB"
+                    )
                 if content < _FIXED_SIZE + 1:
                     raise TraceError(path, where + 16, "content_size is smaller than the header")
                 if offset + psize > size:
@@ -506,7 +586,7 @@ class Stream:
         if not p.count:
             return None
         try:
-            with open(self.path, "rb") as f:
+            with _open(self.path) as f:
                 f.seek(p.offset)
                 data = f.read(p.content_end)
             skips = self.sub.skips
@@ -514,7 +594,7 @@ class Stream:
             while pos < end:
                 event_id, ts = _EVENT_HEADER.unpack_from(data, pos)
                 pos = skips[event_id](data, pos + _EVENT_HEADER.size, end)
-        except (OSError, KeyError, struct.error, ValueError, IndexError):
+        except (OSError, TraceError, KeyError, struct.error, ValueError, IndexError):
             ts = None
         if ts is None or pos != end:  # damaged: decoding says where and why
             ts = None
@@ -542,10 +622,16 @@ class SubTrace:
         self.skips = {
             eid: _compile_skipper(fields) for eid, (_, fields) in self.meta.events.items()
         }
-        names = sorted(
-            e.name for e in os.scandir(path) if e.is_file() and not e.name.startswith(".")
-        )
-        self.streams = [Stream(self, path / n) for n in names if n != "metadata"]
+        names = []
+        try:
+            entries = sorted(os.scandir(path), key=attrgetter("name"))
+        except OSError as exc:
+            raise TraceError(path, 0, f"cannot list the directory: {exc.strerror}") from None
+        for e in entries:
+            if e.name.startswith(".") or e.name == "metadata" or _is_dir(e):
+                continue
+            names.append(e.name)  # a FIFO or a device here: Stream() says it is not a file
+        self.streams = [Stream(self, path / n) for n in names]
         seen: dict[int, Path] = {}
         for s in self.streams:
             if s.instance_id in seen and s.instance_id >= 0:
@@ -555,6 +641,13 @@ class SubTrace:
                     f"stream_instance_id {s.instance_id} is also used by {seen[s.instance_id]}",
                 )
             seen[s.instance_id] = s.path
+
+
+def _is_dir(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir()
+    except OSError:
+        return False
 
 
 class Trace:

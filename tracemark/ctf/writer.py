@@ -26,12 +26,14 @@ Guarantees of the layout
 * Event header: ``uint32 id`` then ``uint64 timestamp`` (ns of the monotonic clock; the clock's
   offset maps it to the Unix epoch, CTF §8). Timestamps never go backwards within a stream and
   never pass the packet's ``timestamp_end``.
-* Event payload by the marker's field types, each field named ``_<name>`` in TSDL (a leading
-  underscore is stripped by readers, CTF §4.1.2, so any field name, even a TSDL keyword like
-  ``align``, is safe): int -> ``tm_int`` (int64), float -> ``tm_float`` (IEEE double),
+* Event payload by the marker's field types, each field named ``_<key>`` in TSDL (a leading
+  underscore is stripped by readers, CTF §4.1.2, so a TSDL keyword like ``align`` is safe:
+  tested with babeltrace2), where the key is the field's name, or its escaped form for a
+  name TSDL cannot spell (see :func:`ctf_field_key`): int -> ``tm_int`` (int64), float ->
+  ``tm_float`` (IEEE double),
   bool -> ``tm_bool`` (uint8 enum false/true); str, object (its repr; a ``ReprText`` is a
-  repr already and stored as it is) and bytes -> ``tm_len __<name>_len`` followed by
-  ``tm_str`` / ``tm_object`` / ``tm_byte`` ``_<name>[__<name>_len]`` (a CTF sequence; for
+  repr already and stored as it is) and bytes -> ``tm_len __<key>_len`` followed by
+  ``tm_str`` / ``tm_object`` / ``tm_byte`` ``_<key>[__<key>_len]`` (a CTF sequence; for
   text its elements are 8-bit integers with ``encoding = UTF8``, which CTF readers present
   as a string: babeltrace2 does, up to a NUL, tested).
   Text is length-prefixed rather than NUL-terminated: a NUL inside is kept, no byte has to be
@@ -41,6 +43,7 @@ Guarantees of the layout
 
 from __future__ import annotations
 
+import re
 import struct
 import time
 from collections.abc import Callable, Sequence
@@ -57,7 +60,9 @@ __all__ = [
     "STREAM_TSDL",
     "TYPES_TSDL",
     "compile_packer",
+    "ctf_field_key",
     "event_class",
+    "field_name_from_key",
     "metadata_preamble",
     "open_packet",
     "pack_source",
@@ -99,9 +104,81 @@ TYPE_ALIASES = {
 
 
 def _quote(text: str) -> str:
-    """A TSDL string literal (CTF §4.1.5 escapes)."""
-    out = text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-    return '"' + "".join(c if c.isprintable() else f"\\x{ord(c) & 0xFF:02x}" for c in out) + '"'
+    """A TSDL string literal (CTF §4.1.5 escapes): a character that is not printable is
+    written as the ``\\xNN`` escapes of its UTF-8 bytes (the reader decodes them back)."""
+    out = clean_text(text).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    return (
+        '"'
+        + "".join(c if c.isprintable() else "".join(f"\\x{b:02x}" for b in c.encode()) for c in out)
+        + '"'
+    )
+
+
+# --- field names in TSDL ------------------------------------------------------------------------
+#
+# A field name is a Python identifier (tracemark.markers.fields): ASCII or not. A TSDL
+# identifier is ASCII only ([A-Za-z_][A-Za-z0-9_]*): babeltrace2 rejects the whole metadata,
+# so every process's sub-trace, at the first other byte ("Invalid character"). And three
+# words with the leading underscore tracemark adds are TSDL keywords: _Bool, _Complex and
+# _Imaginary (babeltrace2 2.0 fails on them; the other keywords, align, struct, int, ...,
+# are safe behind the underscore: tested).
+#
+# Such names are written escaped rather than refused, since Python lets users write them:
+# the key is "0" followed by the name with "_" doubled and every other character that is
+# not an ASCII letter or digit written "_uXXXX" (4 hex digits) or, beyond U+FFFF,
+# "_UXXXXXXXX" (8), lowercase: ``città`` -> ``0citt_u00e0`` (TSDL ``_0citt_u00e0``, shown
+# by babeltrace2 as ``0citt_u00e0``), ``Bool`` -> ``0Bool``. Why this cannot collide: a
+# plain key starts with a letter (field names do), an escaped key with the digit 0, and
+# sequence lengths with "__"; the escaping is decoded left to right without ambiguity, so
+# two names never share a key, and the reader gives back the original name. Keys that are
+# not in canonical form are a damaged trace.
+
+_RESERVED_KEYS = frozenset({"Bool", "Complex", "Imaginary"})  # "_" + key is a TSDL keyword
+_PLAIN_KEY = re.compile(r"[A-Za-z][A-Za-z0-9_]*\Z")
+_ESCAPED_KEY = re.compile(r"0((?:[A-Za-z0-9]|__|_u[0-9a-f]{4}|_U[0-9a-f]{8})+)\Z")
+_ESCAPE = re.compile(r"_u([0-9a-f]{4})|_U([0-9a-f]{8})|__")
+
+
+def ctf_field_key(name: str) -> str:
+    """The ASCII key under which field ``name`` is written (``_<key>``, ``__<key>_len``):
+    the name itself when TSDL can spell it, else its reversible escape.
+
+    Mapped, not refused: Python identifiers may be non-ASCII, so users write
+    ``marker("a.b", città=int)`` and ``"größe=%d"``; refusing them would make a valid Python
+    name a tracing error. The escape is simple (``città`` -> ``0citt_u00e0``, ``Bool`` ->
+    ``0Bool``), stable, needs nothing else in the metadata, is readable in babeltrace2's
+    output, and :func:`field_name_from_key` turns it back into the name exactly. Keys of
+    plain ASCII names are unchanged, so existing traces and tools see what they saw.
+    """
+    if _PLAIN_KEY.match(name) and name not in _RESERVED_KEYS:
+        return name
+    out = ["0"]
+    for c in name:
+        if c == "_":
+            out.append("__")
+        elif c.isascii() and c.isalnum():
+            out.append(c)
+        elif ord(c) <= 0xFFFF:
+            out.append(f"_u{ord(c):04x}")
+        else:
+            out.append(f"_U{ord(c):08x}")
+    return "".join(out)
+
+
+def field_name_from_key(key: str) -> str | None:
+    """The field name that :func:`ctf_field_key` wrote as ``key``; None if no name gives
+    ``key`` (a damaged or foreign trace)."""
+    if not key.isascii():  # written raw by tracemark before escaping (babeltrace2 refuses)
+        return key if key.isidentifier() and key[0] != "_" else None
+    if key[:1] != "0":
+        return key if _PLAIN_KEY.match(key) and key not in _RESERVED_KEYS else None
+    m = _ESCAPED_KEY.match(key)
+    if not m:
+        return None
+    name = _ESCAPE.sub(
+        lambda e: "_" if e[0] == "__" else chr(min(int(e[1] or e[2], 16), 0x10FFFF)), m[1]
+    )
+    return name if ctf_field_key(name) == key else None
 
 
 #: Type aliases; their names tell the reader the declared Python type of a field.
@@ -192,11 +269,12 @@ def event_class(name: str, event_id: int, fields: Sequence[Any]) -> str:
     """The TSDL ``event`` block of one marker (``fields``: its :class:`Field` tuple)."""
     lines = []
     for f in fields:
+        key = ctf_field_key(f.name)
         if f.type in _SEQUENCES:
-            lines.append(f"\t\ttm_len __{f.name}_len;\n")
-            lines.append(f"\t\t{TYPE_ALIASES[f.type]} _{f.name}[__{f.name}_len];\n")
+            lines.append(f"\t\ttm_len __{key}_len;\n")
+            lines.append(f"\t\t{TYPE_ALIASES[f.type]} _{key}[__{key}_len];\n")
         else:
-            lines.append(f"\t\t{TYPE_ALIASES[f.type]} _{f.name};\n")
+            lines.append(f"\t\t{TYPE_ALIASES[f.type]} _{key};\n")
     return (
         f"\nevent {{\n\tname = {_quote(name)};\n\tid = {event_id};\n\tstream_id = 0;\n"
         f"\tfields := struct {{\n{''.join(lines)}\t}};\n}};\n"

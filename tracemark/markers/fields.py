@@ -11,6 +11,12 @@ object (shown with repr); flags, width and precision are allowed (``%08.3f``); `
 literal percent. A field takes its name from the word written just before it (``len=%d``,
 ``len: %d``), else ``arg0``, ``arg1``, ...
 
+A field name is a Python identifier not starting with ``_`` and not a keyword; it may be
+non-ASCII (``größe=%d``, ``città=int``), as Python identifiers may. Names are NFKC-normalised,
+as Python normalises the identifiers it compiles, so ``m(ﬁ=1)`` fires a field declared
+``"ﬁ=%d"`` (stored as ``fi``). How a name that CTF cannot spell is written into a trace is
+:func:`tracemark.ctf.writer.ctf_field_key`'s business.
+
 Keyword types: ``int float str bytes bool object``. A tracer stores each type the same way
 whatever the marker was declared with, so the two forms are interchangeable.
 """
@@ -19,6 +25,7 @@ from __future__ import annotations
 
 import keyword
 import re
+import unicodedata
 from dataclasses import dataclass
 
 __all__ = [
@@ -47,12 +54,13 @@ _CONVERSIONS = {
     "r": object,
 }
 
-# A conversion, optionally preceded by the name it describes: "len=%d", "len: %5d".
+# A conversion, optionally preceded by the name it describes: "len=%d", "len: %5d". A name
+# starts with a letter or _ (any script) not preceded by a non-ASCII word character, so
+# "ärger=%d" names "ärger", not "rger".
 _SPEC = re.compile(
-    r"(?:(?P<name>[A-Za-z_]\w*)\s*[=:]\s*)?"
+    r"(?:(?<![^\W\x00-\x7f])(?P<name>[^\W\d]\w*)\s*[=:]\s*)?"
     r"%(?P<flags>[-+ #0]*)(?P<width>\d*)(?:\.(?P<prec>\d+))?(?P<conv>[a-zA-Z%])"
 )
-_IDENT = re.compile(r"[A-Za-z_]\w*\Z")
 
 
 class ReprText(str):
@@ -93,7 +101,7 @@ def fields_from_format(fmt: str) -> tuple[Field, ...]:
                 f"unknown conversion %{conv} in format {fmt!r}; "
                 "use %d %i %u %x %X %o (int), %f %g %e (float), %s (str) or %r (any object)"
             )
-        name = m["name"] or f"arg{len(fields)}"
+        name = _normal(m["name"]) if m["name"] else f"arg{len(fields)}"
         fields.append(Field(name, _CONVERSIONS[conv]))
     return _checked(fields, f"format {fmt!r}")
 
@@ -107,14 +115,19 @@ def fields_from_types(types: dict[str, object]) -> tuple[Field, ...]:
         if typ not in FIELD_TYPES.values():
             allowed = ", ".join(FIELD_TYPES)
             raise ValueError(f"field {name!r} has type {typ!r}; a field type is one of {allowed}")
-        fields.append(Field(name, typ))  # type: ignore[arg-type]
+        fields.append(Field(_normal(name), typ))  # type: ignore[arg-type]
     return _checked(fields, "keywords")
+
+
+def _normal(name: object) -> object:
+    """``name`` NFKC-normalised (what Python does to the identifiers it compiles)."""
+    return unicodedata.normalize("NFKC", name) if isinstance(name, str) else name
 
 
 def _checked(fields: list[Field], where: str) -> tuple[Field, ...]:
     seen = set()
     for f in fields:
-        if not _IDENT.match(f.name) or f.name.startswith("_"):
+        if not isinstance(f.name, str) or not f.name.isidentifier() or f.name.startswith("_"):
             raise ValueError(
                 f"field name {f.name!r} in {where} is not a public identifier "
                 "(letters, digits and _, not starting with _ or a digit)"
