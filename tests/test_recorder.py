@@ -797,10 +797,12 @@ def test_recordings_come_and_go_while_threads_fire_flat_out(tmp_path, uniq):
 
 def test_a_stopped_recording_holds_no_buffer_memory(tmp_path, uniq):
     """The program may keep the recording (for its summary), and a thread's dispatch state may
-    still point at one of its channels: neither keeps the sub-buffers alive."""
+    still point at one of its channels: neither keeps the sub-buffers alive. Sub-buffers are
+    ring-file mappings (tracemark.ctf.ring): every one is unmapped and its file deleted."""
     import tracemalloc
 
     m = tracemark.marker(f"{uniq}.m", i=int, s=str)
+    rings_seen = []
 
     def work():
         for i in range(20_000):
@@ -816,10 +818,14 @@ def test_a_stopped_recording_holds_no_buffer_memory(tmp_path, uniq):
             work()
             for t in threads:
                 t.join()
-        after, peak = tracemalloc.get_traced_memory()
+            rings_seen = list((rec.trace_path / ".ring").glob("chan_*"))
+            mapped = [c.ring for c in rec._all_channels() if c.ring is not None]
+        after = tracemalloc.get_traced_memory()[0]
     finally:
         tracemalloc.stop()
     assert rec.summary.recorded + rec.summary.discarded == 100_000
-    assert peak - before > 5 * 64 * 1024  # every thread had sub-buffers at some point
-    assert after - before < 2 * 64 * 1024  # and now none is held
+    assert len(rings_seen) >= 1 and mapped  # sub-buffers were mapped ring files
+    assert all(not r.slots for r in mapped)  # and now every one is unmapped
+    assert not (rec.trace_path / ".ring").exists()  # and deleted
+    assert after - before < 2 * 64 * 1024  # no plain-memory buffer is held either
     m(1, "after")  # fired after the stop: nothing recorded, nothing raised

@@ -67,6 +67,7 @@ from __future__ import annotations
 import _thread
 import atexit
 import collections
+import fcntl
 import fnmatch
 import itertools
 import os
@@ -87,6 +88,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import faults
+from ..ctf import ring as R
 from ..ctf import writer as W
 from ..markers import registry
 from ..markers.dispatch import MAX_NESTING, Binding, Inline
@@ -151,6 +153,7 @@ class _Channel:
         "pos",
         "rec",
         "reported",
+        "ring",
         "seq",
         "thread",
         "tid",
@@ -169,8 +172,11 @@ class _Channel:
         self.instance_id = rec._next_instance()
         # Sub-buffers are allocated when first needed: a thread that fires a few events
         # costs one sub-buffer, not the whole channel.
-        self.free: collections.deque[bytearray] = collections.deque()
+        self.free: collections.deque[Any] = collections.deque()
         self.unallocated = rec.nbufs
+        # The sub-buffers live in a shared file mapping (tracemark.ctf.ring), so that what
+        # they hold outlives the process; in plain memory when the file cannot be had.
+        self.ring = rec._new_ring(self.instance_id, level)
         self.full: collections.deque = collections.deque()  # (buf, events, seq)
         self.buf = bytearray(0)
         # Position in the open packet and events in it, published together (see
@@ -193,24 +199,24 @@ class _Channel:
         rec = self.rec
         if self.limit >= 0:
             self._close(time.monotonic_ns())
-        if not rec.running or size + W.PACKET_FIXED_SIZE + len(self.name) + 1 > rec.subbuffer_size:
+        room = rec.subbuffer_size - W.PACKET_FIXED_SIZE - len(self.name) - 1 - W.END_SIZE
+        if not rec.running or size > room:
             if rec.running:
                 rec._too_large(size)
-            self.discarded += 1
+            self.discard()
             return -1
         if self.free:
             buf = self.free.popleft()
         elif self.unallocated > 0:
-            self.unallocated -= 1
-            buf = bytearray(rec.subbuffer_size)
+            buf = self._allocate()
         elif not rec.overwrite:
-            self.discarded += 1
+            self.discard()
             return -1
         else:
             try:
                 buf, events, _ = self.full.popleft()
             except IndexError:  # every sub-buffer is being copied by a snapshot
-                self.discarded += 1
+                self.discard()
                 return -1
             self.overwritten += events
         self.seq += 1
@@ -227,11 +233,26 @@ class _Channel:
             rec.pid,
             self.name,
         )
+        buf[start:] = rec._fill[start:]  # see tracemark.ctf.ring: how a crash is read back
         self.buf = buf
         self.pos = start
         self.count = 0
-        self.limit = len(buf)
+        self.limit = len(buf) - W.END_SIZE
         return start
+
+    def _allocate(self) -> Any:
+        """The next sub-buffer never used yet: a slot of the ring file, or plain memory."""
+        self.unallocated -= 1
+        if self.ring is not None:
+            return self.ring.slots[self.rec.nbufs - 1 - self.unallocated]
+        return bytearray(self.rec.subbuffer_size)
+
+    def discard(self, n: int = 1) -> None:
+        """Count ``n`` discarded events (in the next packet closed, and in the ring file, where
+        a recovery finds the count if the process dies first). Slow paths only."""
+        self.discarded += n
+        if self.ring is not None:
+            self.ring.set_discarded(self.discarded)
 
     def _close(self, ts_end: int) -> None:
         """Seal the open packet and hand it to the consumer (or keep it, overwrite mode)."""
@@ -267,13 +288,21 @@ class _Channel:
         self.full.clear()
         self.unallocated = 0
         self.buf = bytearray(0)
+        if self.ring is not None:
+            self.ring.close(remove=True)
+            self.ring = None
 
     def last_count(self) -> None:
         """At stop, events discarded after the last packet: record their count in one more
         packet without events (events_discarded is only ever carried by packets)."""
         if self.discarded == self.reported:
             return
-        buf = self.free.popleft() if self.free else bytearray(self.rec.subbuffer_size)
+        if self.free:
+            buf = self.free.popleft()
+        elif self.unallocated > 0:
+            buf = self._allocate()
+        else:
+            buf = bytearray(self.rec.subbuffer_size)
         self.seq += 1
         self.buf = buf
         self.count = 0
@@ -379,6 +408,7 @@ class Recording:
         self._wakeup.acquire()
         self.trace_path = self.path / f"{self.pid}-?"
         self.trace_path = self._make_trace_dir()
+        self._fill = memoryview(b"\xff" * self.subbuffer_size)
         offset = time.time_ns() - time.monotonic_ns()
         env = {
             "domain": "ust",
@@ -395,10 +425,85 @@ class Recording:
                 if info.name not in self._classes:
                     text += self._event_class(info.name, info.fields)
         self._metadata_text = text
+        self._open_ring_dir(text)
         if not self.overwrite and self._error is None:
             self._write_metadata(self.trace_path, text, "w")
         if not self.overwrite:
             self._start_consumer()
+
+    def _open_ring_dir(self, metadata: str) -> None:
+        """``<sub-trace>/.ring/``: the ring files, a copy of the metadata kept complete (each
+        event class appended before it can fire) and a lock this process holds while it
+        lives, so that a recovery knows a live recording from a dead one."""
+        old = getattr(self, "_ring_lock_fd", -1)
+        if old >= 0:  # a fork child: the parent's lock stays the parent's
+            try:
+                os.close(old)
+            except OSError:
+                pass
+        self._ring_lock_fd = -1
+        self._ring_dir: Path | None = None
+        directory = self.trace_path / R.RING_DIR
+        try:
+            directory.mkdir()
+            fd = os.open(R.lock_path(directory), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                os.close(fd)
+                raise
+            self._ring_lock_fd = fd
+            R.metadata_path(directory).write_text(metadata, encoding="utf-8")
+        except OSError as exc:
+            self._ring_unavailable(f"cannot create {directory}: {exc}")
+            return
+        self._ring_dir = directory
+
+    def _ring_unavailable(self, why: str) -> None:
+        faults.report(
+            "record-ring",
+            str(self.trace_path),
+            f"{why}; sub-buffers are kept in plain memory: events buffered when the process "
+            "dies without stopping the recording cannot be recovered",
+        )
+
+    def _new_ring(self, instance_id: int, level: int) -> R.Ring | None:
+        """A ring file for a new channel, or None (plain memory) when it cannot be had."""
+        directory = self._ring_dir
+        if directory is None:
+            return None
+        try:
+            return R.Ring(
+                directory / f"chan_{instance_id}",
+                instance_id,
+                level,
+                self.subbuffer_size,
+                self.nbufs,
+                self.overwrite,
+            )
+        except (OSError, ValueError) as exc:
+            self._ring_unavailable(f"cannot map a ring file in {directory}: {exc}")
+            return None
+
+    def _close_ring_dir(self) -> None:
+        """After a complete stop: every ring file is closed and gone; remove the rest."""
+        directory, self._ring_dir = self._ring_dir, None
+        if directory is not None:
+            for path in (R.metadata_path(directory), R.lock_path(directory)):
+                try:
+                    path.unlink()
+                except OSError:
+                    pass
+            try:
+                directory.rmdir()
+            except OSError:
+                pass
+        if self._ring_lock_fd >= 0:
+            try:
+                os.close(self._ring_lock_fd)
+            except OSError:
+                pass
+            self._ring_lock_fd = -1
 
     def _make_trace_dir(self) -> Path:
         """``DIR/<pid>-<n>``, the first that does not exist yet. If it cannot be made, the
@@ -450,6 +555,7 @@ class Recording:
             self._close_files()
         for ch in list(self._all_channels()):
             ch.release()
+        self._close_ring_dir()
         self.summary = self._summarize()
         return self.summary
 
@@ -514,13 +620,20 @@ class Recording:
             if event_id is None:
                 text = self._event_class(marker.name, marker.fields)
                 self._metadata_text += text
+                if self._ring_dir is not None:  # before the marker can fire: a recovery
+                    try:  # decodes nothing it has no class for
+                        with open(R.metadata_path(self._ring_dir), "a", encoding="utf-8") as f:
+                            f.write(text)
+                    except OSError as exc:
+                        self._fail(f"cannot append to {R.metadata_path(self._ring_dir)}: {exc}")
                 if not self.overwrite:  # overwrite mode writes it whole with each snapshot
                     self._pending_metadata.append(text)
                 event_id = self._classes[marker.name]
             return event_id
 
     def _event_class(self, name: str, fields: Any) -> str:
-        event_id = self._classes[name] = len(self._classes)
+        # Ids start at 1: a zeroed event header is never an event (tracemark.ctf.ring).
+        event_id = self._classes[name] = len(self._classes) + 1
         text = W.event_class(name, event_id, fields)
         self._classes_text += text
         return text
@@ -548,7 +661,7 @@ class Recording:
             ch = self._new_channel()
         while True:
             if ch.level + 1 >= MAX_NESTING:
-                ch.discarded += 1  # counted in that channel's next packet
+                ch.discard()  # counted in that channel's next packet
                 return None
             if ch.child is None:
                 child = _Channel(self, ch.level + 1, threading.current_thread())
@@ -572,7 +685,7 @@ class Recording:
                 return
             except _VALUE_ERRORS as again:
                 exc = again
-        ch.discarded += 1
+        ch.discard()
         message = (
             f"marker {marker.name!r} fired with a value its field type cannot record "
             f"({type(exc).__name__}: {exc}); the event was counted as discarded"
@@ -682,7 +795,7 @@ class Recording:
                     except OSError:
                         pass
                 c.fd = -2
-                c.free.clear()
+                c.release()
             with self._reg_lock:
                 self._channels.remove(ch)
 
