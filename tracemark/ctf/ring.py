@@ -145,7 +145,7 @@ class RingHeader:
         )
         if magic != MAGIC or version != VERSION:
             raise ValueError("not a tracemark ring file (bad magic or version)")
-        if self.subbuffer_size < 4096 or self.subbuffer_size % 8 or not 0 < self.subbuffers:
+        if self.subbuffer_size < 4096 or self.subbuffer_size % 8 or self.subbuffers <= 0:
             raise ValueError("ring file has an invalid sub-buffer layout")
         self.overwrite = bool(mode)
         self.instance_id = iid
