@@ -188,6 +188,7 @@ def open_trace(path: str) -> Any:
             "make one with: tracemark record -- python app.py",
             EXIT_NOT_TRACE,
         )
+    _warn_unrecovered(p)
     try:
         return read_trace(path)
     except TraceError as exc:
@@ -195,6 +196,39 @@ def open_trace(path: str) -> Any:
     except OSError as exc:
         message = f"{path}: cannot read the trace: {exc.strerror or exc}"
         raise CliError(message, EXIT_NOT_TRACE) from None
+
+
+def _warn_unrecovered(path: Path) -> None:
+    """Say when processes died while recording into ``path`` and were not recovered."""
+    from ..ctf import recover as rcv
+
+    dead = [s for s in rcv.pending(path) if not rcv.is_live(s)]
+    if dead:
+        sys.stderr.write(
+            f"tracemark: warning: {len(dead)} process(es) died while recording into "
+            f"{printable(str(path))}; their last events are still in ring files: "
+            f"run tracemark recover {printable(str(path))}\n"
+        )
+
+
+def report_recovered(path: str | Path, err: IO[str], prog: str) -> list[Any]:
+    """Recover the sub-traces of dead processes under ``path``; one line each on ``err``."""
+    from ..ctf import recover
+
+    results = recover(path)
+    for r in results:
+        where = printable(str(r.path))
+        if r.live:
+            err.write(f"{prog}: {where}: still recording (its process is alive): left alone\n")
+        elif r.error:
+            err.write(f"{prog}: {where}: cannot recover: {printable(r.error)}\n")
+        else:
+            err.write(
+                f"{prog}: {where}: its process ended without stopping its recording "
+                f"(killed, crashed or os._exit()); recovered {r.events:,} events from its "
+                "buffers\n"
+            )
+    return results
 
 
 def guarded(events: Iterable[Any]) -> Iterator[Any]:

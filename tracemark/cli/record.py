@@ -52,6 +52,7 @@ from ._common import (
     human_duration,
     human_size,
     printable,
+    report_recovered,
     total_events,
 )
 
@@ -196,6 +197,7 @@ def run(args: Any, err: IO[str], style: Style) -> int:
             f"tracemark record: {printable(str(path))}: cut the last {cut:,} bytes, part of a "
             "packet its process left when it was killed while writing\n"
         )
+    report_recovered(trace_dir, err, "tracemark record")
     try:
         summarize(trace_dir, err, style, top=args.top, elapsed=elapsed, code=code)
     except CliError as exc:  # the program ran: its exit code matters more than ours

@@ -180,8 +180,8 @@ def _packets_of(
             magic, puuid, stream_id, inst = _HEADER.unpack_from(slot, 0)
             if magic != W.MAGIC or puuid != uuid or stream_id or inst != header.instance_id:
                 continue  # never used, or not a packet of this stream
-            ts_begin, ts_end, content, _psize, seq, discarded, count, _tid, _pid = (
-                _CTX.unpack_from(slot, _HEADER.size)
+            ts_begin, ts_end, content, _psize, seq, discarded, count, _tid, _pid = _CTX.unpack_from(
+                slot, _HEADER.size
             )
             if seq <= after_seq:
                 continue  # the stream file has it already

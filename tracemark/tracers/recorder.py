@@ -69,6 +69,7 @@ import atexit
 import collections
 import fcntl
 import fnmatch
+import gc
 import itertools
 import os
 import re
@@ -558,6 +559,40 @@ class Recording:
         self._close_ring_dir()
         self.summary = self._summarize()
         return self.summary
+
+    def _flush_before_death(self) -> None:
+        """From a signal handler, the process about to die: write every packet to the stream
+        files if that needs no waiting. Async-signal-safe in Python's sense: no lock that the
+        interrupted code may hold is waited for (the consumer's lock is only tried), nothing
+        waits for the consumer or for other threads. The interrupted code never runs again, so
+        an open packet is closed at its last published event. If the consumer is busy, or a
+        thread is stopped half-way through the recorder's code, the ring files stay, and a
+        recovery finds everything there (by sequence number: nothing is written twice)."""
+        lock = self._lock
+        if not self.running or lock._is_owned() or not lock.acquire(blocking=False):
+            return
+        try:
+            self.running = False
+            self._stopping = True
+            self._stop_consumer = True
+            _active.discard(self)
+            whole = not _inside_recorder(sys._getframe())
+            for ch in list(self._all_channels()):
+                ch.flush()
+            if self.overwrite:
+                self._snapshot()
+            else:
+                self._drain()
+                for ch in list(self._all_channels()):
+                    ch.last_count()
+                self._drain()
+                self._close_files()
+            if (whole or self.overwrite) and self._error is None:  # a snapshot is whole
+                for ch in list(self._all_channels()):
+                    ch.release()
+                self._close_ring_dir()
+        finally:
+            lock.release()
 
     def _summarize(self) -> RecordingSummary:
         stats = [(c.written, c.discarded, c.overwritten, c.fd != -1) for c in self._all_channels()]
@@ -1102,13 +1137,46 @@ def _stop_all() -> None:
 
 
 def _on_sigterm(signum: int, frame: Any) -> None:
+    """SIGTERM with its default action: write what can be written without waiting, then die
+    of SIGTERM. Whatever is not written stays in the ring files, for a recovery."""
     previous = _previous_sigterm
     if callable(previous):  # the program's handler decides; its exit path flushes
         previous(signum, frame)
         return
-    _stop_all()
+    for rec in list(_active):
+        try:
+            rec._flush_before_death()
+        except Exception:  # dying anyway: the rings keep what was not written
+            pass
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _recorder_code(filename: str) -> bool:
+    return filename in _RECORDER_FILES or filename.startswith("<tracemark")
+
+
+_RECORDER_FILES = {__file__, W.__file__, R.__file__}
+
+
+def _inside_recorder(skip: Any) -> bool:
+    """Whether some thread is stopped inside the recorder's code (a channel's state may be
+    half-changed there), not counting the frames of this handler (``skip`` and below)."""
+    gc_was = gc.isenabled()
+    gc.disable()  # CPython gh-106883, see markers.dispatch.synchronize()
+    try:
+        frames = sys._current_frames()
+    finally:
+        if gc_was:
+            gc.enable()
+    for frame in frames.values():
+        while frame is not None:
+            if frame is skip:
+                break
+            if _recorder_code(frame.f_code.co_filename):
+                return True
+            frame = frame.f_back
+    return False
 
 
 def _after_fork_in_child() -> None:
