@@ -200,7 +200,7 @@ def open_trace(path: str) -> Any:
 
 def _warn_unrecovered(path: Path) -> None:
     """Say when processes died while recording into ``path`` and were not recovered."""
-    from ..ctf import recover as rcv
+    from ..ctf import recovery as rcv
 
     dead = [s for s in rcv.pending(path) if not rcv.is_live(s)]
     if dead:
@@ -212,22 +212,26 @@ def _warn_unrecovered(path: Path) -> None:
 
 
 def report_recovered(path: str | Path, err: IO[str], prog: str) -> list[Any]:
-    """Recover the sub-traces of dead processes under ``path``; one line each on ``err``."""
+    """Recover the sub-traces of dead processes under ``path`` and say so on ``err``: one line
+    for all that were recovered, one for each left alone or that failed."""
     from ..ctf import recover
 
     results = recover(path)
+    done = [r for r in results if not r.live and not r.error and r.events]
+    if done:
+        n = len(done)
+        err.write(
+            f"{prog}: {n} process{'es' if n != 1 else ''} ended without stopping "
+            f"{'their' if n != 1 else 'its'} recording (killed, crashed, os._exit()); "
+            f"recovered {sum(r.events for r in done):,} events from "
+            f"{'their' if n != 1 else 'its'} buffers\n"
+        )
     for r in results:
         where = printable(str(r.path))
         if r.live:
             err.write(f"{prog}: {where}: still recording (its process is alive): left alone\n")
         elif r.error:
             err.write(f"{prog}: {where}: cannot recover: {printable(r.error)}\n")
-        else:
-            err.write(
-                f"{prog}: {where}: its process ended without stopping its recording "
-                f"(killed, crashed or os._exit()); recovered {r.events:,} events from its "
-                "buffers\n"
-            )
     return results
 
 

@@ -197,6 +197,7 @@ def run(args: Any, err: IO[str], style: Style) -> int:
             f"tracemark record: {printable(str(path))}: cut the last {cut:,} bytes, part of a "
             "packet its process left when it was killed while writing\n"
         )
+    _wait_for_recordings(trace_dir, RECORDINGS_GRACE)
     report_recovered(trace_dir, err, "tracemark record")
     try:
         summarize(trace_dir, err, style, top=args.top, elapsed=elapsed, code=code)
@@ -222,6 +223,21 @@ def _run_child(argv: list[str], env: dict[str, str]) -> int:
         signal.signal(signal.SIGINT, previous_int)
         signal.signal(signal.SIGTERM, previous_term)
     return 128 - code if code < 0 else code
+
+
+#: How long to wait, after the program ended, for processes it left behind that still record
+#: (a multiprocessing forkserver ends a moment after its parent).
+RECORDINGS_GRACE = 3.0
+
+
+def _wait_for_recordings(trace_dir: Path, grace: float) -> None:
+    from ..ctf import recovery
+
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        if not any(recovery.is_live(s) for s in recovery.pending(trace_dir)):
+            return
+        time.sleep(0.05)
 
 
 def cut_torn_tails(trace_dir: Path) -> list[tuple[Path, int]]:

@@ -6,7 +6,7 @@ application's events survive it. A Python process has no daemon; it has the page
 channel of a recording maps one file, ``<sub-trace>/.ring/chan_<instance>``, ``MAP_SHARED``:
 every store the firing thread makes into a sub-buffer is in the page cache the moment it is
 made, and stays there when the process dies (SIGKILL, SIGSEGV, ``abort()``, ``os._exit()``,
-the OOM killer). :mod:`tracemark.ctf.recover` turns what the files hold into packets of the
+the OOM killer). :mod:`tracemark.ctf.recovery` turns what the files hold into packets of the
 trace; a normal stop writes everything and deletes them. (The directory starts with a dot:
 babeltrace2 skips hidden files and directories of a trace.)
 

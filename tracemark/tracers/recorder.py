@@ -560,7 +560,7 @@ class Recording:
         self.summary = self._summarize()
         return self.summary
 
-    def _flush_before_death(self) -> None:
+    def _flush_before_death(self, interrupted: Any) -> None:
         """From a signal handler, the process about to die: write every packet to the stream
         files if that needs no waiting. Async-signal-safe in Python's sense: no lock that the
         interrupted code may hold is waited for (the consumer's lock is only tried), nothing
@@ -576,7 +576,8 @@ class Recording:
             self._stopping = True
             self._stop_consumer = True
             _active.discard(self)
-            whole = not _inside_recorder(sys._getframe())
+            consumer = self._consumer
+            whole = not _inside_recorder(interrupted, consumer and consumer.ident)
             for ch in list(self._all_channels()):
                 ch.flush()
             if self.overwrite:
@@ -772,6 +773,7 @@ class Recording:
         a thread firing flat out winning it back can take a whole switch interval (5 ms):
         so while there is work the consumer only writes (one writev per stream), and it
         waits for a wake-up only when a round found nothing to do."""
+        _leave_signals_to_the_program()
         busy = False
         while True:
             if not busy:
@@ -1145,11 +1147,30 @@ def _on_sigterm(signum: int, frame: Any) -> None:
         return
     for rec in list(_active):
         try:
-            rec._flush_before_death()
+            rec._flush_before_death(frame)
         except Exception:  # dying anyway: the rings keep what was not written
             pass
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     os.kill(os.getpid(), signal.SIGTERM)
+
+
+#: Signals a thread cannot usefully block: those a fault of its own raises synchronously.
+_FAULT_SIGNALS = {
+    getattr(signal, n) for n in ("SIGSEGV", "SIGBUS", "SIGFPE", "SIGILL", "SIGTRAP", "SIGSYS")
+}
+
+
+def _leave_signals_to_the_program() -> None:
+    """Block process-directed signals in a tracemark thread. The kernel gives a signal to
+    any thread that does not block it; Python runs handlers only in the main thread, which
+    learns of a signal delivered elsewhere only at its next bytecode. A main thread blocked in
+    a system call (``multiprocessing``'s ``SemLock`` in ``sem_wait``) is interrupted only by
+    a signal delivered to itself: delivered to our consumer instead, SIGTERM from
+    ``Pool.terminate()`` was never handled and the worker hung for good."""
+    try:
+        signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals() - _FAULT_SIGNALS)
+    except (AttributeError, OSError, ValueError):  # no pthread_sigmask on this platform
+        pass
 
 
 def _recorder_code(filename: str) -> bool:
@@ -1159,9 +1180,10 @@ def _recorder_code(filename: str) -> bool:
 _RECORDER_FILES = {__file__, W.__file__, R.__file__}
 
 
-def _inside_recorder(skip: Any) -> bool:
+def _inside_recorder(interrupted: Any, consumer: int | None) -> bool:
     """Whether some thread is stopped inside the recorder's code (a channel's state may be
-    half-changed there), not counting the frames of this handler (``skip`` and below)."""
+    half-changed there): this thread where the signal ``interrupted`` it, the others where
+    they are, except the consumer (no channel state: the caller holds its lock)."""
     gc_was = gc.isenabled()
     gc.disable()  # CPython gh-106883, see markers.dispatch.synchronize()
     try:
@@ -1169,10 +1191,11 @@ def _inside_recorder(skip: Any) -> bool:
     finally:
         if gc_was:
             gc.enable()
-    for frame in frames.values():
+    frames[threading.get_ident()] = interrupted
+    for ident, frame in frames.items():
+        if ident == consumer:
+            continue
         while frame is not None:
-            if frame is skip:
-                break
             if _recorder_code(frame.f_code.co_filename):
                 return True
             frame = frame.f_back
