@@ -146,6 +146,7 @@ class _Channel:
         "file_size",
         "free",
         "full",
+        "idle",
         "instance_id",
         "level",
         "limit",
@@ -169,6 +170,7 @@ class _Channel:
         self.tid = threading.get_native_id()
         self.name = W.thread_name_bytes(thread.name)
         self.busy = False
+        self.idle = False  # its thread ended: a spare, for the next thread that needs one
         self.child: _Channel | None = None
         self.instance_id = rec._next_instance()
         # Sub-buffers are allocated when first needed: a thread that fires a few events
@@ -240,6 +242,17 @@ class _Channel:
         self.count = 0
         self.limit = len(buf) - W.END_SIZE
         return start
+
+    def adopt(self, thread: threading.Thread) -> None:
+        """Give this spare channel (and its nesting levels) to ``thread``, the caller: its
+        next packet carries the new thread's id and name. The stream stays the same one."""
+        tid = threading.get_native_id()
+        name = W.thread_name_bytes(thread.name)
+        for c in _chain(self):
+            c.thread = weakref.ref(thread)
+            c.tid = tid
+            c.name = name
+        self.idle = False
 
     def _allocate(self) -> Any:
         """The next sub-buffer never used yet: a slot of the ring file, or plain memory."""
@@ -389,8 +402,8 @@ class Recording:
         self.pid = os.getpid()
         self.trace_uuid = _uuid.uuid4().bytes
         self._instances = itertools.count()
-        self._channels: list[_Channel] = []
-        self._retired: list[tuple[int, int, int, bool]] = []  # stats of ended threads
+        self._channels: list[_Channel] = []  # every level-0 channel, in use or spare
+        self._spare: list[_Channel] = []  # channels of ended threads, flushed, to reuse
         try:
             self._tls.__dict__.clear()  # a fork child: the forking thread's channel is gone
         except AttributeError:
@@ -597,7 +610,6 @@ class Recording:
 
     def _summarize(self) -> RecordingSummary:
         stats = [(c.written, c.discarded, c.overwritten, c.fd != -1) for c in self._all_channels()]
-        stats += self._retired
         return RecordingSummary(
             path=self.path,
             trace_path=self.trace_path,
@@ -675,9 +687,19 @@ class Recording:
         return text
 
     def _new_channel(self) -> _Channel:
-        ch = _Channel(self, 0, threading.current_thread())
+        """The calling thread's level-0 channel: a spare one if there is one (a thread that
+        ended freed it), else a new one. So a process has at most as many streams as threads
+        alive at once (per nesting level), however many threads it ran."""
+        thread = threading.current_thread()
         with self._reg_lock:
-            self._channels.append(ch)  # registered even if a nested one won the race below
+            ch = self._spare.pop() if self._spare else self._claim_ended()
+        if ch is None:
+            ch = _Channel(self, 0, thread)
+            with self._reg_lock:
+                self._channels.append(ch)  # registered even if a nested one won the race below
+        else:
+            ch.flush()  # its thread's last packet (the consumer did not get to it)
+            ch.adopt(thread)
         try:
             return self._tls.ch  # a signal handler made (and used) one meanwhile
         except AttributeError:
@@ -810,31 +832,30 @@ class Recording:
             ch.free.extend(buf for buf, _, _ in batch)
         return len(batch)
 
+    def _claim_ended(self) -> _Channel | None:
+        """A channel whose thread has ended, marked idle (so nobody else claims it); None if
+        there is none. Call under ``_reg_lock``."""
+        for ch in self._channels:
+            if not ch.idle and _ended(ch):
+                ch.idle = True
+                return ch
+        return None
+
     def _retire_dead_threads(self) -> None:
-        """Write out and forget the channels of threads that ended, so that memory stays
-        bounded by the threads alive, not by every thread that ever fired (a thread that
-        has ended runs no producer code: its channel can be closed from here)."""
-        for ch in list(self._channels):
-            thread = ch.thread()
-            # The main thread counts as ended while atexit handlers (which may fire markers)
-            # still run on it: its channel stays until stop.
-            if thread is threading.main_thread() or (thread is not None and thread.is_alive()):
-                continue
+        """Write out the packets of threads that ended and make their channels spares for
+        the next threads, so that streams, files and memory stay bounded by the threads alive
+        at once, not by every thread that ever fired (a thread that has ended runs no
+        producer code: its channel can be flushed from here)."""
+        while True:
+            with self._reg_lock:
+                ch = self._claim_ended()
+            if ch is None:
+                return
             ch.flush()
             for c in _chain(ch):
                 self._write_full(c)
-                c.last_count()
-                self._write_full(c)
-                self._retired.append((c.written, c.discarded, c.overwritten, c.fd != -1))
-                if c.fd >= 0:
-                    try:
-                        os.close(c.fd)
-                    except OSError:
-                        pass
-                c.fd = -2
-                c.release()
             with self._reg_lock:
-                self._channels.remove(ch)
+                self._spare.append(ch)
 
     def _write_metadata(self, directory: Path, text: str, how: str) -> None:
         try:
@@ -1104,6 +1125,15 @@ _active: weakref.WeakSet[Recording] = weakref.WeakSet()
 _installed = False
 _sigterm_installed = False
 _previous_sigterm: Any = None
+
+
+def _ended(ch: _Channel) -> bool:
+    """Whether the thread of ``ch`` has ended. The main thread counts as ended while atexit
+    handlers (which may fire markers) still run on it: its channel stays its own."""
+    thread = ch.thread()
+    if thread is threading.main_thread():
+        return False
+    return thread is None or not thread.is_alive()
 
 
 def _chain(ch: _Channel | None) -> Iterable[_Channel]:
