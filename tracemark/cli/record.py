@@ -16,11 +16,13 @@ Guarantees
 * The program's exit code is returned (128+N when a signal N killed it); tracemark's own
   failures never change it, except that a program which cannot be started is exit code 127.
 * The trace is written even when the program crashes: an uncaught exception still runs the
-  interpreter's exit, which stops and flushes the recording; a process killed outright leaves
-  a trace readable up to its last written packet. Killed while the kernel was copying a
-  packet into a file, it may leave part of one: once the program has ended, tracemark cuts
-  such torn tails from the streams of processes that are gone, and says so (babeltrace2
-  refuses a whole trace with one).
+  interpreter's exit, which stops and flushes the recording; a process that dies outright
+  (SIGKILL, SIGSEGV, ``abort()``, ``os._exit()``) leaves its buffers in ring files, which are
+  recovered once the program has ended (:mod:`tracemark.ctf.recovery`; processes it left
+  still recording get a few seconds to end first), and the summary says how many events
+  were recovered. Killed while the kernel was copying a packet into a file, a process may
+  leave part of one: tracemark cuts such torn tails from the streams of processes that are
+  gone, and says so (babeltrace2 refuses a whole trace with one).
 * Ctrl-C goes to the program (it shares the terminal), not to tracemark, which waits for the
   program and then reports. SIGTERM sent to tracemark is passed on to the program.
 * The summary goes to stderr, so the program's stdout can still be piped.

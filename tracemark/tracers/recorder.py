@@ -8,9 +8,9 @@
 
     $ babeltrace2 out/trace       # or tracemark.ctf.read_trace("out/trace")
 
-Vocabulary (LTTng's): a *recording* (session) has one *channel* per thread, made of
+Vocabulary (LTTng's): a *recording* (session) has one *channel* per thread alive, made of
 ``subbuffers`` fixed-size *sub-buffers*; a full sub-buffer is a CTF *packet*, handed to the
-*consumer* thread which appends it to that thread's stream file.
+*consumer* thread which appends it to that channel's stream file.
 
 Directory layout: ``record(DIR)`` creates ``DIR`` if needed and writes this process's trace
 into its own sub-directory ``DIR/<pid>-<n>/`` (``metadata`` and one ``stream_<k>`` file per
@@ -49,12 +49,25 @@ Guarantees
   the set are two steps, but an interruption between them runs to completion before the
   outer event reads the position, so it can only ever see a consistent channel.
 * **Only complete packets are written.** A stream file grows by whole packets only (a short
-  write on a full disk is truncated away), so a process killed with SIGKILL leaves a trace
-  that reads up to the last written packet (babeltrace2 2.0.4 rejects a whole trace that
-  ends inside a packet).
-* **Flushed on stop, at normal exit (atexit) and on SIGTERM** (when SIGTERM had its default
-  action: the trace is flushed, then the signal is delivered again with the default action;
-  a handler the program installed is chained to, and the program's own exit then flushes).
+  write on a full disk is truncated away; babeltrace2 2.0.4 rejects a whole trace that ends
+  inside a packet).
+* **Buffers outlive the process.** Each channel's sub-buffers are a shared file mapping,
+  ``<sub-trace>/.ring/chan_<k>`` (:mod:`tracemark.ctf.ring`; plain memory, reported once,
+  when the file cannot be had), so a process that dies without stopping (SIGKILL, SIGSEGV,
+  ``abort()``, ``os._exit()``, the OOM killer) leaves every event it fired in the page cache
+  but the one being written; :func:`tracemark.ctf.recover` makes packets of them. A normal
+  stop deletes the ring files. The process holds ``.ring/lock`` while it lives.
+* **Flushed on stop and at normal exit (atexit). On SIGTERM** with its default action, what
+  can be written without waiting is written (the consumer's lock is only tried, no thread is
+  waited for) and the rest stays in the rings; then the signal is delivered again with the
+  default action. A handler the program installed is chained to instead (the program's own
+  exit then flushes). The consumer thread blocks signals, so they reach the program's
+  threads (Python runs handlers in the main thread, which a signal delivered to another
+  thread does not wake from a blocking call).
+* **Channels are reused.** A thread that ended leaves its channel (and stream) to the next
+  thread that needs one, so streams are bounded by the threads alive at once. In overwrite
+  mode a reused channel keeps its packets in the ring like any other: the flight recorder
+  holds the newest ``subbuffers`` packets per channel, and a packet never mixes threads.
 * **fork**: the child records into its own sub-trace of the same directory; nothing of the
   parent's buffers is carried over. A ``multiprocessing`` child made by fork, which ends
   with ``os._exit()`` (no atexit), is flushed by a multiprocessing finalizer.
