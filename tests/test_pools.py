@@ -81,3 +81,35 @@ def test_pool_workers_lose_nothing(tmp_path, method, how):
     assert doc["events"] == fired, proc.stderr
     assert doc["discarded"] == 0
     assert "recover" not in stats.stderr  # tracemark record recovered every dead worker
+
+
+def test_an_in_process_recording_recovers_its_terminated_workers(tmp_path):
+    """Without ``tracemark record``: ``with Pool()`` terminates fork workers that inherited
+    the recording; the parent's ``stop()`` recovers what they left in their rings."""
+    script = textwrap.dedent(
+        """
+        import multiprocessing as mp, sys, tracemark
+        from tracemark.ctf import read_trace
+        from tracemark.ctf.recovery import pending
+        m = tracemark.marker("ip.ev", k=int)
+        def f(k):
+            m(k)
+            return k
+        if __name__ == "__main__":
+            with tracemark.record(sys.argv[1], "ip.*"):
+                for run in range(20):
+                    with mp.get_context("fork").Pool(2) as pool:
+                        pool.map(f, range(run * 10, run * 10 + 10))
+            got = sorted(e.fields["k"] for e in read_trace(sys.argv[1]).events())
+            print(got == list(range(200)), len(pending(sys.argv[1])))
+        """
+    )
+    (tmp_path / "app.py").write_text(script)
+    out = subprocess.run(
+        [sys.executable, str(tmp_path / "app.py"), str(tmp_path / "t")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["True", "0"]

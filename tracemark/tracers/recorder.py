@@ -583,8 +583,24 @@ class Recording:
         for ch in list(self._all_channels()):
             ch.release()
         self._close_ring_dir()
+        self._recover_dead_processes()
         self.summary = self._summarize()
         return self.summary
+
+    def _recover_dead_processes(self) -> None:
+        """Recover the sub-traces in this recording's directory of processes that died while
+        recording (the pool workers ``Pool.terminate()`` killed, a child that crashed), so an
+        in-process recording is whole without ``tracemark recover``. Never raises."""
+        try:
+            from ..ctf import recovery
+
+            results = recovery.recover(self.path)
+        except Exception as exc:  # a damaged ring file is reported, the program goes on
+            faults.report("record-recover", str(self.path), f"recovery failed: {exc!r}")
+            return
+        for r in results:
+            if r.error:
+                faults.report("record-recover", str(r.path), f"cannot recover {r.path}: {r.error}")
 
     def _flush_before_death(self, interrupted: Any) -> None:
         """From a signal handler, the process about to die: write every packet to the stream
