@@ -101,7 +101,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .. import faults
+from .. import env, faults
 from ..ctf import ring as R
 from ..ctf import writer as W
 from ..markers import registry
@@ -470,6 +470,8 @@ class Recording:
                 pass
         self._ring_lock_fd = -1
         self._ring_dir: Path | None = None
+        if env.NORING:
+            return
         directory = self.trace_path / R.RING_DIR
         try:
             directory.mkdir()
