@@ -165,9 +165,12 @@ class Unit:
             code = self.codes[cid]
             instrs = bytecode.instructions(code)
             for st in sts:
+                if st.refusal:
+                    self.rejected[cid, st.span] = st.refusal
+                    continue
                 try:
-                    raw = bytecode.jump_over(code, instrs, st.copies)
-                    bytecode.verify(code, code.replace(co_code=raw), st.copies)
+                    skips = st.skips()
+                    bytecode.verify(code, bytecode.rewrite(code, instrs, skips), skips)
                 except bytecode.VerifyError as exc:
                     self.rejected[cid, st.span] = f"verifier: {exc}"
 
@@ -181,20 +184,17 @@ class Unit:
             copy
             for st in self.statements.get(cid, ())
             if st.core in skip and (cid, st.span) not in self.rejected
-            for copy in st.copies
+            for copy in st.skips()
         ]
         changed = any(a is not b for a, b in zip(consts, code.co_consts, strict=True))
-        variant = code
-        if spans or changed:
-            raw = code.co_code
-            if spans:
-                raw = bytecode.jump_over(code, bytecode.instructions(code), spans)
-            variant = code.replace(co_code=raw, co_consts=consts)
+        variant = code.replace(co_consts=consts) if changed else code
+        if spans:
             try:
-                bytecode.verify(code, variant, spans)
+                patched = bytecode.rewrite(variant, bytecode.instructions(code), spans)
+                bytecode.verify(code, patched, spans)
+                variant = patched
             except bytecode.VerifyError:
-                # Each statement passed alone; a combination that fails stays unpatched.
-                variant = code.replace(co_consts=consts) if changed else code
+                pass  # each statement passed alone; a combination that fails stays unpatched
         out[cid] = variant
         self.origin[id(variant)] = code
         return variant
