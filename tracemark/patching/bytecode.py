@@ -506,9 +506,9 @@ def _guard_load_arg(code: CodeType, instrs: Sequence[Instr], skip: Skip) -> int:
             raise VerifyError(f"the guard's name {guard.name!r} is not in co_names")
         return code.co_names.index(guard.name) << 1
     for ins in instrs:
-        if skip.start <= ins.offset < skip.end and ins.opcode == LOAD_DEREF:
-            if ins.argval == guard.name and ins.arg is not None:
-                return ins.arg
+        in_statement = skip.start <= ins.offset < skip.end
+        if in_statement and ins.opcode == LOAD_DEREF and ins.argval == guard.name:
+            return ins.arg  # type: ignore[return-value]
     raise VerifyError(f"the statement does not read the closure variable {guard.name!r}")
 
 
@@ -656,7 +656,9 @@ def _check_bindings(
     # normal one and its exception handler), so skipping the comprehension leaves it as it
     # was. The only other store of that name the statement could hold is a ``:=`` outside
     # the comprehension, which the finder never lets through.
-    saved = {i for ins in dead if ins.opname == "LOAD_FAST_AND_CLEAR" for i in _locals_of(ins, _WRITES)}
+    saved = {
+        i for ins in dead if ins.opname == "LOAD_FAST_AND_CLEAR" for i in _locals_of(ins, _WRITES)
+    }
     skipped = {i for ins in dead for i in _locals_of(ins, _WRITES)} - saved
     if not skipped:
         return
@@ -915,7 +917,7 @@ def verify(original: CodeType, variant: CodeType, spans: Sequence[tuple[int, int
     old_consts, new_consts = original.co_consts, variant.co_consts
     if len(new_consts) < len(old_consts) or any(
         a is not b and not (isinstance(a, CodeType) and isinstance(b, CodeType))
-        for a, b in zip(old_consts, new_consts)
+        for a, b in zip(old_consts, new_consts, strict=False)  # appended ones are the guards'
     ):
         raise VerifyError("the variant's constants differ")
     instrs = instructions(original)

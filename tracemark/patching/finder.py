@@ -86,9 +86,9 @@ def refusal(call: ast.Call) -> str:
             continue
         if isinstance(node, ast.NamedExpr):
             binds = True
-        elif isinstance(node, ast.Yield | ast.YieldFrom | ast.Await):
-            suspends = True
-        elif isinstance(node, ast.comprehension) and node.is_async:
+        elif isinstance(node, ast.Yield | ast.YieldFrom | ast.Await) or (
+            isinstance(node, ast.comprehension) and node.is_async
+        ):
             suspends = True
         work.extend(ast.iter_child_nodes(node))
     return BINDS if binds else SUSPENDS if suspends else ""
