@@ -17,8 +17,14 @@ What it provides
   by a forward jump to the span's end (``EXTENDED_ARG`` prefixes when the jump is long). The
   rest of the statement stays where it was, so offsets, the line table and the exception table
   stay valid.
+* :func:`rewrite`: the variant the patcher installs: each span jumped over, through a
+  *guard* appended after the code when the span has one (:class:`Guard`: the statement still
+  runs if the callee's name no longer refers to the marker). Appending leaves every existing
+  offset, location and exception entry as it was.
 * :func:`verify`: checks a rewritten code object against its original before anyone may run
-  it, and raises :class:`VerifyError` saying why not.
+  it, and raises :class:`VerifyError` saying why not; among other things, that no code that
+  still runs reads a local that only the skipped code stores (``:=``: 3.12+ reads it with an
+  unchecked ``LOAD_FAST``, a crash when it is unbound).
 
 Why a span is found this way (three traps, each a segfault when missed):
 

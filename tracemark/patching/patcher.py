@@ -38,8 +38,24 @@ What swapping guarantees
 * Nested functions and closures: the parent's variant holds the nested variants in its
   ``co_consts``, so every function object made from it afterwards runs the right variant;
   function objects that already exist are found and swapped too.
-* Sites are resolved when a function is analysed: rebinding the global name of a marker to
-  another object later is not noticed.
+* **A site calls whatever its name refers to when it runs.** The callee is resolved when the
+  function is analysed, and the jump over an inactive statement is *guarded*: it is taken only
+  while the name still refers to that object (:func:`.bytecode.rewrite`: the name is loaded
+  and compared by identity, about 5-6 ns on 3.12/3.13, see ``benchmarks/RESULTS.md``).
+  Otherwise the statement runs as written: rebinding ``rx = spy`` (a global, or a builtin)
+  or a closure variable after patching, even while the marker stays inactive, makes the
+  site call ``spy`` with its arguments evaluated; deleting the name raises the NameError the
+  original would, from the same line and into the same handler. If the new object is another
+  marker, its first call re-analyses the function. For ``mod.rx(...)`` and
+  ``tracemark.mark(...)`` only the first name (``mod``, ``tracemark``) is guarded: assigning
+  ``mod.rx = other`` after patching is not noticed while ``rx`` is inactive (the statement
+  keeps being jumped over; once ``rx`` is active the statement runs and calls ``other``);
+  call such a marker through a global name if it may be replaced.
+* **Statements that are part of the program are never jumped over.** Arguments that bind a
+  name (``:=``), or ``yield``, ``yield from`` or ``await``, keep the plain call path whatever
+  the marker's state (:func:`.finder.refusal`); ``tracemark.markers()`` says so ("arguments
+  bind a name (:=)", "arguments yield or await"). Independently, the verifier rejects any
+  variant in which code that still runs reads a local only the skipped code stores.
 
 Sharing ``__code__`` with dynamic probes: suspend / resume
 -----------------------------------------------------------
