@@ -41,7 +41,8 @@ What swapping guarantees
 * **A site calls whatever its name refers to when it runs.** The callee is resolved when the
   function is analysed, and the jump over an inactive statement is *guarded*: it is taken only
   while the name still refers to that object (:func:`.bytecode.rewrite`: the name is loaded
-  and compared by identity, about 5-6 ns on 3.12/3.13, see ``benchmarks/RESULTS.md``).
+  and compared by identity: about 5-7 ns per inactive statement on 3.12/3.13, measured
+  with ``python -m benchmarks.run patching``).
   Otherwise the statement runs as written: rebinding ``rx = spy`` (a global, or a builtin)
   or a closure variable after patching, even while the marker stays inactive, makes the
   site call ``spy`` with its arguments evaluated; deleting the name raises the NameError the
