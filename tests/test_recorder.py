@@ -219,7 +219,8 @@ def test_directory_layout_one_subtrace_per_recording(tmp_path, uniq):
     assert first.trace_path.parent == second.trace_path.parent == tmp_path / "new" / "dir"
     assert first.trace_path.name == f"{os.getpid()}-0"
     assert second.trace_path.name == f"{os.getpid()}-1"
-    assert sorted(os.listdir(first.trace_path)) == ["metadata", "stream_0"]
+    # and the status file, hidden from babeltrace2 (tracemark.ctf.status)
+    assert sorted(os.listdir(first.trace_path)) == [".tracemark-status", "metadata", "stream_0"]
     assert [ev.fields["n"] for ev in events_of(tmp_path / "new")] == [1, 2]
 
 
