@@ -284,6 +284,7 @@ def summarize(
             )
             + "\n  record fewer markers (-e GLOB) or give more buffer (--buffer 4M)\n"
         )
+    _warn_losses(trace_dir, err, style)
     width = max((len(n) for n, _ in counts.most_common(top)), default=0)
     for name, count in counts.most_common(top):
         err.write(f"  {name:<{min(width, 50)}} {count:>12,}\n")
@@ -292,6 +293,14 @@ def summarize(
         err.write(f"  ({len(counts) - top} more markers, {rest:,} events)\n")
     err.write(f"  trace: {trace_dir} ({human_size(size)})\n")
     err.write(f"  view it: tracemark view {_quote(str(trace_dir))}\n")
+
+
+def _warn_losses(trace_dir: Path, err: IO[str], style: Style) -> None:
+    """Events lost without a count in the trace, processes that never stopped recording."""
+    from ._losses import loss_warnings
+
+    for line in loss_warnings(trace_dir):
+        err.write(style(f"  {line}", "bold", "red") + "\n")
 
 
 def _quote(text: str) -> str:
