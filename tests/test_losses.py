@@ -16,13 +16,15 @@ from tracemark.ctf.status import STATUS_FILE, read_status
 ROOT = Path(__file__).resolve().parents[1]
 
 FULL_DISK = """
-import resource, signal, sys, tracemark
+import resource, signal, sys, time, tracemark
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG
 m = tracemark.marker("disk.m", i=int, pad=str)
 rec = tracemark.record(sys.argv[1], subbuffer_size=4096, subbuffers=4)
 resource.setrlimit(resource.RLIMIT_FSIZE, (60000, 60000))
 for i in range(20000):
     m(i, "p" * 40)
+    if i % 50 == 0:  # let the consumer write, even on a loaded machine: the disk fills
+        time.sleep(0.0005)
 s = rec.stop()
 print(s.recorded, s.discarded, s.lost)
 """
@@ -68,12 +70,14 @@ def test_tracemark_record_stats_and_view_say_events_were_lost(tmp_path):
     program = tmp_path / "app.py"
     program.write_text(
         textwrap.dedent("""
-        import resource, signal, tracemark
+        import resource, signal, time, tracemark
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (60000, 60000))
         m = tracemark.marker("disk.m", i=int, pad=str)
         for i in range(20000):
             m(i, "p" * 40)
+            if i % 50 == 0:  # let the consumer write, even on a loaded machine
+                time.sleep(0.0005)
         """)
     )
     trace = tmp_path / "t"
