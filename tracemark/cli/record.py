@@ -24,6 +24,9 @@ Guarantees
 * Ctrl-C goes to the program (it shares the terminal), not to tracemark, which waits for the
   program and then reports. SIGTERM sent to tracemark is passed on to the program.
 * The summary goes to stderr, so the program's stdout can still be piped.
+* Nothing is lost silently: events that could not be written (disk full) and processes
+  that ended without stopping their recording (``os._exit``, a crash, a kill: their
+  buffered events are gone) are warned about, from the recorder's status files.
 """
 
 from __future__ import annotations

@@ -59,7 +59,17 @@ Guarantees
   parent's buffers is carried over. A ``multiprocessing`` child made by fork, which ends
   with ``os._exit()`` (no atexit), is flushed by a multiprocessing finalizer.
 * **Faults never break the program**: an unwritable directory or a full disk stops the
-  writing, counts every event that could not be written, and is reported once.
+  writing, counts every event that could not be written, and is reported once. Those
+  counts, which no packet on disk can carry, go to the sub-trace's status file
+  (:mod:`tracemark.ctf.status`, hidden from babeltrace2), reserved at start and written over
+  in place at stop (so even on a full disk); until a clean stop it says ``recording``, so a
+  process that ended without one (``os._exit``, a crash, SIGKILL) is known to have lost
+  what it had buffered. ``tracemark record`` / ``view`` / ``stats`` warn about both.
+* **Start and stop are each one step.** Every marker of a recording starts at one instant
+  (its first packet opens once all are bound; earlier events are not inside it). A stop()
+  that an exception interrupted is finished by the next call; a SIGTERM during stop() is
+  acted on after it (main thread) or waits for it (another thread): the trace is written
+  once, whole.
 """
 
 from __future__ import annotations
