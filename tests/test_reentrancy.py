@@ -31,10 +31,19 @@ class _Timer:
     def __init__(self, action):
         self.action = action
         self.calls = 0
+        self.busy = False
 
     def _handler(self, signum, frame):
-        self.calls += 1
-        self.action()
+        # Python runs a handler inside a handler that is still running: one that takes
+        # longer than the interval (the 3.11 patcher's listener may) would recurse.
+        if self.busy:
+            return
+        self.busy = True
+        try:
+            self.calls += 1
+            self.action()
+        finally:
+            self.busy = False
 
     def __enter__(self):
         self.old = signal.signal(signal.SIGALRM, self._handler)
