@@ -5,6 +5,11 @@ result (or raises). Each marker statement's arguments call :func:`eff` exactly o
 to ``EFFECTS``: the arguments' side effects, which must happen only while the marker is active.
 Results never depend on a marker's arguments, so the three runs (unpatched, patched-inactive,
 patched-active) must agree on everything but ``EFFECTS``.
+
+Two kinds of statement still run while their marker is inactive, and say so here:
+:data:`KEPT` (arguments that bind a name, yield or await: the statement is part of the
+program and keeps the plain call path) and :data:`REBOUND` (the name the site calls was
+rebound to something else after patching: the site calls that).
 """
 
 # ruff: noqa: B018
@@ -15,6 +20,7 @@ import functools
 import types
 
 import tracemark
+from tracemark.patching import finder
 
 mk = tracemark.marker("corpus.mk", "v=%r")
 other = tracemark.marker("corpus.other", "a=%r b=%r")
@@ -68,6 +74,114 @@ def case_comprehension_arg(trail):
 def case_walrus(trail):
     mk((w := eff(7)) and w)
     return "walrus"
+
+
+def case_walrus_read_after(trail):
+    mk(y := eff(7))  # jumped over, `return y` would read an unbound local (3.12+: a crash)
+    return y
+
+
+def case_walrus_in_try(trail):
+    try:
+        mk(y := eff(len(trail)))
+        trail.append(y)
+    except KeyError:
+        return None
+    return y
+
+
+def case_walrus_in_comprehension(trail):
+    mk(eff([z := v * 2 for v in range(3)]))  # `:=` in a comprehension binds here (PEP 572)
+    return z
+
+
+def case_yield_in_args(trail):
+    def g():
+        mk(eff((yield 1)))
+        yield 2
+
+    it = g()
+    return [next(it), it.send("sent"), list(g())]
+
+
+def case_yield_from_in_args(trail):
+    def sub():
+        yield "s"
+        return "r"
+
+    def g():
+        mk(eff((yield from sub())))
+        yield "after"
+
+    return list(g())
+
+
+async def _await_in_args(v):
+    mk(eff(await _sleep_value(v)))
+    return v
+
+
+def case_await_in_args(trail):
+    return asyncio.run(_await_in_args(3))
+
+
+async def _aiter(n):
+    for i in range(n):
+        await asyncio.sleep(0)
+        yield i
+
+
+async def _async_comprehension_in_args():
+    mk(eff([v async for v in _aiter(2)]))
+    return "ok"
+
+
+def case_async_comprehension_in_args(trail):
+    return asyncio.run(_async_comprehension_in_args())
+
+
+def case_lambda_arg(trail):
+    mk(eff((lambda q: q * 2)(3)))
+    mk(eff((lambda: (w := 4) + w)()))  # `:=` in a lambda binds in the lambda
+    return "lambda"
+
+
+def case_generator_expression_arg(trail):
+    mk(eff(sum(v for v in range(4))))
+    return "genexp"
+
+
+def case_comprehension_shadows_a_local(trail):
+    y = len(trail) + 1
+    # 3.12+ inlines the comprehension (PEP 709): its `y` is saved, stored inside the
+    # statement and restored after it, and `return y` reads it unchecked. Skipping the whole
+    # statement leaves `y` as it was: patched.
+    mk(eff([y for y in range(2)]))
+    return y
+
+
+def spy(v):
+    EFFECTS.append(("spy", v))
+
+
+rb = mk  # rebound by case_rebound_global while patched
+
+
+def _calls_rb(v):
+    rb(eff(v))
+    return v
+
+
+def case_rebound_global(trail):
+    global rb
+    out = [_calls_rb("marker")]
+    rb = spy
+    try:
+        out.append(_calls_rb("spied"))  # the site calls what `rb` names now
+    finally:
+        rb = mk
+    out.append(_calls_rb("marker again"))
+    return out
 
 
 def case_nested_calls(trail):
@@ -326,7 +440,7 @@ async def _sleep_value(v):
 
 
 async def coro(v):
-    mk(eff(await _sleep_value(v)))
+    mk(eff(v))
     x = await _sleep_value(v + 1)
     mk(eff(x))
     return x * 2
@@ -363,3 +477,31 @@ def case_not_a_module(trail):
 
 
 CASES = sorted(name for name in globals() if name.startswith("case_"))
+
+#: Statements kept on the plain call path whatever their marker's state: the qualified name
+#: of the function holding them -> the reason ``tracemark.markers()`` gives.
+KEPT = {
+    "case_walrus": finder.BINDS,
+    "case_walrus_read_after": finder.BINDS,
+    "case_walrus_in_try": finder.BINDS,
+    "case_walrus_in_comprehension": finder.BINDS,
+    "case_yield_in_args.<locals>.g": finder.SUSPENDS,
+    "case_yield_from_in_args.<locals>.g": finder.SUSPENDS,
+    "_await_in_args": finder.SUSPENDS,
+    "_async_comprehension_in_args": finder.SUSPENDS,
+}
+
+#: The cases whose kept statements run while inactive (their effects are the plain run's).
+KEPT_CASES = {
+    "case_walrus",
+    "case_walrus_read_after",
+    "case_walrus_in_try",
+    "case_walrus_in_comprehension",
+    "case_yield_in_args",
+    "case_yield_from_in_args",
+    "case_await_in_args",
+    "case_async_comprehension_in_args",
+}
+
+#: Effects a patched, inactive run still has because a name was rebound after patching.
+REBOUND = {"case_rebound_global": ["spied", ("spy", "spied")]}

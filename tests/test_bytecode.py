@@ -224,3 +224,97 @@ def test_verifier_rejects_changed_tables(mod):
     variant = _patched(mod.branch, copies).replace(co_names=("x", *mod.branch.__code__.co_names))
     with pytest.raises(VerifyError, match="co_names"):
         bytecode.verify(mod.branch.__code__, variant, copies)
+
+
+# --- locals that only the skipped code stores ------------------------------------------------
+
+BINDING = """\
+import tracemark
+rx = tracemark.marker("{p}.rx", "v=%r")
+
+def walrus(it):
+    rx(y := next(it))
+    return y
+
+def comp(n):
+    y = n
+    rx([y for y in range(3)])
+    rx([y for y in range(2)])
+    return y
+"""
+
+
+def test_verifier_rejects_reading_a_local_the_jump_leaves_unbound(tmp_path, monkeypatch, uniq):
+    # Independent of the finder's rule: 3.12+ reads `y` with an unchecked LOAD_FAST.
+    mod = _load(tmp_path, monkeypatch, f"bind_{uniq}", BINDING.format(p=uniq))
+    _, _, copies = _statement(mod.walrus, 5)
+    with pytest.raises(VerifyError, match="reads y"):
+        bytecode.verify(mod.walrus.__code__, _patched(mod.walrus, copies), copies)
+
+
+def test_verifier_accepts_inlined_comprehension_variables(tmp_path, monkeypatch, uniq):
+    # PEP 709 (3.12+): `y` is saved, stored and restored inside each statement; skipping one
+    # or both leaves it as it was.
+    mod = _load(tmp_path, monkeypatch, f"bind2_{uniq}", BINDING.format(p=uniq))
+    _, _, first = _statement(mod.comp, 10)
+    _, _, second = _statement(mod.comp, 11)
+    for copies in (first, second, first + second):
+        bytecode.verify(mod.comp.__code__, _patched(mod.comp, copies), copies)
+    mod.comp.__code__ = _patched(mod.comp, first + second)
+    assert mod.comp(7) == 7
+
+
+# --- the guarded jump ------------------------------------------------------------------------
+
+
+def _guarded(func, line, col=4):
+    code = func.__code__
+    instrs, _, copies = _statement(func, line, col)
+    guard = bytecode.Guard("global", "rx", func.__globals__["rx"])
+    skips = [bytecode.Skip(s, e, guard) for s, e in copies]
+    return code, skips, bytecode.rewrite(code, instrs, skips)
+
+
+def test_guarded_variant_layout(mod):
+    code, skips, variant = _guarded(mod.branch, 26)
+    bytecode.verify(code, variant, skips)
+    assert len(variant.co_code) > len(code.co_code)  # the trampoline is appended
+    assert variant.co_consts[-1] is mod.rx
+    assert variant.co_code[: len(code.co_code)] != code.co_code
+    # Every appended instruction is located in the statement (tracebacks, line events).
+    lines = {pos[0] for pos in list(variant.co_positions())[len(code.co_code) // 2 :]}
+    assert lines == {26}
+    mod.branch.__code__ = variant
+    assert mod.branch(1) == 1
+    assert mod.log == [1]  # the unguarded first statement ran; the guarded one skipped
+    mod.rx = lambda v: mod.log.append(("rebound", v))
+    assert mod.branch(0) == 0
+    assert mod.log == [1, 2, ("rebound", 2)]
+
+
+def test_guarded_variant_in_finally_copies(mod):
+    code, skips, variant = _guarded(mod.fin, 13, 8)
+    assert len(skips) >= 2  # one trampoline per compiled copy
+    bytecode.verify(code, variant, skips)
+    mod.fin.__code__ = variant
+    assert mod.fin(3) == 3 and mod.log == []
+
+
+def test_verifier_rejects_a_tampered_trampoline(mod):
+    code, skips, variant = _guarded(mod.branch, 26)
+    raw = bytearray(variant.co_code)
+    n = len(code.co_code)
+    raw[n + 1] ^= 2  # the guard's LOAD_GLOBAL now reads another name (or pushes a NULL)
+    with pytest.raises(VerifyError, match="trampoline"):
+        bytecode.verify(code, variant.replace(co_code=bytes(raw)), skips)
+    other = bytecode.Guard("global", "rx", object())
+    with pytest.raises(VerifyError, match="expected object"):
+        bytecode.verify(code, variant, [s._replace(guard=other) for s in skips])
+    with pytest.raises(VerifyError, match="no trampoline"):
+        bytecode.verify(code, variant.replace(co_code=variant.co_code + b"\x09\x00"), skips)
+    # In a finally body, the trampoline needs the statement's exception handler.
+    code, skips, variant = _guarded(mod.fin, 13, 8)
+    assert len(variant.co_exceptiontable) > len(code.co_exceptiontable)
+    bare = variant.replace(co_exceptiontable=code.co_exceptiontable)
+    with pytest.raises(VerifyError, match="exception handler"):
+        bytecode.verify(code, bare, skips)

@@ -277,7 +277,8 @@ def test_directory_layout_one_subtrace_per_recording(tmp_path, uniq):
     assert first.trace_path.parent == second.trace_path.parent == tmp_path / "new" / "dir"
     assert first.trace_path.name == f"{os.getpid()}-0"
     assert second.trace_path.name == f"{os.getpid()}-1"
-    assert sorted(os.listdir(first.trace_path)) == ["metadata", "stream_0"]
+    # and the status file, hidden from babeltrace2 (tracemark.ctf.status)
+    assert sorted(os.listdir(first.trace_path)) == [".tracemark-status", "metadata", "stream_0"]
     assert [ev.fields["n"] for ev in events_of(tmp_path / "new")] == [1, 2]
 
 
@@ -887,3 +888,46 @@ def test_a_stopped_recording_holds_no_buffer_memory(tmp_path, uniq):
     assert not (rec.trace_path / ".ring").exists()  # and deleted
     assert after - before < 2 * 64 * 1024  # no plain-memory buffer is held either
     m(1, "after")  # fired after the stop: nothing recorded, nothing raised
+
+
+# --- values that cannot be turned into text (issue 16) -----------------------------------------
+
+
+class _ReprRaises:
+    def __repr__(self):
+        raise ValueError("no repr")
+
+
+class _ReprRecurses:
+    def __repr__(self):
+        return repr(self)
+
+
+class _EncodeRaises(str):
+    def encode(self, *args, **kwargs):
+        raise RuntimeError("no encode")
+
+
+@pytest.mark.filterwarnings("ignore::tracemark.TracemarkWarning")
+def test_a_repr_or_encode_that_raises_is_a_discarded_event_not_a_probe_error(tmp_path, uniq):
+    """Old code: counted only as a probe error, in neither the trace's nor the summary's
+    discarded counts."""
+    o = tracemark.marker(f"{uniq}.o", v=object)
+    s = tracemark.marker(f"{uniq}.s", v=str)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with tracemark.record(tmp_path, f"{uniq}.*") as rec:
+            o(1)
+            o(_ReprRaises())
+            o(_ReprRaises())
+            o(_ReprRecurses())
+            s("a")
+            s(_EncodeRaises("x"))
+            o(2)  # the program went on, and so did the recording
+    assert (rec.summary.recorded, rec.summary.discarded) == (3, 4)
+    trace = read_trace(tmp_path)
+    assert trace.discarded == 4
+    assert [ev.fields["v"] for ev in trace.events()] == ["1", "a", "2"]
+    assert all(info.probe_errors == 0 for info in tracemark.markers(f"{uniq}.*"))
+    reports = [str(w.message) for w in caught if "counted as discarded" in str(w.message)]
+    assert len(reports) == 2  # once per marker

@@ -250,6 +250,7 @@ def _view(args: argparse.Namespace, out: IO[str]) -> int:
 
     trace = open_trace(args.trace)
     events = select(trace, args.events, _predicate(trace, args))
+    _warn_losses(args.trace)
     tty = out.isatty()
     if not tty:  # progress only when it cannot mix with the listing
         events = Progress("reading", total_events(trace)).wrap(events)
@@ -280,6 +281,7 @@ def _stats(args: argparse.Namespace, out: IO[str]) -> int:
         "processes": len({s.pid for s in streams}),
         "threads": len({(s.pid, s.tid) for s in streams}),
     }
+    _warn_losses(args.trace)
     if args.json:
         out.write(stats.render_json(collected, **info))
     else:
@@ -298,6 +300,16 @@ def _recover(args: argparse.Namespace, err: IO[str]) -> int:
     if not results:
         err.write("tracemark recover: nothing to recover (no ring files left)\n")
     return EXIT_CORRUPT if any(r.error for r in results) else 0
+
+
+def _warn_losses(trace_dir: str) -> None:
+    """What the trace cannot show (events lost uncounted), on stderr: see :mod:`._losses`."""
+    from ._losses import loss_warnings
+
+    err = sys.stderr
+    style = Style(wants_colour(err))
+    for line in loss_warnings(trace_dir):
+        err.write(style(f"tracemark: {line}", "bold", "red") + "\n")
 
 
 def _list(args: argparse.Namespace, out: IO[str], err: IO[str]) -> int:

@@ -188,7 +188,6 @@ def open_trace(path: str) -> Any:
             "make one with: tracemark record -- python app.py",
             EXIT_NOT_TRACE,
         )
-    _warn_unrecovered(p)
     try:
         return read_trace(path)
     except TraceError as exc:
@@ -196,19 +195,6 @@ def open_trace(path: str) -> Any:
     except OSError as exc:
         message = f"{path}: cannot read the trace: {exc.strerror or exc}"
         raise CliError(message, EXIT_NOT_TRACE) from None
-
-
-def _warn_unrecovered(path: Path) -> None:
-    """Say when processes died while recording into ``path`` and were not recovered."""
-    from ..ctf import recovery as rcv
-
-    dead = [s for s in rcv.pending(path) if not rcv.is_live(s)]
-    if dead:
-        sys.stderr.write(
-            f"tracemark: warning: {len(dead)} process(es) died while recording into "
-            f"{printable(str(path))}; their last events are still in ring files: "
-            f"run tracemark recover {printable(str(path))}\n"
-        )
 
 
 def report_recovered(path: str | Path, err: IO[str], prog: str) -> list[Any]:

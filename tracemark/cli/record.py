@@ -26,6 +26,9 @@ Guarantees
 * Ctrl-C goes to the program (it shares the terminal), not to tracemark, which waits for the
   program and then reports. SIGTERM sent to tracemark is passed on to the program.
 * The summary goes to stderr, so the program's stdout can still be piped.
+* Nothing is lost silently: events that could not be written (disk full) and processes
+  that ended without stopping their recording (``os._exit``, a crash, a kill: their
+  buffered events are gone) are warned about, from the recorder's status files.
 """
 
 from __future__ import annotations
@@ -305,6 +308,7 @@ def summarize(
             )
             + "\n  record fewer markers (-e GLOB) or give more buffer (--buffer 4M)\n"
         )
+    _warn_losses(trace_dir, err, style)
     width = max((len(printable(n)) for n, _ in counts.most_common(top)), default=0)
     for name, count in counts.most_common(top):
         err.write(f"  {printable(name):<{min(width, 50)}} {count:>12,}\n")
@@ -313,6 +317,14 @@ def summarize(
         err.write(f"  ({len(counts) - top} more markers, {rest:,} events)\n")
     err.write(f"  trace: {printable(str(trace_dir))} ({human_size(size)})\n")
     err.write(f"  view it: tracemark view {printable(_quote(str(trace_dir)))}\n")
+
+
+def _warn_losses(trace_dir: Path, err: IO[str], style: Style) -> None:
+    """Events lost without a count in the trace, processes that never stopped recording."""
+    from ._losses import loss_warnings
+
+    for line in loss_warnings(trace_dir):
+        err.write(style(f"  {line}", "bold", "red") + "\n")
 
 
 def _quote(text: str) -> str:

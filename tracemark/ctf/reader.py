@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from . import writer as W
+from .status import read_status
 
 __all__ = [
     "METADATA_LIMIT",
@@ -649,6 +650,24 @@ class SubTrace:
                 )
             seen[s.instance_id] = s.path
 
+    @property
+    def status(self) -> dict[str, Any] | None:
+        """The recorder's status file of this sub-trace's process (:mod:`.status`): whether
+        its recording stopped normally, and the events it lost; None if there is none."""
+        return read_status(self.path)
+
+    @property
+    def lost(self) -> int:
+        """Events this process lost without a count in the trace: not written (disk full),
+        per its status file. A process that did not stop its recording (``status["state"]``
+        is ``"recording"``) lost what it had buffered too, uncounted."""
+        return _lost_of(self.status)
+
+
+def _lost_of(status: dict[str, Any] | None) -> int:
+    lost = status.get("lost") if status else None
+    return lost if isinstance(lost, int) and lost > 0 else 0
+
 
 def _is_dir(entry: os.DirEntry) -> bool:
     try:
@@ -679,6 +698,15 @@ class Trace:
     def lost_packets(self) -> int:
         """Packets overwritten (overwrite mode), over every stream."""
         return sum(s.lost_packets for s in self.streams)
+
+    @property
+    def lost(self) -> int:
+        """Events lost and counted only in the status files (:attr:`SubTrace.lost`), once
+        per process (its snapshots share its status)."""
+        dirs = {
+            s.path.parent if s.path.name.startswith("snapshot-") else s.path for s in self.subtraces
+        }
+        return sum(_lost_of(read_status(d)) for d in dirs)
 
     def events(self) -> Iterator[Event]:
         """Every event of every stream, merged in timestamp order (ties: stream order)."""

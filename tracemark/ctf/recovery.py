@@ -29,6 +29,7 @@ from pathlib import Path
 from . import reader as _reader
 from . import ring as R
 from . import writer as W
+from .status import STATUS_FILE, encode, read_status
 
 __all__ = ["Recovered", "pending", "recover"]
 
@@ -52,6 +53,8 @@ class Recovered:
     live: bool = False
     #: Why a ring file could not be read (it is left in place), or None.
     error: str | None = None
+    #: True once the ring files were read (whatever they held).
+    checked: bool = False
 
 
 def pending(path: str | os.PathLike[str]) -> list[Path]:
@@ -83,8 +86,10 @@ def is_live(sub: str | os.PathLike[str]) -> bool:
 
 def recover(path: str | os.PathLike[str]) -> list[Recovered]:
     """Recover every sub-trace under ``path`` whose process died while recording; one
-    :class:`Recovered` per sub-trace that had ring files."""
-    return [recover_subtrace(sub) for sub in pending(path)]
+    :class:`Recovered` per sub-trace whose ring files were there (recovered, or left alone
+    because their process is alive)."""
+    results = [recover_subtrace(sub) for sub in pending(path)]
+    return [r for r in results if r.live or r.error or r.written_to or r.checked]
 
 
 def recover_subtrace(sub: Path) -> Recovered:
@@ -92,7 +97,11 @@ def recover_subtrace(sub: Path) -> Recovered:
     out = Recovered(sub)
     ring_dir = sub / R.RING_DIR
     try:
-        lock = os.open(R.lock_path(ring_dir), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        lock = os.open(R.lock_path(ring_dir), os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError:
+        # The recording is removing its ring files (a normal stop), or never got as far as
+        # making them: nothing to recover.
+        return out
     except OSError as exc:
         out.error = f"cannot open {R.lock_path(ring_dir)}: {exc.strerror or exc}"
         return out
@@ -108,6 +117,8 @@ def recover_subtrace(sub: Path) -> Recovered:
             out.error = str(exc)
             return out
         _remove_ring_dir(ring_dir)
+        out.checked = True
+        _mark_recovered(sub, out)
         return out
     finally:
         os.close(lock)
@@ -232,6 +243,17 @@ def _stream_tail(stream: Path) -> tuple[int, int, int]:
             last = (seq, discarded, ts_end)
             offset += psize // 8
     return last
+
+
+def _mark_recovered(sub: Path, out: Recovered) -> None:
+    """Say in the sub-trace's status file (:mod:`.status`) that it was recovered."""
+    status = read_status(sub) or {}
+    status.update(state="recovered", recovered=out.events)
+    try:
+        with open(sub / STATUS_FILE, "wb") as f:
+            f.write(encode(status))
+    except OSError:
+        pass
 
 
 def _replace(path: Path, text: str) -> None:

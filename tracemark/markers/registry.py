@@ -13,6 +13,15 @@ Guarantees
   with other fields it is a ValueError naming both declarations.
 * Every change (declare, connect, disconnect) happens under one lock and is published to the
   firing threads by replacing immutable tuples (see :mod:`.dispatch`); firing takes no lock.
+* **Re-entrant.** The lock is re-entrant, so a signal handler, ``__del__`` or weakref callback
+  that declares a marker (or connects, or disconnects) in the middle of a ``connect``,
+  ``disconnect`` or ``declare`` on the same thread neither deadlocks nor disturbs it: every
+  loop over the registry runs over a snapshot, attaching is idempotent, and a marker declared
+  meanwhile is bound by the glob all the same (by ``declare``, which sees the connection).
+* **All or nothing.** ``connect`` and ``declare`` either complete or, if an exception (one
+  that a signal handler raised, say) interrupts them, undo what they attached and raise:
+  no probe stays attached without a handle to remove it. ``disconnect`` that was interrupted
+  finishes its work when called again (and retries once by itself).
 * A fork child gets a fresh registry lock, so a fork while another thread holds it cannot
   deadlock the child.
 * Listeners (the code patcher) hear about every marker that turns active or inactive, under
@@ -116,6 +125,8 @@ class Connection:
         self.errors = 0
         #: Names of markers the pattern matched but whose fields differ from ``fields``.
         self.mismatched: list[str] = []
+        #: Markers whose ``bind_marker`` failed (not tried again).
+        self._refused: set[Any] = set()
         self._match = re.compile(fnmatch.translate(pattern)).match
 
     def matches(self, name: str) -> bool:
@@ -169,6 +180,7 @@ class MarkerCore:
         self.bad_arguments = 0
         self.dropped_nested = 0
         self.probe_errors = 0
+        self.generation = 0  # counts publications (see publish)
         #: Connection -> what its probe's ``bind_marker`` returned for this marker.
         self.bound: dict[Connection, Binding] = {}
         #: Inline bodies fused into the firing function so far: source -> (the global that
@@ -206,13 +218,23 @@ class MarkerCore:
         tuples change and the new one is set last, so a thread runs either a whole old
         binding, or the loop over the tuple it read, or the new inline state.
         """
+        while True:
+            # A signal handler that connects or disconnects a probe of this same marker
+            # while this runs publishes in between: publish again, with what is current.
+            self.generation += 1
+            generation = self.generation
+            self._publish()
+            if self.generation == generation:
+                return
+
+    def _publish(self) -> None:
         conns, ns = self.connections, self.namespace
         bindings = [self.bound.get(c) or Binding(c.probe) for c in conns]
         inline = None
         if len(bindings) == 1:  # the only probe: its own body, or else a direct call
             inline = bindings[0].inline or Inline(self.call_source, {}, bindings[0].top)
         code, slot = self._fused(inline)
-        for old, _ in self.fused.values():
+        for old, _ in tuple(self.fused.values()):
             ns[old] = None
         if self.fire.__code__ is not code:
             self.fire.__code__ = code
@@ -345,9 +367,15 @@ def declare(
             return core
         core = MarkerCore(name, fields, fmt, where)
         _markers[name] = core
-        for conn in _connections:
-            if conn.matches(name):
-                _attach(core, conn)
+        try:
+            for conn in tuple(_connections):  # a snapshot: a signal handler may connect
+                if conn.matches(name):
+                    _attach(core, conn)
+        except BaseException:  # interrupted (a signal handler raised): not declared at all
+            if _markers.get(name) is core:
+                del _markers[name]
+            _detach_all(core)
+            raise
         return core
 
 
@@ -382,10 +410,16 @@ def connect(
     expected = _expected_fields(fields)
     conn = Connection(pattern, probe, expected, bool(reentrant))
     with _lock:
+        # Published first, so that a marker declared meanwhile (by a signal handler, say)
+        # is bound by declare(); the loop runs over a snapshot and skips what is bound.
         _connections.append(conn)
-        for core in _markers.values():
-            if conn.matches(core.name):
-                _attach(core, conn)
+        try:
+            for core in tuple(_markers.values()):
+                if conn.matches(core.name):
+                    _attach(core, conn)
+        except BaseException:  # interrupted: undo every attachment, leave nothing behind
+            _remove(conn)
+            raise
     return conn
 
 
@@ -410,6 +444,10 @@ def _fields_fit(core: MarkerCore, expected: tuple[str, ...] | dict[str, type] | 
 
 
 def _attach(core: MarkerCore, conn: Connection) -> None:
+    # Idempotent: connect() and a declare() run by a signal handler in the middle of it may
+    # both come here for one pair.
+    if conn in core.connections or core.name in conn.mismatched or core in conn._refused:
+        return
     if not _fields_fit(core, conn.fields):
         conn.mismatched.append(core.name)
         faults.report(
@@ -428,6 +466,7 @@ def _attach(core: MarkerCore, conn: Connection) -> None:
             if not all(callable(p) for p in (fn.top, fn.nested or fn.top)):
                 raise TypeError(f"bind_marker() returned {fn!r}, which is not callable")
         except Exception as exc:  # a probe's fault: counted and reported, never raised here
+            conn._refused.add(core)
             conn.errors += 1
             faults.report(
                 "probe-bind-error",
@@ -455,16 +494,38 @@ def disconnect(conn: Connection) -> bool:
     with _lock:
         if not conn.connected:
             return False
-        conn.connected = False
-        _connections.remove(conn)
-        for core in _markers.values():
-            if conn in core.connections:
-                core.connections = tuple(c for c in core.connections if c is not conn)
-                core.bound.pop(conn, None)
-                core.publish()
-                if not core.connections:
-                    _notify(core, False)
+        try:
+            _remove(conn)
+        except BaseException:  # interrupted (a signal handler raised): finish, then raise
+            _remove(conn)
+            raise
     return True
+
+
+def _remove(conn: Connection) -> None:
+    """Detach ``conn`` from every marker (idempotent: an interrupted call is finished by the
+    next). ``connected`` turns False only once it is attached nowhere."""
+    if conn in _connections:
+        _connections.remove(conn)  # first: a marker declared from here on is not bound
+    for core in tuple(_markers.values()):
+        _detach(core, conn)
+    conn.connected = False
+
+
+def _detach(core: MarkerCore, conn: Connection) -> None:
+    if conn in core.connections:
+        core.connections = tuple(c for c in core.connections if c is not conn)
+        core.bound.pop(conn, None)
+        core.publish()
+        if not core.connections:
+            _notify(core, False)
+    else:
+        core.bound.pop(conn, None)
+
+
+def _detach_all(core: MarkerCore) -> None:
+    for conn in core.connections:
+        _detach(core, conn)
 
 
 # --- listeners (the patcher) ---------------------------------------------------------------------
@@ -477,7 +538,7 @@ def add_listener(listener: Callable[[MarkerCore, bool], None]) -> None:
 
 
 def _notify(core: MarkerCore, active: bool) -> None:
-    for listener in _listeners:
+    for listener in tuple(_listeners):
         try:
             listener(core, active)
         except Exception as exc:  # a listener must not break connect/disconnect
@@ -503,7 +564,7 @@ def markers(pattern: str = "*") -> list[MarkerInfo]:
     """Every declared marker whose name matches ``pattern``, sorted by name."""
     match = re.compile(fnmatch.translate(pattern)).match
     with _lock:
-        cores = sorted((c for c in _markers.values() if match(c.name)), key=lambda c: c.name)
+        cores = sorted((c for c in tuple(_markers.values()) if match(c.name)), key=lambda c: c.name)
         return [
             MarkerInfo(
                 name=c.name,
@@ -514,7 +575,7 @@ def markers(pattern: str = "*") -> list[MarkerInfo]:
                 bad_arguments=c.bad_arguments,
                 dropped_nested=c.dropped_nested,
                 probe_errors=c.probe_errors,
-                sites=tuple(s for r in _site_reporters for s in r(c)),
+                sites=tuple(s for r in tuple(_site_reporters) for s in r(c)),
             )
             for c in cores
         ]
@@ -523,4 +584,4 @@ def markers(pattern: str = "*") -> list[MarkerInfo]:
 def iter_cores() -> Iterator[MarkerCore]:
     """Every marker's registry record (a snapshot: safe while markers are declared)."""
     with _lock:
-        return iter(list(_markers.values()))
+        return iter(tuple(_markers.values()))

@@ -10,10 +10,11 @@ variant for the set of markers active now.
 Layout
 ------
 * :mod:`.bytecode`: every version-specific fact about CPython bytecode (3.11-3.13): reading
-  instructions and positions, finding each compiled copy of a statement, writing the jump,
-  parsing the exception table, verifying a variant.
+  instructions and positions, finding each compiled copy of a statement, writing the guarded
+  jump, parsing and extending the exception and location tables, verifying a variant.
 * :mod:`.finder`: marker statements from the function's source (``ast``), mapped to
-  instructions by their exact source span.
+  instructions by their exact source span; which statements must keep running, and what
+  guards each jump.
 * :mod:`.patcher`: the policy (lazy on first run, :func:`patch` on demand, switching on
   connect/disconnect), the variant cache, and the per-site report in ``tracemark.markers()``.
 
@@ -26,6 +27,18 @@ Guarantees
   (module level, lambdas, exec'd code, a free-threaded build, ``TRACEMARK_NOPATCH=1``, a
   statement the verifier rejects) keeps the plain call path and says why in
   ``tracemark.markers()[i].sites``.
+* A statement whose arguments are part of the program -- they bind a name (``:=``, also in a
+  comprehension) or ``yield`` / ``yield from`` / ``await`` -- is never jumped over: it keeps
+  the plain call path, and its site says why. Lambdas, comprehensions and generator
+  expressions without them are patched (they bind in their own scope; PEP 709 comprehensions
+  restore what they bind).
+* A site calls whatever its name refers to when it runs: the jump is guarded by the name
+  (the global, builtin or closure variable ``rx`` of ``rx(...)``), so rebinding it after
+  patching, even while the marker is inactive, runs the statement as written. For
+  ``mod.rx(...)`` and ``tracemark.mark(...)`` only ``mod`` / ``tracemark`` is guarded: an
+  assignment to ``mod.rx`` is not noticed while ``rx`` is inactive (details in
+  :mod:`.patcher`). The guard costs a few ns per inactive statement (a name load and an
+  identity test).
 * A call that starts after ``connect()`` returns runs code in which the marker is live;
   frames already running keep the code they started with.
 * Dynamic probes and the patcher never fight over ``__code__``: a probed function is

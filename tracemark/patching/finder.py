@@ -9,9 +9,26 @@ one of the forms the patcher understands:
   marker of that name has been declared.
 
 The statement is found in the function's source (``ast``), never by guessing at opcodes, and
-mapped to bytecode by its exact source span (:func:`.bytecode.statement_spans`). The callee is
-resolved when the function is analysed: a name later rebound to another object is not
-followed (say so in the docs). Anything else that is called is left alone.
+mapped to bytecode by its exact source span (:func:`.bytecode.statement_spans`). Anything else
+that is called is left alone.
+
+Two more things are decided here, from the source:
+
+* **Statements that must run even while inactive.** Arguments that bind a name (``:=``, also
+  inside a comprehension, where it binds in the enclosing scope), or that ``yield``,
+  ``yield from`` or ``await`` (they change the generator's or coroutine's protocol), are
+  part of the program, not of the event: jumping over them would change what the function
+  does (and code compiled after a ``:=`` reads the name with an unchecked load: a crash on
+  3.12+). Such a statement is found (so ``tracemark.markers()`` lists it) with a
+  :attr:`Statement.refusal`, and keeps the plain call path. Lambdas, generator expressions
+  and comprehensions without these are fine: what they bind is their own scope's (a
+  comprehension inlined by PEP 709 restores its iteration variable; the verifier still
+  rejects a variant in which a later read could see a local only skipped code stores).
+* **The guard.** The callee is resolved when the function is analysed, and the variant's
+  jump is guarded so that the statement still runs if the name no longer refers to that
+  object (:class:`.bytecode.Guard`): for ``rx(...)`` the global (or builtin) or closure
+  variable ``rx`` itself; for ``mod.rx(...)`` and ``tracemark.mark(...)`` only the first name
+  of the chain (``mod``, ``tracemark``), not the attribute read from it.
 """
 
 from __future__ import annotations
@@ -39,6 +56,42 @@ class Statement:
     core: Any  # registry.MarkerCore
     span: Span  # (line, end line, column, end column) in the source
     copies: tuple[tuple[int, int], ...]  # (start, end) offsets, one per compiled copy
+    guard: bytecode.Guard | None = None  # what must still hold for the jump to be taken
+    refusal: str = ""  # why the statement must never be jumped over ("" if it may be)
+
+    def skips(self) -> list[bytecode.Skip]:
+        return [bytecode.Skip(start, end, self.guard) for start, end in self.copies]
+
+
+#: Reasons a statement keeps the plain call path whatever its marker's state.
+BINDS = "arguments bind a name (:=)"
+SUSPENDS = "arguments yield or await"
+
+
+def refusal(call: ast.Call) -> str:
+    """Why the arguments of ``call`` must run even while its marker is inactive, or "".
+
+    A lambda's body is its own scope (a ``:=``, ``yield`` or ``await`` there is the lambda's),
+    but its defaults are evaluated here. A comprehension or generator expression is walked
+    whole: ``:=`` in it binds in the enclosing scope (PEP 572), and an ``await`` or
+    ``async for`` in it awaits here, except in a generator expression, which becomes an
+    async generator; it is refused all the same, to stay simple and safe.
+    """
+    binds = suspends = False
+    work: list[ast.AST] = [*call.args, *(k.value for k in call.keywords)]
+    while work:
+        node = work.pop()
+        if isinstance(node, ast.Lambda):
+            work.extend(d for d in (*node.args.defaults, *node.args.kw_defaults) if d)
+            continue
+        if isinstance(node, ast.NamedExpr):
+            binds = True
+        elif isinstance(node, ast.Yield | ast.YieldFrom | ast.Await) or (
+            isinstance(node, ast.comprehension) and node.is_async
+        ):
+            suspends = True
+        work.extend(ast.iter_child_nodes(node))
+    return BINDS if binds else SUSPENDS if suspends else ""
 
 
 _cache: dict[str, tuple[tuple[str, ...], dict[Span, ast.Call]]] = {}
@@ -89,6 +142,19 @@ def _lookup(name: str, code: CodeType, func: FunctionType | None, globs: dict) -
         if isinstance(builtins, dict):
             value = builtins.get(name, _MISSING)
     return value
+
+
+def _guard(node: ast.expr, code: CodeType, func: FunctionType | None, globs: dict) -> Any:
+    """The guard of a callee expression: its first name must still be what it is now."""
+    while isinstance(node, ast.Attribute):
+        node = node.value
+    if not isinstance(node, ast.Name):
+        return None
+    value = _lookup(node.id, code, func, globs)
+    if value is _MISSING:
+        return None
+    scope = "free" if node.id in code.co_freevars else "global"
+    return bytecode.Guard(scope, node.id, value)
 
 
 def _resolve(node: ast.expr, code: CodeType, func: FunctionType | None, globs: dict) -> Any:
@@ -142,8 +208,12 @@ def find_statements(
         core = _marker_of(call, code, func, globs)
         if core is None:
             continue
-        copies = bytecode.statement_spans(instrs, span, handlers)
-        if copies:
-            out.append(Statement(core, span, tuple(copies)))  # type: ignore[arg-type]
+        why = refusal(call)
+        # A refused statement is listed even when its copies cannot be found (an
+        # ``async for`` comprehension ends through an exception edge): it is never jumped.
+        copies = () if why else bytecode.statement_spans(instrs, span, handlers)
+        if copies or why:
+            guard = _guard(call.func, code, func, globs)
+            out.append(Statement(core, span, tuple(copies), guard, why))  # type: ignore[arg-type]
     out.sort(key=lambda s: s.span)
     return out

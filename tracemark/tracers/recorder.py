@@ -72,7 +72,17 @@ Guarantees
   parent's buffers is carried over. A ``multiprocessing`` child made by fork, which ends
   with ``os._exit()`` (no atexit), is flushed by a multiprocessing finalizer.
 * **Faults never break the program**: an unwritable directory or a full disk stops the
-  writing, counts every event that could not be written, and is reported once.
+  writing, counts every event that could not be written, and is reported once. Those
+  counts, which no packet on disk can carry, go to the sub-trace's status file
+  (:mod:`tracemark.ctf.status`, hidden from babeltrace2), reserved at start and written over
+  in place at stop (so even on a full disk); until a clean stop it says ``recording``, so a
+  process that ended without one (``os._exit``, a crash, SIGKILL) is known to have lost
+  what it had buffered. ``tracemark record`` / ``view`` / ``stats`` warn about both.
+* **Start and stop are each one step.** Every marker of a recording starts at one instant
+  (its first packet opens once all are bound; earlier events are not inside it). A stop()
+  that an exception interrupted is finished by the next call; a SIGTERM during stop() is
+  acted on after it (main thread) or waits for it (another thread): the trace is written
+  once, whole.
 """
 
 from __future__ import annotations
@@ -103,6 +113,7 @@ from typing import Any
 
 from .. import env, faults
 from ..ctf import ring as R
+from ..ctf import status as _status
 from ..ctf import writer as W
 from ..markers import registry
 from ..markers.dispatch import MAX_NESTING, Binding, Inline
@@ -164,6 +175,7 @@ class _Channel:
         "level",
         "limit",
         "name",
+        "on_disk_discarded",
         "overwritten",
         "pos",
         "rec",
@@ -205,6 +217,7 @@ class _Channel:
         self.reported = 0  # events_discarded of the last packet closed
         self.overwritten = 0
         self.written = 0  # events in packets written to disk
+        self.on_disk_discarded = 0  # events_discarded of the last packet written to disk
         self.fd = -1
         self.file_size = 0
 
@@ -219,6 +232,11 @@ class _Channel:
         if not rec.running or size > room:
             if rec.running:
                 rec._too_large(size)
+            elif not rec._stopping:
+                # Fired while start() is still binding the recording's markers: before the
+                # recording's start instant, so not inside it (not counted either). The first
+                # packet opens once every marker is bound: no marker starts before another.
+                return -1
             self.discard()
             return -1
         if self.free:
@@ -284,10 +302,15 @@ class _Channel:
     def _close(self, ts_end: int) -> None:
         """Seal the open packet and hand it to the consumer (or keep it, overwrite mode)."""
         buf, pos, events = self.buf, self.pos, self.count
-        self.limit = -1  # from here on, a nested or next event opens a new packet
-        self.reported = discarded = self.discarded
+        discarded = self.discarded
         W.close_packet(buf, pos, ts_end, discarded, events)
+        # Handed over before the channel forgets it: a stop() interrupted here (a signal
+        # handler raised) and run again finds the packet either open or handed over, never
+        # neither (flush() tells which). Nothing else writes this channel meanwhile: nested
+        # events go to the next level.
         self.full.append((buf, events, self.seq))
+        self.limit = -1  # from here on, the next event opens a new packet
+        self.reported = discarded
         if not self.rec.overwrite and self.rec.running:
             self.rec._wake()
             # Give the GIL away once per packet, so the consumer just woken gets it now: with
@@ -298,7 +321,10 @@ class _Channel:
 
     def flush(self) -> None:
         """Close the open packet if it holds events (the recording is stopping)."""
-        if self.limit >= 0 and self.count:
+        if self.limit >= 0 and self.full and self.full[-1][0] is self.buf:
+            self.limit = -1  # closed and handed over by a flush that was interrupted
+            self.reported = self.discarded
+        elif self.limit >= 0 and self.count:
             self._close(time.monotonic_ns())
         elif self.limit >= 0:
             self.limit = -1
@@ -306,6 +332,10 @@ class _Channel:
             self.seq -= 1  # the empty packet was never written: no gap in packet_seq_num
         if self.child is not None:
             self.child.flush()
+
+    def uncounted(self) -> int:
+        """Events discarded that no packet on disk counts (their packets were lost)."""
+        return max(0, self.discarded - self.on_disk_discarded) if not self.rec.overwrite else 0
 
     def release(self) -> None:
         """Drop the sub-buffers once the recording has stopped and written them: a stopped
@@ -386,6 +416,13 @@ class Recording:
         self._lock = threading.RLock()
         self._reg_lock = threading.RLock()
         self._connections: list[registry.Connection] = []
+        # Stopping: one thread at a time does it (another thread's stop() waits for it); the
+        # thread doing it, so that a signal handler re-entering stop() on it does not wait
+        # for itself.
+        self._stop_lock = threading.RLock()
+        self._stop_owner: int | None = None
+        self._status_fd = -1
+        self._final_snapshot = False
 
     # --- life cycle ---
 
@@ -398,16 +435,23 @@ class Recording:
         self._classes: dict[str, int] = {}  # marker name -> event id
         self._classes_text = ""
         self._setup_process()
-        self.running = True
         _active.add(self)
         _install_handlers()
         # One connection per glob; a marker matching several globs is recorded once, by the
-        # first one that matches it (the others map it to None).
-        for i, pattern in enumerate(self.patterns):
-            earlier = self.patterns[:i]
-            self._connections.append(
-                registry.connect(pattern, self._make_probe(earlier), reentrant=True)
-            )
+        # first one that matches it (the others map it to None). Until every marker is bound,
+        # ``running`` is False: an event fired meanwhile opens no packet and is ignored (it
+        # is before the recording's start), so that no marker of the recording starts
+        # before another (a thread firing two of them alternately shows no gap).
+        try:
+            for i, pattern in enumerate(self.patterns):
+                earlier = self.patterns[:i]
+                self._connections.append(
+                    registry.connect(pattern, self._make_probe(earlier), reentrant=True)
+                )
+        except BaseException:  # interrupted (a signal handler raised): stopped, then raise
+            self.stop()
+            raise
+        self.running = True  # the start instant: every packet opens after it
         return self
 
     def _setup_process(self) -> None:
@@ -436,6 +480,7 @@ class Recording:
         self.trace_path = self.path / f"{self.pid}-?"
         self.trace_path = self._make_trace_dir()
         self._fill = memoryview(b"\xff" * self.subbuffer_size)
+        self._open_status()
         offset = time.time_ns() - time.monotonic_ns()
         env = {
             "domain": "ust",
@@ -553,24 +598,67 @@ class Recording:
     def stop(self) -> RecordingSummary:
         """Stop recording, write everything still buffered, and return the summary.
 
-        Stopping twice returns the same summary.
+        Stopping twice returns the same summary. Stopping is all or nothing: a stop() that an
+        exception interrupted (one a signal handler raised) is finished by the next call
+        (at the latest the one at exit), every step of it being idempotent. A SIGTERM that
+        arrives while the main thread is stopping is acted on when the stop is done, so the
+        trace is written once, whole; one that arrives while another thread stops waits for
+        that thread's stop (see :func:`_on_sigterm`).
         """
-        with self._lock:
-            if self.summary is not None or self._stopping:
-                return self.summary or self._summarize()
-            self._stopping = True
-            for conn in self._connections:
-                registry.disconnect(conn)
+        return self._stop(-1)
+
+    def _stop(self, wait: float) -> RecordingSummary:
+        global _main_stopping
+        if self.summary is not None:
+            return self.summary
+        if self._stop_owner == threading.get_ident():
+            # Re-entered on the thread that is stopping (a signal handler, __del__): that
+            # stop writes everything; this one must not wait for it, nor write twice.
+            return self._summarize()
+        if not self._stop_lock.acquire(timeout=wait):
+            faults.report(
+                "record-stop",
+                str(self.path),
+                f"another thread's stop of {self!r} did not end within {wait} s",
+            )
+            return self._summarize()
+        main = threading.current_thread() is threading.main_thread()
+        try:
+            if self.summary is not None:
+                return self.summary
+            self._stop_owner = threading.get_ident()
+            if main:
+                _main_stopping += 1
+            try:
+                self._finish_stop()
+            finally:
+                self._stop_owner = None
+                if main:
+                    _main_stopping -= 1
+        finally:
+            self._stop_lock.release()
+            if main:
+                _deliver_deferred_sigterm()
+        return self.summary  # type: ignore[return-value]
+
+    def _finish_stop(self) -> None:
+        """The steps of stop(), each idempotent (a call interrupted is finished by the next).
+        The recording stays in the active set until its summary is made: until then, exit and
+        SIGTERM still find it, and wait for it or finish it."""
+        self._stopping = True
+        for conn in self._connections:
+            registry.disconnect(conn)  # finishes one an earlier stop() left half done
         # No thread is inside the probe after this (unless it takes longer than the timeout:
         # then its late events are counted as discarded, see _Channel.switch).
         registry.synchronize(timeout=5.0)
         self.running = False
-        _active.discard(self)
         with self._lock:
             for ch in list(self._channels):
                 ch.flush()
         if self.overwrite:
-            self._snapshot()
+            if not self._final_snapshot:
+                self._snapshot()
+                self._final_snapshot = True
         else:
             self._stop_consumer = True
             self._wake()
@@ -582,12 +670,14 @@ class Recording:
                 ch.last_count()
             self._drain()
             self._close_files()
+        summary = self._summarize()
+        self._write_status(summary)
         for ch in list(self._all_channels()):
             ch.release()
         self._close_ring_dir()
+        self.summary = summary
+        _active.discard(self)
         self._recover_dead_processes()
-        self.summary = self._summarize()
-        return self.summary
 
     def _recover_dead_processes(self) -> None:
         """Recover the sub-traces in this recording's directory of processes that died while
@@ -613,19 +703,20 @@ class Recording:
         thread is stopped half-way through the recorder's code, the ring files stay, and a
         recovery finds everything there (by sequence number: nothing is written twice)."""
         lock = self._lock
-        if not self.running or lock._is_owned() or not lock.acquire(blocking=False):
+        if self.summary is not None or lock._is_owned() or not lock.acquire(blocking=False):
             return
         try:
             self.running = False
             self._stopping = True
             self._stop_consumer = True
-            _active.discard(self)
             consumer = self._consumer
             whole = not _inside_recorder(interrupted, consumer and consumer.ident)
             for ch in list(self._all_channels()):
                 ch.flush()
             if self.overwrite:
-                self._snapshot()
+                if not self._final_snapshot:
+                    self._snapshot()
+                    self._final_snapshot = True
             else:
                 self._drain()
                 for ch in list(self._all_channels()):
@@ -633,9 +724,13 @@ class Recording:
                 self._drain()
                 self._close_files()
             if (whole or self.overwrite) and self._error is None:  # a snapshot is whole
+                summary = self._summarize()
+                self._write_status(summary)
                 for ch in list(self._all_channels()):
                     ch.release()
                 self._close_ring_dir()
+                self.summary = summary
+                _active.discard(self)
         finally:
             lock.release()
 
@@ -768,16 +863,24 @@ class Recording:
 
     def _bad_value(self, ch: _Channel, marker: Any, args: tuple, exc: Exception) -> None:
         if isinstance(exc, UnicodeEncodeError):  # lone surrogates: record a cleaned copy
-            clean = tuple(W.clean_text(a) if isinstance(a, str) else a for a in args)
             try:
+                clean = tuple(W.clean_text(a) if isinstance(a, str) else a for a in args)
                 W.compile_packer(self._event_id(marker), marker.fields)(clean, ch)
                 return
-            except _VALUE_ERRORS as again:
+            except Exception as again:
                 exc = again
         ch.discard()
+        if isinstance(exc, _VALUE_ERRORS):
+            what = "a value its field type cannot record"
+        else:  # an object's repr, or a str subclass's encode, that raised or recursed
+            what = "a value whose conversion to text raised"
+        try:
+            detail = f"{type(exc).__name__}: {exc}"
+        except Exception:  # the exception's own str() may raise too
+            detail = type(exc).__name__
         message = (
-            f"marker {marker.name!r} fired with a value its field type cannot record "
-            f"({type(exc).__name__}: {exc}); the event was counted as discarded"
+            f"marker {marker.name!r} fired with {what} ({detail}); the event was counted "
+            "as discarded"
         )
         if faults.report("record-bad-value", marker.name, message):
             raise faults.MarkerArgumentError(message) from exc
@@ -855,11 +958,14 @@ class Recording:
         return written
 
     def _write_full(self, ch: _Channel) -> int:
-        batch = []
-        while ch.full:
-            batch.append(ch.full.popleft())
+        # Taken off the queue once written: a stop() interrupted in between (a signal handler
+        # raised) and run again never skips a packet. Only the owner thread appends to it, on
+        # the right; only this (under the lock) takes from it.
+        batch = list(ch.full)
         if batch:
             self._write_packets(ch, batch)
+            for _ in batch:
+                ch.full.popleft()
             ch.free.extend(buf for buf, _, _ in batch)
         return len(batch)
 
@@ -887,6 +993,68 @@ class Recording:
                 self._write_full(c)
             with self._reg_lock:
                 self._spare.append(ch)
+
+    # --- the status file (tracemark.ctf.status): "recording" until a clean stop ---
+
+    def _open_status(self) -> None:
+        """Reserve the status file and mark the sub-trace as being recorded: a process that
+        ends without stop() (os._exit, a crash, SIGKILL) leaves it so, which says that
+        the events it had buffered were lost."""
+        self._status_fd = -1
+        if self._error is not None:
+            return
+        start = {"state": "recording", "pid": self.pid, "mode": self.mode}
+        try:
+            fd = os.open(
+                self.trace_path / _status.STATUS_FILE, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644
+            )
+        except OSError as exc:
+            self._fail(f"cannot write {self.trace_path / _status.STATUS_FILE}: {exc}")
+            return
+        self._status_fd = fd
+        try:
+            os.pwrite(fd, _status.encode(start), 0)
+        except OSError as exc:
+            self._fail(f"cannot write {self.trace_path / _status.STATUS_FILE}: {exc}")
+
+    def _write_status(self, summary: RecordingSummary) -> None:
+        """The final status, written over the reserved bytes (no new disk block: it is
+        written even when the disk is full). If it cannot be, it is tried again at exit."""
+        fd = self._status_fd
+        if fd < 0:
+            return
+        uncounted = sum(c.uncounted() for c in self._all_channels())
+        lost = summary.lost + uncounted
+        final = {
+            "state": "stopped",
+            "pid": self.pid,
+            "mode": self.mode,
+            "recorded": summary.recorded,
+            "discarded": summary.discarded - uncounted,
+            "lost": lost,
+            "reason": summary.error if lost else None,
+        }
+        try:
+            data = _status.encode(final)
+            done = os.pwrite(fd, data, 0)
+            if done != len(data):
+                raise OSError(f"short write ({done} of {len(data)} bytes)")
+            os.ftruncate(fd, len(data))
+        except OSError as exc:
+            faults.report(
+                "record-status",
+                str(self.trace_path),
+                f"cannot write {self.trace_path / _status.STATUS_FILE} ({exc}); the trace may "
+                f"look unfinished ({lost} events lost); tried again at exit",
+            )
+            _status_retry.add(self)
+            return
+        _status_retry.discard(self)
+        self._status_fd = -1
+        try:
+            os.close(fd)
+        except OSError:
+            pass
 
     def _write_metadata(self, directory: Path, text: str, how: str) -> None:
         try:
@@ -931,6 +1099,7 @@ class Recording:
             if whole:
                 kept += len(v)
                 ch.written += events
+                ch.on_disk_discarded = struct.unpack_from("<Q", v, W.OFF_DISCARDED)[0]
             else:
                 self._lost += events
         if kept != done:
@@ -1022,6 +1191,9 @@ class Recording:
         self._reg_lock = threading.RLock()
         # The parent's descriptors are not the child's business: close the inherited copies.
         fds = [c.fd for c in self._all_channels() if c.fd >= 0]
+        if self._status_fd >= 0:  # the parent's status file: the parent finishes it
+            fds.append(self._status_fd)
+            self._status_fd = -1
         for fd in fds:
             try:
                 os.close(fd)
@@ -1069,7 +1241,7 @@ if _ch is None or _ch.rec is not _in.rec:
 _WRITE = """\
 _id = _in.id
 try:
-{pack}except _VALUE_ERRORS as _exc:
+{pack}except _Exception as _exc:
     _in.rec._bad_value(_ch, _marker, ({values}), _exc)
 """
 
@@ -1116,7 +1288,7 @@ def _paths(fields: Any) -> tuple[str, types.CodeType, types.CodeType, dict[str, 
     if found is None:
         names = [f.name for f in fields]
         pack, shared = W.pack_source(fields, names, "    ")
-        shared.update(_VALUE_ERRORS=_VALUE_ERRORS, _AttributeError=AttributeError)
+        shared.update(_Exception=Exception, _AttributeError=AttributeError)
         values = "".join(f"{n}, " for n in names)
         write = _WRITE.format(pack=pack, values=values)
         top = _TOP_CHANNEL + write
@@ -1153,6 +1325,13 @@ def _skip(marker: Any, args: tuple) -> None:
 # --- process-wide: active recordings, exit, SIGTERM, fork ---------------------------------------
 
 _active: weakref.WeakSet[Recording] = weakref.WeakSet()
+#: Stopped recordings whose final status could not be written yet (tried again at exit).
+_status_retry: set[Recording] = set()
+#: How many stop()s the main thread is inside (signal handlers run on the main thread only),
+#: and a SIGTERM that arrived meanwhile, acted on when the last one ends.
+_main_stopping = 0
+_deferred_sigterm: int | None = None
+#: How long the SIGTERM handler waits for a stop() running on another thread.
 _installed = False
 _sigterm_installed = False
 _previous_sigterm: Any = None
@@ -1191,17 +1370,29 @@ def _install_handlers() -> None:
             signal.signal(signal.SIGTERM, _on_sigterm)
 
 
-def _stop_all() -> None:
+def _stop_all(wait: float = -1) -> None:
     for rec in list(_active):
         try:
-            rec.stop()
+            rec._stop(wait)
         except Exception as exc:  # at exit: report, never raise
             faults.report("record-stop", str(rec.path), f"stopping {rec!r} failed: {exc!r}")
+    for rec in list(_status_retry):
+        if rec.summary is not None:
+            rec._write_status(rec.summary)
 
 
 def _on_sigterm(signum: int, frame: Any) -> None:
     """SIGTERM with its default action: write what can be written without waiting, then die
-    of SIGTERM. Whatever is not written stays in the ring files, for a recovery."""
+    of SIGTERM; whatever is not written stays in the ring files, for a recovery (no lock the
+    interrupted code may hold is waited for, nor any thread). A stop() that the main thread
+    is running (this handler interrupted it) finishes first and the signal is acted on after
+    it (deferred), so that trace is written once, whole. A program's own handler is chained
+    to instead (its exit path then stops the recordings).
+    """
+    global _deferred_sigterm
+    if _main_stopping:
+        _deferred_sigterm = signum
+        return
     previous = _previous_sigterm
     if callable(previous):  # the program's handler decides; its exit path flushes
         previous(signum, frame)
@@ -1213,6 +1404,15 @@ def _on_sigterm(signum: int, frame: Any) -> None:
             pass
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _deliver_deferred_sigterm() -> None:
+    """Act on a SIGTERM that arrived while the main thread was stopping a recording."""
+    global _deferred_sigterm
+    if _main_stopping or _deferred_sigterm is None:
+        return
+    signum, _deferred_sigterm = _deferred_sigterm, None
+    _on_sigterm(signum, sys._getframe(1))
 
 
 #: Signals a thread cannot usefully block: those a fault of its own raises synchronously.
