@@ -913,7 +913,7 @@ class Recording:
                 thread = threading.Thread(target=self._consume, name="tracemark-consumer")
                 thread.daemon = True
                 try:
-                    thread.start()
+                    _start_without_signals(thread)
                 except RuntimeError as exc:
                     faults.report(
                         "record-consumer",
@@ -929,7 +929,6 @@ class Recording:
         a thread firing flat out winning it back can take a whole switch interval (5 ms):
         so while there is work the consumer only writes (one writev per stream), and it
         waits for a wake-up only when a round found nothing to do."""
-        _leave_signals_to_the_program()
         busy = False
         while True:
             if not busy:
@@ -979,19 +978,15 @@ class Recording:
         return None
 
     def _retire_dead_threads(self) -> None:
-        """Write out the packets of threads that ended and make their channels spares for
-        the next threads, so that streams, files and memory stay bounded by the threads alive
-        at once, not by every thread that ever fired (a thread that has ended runs no
-        producer code: its channel can be flushed from here)."""
-        while True:
-            with self._reg_lock:
-                ch = self._claim_ended()
-            if ch is None:
-                return
-            ch.flush()
-            for c in _chain(ch):
-                self._write_full(c)
-            with self._reg_lock:
+        """Make the channels of threads that ended spares for the next threads, so that
+        streams, files and memory stay bounded by the threads alive at once, not by every
+        thread that ever fired (a thread that has ended runs no producer code: its channel
+        can be handed on from here)."""
+        with self._reg_lock:
+            while (ch := self._claim_ended()) is not None:
+                # Its open packet is closed by the thread that adopts it (or by stop): a
+                # channel is a spare from the instant it is claimed, so a thread starting
+                # now never makes a new one meanwhile.
                 self._spare.append(ch)
 
     # --- the status file (tracemark.ctf.status): "recording" until a clean stop ---
@@ -1421,17 +1416,24 @@ _FAULT_SIGNALS = {
 }
 
 
-def _leave_signals_to_the_program() -> None:
-    """Block process-directed signals in a tracemark thread. The kernel gives a signal to
-    any thread that does not block it; Python runs handlers only in the main thread, which
-    learns of a signal delivered elsewhere only at its next bytecode. A main thread blocked in
-    a system call (``multiprocessing``'s ``SemLock`` in ``sem_wait``) is interrupted only by
-    a signal delivered to itself: delivered to our consumer instead, SIGTERM from
-    ``Pool.terminate()`` was never handled and the worker hung for good."""
+def _start_without_signals(thread: threading.Thread) -> None:
+    """Start a tracemark thread with process-directed signals blocked in it. The kernel gives
+    a signal to any thread that does not block it; Python runs handlers only in the main
+    thread, which learns of a signal delivered elsewhere only at its next bytecode. A main
+    thread blocked in a system call (``multiprocessing``'s ``SemLock`` in ``sem_wait``) is
+    interrupted only by a signal delivered to itself: delivered to our consumer instead,
+    SIGTERM from ``Pool.terminate()`` was never handled and the worker hung for good. The
+    new thread inherits the mask of the thread that creates it, so the mask is set around
+    the start (blocking from inside the new thread would leave a window open)."""
     try:
-        signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals() - _FAULT_SIGNALS)
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals() - _FAULT_SIGNALS)
     except (AttributeError, OSError, ValueError):  # no pthread_sigmask on this platform
-        pass
+        thread.start()
+        return
+    try:
+        thread.start()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def _recorder_code(filename: str) -> bool:
