@@ -1356,13 +1356,52 @@ def _install_handlers() -> None:
     if not _installed:
         _installed = True
         atexit.register(_stop_all)
-        os.register_at_fork(after_in_child=_after_fork_in_child)
-    if not _sigterm_installed and threading.current_thread() is threading.main_thread():
+        os.register_at_fork(
+            before=_hold_sigterm_over_fork,
+            after_in_parent=_release_sigterm_after_fork,
+            after_in_child=_after_fork_in_child,
+        )
+    if (
+        not _sigterm_installed
+        and not leave_sigterm_to_recovery
+        and threading.current_thread() is threading.main_thread()
+    ):
         _sigterm_installed = True
         previous = signal.getsignal(signal.SIGTERM)
         if previous is not signal.SIG_IGN:  # a program that ignores SIGTERM goes on doing so
             _previous_sigterm = previous
             signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+#: Set by ``tracemark record``'s bootstrap: its processes get no SIGTERM handler; a process
+#: SIGTERM kills leaves its ring files, which the command recovers once the program ended.
+#: (A Python-level handler cannot be relied on in a process blocked in ``sem_wait``: a
+#: signal landing just before the call enters the kernel runs the C handler, sets the flag,
+#: and the wait never returns to run the Python one. Pool workers wait there all the time.)
+leave_sigterm_to_recovery = False
+
+_fork_mask = threading.local()
+
+
+def _hold_sigterm_over_fork() -> None:
+    """Block SIGTERM in the forking thread (the child inherits the mask) until both sides
+    are ready. A fork child forgets a signal that arrives before CPython resets its signal
+    state in the child (``PyOS_AfterFork_Child``): with the default action that signal
+    would have killed it, with our handler it is lost, and a ``Pool`` worker that
+    ``terminate()`` signalled that early waited for a task for ever. Held, it stays pending
+    and is delivered when the child unblocks it, after the reset."""
+    if _sigterm_installed:
+        try:
+            _fork_mask.old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+        except (AttributeError, OSError, ValueError):
+            pass
+
+
+def _release_sigterm_after_fork() -> None:
+    old = getattr(_fork_mask, "old", None)
+    if old is not None:
+        _fork_mask.old = None
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def _stop_all(wait: float = -1) -> None:
@@ -1466,9 +1505,17 @@ def _inside_recorder(interrupted: Any, consumer: int | None) -> bool:
 
 
 def _after_fork_in_child() -> None:
+    global _main_stopping, _deferred_sigterm
+    _main_stopping, _deferred_sigterm = 0, None  # the parent's stop is not the child's
     running = [rec for rec in list(_active) if rec.running]
     for rec in running:
         rec._after_fork_in_child()
+    if _sigterm_installed and _previous_sigterm is signal.SIG_DFL:
+        # A fork child (a Pool worker, most often) dies of SIGTERM as it would without
+        # tracemark (see leave_sigterm_to_recovery for why a handler is unsafe there); its
+        # rings are recovered by the parent's stop() or by tracemark record.
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    _release_sigterm_after_fork()  # last: a SIGTERM held over the fork acts now
     # A multiprocessing child made by fork ends with os._exit(), which skips atexit: its last
     # packets would never be written. multiprocessing runs its own finalizers before that
     # exit, so stop the recordings from one. Its bootstrap first clears the finalizers the
