@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import tracemark
+from tracemark import env
 
 from .harness import Case, measure, table
 
@@ -34,6 +35,7 @@ BASELINE = "struct.pack_into alone (same 3 fields + header)"
 
 def _cases(tmp: Path) -> tuple[list[Case], list[object]]:
     m = tracemark.marker("bench.rec", n=int, s=str, x=float)
+    mem = tracemark.marker("bench.mem", n=int, s=str, x=float)
     quiet = tracemark.marker("bench.noop", n=int, s=str, x=float)
     tracemark.connect("bench.noop", lambda marker, args: None)
     buf = bytearray(1 << 16)
@@ -46,6 +48,7 @@ def _cases(tmp: Path) -> tuple[list[Case], list[object]]:
     log.setLevel(logging.INFO)
     ns = {
         "m": m,
+        "mem": mem,
         "quiet": quiet,
         "buf": buf,
         "packer": packer,
@@ -58,6 +61,12 @@ def _cases(tmp: Path) -> tuple[list[Case], list[object]]:
     cases = [
         Case(BASELINE, "packer.pack_into(buf, 0, 7, now(), n, 5, s.encode(), x)", ns),
         Case("marker, one no-op probe", "quiet(n, s, x)", ns, "the marker core's share"),
+        Case(
+            "marker recorded, sub-buffers in plain memory",
+            "mem(n, s, x)",
+            ns,
+            "TRACEMARK_NORING=1: nothing survives a crash",
+        ),
         Case("marker recorded by tracemark.record()", "m(n, s, x)", ns, "target: < 400 ns"),
         Case(
             "logging.info to a file (formatted)",
@@ -131,10 +140,18 @@ def report() -> str:
         # Buffers that hold everything the measurement fires: this row is the cost of
         # recording an event, never the (cheaper) cost of discarding one.
         rec = tracemark.record(tmp / "cost", "bench.rec", subbuffer_size=1 << 20, subbuffers=48)
+        env.NORING = True  # the same recording, its sub-buffers in plain memory: what the
+        try:  # ring files (crash recovery) cost, in the same run
+            in_memory = tracemark.record(
+                tmp / "mem", "bench.mem", subbuffer_size=1 << 20, subbuffers=48
+            )
+        finally:
+            env.NORING = False
         try:
             results = measure(cases, number=100_000, repeat=7)
         finally:
             summary = rec.stop()
+            in_memory.stop()
         # Before viztracer: its stop() leaves a threading.setprofile hook behind, which would
         # profile every thread started afterwards (it made these rows 2.5x too slow).
         lines = [

@@ -116,8 +116,8 @@ def edit_metadata(sub, old, new, count=1):
     ("old", "new", "what"),
     [
         ("freq = 1000000000;", f"freq = {'9' * 5000};", "clock"),
-        ("\tid = 0;\n\tstream_id = 0;", f"\tid = {'1' * 5000};\n\tstream_id = 0;", "event id"),
-        ("\tid = 0;\n\tstream_id = 0;", "\tid = 4294967296;\n\tstream_id = 0;", "event id"),
+        ("\tid = 1;\n\tstream_id = 0;", f"\tid = {'1' * 5000};\n\tstream_id = 0;", "event id"),
+        ("\tid = 1;\n\tstream_id = 0;", "\tid = 4294967296;\n\tstream_id = 0;", "event id"),
         ("vpid = ", f"vpid = {'7' * 5000};\n\tx = ", "env vpid"),
         ("offset = ", f"offset = {'5' * 5000};\n\tx_ = ", "clock"),
     ],

@@ -3,6 +3,9 @@
 import os
 import re
 import shutil
+import subprocess
+import sys
+import textwrap
 import threading
 import time
 import tracemalloc
@@ -285,3 +288,34 @@ def test_cutting_leaves_whole_and_otherwise_damaged_streams_alone(small_trace, t
     assert tracemark.ctf.cut_partial_packet(streams[0]) == 0
     assert streams[0].read_bytes() == bytes(damaged[:-10])
     assert [s.read_bytes() for s in streams[1:]] == before[1:]
+
+
+def test_a_trace_of_many_streams_reads_with_few_open_files(tmp_path):
+    """300 threads alive at once make 300 streams; merging them needs no file per stream."""
+    script = textwrap.dedent(
+        """
+        import sys, threading, tracemark
+        m = tracemark.marker("many.ev", k=int)
+        go = threading.Event()
+        def work(k):
+            m(k)
+            go.wait()
+        with tracemark.record(sys.argv[1], "many.*", subbuffer_size=4096):
+            ts = [threading.Thread(target=work, args=(k,)) for k in range(300)]
+            for t in ts: t.start()
+            go.set()
+            for t in ts: t.join()
+        """
+    )
+    subprocess.run([sys.executable, "-c", script, str(tmp_path)], check=True, timeout=120)
+    assert len(list(tmp_path.glob("*/stream_*"))) == 300
+    limited = (
+        "import resource, sys; resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64)); "
+        "from tracemark.ctf import read_trace; "
+        "print(sorted(e.fields['k'] for e in read_trace(sys.argv[1]).events()) == "
+        "list(range(300)))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", limited, str(tmp_path)], capture_output=True, text=True, timeout=60
+    )
+    assert out.stdout.strip() == "True", out.stderr

@@ -90,13 +90,37 @@ def test_tracemark_record_stats_and_view_say_events_were_lost(tmp_path):
     assert view.returncode == 0 and "events were LOST" in view.stderr
 
 
-def test_os_exit_under_tracemark_record_is_a_warning(tmp_path):
-    """Old code: exit code passed on, "0 events" for 1,000 fired, no warning."""
+def test_os_exit_under_tracemark_record_is_recovered(tmp_path):
+    """Old code: exit code passed on, "0 events" for 1,000 fired, no warning. Now the ring
+    files keep them: record recovers all 1,000 and says so."""
     code = "import os, tracemark\nm = tracemark.marker('ex.m', i=int)\n"
     code += "for i in range(1000):\n    m(i)\nos._exit(5)\n"
     rec = _tracemark("record", "-o", tmp_path / "t", "--", sys.executable, "-c", code)
     assert rec.returncode == 5
     assert "ended without stopping its recording" in rec.stderr, rec.stderr
+    assert "recovered 1,000 events" in rec.stderr and "1,000 events from 1 process" in rec.stderr
+    (status_dir,) = [p.parent for p in (tmp_path / "t").glob(f"*/{STATUS_FILE}")]
+    assert read_status(status_dir)["state"] == "recovered"
+    view = _tracemark("view", tmp_path / "t")
+    assert view.returncode == 0 and "WARNING" not in view.stderr
+
+
+def test_os_exit_without_ring_files_is_a_loss_warning(tmp_path):
+    """With TRACEMARK_NORING=1 nothing survives the process: record and view say so."""
+    code = "import os, tracemark\nm = tracemark.marker('ex.m', i=int)\n"
+    code += "for i in range(1000):\n    m(i)\nos._exit(5)\n"
+    env = {**os.environ, "TRACEMARK_NORING": "1"}
+    rec = subprocess.run(
+        [sys.executable, "-m", "tracemark", "record", "-o", str(tmp_path / "t"), "--"]
+        + [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert rec.returncode == 5
+    assert "ended without stopping its recording" in rec.stderr, rec.stderr
+    assert "LOST" in rec.stderr
     (status_dir,) = [p.parent for p in (tmp_path / "t").glob(f"*/{STATUS_FILE}")]
     assert read_status(status_dir)["state"] == "recording"
     view = _tracemark("view", tmp_path / "t")

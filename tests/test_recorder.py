@@ -1,8 +1,10 @@
 """The recorder: what is fired is either in the trace or counted, whatever happens meanwhile."""
 
 import itertools
+import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -150,25 +152,81 @@ def test_threads_get_a_stream_each_and_events_merge_in_time_order(tmp_path, uniq
     assert trace.discarded == rec.summary.discarded
 
 
-def test_channels_of_ended_threads_are_written_and_released(tmp_path, uniq):
+def test_channels_of_ended_threads_are_written_and_reused(tmp_path, uniq):
+    """A thread that ends frees its channel for the next thread: one stream for 30 short
+    threads one after another, each packet carrying its own thread's id and name."""
     m = tracemark.marker(f"{uniq}.m", i=int)
 
     def work(i):
         for _ in range(10):
             m(i)
 
+    tids = []
     with tracemark.record(tmp_path, f"{uniq}.*") as rec:
         for i in range(30):
             t = threading.Thread(target=work, args=(i,), name=f"short-{i}")
             t.start()
             t.join()
+            tids.append(t.native_id)
         deadline = time.monotonic() + 10
-        while rec._channels and time.monotonic() < deadline:
-            time.sleep(0.01)  # the consumer retires them on its next round
-        assert rec._channels == []  # memory bounded by the threads alive
-    assert rec.summary.recorded == 300 and rec.summary.streams == 30
+        while not rec._spare and time.monotonic() < deadline:
+            time.sleep(0.01)  # the consumer retires the last one on its next round
+        assert len(rec._channels) == 1 and rec._spare == rec._channels  # bounded
+    assert rec.summary.recorded == 300 and rec.summary.streams == 1
     evs = events_of(tmp_path)
     assert [ev.thread for ev in evs] == [f"short-{i}" for i in range(30) for _ in range(10)]
+    assert [ev.tid for ev in evs] == [tid for tid in tids for _ in range(10)]
+    assert [ev.fields["i"] for ev in evs] == [i for i in range(30) for _ in range(10)]
+
+
+def test_thousands_of_short_threads_make_few_streams(tmp_path, uniq):
+    """The issue's thread-per-request shape: 5,000 threads of 10 events, every event
+    recorded, streams bounded by the threads alive at once, readable under a small open-file
+    limit by our reader and by babeltrace2."""
+    script = textwrap.dedent(
+        f"""
+        import sys, threading, tracemark
+        m = tracemark.marker("{uniq}.req", k=int, i=int)
+        def work(k):
+            for i in range(10):
+                m(k, i)
+        with tracemark.record(sys.argv[1], "{uniq}.*") as rec:
+            for batch in range(1000):  # 5 threads alive at once
+                ts = [threading.Thread(target=work, args=(batch * 5 + j,)) for j in range(5)]
+                for t in ts: t.start()
+                for t in ts: t.join()
+        print(rec.summary.recorded, rec.summary.discarded, rec.summary.streams)
+        """
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    recorded, discarded, streams = map(int, out.stdout.split())
+    assert (recorded, discarded) == (50_000, 0)
+    assert streams <= 6  # 5 workers and the main thread's channel (never fired: no file)
+    assert len(list(tmp_path.glob("*/stream_*"))) == streams
+    limited = (
+        "import resource, sys; resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256)); "
+        "from tracemark.cli import main; sys.exit(main(sys.argv[1:]))"
+    )
+    stats = subprocess.run(
+        [sys.executable, "-c", limited, "stats", "--json", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert stats.returncode == 0, stats.stderr
+    assert json.loads(stats.stdout)["events"] == 50_000
+    bt = shutil.which("babeltrace2")
+    if bt:
+        lines = subprocess.run(
+            ["sh", "-c", f"ulimit -n 256 && {bt} {tmp_path} | wc -l"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert int(lines.stdout) == 50_000, lines.stderr
 
 
 def test_markers_declared_after_start_are_appended_to_the_metadata(tmp_path, uniq):
@@ -798,10 +856,12 @@ def test_recordings_come_and_go_while_threads_fire_flat_out(tmp_path, uniq):
 
 def test_a_stopped_recording_holds_no_buffer_memory(tmp_path, uniq):
     """The program may keep the recording (for its summary), and a thread's dispatch state may
-    still point at one of its channels: neither keeps the sub-buffers alive."""
+    still point at one of its channels: neither keeps the sub-buffers alive. Sub-buffers are
+    ring-file mappings (tracemark.ctf.ring): every one is unmapped and its file deleted."""
     import tracemalloc
 
     m = tracemark.marker(f"{uniq}.m", i=int, s=str)
+    rings_seen = []
 
     def work():
         for i in range(20_000):
@@ -817,12 +877,16 @@ def test_a_stopped_recording_holds_no_buffer_memory(tmp_path, uniq):
             work()
             for t in threads:
                 t.join()
-        after, peak = tracemalloc.get_traced_memory()
+            rings_seen = list((rec.trace_path / ".ring").glob("chan_*"))
+            mapped = [c.ring for c in rec._all_channels() if c.ring is not None]
+        after = tracemalloc.get_traced_memory()[0]
     finally:
         tracemalloc.stop()
     assert rec.summary.recorded + rec.summary.discarded == 100_000
-    assert peak - before > 5 * 64 * 1024  # every thread had sub-buffers at some point
-    assert after - before < 2 * 64 * 1024  # and now none is held
+    assert len(rings_seen) >= 1 and mapped  # sub-buffers were mapped ring files
+    assert all(not r.slots for r in mapped)  # and now every one is unmapped
+    assert not (rec.trace_path / ".ring").exists()  # and deleted
+    assert after - before < 2 * 64 * 1024  # no plain-memory buffer is held either
     m(1, "after")  # fired after the stop: nothing recorded, nothing raised
 
 

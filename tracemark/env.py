@@ -45,3 +45,7 @@ STRICT = _flag("TRACEMARK_STRICT")
 #: ``TRACEMARK_NOPATCH=1``: never rewrite code objects; every marker site uses the plain
 #: call path.
 NOPATCH = _flag("TRACEMARK_NOPATCH")
+
+#: ``TRACEMARK_NORING=1``: recordings keep their sub-buffers in plain memory instead of ring
+#: files (tracemark.ctf.ring): nothing to recover if the process dies without stopping.
+NORING = _flag("TRACEMARK_NORING")

@@ -184,6 +184,20 @@ exit codes: 0 ok, 2 usage or bad filter, 3 not a trace, 4 corrupt trace.""",
     stats.add_argument("--filter", metavar="EXPR", help="count only events where EXPR is true")
     stats.add_argument("--json", action="store_true", help="one JSON document")
 
+    rcv = sub.add_parser(
+        "recover",
+        help="recover the events of processes that died while recording",
+        description=(
+            "A recording keeps its buffers in ring files (DIR/<pid>-<n>/.ring/) until it\n"
+            "stops. A process that died first (SIGKILL, a crash, os._exit()) leaves them:\n"
+            "this writes their events into the trace (tracemark record does it by itself).\n"
+            "Processes still alive are left alone."
+        ),
+        epilog="exit codes: 0 ok (also when nothing was to be done), 3 not a directory,\n"
+        "4 a ring file could not be read (it is left in place).",
+    )
+    rcv.add_argument("trace", metavar="DIR", help="a trace directory")
+
     lst = sub.add_parser(
         "list",
         help="find the markers declared in source code, and check their call sites",
@@ -275,6 +289,19 @@ def _stats(args: argparse.Namespace, out: IO[str]) -> int:
     return 0
 
 
+def _recover(args: argparse.Namespace, err: IO[str]) -> int:
+    from pathlib import Path
+
+    from ._common import EXIT_CORRUPT, EXIT_NOT_TRACE, report_recovered
+
+    if not Path(args.trace).is_dir():
+        raise CliError(f"{args.trace}: no such trace directory", EXIT_NOT_TRACE)
+    results = report_recovered(args.trace, err, "tracemark recover")
+    if not results:
+        err.write("tracemark recover: nothing to recover (no ring files left)\n")
+    return EXIT_CORRUPT if any(r.error for r in results) else 0
+
+
 def _warn_losses(trace_dir: str) -> None:
     """What the trace cannot show (events lost uncounted), on stderr: see :mod:`._losses`."""
     from ._losses import loss_warnings
@@ -321,6 +348,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _view(args, out)
         if args.subcommand == "stats":
             return _stats(args, out)
+        if args.subcommand == "recover":
+            return _recover(args, err)
         return _list(args, out, err)
     except CliError as exc:
         err.write(f"{exc.prog or prog}: error: {printable(exc.message)}\n")

@@ -197,6 +197,30 @@ def open_trace(path: str) -> Any:
         raise CliError(message, EXIT_NOT_TRACE) from None
 
 
+def report_recovered(path: str | Path, err: IO[str], prog: str) -> list[Any]:
+    """Recover the sub-traces of dead processes under ``path`` and say so on ``err``: one line
+    for all that were recovered, one for each left alone or that failed."""
+    from ..ctf import recover
+
+    results = recover(path)
+    done = [r for r in results if not r.live and not r.error and r.events]
+    if done:
+        n = len(done)
+        err.write(
+            f"{prog}: {n} process{'es' if n != 1 else ''} ended without stopping "
+            f"{'their' if n != 1 else 'its'} recording (killed, crashed, os._exit()); "
+            f"recovered {sum(r.events for r in done):,} events from "
+            f"{'their' if n != 1 else 'its'} buffers\n"
+        )
+    for r in results:
+        where = printable(str(r.path))
+        if r.live:
+            err.write(f"{prog}: {where}: still recording (its process is alive): left alone\n")
+        elif r.error:
+            err.write(f"{prog}: {where}: cannot recover: {printable(r.error)}\n")
+    return results
+
+
 def guarded(events: Iterable[Any]) -> Iterator[Any]:
     """``events`` with a TraceError met while streaming turned into a CliError."""
     try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from ..ctf.ring import RING_DIR
 from ..ctf.status import STATUS_FILE, read_status
 
 __all__ = ["loss_warnings"]
@@ -43,7 +44,7 @@ def _alive(pid: int) -> bool:
 
 def loss_warnings(trace_dir: str | os.PathLike[str]) -> list[str]:
     """One line per problem, worded for a user, without a trailing newline."""
-    lost, reasons, unfinished = 0, [], []
+    lost, reasons, unfinished, unrecovered = 0, [], [], []
     for directory in _status_dirs(Path(trace_dir)):
         status = read_status(directory)
         if status is None:
@@ -52,7 +53,9 @@ def loss_warnings(trace_dir: str | os.PathLike[str]) -> list[str]:
         pid = pid if isinstance(pid, int) else 0
         if status.get("state") == "recording":
             if not _alive(pid):
-                unfinished.append(pid)
+                # Its buffers are in ring files until recovered (none under NORING).
+                ring = (directory / RING_DIR).is_dir()
+                (unrecovered if ring else unfinished).append(pid)
             continue
         n = status.get("lost")
         if isinstance(n, int) and n > 0:
@@ -75,5 +78,12 @@ def loss_warnings(trace_dir: str | os.PathLike[str]) -> list[str]:
             f"WARNING: process{s} {pids} ended without stopping {'their' if s else 'its'} "
             "recording (os._exit(), a crash or a kill): the events still buffered there "
             "were LOST, and how many is unknown"
+        )
+    if unrecovered:
+        n = len(unrecovered)
+        lines.append(
+            f"WARNING: {n} process{'es' if n > 1 else ''} ended without stopping "
+            f"{'their' if n > 1 else 'its'} recording; {'their' if n > 1 else 'its'} last "
+            f"events are still in ring files: run tracemark recover {trace_dir}"
         )
     return [line.replace("\n", " ") for line in lines]

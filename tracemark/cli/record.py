@@ -16,11 +16,13 @@ Guarantees
 * The program's exit code is returned (128+N when a signal N killed it); tracemark's own
   failures never change it, except that a program which cannot be started is exit code 127.
 * The trace is written even when the program crashes: an uncaught exception still runs the
-  interpreter's exit, which stops and flushes the recording; a process killed outright leaves
-  a trace readable up to its last written packet. Killed while the kernel was copying a
-  packet into a file, it may leave part of one: once the program has ended, tracemark cuts
-  such torn tails from the streams of processes that are gone, and says so (babeltrace2
-  refuses a whole trace with one).
+  interpreter's exit, which stops and flushes the recording; a process that dies outright
+  (SIGKILL, SIGSEGV, ``abort()``, ``os._exit()``) leaves its buffers in ring files, which are
+  recovered once the program has ended (:mod:`tracemark.ctf.recovery`; processes it left
+  still recording get a few seconds to end first), and the summary says how many events
+  were recovered. Killed while the kernel was copying a packet into a file, a process may
+  leave part of one: tracemark cuts such torn tails from the streams of processes that are
+  gone, and says so (babeltrace2 refuses a whole trace with one).
 * Ctrl-C goes to the program (it shares the terminal), not to tracemark, which waits for the
   program and then reports. SIGTERM sent to tracemark is passed on to the program.
 * The summary goes to stderr, so the program's stdout can still be piped.
@@ -55,6 +57,7 @@ from ._common import (
     human_duration,
     human_size,
     printable,
+    report_recovered,
     total_events,
 )
 
@@ -199,6 +202,8 @@ def run(args: Any, err: IO[str], style: Style) -> int:
             f"tracemark record: {printable(str(path))}: cut the last {cut:,} bytes, part of a "
             "packet its process left when it was killed while writing\n"
         )
+    _wait_for_recordings(trace_dir, RECORDINGS_GRACE)
+    report_recovered(trace_dir, err, "tracemark record")
     try:
         summarize(trace_dir, err, style, top=args.top, elapsed=elapsed, code=code)
     except CliError as exc:  # the program ran: its exit code matters more than ours
@@ -223,6 +228,21 @@ def _run_child(argv: list[str], env: dict[str, str]) -> int:
         signal.signal(signal.SIGINT, previous_int)
         signal.signal(signal.SIGTERM, previous_term)
     return 128 - code if code < 0 else code
+
+
+#: How long to wait, after the program ended, for processes it left behind that still record
+#: (a multiprocessing forkserver ends a moment after its parent).
+RECORDINGS_GRACE = 3.0
+
+
+def _wait_for_recordings(trace_dir: Path, grace: float) -> None:
+    from ..ctf import recovery
+
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        if not any(recovery.is_live(s) for s in recovery.pending(trace_dir)):
+            return
+        time.sleep(0.05)
 
 
 def cut_torn_tails(trace_dir: Path) -> list[tuple[Path, int]]:

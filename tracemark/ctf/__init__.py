@@ -10,10 +10,14 @@
 
 The same traces open in babeltrace2 (the tests check it); this reader is the project's own,
 pure Python, streaming, and strict (any damage is a :class:`TraceError` naming the file and
-the byte offset).
+the byte offset). :func:`recover` turns what a process that died while recording left in its
+ring files (:mod:`.ring`) into packets of its trace (:mod:`.recovery`).
 """
 
 from __future__ import annotations
 
 from .reader import *  # noqa: F403  (the reader's public names are this package's)
-from .reader import __all__ as __all__
+from .reader import __all__ as _reader_all
+from .recovery import Recovered, recover
+
+__all__ = [*_reader_all, "Recovered", "recover"]

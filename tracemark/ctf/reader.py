@@ -372,6 +372,13 @@ def _open(path: Path) -> Any:
     return _open_regular(path, "stream")
 
 
+def _read_packet(path: Path, p: _Packet) -> bytes:
+    """The bytes of packet ``p`` of stream file ``path`` up to its content end."""
+    with _open(path) as f:
+        f.seek(p.offset)
+        return f.read(p.content_end)
+
+
 class Stream:
     """One stream file: one thread (at one nesting level) of one process."""
 
@@ -516,54 +523,54 @@ class Stream:
         scale = sub.meta.freq
         unpack_header = _EVENT_HEADER.unpack_from
         header_size = _EVENT_HEADER.size
-        f = _open(path)
-        with f:
-            last = 0
-            for p in packets:
-                f.seek(p.offset)
-                data = f.read(p.content_end)
-                if len(data) < p.content_end:
-                    raise TraceError(path, p.offset, "stream file shrank while being read")
-                pos = p.start
-                end = p.content_end
-                pid, tid, thread = p.pid, p.tid, p.thread
-                n = 0
-                last = max(last, p.ts_begin)
-                while pos < end:
-                    at = pos
-                    try:
-                        event_id, ts = unpack_header(data, pos)
-                        pos += header_size
-                        if pos > end:
-                            raise ValueError
-                        name, decode = decoders[event_id]
-                        fields, pos = decode(data, pos, end)
-                    except KeyError:
-                        raise TraceError(
-                            path, p.offset + at, f"event id {event_id} is not in the metadata"
-                        ) from None
-                    except (struct.error, ValueError, IndexError):
-                        raise TraceError(
-                            path, p.offset + at, "event runs past the packet content or is damaged"
-                        ) from None
-                    if ts < last or ts > p.ts_end:
-                        raise TraceError(
-                            path,
-                            p.offset + at + 4,
-                            "event timestamp goes backwards or past the packet's timestamp_end",
-                        )
-                    last = ts
-                    n += 1
-                    if scale != 1_000_000_000:
-                        ts = ts * 1_000_000_000 // scale
-                    yield _new_event(Event, (ts + offset_ns, name, fields, pid, tid, thread))
-                if n != p.count:
+        last = 0
+        for p in packets:
+            # One open file per packet read, not per stream: a trace of thousands of streams
+            # is merged without thousands of open files (a packet is ~256 KiB: the open is
+            # noise next to decoding it).
+            data = _read_packet(path, p)
+            if len(data) < p.content_end:
+                raise TraceError(path, p.offset, "stream file shrank while being read")
+            pos = p.start
+            end = p.content_end
+            pid, tid, thread = p.pid, p.tid, p.thread
+            n = 0
+            last = max(last, p.ts_begin)
+            while pos < end:
+                at = pos
+                try:
+                    event_id, ts = unpack_header(data, pos)
+                    pos += header_size
+                    if pos > end:
+                        raise ValueError
+                    name, decode = decoders[event_id]
+                    fields, pos = decode(data, pos, end)
+                except KeyError:
+                    raise TraceError(
+                        path, p.offset + at, f"event id {event_id} is not in the metadata"
+                    ) from None
+                except (struct.error, ValueError, IndexError):
+                    raise TraceError(
+                        path, p.offset + at, "event runs past the packet content or is damaged"
+                    ) from None
+                if ts < last or ts > p.ts_end:
                     raise TraceError(
                         path,
-                        p.offset + W.OFF_COUNT,
-                        f"packet holds {n} events, its context says {p.count}",
+                        p.offset + at + 4,
+                        "event timestamp goes backwards or past the packet's timestamp_end",
                     )
-                last = max(last, p.ts_end)
+                last = ts
+                n += 1
+                if scale != 1_000_000_000:
+                    ts = ts * 1_000_000_000 // scale
+                yield _new_event(Event, (ts + offset_ns, name, fields, pid, tid, thread))
+            if n != p.count:
+                raise TraceError(
+                    path,
+                    p.offset + W.OFF_COUNT,
+                    f"packet holds {n} events, its context says {p.count}",
+                )
+            last = max(last, p.ts_end)
 
     def bounds(self) -> tuple[int | None, int | None]:
         """The timestamps of the first and last event. Decodes one event for the first; the

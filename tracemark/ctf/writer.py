@@ -88,6 +88,10 @@ DISCARDED_COUNT = struct.Struct("<QQ")
 #: timestamp_end, content_size, packet_size: patched together when a packet closes.
 CLOSE = struct.Struct("<QQQ")
 EVENT_HEADER = struct.Struct("<IQ")
+#: The end mark packed after every event (never an event id; see tracemark.ctf.ring) and its
+#: size: a channel's ``limit`` is its sub-buffer's length less this.
+END = 0xFFFFFFFF
+END_SIZE = 4
 
 #: Field type -> TSDL type alias (the aliases are declared in the preamble).
 #: Field types stored as a length and a sequence of bytes (text or not).
@@ -404,11 +408,16 @@ def pack_source(
             var.append(f"_n{i}")
             values.append(f"_n{i}, {v}")
     lines = list(prep)
+    # Every event is packed with the end mark after it (tracemark.ctf.ring: how a crashed
+    # process's open packet is read back); the size reserved and published excludes it, the
+    # next event overwrites it, and a channel's limit keeps room for it.
+    fmt_parts.append("I")
+    values.append("_END")
     # The Struct's bound pack_into and its size, found together: no attribute lookups.
     if not var:
         fixed = struct.Struct("".join(fmt_parts))
         ns: dict[str, Any] = {"_pack": fixed.pack_into}
-        lines.append(f"_packer, _size = _pack, {fixed.size}\n")
+        lines.append(f"_packer, _size = _pack, {fixed.size - END_SIZE}\n")
     else:
         key = var[0] if len(var) == 1 else "(" + ", ".join(var) + ")"
         lines += [
@@ -423,7 +432,7 @@ def pack_source(
         def make(key: Any) -> tuple[Callable[..., None], int]:
             lengths = key if isinstance(key, tuple) else (key,)
             s = struct.Struct(template.format(*lengths))
-            found = (s.pack_into, s.size)
+            found = (s.pack_into, s.size - END_SIZE)
             if len(cache) < _STRUCT_CACHE_LIMIT:
                 cache[key] = found
             return found
@@ -448,5 +457,6 @@ def pack_source(
         _len=len,
         _bytes=bytes,
         _KeyError=KeyError,
+        _END=END,
     )
     return "".join(indent + line for line in lines), ns

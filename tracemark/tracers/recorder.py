@@ -8,9 +8,9 @@
 
     $ babeltrace2 out/trace       # or tracemark.ctf.read_trace("out/trace")
 
-Vocabulary (LTTng's): a *recording* (session) has one *channel* per thread, made of
+Vocabulary (LTTng's): a *recording* (session) has one *channel* per thread alive, made of
 ``subbuffers`` fixed-size *sub-buffers*; a full sub-buffer is a CTF *packet*, handed to the
-*consumer* thread which appends it to that thread's stream file.
+*consumer* thread which appends it to that channel's stream file.
 
 Directory layout: ``record(DIR)`` creates ``DIR`` if needed and writes this process's trace
 into its own sub-directory ``DIR/<pid>-<n>/`` (``metadata`` and one ``stream_<k>`` file per
@@ -49,12 +49,25 @@ Guarantees
   the set are two steps, but an interruption between them runs to completion before the
   outer event reads the position, so it can only ever see a consistent channel.
 * **Only complete packets are written.** A stream file grows by whole packets only (a short
-  write on a full disk is truncated away), so a process killed with SIGKILL leaves a trace
-  that reads up to the last written packet (babeltrace2 2.0.4 rejects a whole trace that
-  ends inside a packet).
-* **Flushed on stop, at normal exit (atexit) and on SIGTERM** (when SIGTERM had its default
-  action: the trace is flushed, then the signal is delivered again with the default action;
-  a handler the program installed is chained to, and the program's own exit then flushes).
+  write on a full disk is truncated away; babeltrace2 2.0.4 rejects a whole trace that ends
+  inside a packet).
+* **Buffers outlive the process.** Each channel's sub-buffers are a shared file mapping,
+  ``<sub-trace>/.ring/chan_<k>`` (:mod:`tracemark.ctf.ring`; plain memory, reported once,
+  when the file cannot be had), so a process that dies without stopping (SIGKILL, SIGSEGV,
+  ``abort()``, ``os._exit()``, the OOM killer) leaves every event it fired in the page cache
+  but the one being written; :func:`tracemark.ctf.recover` makes packets of them. A normal
+  stop deletes the ring files. The process holds ``.ring/lock`` while it lives.
+* **Flushed on stop and at normal exit (atexit). On SIGTERM** with its default action, what
+  can be written without waiting is written (the consumer's lock is only tried, no thread is
+  waited for) and the rest stays in the rings; then the signal is delivered again with the
+  default action. A handler the program installed is chained to instead (the program's own
+  exit then flushes). The consumer thread blocks signals, so they reach the program's
+  threads (Python runs handlers in the main thread, which a signal delivered to another
+  thread does not wake from a blocking call).
+* **Channels are reused.** A thread that ended leaves its channel (and stream) to the next
+  thread that needs one, so streams are bounded by the threads alive at once. In overwrite
+  mode a reused channel keeps its packets in the ring like any other: the flight recorder
+  holds the newest ``subbuffers`` packets per channel, and a packet never mixes threads.
 * **fork**: the child records into its own sub-trace of the same directory; nothing of the
   parent's buffers is carried over. A ``multiprocessing`` child made by fork, which ends
   with ``os._exit()`` (no atexit), is flushed by a multiprocessing finalizer.
@@ -77,7 +90,9 @@ from __future__ import annotations
 import _thread
 import atexit
 import collections
+import fcntl
 import fnmatch
+import gc
 import itertools
 import os
 import re
@@ -96,7 +111,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .. import faults
+from .. import env, faults
+from ..ctf import ring as R
 from ..ctf import status as _status
 from ..ctf import writer as W
 from ..markers import registry
@@ -154,6 +170,7 @@ class _Channel:
         "file_size",
         "free",
         "full",
+        "idle",
         "instance_id",
         "level",
         "limit",
@@ -163,6 +180,7 @@ class _Channel:
         "pos",
         "rec",
         "reported",
+        "ring",
         "seq",
         "thread",
         "tid",
@@ -177,12 +195,16 @@ class _Channel:
         self.tid = threading.get_native_id()
         self.name = W.thread_name_bytes(thread.name)
         self.busy = False
+        self.idle = False  # its thread ended: a spare, for the next thread that needs one
         self.child: _Channel | None = None
         self.instance_id = rec._next_instance()
         # Sub-buffers are allocated when first needed: a thread that fires a few events
         # costs one sub-buffer, not the whole channel.
-        self.free: collections.deque[bytearray] = collections.deque()
+        self.free: collections.deque[Any] = collections.deque()
         self.unallocated = rec.nbufs
+        # The sub-buffers live in a shared file mapping (tracemark.ctf.ring), so that what
+        # they hold outlives the process; in plain memory when the file cannot be had.
+        self.ring = rec._new_ring(self.instance_id, level)
         self.full: collections.deque = collections.deque()  # (buf, events, seq)
         self.buf = bytearray(0)
         # Position in the open packet and events in it, published together (see
@@ -206,7 +228,8 @@ class _Channel:
         rec = self.rec
         if self.limit >= 0:
             self._close(time.monotonic_ns())
-        if not rec.running or size + W.PACKET_FIXED_SIZE + len(self.name) + 1 > rec.subbuffer_size:
+        room = rec.subbuffer_size - W.PACKET_FIXED_SIZE - len(self.name) - 1 - W.END_SIZE
+        if not rec.running or size > room:
             if rec.running:
                 rec._too_large(size)
             elif not rec._stopping:
@@ -214,21 +237,20 @@ class _Channel:
                 # recording's start instant, so not inside it (not counted either). The first
                 # packet opens once every marker is bound: no marker starts before another.
                 return -1
-            self.discarded += 1
+            self.discard()
             return -1
         if self.free:
             buf = self.free.popleft()
         elif self.unallocated > 0:
-            self.unallocated -= 1
-            buf = bytearray(rec.subbuffer_size)
+            buf = self._allocate()
         elif not rec.overwrite:
-            self.discarded += 1
+            self.discard()
             return -1
         else:
             try:
                 buf, events, _ = self.full.popleft()
             except IndexError:  # every sub-buffer is being copied by a snapshot
-                self.discarded += 1
+                self.discard()
                 return -1
             self.overwritten += events
         self.seq += 1
@@ -245,11 +267,37 @@ class _Channel:
             rec.pid,
             self.name,
         )
+        buf[start:] = rec._fill[start:]  # see tracemark.ctf.ring: how a crash is read back
         self.buf = buf
         self.pos = start
         self.count = 0
-        self.limit = len(buf)
+        self.limit = len(buf) - W.END_SIZE
         return start
+
+    def adopt(self, thread: threading.Thread) -> None:
+        """Give this spare channel (and its nesting levels) to ``thread``, the caller: its
+        next packet carries the new thread's id and name. The stream stays the same one."""
+        tid = threading.get_native_id()
+        name = W.thread_name_bytes(thread.name)
+        for c in _chain(self):
+            c.thread = weakref.ref(thread)
+            c.tid = tid
+            c.name = name
+        self.idle = False
+
+    def _allocate(self) -> Any:
+        """The next sub-buffer never used yet: a slot of the ring file, or plain memory."""
+        self.unallocated -= 1
+        if self.ring is not None:
+            return self.ring.slots[self.rec.nbufs - 1 - self.unallocated]
+        return bytearray(self.rec.subbuffer_size)
+
+    def discard(self, n: int = 1) -> None:
+        """Count ``n`` discarded events (in the next packet closed, and in the ring file, where
+        a recovery finds the count if the process dies first). Slow paths only."""
+        self.discarded += n
+        if self.ring is not None:
+            self.ring.set_discarded(self.discarded)
 
     def _close(self, ts_end: int) -> None:
         """Seal the open packet and hand it to the consumer (or keep it, overwrite mode)."""
@@ -297,13 +345,21 @@ class _Channel:
         self.full.clear()
         self.unallocated = 0
         self.buf = bytearray(0)
+        if self.ring is not None:
+            self.ring.close(remove=True)
+            self.ring = None
 
     def last_count(self) -> None:
         """At stop, events discarded after the last packet: record their count in one more
         packet without events (events_discarded is only ever carried by packets)."""
         if self.discarded == self.reported:
             return
-        buf = self.free.popleft() if self.free else bytearray(self.rec.subbuffer_size)
+        if self.free:
+            buf = self.free.popleft()
+        elif self.unallocated > 0:
+            buf = self._allocate()
+        else:
+            buf = bytearray(self.rec.subbuffer_size)
         self.seq += 1
         self.buf = buf
         self.count = 0
@@ -403,10 +459,8 @@ class Recording:
         self.pid = os.getpid()
         self.trace_uuid = _uuid.uuid4().bytes
         self._instances = itertools.count()
-        self._channels: list[_Channel] = []
-        # Stats of ended threads' channels: written, discarded, overwritten, had a file, and
-        # discarded events no packet on disk counts.
-        self._retired: list[tuple[int, int, int, bool, int]] = []
+        self._channels: list[_Channel] = []  # every level-0 channel, in use or spare
+        self._spare: list[_Channel] = []  # channels of ended threads, flushed, to reuse
         try:
             self._tls.__dict__.clear()  # a fork child: the forking thread's channel is gone
         except AttributeError:
@@ -425,6 +479,7 @@ class Recording:
         self._wakeup.acquire()
         self.trace_path = self.path / f"{self.pid}-?"
         self.trace_path = self._make_trace_dir()
+        self._fill = memoryview(b"\xff" * self.subbuffer_size)
         self._open_status()
         offset = time.time_ns() - time.monotonic_ns()
         env = {
@@ -442,10 +497,87 @@ class Recording:
                 if info.name not in self._classes:
                     text += self._event_class(info.name, info.fields)
         self._metadata_text = text
+        self._open_ring_dir(text)
         if not self.overwrite and self._error is None:
             self._write_metadata(self.trace_path, text, "w")
         if not self.overwrite:
             self._start_consumer()
+
+    def _open_ring_dir(self, metadata: str) -> None:
+        """``<sub-trace>/.ring/``: the ring files, a copy of the metadata kept complete (each
+        event class appended before it can fire) and a lock this process holds while it
+        lives, so that a recovery knows a live recording from a dead one."""
+        old = getattr(self, "_ring_lock_fd", -1)
+        if old >= 0:  # a fork child: the parent's lock stays the parent's
+            try:
+                os.close(old)
+            except OSError:
+                pass
+        self._ring_lock_fd = -1
+        self._ring_dir: Path | None = None
+        if env.NORING:
+            return
+        directory = self.trace_path / R.RING_DIR
+        try:
+            directory.mkdir()
+            fd = os.open(R.lock_path(directory), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                os.close(fd)
+                raise
+            self._ring_lock_fd = fd
+            R.metadata_path(directory).write_text(metadata, encoding="utf-8")
+        except OSError as exc:
+            self._ring_unavailable(f"cannot create {directory}: {exc}")
+            return
+        self._ring_dir = directory
+
+    def _ring_unavailable(self, why: str) -> None:
+        faults.report(
+            "record-ring",
+            str(self.trace_path),
+            f"{why}; sub-buffers are kept in plain memory: events buffered when the process "
+            "dies without stopping the recording cannot be recovered",
+        )
+
+    def _new_ring(self, instance_id: int, level: int) -> R.Ring | None:
+        """A ring file for a new channel, or None (plain memory) when it cannot be had."""
+        directory = self._ring_dir
+        if directory is None:
+            return None
+        try:
+            return R.Ring(
+                directory / f"chan_{instance_id}",
+                instance_id,
+                level,
+                self.subbuffer_size,
+                self.nbufs,
+                self.overwrite,
+            )
+        except (OSError, ValueError) as exc:
+            self._ring_unavailable(f"cannot map a ring file in {directory}: {exc}")
+            return None
+
+    def _close_ring_dir(self) -> None:
+        """After a complete stop: every ring file is closed and gone; remove the rest."""
+        directory, self._ring_dir = self._ring_dir, None
+        if directory is not None:
+            for path in (R.metadata_path(directory), R.lock_path(directory)):
+                try:
+                    path.unlink()
+                except OSError:
+                    pass
+            try:
+                directory.rmdir()
+            except OSError:
+                pass
+        if self._ring_lock_fd >= 0:
+            try:
+                os.close(self._ring_lock_fd)
+            except OSError:
+                pass
+            self._ring_lock_fd = -1
 
     def _make_trace_dir(self) -> Path:
         """``DIR/<pid>-<n>``, the first that does not exist yet. If it cannot be made, the
@@ -542,12 +674,68 @@ class Recording:
         self._write_status(summary)
         for ch in list(self._all_channels()):
             ch.release()
+        self._close_ring_dir()
         self.summary = summary
         _active.discard(self)
+        self._recover_dead_processes()
+
+    def _recover_dead_processes(self) -> None:
+        """Recover the sub-traces in this recording's directory of processes that died while
+        recording (the pool workers ``Pool.terminate()`` killed, a child that crashed), so an
+        in-process recording is whole without ``tracemark recover``. Never raises."""
+        try:
+            from ..ctf import recovery
+
+            results = recovery.recover(self.path)
+        except Exception as exc:  # a damaged ring file is reported, the program goes on
+            faults.report("record-recover", str(self.path), f"recovery failed: {exc!r}")
+            return
+        for r in results:
+            if r.error:
+                faults.report("record-recover", str(r.path), f"cannot recover {r.path}: {r.error}")
+
+    def _flush_before_death(self, interrupted: Any) -> None:
+        """From a signal handler, the process about to die: write every packet to the stream
+        files if that needs no waiting. Async-signal-safe in Python's sense: no lock that the
+        interrupted code may hold is waited for (the consumer's lock is only tried), nothing
+        waits for the consumer or for other threads. The interrupted code never runs again, so
+        an open packet is closed at its last published event. If the consumer is busy, or a
+        thread is stopped half-way through the recorder's code, the ring files stay, and a
+        recovery finds everything there (by sequence number: nothing is written twice)."""
+        lock = self._lock
+        if self.summary is not None or lock._is_owned() or not lock.acquire(blocking=False):
+            return
+        try:
+            self.running = False
+            self._stopping = True
+            self._stop_consumer = True
+            consumer = self._consumer
+            whole = not _inside_recorder(interrupted, consumer and consumer.ident)
+            for ch in list(self._all_channels()):
+                ch.flush()
+            if self.overwrite:
+                if not self._final_snapshot:
+                    self._snapshot()
+                    self._final_snapshot = True
+            else:
+                self._drain()
+                for ch in list(self._all_channels()):
+                    ch.last_count()
+                self._drain()
+                self._close_files()
+            if (whole or self.overwrite) and self._error is None:  # a snapshot is whole
+                summary = self._summarize()
+                self._write_status(summary)
+                for ch in list(self._all_channels()):
+                    ch.release()
+                self._close_ring_dir()
+                self.summary = summary
+                _active.discard(self)
+        finally:
+            lock.release()
 
     def _summarize(self) -> RecordingSummary:
         stats = [(c.written, c.discarded, c.overwritten, c.fd != -1) for c in self._all_channels()]
-        stats += [s[:4] for s in self._retired]
         return RecordingSummary(
             path=self.path,
             trace_path=self.trace_path,
@@ -606,21 +794,38 @@ class Recording:
             if event_id is None:
                 text = self._event_class(marker.name, marker.fields)
                 self._metadata_text += text
+                if self._ring_dir is not None:  # before the marker can fire: a recovery
+                    try:  # decodes nothing it has no class for
+                        with open(R.metadata_path(self._ring_dir), "a", encoding="utf-8") as f:
+                            f.write(text)
+                    except OSError as exc:
+                        self._fail(f"cannot append to {R.metadata_path(self._ring_dir)}: {exc}")
                 if not self.overwrite:  # overwrite mode writes it whole with each snapshot
                     self._pending_metadata.append(text)
                 event_id = self._classes[marker.name]
             return event_id
 
     def _event_class(self, name: str, fields: Any) -> str:
-        event_id = self._classes[name] = len(self._classes)
+        # Ids start at 1: a zeroed event header is never an event (tracemark.ctf.ring).
+        event_id = self._classes[name] = len(self._classes) + 1
         text = W.event_class(name, event_id, fields)
         self._classes_text += text
         return text
 
     def _new_channel(self) -> _Channel:
-        ch = _Channel(self, 0, threading.current_thread())
+        """The calling thread's level-0 channel: a spare one if there is one (a thread that
+        ended freed it), else a new one. So a process has at most as many streams as threads
+        alive at once (per nesting level), however many threads it ran."""
+        thread = threading.current_thread()
         with self._reg_lock:
-            self._channels.append(ch)  # registered even if a nested one won the race below
+            ch = self._spare.pop() if self._spare else self._claim_ended()
+        if ch is None:
+            ch = _Channel(self, 0, thread)
+            with self._reg_lock:
+                self._channels.append(ch)  # registered even if a nested one won the race below
+        else:
+            ch.flush()  # its thread's last packet (the consumer did not get to it)
+            ch.adopt(thread)
         try:
             return self._tls.ch  # a signal handler made (and used) one meanwhile
         except AttributeError:
@@ -640,7 +845,7 @@ class Recording:
             ch = self._new_channel()
         while True:
             if ch.level + 1 >= MAX_NESTING:
-                ch.discarded += 1  # counted in that channel's next packet
+                ch.discard()  # counted in that channel's next packet
                 return None
             if ch.child is None:
                 child = _Channel(self, ch.level + 1, threading.current_thread())
@@ -664,7 +869,7 @@ class Recording:
                 return
             except Exception as again:
                 exc = again
-        ch.discarded += 1
+        ch.discard()
         if isinstance(exc, _VALUE_ERRORS):
             what = "a value its field type cannot record"
         else:  # an object's repr, or a str subclass's encode, that raised or recursed
@@ -708,7 +913,7 @@ class Recording:
                 thread = threading.Thread(target=self._consume, name="tracemark-consumer")
                 thread.daemon = True
                 try:
-                    thread.start()
+                    _start_without_signals(thread)
                 except RuntimeError as exc:
                     faults.report(
                         "record-consumer",
@@ -763,33 +968,26 @@ class Recording:
             ch.free.extend(buf for buf, _, _ in batch)
         return len(batch)
 
+    def _claim_ended(self) -> _Channel | None:
+        """A channel whose thread has ended, marked idle (so nobody else claims it); None if
+        there is none. Call under ``_reg_lock``."""
+        for ch in self._channels:
+            if not ch.idle and _ended(ch):
+                ch.idle = True
+                return ch
+        return None
+
     def _retire_dead_threads(self) -> None:
-        """Write out and forget the channels of threads that ended, so that memory stays
-        bounded by the threads alive, not by every thread that ever fired (a thread that
-        has ended runs no producer code: its channel can be closed from here)."""
-        for ch in list(self._channels):
-            thread = ch.thread()
-            # The main thread counts as ended while atexit handlers (which may fire markers)
-            # still run on it: its channel stays until stop.
-            if thread is threading.main_thread() or (thread is not None and thread.is_alive()):
-                continue
-            ch.flush()
-            for c in _chain(ch):
-                self._write_full(c)
-                c.last_count()
-                self._write_full(c)
-                self._retired.append(
-                    (c.written, c.discarded, c.overwritten, c.fd != -1, c.uncounted())
-                )
-                if c.fd >= 0:
-                    try:
-                        os.close(c.fd)
-                    except OSError:
-                        pass
-                c.fd = -2
-                c.free.clear()
-            with self._reg_lock:
-                self._channels.remove(ch)
+        """Make the channels of threads that ended spares for the next threads, so that
+        streams, files and memory stay bounded by the threads alive at once, not by every
+        thread that ever fired (a thread that has ended runs no producer code: its channel
+        can be handed on from here)."""
+        with self._reg_lock:
+            while (ch := self._claim_ended()) is not None:
+                # Its open packet is closed by the thread that adopts it (or by stop): a
+                # channel is a spare from the instant it is claimed, so a thread starting
+                # now never makes a new one meanwhile.
+                self._spare.append(ch)
 
     # --- the status file (tracemark.ctf.status): "recording" until a clean stop ---
 
@@ -821,7 +1019,6 @@ class Recording:
         if fd < 0:
             return
         uncounted = sum(c.uncounted() for c in self._all_channels())
-        uncounted += sum(r[4] for r in self._retired)
         lost = summary.lost + uncounted
         final = {
             "state": "stopped",
@@ -1130,10 +1327,18 @@ _status_retry: set[Recording] = set()
 _main_stopping = 0
 _deferred_sigterm: int | None = None
 #: How long the SIGTERM handler waits for a stop() running on another thread.
-_SIGTERM_WAIT = 10.0
 _installed = False
 _sigterm_installed = False
 _previous_sigterm: Any = None
+
+
+def _ended(ch: _Channel) -> bool:
+    """Whether the thread of ``ch`` has ended. The main thread counts as ended while atexit
+    handlers (which may fire markers) still run on it: its channel stays its own."""
+    thread = ch.thread()
+    if thread is threading.main_thread():
+        return False
+    return thread is None or not thread.is_alive()
 
 
 def _chain(ch: _Channel | None) -> Iterable[_Channel]:
@@ -1151,13 +1356,52 @@ def _install_handlers() -> None:
     if not _installed:
         _installed = True
         atexit.register(_stop_all)
-        os.register_at_fork(after_in_child=_after_fork_in_child)
-    if not _sigterm_installed and threading.current_thread() is threading.main_thread():
+        os.register_at_fork(
+            before=_hold_sigterm_over_fork,
+            after_in_parent=_release_sigterm_after_fork,
+            after_in_child=_after_fork_in_child,
+        )
+    if (
+        not _sigterm_installed
+        and not leave_sigterm_to_recovery
+        and threading.current_thread() is threading.main_thread()
+    ):
         _sigterm_installed = True
         previous = signal.getsignal(signal.SIGTERM)
         if previous is not signal.SIG_IGN:  # a program that ignores SIGTERM goes on doing so
             _previous_sigterm = previous
             signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+#: Set by ``tracemark record``'s bootstrap: its processes get no SIGTERM handler; a process
+#: SIGTERM kills leaves its ring files, which the command recovers once the program ended.
+#: (A Python-level handler cannot be relied on in a process blocked in ``sem_wait``: a
+#: signal landing just before the call enters the kernel runs the C handler, sets the flag,
+#: and the wait never returns to run the Python one. Pool workers wait there all the time.)
+leave_sigterm_to_recovery = False
+
+_fork_mask = threading.local()
+
+
+def _hold_sigterm_over_fork() -> None:
+    """Block SIGTERM in the forking thread (the child inherits the mask) until both sides
+    are ready. A fork child forgets a signal that arrives before CPython resets its signal
+    state in the child (``PyOS_AfterFork_Child``): with the default action that signal
+    would have killed it, with our handler it is lost, and a ``Pool`` worker that
+    ``terminate()`` signalled that early waited for a task for ever. Held, it stays pending
+    and is delivered when the child unblocks it, after the reset."""
+    if _sigterm_installed:
+        try:
+            _fork_mask.old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+        except (AttributeError, OSError, ValueError):
+            pass
+
+
+def _release_sigterm_after_fork() -> None:
+    old = getattr(_fork_mask, "old", None)
+    if old is not None:
+        _fork_mask.old = None
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def _stop_all(wait: float = -1) -> None:
@@ -1172,13 +1416,12 @@ def _stop_all(wait: float = -1) -> None:
 
 
 def _on_sigterm(signum: int, frame: Any) -> None:
-    """Flush every recording, then die of SIGTERM (or chain to the program's handler).
-
-    At every instant exactly one party writes the trace: a stop() that the main thread is
-    running (this handler interrupted it) finishes first, and the signal is acted on after it
-    (deferred); a stop() running on another thread is waited for (its recording stays
-    active until it is done), for at most ``_SIGTERM_WAIT`` seconds; otherwise this handler
-    stops the recordings itself.
+    """SIGTERM with its default action: write what can be written without waiting, then die
+    of SIGTERM; whatever is not written stays in the ring files, for a recovery (no lock the
+    interrupted code may hold is waited for, nor any thread). A stop() that the main thread
+    is running (this handler interrupted it) finishes first and the signal is acted on after
+    it (deferred), so that trace is written once, whole. A program's own handler is chained
+    to instead (its exit path then stops the recordings).
     """
     global _deferred_sigterm
     if _main_stopping:
@@ -1188,7 +1431,11 @@ def _on_sigterm(signum: int, frame: Any) -> None:
     if callable(previous):  # the program's handler decides; its exit path flushes
         previous(signum, frame)
         return
-    _stop_all(_SIGTERM_WAIT)
+    for rec in list(_active):
+        try:
+            rec._flush_before_death(frame)
+        except Exception:  # dying anyway: the rings keep what was not written
+            pass
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     os.kill(os.getpid(), signal.SIGTERM)
 
@@ -1202,10 +1449,73 @@ def _deliver_deferred_sigterm() -> None:
     _on_sigterm(signum, sys._getframe(1))
 
 
+#: Signals a thread cannot usefully block: those a fault of its own raises synchronously.
+_FAULT_SIGNALS = {
+    getattr(signal, n) for n in ("SIGSEGV", "SIGBUS", "SIGFPE", "SIGILL", "SIGTRAP", "SIGSYS")
+}
+
+
+def _start_without_signals(thread: threading.Thread) -> None:
+    """Start a tracemark thread with process-directed signals blocked in it. The kernel gives
+    a signal to any thread that does not block it; Python runs handlers only in the main
+    thread, which learns of a signal delivered elsewhere only at its next bytecode. A main
+    thread blocked in a system call (``multiprocessing``'s ``SemLock`` in ``sem_wait``) is
+    interrupted only by a signal delivered to itself: delivered to our consumer instead,
+    SIGTERM from ``Pool.terminate()`` was never handled and the worker hung for good. The
+    new thread inherits the mask of the thread that creates it, so the mask is set around
+    the start (blocking from inside the new thread would leave a window open)."""
+    try:
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals() - _FAULT_SIGNALS)
+    except (AttributeError, OSError, ValueError):  # no pthread_sigmask on this platform
+        thread.start()
+        return
+    try:
+        thread.start()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def _recorder_code(filename: str) -> bool:
+    return filename in _RECORDER_FILES or filename.startswith("<tracemark")
+
+
+_RECORDER_FILES = {__file__, W.__file__, R.__file__}
+
+
+def _inside_recorder(interrupted: Any, consumer: int | None) -> bool:
+    """Whether some thread is stopped inside the recorder's code (a channel's state may be
+    half-changed there): this thread where the signal ``interrupted`` it, the others where
+    they are, except the consumer (no channel state: the caller holds its lock)."""
+    gc_was = gc.isenabled()
+    gc.disable()  # CPython gh-106883, see markers.dispatch.synchronize()
+    try:
+        frames = sys._current_frames()
+    finally:
+        if gc_was:
+            gc.enable()
+    frames[threading.get_ident()] = interrupted
+    for ident, frame in frames.items():
+        if ident == consumer:
+            continue
+        while frame is not None:
+            if _recorder_code(frame.f_code.co_filename):
+                return True
+            frame = frame.f_back
+    return False
+
+
 def _after_fork_in_child() -> None:
+    global _main_stopping, _deferred_sigterm
+    _main_stopping, _deferred_sigterm = 0, None  # the parent's stop is not the child's
     running = [rec for rec in list(_active) if rec.running]
     for rec in running:
         rec._after_fork_in_child()
+    if _sigterm_installed and _previous_sigterm is signal.SIG_DFL:
+        # A fork child (a Pool worker, most often) dies of SIGTERM as it would without
+        # tracemark (see leave_sigterm_to_recovery for why a handler is unsafe there); its
+        # rings are recovered by the parent's stop() or by tracemark record.
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    _release_sigterm_after_fork()  # last: a SIGTERM held over the fork acts now
     # A multiprocessing child made by fork ends with os._exit(), which skips atexit: its last
     # packets would never be written. multiprocessing runs its own finalizers before that
     # exit, so stop the recordings from one. Its bootstrap first clears the finalizers the
