@@ -121,9 +121,12 @@ def test_event_metadata_time_thread_and_process(tmp_path, uniq):
 def test_threads_get_a_stream_each_and_events_merge_in_time_order(tmp_path, uniq):
     m = tracemark.marker(f"{uniq}.m", worker=int, i=int)
     n = 3000
+    all_firing = threading.Barrier(4)  # alive together: no thread inherits another's stream
 
     def work(k):
-        for i in range(n):
+        m(k, 0)
+        all_firing.wait()
+        for i in range(1, n):
             m(k, i)
 
     with tracemark.record(tmp_path, f"{uniq}.*", subbuffer_size=8192) as rec:

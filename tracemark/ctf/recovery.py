@@ -99,8 +99,12 @@ def recover_subtrace(sub: Path) -> Recovered:
     try:
         lock = os.open(R.lock_path(ring_dir), os.O_RDWR | os.O_CLOEXEC)
     except FileNotFoundError:
-        # The recording is removing its ring files (a normal stop), or never got as far as
-        # making them: nothing to recover.
+        # The recording is removing its ring files (a normal stop), or died doing so (a
+        # SIGTERM in the middle of a stop): nothing left to recover.
+        if not any(ring_dir.glob("chan_*")) and not _alive(sub):
+            _remove_ring_dir(ring_dir)
+            out.checked = True
+            _mark_recovered(sub, out)
         return out
     except OSError as exc:
         out.error = f"cannot open {R.lock_path(ring_dir)}: {exc.strerror or exc}"
@@ -125,11 +129,13 @@ def recover_subtrace(sub: Path) -> Recovered:
 
 
 def _recover_locked(sub: Path, ring_dir: Path, out: Recovered) -> None:
+    rings = sorted(ring_dir.glob("chan_*"))
+    if not rings:
+        return  # never fired, or its stop had written and deleted them: nothing to do
     meta_path = R.metadata_path(ring_dir)
     meta = _reader._Metadata(meta_path)
     skips = {eid: _reader._compile_skipper(f) for eid, (_, f) in meta.events.items()}
     decoders = {eid: (n, _reader._compile_decoder(f)) for eid, (n, f) in meta.events.items()}
-    rings = sorted(ring_dir.glob("chan_*"))
     headers = []
     for path in rings:
         with open(path, "rb") as f:
@@ -245,9 +251,26 @@ def _stream_tail(stream: Path) -> tuple[int, int, int]:
     return last
 
 
+def _alive(sub: Path) -> bool:
+    """Whether the process of sub-trace ``sub`` (``<pid>-<n>``) still runs."""
+    pid = sub.name.split("-", 1)[0]
+    if not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
 def _mark_recovered(sub: Path, out: Recovered) -> None:
-    """Say in the sub-trace's status file (:mod:`.status`) that it was recovered."""
+    """Say in the sub-trace's status file (:mod:`.status`) that it was recovered (a status
+    that says the recording stopped is left as it is)."""
     status = read_status(sub) or {}
+    if status.get("state") == "stopped":
+        return
     status.update(state="recovered", recovered=out.events)
     try:
         with open(sub / STATUS_FILE, "wb") as f:
