@@ -131,7 +131,12 @@ def recover_subtrace(sub: Path) -> Recovered:
 def _recover_locked(sub: Path, ring_dir: Path, out: Recovered) -> None:
     rings = sorted(ring_dir.glob("chan_*"))
     if not rings:
-        return  # never fired, or its stop had written and deleted them: nothing to do
+        # Never fired, or its stop had written and deleted them: no packet to recover. Its
+        # metadata may still have been cut short by the death: the ring's copy is whole.
+        copy = R.metadata_path(ring_dir)
+        if copy.is_file() and (sub / "metadata").is_file():
+            _replace(sub / "metadata", copy.read_text(encoding="utf-8"))
+        return
     meta_path = R.metadata_path(ring_dir)
     meta = _reader._Metadata(meta_path)
     skips = {eid: _reader._compile_skipper(f) for eid, (_, f) in meta.events.items()}

@@ -1052,7 +1052,14 @@ class Recording:
             pass
 
     def _write_metadata(self, directory: Path, text: str, how: str) -> None:
+        """Write (``how="w"``: whole or not at all, through a hidden temporary file: a
+        process killed meanwhile leaves no half metadata) or append to ``metadata``."""
         try:
+            if how == "w":
+                tmp = directory / ".metadata.tmp"
+                tmp.write_text(text, encoding="utf-8")
+                os.replace(tmp, directory / "metadata")
+                return
             with open(directory / "metadata", how, encoding="utf-8") as f:
                 f.write(text)
         except OSError as exc:
