@@ -58,10 +58,9 @@ place (:func:`probe` and :func:`unprobe` here, with the protocol of
 
 from __future__ import annotations
 
-import os
-import threading
 from collections.abc import Iterable
 
+from .._forksafe import fork_safe_rlock
 from ..markers import registry
 from ..patching import patcher
 from . import core
@@ -82,16 +81,7 @@ __all__ = [
     "unprobe",
 ]
 
-_lock = threading.RLock()
-
-
-def _new_lock_in_child() -> None:
-    # As the registry's lock: a fork while another thread held it must not deadlock the child.
-    global _lock
-    _lock = threading.RLock()
-
-
-os.register_at_fork(after_in_child=_new_lock_in_child)
+_lock = fork_safe_rlock()  # a fork while another thread held it must not hang the child
 _by_name: dict[str, Probe] = {}
 _mechanism: object | None = None
 

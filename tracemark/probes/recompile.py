@@ -58,7 +58,6 @@ from __future__ import annotations
 import ast
 import linecache
 import sys
-import threading
 import types
 import warnings
 from collections.abc import Callable
@@ -66,6 +65,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .. import faults
+from .._forksafe import fork_safe_rlock
 from .events import Probe
 from .targets import ProbeError
 
@@ -90,7 +90,7 @@ class Recompile:
     name = NAME
 
     def __init__(self) -> None:
-        self._lock = threading.RLock()
+        self._lock = fork_safe_rlock()
         self._owned: dict[types.FunctionType, _Owned] = {}
 
     # --- what the registry asks ----------------------------------------------------------------

@@ -24,10 +24,10 @@ Guarantees
 from __future__ import annotations
 
 import sys
-import threading
 import types
 from typing import TYPE_CHECKING, Any
 
+from .._forksafe import fork_safe_rlock
 from .events import Probe
 
 if TYPE_CHECKING:
@@ -47,7 +47,7 @@ class SysMonitoring:
     name = NAME
 
     def __init__(self) -> None:
-        self._lock = threading.RLock()
+        self._lock = fork_safe_rlock()
         self.tool: int | None = None
         self._enabled: list[Probe] = []
         self._installed = 0

@@ -21,6 +21,7 @@ import threading
 import time
 from typing import IO, Any
 
+from .._forksafe import fork_safe_lock
 from ..markers.fields import render
 
 __all__ = ["Printer"]
@@ -41,7 +42,7 @@ class Printer:
         self.file = file
         self.logger = logger
         self.level = level
-        self._lock = threading.Lock()
+        self._lock = fork_safe_lock()  # a fork child prints too
 
     def __call__(self, marker: Any, args: tuple) -> None:
         text = f"{marker.name}: {render(marker.fmt, marker.fields, args)}"
