@@ -5,10 +5,33 @@ When a function is patched
 * **Lazily, the first time an inactive marker site runs** in a function that is not patched
   yet. A marker without probes is *armed*: its probe tuple is ``dispatch.ARMED``, whose one
   probe calls :func:`_on_unpatched_run`. That finds the function object(s) running the
-  caller's code (the module's functions, methods, properties and ``__wrapped__`` chains, then
-  ``gc.get_referrers`` on the code), analyses every function of that module holding marker
-  statements, and installs the variant for the markers active now. The program is
-  self-optimising: a site pays the plain call (and the analysis) once, then about one jump.
+  caller's code, analyses every function of that module holding marker statements, and
+  installs the variant for the markers active now. The program is self-optimising: a site
+  pays the plain call (and the analysis) once, then about one jump.
+* **Finding the function object never searches the heap** (no ``gc.get_referrers`` on the
+  lazy path: with millions of objects alive that is tens of ms inside whatever request ran
+  first). A frame does not expose its function object (3.11-3.13), so it is found from what is
+  near (:func:`_near`, bounded: a few hundred values): the module's functions, methods,
+  properties and ``__wrapped__`` chains, whose code trees hold every nested ``def`` (closures
+  are made by their parent); then the values of the running frame's and its callers' locals
+  (closure variables included), their closure cells, ``__wrapped__`` chains, methods,
+  partials, the methods of instances' classes, and one level into the lists, tuples and dicts
+  among them. A closure made before its parent was patched is found this way when its caller
+  holds it (``inner = outer(); inner()``), as is a function defined inside another function.
+  A function object reachable only from elsewhere (a registry read by subscript, a C
+  callback) is looked for again on its next few runs (:data:`NEAR_TRIES`), then stays on the
+  plain call path, listed in ``tracemark.markers()`` with the reason :data:`NOT_FOUND`;
+  :func:`patch` on it (or its module, class) patches it. On 3.11/3.12 reading a caller's
+  ``f_locals`` leaves a snapshot of its locals on that frame until it returns (as a debugger's
+  does), a few times per site at most.
+
+  Two heap searches remain, both off the run path, and neither under ``TRACEMARK_NOPATCH=1``
+  (nothing is switched or suspended then): :func:`_on_switch`, once per connect/disconnect
+  that switches a function holding marker statements in nested functions (closures made from
+  a parent's variant must follow the switch, and nothing else knows them); and
+  :func:`suspend`, once per dynamic probe installed on such a function. Each is one pass
+  over the heap (``gc.get_referrers`` with all the codes at once): bounded per switch, not
+  per site, but proportional to the heap (tens of ms with millions of objects alive).
 * **Explicitly**, with :func:`patch` (a function, class or module), for code that should be
   free from its first run (``tracemark.patch(sys.modules[__name__])`` at the end of a module).
 * **On connect/disconnect**: the registry tells the patcher (``registry.add_listener``) when a
@@ -92,6 +115,7 @@ here:
 
 from __future__ import annotations
 
+import functools
 import gc
 import inspect
 import os
@@ -108,6 +132,8 @@ from . import bytecode, finder
 
 __all__ = [
     "HOOK_BUDGET",
+    "NEAR_TRIES",
+    "NOT_FOUND",
     "SUSPENDED",
     "Site",
     "original_code",
@@ -122,6 +148,12 @@ HOOK_BUDGET = 64
 
 #: The ``Site.reason`` of a marker statement in code whose function a dynamic probe holds.
 SUSPENDED = "suspended: dynamic probe installed"
+
+#: The ``Site.reason`` of a site whose function object the lazy hook could not find near it.
+NOT_FOUND = "function object not found (tracemark.patch() it to patch it)"
+
+#: Runs of a site whose function object was not found after which it is no longer looked for.
+NEAR_TRIES = 8
 
 _CO_OPTIMIZED = inspect.CO_OPTIMIZED
 
@@ -304,7 +336,8 @@ _no_sites: dict[int, CodeType] = {}  # analysed codes without marker statements
 _idle: dict[Any, int] = {}  # core -> hook calls that taught nothing
 _searched: set[int] = set()  # id(original code) whose function objects were looked for since
 # the last switch: a thread looping in a frame that started before its function was patched
-# runs the original code for good, and must not cost a heap search per iteration
+# runs the original code for good, and must not cost a search per iteration
+_unfound: dict[int, int] = {}  # id(code) whose function object was not found -> looks so far
 _retried: set[tuple[int, Any]] = set()  # (id(code), core) looked at again for a late name
 # Suspension (see "Sharing __code__ with dynamic probes" above).
 _held: dict[FunctionType, list[Any]] = {}  # func -> [its original code, suspend count]
@@ -376,6 +409,9 @@ def _analyse(func: FunctionType) -> Unit | None:
     for cid, c in unit.codes.items():
         _units[cid] = unit
         _places.add(_place(c))
+        if _unfound.pop(cid, None) is not None:  # found at last (patch(), a later caller)
+            for key in [k for k in _unpatchable if k[0] == cid]:
+                del _unpatchable[key]
     for core in unit.cores:
         _by_core.setdefault(core, []).append(unit)
     return unit
@@ -416,6 +452,7 @@ def unpatch_all() -> None:
         _no_sites.clear()
         _idle.clear()
         _searched.clear()
+        _unfound.clear()
         _retried.clear()
         _places.clear()
         for core in registry.iter_cores():
@@ -476,7 +513,8 @@ def suspend(func: FunctionType) -> CodeType:
             ]
             if nested:
                 # Closures made from a parent's variant run nested variants the unit may
-                # never have seen: find them on the heap (installing a probe is rare).
+                # never have seen: find them on the heap (installing a probe is rare; never
+                # on the lazy path, see "Finding the function object" above).
                 for obj in gc.get_referrers(*nested):
                     if isinstance(obj, FunctionType) and obj not in runners:
                         runners.append(obj)
@@ -573,11 +611,23 @@ def _on_unpatched_run(marker: Any) -> None:
 
 
 def _learn(core: Any, frame: Any) -> bool:
-    """Handle one unpatched run; True if something new was learnt (or patched)."""
+    """Handle one unpatched run; True if something new was learnt (or patched).
+
+    Never searches the heap: function objects are found from the module and from the frames
+    around the site (:func:`_near`), see the module docstring.
+    """
     code = frame.f_code
     line = frame.f_lineno
-    if (id(code), line) in _unpatchable or _internal(code.co_filename):
+    if _internal(code.co_filename):
         return False
+    if (id(code), line) in _unpatchable:
+        tries = _unfound.get(id(code))
+        if tries is None or tries >= NEAR_TRIES or _refusal():
+            return False
+        _unfound[id(code)] = tries + 1  # not found before: a later caller may hold it
+        for func in _near(frame, code):
+            _take(func)
+        return _units.get(id(code)) is not None  # _analyse forgot the site if so
     if _held:
         owner = _probe_copy_of(code)
         if owner is not None:
@@ -598,9 +648,16 @@ def _learn(core: Any, frame: Any) -> bool:
             if isinstance(module, ModuleType) and vars(module) is frame.f_globals:
                 for func in _functions_of(module, set()):
                     _take(func)
-            for obj in gc.get_referrers(code):
-                if isinstance(obj, FunctionType) and obj.__code__ is code:
-                    _take(obj)
+            unit = _units.get(id(code))
+            if unit is None and id(code) not in _no_sites:
+                for func in _near(frame, code):
+                    _take(func)
+            elif unit is not None and all(o is not code for o in unit.funcs.values()):
+                # Its parent's tree was analysed: the function object running it (a closure
+                # made before patching) is not one the module holds.
+                _searched.add(id(code))
+                for func in _near(frame, code):
+                    unit.add(func)
             unit = _units.get(id(code))
             if unit is not None:
                 return True
@@ -608,7 +665,8 @@ def _learn(core: Any, frame: Any) -> bool:
                 # Another compilation of code we know: a dynamic probe's instrumented copy
                 # still running in a frame that started before the probe was removed.
                 return False
-            why = "function object not found"
+            why = NOT_FOUND
+            _unfound[id(code)] = 1
         _note_unpatchable(core, code, line, why)
         return True
     if unit is None:
@@ -622,16 +680,90 @@ def _learn(core: Any, frame: Any) -> bool:
     if unit.refused or unit.origin.get(id(code)) is not code:
         return False  # refused, or a variant in which this site is kept on purpose
     # Original code still running: a function object made before the parent was patched, or a
-    # copy of the function, or a frame that started before patching. Find the functions
-    # holding this code, once per switch.
+    # copy of the function, or a frame that started before patching. Look for the functions
+    # holding this code near the site, once per switch.
     if id(code) in _searched:
         return False
     _searched.add(id(code))
     learnt = False
-    for obj in gc.get_referrers(code):
-        if isinstance(obj, FunctionType) and obj.__code__ is code:
-            learnt = unit.add(obj) or learnt
+    for func in _near(frame, code):
+        learnt = unit.add(func) or learnt
     return learnt
+
+
+#: How many frames :func:`_near` reads (the site's own, then its callers), and how many values
+#: it looks at in all: what bounds the lazy hook's search for a function object.
+_NEAR_FRAMES = 4
+_NEAR_VALUES = 512
+_HEAPTYPE = 1 << 9  # Py_TPFLAGS_HEAPTYPE: a class made by a class statement or type()
+# Read a class's own __mro__, __dict__ and __flags__ without looking them up on it (a metaclass
+# could define any of them as a property: no user code runs here).
+_mro_of = type.__dict__["__mro__"].__get__
+_dict_of = type.__dict__["__dict__"].__get__
+_flags_of = type.__dict__["__flags__"].__get__
+
+
+def _near(frame: Any, code: CodeType) -> list[FunctionType]:
+    """Function objects running ``code`` found near ``frame`` without searching the heap.
+
+    Looks at the values of the locals (closure variables included) of ``frame`` and of its
+    callers (:data:`_NEAR_FRAMES`), and from each value: a function (its ``__wrapped__`` and
+    its closure cells), a bound, static or class method, a property, a
+    ``functools.partial``, an instance's or a class's methods (classes made in Python only),
+    and, for values read from a frame, the items of a list, tuple or dict. At most
+    :data:`_NEAR_VALUES` values are looked at. Types are tested exactly (``type(v) is``), never
+    with ``isinstance``, which reads ``__class__`` and could run a proxy's code.
+    """
+    work: list[tuple[Any, bool]] = []
+    f = frame
+    for _ in range(_NEAR_FRAMES):
+        if f is None:
+            break
+        try:
+            values = list(f.f_locals.values())  # 3.13: a read-only use of the proxy
+        except Exception:  # a frame we cannot read is skipped
+            values = []
+        work.extend((v, True) for v in reversed(values))
+        f = f.f_back
+    work.reverse()  # the site's own frame first
+    found: list[FunctionType] = []
+    seen: set[int] = set()
+    budget = _NEAR_VALUES
+    while work and budget:
+        value, from_frame = work.pop()
+        if id(value) in seen:
+            continue
+        seen.add(id(value))
+        budget -= 1
+        kind = type(value)
+        more: list[Any] = []
+        if kind is FunctionType:
+            if value.__code__ is code:
+                found.append(value)
+            more.append(value.__dict__.get("__wrapped__"))
+            for cell in value.__closure__ or ():
+                try:
+                    more.append(cell.cell_contents)
+                except ValueError:  # an empty cell
+                    pass
+        elif kind in (MethodType, staticmethod, classmethod):
+            more.append(value.__func__)
+        elif kind is property:
+            more += [value.fget, value.fset, value.fdel]
+        elif kind is functools.partial:
+            more.append(value.func)
+        elif from_frame and kind in (list, tuple):
+            more += value[:64]
+        elif from_frame and kind is dict:
+            more += list(value.values())[:64]
+        elif issubclass(kind, type):
+            for c in _mro_of(value):
+                if _flags_of(c) & _HEAPTYPE:
+                    more += _dict_of(c).values()
+        elif from_frame and _flags_of(kind) & _HEAPTYPE:
+            more.append(kind)  # an instance (``self``): its class's methods
+        work.extend((v, False) for v in reversed(more) if v is not None)
+    return found
 
 
 def _reanalyse(unit: Unit) -> bool:
@@ -681,7 +813,8 @@ def _on_switch(core: Any, active: bool) -> None:
     nested = [u for u in units if u.nested]
     if nested:
         # Function objects made from nested code (closures) since the last switch run the
-        # variant their parent's constants held then: find them all, in one pass over the heap.
+        # variant their parent's constants held then: find them all, in one pass over the heap
+        # (per switch, not per site; the run path never searches: see the module docstring).
         codes = {id(c): c for u in nested for c in u._all_codes()}
         for obj in gc.get_referrers(*codes.values()):
             if isinstance(obj, FunctionType):
