@@ -70,3 +70,55 @@ def test_fork_while_another_thread_holds_a_probe_or_printer_lock(mech, which):
     finally:
         release.set()
         t.join()
+
+
+# --- copies of an instrumented function after unprobe (issue 16) ---
+
+
+def _line_of(text):
+    with open(shapes.__file__) as f:
+        return next(n for n, line in enumerate(f, 1) if text in line)
+
+
+def _call_fails(f):
+    with pytest.raises(ValueError):
+        f(1)
+
+
+@pytest.mark.parametrize(
+    "target, kw, call",
+    [
+        ("probe_shapes:plain", {}, lambda f: f(1, 2)),
+        ("probe_shapes:plain", {"capture": []}, lambda f: f(1, 2)),
+        ("probe_shapes:plain", {"capture": ["total", "key"]}, lambda f: f(1, 2)),
+        ("probe_shapes:plain", {"at": "return"}, lambda f: f(1, 2)),
+        ("probe_shapes:fails", {"at": "raise"}, _call_fails),
+        (f"probe_shapes:{_line_of('acc += i  # line probe')}", {}, lambda f: f(3)),
+    ],
+    ids=["entry-args", "entry-bare", "entry-locals", "return", "raise", "line"],
+)
+def test_a_copy_made_while_probed_never_fires_after_unprobe(mech, target, kw, call):
+    got = []
+    conn = tracemark.connect("probe.*", lambda m, a: got.append(m.name))
+    h = tracemark.probe(target, **kw)
+    func = h.target.owner
+    copy = types.FunctionType(func.__code__, func.__globals__, "copy", func.__defaults__)
+    copy.__kwdefaults__ = func.__kwdefaults__
+    call(copy)
+    assert got and set(got) == {h.name}  # the copy fires while the probe is installed
+    assert tracemark.unprobe(h)
+    got.clear()
+    call(copy)
+    call(func)
+    assert got == []
+    again = tracemark.probe(target, **kw)  # a new probe, maybe of the same marker name
+    call(copy)
+    if mech.name == "recompile":
+        assert got == []  # the old copy serves neither the removed probe nor the new one
+    else:
+        assert set(got) == {again.name}  # events belong to the code: the copy is probed too
+    got.clear()
+    call(func)
+    assert got and set(got) == {again.name}
+    tracemark.unprobe(again)
+    tracemark.disconnect(conn)

@@ -26,6 +26,15 @@ Guarantees
   before (on 3.11 the very same code object; on 3.12+ no local event of tracemark's tool id
   on it, and the tool id given back once no probe is left). Probes in flight finish; use
   :func:`tracemark.synchronize` to wait for them.
+* **unprobe silences every copy.** On the recompiling mechanism a function object made from
+  the instrumented code while the probe was installed (``types.FunctionType(f.__code__,
+  ...)``, a closure made then, a code object kept and turned into a function later) keeps
+  that code, but after :func:`unprobe` it never fires the removed probe again: the copy's
+  hooks reach the marker only through the probe's emitters, whose marker reference
+  ``unprobe`` swaps for a no-op (:meth:`Probe.retire`; nothing is added to the firing
+  path). Such a copy still runs the instrumented code, so it pays one no-op call per hook.
+  On ``sys.monitoring`` no copy exists: events belong to the code object and are switched
+  off.
 * **Semantics preserved.** Return values, exceptions, tracebacks with their line numbers,
   generators (entry once per call, return once at the end), coroutines, async generators,
   closures, methods, decorated functions (probed at ``__wrapped__``), recursion.
@@ -229,6 +238,7 @@ def _install(p: Probe, mech: object, name: str | None) -> None:
             _by_name.pop(p.name, None)
             p.installed = False
             mech.remove(p)  # type: ignore[attr-defined]
+            p.retire()
             raise
         p.enabled = True
 
@@ -250,6 +260,7 @@ def unprobe(handle: Probe) -> bool:
         handle.installed = False
         _by_name.pop(handle.name, None)
         mech.remove(handle)  # type: ignore[attr-defined]
+        handle.retire()  # copies of the instrumented code, wherever they are, fire no more
         if handle.target.owner is not None:
             patcher.resume(handle.target.owner)  # the variant is back after the last probe
     return True

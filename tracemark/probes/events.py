@@ -97,6 +97,9 @@ class Probe:
         self.core: registry.MarkerCore | None = None
         self._paths = tuple(tuple(p.split(".")) for p in capture)
         self._starts: dict[int, int] = {}
+        #: The globals of every emitter compiled for this probe (see :meth:`retire`).
+        self._namespaces: list[dict[str, Any]] = []
+        self._fire: Any = _retired
 
     # --- the marker ---------------------------------------------------------------------------
 
@@ -126,28 +129,46 @@ class Probe:
 
     def compile(self) -> None:
         """Build the emitters, once the marker is declared (``self.core`` is set)."""
-        fire = self.core.fire  # type: ignore[union-attr]
+        fire = self._fire = self.core.fire  # type: ignore[union-attr]
         paths = self._paths
+        made = self._namespaces
         if self.at in ("entry", "line"):
             #: ``emit_frame(frame)``: fire from the locals of a running frame.
-            self.emit_frame = _emitter("frame", "", paths, fire, self._starts)
+            self.emit_frame = _emitter("frame", "", paths, fire, self._starts, made=made)
         if self.at == "entry":
             #: ``emit_caller()``: the same for the frame two calls up, found by the emitter
             #: itself (a ``sys.monitoring`` callback calls it: one call less than
             #: ``emit_frame(sys._getframe(2))``).
-            self.emit_caller = _emitter("", "", paths, fire, self._starts, frame_at=2)
+            self.emit_caller = _emitter("", "", paths, fire, self._starts, 2, made)
         #: For an entry probe that captures parameters by plain name (or nothing), the names
         #: a mechanism may pass straight to ``emit_args`` instead of handing over the frame.
+        #: Never the marker's own firing function, even without values: instrumented code
+        #: holds it as a constant, and :meth:`retire` must be able to silence it.
         self.direct: tuple[str, ...] | None = None
         if self.at == "entry" and all(len(p) == 1 and p[0] in self.target.params for p in paths):
             self.direct = tuple(p[0] for p in paths)
-            self.emit_args = fire if not paths else _args_emitter(len(paths), fire)
+            self.emit_args = _args_emitter(len(paths), fire, made)
         if self.at == "return":
-            self.emit_return = _emitter("frame, value", "return", paths, fire, self._starts)
-            self.start = _emitter("frame", "start", (), fire, self._starts)
+            starts = self._starts
+            self.emit_return = _emitter("frame, value", "return", paths, fire, starts, made=made)
+            self.start = _emitter("frame", "start", (), fire, starts, made=made)
             #: The same two, finding the frame two calls up themselves (see emit_caller).
-            self.return_caller = _emitter("value", "return", paths, fire, self._starts, 2)
-            self.start_caller = _emitter("", "start", (), fire, self._starts, 2)
+            self.return_caller = _emitter("value", "return", paths, fire, starts, 2, made)
+            self.start_caller = _emitter("", "start", (), fire, starts, 2, made)
+
+    def retire(self) -> None:
+        """Silence this probe for good (:func:`tracemark.unprobe` calls it).
+
+        Function objects made from an instrumented copy of the code (``types.FunctionType``
+        on a probed function's ``__code__``, closures made while it was probed) keep that
+        copy, and the copy holds this probe's emitters as constants. Each emitter looks its
+        marker up as a global of its own, so swapping that one global for a no-op silences
+        every such copy at once, at no cost to the firing path. A thread already inside an
+        emitter finishes with the marker it read.
+        """
+        for namespace in self._namespaces:
+            namespace["_fire"] = _retired
+        self._fire = _retired
 
     def on_line(self, frame: types.FrameType) -> None:
         self.emit_frame(frame)
@@ -162,7 +183,7 @@ class Probe:
             message = message[: MAX_REPR - 3] + "..."
         local = frame.f_locals if self._paths else {}
         values = tuple(_capture(local, p) for p in self._paths)
-        self.core.fire(_exc_type(exc), message, *values)  # type: ignore[union-attr]
+        self._fire(_exc_type(exc), message, *values)
 
     def forget_frames(self) -> None:
         self._starts.clear()
@@ -193,6 +214,29 @@ _EMITTER_GLOBALS = {
 }
 
 
+def _retired(*args: object) -> None:
+    """What a removed probe's emitters fire: nothing."""
+
+
+#: Compiled emitter code by source (an emitter's source depends only on its shape and capture
+#: names, not on the probe): probing the same shape again costs no ``compile``.
+_codes: dict[str, types.CodeType] = {}
+_MAX_CODES = 512
+
+
+def _function(source: str, namespace: dict[str, Any], made: list | None) -> Any:
+    code = _codes.get(source)
+    if code is None:
+        module = compile(source, "<tracemark probe>", "exec")
+        code = next(c for c in module.co_consts if isinstance(c, types.CodeType))
+        if len(_codes) >= _MAX_CODES:
+            _codes.clear()  # bounded: shapes seen long ago are compiled again
+        _codes[source] = code
+    if made is not None:
+        made.append(namespace)
+    return types.FunctionType(code, namespace, code.co_name)
+
+
 def _emitter(
     params: str,
     kind: str,
@@ -200,9 +244,11 @@ def _emitter(
     fire: Any,
     starts: dict,
     frame_at: int | None = None,
+    made: list | None = None,
 ) -> Any:
     """Compile ``emit(params)``: capture ``paths`` from the frame's locals and fire; with
-    ``frame_at``, the frame is ``sys._getframe(frame_at)`` as seen from ``emit``."""
+    ``frame_at``, the frame is ``sys._getframe(frame_at)`` as seen from ``emit``. ``made``
+    collects its globals (where ``_fire`` is looked up)."""
     body = [] if frame_at is None else [f"frame = _getframe({frame_at})"]
     if kind == "start":
         body += [
@@ -237,16 +283,12 @@ def _emitter(
     if kind != "start":
         body.append(f"_fire({', '.join(names)})")
     source = f"def emit({params}):\n" + "".join(f"    {line}\n" for line in body)
-    namespace = {**_EMITTER_GLOBALS, "_fire": fire, "_starts": starts}
-    exec(compile(source, "<tracemark probe>", "exec"), namespace)
-    return namespace["emit"]
+    return _function(source, {**_EMITTER_GLOBALS, "_fire": fire, "_starts": starts}, made)
 
 
-def _args_emitter(n: int, fire: Any) -> Any:
+def _args_emitter(n: int, fire: Any, made: list | None = None) -> Any:
     """Compile ``emit(v0, ..., vn)``: the values passed straight in, made plain, fired."""
     names = [f"v{i}" for i in range(n)]
     body = [f"    if _type({v}) not in _P:\n        {v} = _value_of({v})\n" for v in names]
     source = f"def emit({', '.join(names)}):\n{''.join(body)}    _fire({', '.join(names)})\n"
-    namespace = {**_EMITTER_GLOBALS, "_fire": fire}
-    exec(compile(source, "<tracemark probe>", "exec"), namespace)
-    return namespace["emit"]
+    return _function(source, {**_EMITTER_GLOBALS, "_fire": fire}, made)

@@ -54,8 +54,10 @@ Limits
 """
 
 from __future__ import annotations
+import __future__
 
 import ast
+import bisect
 import linecache
 import sys
 import types
@@ -168,7 +170,7 @@ def _taken(probe: Probe, func: types.FunctionType) -> str:
 # --- building the instrumented copy ---------------------------------------------------------------
 
 
-def _source(func: types.FunctionType, spec: str) -> tuple[str, str]:
+def _source(func: types.FunctionType, spec: str) -> tuple[str, list[str]]:
     filename = func.__code__.co_filename
     module = sys.modules.get(func.__module__)
     lines = linecache.getlines(filename, getattr(module, "__dict__", None))
@@ -177,7 +179,166 @@ def _source(func: types.FunctionType, spec: str) -> tuple[str, str]:
             f"cannot probe {spec!r} with the {NAME} mechanism: the source of "
             f"{func.__qualname__} ({filename}) is not available"
         )
-    return filename, "".join(lines)
+    return filename, lines
+
+
+@dataclass
+class _Stmt:
+    """One statement of a module or class body: its lines, and for a class its own body."""
+
+    first: int  # first line, decorators included
+    last: int
+    col: int
+    cls: str | None = None  # the class name, for a ``class`` statement
+    body: list[_Stmt] = field(default_factory=list)  # a class's statements
+
+
+@dataclass
+class _File:
+    """One source file's layout, parsed once per version of the file."""
+
+    lines: list[str]  # linecache's list: another list means the file was read again
+    body: list[_Stmt]  # its module-level statements
+    flags: int  # the compiler flags of its ``from __future__`` imports
+    imports: str  # ``import a, b`` naming every module-level name an import binds, or ""
+
+
+#: Layouts of the last few files probed (parsing a big module is the costly part).
+_files: dict[str, _File] = {}
+_MAX_FILES = 16
+#: Original code objects recently found equal to what their source compiles to:
+#: id -> (the code, the lines checked, the text to recompile, its flags). Bounded.
+_verified: dict[int, tuple[types.CodeType, list[str], str, int]] = {}
+_MAX_VERIFIED = 64
+
+
+def _stmts(nodes: list[ast.stmt]) -> list[_Stmt]:
+    out = []
+    for node in nodes:
+        decorators = getattr(node, "decorator_list", ())
+        first = min([node.lineno] + [d.lineno for d in decorators])
+        stmt = _Stmt(first, node.end_lineno or node.lineno, node.col_offset)
+        if isinstance(node, ast.ClassDef):
+            stmt.cls, stmt.body = node.name, _stmts(node.body)
+        out.append(stmt)
+    return out
+
+
+def _layout(filename: str, lines: list[str], spec: str) -> _File:
+    found = _files.get(filename)
+    if found is not None and found.lines is lines:
+        return found
+    try:
+        tree = ast.parse("".join(lines), filename)
+    except SyntaxError as exc:
+        raise ProbeError(f"cannot probe {spec!r}: its source does not compile: {exc}") from None
+    flags = 0
+    for node in tree.body:
+        if isinstance(node, ast.ImportFrom) and node.module == "__future__":
+            for alias in node.names:
+                feature = getattr(__future__, alias.name, None)
+                flags |= getattr(feature, "compiler_flag", 0)
+    # 3.11+: ``name.attr()`` compiles differently when the module binds ``name`` by an import
+    # (the compiler's is_import_originated), so the module's imported names come along.
+    names = sorted(_imported(tree.body))
+    imports = f"import {', '.join(names)}\n" if names else ""
+    if len(_files) >= _MAX_FILES:
+        del _files[next(iter(_files))]
+    found = _files[filename] = _File(lines, _stmts(tree.body), flags, imports)
+    return found
+
+
+def _imported(nodes: list[ast.stmt]) -> set[str]:
+    """Names bound by ``import`` at module level (inside ``if``/``try``/``with`` too)."""
+    out: set[str] = set()
+    for node in nodes:
+        if isinstance(node, ast.Import | ast.ImportFrom):
+            for alias in node.names:
+                if alias.name != "*":
+                    out.add(alias.asname or alias.name.split(".")[0])
+        elif not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+            for name in _BLOCKS:
+                block = getattr(node, name, None)
+                if isinstance(block, list):
+                    out |= _imported([n for n in block if isinstance(n, ast.stmt)])
+            for handler in getattr(node, "handlers", ()):
+                out |= _imported(handler.body)
+    return out
+
+
+def _holding(body: list[_Stmt], line: int) -> _Stmt | None:
+    i = bisect.bisect_right([s.first for s in body], line) - 1
+    return body[i] if i >= 0 and line <= body[i].last else None
+
+
+def _candidates(layout: _File, line: int) -> list[str]:
+    """Sources to recompile the ``def`` starting at ``line`` from, smallest first, each with
+    every statement at its own line (blank lines before it):
+
+    1. the statement holding the ``def`` inside its classes, the classes reduced to their
+       ``class NAME:`` headers (a method's code depends on its class only through the name,
+       for mangling, and on its own body for the ``__class__`` cell);
+    2. the module-level statement holding it, whole;
+    3. the whole module, as ``import`` compiled it.
+
+    1 and 2 start with one line ``import ...`` of the names the module binds by import (see
+    :func:`_layout`); such a candidate is left out when there is no room for it.
+    """
+    lines = layout.lines
+    out = []
+    top = _holding(layout.body, line)
+    if top is not None:
+        head = [layout.imports] if layout.imports else []
+        stmt = top
+        while stmt.cls is not None:
+            inner = _holding(stmt.body, line)
+            if inner is None:
+                break
+            head.append(" " * stmt.col + f"class {stmt.cls}:\n")
+            stmt = inner
+        for first, last in ((stmt.first, stmt.last), (top.first, top.last)):
+            if len(head) < first and (first, last) != (1, len(lines)):
+                pad = "\n" * (first - 1 - len(head))
+                out.append("".join(head) + pad + "".join(lines[first - 1 : last]))
+            head = head[:1] if layout.imports else []  # the whole statement: no headers
+    out.append("".join(lines))
+    return list(dict.fromkeys(out))
+
+
+def _parse(text: str, filename: str, spec: str) -> ast.Module:
+    try:
+        return ast.parse(text, filename)
+    except SyntaxError as exc:
+        raise ProbeError(f"cannot probe {spec!r}: its source does not compile: {exc}") from None
+
+
+def _segment(func: types.FunctionType, original: types.CodeType, spec: str) -> tuple[str, str, int]:
+    """The file name, the source to recompile ``original`` from and its compiler flags: the
+    smallest of :func:`_candidates` that compiles to exactly ``original`` (checked once and
+    remembered). Compiling the least source that gives the same code makes the cost of a
+    probe independent of the size of the module and of the class around the function.
+    """
+    filename, lines = _source(func, spec)
+    done = _verified.get(id(original))
+    if done is not None and done[0] is original and done[1] is lines:
+        return filename, done[2], done[3]
+    layout = _layout(filename, lines, spec)
+    for text in _candidates(layout, original.co_firstlineno):
+        try:
+            plain = _compile(ast.parse(text, filename), filename, layout.flags)
+        except SyntaxError:
+            continue
+        found = _find_code(plain, original.co_qualname, original.co_firstlineno)
+        if found is not None and found == original:
+            if len(_verified) >= _MAX_VERIFIED:
+                del _verified[next(iter(_verified))]
+            _verified[id(original)] = (original, lines, text, layout.flags)
+            return filename, text, layout.flags
+    raise ProbeError(
+        f"cannot probe {spec!r} with the {NAME} mechanism: {func.__qualname__}'s code is not "
+        f"what its source file {filename} compiles to now (the file changed since import, "
+        "or the code was made or rewritten some other way)"
+    )
 
 
 def _defs(tree: ast.AST) -> dict[tuple[str, int], ast.FunctionDef | ast.AsyncFunctionDef]:
@@ -213,13 +374,10 @@ def _find_code(code: types.CodeType, qualname: str, first: int) -> types.CodeTyp
     return None
 
 
-def _compile(tree: ast.Module, filename: str) -> types.CodeType:
+def _compile(tree: ast.Module, filename: str, flags: int = 0) -> types.CodeType:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "'str' object is not callable": our placeholders
-        return compile(tree, filename, "exec", dont_inherit=True, optimize=-1)
-
-
-_plain_cache: dict[tuple[str, str, types.CodeType], bool] = {}
+        return compile(tree, filename, "exec", flags=flags, dont_inherit=True, optimize=-1)
 
 
 def build(
@@ -234,22 +392,8 @@ def build(
     ``trial``: a probe whose marker is not declared yet (a check before installing); its
     hooks are stand-ins, and the result is thrown away.
     """
-    filename, source = _source(func, spec)
-    key = (filename, source, original)
-    if key not in _plain_cache:
-        try:
-            plain = _compile(ast.parse(source, filename), filename)
-        except SyntaxError as exc:
-            raise ProbeError(f"cannot probe {spec!r}: its source does not compile: {exc}") from None
-        found = _find_code(plain, original.co_qualname, original.co_firstlineno)
-        _plain_cache[key] = found is not None and found == original
-    if not _plain_cache[key]:
-        raise ProbeError(
-            f"cannot probe {spec!r} with the {NAME} mechanism: {func.__qualname__}'s code is not "
-            f"what its source file {filename} compiles to now (the file changed since import, "
-            "or the code was made or rewritten some other way)"
-        )
-    tree = ast.parse(source, filename)
+    filename, text, flags = _segment(func, original, spec)
+    tree = _parse(text, filename, spec)
     defs = _defs(tree)
     hooks: dict[str, object] = {}
     by_code: dict[types.CodeType, list[Probe]] = {}
@@ -263,7 +407,7 @@ def build(
                 f"{code.co_qualname} at line {code.co_firstlineno} of {filename}"
             )
         _Instrumenter(node, group, hooks, trial).run()
-    compiled = _compile(tree, filename)
+    compiled = _compile(tree, filename, flags)
     new = _find_code(compiled, original.co_qualname, original.co_firstlineno)
     if new is None:  # pragma: no cover - the plain compile above found it
         raise ProbeError(f"cannot probe {spec!r}: lost {original.co_qualname} when recompiling")
