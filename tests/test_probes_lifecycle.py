@@ -6,6 +6,7 @@ import os
 import signal
 import threading
 import time
+import types
 import warnings
 
 import probe_shapes as shapes
