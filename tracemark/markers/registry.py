@@ -549,6 +549,73 @@ def _notify(core: MarkerCore, active: bool) -> None:
             )
 
 
+# --- forgetting a marker (its declarer is gone: a removed dynamic probe) -----------------------
+
+_forget_listeners: list[Callable[[MarkerCore], None]] = []
+
+
+def add_forget_listener(listener: Callable[[MarkerCore], None]) -> None:
+    """Call ``listener(core)`` when a marker is forgotten (under the lock), so that whoever
+    keeps state per marker (the patcher) drops it."""
+    with _lock:
+        _forget_listeners.append(listener)
+
+
+def forget(name: str, core: MarkerCore | None = None) -> bool:
+    """Remove the marker ``name`` from the registry; False if there is none (or, given
+    ``core``, if ``name`` is another marker now).
+
+    For a marker nothing will fire any more, whose declaration belonged to something that is
+    gone (a dynamic probe, on :func:`tracemark.unprobe`), so that a process that probes many
+    things does not keep every marker it ever probed.
+
+    * It is disconnected from every connection first (a marker turning inactive: listeners
+      hear it), and a probe bound per marker that has an ``unbind_marker(marker)`` method is
+      told, so that it drops what it kept for it (a recording keeps the event class in its
+      metadata: events already recorded stay readable). Then ``add_forget_listener``
+      listeners are called.
+    * Connections stay: a glob or name that matched it matches a marker declared later
+      under that name (a new probe of the same target), as it would any new marker.
+    * Safe while threads fire: a thread already inside the firing function finishes with
+      the probes it read; later calls find none. The firing function stays callable and
+      does nothing; it is not connected again by anything.
+    """
+    with _lock:
+        found = _markers.get(name)
+        if found is None or (core is not None and found is not core):
+            return False
+        del _markers[name]
+        conns = found.connections
+        found.connections = ()
+        found.bound = {}
+        found.publish()
+        for conn in conns:
+            unbind = getattr(conn.probe, "unbind_marker", None)
+            if unbind is None:
+                continue
+            try:
+                unbind(found.fire)
+            except Exception as exc:  # a probe's fault: counted, never raised here
+                conn.errors += 1
+                faults.report(
+                    "probe-unbind-error",
+                    f"{name}:{id(conn)}",
+                    f"probe {conn.probe!r} failed to unbind marker {name!r} ({exc!r})",
+                )
+        if conns:
+            _notify(found, False)
+        for listener in _forget_listeners:
+            try:
+                listener(found)
+            except Exception as exc:
+                faults.report(
+                    "listener-error",
+                    repr(listener),
+                    f"tracemark listener {listener!r} raised {exc!r} forgetting marker {name!r}",
+                )
+    return True
+
+
 # --- reading the registry ----------------------------------------------------------------------
 
 

@@ -828,6 +828,18 @@ def _on_switch(core: Any, active: bool) -> None:
         set_armed(core, True)  # the registry has just published an empty probe tuple
 
 
+def _on_forget(core: Any) -> None:
+    """Registry forget-listener (under its lock): drop what is kept for a forgotten marker
+    and never run the lazy hook for it again (nothing will connect to it)."""
+    set_armed(core, False)
+    _by_core.pop(core, None)
+    _idle.pop(core, None)
+    for key in [k for k in _retried if k[1] is core]:
+        _retried.discard(key)
+    for key in [k for k, (_, site) in _unpatchable.items() if site.marker == core.name]:
+        del _unpatchable[key]
+
+
 def _report(core: Any) -> tuple[Site, ...]:
     sites = [s for unit in _by_core.get(core, ()) for s in unit.sites(core)]
     sites += [site for _, site in _unpatchable.values() if site.marker == core.name]
@@ -850,6 +862,7 @@ def install() -> None:
             return
         dispatch.lazy_hook = _on_unpatched_run
         registry.add_listener(_on_switch)
+        registry.add_forget_listener(_on_forget)
         registry.add_site_reporter(_report)
         for core in registry.iter_cores():
             set_armed(core, True)

@@ -14,9 +14,17 @@ Guarantees
 * **A probe is a marker.** Each probe declares a marker in the same registry, named
   ``probe.<module>.<qualname>.<at>`` (``probe.<module>.<qualname>.line<N>`` for a line),
   or ``name=``. Every tracer consumes it unchanged, by name or glob. A second probe on the
-  same target gets its own marker (``..._2``): two probes, both fire. Markers are never
-  undeclared, so a probe whose fields differ from an earlier probe's marker of the same
-  default name (other captures) also gets a suffix; ``handle.name`` is always the truth.
+  same target gets its own marker (``..._2``): two probes, both fire. A marker of that name
+  declared by code with other fields also makes a suffix; ``handle.name`` is always the
+  truth.
+* **A probe's marker goes with it.** The marker a probe declared is removed from the
+  registry by :func:`unprobe` (:func:`tracemark.markers` no longer lists it, and a process
+  that probes many things for a while does not keep them all), even while a glob connection
+  such as ``probe.*`` binds it: connections stay, and bind the marker of a later probe of
+  the same name. A recording keeps its event class, so what it recorded stays readable. A
+  marker that existed before the probe (declared by code, same fields) is only reused, and
+  stays; code that declares a probe's marker name *while* the probe exists shares it, and
+  loses it with the probe.
 * **Nothing half-installed.** Every error (see :mod:`.targets`) is raised before anything
   changes; :class:`ProbeError` is a ValueError.
 * **Zero cost when nobody listens.** A probe's events are switched on only while its marker
@@ -149,6 +157,7 @@ def _declare(p: Probe, name: str | None) -> None:
     if name is not None:
         if name in _by_name:
             raise ProbeError(f"probe name {name!r} is already used by {_by_name[name]!r}")
+        p.owns_marker = registry.lookup(name) is None
         try:
             p.core = registry.declare(name, None, types_, where=where)
         except ValueError as exc:
@@ -166,7 +175,8 @@ def _declare(p: Probe, name: str | None) -> None:
             continue
         existing = registry.lookup(candidate)
         if existing is not None and existing.fields != registry.fields_from_types(types_):
-            continue  # left by an earlier probe with other captures
+            continue  # declared by code with other fields
+        p.owns_marker = existing is None
         p.core = registry.declare(candidate, None, types_, where=where)
         p.name = candidate
         p.compile()
@@ -246,7 +256,8 @@ def _install(p: Probe, mech: object, name: str | None) -> None:
 def unprobe(handle: Probe) -> bool:
     """Remove a probe: its events stop and its function is as before. False if already gone.
 
-    Its marker stays declared (connections to it stay), but it never fires again.
+    Its marker is forgotten, if the probe declared it (connections stay: see the module
+    docstring); nothing fires it again.
     """
     if not isinstance(handle, Probe):
         raise TypeError(f"unprobe() takes what probe() returned, not {handle!r}")
@@ -261,6 +272,8 @@ def unprobe(handle: Probe) -> bool:
         _by_name.pop(handle.name, None)
         mech.remove(handle)  # type: ignore[attr-defined]
         handle.retire()  # copies of the instrumented code, wherever they are, fire no more
+        if handle.owns_marker:
+            registry.forget(handle.name, handle.core)  # its declaration was the probe's
         if handle.target.owner is not None:
             patcher.resume(handle.target.owner)  # the variant is back after the last probe
     return True

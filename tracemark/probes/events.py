@@ -95,6 +95,8 @@ class Probe:
         self.enabled = False
         self.mechanism = ""
         self.core: registry.MarkerCore | None = None
+        #: True when this probe declared its marker (it is forgotten on unprobe).
+        self.owns_marker = False
         self._paths = tuple(tuple(p.split(".")) for p in capture)
         self._starts: dict[int, int] = {}
         #: The globals of every emitter compiled for this probe (see :meth:`retire`).

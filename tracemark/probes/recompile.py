@@ -208,7 +208,7 @@ _files: dict[str, _File] = {}
 _MAX_FILES = 16
 #: Original code objects recently found equal to what their source compiles to:
 #: id -> (the code, the lines checked, the text to recompile, its flags). Bounded.
-_verified: dict[int, tuple[types.CodeType, list[str], str, int]] = {}
+_verified: dict[int, tuple[types.CodeType, list[str], tuple[str, int, int], int]] = {}
 _MAX_VERIFIED = 64
 
 
@@ -271,9 +271,10 @@ def _holding(body: list[_Stmt], line: int) -> _Stmt | None:
     return body[i] if i >= 0 and line <= body[i].last else None
 
 
-def _candidates(layout: _File, line: int) -> list[str]:
-    """Sources to recompile the ``def`` starting at ``line`` from, smallest first, each with
-    every statement at its own line (blank lines before it):
+def _candidates(layout: _File, line: int) -> list[tuple[str, int, int]]:
+    """Sources to recompile the ``def`` starting at ``line`` from, smallest first, as
+    ``(head, first, last)``: head lines, then lines ``first..last`` of the file at their own
+    line numbers (:func:`_text` pads with blank lines):
 
     1. the statement holding the ``def`` inside its classes, the classes reduced to their
        ``class NAME:`` headers (a method's code depends on its class only through the name,
@@ -298,11 +299,17 @@ def _candidates(layout: _File, line: int) -> list[str]:
             stmt = inner
         for first, last in ((stmt.first, stmt.last), (top.first, top.last)):
             if len(head) < first and (first, last) != (1, len(lines)):
-                pad = "\n" * (first - 1 - len(head))
-                out.append("".join(head) + pad + "".join(lines[first - 1 : last]))
+                out.append(("".join(head), first, last))
             head = head[:1] if layout.imports else []  # the whole statement: no headers
-    out.append("".join(lines))
+    out.append(("", 1, len(lines)))
     return list(dict.fromkeys(out))
+
+
+def _text(lines: list[str], candidate: tuple[str, int, int]) -> str:
+    """A candidate's source: its head lines, blank lines, then its statement at its lines."""
+    head, first, last = candidate
+    pad = "\n" * (first - 1 - head.count("\n"))
+    return head + pad + "".join(lines[first - 1 : last])
 
 
 def _parse(text: str, filename: str, spec: str) -> ast.Module:
@@ -321,9 +328,10 @@ def _segment(func: types.FunctionType, original: types.CodeType, spec: str) -> t
     filename, lines = _source(func, spec)
     done = _verified.get(id(original))
     if done is not None and done[0] is original and done[1] is lines:
-        return filename, done[2], done[3]
+        return filename, _text(lines, done[2]), done[3]
     layout = _layout(filename, lines, spec)
-    for text in _candidates(layout, original.co_firstlineno):
+    for candidate in _candidates(layout, original.co_firstlineno):
+        text = _text(lines, candidate)
         try:
             plain = _compile(ast.parse(text, filename), filename, layout.flags)
         except SyntaxError:
@@ -332,7 +340,7 @@ def _segment(func: types.FunctionType, original: types.CodeType, spec: str) -> t
         if found is not None and found == original:
             if len(_verified) >= _MAX_VERIFIED:
                 del _verified[next(iter(_verified))]
-            _verified[id(original)] = (original, lines, text, layout.flags)
+            _verified[id(original)] = (original, lines, candidate, layout.flags)
             return filename, text, layout.flags
     raise ProbeError(
         f"cannot probe {spec!r} with the {NAME} mechanism: {func.__qualname__}'s code is not "
@@ -481,7 +489,9 @@ class _Instrumenter:
         self.async_gen = isinstance(node, ast.AsyncFunctionDef) and _yields(node)
 
     def _const(self, obj: object, at: Any = None) -> ast.Constant:
-        name = f"__tracemark_hook_{id(self)}_{len(self.hooks)}__"
+        # Unique within one build (the instrumenters of a build share ``hooks``), never a
+        # constant of real code, and not an identifier: compiled code does not intern it.
+        name = f"\0tracemark hook {len(self.hooks)}"
         self.hooks[name] = obj
         return self._at(ast.Constant(name), at)
 

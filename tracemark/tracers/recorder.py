@@ -432,7 +432,9 @@ class Recording:
             raise RuntimeError("this recording is already running")
         if self._stopping:
             raise RuntimeError("a stopped recording does not start again; call record() anew")
-        self._classes: dict[str, int] = {}  # marker name -> event id
+        # (marker name, fields) -> event id: a name forgotten and declared again with other
+        # fields (a probe removed, then one with other captures) is another event class.
+        self._classes: dict[tuple[str, Any], int] = {}
         self._classes_text = ""
         self._setup_process()
         _active.add(self)
@@ -494,7 +496,7 @@ class Recording:
         text = W.metadata_preamble(self.trace_uuid, offset, env) + self._classes_text
         for pattern in self.patterns:
             for info in registry.markers(pattern):
-                if info.name not in self._classes:
+                if (info.name, info.fields) not in self._classes:
                     text += self._event_class(info.name, info.fields)
         self._metadata_text = text
         self._open_ring_dir(text)
@@ -782,15 +784,20 @@ class Recording:
             # Only for a caller that does not bind (the registry always does).
             (bound.get(marker) or bind(marker))(marker, args)
 
+        def unbind(marker: Any) -> None:
+            # A forgotten marker (a removed probe): its event class stays in the metadata.
+            bound.pop(marker, None)
+
         probe.__qualname__ = f"Recording.probe[{self.path}]"
         probe.bind_marker = bind  # type: ignore[attr-defined]
+        probe.unbind_marker = unbind  # type: ignore[attr-defined]
         return probe
 
     def _event_id(self, marker: Any) -> int:
         """The event id of ``marker`` in this recording, adding its event class to the
         metadata the first time (idempotent; called when a marker is bound)."""
         with self._reg_lock:
-            event_id = self._classes.get(marker.name)
+            event_id = self._classes.get((marker.name, marker.fields))
             if event_id is None:
                 text = self._event_class(marker.name, marker.fields)
                 self._metadata_text += text
@@ -802,12 +809,12 @@ class Recording:
                         self._fail(f"cannot append to {R.metadata_path(self._ring_dir)}: {exc}")
                 if not self.overwrite:  # overwrite mode writes it whole with each snapshot
                     self._pending_metadata.append(text)
-                event_id = self._classes[marker.name]
+                event_id = self._classes[marker.name, marker.fields]
             return event_id
 
     def _event_class(self, name: str, fields: Any) -> str:
         # Ids start at 1: a zeroed event header is never an event (tracemark.ctf.ring).
-        event_id = self._classes[name] = len(self._classes) + 1
+        event_id = self._classes[name, fields] = len(self._classes) + 1
         text = W.event_class(name, event_id, fields)
         self._classes_text += text
         return text
