@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from ..ctf.recovery import pid_alive
 from ..ctf.ring import RING_DIR
 from ..ctf.status import STATUS_FILE, read_status
 
@@ -30,18 +31,6 @@ def _status_dirs(root: Path) -> list[Path]:
     return found
 
 
-def _alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True  # exists, but not ours to signal
-    return True
-
-
 def loss_warnings(trace_dir: str | os.PathLike[str]) -> list[str]:
     """One line per problem, worded for a user, without a trailing newline."""
     lost, reasons, unfinished, unrecovered = 0, [], [], []
@@ -52,7 +41,7 @@ def loss_warnings(trace_dir: str | os.PathLike[str]) -> list[str]:
         pid = status.get("pid")
         pid = pid if isinstance(pid, int) else 0
         if status.get("state") == "recording":
-            if not _alive(pid):
+            if not pid_alive(pid):
                 # Its buffers are in ring files until recovered (none under NORING).
                 ring = (directory / RING_DIR).is_dir()
                 (unrecovered if ring else unfinished).append(pid)

@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from ..ctf import TraceError, cut_partial_packets, read_trace
+from ..ctf.recovery import pid_alive
 from ..probes import parse_spec
 from . import _boot
 from ._common import (
@@ -251,22 +252,12 @@ def cut_torn_tails(trace_dir: Path) -> list[tuple[Path, int]]:
     cut = []
     for sub in sorted(trace_dir.glob("*-*")):
         pid = sub.name.split("-", 1)[0]
-        if pid.isdigit() and (sub / "metadata").is_file() and not _alive(int(pid)):
+        if pid.isdigit() and (sub / "metadata").is_file() and not pid_alive(int(pid)):
             try:
                 cut += cut_partial_packets(sub)
             except OSError:
                 pass  # unreadable: the summary reports what it can read
     return cut
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True  # exists, but not ours to signal
-    return True
 
 
 def summarize(

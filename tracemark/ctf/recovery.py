@@ -31,7 +31,7 @@ from . import ring as R
 from . import writer as W
 from .status import STATUS_FILE, encode, read_status
 
-__all__ = ["Recovered", "pending", "recover"]
+__all__ = ["Recovered", "pending", "pid_alive", "recover"]
 
 _CTX = W.CTX_FIXED
 _HEADER = W.HEADER
@@ -256,18 +256,23 @@ def _stream_tail(stream: Path) -> tuple[int, int, int]:
     return last
 
 
-def _alive(sub: Path) -> bool:
-    """Whether the process of sub-trace ``sub`` (``<pid>-<n>``) still runs."""
-    pid = sub.name.split("-", 1)[0]
-    if not pid.isdigit():
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (one that exists but is not ours to signal counts)."""
+    if pid <= 0:
         return False
     try:
-        os.kill(int(pid), 0)
+        os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except OSError:
         return True
     return True
+
+
+def _alive(sub: Path) -> bool:
+    """Whether the process of sub-trace ``sub`` (``<pid>-<n>``) still runs."""
+    pid = sub.name.split("-", 1)[0]
+    return pid.isdigit() and pid_alive(int(pid))
 
 
 def _mark_recovered(sub: Path, out: Recovered) -> None:
