@@ -25,14 +25,17 @@ def small_trace(tmp_path_factory):
     path = tmp_path_factory.mktemp("small")
     m = tracemark.marker("reader.m", i=int, s=str, f=float, b=bytes, t=bool, o=object)
 
-    def work():
+    def work(after_first=None):
         for i in range(400):
             m(i, f"s{i}", i / 2, bytes([i % 256]), bool(i % 2), None)
+            if i == 0 and after_first is not None:
+                after_first()
 
     with tracemark.record(path, "reader.*", subbuffer_size=4096, subbuffers=64):
         t = threading.Thread(target=work, name="other")
-        t.start()
-        work()
+        # Start the other thread once this one has its channel: a thread that ended first
+        # would leave its channel (and stream) to this one.
+        work(after_first=t.start)
         t.join()
     return path
 
