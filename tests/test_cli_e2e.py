@@ -208,10 +208,10 @@ def test_discarded_events_are_loud(tmp_path):
     burst = textwrap.dedent(
         """
         import tracemark
-        from tracemark.tracers.recorder import _active
+        from tracemark.tracers.recording.lifecycle import active as _active
         m = tracemark.marker("burst.x", n=int, s=str)
         (rec,) = _active  # the recording the CLI started here
-        with rec._lock:  # the consumer cannot write meanwhile, as with a disk that stalls
+        with rec.consumer.lock:  # the consumer cannot write meanwhile, as with a disk that stalls
             for i in range(200_000):
                 m(i, "x" * 40)
         """
@@ -352,7 +352,7 @@ def test_a_packet_torn_by_sigkill_is_cut_and_said(tmp_path):
     app = textwrap.dedent(
         """
         import os, signal, time, tracemark
-        from tracemark.tracers.recorder import _active
+        from tracemark.tracers.recording.lifecycle import active as _active
         m = tracemark.marker("t.x", n=int, s=str)
         (rec,) = _active
         for i in range(5000):

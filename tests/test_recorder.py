@@ -11,8 +11,10 @@ import sys
 import textwrap
 import threading
 import time
+import traceback
 import warnings
 import weakref
+from contextlib import nullcontext
 
 import pytest
 
@@ -336,7 +338,7 @@ def test_bad_arguments_to_record():
 def test_discard_mode_counts_every_dropped_event(tmp_path, uniq):
     m = tracemark.marker(f"{uniq}.m", i=int)
     rec = tracemark.record(tmp_path, f"{uniq}.*", subbuffer_size=4096, subbuffers=2)
-    with rec._lock:  # the consumer cannot write meanwhile: the buffers fill up
+    with rec.consumer.lock:  # the consumer cannot write meanwhile: the buffers fill up
         for i in range(3000):
             m(i)
     summary = rec.stop()
@@ -381,7 +383,7 @@ def test_small_buffers_flat_out_every_event_is_read_or_counted_every_time(tmp_pa
 def test_discarded_count_is_carried_by_the_next_packet(tmp_path, uniq):
     m = tracemark.marker(f"{uniq}.m", i=int)
     rec = tracemark.record(tmp_path, f"{uniq}.*", subbuffer_size=4096, subbuffers=2)
-    with rec._lock:
+    with rec.consumer.lock:
         for i in range(1000):
             m(i)
     deadline = time.monotonic() + 10
@@ -637,7 +639,7 @@ def test_fork_child_records_its_own_subtrace_without_the_parents_buffers(tmp_pat
                 m("child", 1)
                 m("child", 2)
             finally:
-                tracemark.tracers.recorder._stop_all()
+                tracemark.tracers.recording.lifecycle.stop_all()
                 os._exit(0)
         _, status = os.waitpid(pid, 0)
         assert status == 0
@@ -936,3 +938,26 @@ def test_a_repr_or_encode_that_raises_is_a_discarded_event_not_a_probe_error(tmp
     assert all(info.probe_errors == 0 for info in tracemark.markers(f"{uniq}.*"))
     reports = [str(w.message) for w in caught if "counted as discarded" in str(w.message)]
     assert len(reports) == 2  # once per marker
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["fused", "function"])
+def test_a_traceback_through_the_generated_code_shows_its_lines(tmp_path, uniq, shared):
+    """The recorder's per-marker code is generated; its source is in linecache, so a
+    traceback through it (here: strict mode raising on a value that does not fit) shows the
+    generated lines, whether fused into the firing function or called as a probe."""
+    m = tracemark.marker(f"{uniq}.m", n=int)
+    tracemark.faults.set_strict(True)
+    with (
+        pytest.warns(tracemark.TracemarkWarning, match="cannot record"),
+        tracemark.connect(f"{uniq}.*", lambda marker, args: None) if shared else nullcontext(),
+        tracemark.record(tmp_path, f"{uniq}.*"),
+        pytest.raises(tracemark.MarkerArgumentError) as info,
+    ):
+        m(2**70)
+    frames = traceback.extract_tb(info.value.__traceback__)
+    generated = [f for f in frames if f.filename.startswith("<tracemark")]
+    assert generated, [f.filename for f in frames]
+    assert all(f.line for f in generated), [(f.filename, f.lineno) for f in generated]
+    assert any("_bad_value" in f.line for f in generated)
+    text = "".join(traceback.format_exception(info.value))
+    assert "_in.rec._bad_value(_ch, _marker" in text

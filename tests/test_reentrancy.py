@@ -210,7 +210,7 @@ def test_a_stop_interrupted_by_an_exception_is_finished_by_the_next(tmp_path, un
 SIGTERM_IN_STOP = """
 import os, signal, sys, threading, tracemark
 from tracemark.markers import registry
-from tracemark.tracers import recorder
+from tracemark.tracers.recording import channel, consumer, session
 m = tracemark.marker("term.m", i=int)
 rec = tracemark.record(sys.argv[1], subbuffer_size=4096)
 for i in range(1000):
@@ -218,10 +218,10 @@ for i in range(1000):
 where = sys.argv[2]
 owner, name = {
     "synchronize": (registry, "synchronize"),
-    "flush": (recorder._Channel, "flush"),
-    "drain": (recorder.Recording, "_drain"),
-    "close": (recorder.Recording, "_close_files"),
-    "status": (recorder.Recording, "_write_status"),
+    "flush": (channel.Channel, "flush"),
+    "drain": (consumer.Consumer, "drain"),
+    "close": (consumer.Consumer, "close_files"),
+    "status": (session.Recording, "_write_status"),
 }[where]
 real = getattr(owner, name)
 sent = []
@@ -251,17 +251,17 @@ def test_a_sigterm_during_stop_loses_nothing_and_writes_nothing_twice(tmp_path, 
 
 SIGTERM_FROM_THREAD_STOP = """
 import os, signal, sys, threading, time, tracemark
-from tracemark.tracers import recorder
+from tracemark.tracers.recording.consumer import Consumer
 m = tracemark.marker("term.m", i=int)
 rec = tracemark.record(sys.argv[1], subbuffer_size=4096)
 for i in range(1000):
     m(i)
-real = recorder.Recording._drain
+real = Consumer.drain
 def slow(self):
     os.kill(os.getpid(), signal.SIGTERM)  # handled by the main thread meanwhile
     time.sleep(0.3)
     return real(self)
-recorder.Recording._drain = slow
+Consumer.drain = slow
 t = threading.Thread(target=rec.stop)
 t.start()
 t.join()

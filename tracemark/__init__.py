@@ -22,7 +22,7 @@ marker ``probe.json.loads.entry`` and fires it on every call (:mod:`tracemark.pr
 ``tracemark.unprobe(handle)`` removes it.
 
 ``tracemark.record(DIR)`` records markers into a CTF 1.8 trace (babeltrace2 reads it;
-:func:`tracemark.ctf.read_trace` too): see :mod:`tracemark.tracers.recorder`.
+:func:`tracemark.ctf.read_trace` too): see :mod:`tracemark.tracers.recording`.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from .patching import Site, patch
 from .patching import patcher as _patcher
 from .probes import Probe, ProbeError, probe, unprobe
 from .tracers.printer import Printer
-from .tracers.recorder import Recording, RecordingSummary, record
+from .tracers.recording import Recording, RecordingSummary, record
 
 __version__ = "0.1.0"
 

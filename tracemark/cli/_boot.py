@@ -64,11 +64,11 @@ def start() -> None:
     if config is None:
         return
     import tracemark
-    from tracemark.tracers import recorder
+    from tracemark.tracers.recording import lifecycle
 
     # No SIGTERM handler in the recorded processes: one that SIGTERM kills leaves its ring
-    # files, and tracemark record recovers them (see recorder.leave_sigterm_to_recovery).
-    recorder.leave_sigterm_to_recovery = True
+    # files, and tracemark record recovers them (see lifecycle.leave_sigterm_to_recovery).
+    lifecycle.leave_sigterm_to_recovery = True
     events = config["events"]
     recording = tracemark.record(
         config["path"], events if len(events) > 1 else events[0], **config["kwargs"]

@@ -38,6 +38,7 @@ from operator import attrgetter
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from .._codegen import compile_generated
 from . import writer as W
 from .status import read_status
 
@@ -320,7 +321,7 @@ def _compile_decoder(fields: tuple[tuple[str, str], ...]) -> Callable[[bytes, in
     items = ", ".join(f"{name!r}: v{i}" for i, (name, _) in enumerate(fields))
     lines.append(f"    return {{{items}}}, pos\n")
     ns["_U32"] = struct.Struct("<I")
-    exec(compile("".join(lines), "<tracemark decoder>", "exec"), ns)
+    exec(compile_generated("".join(lines), "decoder"), ns)
     return ns["decode"]
 
 

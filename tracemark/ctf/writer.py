@@ -47,8 +47,9 @@ import re
 import struct
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Protocol
 
+from .._codegen import compile_generated
 from ..markers.fields import ReprText
 
 __all__ = [
@@ -59,6 +60,7 @@ __all__ = [
     "PACKET_FIXED_SIZE",
     "STREAM_TSDL",
     "TYPES_TSDL",
+    "PackTarget",
     "compile_packer",
     "ctf_field_key",
     "event_class",
@@ -345,16 +347,36 @@ _STRUCT_CACHE_LIMIT = 2048
 _FIXED_FORMAT = {int: "q", float: "d", bool: "?"}
 
 
+class PackTarget(Protocol):
+    """What the packing code (:func:`pack_source`, :func:`compile_packer`) reads and writes
+    of a channel: the writer/recorder contract, stated here once.
+
+    Reads ``buf`` (the open packet's sub-buffer), ``pos`` (where the next event goes) and
+    ``limit`` (the first byte no event may reach: the sub-buffer's end less the end mark's
+    :data:`END_SIZE`; -1 when no packet is open). When ``pos + size > limit`` it calls
+    ``switch(size)``, which closes the open packet, opens the next and returns the new
+    position, or -1 when the event is to be dropped (switch has counted it as discarded).
+    It then packs the event and the end mark after it with one ``pack_into`` at ``pos`` and
+    publishes by storing ``pos`` (past the event, not the end mark) and then ``count`` (events
+    in the open packet), with nothing in between where a thread switch or signal handler could
+    run. It writes nothing else. The caller guarantees that no one else packs into the same
+    channel meanwhile; readers of the channel (a consumer, a snapshot, a crash recovery of
+    the buffer's bytes) may rely on ``pos`` and ``count`` agreeing.
+    """
+
+    buf: Any
+    pos: int
+    limit: int
+    count: int
+
+    def switch(self, size: int) -> int: ...
+
+
 def compile_packer(event_id: int, fields: Sequence[Any]) -> Callable[[tuple, Any], None]:
     """The function ``write(args, ch)`` that records one event of this class in channel ``ch``.
 
-    It encodes the variable fields, reserves room in ``ch``'s current packet (from
-    ``ch.pos`` up to ``ch.limit``; ``ch.switch(size)`` closes the packet and opens the next
-    one, returning the new position or -1 when the event is discarded), packs header and
-    payload with one ``pack_into``, and only then publishes the new position and event count
-    (``ch.pos``, ``ch.count``) with two stores that no thread switch or signal handler can
-    come between: an interruption half-way leaves the packet's committed content untouched,
-    and another thread always sees a position and a count that agree. Values that do
+    ``ch`` is a :class:`PackTarget` (what is read and written of it is stated there): an
+    interruption half-way leaves the packet's committed content untouched. Values that do
     not fit their type raise ``struct.error``, ``OverflowError``, ``TypeError`` or
     ``ValueError`` before anything is written. The caller guarantees nothing else writes to
     ``ch`` meanwhile (the recorder's nesting rules).
@@ -364,7 +386,7 @@ def compile_packer(event_id: int, fields: Sequence[Any]) -> Callable[[tuple, Any
     ns["_id"] = event_id
     unpack = (", ".join(names) + ("," if len(names) == 1 else "")) if names else "_"
     source = f"def write(args, _ch):\n    {unpack} = args\n{body}"
-    exec(compile(source, f"<tracemark packer {event_id}>", "exec"), ns)
+    exec(compile_generated(source, "packer"), ns)
     return ns["write"]
 
 
@@ -378,7 +400,7 @@ def pack_source(
     fields: Sequence[Any], names: Sequence[str], indent: str
 ) -> tuple[str, dict[str, Any]]:
     """Source lines (each starting with ``indent``) that pack one event into channel ``_ch``
-    with event id ``_id``, and the globals they need.
+    (a :class:`PackTarget`) with event id ``_id``, and the globals they need.
 
     The values are read from the locals ``names`` (one per field, never assigned to); every
     other name the lines use, local or global, starts with ``_`` (which field names cannot),

@@ -60,6 +60,7 @@ from collections.abc import Callable, Mapping
 from types import CodeType, FrameType, FunctionType
 from typing import Any, NamedTuple
 
+from .._codegen import function_code
 from .fields import Field
 
 __all__ = [
@@ -89,9 +90,9 @@ _MISSING = MISSING()
 
 # --- per-thread nesting depth, and the grace period ------------------------------------------
 
-#: The file name of every firing function's code: how :func:`synchronize` recognises the
-#: frames of threads that are inside a marker.
-FIRE_FILENAME = "<tracemark marker>"
+#: How every firing function's file name starts (each has its own, see :mod:`.._codegen`):
+#: how :func:`synchronize` recognises the frames of threads that are inside a marker.
+FIRE_FILENAME = "<tracemark marker"
 
 
 class _ThreadState:
@@ -150,7 +151,7 @@ def _firing_frames(skip: int) -> dict[int, list[FrameType]]:
             continue
         f: FrameType | None = frame
         while f is not None:
-            if f.f_code.co_filename == FIRE_FILENAME:
+            if f.f_code.co_filename.startswith(FIRE_FILENAME):
                 found.setdefault(ident, []).append(f)
             f = f.f_back
     return found
@@ -387,8 +388,7 @@ def fire_code(fields: tuple[Field, ...], inline: str | None = None, slot: str = 
         names=_value_list(fields),
         inline=fused,
     )
-    module = compile(source, FIRE_FILENAME, "exec")
-    return next(c for c in module.co_consts if isinstance(c, CodeType))
+    return function_code(source, "marker")
 
 
 def compile_fire(

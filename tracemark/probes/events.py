@@ -27,6 +27,7 @@ import time
 import types
 from typing import Any
 
+from .._codegen import function_code
 from ..markers import registry
 from ..markers.fields import ReprText
 from .targets import Target, field_name
@@ -229,8 +230,7 @@ _MAX_CODES = 512
 def _function(source: str, namespace: dict[str, Any], made: list | None) -> Any:
     code = _codes.get(source)
     if code is None:
-        module = compile(source, "<tracemark probe>", "exec")
-        code = next(c for c in module.co_consts if isinstance(c, types.CodeType))
+        code = function_code(source, "probe")
         if len(_codes) >= _MAX_CODES:
             _codes.clear()  # bounded: shapes seen long ago are compiled again
         _codes[source] = code

@@ -1,0 +1,58 @@
+"""The recorder: marker events into a CTF 1.8 trace, LTTng style.
+
+::
+
+    with tracemark.record("out/trace", events=["net.*", "db.*"]) as rec:
+        serve()
+    print(rec.summary)            # events recorded, discarded, where
+
+    $ babeltrace2 out/trace       # or tracemark.ctf.read_trace("out/trace")
+
+One module per LTTng notion:
+
+=================  ==========================================================================
+:mod:`.session`    :func:`record`, :class:`Recording` (a session), :class:`RecordingSummary`;
+                   the sub-trace directory, metadata, status file, snapshots
+:mod:`.channel`    one thread's ring of sub-buffers per nesting level: reserve, switch,
+                   publish (the firing thread's side, lock-free)
+:mod:`.generated`  the per-marker code the firing thread runs (templates; fused into the
+                   marker's firing function when it can be)
+:mod:`.consumer`   the thread that writes full packets to the stream files
+:mod:`.lifecycle`  exit, SIGTERM, fork, ``multiprocessing`` children
+:mod:`.recovery`   the shared ring files that outlive a crashed process, and who recovers them
+=================  ==========================================================================
+
+The trace format is :mod:`tracemark.ctf.writer`'s; the contract between the channel and the
+packing code generated from it is :class:`tracemark.ctf.writer.PackTarget`.
+
+Directory layout: ``record(DIR)`` creates ``DIR`` if needed and writes this process's trace
+into its own sub-directory ``DIR/<pid>-<n>/`` (``metadata`` and one ``stream_<k>`` file per
+channel), so any number of processes (fork children, pool workers, unrelated processes given
+the same ``DIR``) can record into one ``DIR`` at once; ``babeltrace2 DIR`` and
+:func:`tracemark.ctf.read_trace` read them all. Thread names are in every packet's context.
+
+Guarantees (each module states its own in detail)
+-------------------------------------------------
+* **The firing thread never blocks on disk and takes no lock**: it reserves room in its own
+  sub-buffer, packs the event with one precompiled ``struct`` call and publishes the new
+  position; a full sub-buffer is handed to the consumer without blocking.
+* **Bounded memory**: ``subbuffers * subbuffer_size`` bytes per live thread (and per nesting
+  level used), whatever the event rate; at most as many streams as threads alive at once.
+* **Nothing is lost silently**: ``mode="discard"`` drops new events when every sub-buffer is
+  full and counts them in the next packet's ``events_discarded``; ``mode="overwrite"`` (the
+  flight recorder) reuses the oldest packet, and overwritten packets show as gaps in
+  ``packet_seq_num``. Events that cannot be written (a full disk) are counted and reported.
+* **Nesting-safe**: a signal handler, ``__del__`` or weakref callback that fires a marker
+  while this thread records an event writes to the next nesting level's channel.
+* **Only complete packets are written**, and **buffers outlive the process**: after SIGKILL,
+  SIGSEGV, ``abort()``, ``os._exit()`` or the OOM killer every event but the one being
+  written can be recovered (:func:`tracemark.ctf.recover`).
+* **Flushed** on stop, at normal exit, in ``multiprocessing`` children, and as far as it can
+  be without waiting on SIGTERM.
+"""
+
+from __future__ import annotations
+
+from .session import SUBBUFFER_SIZE, SUBBUFFERS, Recording, RecordingSummary, record
+
+__all__ = ["SUBBUFFERS", "SUBBUFFER_SIZE", "Recording", "RecordingSummary", "record"]

@@ -1,0 +1,201 @@
+"""The consumer: the thread that writes full packets to the stream files (LTTng's consumer).
+
+The firing threads hand a full sub-buffer over by appending it to their channel's ``full``
+deque and waking the consumer (:meth:`Consumer.wake`: the release of a lock the consumer
+waits on, which never blocks, so a signal handler may do it too). The consumer appends each
+channel's packets to that channel's stream file, ``<sub-trace>/stream_<instance>``, then
+gives the sub-buffers back to the channel's ``free`` deque.
+
+Guarantees
+----------
+* **A stream file grows by whole packets only.** A short write (a full disk) is truncated
+  away; babeltrace2 2.0.4 rejects a whole trace that ends inside a packet. Events in packets
+  that could not be written are counted as lost and reported once; the recording goes on.
+* **Metadata first.** Event classes declared while recording are appended to ``metadata``
+  before any packet that uses them is written.
+* **Few system calls.** Every system call gives the GIL away and must win it back from the
+  firing threads: packets of a stream go out in one ``writev``, and while there is work the
+  consumer only writes; it waits for a wake-up only when a round found nothing to do.
+* **Signals reach the program.** The thread runs with process-directed signals blocked
+  (:func:`.lifecycle.start_without_signals`).
+* :attr:`Consumer.lock` is held for every write; a stop, a snapshot or a dying process's last
+  flush takes it too, so the files are written by one thread at a time.
+"""
+
+from __future__ import annotations
+
+import _thread
+import collections
+import os
+import struct
+import threading
+from typing import TYPE_CHECKING, Any
+
+from ... import faults
+from ..._forksafe import fork_safe_rlock
+from ...ctf import writer as W
+from . import lifecycle
+from .channel import Channel
+
+if TYPE_CHECKING:
+    from .session import Recording
+
+__all__ = ["Consumer"]
+
+#: How often the consumer looks at the channels when nobody wakes it (seconds).
+POLL = 0.05
+
+_IOV_MAX = 512  # at most this many packets per writev (Linux allows 1024)
+
+
+class Consumer:
+    """The consumer of one recording in one process (a fork child makes its own)."""
+
+    def __init__(self, rec: Recording) -> None:
+        self.rec = rec
+        self.lock = fork_safe_rlock()
+        self.thread: threading.Thread | None = None
+        self.stopping = False
+        #: Event classes declared while recording, for ``metadata``, in order.
+        self.pending_metadata: collections.deque[str] = collections.deque()
+        # The consumer waits on this lock, held while it has nothing to do; a producer wakes
+        # it by releasing it. One wait is one GIL hand-over for the consumer (a pipe cost
+        # two: select, then read), and with a thread firing flat out each hand-over can take
+        # a whole switch interval.
+        self._wakeup = _thread.allocate_lock()
+        self._wakeup.acquire()
+
+    def wake(self) -> None:
+        if self.thread is None and not self.stopping:
+            self.start()
+        try:
+            self._wakeup.release()
+        except RuntimeError:  # already released: the consumer is awake or about to be
+            pass
+
+    def start(self) -> None:
+        """Start the consumer thread if it is not running (idempotent; the CLI calls it in
+        fork children). Python refuses new threads once interpreter shutdown began (3.12+):
+        then packets are written by the recording's stop instead, and until then, once the
+        buffers are full, new events are counted as discarded."""
+        with self.rec._reg_lock:
+            if self.thread is None:
+                thread = threading.Thread(target=self._run, name="tracemark-consumer")
+                thread.daemon = True
+                try:
+                    lifecycle.start_without_signals(thread)
+                except RuntimeError as exc:
+                    faults.report(
+                        "record-consumer",
+                        str(self.rec.trace_path),
+                        f"the recorder's consumer thread could not start ({exc}); the trace "
+                        "is written when the recording stops",
+                    )
+                    return
+                self.thread = thread
+
+    def stop(self) -> None:
+        """Make the thread end after its current round and wait for it (unless called on
+        it); then whatever is left is the caller's to :meth:`drain`."""
+        self.stopping = True
+        self.wake()
+        thread = self.thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
+
+    def _run(self) -> None:
+        busy = False
+        while True:
+            if not busy:
+                self._wakeup.acquire(timeout=POLL)
+            try:
+                busy = self.drain() > 0
+            except Exception as exc:  # a consumer that dies would silently fill the buffers
+                self.rec._fail(f"the consumer failed: {exc!r}")
+                busy = False
+            if self.stopping:
+                return
+
+    def drain(self) -> int:
+        """Write the pending metadata, then every full packet (metadata first: an event
+        class is always on disk before any packet that uses it); return how many packets."""
+        rec = self.rec
+        written = 0
+        with self.lock:
+            while self.pending_metadata:
+                text = self.pending_metadata.popleft()
+                if rec._error is None:
+                    rec._write_metadata(rec.trace_path, text, "a")
+            for ch in list(rec._all_channels()):
+                written += self._write_full(ch)
+            if rec.running and not rec._stopping:
+                rec._retire_dead_threads()
+        return written
+
+    def _write_full(self, ch: Channel) -> int:
+        # Taken off the queue once written: a stop() interrupted in between (a signal handler
+        # raised) and run again never skips a packet. Only the owner thread appends to it, on
+        # the right; only this (under the lock) takes from it.
+        batch = list(ch.full)
+        if batch:
+            self._write_packets(ch, batch)
+            for _ in batch:
+                ch.full.popleft()
+            ch.free.extend(buf for buf, _, _ in batch)
+        return len(batch)
+
+    def _write_packets(self, ch: Channel, batch: list[tuple[Any, int, int]]) -> None:
+        """Append whole packets to ``ch``'s stream file with as few system calls as possible
+        (each one gives the GIL away and must win it back from the firing threads)."""
+        rec = self.rec
+        if rec._error is not None:
+            rec._lost += sum(events for _, events, _ in batch)
+            return
+        views = []
+        for buf, _, _ in batch:
+            size = struct.unpack_from("<Q", buf, W.OFF_TS_END + 8)[0] // 8
+            views.append(memoryview(buf)[:size])
+        total = sum(len(v) for v in views)
+        done = 0
+        try:
+            if ch.fd == -1:
+                path = rec.trace_path / f"stream_{ch.instance_id}"
+                ch.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            while done < total:
+                rest, skip = [], done
+                for v in views:
+                    if skip >= len(v):
+                        skip -= len(v)
+                        continue
+                    rest.append(v[skip:])
+                    skip = 0
+                done += os.writev(ch.fd, rest[:_IOV_MAX])
+        except OSError as exc:
+            rec._fail(f"cannot write the trace in {rec.trace_path}: {exc}")
+        # Count (and keep) only the packets written whole; cut a partial one away. Every
+        # packet after the first one cut is lost too, even a smaller one that would fit.
+        kept = 0
+        whole = True
+        for v, (_, events, _) in zip(views, batch, strict=True):
+            whole = whole and kept + len(v) <= done
+            if whole:
+                kept += len(v)
+                ch.written += events
+                ch.on_disk_discarded = struct.unpack_from("<Q", v, W.OFF_DISCARDED)[0]
+            else:
+                rec._lost += events
+        if kept != done:
+            try:
+                os.ftruncate(ch.fd, ch.file_size + kept)
+            except OSError:
+                pass
+        ch.file_size += kept
+
+    def close_files(self) -> None:
+        for ch in self.rec._all_channels():
+            if ch.fd != -1:
+                try:
+                    os.close(ch.fd)
+                except OSError:
+                    pass
+                ch.fd = -2  # closed, was written
