@@ -91,7 +91,7 @@ def test_an_object_field_stores_a_repr_and_repr_text_as_it_is(tmp_path, uniq):
     assert [ev.fields["o"] for ev in events_of(tmp_path)] == ["'xy'", "<Foo at 0x1>"]
 
 
-def test_strings_keep_nul_and_lone_surrogates_are_recorded_cleaned(tmp_path, uniq):
+def test_strings_keep_nul_and_lone_surrogates_become_replacement_characters(tmp_path, uniq):
     m = tracemark.marker(f"{uniq}.s", s=str, after=int, o=object)
     with tracemark.record(tmp_path, f"{uniq}.*") as rec:
         m("a\0b", 1, "\0")
@@ -99,7 +99,7 @@ def test_strings_keep_nul_and_lone_surrogates_are_recorded_cleaned(tmp_path, uni
     evs = events_of(tmp_path)
     assert [ev.fields for ev in evs] == [
         {"s": "a\0b", "after": 1, "o": "'\\x00'"},  # text is length-prefixed: NUL is kept
-        {"s": "bad \\udc80 surrogate", "after": 2, "o": "None"},
+        {"s": "bad \ufffd surrogate", "after": 2, "o": "None"},
     ]
     assert rec.summary.discarded == 0
 
@@ -761,7 +761,7 @@ def _fire_everything(m):
     for values in ODD_VALUES:
         m(*values)
     m(2**64, "too big", 1.0, b"", True, None)  # does not fit int64: counted as discarded
-    m(1, "lone \udc80 surrogate", 1.0, b"", True, None)  # recorded cleaned
+    m(1, "lone \udc80 surrogate", 1.0, b"", True, None)  # recorded with U+FFFD
     m(i=3, s="keywords", f=3.0, b=b"k", t=False, o=3)
     m("not an int")  # does not fit the fields: the marker's own fault, not the recorder's
 
@@ -785,7 +785,7 @@ def test_fused_and_general_paths_record_the_same_trace(tmp_path, uniq):
         traces.append([(ev.name, ev.fields) for ev in events_of(path)])
     assert m.__code__ is plain  # nothing fused once the recordings stopped
     assert traces[0] == traces[1]
-    assert traces[0][-2][1]["s"] == "lone \\udc80 surrogate"
+    assert traces[0][-2][1]["s"] == "lone \ufffd surrogate"
     assert tracemark.markers(f"{uniq}.all")[0].bad_arguments == 2
 
 

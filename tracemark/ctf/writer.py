@@ -39,6 +39,35 @@ Guarantees of the layout
   Text is length-prefixed rather than NUL-terminated: a NUL inside is kept, no byte has to be
   checked, and a reader stays in step whatever the text holds. The type alias names let the
   reader give back the declared Python type.
+
+What a recorded text becomes (str fields, and the text of object fields)
+------------------------------------------------------------------------
+Exactly the text, as UTF-8, with one exception: a Python str may hold *surrogate code
+points* (U+D800..U+DFFF: ``os.fsdecode`` and ``sys.argv`` make them of bytes that are not
+UTF-8, ``"\\ud800"`` makes one), which no UTF-8 text can hold. Each one is recorded as
+U+FFFD REPLACEMENT CHARACTER, one for one (:func:`valid_text`), so the text keeps its
+length in characters and every reader, babeltrace2 included, decodes valid UTF-8. A
+Python str holds a character beyond U+FFFF as one code point, so a surrogate in it is
+never half of a valid character: pairs are not joined. Their bytes are not kept (record
+``os.fsencode(name)`` in a bytes field for that). Everything else is kept as it is:
+NUL (the text is length-prefixed), control characters, characters beyond U+FFFF, empty
+and megabyte-long text (up to what a sub-buffer holds; a larger event is counted as
+discarded). Text is never replaced by an escaped repr of itself.
+
+The common case costs nothing for this: the packer encodes with ``str.encode()``, and only
+when that raises ``UnicodeEncodeError`` does :func:`write_valid_text` record the event
+again with valid text, through the packer of the same field types, compiled once, and the
+same ``struct`` cache (nothing is compiled per event).
+
+Readers: :mod:`tracemark.ctf.reader` gives the text back whole, NULs included. babeltrace2
+(2.0.4) prints a text sequence as a C string: up to its first NUL (the fields after it
+are still read by their lengths, so it stays in step), with ``\\``, quotes, ``?`` and
+ASCII control characters escaped and other bytes as they are. It prints floats with
+``%g`` (6 significant digits). Its printing of a text is quadratic in the text's length
+(0.4 s for 256 KB, about 30 s for 1.75 MB): a babeltrace2 limit, not the trace's.
+
+Names (of events, threads, env entries) go into NUL-terminated strings and TSDL literals:
+there :func:`clean_text` also writes a NUL as the four characters ``\\x00``.
 """
 
 from __future__ import annotations
@@ -61,6 +90,7 @@ __all__ = [
     "STREAM_TSDL",
     "TYPES_TSDL",
     "PackTarget",
+    "clean_text",
     "compile_packer",
     "ctf_field_key",
     "event_class",
@@ -68,6 +98,9 @@ __all__ = [
     "metadata_preamble",
     "open_packet",
     "pack_source",
+    "packer",
+    "valid_text",
+    "write_valid_text",
 ]
 
 MAGIC = 0xC1FC1FC1
@@ -323,15 +356,19 @@ def thread_name_bytes(name: str) -> bytes:
     return clean_text(name).encode()[:255].decode("utf-8", "ignore").encode()
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def valid_text(text: str) -> str:
+    """``text`` with each surrogate code point replaced by U+FFFD: what a recorded str
+    becomes (see the module's docstring). NULs and everything else are kept."""
+    return _SURROGATE.sub("\ufffd", text)
+
+
 def clean_text(text: str) -> str:
-    """``text`` as valid UTF-8 without NUL bytes (CTF strings are NUL-terminated)."""
-    if "\0" in text:
-        text = text.replace("\0", "\\x00")
-    try:
-        text.encode()
-    except UnicodeEncodeError:  # lone surrogates
-        text = text.encode("utf-8", "backslashreplace").decode()
-    return text
+    """``text`` for a NUL-terminated string or a TSDL literal (names, not field values):
+    :func:`valid_text`, and each NUL written as the four characters ``\\x00``."""
+    return valid_text(text).replace("\0", "\\x00")
 
 
 # --- packers -----------------------------------------------------------------------------------
@@ -378,22 +415,77 @@ def compile_packer(event_id: int, fields: Sequence[Any]) -> Callable[[tuple, Any
     ``ch`` is a :class:`PackTarget` (what is read and written of it is stated there): an
     interruption half-way leaves the packet's committed content untouched. Values that do
     not fit their type raise ``struct.error``, ``OverflowError``, ``TypeError`` or
-    ``ValueError`` before anything is written. The caller guarantees nothing else writes to
+    ``ValueError`` before anything is written (``UnicodeEncodeError`` for text with
+    surrogates: see :func:`write_valid_text`). The caller guarantees nothing else writes to
     ``ch`` meanwhile (the recorder's nesting rules).
     """
-    names = [f"a{i}" for i in range(len(fields))]
-    body, ns = pack_source(fields, names, "    ")
-    ns["_id"] = event_id
-    unpack = (", ".join(names) + ("," if len(names) == 1 else "")) if names else "_"
-    source = f"def write(args, _ch):\n    {unpack} = args\n{body}"
-    exec(compile_generated(source, "packer"), ns)
-    return ns["write"]
+    write = packer(fields)
+    return lambda args, ch: write(event_id, args, ch)
+
+
+#: Field types -> the packer of that signature, ``write(event_id, args, ch)``.
+_packers: dict[tuple[type, ...], Callable[[int, tuple, Any], None]] = {}
+
+
+def packer(fields: Sequence[Any]) -> Callable[[int, tuple, Any], None]:
+    """``write(event_id, args, ch)``: :func:`compile_packer`'s function for any event class
+    with these field types, compiled once per type signature (and sharing the ``struct``
+    cache of every packer of those types, the recorder's generated paths included)."""
+    key = tuple(f.type for f in fields)
+    write = _packers.get(key)
+    if write is None:
+        names = [f"a{i}" for i in range(len(fields))]
+        body, ns = pack_source(fields, names, "    ")
+        unpack = (", ".join(names) + ("," if len(names) == 1 else "")) if names else "_"
+        source = f"def write(_id, args, _ch):\n    {unpack} = args\n{body}"
+        exec(compile_generated(source, "packer"), ns)
+        write = _packers[key] = ns["write"]
+    return write
+
+
+def write_valid_text(ch: Any, event_id: int, fields: Sequence[Any], args: tuple) -> None:
+    """Record an event whose text could not be encoded (the packer raised
+    ``UnicodeEncodeError``: surrogates in a str, or in an object's repr) with each text made
+    :func:`valid_text`, through the packer of its field types (no compiling, no new
+    ``struct`` for lengths seen before). Raises like the packer when a value does not fit
+    (then nothing is written)."""
+    clean = tuple(
+        valid_text(a)
+        if f.type is str
+        else ReprText(valid_text(object_text(a)))
+        if f.type is object
+        else a
+        for f, a in zip(fields, args, strict=True)
+    )
+    packer(fields)(event_id, clean, ch)
 
 
 def object_text(value: Any) -> str:
     """What an ``object`` field stores: the value's repr, or the value itself when it is a
     :class:`~tracemark.markers.fields.ReprText` (already a repr)."""
     return value if type(value) is ReprText else repr(value)
+
+
+#: Struct format template (the variable lengths left as ``{}``) -> its cache of Structs by
+#: lengths and the function that fills it: shared by every packer of one type signature,
+#: so an event packed by another path (write_valid_text) reuses the Structs already made.
+_struct_caches: dict[str, tuple[dict[Any, tuple[Callable[..., None], int]], Callable]] = {}
+
+
+def _struct_cache(
+    template: str,
+) -> tuple[dict[Any, tuple[Callable[..., None], int]], Callable]:
+    cache: dict[Any, tuple[Callable[..., None], int]] = {}
+
+    def make(key: Any) -> tuple[Callable[..., None], int]:
+        lengths = key if isinstance(key, tuple) else (key,)
+        s = struct.Struct(template.format(*lengths))
+        found = (s.pack_into, s.size - END_SIZE)
+        if len(cache) < _STRUCT_CACHE_LIMIT:
+            cache[key] = found
+        return found
+
+    return cache, make
 
 
 def pack_source(
@@ -406,7 +498,8 @@ def pack_source(
     other name the lines use, local or global, starts with ``_`` (which field names cannot),
     so they can run inside a marker's firing function (the recorder fuses them there). They may
     ``return`` early when the event is discarded. They depend on the field *types* only, so
-    callers compile them once per type signature and share the ``struct`` cache.
+    callers compile them once per type signature; every caller with one type signature shares
+    one ``struct`` cache.
     """
     prep: list[str] = []
     fmt_parts: list[str] = ["<IQ"]
@@ -449,17 +542,10 @@ def pack_source(
             f"    _packer, _size = _make({key})\n",
         ]
         template = "".join(fmt_parts)
-        cache: dict[Any, tuple[Callable[..., None], int]] = {}
-
-        def make(key: Any) -> tuple[Callable[..., None], int]:
-            lengths = key if isinstance(key, tuple) else (key,)
-            s = struct.Struct(template.format(*lengths))
-            found = (s.pack_into, s.size - END_SIZE)
-            if len(cache) < _STRUCT_CACHE_LIMIT:
-                cache[key] = found
-            return found
-
-        ns = {"_cache": cache, "_make": make}
+        shared = _struct_caches.get(template)
+        if shared is None:
+            shared = _struct_caches[template] = _struct_cache(template)
+        ns = {"_cache": shared[0], "_make": shared[1]}
     lines += [
         "_pos = _ch.pos\n",
         "if _pos + _size > _ch.limit:\n",

@@ -443,10 +443,9 @@ class Recording:
                 return ch
 
     def _bad_value(self, ch: Channel, marker: Any, args: tuple, exc: Exception) -> None:
-        if isinstance(exc, UnicodeEncodeError):  # lone surrogates: record a cleaned copy
+        if isinstance(exc, UnicodeEncodeError):  # surrogates: recorded as U+FFFD (writer)
             try:
-                clean = tuple(W.clean_text(a) if isinstance(a, str) else a for a in args)
-                W.compile_packer(self._event_id(marker), marker.fields)(clean, ch)
+                W.write_valid_text(ch, self._event_id(marker), marker.fields, args)
                 return
             except Exception as again:
                 exc = again
