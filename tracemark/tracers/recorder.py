@@ -112,6 +112,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import env, faults
+from .._forksafe import fork_safe_rlock
 from ..ctf import ring as R
 from ..ctf import status as _status
 from ..ctf import writer as W
@@ -413,13 +414,13 @@ class Recording:
         # Slow paths only, re-entrant for signal handlers. _lock: the consumer's work (held
         # during disk writes); _reg_lock: registering event classes and channels, which the
         # firing threads do, so it is never held across I/O.
-        self._lock = threading.RLock()
-        self._reg_lock = threading.RLock()
+        self._lock = fork_safe_rlock()  # free again in a fork child (_after_fork_in_child)
+        self._reg_lock = fork_safe_rlock()
         self._connections: list[registry.Connection] = []
         # Stopping: one thread at a time does it (another thread's stop() waits for it); the
         # thread doing it, so that a signal handler re-entering stop() on it does not wait
         # for itself.
-        self._stop_lock = threading.RLock()
+        self._stop_lock = fork_safe_rlock()  # a fork child stops its copy at exit
         self._stop_owner: int | None = None
         self._status_fd = -1
         self._final_snapshot = False
@@ -1195,9 +1196,6 @@ class Recording:
 
     def _after_fork_in_child(self) -> None:
         """The child records into a sub-trace of its own; the parent's buffers are dropped."""
-        # Another thread may have held them at fork time.
-        self._lock = threading.RLock()
-        self._reg_lock = threading.RLock()
         # The parent's descriptors are not the child's business: close the inherited copies.
         fds = [c.fd for c in self._all_channels() if c.fd >= 0]
         if self._status_fd >= 0:  # the parent's status file: the parent finishes it
