@@ -8,13 +8,19 @@ the locks of :mod:`logging` handlers::
     _lock = fork_safe_rlock()           # a module's lock: one line
     self._lock = fork_safe_lock()       # an instance's lock: the same
 
+Every lock of the package is made here (``tests/test_fork_locks.py`` lists them, and fails on
+one it does not know); a lock made any other way must say why it needs no reset.
+
 The objects are the ordinary ``threading`` locks (no wrapper, nothing slower): they are kept
 in a weak set and, in the child, reinitialised in place (``_at_fork_reinit``, what
 ``threading`` and ``logging`` themselves use), so every reference to them stays valid.
 
 Guarantees and limits
 ---------------------
-* In a fork child every such lock that another thread held is free.
+* In a fork child every such lock that another thread held is free before any other
+  ``after_in_child`` hook of the package runs: hooks run in the order they were registered,
+  and this one is registered on the package's import (by :mod:`tracemark.faults`), before
+  all others. So the recorder's own fork hook can take its locks.
 * An :func:`fork_safe_rlock` that the *forking* thread itself held is left as it is: that
   thread goes on in the child and releases it as usual.
 * A plain :func:`fork_safe_lock` has no owner to ask: forking while the same thread holds it

@@ -15,12 +15,11 @@ exception inside a marker call.
 
 from __future__ import annotations
 
-import os
-import threading
 import warnings
 from collections import Counter
 
 from . import env
+from ._forksafe import fork_safe_rlock
 
 __all__ = [
     "MarkerArgumentError",
@@ -42,18 +41,9 @@ class MarkerArgumentError(TypeError):
 
 
 # Re-entrant: a signal handler may fire a marker (and report a fault) while this thread is
-# inside report() already; a plain Lock would deadlock there.
-_lock = threading.RLock()
-
-
-def _new_lock_in_child() -> None:
-    # A fork while another thread held the lock would leave it held forever in the child
-    # (only the forking thread survives): every report there would deadlock.
-    global _lock
-    _lock = threading.RLock()
-
-
-os.register_at_fork(after_in_child=_new_lock_in_child)
+# inside report() already; a plain Lock would deadlock there. Fork-safe: a fork while another
+# thread held it would leave every report in the child waiting for good.
+_lock = fork_safe_rlock()
 _counts: Counter[tuple[str, str]] = Counter()
 _strict = env.STRICT
 

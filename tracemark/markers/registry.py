@@ -22,8 +22,8 @@ Guarantees
   that a signal handler raised, say) interrupts them, undo what they attached and raise:
   no probe stays attached without a handle to remove it. ``disconnect`` that was interrupted
   finishes its work when called again (and retries once by itself).
-* A fork child gets a fresh registry lock, so a fork while another thread holds it cannot
-  deadlock the child.
+* A fork child gets the registry lock back free (:mod:`tracemark._forksafe`), so a fork while
+  another thread holds it cannot deadlock the child.
 * Listeners (the code patcher) hear about every marker that turns active or inactive, under
   the lock, in the order it happened.
 * **Probes bound per marker.** A probe object with a ``bind_marker(marker)`` method is asked,
@@ -41,16 +41,15 @@ Guarantees
 from __future__ import annotations
 
 import fnmatch
-import os
 import re
 import sys
-import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from types import CodeType
 from typing import Any, Protocol, runtime_checkable
 
 from .. import faults
+from .._forksafe import fork_safe_rlock
 from .dispatch import (
     _MISSING,
     Binding,
@@ -261,21 +260,13 @@ class MarkerCore:
         return found[1], found[0]
 
 
-_lock = threading.RLock()
+# Reset in a fork child (only the forking thread survives: had another thread held it then,
+# the child would hang on its first connect, declare or fault). The data it guards is changed
+# by single assignments of immutable tuples, so the child can carry on with it.
+_lock = fork_safe_rlock()
 _markers: dict[str, MarkerCore] = {}
 _connections: list[Connection] = []
 _listeners: list[Callable[[MarkerCore, bool], None]] = []
-
-
-def _new_lock_in_child() -> None:
-    # Only the forking thread survives a fork: had another thread held the lock then, the
-    # child would deadlock on its first connect, declare or fault. The data it guards is
-    # changed by single assignments of immutable tuples, so the child can carry on with it.
-    global _lock
-    _lock = threading.RLock()
-
-
-os.register_at_fork(after_in_child=_new_lock_in_child)
 
 
 # --- faults from the firing path (slow path only) ---------------------------------------------

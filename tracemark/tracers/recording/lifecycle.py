@@ -179,6 +179,13 @@ def _after_fork_in_child() -> None:
     global _main_stopping, _deferred_sigterm
     _main_stopping, _deferred_sigterm = 0, None  # the parent's stop is not the child's
     running = [rec for rec in list(active) if rec.running]
+    for rec in list(active):
+        if not rec.running:
+            # Being stopped (or started) by another thread of the parent: the parent's to
+            # finish. Stopped here too, at exit, it would write the parent's buffers to the
+            # parent's files a second time.
+            active.discard(rec)
+    status_retry.clear()  # the parent's status files, the parent's to write
     for rec in running:
         rec._after_fork_in_child()
     if _sigterm_installed and _previous_sigterm is signal.SIG_DFL:
