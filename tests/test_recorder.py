@@ -961,3 +961,40 @@ def test_a_traceback_through_the_generated_code_shows_its_lines(tmp_path, uniq, 
     assert any("_bad_value" in f.line for f in generated)
     text = "".join(traceback.format_exception(info.value))
     assert "_in.rec._bad_value(_ch, _marker" in text
+
+
+def test_a_fork_while_another_thread_stops_a_recording_leaves_it_to_the_parent(tmp_path, uniq):
+    """A child forked while another thread of the parent is half-way through stop() (buffers
+    flushed, not written yet) must not finish that stop at its exit: it would write the
+    parent's packets into the parent's files a second time."""
+    m = tracemark.marker(f"{uniq}.m", i=int)
+    rec = tracemark.record(tmp_path, f"{uniq}.*", subbuffer_size=4096)
+    for i in range(2000):
+        m(i)
+    parent = os.getpid()
+    inside, go = threading.Event(), threading.Event()
+    real_stop = rec.consumer.stop
+
+    def held_stop():
+        if os.getpid() == parent:
+            inside.set()
+            go.wait(10)
+        real_stop()
+
+    rec.consumer.stop = held_stop
+    stopper = threading.Thread(target=rec.stop)
+    stopper.start()
+    assert inside.wait(10)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # 3.12+: fork with threads
+        pid = os.fork()
+    if pid == 0:
+        try:
+            tracemark.tracers.recording.lifecycle.stop_all()  # what exit does
+        finally:
+            os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    go.set()
+    stopper.join(10)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert [ev.fields["i"] for ev in events_of(tmp_path)] == list(range(2000))
