@@ -35,6 +35,7 @@ from .markers import registry as _registry
 from .markers.dispatch import MAX_NESTING, Binding, Inline, synchronize
 from .markers.fields import Field
 from .markers.registry import Connection, Marker, MarkerInfo, connect, disconnect, markers
+from .markers.span import Span
 from .patching import Site, patch
 from .patching import patcher as _patcher
 from .probes import Probe, ProbeError, probe, unprobe
@@ -58,6 +59,7 @@ __all__ = [
     "Recording",
     "RecordingSummary",
     "Site",
+    "Span",
     "TracemarkWarning",
     "connect",
     "disconnect",
@@ -68,6 +70,7 @@ __all__ = [
     "patch",
     "probe",
     "record",
+    "span",
     "synchronize",
     "unprobe",
 ]
@@ -108,6 +111,18 @@ def mark(name: str, fmt: str | None = None, /, *args: Any) -> None:
             return
         _inline[name, fmt] = fire
     fire(*args)
+
+
+def span(name: str, fmt: str | None = None, /, **fields: type | str) -> Span:
+    """Declare the span ``name``: the markers ``NAME.begin`` (with these fields, given as for
+    :func:`marker`) and ``NAME.end``, returned together as a :class:`Span`.
+
+    ``q.begin(...)`` ... ``q.end()`` are two marker statements (jumped over, arguments not
+    evaluated, while nobody listens, like any marker statement in a function); ``with
+    q(...):`` fires both around a block, also when it raises. Readers pair them per thread
+    into spans with a duration (:mod:`tracemark.analysis`).
+    """
+    return Span(name, fmt, stacklevel=2, **fields)
 
 
 # Inactive marker statements inside functions become one jump (see tracemark.patching).

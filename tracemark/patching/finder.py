@@ -5,6 +5,8 @@ one of the forms the patcher understands:
 
 * ``rx(...)`` where ``rx`` is a global name or a closure variable bound to a marker;
 * ``mod.rx(...)`` (any dotted chain) where ``mod`` is a global or closure module;
+* ``q.begin(...)`` and ``q.end()`` where ``q`` is a :class:`~tracemark.markers.span.Span`
+  reached the same ways;
 * ``tracemark.mark("a.b", ...)`` (``mark`` reached the same ways) with a literal name, once a
   marker of that name has been declared.
 
@@ -27,8 +29,9 @@ Two more things are decided here, from the source:
 * **The guard.** The callee is resolved when the function is analysed, and the variant's
   jump is guarded so that the statement still runs if the name no longer refers to that
   object (:class:`.bytecode.Guard`): for ``rx(...)`` the global (or builtin) or closure
-  variable ``rx`` itself; for ``mod.rx(...)`` and ``tracemark.mark(...)`` only the first name
-  of the chain (``mod``, ``tracemark``), not the attribute read from it.
+  variable ``rx`` itself; for ``mod.rx(...)``, ``q.begin(...)`` and ``tracemark.mark(...)``
+  only the first name of the chain (``mod``, ``q``, ``tracemark``), not the attribute read
+  from it (a span's attributes cannot change).
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from types import CodeType, FunctionType, ModuleType
 from typing import Any
 
 from ..markers import registry
+from ..markers.span import Span as SpanObject
 from . import bytecode
 
 __all__ = ["Statement", "find_statements", "source_statements"]
@@ -159,13 +163,17 @@ def _guard(node: ast.expr, code: CodeType, func: FunctionType | None, globs: dic
 
 def _resolve(node: ast.expr, code: CodeType, func: FunctionType | None, globs: dict) -> Any:
     """The object an ``a.b.c`` expression names, without running user code: attributes are
-    only read from modules (their ``__dict__``), never through ``getattr``."""
+    only read from modules (their ``__dict__``) and from spans (``q.begin``, ``q.end``:
+    immutable), never through ``getattr``."""
     if isinstance(node, ast.Name):
         return _lookup(node.id, code, func, globs)
     if isinstance(node, ast.Attribute):
         base = _resolve(node.value, code, func, globs)
         if isinstance(base, ModuleType):
             return vars(base).get(node.attr, _MISSING)
+        if type(base) is SpanObject:
+            found = base.attribute(node.attr)
+            return _MISSING if found is None else found
     return _MISSING
 
 

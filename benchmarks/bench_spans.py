@@ -1,0 +1,145 @@
+"""Issue 11: what a span costs, inactive and recorded, beside its peers.
+
+Run: ``python -m benchmarks.run spans``.
+
+Table 1 (inactive): small functions that differ only in how a span wraps their body: none,
+``q.begin(...)``/``q.end()`` statements (patched: two jumps), ``with q(...)`` while inactive,
+and ``with contextlib.nullcontext()`` for scale; ratios to the function without a span.
+Table 2 (recorded): the same function with its span recorded by ``tracemark.record()``,
+beside two recorded markers, an OpenTelemetry SDK span (a ``TracerProvider`` with a
+``SimpleSpanProcessor`` to an in-memory exporter: the cheapest span the SDK records), and a
+call traced by viztracer (its per-call cost); ratios to two recorded markers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import tempfile
+
+import tracemark
+
+from .harness import Case, measure, table
+
+q = tracemark.span("bench.span.q", table=str)
+pair_begin = tracemark.marker("bench.span.m.begin", table=str)
+pair_end = tracemark.marker("bench.span.m.end")
+_null = contextlib.nullcontext()
+
+
+def without(table):
+    n = len(table)
+    return n
+
+
+def statements(table):
+    q.begin(table)
+    n = len(table)
+    q.end()
+    return n
+
+
+def with_span(table):
+    with q(table):
+        n = len(table)
+    return n
+
+
+def with_null(table):
+    with _null:
+        n = len(table)
+    return n
+
+
+def two_markers(table):
+    pair_begin(table)
+    n = len(table)
+    pair_end()
+    return n
+
+
+def _inactive_cases() -> list[Case]:
+    (site, _) = tracemark.patch(statements)
+    assert site.patched, site
+    ns = {"t": "users", "without": without, "statements": statements}
+    ns.update(with_span=with_span, with_null=with_null)
+    return [
+        Case("function without a span", "without(t)", ns),
+        Case("`q.begin(...)` ... `q.end()`, inactive", "statements(t)", ns, "target: within 5%"),
+        Case("`with q(...)`, inactive", "with_span(t)", ns),
+        Case("`with nullcontext()`", "with_null(t)", ns, "for scale"),
+    ]
+
+
+def _otel_case() -> Case:
+    try:
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+        from opentelemetry.sdk.trace.export.in_memory_span_exporter import (
+            InMemorySpanExporter,
+        )
+    except ImportError:
+        return Case("OpenTelemetry SDK span", "pass", {}, "opentelemetry-sdk not installed")
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracer = provider.get_tracer("bench")
+
+    def otel(table):
+        with tracer.start_as_current_span("db.query", attributes={"table": table}):
+            n = len(table)
+        if len(exporter._finished_spans) > 10_000:  # keep memory flat
+            exporter.clear()
+        return n
+
+    return Case(
+        "OpenTelemetry SDK span (in-memory exporter)", "otel(t)", {"otel": otel, "t": "users"}
+    )
+
+
+def report() -> str:
+    cases = _inactive_cases()
+    first = table("Spans: inactive", cases, measure(cases), "function without a span")
+    directory = tempfile.mkdtemp(prefix="tracemark-bench-spans-")
+    ns = {"t": "users", "statements": statements, "two_markers": two_markers}
+    recorded = [
+        Case("two recorded markers (begin, end)", "two_markers(t)", ns),
+        Case("recorded span, `q.begin` ... `q.end()`", "statements(t)", ns),
+        Case("recorded span, `with q(...)`", "with_span(t)", {**ns, "with_span": with_span}),
+        _otel_case(),
+    ]
+    try:
+        with tracemark.record(
+            directory, "bench.span.*", subbuffer_size=4 << 20, subbuffers=12
+        ) as rec:
+            results = measure(recorded, number=100_000)
+        assert rec.summary.recorded > 0
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+    viz = _viztracer_per_call()
+    if viz is not None:
+        recorded.append(Case("viztracer, one traced call", "", {}, "its per-call cost"))
+        results["viztracer, one traced call"] = viz
+    second = table("Spans: recorded", recorded, results, "two recorded markers (begin, end)")
+    return first + "\n" + second
+
+
+def _viztracer_per_call() -> float | None:
+    """ns that viztracer adds to one call of ``without`` (traced minus untraced)."""
+    try:
+        from viztracer import VizTracer
+    except ImportError:
+        return None
+    import threading
+
+    ns = {"t": "users", "without": without}
+    plain = measure([Case("plain", "without(t)", ns)], number=100_000)["plain"]
+    viz = VizTracer(verbose=0, tracer_entries=2_000_000, ignore_c_function=True)
+    viz.start()
+    try:
+        traced = measure([Case("traced", "without(t)", ns)], number=100_000)["traced"]
+    finally:
+        viz.stop()
+        viz.clear()
+        threading.setprofile(None)  # what viztracer's stop() leaves set
+    return traced - plain

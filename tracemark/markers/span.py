@@ -1,0 +1,122 @@
+"""Spans: a pair of markers, ``NAME.begin`` and ``NAME.end``, declared together.
+
+The kernel's ``_entry``/``_exit`` tracepoint pairs, for Python::
+
+    q = tracemark.span("db.query", table=str)
+
+    def lookup(table):
+        q.begin(table)          # two marker statements: the patcher jumps over both
+        rows = run(table)       # while nobody listens
+        q.end()
+
+    def lookup2(table):
+        with q(table):          # the convenience form (costs a call and a with while
+            return run(table)   # inactive: see benchmarks/RESULTS.md)
+
+Guarantees
+----------
+* ``q.begin`` and ``q.end`` are ordinary markers (``NAME.begin`` with the span's fields,
+  ``NAME.end`` without): every tracer consumes them by name or glob, and a statement
+  ``q.begin(...)`` / ``q.end()`` in a function is a marker statement the patcher jumps over
+  while the marker is inactive, its arguments not evaluated (``q`` is guarded like the first
+  name of ``mod.marker(...)``: rebinding ``q`` is noticed).
+* ``with q(...)`` fires begin on entry and end on exit, also when the block raises; while
+  neither marker has a probe it fires nothing and costs a call and a ``with`` on a shared
+  no-op object. A span that turns active or inactive half-way is a begin without an end
+  (or the reverse): readers close or report it, never pair it wrongly.
+* Durations and nesting are read from the trace: :mod:`tracemark.analysis.pairing` pairs
+  begin and end per thread (and per asyncio task when recorded), closes spans left open as
+  unfinished, and reports ends without begins.
+* A :class:`Span` is immutable, and declaring the same name with the same fields gives an
+  equal span (the same markers); other fields are a ValueError, as for markers.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from . import registry
+
+__all__ = ["Span"]
+
+
+class _Inactive:
+    """The shared no-op context of ``with q(...)`` while the span has no probe."""
+
+    __slots__ = ()
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+_INACTIVE = _Inactive()
+
+
+class _Active:
+    __slots__ = ("args", "kwargs", "span")
+
+    def __init__(self, span: Span, args: tuple, kwargs: dict) -> None:
+        self.span, self.args, self.kwargs = span, args, kwargs
+
+    def __enter__(self) -> None:
+        self.span.begin(*self.args, **self.kwargs)
+
+    def __exit__(self, *exc: object) -> None:
+        self.span.end()
+
+
+class Span:
+    """A pair of markers ``NAME.begin`` (the span's fields) and ``NAME.end``; see
+    :func:`tracemark.span`."""
+
+    __slots__ = ("_begin_core", "_end_core", "begin", "end", "name")
+
+    name: str
+    #: The begin marker: call it to fire ``NAME.begin``.
+    begin: registry.Marker
+    #: The end marker: call it to fire ``NAME.end``.
+    end: registry.Marker
+
+    def __init__(
+        self, name: str, fmt: str | None = None, /, *, stacklevel: int = 1, **fields: Any
+    ) -> None:
+        registry.check_name(name)
+        begin = registry.declare(f"{name}.begin", fmt, fields, stacklevel=stacklevel + 1)
+        end = registry.declare(f"{name}.end", None, None, stacklevel=stacklevel + 1)
+        set_ = object.__setattr__
+        set_(self, "name", name)
+        set_(self, "begin", begin.fire)
+        set_(self, "end", end.fire)
+        set_(self, "_begin_core", begin)
+        set_(self, "_end_core", end)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError("a Span is immutable")
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """``with q(*fields):`` fires begin on entry and end on exit (nothing while
+        inactive)."""
+        if self._begin_core.connections or self._end_core.connections:
+            return _Active(self, args, kwargs)
+        return _INACTIVE
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is Span and other.begin is self.begin
+
+    def __hash__(self) -> int:
+        return hash(self.name)
+
+    def __repr__(self) -> str:
+        return f"<span {self.name!r} ({self._begin_core.signature()})>"
+
+    def attribute(self, name: str) -> Any:
+        """``begin`` or ``end`` read without running user code (for the patcher); else
+        None."""
+        if name == "begin":
+            return self.begin
+        if name == "end":
+            return self.end
+        return None
