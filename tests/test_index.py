@@ -26,6 +26,7 @@ from tracemark.ctf import read_trace, recover
 from tracemark.ctf import reader as reader_mod
 from tracemark.ctf import writer as W
 from tracemark.ctf.index import INDEX_DIR, build_index, index_path, load_index, trace_index
+from tracemark.ctf.status import STATUS_FILE, encode, read_status
 
 ROOT = Path(tracemark.__file__).resolve().parents[1]
 
@@ -148,6 +149,11 @@ def test_round_trip_and_each_packets_ids_are_its_events(tmp_path, uniq):
 
 def test_view_e_is_the_same_with_and_without_index_threads(tmp_path, uniq):
     _threads_trace(tmp_path, uniq)
+    (sub,) = read_trace(tmp_path).subtraces
+    status = read_status(sub.path)
+    status.update(lost=7, reason="disk full")  # and the loss warning view prints with them
+    (sub.path / STATUS_FILE).write_bytes(encode(status))
+    assert "7 events were LOST" in view(tmp_path, f"{uniq}.b")[2]
     assert_same_views(tmp_path, _globs(uniq))
 
 

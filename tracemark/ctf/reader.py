@@ -18,6 +18,10 @@ Guarantees
   it), stream id, sizes in bits within the packet and the file, timestamps never going
   backwards within a stream nor past ``timestamp_end``, event ids declared in the metadata,
   strings valid UTF-8 and terminated inside the packet.
+* **Reading by name reads less, shows the same.** ``events(names=...)`` decodes only the
+  events it gives; the others are walked and checked as decoding would check them, so its
+  result and any TraceError are those of filtering every event. With a packet index
+  (:mod:`.index`), packets that hold no wanted event are not read at all.
 * **Crafted input is refused, not obeyed.** Only regular files are read (a FIFO, a device or
   a symlink to one is a TraceError, opened without blocking); ``metadata`` may hold at most
   :data:`METADATA_LIMIT` bytes (64 MiB) and a packet at most :data:`PACKET_LIMIT` bytes
