@@ -17,7 +17,16 @@ from pathlib import Path
 
 from .harness import measure, table
 
-SUITES = ["markers", "patching", "recorder", "probes", "cli", "codeown", "spans"]
+SUITES = [
+    "markers",
+    "patching",
+    "recorder",
+    "probes",
+    "cli",
+    "codeown",
+    "index",
+    "spans",
+]
 RESULTS = Path(__file__).with_name("RESULTS.md")
 _HEADER = """# Benchmark results
 

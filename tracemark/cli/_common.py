@@ -234,12 +234,28 @@ def select(
 ) -> Iterator[Any]:
     """The events of ``trace`` whose name matches ``globs`` and that pass ``predicate``."""
     match = name_matcher(globs)
-    events = guarded(trace.events())
+    if not globs or not hasattr(trace, "subtraces"):
+        events = guarded(trace.events())
+    else:
+        # Only the packets that hold a selected marker are decoded: the packet index says
+        # which (built and saved here the first time; tracemark.ctf.index).
+        events = guarded(trace.events(names=match, index=_index_of(trace)))
     if predicate is None and not globs:
         return events
     if predicate is None:
         return (ev for ev in events if match(ev.name))
     return (ev for ev in events if match(ev.name) and predicate(ev))
+
+
+def _index_of(trace: Any) -> Any:
+    """The packet index of ``trace`` (loaded, or built and saved), or None when it cannot be
+    made: reading without it gives the same events."""
+    from ..ctf.index import trace_index
+
+    try:
+        return trace_index(trace)
+    except (OSError, TraceError):
+        return None
 
 
 def field_names(trace: Any, globs: Sequence[str] | None) -> set[str]:

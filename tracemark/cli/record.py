@@ -23,6 +23,9 @@ Guarantees
   were recovered. Killed while the kernel was copying a packet into a file, a process may
   leave part of one: tracemark cuts such torn tails from the streams of processes that are
   gone, and says so (babeltrace2 refuses a whole trace with one).
+* Then the trace's packet index is built (:mod:`tracemark.ctf.index`), outside the traced
+  program as LTTng's consumer daemon builds its ``index/``: ``tracemark view -e NAME`` reads
+  only the packets that hold NAME.
 * Ctrl-C goes to the program (it shares the terminal), not to tracemark, which waits for the
   program and then reports. SIGTERM sent to tracemark is passed on to the program.
 * The summary goes to stderr, so the program's stdout can still be piped.
@@ -46,6 +49,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from ..ctf import TraceError, cut_partial_packets, read_trace
+from ..ctf.index import index_trace
 from ..ctf.recovery import pid_alive
 from ..probes import parse_spec
 from . import _boot
@@ -205,6 +209,7 @@ def run(args: Any, err: IO[str], style: Style) -> int:
         )
     _wait_for_recordings(trace_dir, RECORDINGS_GRACE)
     report_recovered(trace_dir, err, "tracemark record")
+    index_trace(trace_dir)  # like LTTng's consumer daemon: view -e then reads only what it shows
     try:
         summarize(trace_dir, err, style, top=args.top, elapsed=elapsed, code=code)
     except CliError as exc:  # the program ran: its exit code matters more than ours

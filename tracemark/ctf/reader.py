@@ -18,6 +18,10 @@ Guarantees
   it), stream id, sizes in bits within the packet and the file, timestamps never going
   backwards within a stream nor past ``timestamp_end``, event ids declared in the metadata,
   strings valid UTF-8 and terminated inside the packet.
+* **Reading by name reads less, shows the same.** ``events(names=...)`` decodes only the
+  events it gives; the others are walked and checked as decoding would check them, so its
+  result and any TraceError are those of filtering every event. With a packet index
+  (:mod:`.index`), packets that hold no wanted event are not read at all.
 * **Crafted input is refused, not obeyed.** Only regular files are read (a FIFO, a device or
   a symlink to one is a TraceError, opened without blocking); ``metadata`` may hold at most
   :data:`METADATA_LIMIT` bytes (64 MiB) and a packet at most :data:`PACKET_LIMIT` bytes
@@ -33,8 +37,8 @@ import os
 import re
 import stat
 import struct
-from collections.abc import Callable, Iterator
-from operator import attrgetter
+from collections.abc import Callable, Iterator, Sequence
+from operator import attrgetter, itemgetter
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -344,12 +348,67 @@ def _compile_skipper(fields: tuple[tuple[str, str], ...]) -> Callable[[bytes, in
     return skip
 
 
+def _compile_checker(fields: tuple[tuple[str, str], ...]) -> Callable[[bytes, int, int], int]:
+    """``check(data, pos, end) -> new pos``: what the decoder checks, without building values.
+
+    It fails exactly where the decoder fails (a length past ``end``, text that is not UTF-8:
+    ValueError or struct.error), so an event that is walked over instead of decoded (one that
+    ``Trace.events(names=...)`` does not show) is still checked, and a trace is "complete or
+    an error" whatever is shown of it.
+    """
+    lines = ["def check(data, pos, end):\n"]
+    fixed = 0
+
+    def flush() -> None:
+        nonlocal fixed
+        if fixed:
+            lines.append(f"    pos += {fixed}\n    if pos > end: raise ValueError\n")
+        fixed = 0
+
+    for _, type_name in fields:
+        if type_name in _FIXED:
+            fixed += _FIXED[type_name][1]
+            continue
+        flush()
+        lines.append("    n, = _u32(data, pos)\n    pos += 4\n")
+        lines.append("    if pos + n > end: raise ValueError\n")
+        if type_name != "bytes":
+            lines.append("    _str(data[pos:pos + n], 'utf-8')\n")
+        lines.append("    pos += n\n")
+    flush()
+    lines.append("    return pos\n")
+    ns: dict[str, Any] = {"_u32": struct.Struct("<I").unpack_from, "_str": str}
+    exec(compile("".join(lines), "<tracemark checker>", "exec"), ns)
+    return ns["check"]
+
+
+def fixed_event_size(fields: tuple[tuple[str, str], ...]) -> int | None:
+    """The size in bytes of an event of this class, header included, if it is fixed."""
+    if any(t not in _FIXED for _, t in fields):
+        return None
+    return _EVENT_HEADER.size + sum(_FIXED[t][1] for _, t in fields)
+
+
 # --- streams -----------------------------------------------------------------------------------
 
 _HEADER = W.HEADER
 _CTX = W.CTX_FIXED
 _EVENT_HEADER = W.EVENT_HEADER
 _FIXED_SIZE = W.PACKET_FIXED_SIZE
+
+
+_U32 = struct.Struct("<I")
+_first = itemgetter(0)
+_second = itemgetter(1)
+_STRIDERS: dict[int, struct.Struct] = {}
+
+
+def _strider(size: int) -> struct.Struct:
+    """The Struct that reads (id, timestamp) from events of ``size`` bytes laid end to end."""
+    s = _STRIDERS.get(size)
+    if s is None:
+        s = _STRIDERS[size] = struct.Struct(f"<IQ{size - _EVENT_HEADER.size}x")
+    return s
 
 
 class _Packet:
@@ -573,6 +632,149 @@ class Stream:
                 )
             last = max(last, p.ts_end)
 
+    def iter_matching(
+        self,
+        wanted: frozenset[int],
+        known: Sequence[frozenset[int] | None] | None = None,
+    ) -> Iterator[Event]:
+        """This stream's events whose id is in ``wanted``, in order: exactly those that
+        :meth:`iter_events` gives, and the same TraceError at the same point of them.
+
+        Only packets that hold a wanted id are decoded, and in them only the wanted events;
+        the others are walked and checked (:meth:`packet_ids`, :func:`_compile_checker`),
+        never decoded. ``known``: the id set of each packet as a packet index recorded it
+        (:mod:`.index`; None for a packet to walk); a packet it says holds no wanted id is
+        not read at all.
+        """
+        packets = self._packets
+        if known is not None and len(known) != len(packets):
+            known = None
+        for i, p in enumerate(packets):
+            data = None
+            if known is not None:
+                ids = known[i]
+            else:
+                data = _read_packet(self.path, p)
+                ids = self.packet_ids(p, data)
+            if ids is not None and ids.isdisjoint(wanted):
+                continue  # checked, and nothing in it to show
+            if data is None:
+                data = _read_packet(self.path, p)
+            yield from self._decode_matching(p, data, wanted)
+
+    def _decode_matching(self, p: _Packet, data: bytes, wanted: frozenset[int]) -> Iterator[Event]:
+        """The wanted events of packet ``p`` (its bytes ``data``); :meth:`iter_events`'s
+        checks, in its order, with the others walked over by their checkers."""
+        path = self.path
+        sub = self.sub
+        decoders = sub.decoders
+        checks = sub.checks
+        offset_ns = sub.meta.offset_ns
+        scale = sub.meta.freq
+        unpack_header = _EVENT_HEADER.unpack_from
+        header_size = _EVENT_HEADER.size
+        if len(data) < p.content_end:
+            raise TraceError(path, p.offset, "stream file shrank while being read")
+        pos = p.start
+        end = p.content_end
+        pid, tid, thread = p.pid, p.tid, p.thread
+        n = 0
+        # Stream._index checked each packet begins at or after the previous one's end, so
+        # what iter_events carries over from earlier packets is never above ts_begin.
+        last = p.ts_begin
+        while pos < end:
+            at = pos
+            shown = False
+            try:
+                event_id, ts = unpack_header(data, pos)
+                pos += header_size
+                if pos > end:
+                    raise ValueError
+                if event_id in wanted:
+                    name, decode = decoders[event_id]
+                    fields, pos = decode(data, pos, end)
+                    shown = True
+                else:
+                    pos = checks[event_id](data, pos, end)
+            except KeyError:
+                raise TraceError(
+                    path, p.offset + at, f"event id {event_id} is not in the metadata"
+                ) from None
+            except (struct.error, ValueError, IndexError):
+                raise TraceError(
+                    path, p.offset + at, "event runs past the packet content or is damaged"
+                ) from None
+            if ts < last or ts > p.ts_end:
+                raise TraceError(
+                    path,
+                    p.offset + at + 4,
+                    "event timestamp goes backwards or past the packet's timestamp_end",
+                )
+            last = ts
+            n += 1
+            if shown:
+                if scale != 1_000_000_000:
+                    ts = ts * 1_000_000_000 // scale
+                yield _new_event(Event, (ts + offset_ns, name, fields, pid, tid, thread))
+        if n != p.count:
+            raise TraceError(
+                path,
+                p.offset + W.OFF_COUNT,
+                f"packet holds {n} events, its context says {p.count}",
+            )
+
+    def packet_ids(self, p: _Packet, data: bytes) -> frozenset[int] | None:
+        """The event ids packet ``p`` (its bytes ``data``) holds, from a walk of its event
+        headers that checks all that decoding it would (:meth:`iter_events`); None when
+        that walk fails: such a packet must be decoded, for its error to be reported.
+
+        A packet whose first event is of a fixed-size class and whose content is exactly
+        ``event_count`` such events is walked at C speed (one ``iter_unpack`` of ids and
+        timestamps); it is accepted that way only if every id found is of a class of that
+        same size, which is what a walk one event at a time would have found.
+        """
+        sub = self.sub
+        start, end, count = p.start, p.content_end, p.count
+        if len(data) < end:
+            return None
+        if count == 0 or start >= end:
+            return frozenset() if count == 0 and start == end else None
+        if start + 4 <= end:
+            size = sub.fixed_sizes.get(_U32.unpack_from(data, start)[0])
+            if size is not None and end - start == count * size:
+                rows = _strider(size).iter_unpack(memoryview(data)[start:end])
+                ids_ts = list(rows)
+                ids = frozenset(map(_first, ids_ts))
+                sizes = sub.fixed_sizes
+                if all(sizes.get(i) == size for i in ids):
+                    ts = list(map(_second, ids_ts))
+                    if ts[0] >= p.ts_begin and ts[-1] <= p.ts_end and ts == sorted(ts):
+                        return ids
+                    return None
+        checks = sub.checks
+        unpack_header = _EVENT_HEADER.unpack_from
+        header_size = _EVENT_HEADER.size
+        ts_end = p.ts_end
+        last = p.ts_begin
+        found = set()
+        pos = start
+        n = 0
+        try:
+            while pos < end:
+                event_id, ts = unpack_header(data, pos)
+                pos += header_size
+                if pos > end:
+                    return None
+                pos = checks[event_id](data, pos, end)
+                if ts < last or ts > ts_end:
+                    return None
+                last = ts
+                n += 1
+                found.add(event_id)
+        except (KeyError, struct.error, ValueError, IndexError):
+            return None
+        return frozenset(found) if n == count else None
+
     def bounds(self) -> tuple[int | None, int | None]:
         """The timestamps of the first and last event. Decodes one event for the first; the
         last packet is only walked (event headers and field lengths), not decoded: a reader
@@ -631,6 +833,15 @@ class SubTrace:
         self.skips = {
             eid: _compile_skipper(fields) for eid, (_, fields) in self.meta.events.items()
         }
+        self.checks = {
+            eid: _compile_checker(fields) for eid, (_, fields) in self.meta.events.items()
+        }
+        #: Event id -> size in bytes, for the classes whose events all have one size.
+        self.fixed_sizes = {
+            eid: size
+            for eid, (_, fields) in self.meta.events.items()
+            if (size := fixed_event_size(fields)) is not None
+        }
         names = []
         try:
             entries = sorted(os.scandir(path), key=attrgetter("name"))
@@ -650,6 +861,10 @@ class SubTrace:
                     f"stream_instance_id {s.instance_id} is also used by {seen[s.instance_id]}",
                 )
             seen[s.instance_id] = s.path
+
+    def ids_matching(self, names: Callable[[str], bool]) -> frozenset[int]:
+        """The ids, in this sub-trace's metadata, of the event classes whose name passes."""
+        return frozenset(eid for eid, (name, _) in self.decoders.items() if names(name))
 
     @property
     def status(self) -> dict[str, Any] | None:
@@ -709,9 +924,27 @@ class Trace:
         }
         return sum(_lost_of(read_status(d)) for d in dirs)
 
-    def events(self) -> Iterator[Event]:
-        """Every event of every stream, merged in timestamp order (ties: stream order)."""
-        iterators = [s.iter_events() for s in self.streams if s.packets]
+    def events(
+        self,
+        names: Callable[[str], bool] | None = None,
+        index: Callable[[Stream], Sequence[frozenset[int] | None] | None] | None = None,
+    ) -> Iterator[Event]:
+        """Every event of every stream, merged in timestamp order (ties: stream order).
+
+        ``names``: only the events whose name passes (``names(name)`` true); the others are
+        checked but not decoded (:meth:`Stream.iter_matching`), so the result, and any
+        TraceError, is what filtering all events by name gives, sooner. ``index``: per
+        stream, the id sets of its packets (:func:`tracemark.ctf.index.trace_index`), so that
+        packets without a wanted event are not read at all.
+        """
+        if names is not None:
+            iterators = [
+                s.iter_matching(s.sub.ids_matching(names), index(s) if index else None)
+                for s in self.streams
+                if s.packets
+            ]
+        else:
+            iterators = [s.iter_events() for s in self.streams if s.packets]
         if len(iterators) == 1:
             return iterators[0]
         return heapq.merge(*iterators, key=attrgetter("timestamp"))
