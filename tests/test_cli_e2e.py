@@ -136,6 +136,8 @@ def test_stats_agrees_with_view(recorded):
     doc = json.loads(proc.stdout)
     assert doc["events"] == len(json_events(trace)) == 1169
     assert doc["processes"] == 4 and doc["discarded"] == 0
+    # Every thread that fired, even those whose streams later threads took over.
+    assert doc["threads"] == len({(e["pid"], e["tid"]) for e in json_events(trace)})
     ms = doc["markers"]["job.done"]["fields"]["ms"]
     assert (ms["min"], ms["max"], ms["p50"]) == (0.0, 4.9, 2.4)
     text = tm("stats", str(trace)).stdout
@@ -374,3 +376,26 @@ def test_a_packet_torn_by_sigkill_is_cut_and_said(tmp_path):
     assert events and [e["fields"]["n"] for e in events] == list(range(len(events)))
     bt = subprocess.run(["babeltrace2", str(tmp_path / "t")], capture_output=True, text=True)
     assert bt.returncode == 0 and len(bt.stdout.splitlines()) == len(events)
+
+
+def test_stats_counts_every_thread_of_a_reused_stream(tmp_path):
+    """Threads that run one after another share one stream (a channel is handed on): stats
+    still counts each of them."""
+    (tmp_path / "seq.py").write_text(
+        textwrap.dedent(
+            """
+            import threading, tracemark
+            m = tracemark.marker("seq.m", i=int)
+            for i in range(4):
+                t = threading.Thread(target=m, args=(i,))
+                t.start()
+                t.join()
+            """
+        )
+    )
+    proc = tm("record", "-o", str(tmp_path / "t"), "--", sys.executable, "seq.py", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(tm("stats", str(tmp_path / "t"), "--json").stdout)
+    tids = {e["tid"] for e in json_events(tmp_path / "t")}
+    assert len(tids) == 4 and doc["threads"] == 4
+    assert len(list((tmp_path / "t").glob("*/stream_*"))) < 4  # the streams were reused

@@ -279,7 +279,7 @@ def _stats(args: argparse.Namespace, out: IO[str]) -> int:
         "end": end,
         "discarded": trace.discarded,
         "processes": len({s.pid for s in streams}),
-        "threads": len({(s.pid, s.tid) for s in streams}),
+        "threads": len({(s.pid, tid) for s in streams for tid in s.tids}),
     }
     _warn_losses(args.trace)
     if args.json:

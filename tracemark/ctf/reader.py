@@ -440,7 +440,10 @@ def _read_packet(path: Path, p: _Packet) -> bytes:
 
 
 class Stream:
-    """One stream file: one thread (at one nesting level) of one process."""
+    """One stream file: one channel (a thread's, at one nesting level) of one process. A
+    channel is handed on when its thread ends, so a stream may hold the packets of several
+    threads in turn (each packet names its own: :attr:`tids`); ``tid`` and ``pid`` are its
+    first packet's."""
 
     def __init__(self, sub: SubTrace, path: Path) -> None:
         self.sub = sub
@@ -458,6 +461,11 @@ class Stream:
     def packets(self) -> int:
         """Number of packets in the file."""
         return len(self._packets)
+
+    @property
+    def tids(self) -> set[int]:
+        """The threads whose packets the stream holds."""
+        return {p.tid for p in self._packets}
 
     @property
     def discarded(self) -> int:
