@@ -968,7 +968,8 @@ def test_a_fork_while_another_thread_stops_a_recording_leaves_it_to_the_parent(t
     flushed, not written yet) must not finish that stop at its exit: it would write the
     parent's packets into the parent's files a second time."""
     m = tracemark.marker(f"{uniq}.m", i=int)
-    rec = tracemark.record(tmp_path, f"{uniq}.*", subbuffer_size=4096)
+    # Room for every event without the consumer (a loaded machine may starve it).
+    rec = tracemark.record(tmp_path, f"{uniq}.*", subbuffer_size=4096, subbuffers=16)
     for i in range(2000):
         m(i)
     parent = os.getpid()
