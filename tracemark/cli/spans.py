@@ -492,7 +492,7 @@ def _listed(report: Report, width: int | None, style: Style) -> list[str]:
 def _table(report: Report, style: Style) -> list[str]:
     rows: list[tuple[str, dict]] = []
     by = report.by
-    for name, entry in sorted(report.names.items(), key=lambda kv: -kv[1].all.count):
+    for name, entry in sorted(report.names.items(), key=lambda kv: (-kv[1].all.count, kv[0])):
         shown = printable(name)
         if by is None:
             rows.append((shown, entry.all.figures()))
