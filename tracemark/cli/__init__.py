@@ -1,6 +1,7 @@
 """The ``tracemark`` command: record a program's markers, then look at the trace.
 
-One module per subcommand: :mod:`.record`, :mod:`.view`, :mod:`.stats` and :mod:`.listing`
+One module per subcommand: :mod:`.record`, :mod:`.view`, :mod:`.stats`, :mod:`.spans` and
+:mod:`.listing`
 (not ``list``: a submodule is an attribute of this package, and would shadow the builtin
 here); :mod:`.filter` is the ``--filter`` language and :mod:`._common` what they share (exit
 codes, errors, colour, progress). Standard library only (argparse).
@@ -42,6 +43,7 @@ examples:
   tracemark record -- python app.py --port 8080   # record all markers of app.py
   tracemark view tracemark-traces/20260101-120000-app --filter 'len > 1500'
   tracemark stats tracemark-traces/20260101-120000-app -e 'net.*'
+  tracemark spans tracemark-traces/20260101-120000-app --by endpoint
   tracemark list src/                             # markers in the code, checked"""
 
 
@@ -177,12 +179,57 @@ exit codes: 0 ok, 2 usage or bad filter, 3 not a trace, 4 corrupt trace.""",
 examples:
   tracemark stats DIR
   tracemark stats DIR -e 'shop.order.*' --filter 'total > 50' --json
+  tracemark stats DIR -e 'db.*' --by table     # per table
 
 exit codes: 0 ok, 2 usage or bad filter, 3 not a trace, 4 corrupt trace.""",
     )
     _trace_args(stats)
     stats.add_argument("--filter", metavar="EXPR", help="count only events where EXPR is true")
+    stats.add_argument(
+        "--by",
+        metavar="FIELD",
+        help="figures per value of FIELD (markers without it are not grouped)",
+    )
     stats.add_argument("--json", action="store_true", help="one JSON document")
+
+    spans = sub.add_parser(
+        "spans",
+        help="the slowest spans, with what happened under each, and span durations",
+        description=(
+            "Pair NAME.begin/NAME.end (and probe .entry/.return) events into spans, per\n"
+            "thread and asyncio task. Show the slowest spans, each with the spans and\n"
+            "markers under it as a waterfall (offset from its start, duration, name and\n"
+            "fields, indented by depth), then per span name: count, unfinished, p50,\n"
+            "p99 and max duration. Listed are the outermost spans, or with --filter the\n"
+            "spans that pass it and are not inside one that does. A span left open is\n"
+            "closed at its thread's last event and marked unfinished; ends without a\n"
+            "begin are counted."
+        ),
+        epilog="""\
+a span filter sees:
+  name (the span's, e.g. db.query), pid tid thread task, timestamp (its start),
+  duration (ms, float), unfinished (bool), and its fields: those of its begin
+  event, plus those of its end event the begin has not (fields["x"] for a field
+  called like one of the names above). The language is view's (see its help).
+
+examples:
+  tracemark spans DIR                           # the slowest requests, and where
+  tracemark spans DIR --by endpoint --top 3
+  tracemark spans DIR --filter 'name == "db.query" and duration > 5'
+  tracemark spans DIR --json | jq '.slowest[0]'
+
+exit codes: 0 ok, 2 usage or bad filter, 3 not a trace, 4 corrupt trace (what
+was read before the damage is reported first).""",
+    )
+    _trace_args(spans)
+    spans.add_argument(
+        "--top", type=_positive, default=10, metavar="N", help="slowest spans listed (10)"
+    )
+    spans.add_argument(
+        "--by", metavar="FIELD", help="durations per value of FIELD of the spans (per name)"
+    )
+    spans.add_argument("--filter", metavar="EXPR", help="only spans where EXPR is true")
+    spans.add_argument("--json", action="store_true", help="one JSON document")
 
     rcv = sub.add_parser(
         "recover",
@@ -231,14 +278,17 @@ def _trace_args(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _predicate(trace: Any, args: argparse.Namespace) -> Callable[[Any], bool] | None:
+def _predicate(
+    trace: Any, args: argparse.Namespace, metadata: Sequence[str] | None = None
+) -> Callable[[Any], bool] | None:
+    """The compiled ``--filter`` (``metadata``: the names read as attributes, not fields)."""
     if not args.filter:
         return None
-    from .filter import FilterError, compile_filter
+    from .filter import METADATA, FilterError, compile_filter
 
     known = field_names(trace, args.events) if getattr(trace, "markers", None) else None
     try:
-        return compile_filter(args.filter, known)
+        return compile_filter(args.filter, known, metadata=metadata or METADATA)
     except FilterError as exc:
         raise CliError(
             f"bad --filter at column {exc.column + 1}: {exc.message}", EXIT_USAGE, exc.pointer()
@@ -270,7 +320,7 @@ def _stats(args: argparse.Namespace, out: IO[str]) -> int:
     trace = open_trace(args.trace)
     events = select(trace, args.events, _predicate(trace, args))
     progress = Progress("reading", total_events(trace))
-    collected = stats.collect(progress.wrap(events))
+    collected = stats.collect(progress.wrap(events), by=args.by)
     streams = list(getattr(trace, "streams", ()))
     start, end = next(guarded((trace.start, trace.end) for _ in (0,)))  # may decode, may fail
     info = {
@@ -283,9 +333,39 @@ def _stats(args: argparse.Namespace, out: IO[str]) -> int:
     }
     _warn_losses(args.trace)
     if args.json:
-        out.write(stats.render_json(collected, **info))
+        out.write(stats.render_json(collected, by=args.by, **info))
     else:
-        out.write(stats.render_text(collected, style=Style(wants_colour(out)), **info))
+        style = Style(wants_colour(out))
+        out.write(stats.render_text(collected, style=style, by=args.by, **info))
+    return 0
+
+
+def _spans(args: argparse.Namespace, out: IO[str]) -> int:
+    from . import spans
+
+    trace = open_trace(args.trace)
+    predicate = _predicate(trace, args, spans.FILTER_NAMES)
+    events = select(trace, args.events)
+    progress = Progress("reading", total_events(trace))
+    failed: list = []
+    report = spans.collect(
+        progress.wrap(events), top=args.top, by=args.by, predicate=predicate, on_error=failed
+    )
+    report.filter = args.filter
+    _warn_losses(args.trace)
+    complete = not failed
+    if args.json:
+        out.write(spans.render_json(report, path=args.trace, complete=complete))
+    else:
+        width = width_of(out) if out.isatty() else None
+        style = Style(wants_colour(out))
+        text = spans.render_text(
+            report, path=args.trace, width=width, style=style, complete=complete
+        )
+        out.write(text)
+    if failed:
+        out.flush()
+        raise failed[0]  # a CliError from reading: one line, exit code 4
     return 0
 
 
@@ -348,6 +428,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _view(args, out)
         if args.subcommand == "stats":
             return _stats(args, out)
+        if args.subcommand == "spans":
+            return _spans(args, out)
         if args.subcommand == "recover":
             return _recover(args, err)
         return _list(args, out, err)

@@ -146,11 +146,18 @@ def _column(expr: str, node: ast.AST) -> int:
     return len(expr.encode()[:offset].decode(errors="ignore"))
 
 
-def compile_filter(expr: str, known_fields: Iterable[str] | None = None) -> Callable[[Any], bool]:
+def compile_filter(
+    expr: str,
+    known_fields: Iterable[str] | None = None,
+    *,
+    metadata: Iterable[str] = METADATA,
+) -> Callable[[Any], bool]:
     """A predicate ``match(event) -> bool`` for the expression ``expr``.
 
     ``known_fields``: every field name of the selected markers; when given, other names are
-    an error. Raises :class:`FilterError` for anything not in the language.
+    an error. ``metadata``: the names read as attributes of what is matched rather than as
+    fields (``tracemark spans`` adds a span's ``duration``). Raises :class:`FilterError` for
+    anything not in the language.
     """
     if not expr.strip():
         raise FilterError("the filter expression is empty", expr, 0)
@@ -177,7 +184,7 @@ def compile_filter(expr: str, known_fields: Iterable[str] | None = None) -> Call
     if deep is not None:
         raise FilterError(too_deep, expr, lead + _column(text, deep))
     known = None if known_fields is None else frozenset(known_fields)
-    fn = _Compiler(expr, known, lead).build(tree.body)
+    fn = _Compiler(expr, known, lead, tuple(metadata)).build(tree.body)
 
     def match(event: Any) -> bool:
         try:
@@ -228,10 +235,13 @@ def _constant(node: ast.AST) -> Any:
 
 
 class _Compiler:
-    def __init__(self, expr: str, known: frozenset[str] | None, lead: int) -> None:
+    def __init__(
+        self, expr: str, known: frozenset[str] | None, lead: int, metadata: tuple[str, ...]
+    ) -> None:
         self.expr = expr  # as the user wrote it; the parsed text starts ``lead`` chars in
         self.known = known
         self.lead = lead
+        self.metadata = metadata
 
     def fail(self, node: ast.AST, message: str, after: ast.AST | None = None) -> FilterError:
         """The error for ``node``; with ``after``, for the token that follows that node
@@ -264,13 +274,13 @@ class _Compiler:
 
     def _Name(self, node: ast.Name) -> Callable[[Any], Any]:
         name = node.id
-        if name in METADATA:
+        if name in self.metadata:
             getter = operator.attrgetter(name)
             return getter
         if name in ("True", "False", "None"):  # pragma: no cover - parsed as constants
             raise self.fail(node, f"{name} is a constant")
         if self.known is not None and name not in self.known:
-            raise self.fail(node, _unknown(name, self.known))
+            raise self.fail(node, _unknown(name, self.known, self.metadata))
         return lambda ev: ev.fields.get(name, MISSING)
 
     def _Subscript(self, node: ast.Subscript) -> Callable[[Any], Any]:
@@ -284,7 +294,7 @@ class _Compiler:
             raise self.fail(node, 'only fields["NAME"] can be subscripted in a filter')
         name = key.value
         if self.known is not None and name not in self.known:
-            raise self.fail(key, _unknown(name, self.known))
+            raise self.fail(key, _unknown(name, self.known, self.metadata))
         return lambda ev: ev.fields.get(name, MISSING)
 
     def _BoolOp(self, node: ast.BoolOp) -> Callable[[Any], Any]:
@@ -413,11 +423,11 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
-def _unknown(name: str, known: frozenset[str]) -> str:
+def _unknown(name: str, known: frozenset[str], metadata: tuple[str, ...]) -> str:
     fields = ", ".join(sorted(known)) or "none"
     return (
         f"unknown name {name!r}: not a field of the selected markers ({fields}) "
-        f"nor one of {', '.join(METADATA)}"
+        f"nor one of {', '.join(metadata)}"
     )
 
 

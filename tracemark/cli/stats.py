@@ -19,6 +19,19 @@ Guarantees
   smallest and the largest non-empty one are shown even when empty, as bpftrace does. NaN is
   counted apart and left out of min / mean / max / percentiles.
 * The text fits 80 columns; ``--json`` gives the same figures as one JSON document.
+* ``--by FIELD`` gives each marker's figures per value of that field (per endpoint, per
+  table), the most frequent values first: at most :data:`SHOWN_GROUPS` in the text (the
+  others are counted in one line; ``--json`` lists them all), at most
+  :data:`._groups.GROUP_CAP` kept (the values beyond share one "other values" group, and
+  how many there were is said). A marker without that field is not grouped, and says so;
+  every event is counted in exactly one group::
+
+    shop.db.query  300 events, 243.2/s, by table: 2 groups
+      table=prices  200 events, 162.1/s
+        rows (int)  min 1  mean 1  max 1  p50 1  p99 1
+      table=users  100 events, 81.1/s
+        ...
+    net.rx  10 events, 8.1/s  (no field 'table': not grouped)
 """
 
 from __future__ import annotations
@@ -34,10 +47,12 @@ from typing import IO, Any
 
 from ..markers.fields import show_value
 from ._common import Style, human_duration, printable
+from ._groups import Groups
 
 __all__ = ["FieldStats", "MarkerStats", "collect", "histogram", "render_json", "render_text"]
 
 TOP = 5  # most frequent values shown per non-numeric field
+SHOWN_GROUPS = 20  # groups shown per marker with --by (--json has them all)
 BAR = 40  # histogram bar width, so a row fits 80 columns
 
 
@@ -105,6 +120,9 @@ class MarkerStats:
     fields: dict[str, FieldStats] = field(default_factory=dict)
     #: Field dicts not yet folded into ``fields``: a column at a time is much faster.
     pending: list = field(default_factory=list, repr=False)
+    #: With ``--by``: the figures per value of the field; ``ungrouped`` events lacked it.
+    groups: Groups[MarkerStats] | None = field(default=None, repr=False)
+    ungrouped: int = 0
 
     def fold(self) -> None:
         rows, self.pending = self.pending, []
@@ -129,8 +147,14 @@ class MarkerStats:
 _BATCH = 1 << 14
 
 
-def collect(events: Iterable[Any]) -> dict[str, MarkerStats]:
-    """Per marker name (in order of first appearance), the figures of ``events``."""
+def collect(events: Iterable[Any], by: str | None = None) -> dict[str, MarkerStats]:
+    """Per marker name (in order of first appearance), the figures of ``events``.
+
+    ``by``: also per value of that field (``MarkerStats.groups``, see :mod:`._groups`); the
+    marker's own ``fields`` then hold only the events without that field (``ungrouped``).
+    """
+    if by is not None:
+        return _collect_by(events, by)
     stats: dict[str, MarkerStats] = {}
     for ev in events:
         m = stats.get(ev.name)
@@ -145,6 +169,41 @@ def collect(events: Iterable[Any]) -> dict[str, MarkerStats]:
     for m in stats.values():
         m.fold()
     return stats
+
+
+def _collect_by(events: Iterable[Any], by: str) -> dict[str, MarkerStats]:
+    stats: dict[str, MarkerStats] = {}
+    for ev in events:
+        name, ts, fields = ev.name, ev.timestamp, ev.fields
+        m = stats.get(name)
+        if m is None:
+            m = stats[name] = MarkerStats(name, first=ts)
+            m.groups = Groups(lambda name=name: MarkerStats(name))
+        m.count += 1
+        m.last = ts
+        if by in fields:
+            m = m.groups.get(fields[by])  # type: ignore[union-attr]
+            if m.first is None:
+                m.first = ts
+            m.count += 1
+            m.last = ts
+        else:
+            m.ungrouped += 1
+        pending = m.pending
+        pending.append(fields)
+        if len(pending) >= _BATCH:
+            m.fold()
+    for m in stats.values():
+        m.fold()
+        for g in _all_groups(m):
+            g.fold()
+    return stats
+
+
+def _all_groups(m: MarkerStats) -> list[MarkerStats]:
+    if m.groups is None:
+        return []
+    return [*m.groups.groups.values(), *([m.groups.other] if m.groups.other else [])]
 
 
 def _percentile(values: list, p: float) -> Any:
@@ -266,8 +325,9 @@ def render_text(
     processes: int | None = None,
     threads: int | None = None,
     style: Style | None = None,
+    by: str | None = None,
 ) -> str:
-    """The report as text, 80 columns wide."""
+    """The report as text, 80 columns wide. ``by``: the field ``collect`` grouped by."""
     style = style or Style(False)
     total = sum(m.count for m in stats.values())
     duration = _duration(stats, start, end)
@@ -288,15 +348,62 @@ def render_text(
     if not stats:
         lines.append("  no events")
     for m in sorted(stats.values(), key=lambda m: (-m.count, m.name)):
-        rate = _rate(m.count, duration)
         lines.append("")
-        lines.append(
-            f"{style(printable(m.name), 'bold', 'cyan')}  {m.count:,} events"
-            + (f", {rate:,.1f}/s" if rate is not None else "")
-        )
+        head = f"{style(printable(m.name), 'bold', 'cyan')}  {_counted(m, duration)}"
+        if by is None:
+            lines.append(head)
+            for name, f in m.fields.items():
+                lines.extend(_field_lines(name, f, style))
+        else:
+            lines.extend(_grouped_lines(head, m, by, duration, style))
+    return "\n".join(lines) + "\n"
+
+
+def _counted(m: MarkerStats, duration: int | None) -> str:
+    rate = _rate(m.count, duration)
+    return f"{m.count:,} events" + (f", {rate:,.1f}/s" if rate is not None else "")
+
+
+def _grouped_lines(
+    head: str, m: MarkerStats, by: str, duration: int | None, style: Style
+) -> list[str]:
+    """A marker's figures per value of ``by``, the most frequent values first."""
+    groups = m.groups
+    kept = sorted(groups.groups.items(), key=lambda kv: -kv[1].count) if groups else []
+    other = groups.other if groups else None
+    shown_by = printable(by)
+    if not kept and other is None:
+        lines = [f"{head}  (no field {shown_by!r}: not grouped)"]
         for name, f in m.fields.items():
             lines.extend(_field_lines(name, f, style))
-    return "\n".join(lines) + "\n"
+        return lines
+    n = len(kept) + (groups.more if groups else 0)
+    lines = [f"{head}, by {shown_by}: {n:,}{'' if groups.more_exact else '+'} groups"]
+
+    def block(title: str, g: MarkerStats) -> None:
+        lines.append(f"  {style(title, 'bold')}  {_counted(g, duration)}")
+        for name, f in g.fields.items():
+            if name != by:  # the same value throughout the group
+                lines.extend("  " + line for line in _field_lines(name, f, style))
+
+    for value, g in kept[:SHOWN_GROUPS]:
+        block(f"{shown_by}={_shown(Groups.value_of(value))}", g)
+    rest = kept[SHOWN_GROUPS:]
+    if rest:
+        events = sum(g.count for _, g in rest)
+        lines.append(f"  ... {len(rest):,} more groups with {events:,} events (--json lists them)")
+    if other is not None:
+        block(f"other values ({groups.more_text()} beyond the first {groups.cap:,})", other)
+    if m.ungrouped:
+        lines.append(f"  {style(f'without {shown_by}', 'bold')}  {m.ungrouped:,} events")
+        for name, f in m.fields.items():
+            lines.extend("  " + line for line in _field_lines(name, f, style))
+    return lines
+
+
+def _shown(value: Any) -> str:
+    shown = printable(show_value(value))
+    return shown if len(shown) <= 40 else shown[:39] + "…"
 
 
 def _field_lines(name: str, f: FieldStats, style: Style) -> list[str]:
@@ -322,10 +429,7 @@ def _field_lines(name: str, f: FieldStats, style: Style) -> list[str]:
         shown_name = style(printable(name), "bold")
         lines.append(f"  {shown_name} ({'/'.join(kinds)})  {len(f.others):,} distinct")
         for value, count in f.others.most_common(TOP):
-            shown = printable(show_value(value))
-            if len(shown) > 40:
-                shown = shown[:39] + "…"
-            lines.append(f"    {shown:<40} {count:>12,}  {100 * count / n:5.1f}%")
+            lines.append(f"    {_shown(value):<40} {count:>12,}  {100 * count / n:5.1f}%")
     return lines
 
 
@@ -338,36 +442,15 @@ def render_json(
     discarded: int = 0,
     processes: int | None = None,
     threads: int | None = None,
+    by: str | None = None,
 ) -> str:
-    """The report as one JSON document."""
+    """The report as one JSON document (with ``by``: see :func:`_grouped_json`)."""
     duration = _duration(stats, start, end)
     markers = {}
     for m in stats.values():
-        fields: dict[str, Any] = {}
-        for name, f in m.fields.items():
-            entry: dict[str, Any] = {}
-            if _is_numeric(f):
-                values = f.numbers()
-                entry["type"] = "float" if f.floats or f.nan else "int"
-                entry["count"] = len(values) + f.nan
-                entry["nan"] = f.nan
-                if values:
-                    entry.update({k: _finite(v) for k, v in summary(values).items()})
-                entry["histogram"] = [{"bucket": b, "count": c} for b, c in histogram(values)]
-            if f.others:
-                entry["distinct"] = len(f.others)
-                entry["top"] = [
-                    {"value": _plain(v), "count": c} for v, c in f.others.most_common(TOP)
-                ]
-                entry.setdefault("type", "/".join(sorted({type(v).__name__ for v in f.others})))
-            fields[name] = entry
-        markers[m.name] = {
-            "count": m.count,
-            "rate": _rate(m.count, duration),
-            "first": m.first,
-            "last": m.last,
-            "fields": fields,
-        }
+        markers[m.name] = _marker_json(m, duration)
+        if by is not None:
+            markers[m.name].update(_grouped_json(m, by, duration))
     doc = {
         "trace": path,
         "start": start,
@@ -379,7 +462,59 @@ def render_json(
         "threads": threads,
         "markers": markers,
     }
+    if by is not None:
+        doc["by"] = by
     return json.dumps(doc, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
+
+
+def _marker_json(m: MarkerStats, duration: int | None, skip: str | None = None) -> dict:
+    fields: dict[str, Any] = {}
+    for name, f in m.fields.items():
+        if name == skip:
+            continue
+        entry: dict[str, Any] = {}
+        if _is_numeric(f):
+            values = f.numbers()
+            entry["type"] = "float" if f.floats or f.nan else "int"
+            entry["count"] = len(values) + f.nan
+            entry["nan"] = f.nan
+            if values:
+                entry.update({k: _finite(v) for k, v in summary(values).items()})
+            entry["histogram"] = [{"bucket": b, "count": c} for b, c in histogram(values)]
+        if f.others:
+            entry["distinct"] = len(f.others)
+            entry["top"] = [{"value": _plain(v), "count": c} for v, c in f.others.most_common(TOP)]
+            entry.setdefault("type", "/".join(sorted({type(v).__name__ for v in f.others})))
+        fields[name] = entry
+    return {
+        "count": m.count,
+        "rate": _rate(m.count, duration),
+        "first": m.first,
+        "last": m.last,
+        "fields": fields,
+    }
+
+
+def _grouped_json(m: MarkerStats, by: str, duration: int | None) -> dict:
+    """``grouped`` (false: no event had the field), ``groups`` (each with its ``value``, most
+    frequent first), ``other`` (the values beyond the cap together, with ``values`` and
+    ``values_exact``; null if none), ``ungrouped`` (events without the field, whose figures
+    are the marker's ``fields``)."""
+    groups = m.groups
+    kept = sorted(groups.groups.items(), key=lambda kv: -kv[1].count) if groups else []
+    other = None
+    if groups is not None and groups.other is not None:
+        other = _marker_json(groups.other, duration, skip=by)
+        other.update(values=groups.more, values_exact=groups.more_exact)
+    return {
+        "grouped": bool(kept) or other is not None,
+        "groups": [
+            {"value": _plain(Groups.value_of(v)), **_marker_json(g, duration, skip=by)}
+            for v, g in kept
+        ],
+        "other": other,
+        "ungrouped": m.ungrouped,
+    }
 
 
 def _finite(v: Any) -> Any:
