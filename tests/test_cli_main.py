@@ -79,8 +79,8 @@ def make_trace(events, *, discarded=0, fail_after=None):
     return SimpleNamespace(
         events=stream,
         streams=[
-            SimpleNamespace(pid=1, tid=1, events=len(events)),
-            SimpleNamespace(pid=2, tid=5, events=0),
+            SimpleNamespace(pid=1, tid=1, tids={1}, events=len(events)),
+            SimpleNamespace(pid=2, tid=5, tids={5}, events=0),
         ],
         discarded=discarded,
         markers={"net.rx": (("len", "int"), ("dev", "str")), "net.tx": (("n", "int"),)},
