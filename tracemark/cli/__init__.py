@@ -1,9 +1,9 @@
 """The ``tracemark`` command: record a program's markers, then look at the trace.
 
-One module per subcommand: :mod:`.record`, :mod:`.view`, :mod:`.stats` and :mod:`.listing`
-(not ``list``: a submodule is an attribute of this package, and would shadow the builtin
-here); :mod:`.filter` is the ``--filter`` language and :mod:`._common` what they share (exit
-codes, errors, colour, progress). Standard library only (argparse).
+One module per subcommand: :mod:`.record`, :mod:`.view`, :mod:`.stats`, :mod:`.export` and
+:mod:`.listing` (not ``list``: a submodule is an attribute of this package, and would shadow
+the builtin here); :mod:`.filter` is the ``--filter`` language and :mod:`._common` what they
+share (exit codes, errors, colour, progress). Standard library only (argparse).
 
 Guarantees: every user error is one line on stderr (``tracemark view: error: ...``) and a
 documented exit code (``tracemark --help``), never a traceback; a broken pipe
@@ -42,6 +42,7 @@ examples:
   tracemark record -- python app.py --port 8080   # record all markers of app.py
   tracemark view tracemark-traces/20260101-120000-app --filter 'len > 1500'
   tracemark stats tracemark-traces/20260101-120000-app -e 'net.*'
+  tracemark export tracemark-traces/20260101-120000-app --format perfetto
   tracemark list src/                             # markers in the code, checked"""
 
 
@@ -183,6 +184,10 @@ exit codes: 0 ok, 2 usage or bad filter, 3 not a trace, 4 corrupt trace.""",
     _trace_args(stats)
     stats.add_argument("--filter", metavar="EXPR", help="count only events where EXPR is true")
     stats.add_argument("--json", action="store_true", help="one JSON document")
+
+    from .export import add_parser as add_export
+
+    add_export(sub)
 
     rcv = sub.add_parser(
         "recover",
@@ -350,6 +355,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _stats(args, out)
         if args.subcommand == "recover":
             return _recover(args, err)
+        if args.subcommand == "export":
+            from .export import run as export
+
+            return export(args, err)
         return _list(args, out, err)
     except CliError as exc:
         err.write(f"{exc.prog or prog}: error: {printable(exc.message)}\n")
