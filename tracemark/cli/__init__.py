@@ -95,6 +95,7 @@ examples:
   tracemark record -- python app.py ARGS
   tracemark record -o out/trace -e 'net.*' -e 'db.*' app.py ARGS
   tracemark record --mode overwrite --buffer 4M -m mypackage.server --port 80
+  tracemark record --export perfetto -o out/trace app.py   # also out/trace.pftrace
 
 exit code: the program's own (128+N if killed by signal N); 127 if it cannot be
 started; 2 for a usage error; 5 if --probe is given but probes are unavailable.""",
@@ -131,6 +132,17 @@ started; 2 for a usage error; 5 if --probe is given but probes are unavailable."
     )
     rec.add_argument(
         "--top", type=_positive, default=10, metavar="N", help="markers in the summary (10)"
+    )
+    rec.add_argument(
+        "--export",
+        choices=("chrome", "perfetto"),
+        help="at the end, also write the trace as Chrome JSON or a Perfetto trace "
+        "(see tracemark export)",
+    )
+    rec.add_argument(
+        "--export-output",
+        metavar="FILE",
+        help="the file --export writes (default: DIR.json or DIR.pftrace, beside DIR)",
     )
     rec.add_argument("-m", dest="module", metavar="MODULE", help="run library module as a script")
     rec.add_argument(
