@@ -17,7 +17,7 @@ from pathlib import Path
 
 from .harness import measure, table
 
-SUITES = ["markers", "patching", "recorder", "probes", "cli", "codeown"]
+SUITES = ["markers", "patching", "recorder", "probes", "cli", "codeown", "export"]
 RESULTS = Path(__file__).with_name("RESULTS.md")
 _HEADER = """# Benchmark results
 

@@ -60,6 +60,8 @@ from .walker import Track, end_args
 __all__ = ["PerfettoWriter"]
 
 _SEQUENCE = 1
+#: Encoded annotations kept for reuse, at most (a few MiB).
+_CACHE_LIMIT = 1 << 16
 _MASK64 = (1 << 64) - 1
 _INT64 = 1 << 63
 
@@ -171,8 +173,9 @@ class PerfettoWriter:
         self._write = out.write
         # (track uid, event name) -> the start of its TrackEvent (type, track, name).
         self._heads: dict[tuple[int, str, int], bytes] = {}
-        # event name -> DebugAnnotation.name prefixes, per field name.
+        # field name -> its DebugAnnotation.name, encoded.
         self._keys: dict[str, bytes] = {}
+        self._cache: dict[tuple, bytes] = {}
 
     def _packet(self, ts: int | None, body: bytes) -> None:
         packet = (_T_TS + _timestamp(ts) if ts is not None else b"") + _T_SEQ + body
@@ -204,21 +207,39 @@ class PerfettoWriter:
         return head
 
     def _annotations(self, fields: dict[str, Any]) -> bytes:
-        keys = self._keys
+        # Whole DebugAnnotation fields cached per (name, value) for str and int values
+        # (paths, table names, status codes repeat): one dict look-up instead of encoding.
+        # Keyed by type too, since 1 == 1.0 == True. Cleared when large: memory bounded.
+        cache = self._cache
         parts = []
         for k, v in fields.items():
-            prefix = keys.get(k)
-            if prefix is None:
-                prefix = keys[k] = _len(10, _text(k))
-            a = prefix + _annotation_value(v)
-            parts.append(_T_ANNOTATION + _uvarint(len(a)) + a)
+            t = type(v)
+            if t is str or t is int:
+                key = (k, t, v)
+                a = cache.get(key)
+                if a is None:
+                    if len(cache) >= _CACHE_LIMIT:
+                        cache.clear()
+                    a = cache[key] = self._annotation(k, v)
+            else:
+                a = self._annotation(k, v)
+            parts.append(a)
         return b"".join(parts)
+
+    def _annotation(self, k: str, v: Any) -> bytes:
+        prefix = self._keys.get(k)
+        if prefix is None:
+            prefix = self._keys[k] = _len(10, _text(k))
+        a = prefix + _annotation_value(v)
+        return _T_ANNOTATION + _uvarint(len(a)) + a
 
     def _event(self, ts: int, head: bytes, fields: dict[str, Any] | None) -> None:
         te = head + self._annotations(fields) if fields else head
-        body = _T_TRACK_EVENT + _uvarint(len(te)) + te
+        n = len(te)
+        body = _T_TRACK_EVENT + (_V14[n] if n < 16384 else varint(n)) + te
         packet = _T_TS + _timestamp(ts) + _T_SEQ + body
-        self._write(_T_PACKET + _uvarint(len(packet)) + packet)
+        n = len(packet)
+        self._write(_T_PACKET + (_V14[n] if n < 16384 else varint(n)) + packet)
 
     def begin(self, track: Track, ts: int, name: str, fields: dict[str, Any]) -> None:
         self._event(ts, self._head(track, TYPE_SLICE_BEGIN, name), fields)
