@@ -95,7 +95,7 @@ examples:
   tracemark record -- python app.py ARGS
   tracemark record -o out/trace -e 'net.*' -e 'db.*' app.py ARGS
   tracemark record --mode overwrite --buffer 4M -m mypackage.server --port 80
-  tracemark record --export perfetto -o out/trace app.py   # also out/trace.pftrace
+  tracemark record --export perfetto -o out/trace app.py  # + out/trace.pftrace
 
 exit code: the program's own (128+N if killed by signal N); 127 if it cannot be
 started; 2 for a usage error; 5 if --probe is given but probes are unavailable.""",

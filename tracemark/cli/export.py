@@ -44,8 +44,8 @@ what goes in:
   field as a counter track of its process.
 
 examples:
-  tracemark export DIR --format perfetto -o app.pftrace   # open in ui.perfetto.dev
-  tracemark export DIR --format chrome -o app.json.gz     # chrome://tracing, speedscope
+  tracemark export DIR -f perfetto -o app.pftrace  # ui.perfetto.dev
+  tracemark export DIR -f chrome -o app.json.gz    # chrome://tracing
   tracemark export DIR --format chrome --counter net.rx.len
 
 exit codes: 0 ok, 2 usage error, 3 not a trace, 4 corrupt trace (what could be
