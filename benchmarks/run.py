@@ -26,6 +26,7 @@ SUITES = [
     "codeown",
     "index",
     "spans",
+    "export",
 ]
 RESULTS = Path(__file__).with_name("RESULTS.md")
 _HEADER = """# Benchmark results

@@ -31,7 +31,7 @@ def tracemark_cmd(*args, cwd=None, env=None):
     )
 
 
-@pytest.mark.parametrize("sub", [[], ["record"], ["view"], ["stats"], ["list"]])
+@pytest.mark.parametrize("sub", [[], ["record"], ["view"], ["stats"], ["list"], ["export"]])
 def test_help_shows_an_example_and_fits_80_columns(sub):
     proc = tracemark_cmd(*sub, "--help", env={"COLUMNS": "200"})
     assert proc.returncode == 0

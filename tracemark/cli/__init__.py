@@ -1,10 +1,10 @@
 """The ``tracemark`` command: record a program's markers, then look at the trace.
 
-One module per subcommand: :mod:`.record`, :mod:`.view`, :mod:`.stats`, :mod:`.spans` and
-:mod:`.listing`
-(not ``list``: a submodule is an attribute of this package, and would shadow the builtin
-here); :mod:`.filter` is the ``--filter`` language and :mod:`._common` what they share (exit
-codes, errors, colour, progress). Standard library only (argparse).
+One module per subcommand: :mod:`.record`, :mod:`.view`, :mod:`.stats`, :mod:`.spans`,
+:mod:`.export` and :mod:`.listing` (not ``list``: a submodule is an attribute of this
+package, and would shadow the builtin here); :mod:`.filter` is the ``--filter`` language and
+:mod:`._common` what they share (exit codes, errors, colour, progress). Standard library
+only (argparse).
 
 Guarantees: every user error is one line on stderr (``tracemark view: error: ...``) and a
 documented exit code (``tracemark --help``), never a traceback; a broken pipe
@@ -44,6 +44,7 @@ examples:
   tracemark view tracemark-traces/20260101-120000-app --filter 'len > 1500'
   tracemark stats tracemark-traces/20260101-120000-app -e 'net.*'
   tracemark spans tracemark-traces/20260101-120000-app --by endpoint
+  tracemark export tracemark-traces/20260101-120000-app --format perfetto
   tracemark list src/                             # markers in the code, checked"""
 
 
@@ -96,6 +97,7 @@ examples:
   tracemark record -- python app.py ARGS
   tracemark record -o out/trace -e 'net.*' -e 'db.*' app.py ARGS
   tracemark record --mode overwrite --buffer 4M -m mypackage.server --port 80
+  tracemark record --export perfetto -o out/trace app.py  # + out/trace.pftrace
 
 exit code: the program's own (128+N if killed by signal N); 127 if it cannot be
 started; 2 for a usage error; 5 if --probe is given but probes are unavailable.""",
@@ -132,6 +134,17 @@ started; 2 for a usage error; 5 if --probe is given but probes are unavailable."
     )
     rec.add_argument(
         "--top", type=_positive, default=10, metavar="N", help="markers in the summary (10)"
+    )
+    rec.add_argument(
+        "--export",
+        choices=("chrome", "perfetto"),
+        help="at the end, also write the trace as Chrome JSON or a Perfetto trace "
+        "(see tracemark export)",
+    )
+    rec.add_argument(
+        "--export-output",
+        metavar="FILE",
+        help="the file --export writes (default: DIR.json or DIR.pftrace, beside DIR)",
     )
     rec.add_argument("-m", dest="module", metavar="MODULE", help="run library module as a script")
     rec.add_argument(
@@ -230,6 +243,9 @@ was read before the damage is reported first).""",
     )
     spans.add_argument("--filter", metavar="EXPR", help="only spans where EXPR is true")
     spans.add_argument("--json", action="store_true", help="one JSON document")
+    from .export import add_parser as add_export
+
+    add_export(sub)
 
     rcv = sub.add_parser(
         "recover",
@@ -432,6 +448,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _spans(args, out)
         if args.subcommand == "recover":
             return _recover(args, err)
+        if args.subcommand == "export":
+            from .export import run as export
+
+            return export(args, err)
         return _list(args, out, err)
     except CliError as exc:
         err.write(f"{exc.prog or prog}: error: {printable(exc.message)}\n")

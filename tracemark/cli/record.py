@@ -80,7 +80,18 @@ def parse_size(text: str) -> int:
 
 
 # record's options that take a value: what follows them is not the program yet.
-_WITH_VALUE = {"-o", "--output", "-e", "--events", "--probe", "--mode", "--buffer", "--top"}
+_WITH_VALUE = {
+    "-o",
+    "--output",
+    "-e",
+    "--events",
+    "--probe",
+    "--mode",
+    "--buffer",
+    "--top",
+    "--export",
+    "--export-output",
+}
 
 
 def split_argv(argv: Sequence[str]) -> tuple[list[str], list[str]]:
@@ -214,6 +225,13 @@ def run(args: Any, err: IO[str], style: Style) -> int:
         summarize(trace_dir, err, style, top=args.top, elapsed=elapsed, code=code)
     except CliError as exc:  # the program ran: its exit code matters more than ours
         err.write(f"tracemark record: {printable(exc.message)}\n")
+    if getattr(args, "export", None):  # after recovery: the recovered events are exported too
+        from .export import run_export
+
+        try:
+            run_export(str(trace_dir), args.export, args.export_output, [], err, "tracemark record")
+        except CliError as exc:  # likewise: reported, the program's exit code kept
+            err.write(f"tracemark record: export: {printable(exc.message)}\n")
     return code
 
 

@@ -1,0 +1,167 @@
+"""``tracemark export DIR --format chrome|perfetto [-o FILE] [--counter NAME.FIELD]``: the
+trace as a file timeline viewers load (:mod:`tracemark.export`).
+
+Guarantees
+----------
+* Errors are one line and an exit code (``tracemark --help``), never a traceback: a bad
+  ``--counter`` (unknown marker or field, or a field that is not a number) is a usage error
+  (2) before anything is written; a missing trace is 3; a file that cannot be written is 2.
+* **A damaged trace exports what reads, and says what did not**: the file is written with
+  every event that could be read, then one line per part that could not (file and byte
+  offset) goes to stderr, and the exit code is 4 (corrupt), so a script notices.
+* What the file cannot show is said too: events discarded or lost while recording (the
+  same warnings as ``view`` and ``stats``), spans closed unfinished, ends without a begin,
+  counter values left out (not a finite number).
+* Progress on stderr when it is a terminal; a one-line summary at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import IO, Any
+
+from ..export import FORMATS, CounterSpec, default_output, export
+from ._common import (
+    EXIT_CORRUPT,
+    EXIT_USAGE,
+    CliError,
+    Progress,
+    human_size,
+    open_trace,
+    printable,
+    total_events,
+)
+
+__all__ = ["add_parser", "run", "run_export"]
+
+EPILOG = """\
+what goes in:
+  NAME.begin/NAME.end and probe P.entry/P.return pairs become slices NAME on
+  their thread's track (an unfinished one: closed at the thread's last event,
+  marked "(unfinished)" and unfinished=true); other markers become instant
+  events with their fields as args; --counter NAME.FIELD draws that numeric
+  field as a counter track of its process.
+
+examples:
+  tracemark export DIR -f perfetto -o app.pftrace  # ui.perfetto.dev
+  tracemark export DIR -f chrome -o app.json.gz    # chrome://tracing
+  tracemark export DIR --format chrome --counter net.rx.len
+
+exit codes: 0 ok, 2 usage error, 3 not a trace, 4 corrupt trace (what could be
+read is exported; the rest is listed on stderr)."""
+
+
+def add_parser(sub: Any) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "export",
+        help="write a trace as Chrome JSON or a Perfetto trace, for timeline viewers",
+        description=(
+            "Write the trace as a timeline: Chrome Trace Event JSON (chrome://tracing,\n"
+            "Perfetto UI, speedscope; gzip-compressed when FILE ends in .gz) or Perfetto's\n"
+            "protobuf format (Perfetto UI). Streams: memory does not grow with the trace."
+        ),
+        epilog=EPILOG,
+    )
+    p.add_argument("trace", metavar="DIR", help="a trace directory written by tracemark record")
+    p.add_argument("--format", "-f", required=True, choices=FORMATS, help="the file format")
+    p.add_argument(
+        "-o",
+        "--output",
+        metavar="FILE",
+        help="the file to write (default: DIR.json or DIR.pftrace, beside DIR)",
+    )
+    p.add_argument(
+        "--counter",
+        metavar="NAME.FIELD",
+        action="append",
+        default=[],
+        help="draw the numeric field FIELD of marker NAME as a counter (repeatable)",
+    )
+    return p
+
+
+def _counters(trace: Any, texts: list[str]) -> list[CounterSpec]:
+    specs = []
+    markers = getattr(trace, "markers", {})
+    for text in texts:
+        try:
+            spec = CounterSpec.parse(text)
+        except ValueError as exc:
+            raise CliError(f"--counter {exc}", EXIT_USAGE) from None
+        fields = markers.get(spec.marker)
+        if fields is None:
+            raise CliError(
+                f"--counter {printable(text)}: the trace has no marker {printable(spec.marker)}",
+                EXIT_USAGE,
+            )
+        types = dict(fields)
+        if spec.field not in types:
+            have = ", ".join(types) or "none"
+            raise CliError(
+                f"--counter {printable(text)}: marker {printable(spec.marker)} has no field "
+                f"{printable(spec.field)} (its fields: {printable(have)})",
+                EXIT_USAGE,
+            )
+        if types[spec.field] not in ("int", "float"):
+            raise CliError(
+                f"--counter {printable(text)}: field {printable(spec.field)} is "
+                f"{types[spec.field]}, not a number",
+                EXIT_USAGE,
+            )
+        specs.append(spec)
+    return specs
+
+
+def run_export(
+    trace_dir: str, fmt: str, output: str | None, counters: list[str], err: IO[str], prog: str
+) -> int:
+    """Export, say what happened on ``err``; the exit code."""
+    trace = open_trace(trace_dir)  # a missing or unreadable trace: one line, exit 3 or 4
+    specs = _counters(trace, counters)
+    out = Path(output) if output else default_output(trace_dir, fmt)
+    progress = Progress("exporting", total_events(trace), stream=err)
+    try:
+        result = export(trace_dir, out, fmt, counters=specs, wrap=progress.wrap)
+    except OSError as exc:
+        raise CliError(f"{printable(str(out))}: cannot write: {exc.strerror or exc}") from None
+    size = out.stat().st_size
+    err.write(
+        f"{prog}: wrote {printable(str(out))} ({human_size(size)}): {result.events:,} events, "
+        f"{result.slices:,} slices, {result.instants:,} instants"
+        + (f", {result.counters:,} counter values" if specs else "")
+        + "\n"
+    )
+    if result.unfinished:
+        err.write(
+            f"{prog}: {result.unfinished:,} span(s) never ended (exception, thread or process "
+            "ended): closed at their thread's last event, marked unfinished\n"
+        )
+    if result.unmatched:
+        err.write(
+            f"{prog}: {result.unmatched:,} end(s) without a begin: shown as instants "
+            "'NAME.end (end without begin)'\n"
+        )
+    for name, n in result.skipped_values.items():
+        err.write(
+            f"{prog}: --counter {printable(name)}: {n:,} value(s) not a finite number, left out\n"
+        )
+    discarded = trace.discarded
+    if discarded:
+        err.write(
+            f"{prog}: WARNING: {discarded:,} events were discarded while recording (buffers full)\n"
+        )
+    from ._losses import loss_warnings
+
+    for line in loss_warnings(trace_dir):
+        err.write(f"{prog}: {line}\n")
+    if result.errors:
+        for line in result.errors:
+            err.write(f"{prog}: not exported: corrupt trace: {printable(line)}\n")
+        err.write(f"{prog}: the trace is damaged: everything that could be read was exported\n")
+        return EXIT_CORRUPT
+    return 0
+
+
+def run(args: argparse.Namespace, err: IO[str]) -> int:
+    return run_export(args.trace, args.format, args.output, args.counter, err, "tracemark export")
