@@ -181,7 +181,9 @@ def _first_run_ms(objects: int, runs: int = 3, **env: str) -> float:
     (folder / "bench_stall_mod.py").write_text(_STALL_MODULE)
     (folder / "prog.py").write_text(_STALL_PROGRAM)
     clean = {k: v for k, v in os.environ.items() if not k.startswith("TRACEMARK_")}
-    clean.update(PYTHONPATH=str(folder), **env)
+    # The tracemark being measured, not whichever one the interpreter would find on its own.
+    root = Path(tracemark.__file__).resolve().parents[1]
+    clean.update(PYTHONPATH=os.pathsep.join([str(folder), str(root)]), **env)
     cmd = [sys.executable, str(folder / "prog.py"), str(objects)]
     return min(
         float(subprocess.run(cmd, env=clean, capture_output=True, text=True, check=True).stdout)

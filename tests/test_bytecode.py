@@ -144,6 +144,26 @@ def test_jump_writer_sizes():
         bytecode._jump_units(10, 8)
 
 
+@pytest.mark.parametrize(
+    "op", [bytecode.POP_JUMP_IF_FALSE, bytecode.JUMP_FORWARD, bytecode.JUMP_BACKWARD_NO_INTERRUPT]
+)
+def test_jumps_land_on_their_target_across_the_one_byte_limit(op):
+    # A forward jump 256 units away needs a prefix, after which it is 255 away: the writer
+    # must settle on one size (it once alternated forever), and the jump must land.
+    back = op == bytecode.JUMP_BACKWARD_NO_INTERRUPT
+    for units in range(250, 262):
+        at, target = (2 * 600, 2 * (600 - units)) if back else (0, 2 * units)
+        raw = bytecode._pack(bytecode._jump(op, at, target))
+        arg, k = 0, 0
+        while raw[k] == bytecode.EXTENDED_ARG:
+            arg, k = arg << 8 | raw[k + 1], k + 2
+        assert raw[k] == op
+        arg = arg << 8 | raw[k + 1]
+        after = at + k + 2 + 2 * bytecode._caches(op)
+        assert after == at + len(raw)
+        assert (after - 2 * arg if back else after + 2 * arg) == target, units
+
+
 def test_exception_table_matches_dis(mod):
     import dis
 

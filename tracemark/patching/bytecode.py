@@ -374,17 +374,21 @@ def _units(op: int, arg: int) -> list[tuple[int, int]]:
 def _jump(op: int, at: int, target: int) -> list[tuple[int, int]]:
     """A relative jump at ``at`` to ``target``: forward, or backward for
     JUMP_BACKWARD_NO_INTERRUPT (3.11-3.13: the argument counts units from the end of the
-    instruction's caches)."""
-    arg = 0
+    instruction's caches).
+
+    The size only grows: a forward jump whose prefix brings its target within one byte
+    (256 units away without it, 255 with it) keeps the prefix, as ``EXTENDED_ARG 0``, rather
+    than alternating between the two sizes forever."""
+    size = len(_units(op, 0))
     while True:
-        units = _units(op, arg)
-        after = at + 2 * len(units)
+        after = at + 2 * size
         delta = (after - target if op == JUMP_BACKWARD_NO_INTERRUPT else target - after) // 2
         if delta < 0:
             raise VerifyError(f"no room for a jump from {at} to {target}")
-        if len(_units(op, delta)) == len(units):
-            return _units(op, delta)
-        arg = delta
+        units = _units(op, delta)
+        if len(units) <= size:
+            return [(EXTENDED_ARG, 0)] * (size - len(units)) + units
+        size = len(units)
 
 
 def _pack(units: Iterable[tuple[int, int]]) -> bytes:
