@@ -582,63 +582,11 @@ class Stream:
     def iter_events(self, packets: list[_Packet] | None = None) -> Iterator[Event]:
         """This stream's events in order, read one packet at a time (or those of
         ``packets``, a part of this stream's packet list)."""
-        if packets is None:
-            packets = self._packets
-        path = self.path
-        sub = self.sub
-        decoders = sub.decoders
-        offset_ns = sub.meta.offset_ns
-        scale = sub.meta.freq
-        unpack_header = _EVENT_HEADER.unpack_from
-        header_size = _EVENT_HEADER.size
-        last = 0
-        for p in packets:
+        for p in self._packets if packets is None else packets:
             # One open file per packet read, not per stream: a trace of thousands of streams
             # is merged without thousands of open files (a packet is ~256 KiB: the open is
             # noise next to decoding it).
-            data = _read_packet(path, p)
-            if len(data) < p.content_end:
-                raise TraceError(path, p.offset, "stream file shrank while being read")
-            pos = p.start
-            end = p.content_end
-            pid, tid, thread = p.pid, p.tid, p.thread
-            n = 0
-            last = max(last, p.ts_begin)
-            while pos < end:
-                at = pos
-                try:
-                    event_id, ts = unpack_header(data, pos)
-                    pos += header_size
-                    if pos > end:
-                        raise ValueError
-                    name, decode = decoders[event_id]
-                    fields, pos = decode(data, pos, end)
-                except KeyError:
-                    raise TraceError(
-                        path, p.offset + at, f"event id {event_id} is not in the metadata"
-                    ) from None
-                except (struct.error, ValueError, IndexError):
-                    raise TraceError(
-                        path, p.offset + at, "event runs past the packet content or is damaged"
-                    ) from None
-                if ts < last or ts > p.ts_end:
-                    raise TraceError(
-                        path,
-                        p.offset + at + 4,
-                        "event timestamp goes backwards or past the packet's timestamp_end",
-                    )
-                last = ts
-                n += 1
-                if scale != 1_000_000_000:
-                    ts = ts * 1_000_000_000 // scale
-                yield _new_event(Event, (ts + offset_ns, name, fields, pid, tid, thread))
-            if n != p.count:
-                raise TraceError(
-                    path,
-                    p.offset + W.OFF_COUNT,
-                    f"packet holds {n} events, its context says {p.count}",
-                )
-            last = max(last, p.ts_end)
+            yield from self._decode_matching(p, _read_packet(self.path, p), None)
 
     def iter_matching(
         self,
@@ -670,9 +618,12 @@ class Stream:
                 data = _read_packet(self.path, p)
             yield from self._decode_matching(p, data, wanted)
 
-    def _decode_matching(self, p: _Packet, data: bytes, wanted: frozenset[int]) -> Iterator[Event]:
-        """The wanted events of packet ``p`` (its bytes ``data``); :meth:`iter_events`'s
-        checks, in its order, with the others walked over by their checkers."""
+    def _decode_matching(
+        self, p: _Packet, data: bytes, wanted: frozenset[int] | None
+    ) -> Iterator[Event]:
+        """The events of packet ``p`` (its bytes ``data``) whose id is in ``wanted`` (all
+        when it is None), every event checked; the others are walked over by their
+        checkers, never decoded."""
         path = self.path
         sub = self.sub
         decoders = sub.decoders
@@ -688,7 +639,7 @@ class Stream:
         pid, tid, thread = p.pid, p.tid, p.thread
         n = 0
         # Stream._index checked each packet begins at or after the previous one's end, so
-        # what iter_events carries over from earlier packets is never above ts_begin.
+        # a timestamp of an earlier packet is never above this one's ts_begin.
         last = p.ts_begin
         while pos < end:
             at = pos
@@ -698,7 +649,7 @@ class Stream:
                 pos += header_size
                 if pos > end:
                     raise ValueError
-                if event_id in wanted:
+                if wanted is None or event_id in wanted:
                     name, decode = decoders[event_id]
                     fields, pos = decode(data, pos, end)
                     shown = True
