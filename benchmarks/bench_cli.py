@@ -13,14 +13,14 @@ from __future__ import annotations
 import os
 import platform
 import shutil
-import subprocess
 import sys
 import tempfile
 import textwrap
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from .harness import make_trace, time_command
+
 EVENTS = int(os.environ.get("TRACEMARK_BENCH_EVENTS", 1_000_000))
 REPEAT = 3
 TITLE = f"CLI: reading a {EVENTS:,}-event trace (1 thread, fields int, str, float)"
@@ -74,37 +74,12 @@ _READ_ONLY = (
 )
 
 
-def _env() -> dict[str, str]:
-    path = os.environ.get("PYTHONPATH")
-    return {**os.environ, "PYTHONPATH": str(ROOT) + (os.pathsep + path if path else "")}
-
-
-def _time(argv: list[str]) -> float:
-    t0 = time.perf_counter()
-    subprocess.run(
-        argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env(), check=True
-    )
-    return time.perf_counter() - t0
-
-
 def _best(cases: dict[str, list[str]]) -> dict[str, float]:
     best = dict.fromkeys(cases, float("inf"))
     for _ in range(REPEAT):
         for name, argv in cases.items():
-            best[name] = min(best[name], _time(argv))
+            best[name] = min(best[name], time_command(argv))
     return best
-
-
-def _make(script: str, trace: str) -> tuple[int, int]:
-    made = subprocess.run(
-        [sys.executable, "-c", script, trace, str(EVENTS)],
-        capture_output=True,
-        text=True,
-        env=_env(),
-        check=True,
-    )
-    recorded, lost = map(int, made.stdout.split())
-    return recorded, lost
 
 
 def _table(
@@ -133,7 +108,7 @@ def report() -> str:
     tm = [sys.executable, "-m", "tracemark"]
     with tempfile.TemporaryDirectory() as tmp:
         trace = str(Path(tmp, "trace"))
-        recorded, lost = _make(_MAKE_TRACE, trace)
+        recorded, lost = make_trace(_MAKE_TRACE, trace, EVENTS)
         cases = {
             BASELINE: ["babeltrace2", trace],
             "tracemark stats DIR": [*tm, "stats", trace],
@@ -152,7 +127,7 @@ def report() -> str:
         lines = _table(TITLE, BASELINE, _best(cases), recorded, lost)
     with tempfile.TemporaryDirectory() as tmp:
         trace = str(Path(tmp, "trace"))
-        recorded, lost = _make(_MAKE_SPANS, trace)
+        recorded, lost = make_trace(_MAKE_SPANS, trace, EVENTS)
         cases = {
             SPANS_BASELINE: [*tm, "stats", trace],
             "tracemark stats --by endpoint DIR": [*tm, "stats", "--by", "endpoint", trace],

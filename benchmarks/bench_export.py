@@ -23,7 +23,8 @@ import textwrap
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from .harness import child_env, make_trace, time_command
+
 EVENTS = int(os.environ.get("TRACEMARK_BENCH_EXPORT_EVENTS", 5_000_000))
 SMALL = EVENTS // 5
 REPEAT = 3
@@ -57,48 +58,23 @@ _PEAK = (
 )
 
 
-def _env() -> dict[str, str]:
-    path = os.environ.get("PYTHONPATH")
-    return {**os.environ, "PYTHONPATH": str(ROOT) + (os.pathsep + path if path else "")}
-
-
-def _time(argv: list[str]) -> float:
-    t0 = time.perf_counter()
-    subprocess.run(
-        argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env(), check=True
-    )
-    return time.perf_counter() - t0
-
-
 def _peak_kib(argv: list[str]) -> int:
     out = subprocess.run(
         [sys.executable, "-c", _PEAK, *argv],
         capture_output=True,
         text=True,
-        env=_env(),
+        env=child_env(),
         check=True,
     )
     return int(out.stdout.split()[-1])
-
-
-def _make(trace: str, n: int) -> tuple[int, int]:
-    made = subprocess.run(
-        [sys.executable, "-c", _MAKE_TRACE, trace, str(n)],
-        capture_output=True,
-        text=True,
-        env=_env(),
-        check=True,
-    )
-    recorded, lost = map(int, made.stdout.split())
-    return recorded, lost
 
 
 def report() -> str:
     tm = [sys.executable, "-m", "tracemark"]
     with tempfile.TemporaryDirectory() as tmp:
         big, small = str(Path(tmp, "big")), str(Path(tmp, "small"))
-        recorded, lost = _make(big, EVENTS)
-        small_recorded, _ = _make(small, SMALL)
+        recorded, lost = make_trace(_MAKE_TRACE, big, EVENTS)
+        small_recorded, _ = make_trace(_MAKE_TRACE, small, SMALL)
         out = str(Path(tmp, "out"))
         cases = {
             BASELINE: ["babeltrace2", big],
@@ -135,7 +111,7 @@ def report() -> str:
         best = dict.fromkeys(cases, float("inf"))
         for _ in range(REPEAT):
             for name, argv in cases.items():
-                best[name] = min(best[name], _time(argv))
+                best[name] = min(best[name], time_command(argv))
         sizes = {
             "tracemark export --format perfetto": Path(out + ".pftrace").stat().st_size,
             "tracemark export --format chrome": Path(out + ".json").stat().st_size,

@@ -25,7 +25,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from .harness import ROOT, child_env, make_trace
+
 EVENTS = int(os.environ.get("TRACEMARK_BENCH_EVENTS", 5_000_000))
 VARIABLE_EVENTS = 1_000_000
 REPEAT = 3
@@ -62,23 +63,6 @@ _MAKE_VARIABLE = textwrap.dedent(
     print(s.recorded, s.discarded + s.lost)
     """
 )
-
-
-def _env() -> dict[str, str]:
-    path = os.environ.get("PYTHONPATH")
-    return {**os.environ, "PYTHONPATH": str(ROOT) + (os.pathsep + path if path else "")}
-
-
-def _make(script: str, trace: str, n: int) -> tuple[int, int]:
-    made = subprocess.run(
-        [sys.executable, "-c", script, trace, str(n)],
-        capture_output=True,
-        text=True,
-        env=_env(),
-        check=True,
-    )
-    recorded, lost = map(int, made.stdout.split())
-    return recorded, lost
 
 
 def _drop_index(trace: str) -> None:
@@ -130,7 +114,7 @@ def _cases(trace: str) -> dict[str, Callable[[], object]]:
         subprocess.run(
             [sys.executable, "-m", "tracemark", "view", "-e", NAME, trace],
             stdout=subprocess.DEVNULL,
-            env=_env(),
+            env=child_env(),
             check=True,
         )
 
@@ -161,7 +145,7 @@ def report() -> str:
 
     with tempfile.TemporaryDirectory() as tmp:
         trace = str(Path(tmp, "trace"))
-        recorded, lost = _make(_MAKE_TRACE, trace, EVENTS)
+        recorded, lost = make_trace(_MAKE_TRACE, trace, EVENTS)
         opened = read_trace(trace)
         packets = sum(s.packets for s in opened.streams)
         out = io.StringIO()
@@ -179,7 +163,7 @@ def report() -> str:
         index_bytes = sum(f.stat().st_size for f in Path(trace).rglob(".index/*"))
 
         variable = str(Path(tmp, "variable"))
-        v_recorded, _ = _make(_MAKE_VARIABLE, variable, VARIABLE_EVENTS)
+        v_recorded, _ = make_trace(_MAKE_VARIABLE, variable, VARIABLE_EVENTS)
         v_best = float("inf")
         for _ in range(REPEAT):
             _drop_index(variable)

@@ -8,10 +8,13 @@ of the statement alone.
 
 from __future__ import annotations
 
+import os
 import platform
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 
 @dataclass
@@ -72,3 +75,38 @@ def table(title: str, cases: list[Case], results: dict[str, float], baseline: st
         ns = results[c.name]
         lines.append(f"| {c.name} | {ns:.1f} | {ns / ref:.2f}x | {c.note} |")
     return "\n".join(lines) + "\n"
+
+
+# --- suites that time whole commands in child processes --------------------------------------
+
+#: The repository's root: children import this checkout's tracemark, whatever is installed.
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def child_env() -> dict[str, str]:
+    """The environment of a child process: this checkout first on ``PYTHONPATH``."""
+    path = os.environ.get("PYTHONPATH")
+    return {**os.environ, "PYTHONPATH": str(ROOT) + (os.pathsep + path if path else "")}
+
+
+def time_command(argv: list[str]) -> float:
+    """Wall-clock seconds of one run of ``argv`` (its output discarded; a failure raises)."""
+    t0 = time.perf_counter()
+    subprocess.run(
+        argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=child_env(), check=True
+    )
+    return time.perf_counter() - t0
+
+
+def make_trace(script: str, trace: str, n: int) -> tuple[int, int]:
+    """Run ``script`` (Python source) with arguments ``trace n``; it records a trace there
+    and prints how many events it recorded and how many it lost."""
+    made = subprocess.run(
+        [sys.executable, "-c", script, trace, str(n)],
+        capture_output=True,
+        text=True,
+        env=child_env(),
+        check=True,
+    )
+    recorded, lost = map(int, made.stdout.split())
+    return recorded, lost
