@@ -45,7 +45,7 @@ const FLAGS = [
     require("fs").writeFileSync(exportPath, text);
     if (screenshotPath) {
       await page.waitForTimeout(500); // let the WebGL flame chart paint
-      await page.screenshot({ path: screenshotPath });
+      await page.screenshot({ path: screenshotPath, clip: { x: 0, y: 0, width: 1400, height: 320 } });
     }
     if (errors.length) throw new Error(errors.join("\n"));
   } finally {
