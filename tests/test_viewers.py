@@ -1,4 +1,5 @@
-"""Exports checked in real viewers (issue 11): speedscope running in headless Chromium.
+"""Exports checked in real viewers (issue 11): speedscope in headless Chromium, and
+Chromium's own trace engine (the DevTools Performance panel's model).
 
 A small threaded server is recorded, exported as Chrome JSON, and loaded the way a user
 loads it: speedscope's published static build, served from a localhost ``http.server``
@@ -7,7 +8,9 @@ driven by Playwright (``tests/viewers/speedscope.cjs``). What speedscope *parsed
 back through its own "Export" (speedscope's file format: per thread, every frame's open
 and close), and checked against what the program did, as the reader reads it: the threads,
 the number of slices on each, their names and fields, their nesting and their durations to
-the nanosecond.
+the nanosecond. The same JSON is parsed by the trace engine of the DevTools frontend bundled
+in Chromium (``models/trace/trace.js``, imported in a ``devtools://`` page:
+``tests/viewers/devtools.cjs``), and the tracks and tree it builds are checked the same way.
 
 The viewers are not Python packages: ``make system-deps`` installs them (``apt-get install
 chromium``; speedscope and playwright-core, pinned, with npm into ``.viewers/``). Where they
@@ -38,6 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 MODULES = ROOT / ".viewers" / "node_modules"
 SPEEDSCOPE = MODULES / "speedscope" / "dist" / "release"
 DRIVER = ROOT / "tests" / "viewers" / "speedscope.cjs"
+DEVTOOLS = ROOT / "tests" / "viewers" / "devtools.cjs"
 
 
 def _missing() -> str | None:
@@ -119,6 +123,19 @@ def program_slices(trace: Path) -> dict[int, list[tuple[str, int, int, int, dict
     return {tid: sorted(v, key=lambda s: (s[1], s[3])) for tid, v in out.items()}
 
 
+def node(argv: list[str], profile_dir: Path) -> None:
+    """Run a driver of tests/viewers with node, Chromium on a fresh profile; fail with its
+    stderr."""
+    env = {
+        **os.environ,
+        "CHROMIUM": _chromium(),
+        "USER_DATA_DIR": str(profile_dir),
+        "NODE_PATH": str(MODULES),
+    }
+    done = subprocess.run(["node", *argv], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, f"{Path(argv[0]).name} in Chromium failed:\n{done.stderr}"
+
+
 class _Quiet(http.server.SimpleHTTPRequestHandler):
     def log_message(self, *args):  # the test's output is not an access log
         pass
@@ -141,15 +158,8 @@ def open_in_speedscope(site: Path, screenshot: Path | None = None) -> dict:
             out = site / "exported.speedscope.json"
             profile_dir = site / "chromium-profile"
             profile_dir.mkdir()
-            env = {
-                **os.environ,
-                "CHROMIUM": _chromium(),
-                "USER_DATA_DIR": str(profile_dir),
-                "NODE_PATH": str(MODULES),
-            }
-            argv = ["node", str(DRIVER), url, str(out)] + ([str(screenshot)] if screenshot else [])
-            done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120)
-            assert done.returncode == 0, f"speedscope in Chromium failed:\n{done.stderr}"
+            argv = [str(DRIVER), url, str(out)] + ([str(screenshot)] if screenshot else [])
+            node(argv, profile_dir)
             return json.loads(out.read_text())
         finally:
             httpd.shutdown()
@@ -218,3 +228,34 @@ def test_speedscope_shows_each_thread_s_requests_and_queries(server_trace, tmp_p
         for s in got:
             if s[0] == "db":
                 assert s[2] - s[1] >= (1000 if s[4]["table"] == "users" else 500)  # slept
+
+
+def test_chromium_trace_engine_builds_each_thread_s_tree(server_trace, tmp_path):
+    trace_json = tmp_path / "trace.json"
+    export(server_trace, trace_json, "chrome")
+    start = json.loads(trace_json.read_text())["otherData"]["start_ns"]
+    want = program_slices(server_trace)
+    out = tmp_path / "devtools.json"
+    (tmp_path / "chromium-profile").mkdir()
+    node([str(DEVTOOLS), str(trace_json), str(out)], tmp_path / "chromium-profile")
+
+    processes = json.loads(out.read_text())
+    assert len(processes) == 1  # the server: one process
+    threads = {t["tid"]: t for t in processes[0]["threads"]}
+    assert set(threads) == set(want)
+    for tid, slices in want.items():
+        thread = threads[tid]
+        w = int(thread["name"].removeprefix("worker-"))  # threads carry their names
+        n = 2 + w
+        # The track's entries: the spans (the engine keeps instants off thread tracks).
+        assert [e["ph"] for e in thread["entries"]] == ["X"] * (n + n + n // 2)
+        # The tree the panel draws: every slice once, in time order, nested as recorded;
+        # the engine's times are microseconds from the JSON's ts: exact to the ns.
+        tree = thread["tree"]
+        assert [(e["name"], e["depth"]) for e in tree] == [(s[0], s[3]) for s in slices]
+        assert [start + round(e["ts"] * 1000) for e in tree] == [s[1] for s in slices]
+        assert [round(e["dur"] * 1000) for e in tree] == [s[2] - s[1] for s in slices]
+        assert [e["args"] for e in tree] == [s[4] for s in slices]
+        assert [e["args"]["path"] for e in tree if e["name"] == "req"] == [
+            f"/w{w}/{i}" for i in range(n)
+        ]
