@@ -53,9 +53,30 @@ bench:
 	@$(call venv_for,$(PYTHON)); \
 	$$venv/bin/python -m benchmarks.run --write
 
-# Tools the tests use that are not Python packages: babeltrace2 reads our CTF traces.
+# Tools the tests use that are not Python packages: babeltrace2 reads our CTF traces; the
+# viewer checks (tests/test_viewers.py) open exports in speedscope in Debian's Chromium,
+# driven by Playwright (1.61: the last that runs on Debian 12's node 18); those two npm
+# packages, pinned, go into .viewers/ (ignored by git).
+# Each step runs only when its tool is missing. Without root or apt-get, babeltrace2 is an
+# error (its tests cannot be skipped) and the viewer tests skip, saying what is missing.
+SYSTEM_PACKAGES = babeltrace2:babeltrace2 chromium:chromium node:nodejs npm:npm
+VIEWER_NPM      = speedscope@1.25.0 playwright-core@1.61.1
+
 system-deps:
-	@command -v babeltrace2 >/dev/null 2>&1 || { \
+	@missing=; for p in $(SYSTEM_PACKAGES); do \
+	  command -v $${p%%:*} >/dev/null 2>&1 || missing="$$missing $${p#*:}"; done; \
+	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq babeltrace2) >&2; \
-	  else echo "babeltrace2 is needed by the tests: apt-get install babeltrace2" >&2; exit 1; fi; }
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing \
+	      >/dev/null) >&2 || exit 1; \
+	  elif ! command -v babeltrace2 >/dev/null 2>&1; then \
+	    echo "babeltrace2 is needed by the tests: apt-get install babeltrace2" >&2; exit 1; \
+	  else echo "viewer tests will skip: apt-get install$$missing" >&2; fi; \
+	fi; \
+	if command -v npm >/dev/null 2>&1; then \
+	  for pkg in $(VIEWER_NPM); do \
+	    v=$$(node -p "require('./.viewers/node_modules/$${pkg%@*}/package.json').version" 2>/dev/null); \
+	    [ "$$v" = "$${pkg##*@}" ] || { npm install --prefix .viewers --no-audit --no-fund \
+	      --no-save --loglevel=error $(VIEWER_NPM) >/dev/null || exit 1; break; }; \
+	  done; \
+	fi
