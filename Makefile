@@ -20,7 +20,7 @@ $$venv/bin/python -m pip install -q --disable-pip-version-check -e '.[$(EXTRAS)]
 endef
 
 # The demo: record the bundled shop (4 worker threads and an invoice-printer child process,
-# about 4,000 events), then show what the trace holds and its first events.
+# about 5,700 events), then show what the trace holds, its first events and its slowest order.
 DEMO_TRACE ?= tracemark-traces/demo
 
 demo:
@@ -33,6 +33,8 @@ demo:
 	$$venv/bin/tracemark stats $(DEMO_TRACE) || exit $$?; \
 	echo; echo "\$$ tracemark view $(DEMO_TRACE) --limit 12"; \
 	$$venv/bin/tracemark view $(DEMO_TRACE) --limit 12 || exit $$?; \
+	echo; echo "\$$ tracemark spans $(DEMO_TRACE) --top 1"; \
+	$$venv/bin/tracemark spans $(DEMO_TRACE) --top 1 || exit $$?; \
 	echo; echo "\$$ tracemark view $(DEMO_TRACE) --filter 'name == \"shop.payment\" and ok == \"no\"' --limit 5"; \
 	$$venv/bin/tracemark view $(DEMO_TRACE) --filter 'name == "shop.payment" and ok == "no"' --limit 5
 

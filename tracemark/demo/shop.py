@@ -30,6 +30,9 @@ cache_miss = tracemark.marker("shop.cache.miss", "sku=%s")
 db_query = tracemark.marker("shop.db.query", table=str, rows=int, ms=float)
 payment = tracemark.marker("shop.payment", "order=%d amount=%.2f ok=%s")
 invoice_printed = tracemark.marker("shop.invoice.printed", order=int, lines=int, bytes=int)
+# Spans: begin/end marker pairs (tracemark spans, tracemark export show them as time).
+order_span = tracemark.span("shop.order", order=int, customer=str)
+db_span = tracemark.span("shop.db", table=str)
 
 CUSTOMERS = ["ada", "grace", "linus", "barbara", "ken", "margaret", "dennis", "guido"]
 SKUS = [f"sku-{n:03d}" for n in range(40)]
@@ -60,10 +63,12 @@ class Database:
         self.rng = rng
 
     def lookup_price(self, sku: str) -> float:
+        db_span.begin("prices")
         start = time.perf_counter()
         time.sleep(self.rng.uniform(0.0002, 0.001))
         price = round(3 + int(sku[4:]) * 2.25, 2)
         db_query("prices", 1, (time.perf_counter() - start) * 1e3)
+        db_span.end()
         return price
 
 
@@ -101,23 +106,38 @@ def worker(
     name = threading.current_thread().name
     while (order := orders.get()) is not None:
         order_id, customer, skus = order
-        order_received(order_id, len(skus), customer)
-        prices = [(sku, cache.price(sku)) for sku in skus]
-        total = sum(price for _, price in prices)
-        for attempt in range(1, 4):
-            try:
-                charge(order_id, total, rng)
-            except PaymentDeclined as exc:
-                tracemark.mark("shop.payment.retry", "order=%d attempt=%d", order_id, attempt)
-                reason = str(exc)
-                continue
-            order_done(order_id, total, name)
-            results.append(total)
-            if invoices is not None:
-                invoices.put((order_id, customer, prices))
-            break
-        else:
-            order_failed(order_id, reason)
+        with order_span(order_id, customer):
+            process(order_id, customer, skus, cache, rng, name, results, invoices)
+
+
+def process(
+    order_id: int,
+    customer: str,
+    skus: list[str],
+    cache: PriceCache,
+    rng: random.Random,
+    name: str,
+    results: list,
+    invoices: multiprocessing.Queue | None,
+) -> None:
+    """One order: price its items, charge the customer (up to 3 attempts), invoice it."""
+    order_received(order_id, len(skus), customer)
+    prices = [(sku, cache.price(sku)) for sku in skus]
+    total = sum(price for _, price in prices)
+    for attempt in range(1, 4):
+        try:
+            charge(order_id, total, rng)
+        except PaymentDeclined as exc:
+            tracemark.mark("shop.payment.retry", "order=%d attempt=%d", order_id, attempt)
+            reason = str(exc)
+            continue
+        order_done(order_id, total, name)
+        results.append(total)
+        if invoices is not None:
+            invoices.put((order_id, customer, prices))
+        break
+    else:
+        order_failed(order_id, reason)
 
 
 def run(orders: int = 300, workers: int = 4, seed: int = 1, invoices: bool = True) -> float:
