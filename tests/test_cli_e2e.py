@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 import tracemark
+from tracemark.ctf import read_trace
 
 ROOT = Path(tracemark.__file__).resolve().parents[1]
 
@@ -289,6 +290,9 @@ def test_the_demo_records_its_threads_and_its_invoice_printer(tmp_path):
     assert len(parent) == 1 and len(child) == 1 and parent != child
     workers = {e["thread"] for e in events if e["name"] == "shop.order.received"}
     assert workers <= {f"worker-{i}" for i in range(4)} and len(workers) > 1
+    # The process is named after the module `-m` ran (argv[0] is still "-m" at start-up).
+    names = {sub.pid: sub.env["procname"] for sub in read_trace(tmp_path / "t").subtraces}
+    assert names[parent.pop()] == "tracemark.demo"
 
 
 def test_a_python_without_tracemark_installed_is_recorded_too(tmp_path):

@@ -210,7 +210,7 @@ def test_chrome_slices_match_what_the_threaded_server_did(server, tmp_path):
     named = {(e["pid"], e["tid"]) for e in doc["traceEvents"] if e["name"] == "thread_name"}
     assert {(e["pid"], e["tid"]) for e in doc["traceEvents"] if e["ph"] in "Xi"} <= named
     procs = [e for e in doc["traceEvents"] if e["name"] == "process_name"]
-    assert [p["args"]["name"] for p in procs] == ["-c"]
+    assert [p["args"]["name"] for p in procs] == ["python"]  # python -c: no script name
 
 
 def test_chrome_gz_round_trip(server, tmp_path):
@@ -304,7 +304,7 @@ def test_perfetto_decodes_with_the_published_schema_and_matches(server, tmp_path
                 assert (f"{w[0]} (unfinished)", w[2], {}) in instants[uuid]
         reqs = [s for s in got if s[0] == "req" and not s[4].get("unfinished")]
         assert all(s[4]["path"].startswith("/w") and s[4]["status"] >= 200 for s in reqs)
-    assert [p.process.process_name for _, p in processes.values()] == ["-c"]
+    assert [p.process.process_name for _, p in processes.values()] == ["python"]
     stray = [i for v in instants.values() for i in v if i[0] == "db.end (end without begin)"]
     assert len(stray) == 1 and stray[0][2] == {"rows": 7, "unmatched": True}
     logs = [i for v in instants.values() for i in v if i[0] == "log.line"]

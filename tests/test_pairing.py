@@ -131,3 +131,29 @@ def test_well_nested_programs_pair_exactly(program):
     left = sum(len(s) for s in stacks.values())
     assert p.unfinished == left and p.unmatched == 0
     assert sum(isinstance(i, Begin) for i in items) == sum(isinstance(i, End) for i in items)
+
+
+def test_a_begin_without_a_declared_partner_is_an_instant():
+    """An entry probe without a return probe, or a .begin marker whose .end the trace does not
+    declare, are not spans that never end; an exception leaving a probed call (%raise) ends
+    its entry span."""
+    declared = {"f.entry", "g.entry", "g.return", "g.raise", "x.begin", "h.raise"}
+    items, p = pair_declared(
+        [
+            Ev(1, "f.entry"),
+            Ev(2, "x.begin"),
+            Ev(3, "g.entry"),
+            Ev(5, "g.raise"),
+            Ev(6, "h.raise"),
+        ],
+        declared,
+    )
+    kinds = [type(i).__name__ for i in items]
+    assert kinds == ["Instant", "Instant", "Begin", "End", "Instant"]
+    assert items[3].duration == 2 and not items[3].unfinished
+    assert p.unfinished == p.unmatched == 0
+
+
+def pair_declared(events, declared):
+    p = Pairing(declared)
+    return list(p.pair(events)), p

@@ -1,8 +1,8 @@
 """Pairing begin and end events into spans, streaming.
 
 A *span* is a pair of markers, ``NAME.begin`` and ``NAME.end`` (what :func:`tracemark.span`
-declares, the kernel's entry/exit tracepoint pairs); a dynamic probe's ``P.entry`` and
-``P.return`` events pair the same way. Everything else is an instant.
+declares, the kernel's entry/exit tracepoint pairs); a dynamic probe's ``P.entry`` pairs
+the same way with ``P.return`` or ``P.raise``. Everything else is an instant.
 
 :class:`Pairing` is fed a trace's events in timestamp order (``read_trace(...).events()``)
 and gives back, for each, a :class:`Begin`, an :class:`End` or an :class:`Instant`; an end
@@ -23,28 +23,40 @@ Guarantees
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Container, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = ["Begin", "End", "Instant", "Pairing", "span_kind", "track_of"]
 
-#: Event name suffix -> (kind, the suffix of its partner).
+#: Event name suffix -> (kind, the suffixes of its partners). A probe's call ends by a
+#: return or by an exception leaving it (``%raise``).
 _SUFFIXES = {
-    ".begin": ("begin", ".end"),
-    ".end": ("end", ".begin"),
-    ".entry": ("begin", ".return"),
-    ".return": ("end", ".entry"),
+    ".begin": ("begin", (".end",)),
+    ".end": ("end", (".begin",)),
+    ".entry": ("begin", (".return", ".raise")),
+    ".return": ("end", (".entry",)),
+    ".raise": ("end", (".entry",)),
 }
 
 
-def span_kind(name: str) -> tuple[str, str] | None:
-    """``("begin"|"end", span name)`` for an event of a span, else None."""
+def span_kind(name: str, declared: Container[str] | None = None) -> tuple[str, str] | None:
+    """``("begin"|"end", span name)`` for an event of a span, else None.
+
+    With ``declared`` (the event names the trace declares), an event is part of a span only
+    if a partner of it is declared too: an entry probe without a return probe, a
+    ``.begin`` marker without its ``.end``, or a ``%raise`` probe on its own are instants,
+    not spans that never end."""
     dot = name.rfind(".")
     if dot <= 0:
         return None
     found = _SUFFIXES.get(name[dot:])
-    return (found[0], name[:dot]) if found else None
+    if found is None:
+        return None
+    span = name[:dot]
+    if declared is not None and not any(span + p in declared for p in found[1]):
+        return None
+    return found[0], span
 
 
 def track_of(ev: Any) -> tuple:
@@ -93,9 +105,14 @@ class _Track:
 
 
 class Pairing:
-    """Pair the begin and end events of spans, per track. Feed events in timestamp order."""
+    """Pair the begin and end events of spans, per track. Feed events in timestamp order.
 
-    def __init__(self) -> None:
+    ``declared``: the event names the trace declares (see :func:`span_kind`); without it
+    every ``.begin``/``.entry`` event opens a span."""
+
+    def __init__(self, declared: Container[str] | None = None) -> None:
+        self.declared = declared
+        self._kinds: dict[str, tuple[str, str] | None] = {}
         self._tracks: dict[tuple, _Track] = {}
         #: Ends without a begin, and spans closed unfinished.
         self.unmatched = 0
@@ -107,7 +124,12 @@ class Pairing:
         if track is None:
             track = self._tracks[key] = _Track()
         track.last = ev.timestamp
-        kind = span_kind(ev.name)
+        kinds = self._kinds
+        name = ev.name
+        if name in kinds:
+            kind = kinds[name]
+        else:
+            kind = kinds[name] = span_kind(name, self.declared)
         stack = track.open
         if kind is None:
             yield Instant(ev, len(stack))

@@ -365,7 +365,12 @@ def _spans(args: argparse.Namespace, out: IO[str]) -> int:
     progress = Progress("reading", total_events(trace))
     failed: list = []
     report = spans.collect(
-        progress.wrap(events), top=args.top, by=args.by, predicate=predicate, on_error=failed
+        progress.wrap(events),
+        top=args.top,
+        by=args.by,
+        predicate=predicate,
+        on_error=failed,
+        declared=set(getattr(trace, "markers", ())) or None,
     )
     report.filter = args.filter
     _warn_losses(args.trace)

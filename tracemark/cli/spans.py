@@ -77,7 +77,7 @@ import heapq
 import json
 from array import array
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Container, Iterable
 from dataclasses import dataclass, field
 from typing import IO, Any
 
@@ -254,14 +254,17 @@ def collect(
     by: str | None = None,
     predicate: Callable[[Any], bool] | None = None,
     on_error: list | None = None,
+    declared: Container[str] | None = None,
 ) -> Report:
     """Pair ``events`` (in timestamp order) into spans and gather the report.
 
     ``predicate`` sees a span as described in the module docstring. If reading ``events``
     raises a :class:`CliError` (a damaged trace) and ``on_error`` is a list, the spans still
     open are closed unfinished, the error is appended to it and the report returned.
+    ``declared``: the trace's event names (a begin without a declared partner is not a span:
+    see :func:`tracemark.analysis.pairing.span_kind`).
     """
-    pairing = Pairing()
+    pairing = Pairing(declared)
     tracks: dict[tuple, _Track] = {}
     names: dict[str, NameEntry] = {}
     heap: list[tuple[int, int, Node]] = []  # (duration, -seq, node): the smallest goes first

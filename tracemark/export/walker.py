@@ -273,7 +273,8 @@ def walk(
         result.unfinished += 1
         result.slices += 1
 
-    pairing = Pairing()
+    declared = {name for sub in subs for name, _ in sub.meta.events.values()} if subs else None
+    pairing = Pairing(declared)
     feed = pairing.feed
     kinds: dict[str, Any] = {}
     instant = sink.instant
@@ -283,7 +284,7 @@ def walk(
         name = ev.name
         kind = kinds.get(name)
         if kind is None:
-            kind = kinds[name] = (span_kind(name) or ("instant", name), wanted.get(name))
+            kind = kinds[name] = (span_kind(name, declared) or ("instant", name), wanted.get(name))
         key = track_of(ev)
         track = threads.get(key)
         if track is None:

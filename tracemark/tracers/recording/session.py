@@ -192,7 +192,7 @@ class Recording:
             "domain": "ust",
             "tracer_name": "tracemark",
             "hostname": socket.gethostname(),
-            "procname": Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "python",
+            "procname": _procname(),
             "vpid": self.pid,
             "python": sys.version.split()[0],
         }
@@ -660,6 +660,18 @@ class Recording:
             faults.report("record-fork", str(self.path), f"recording stopped in child: {exc}")
             for conn in self._connections:
                 registry.disconnect(conn)
+
+
+def _procname() -> str:
+    """What the program is called: its script's name, or the module of ``python -m``
+    (whose ``sys.argv[0]`` is still ``-m`` while the interpreter starts it up)."""
+    argv0 = sys.argv[0] if sys.argv else ""
+    if argv0 in ("-m", "-c", ""):
+        orig = getattr(sys, "orig_argv", [])
+        if argv0 == "-m" and "-m" in orig[:-1]:
+            return orig[orig.index("-m") + 1]
+        return "python"
+    return Path(argv0).name
 
 
 def record(
