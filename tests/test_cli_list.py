@@ -227,3 +227,55 @@ def test_files_that_cannot_be_read_safely_are_skipped_and_the_command_goes_on(tm
     assert "src/neg.py:1:1: error: skipped: nested too deeply to check" in errors
     assert "src/deep.py:1:1: error: skipped: nested too deeply to check" in errors
     assert errors[-1].endswith("; 5 errors")
+
+
+SPANS = {
+    "sp/__init__.py": "",
+    "sp/decl.py": """\
+        import tracemark
+        from tracemark import span as mkspan
+
+        q = tracemark.span("db.query", table=str)
+        r = mkspan("req", "path=%s")
+        tracemark.span("bad name")
+        """,
+    "sp/use.py": """\
+        from .decl import q, r
+
+        def handler(path):
+            r.begin(path)
+            with q("users"):
+                pass
+            q.begin("a", "b")
+            q.end(1)
+            with q(rows=1):
+                pass
+            r.end()
+        """,
+}
+
+
+def test_spans_declare_two_markers_and_their_call_sites_are_checked(tmp_path, monkeypatch):
+    monkeypatch.chdir(write(tmp_path, SPANS))
+    result = scan(["sp"])
+    markers = result.markers
+    assert {n for n in markers if n.startswith(("db.", "req"))} == {
+        "db.query.begin",
+        "db.query.end",
+        "req.begin",
+        "req.end",
+    }
+    assert [str(f) for f in markers["db.query.begin"].fields] == ["table: str"]
+    assert markers["db.query.end"].fields == () and markers["req.end"].sites == 1
+    assert markers["db.query.begin"].sites == 3  # with q(...) twice, q.begin once
+    assert markers["db.query.end"].sites == 3  # with q(...) twice, q.end once
+    problems = [str(p) for p in result.problems]
+    expected = [
+        "sp/decl.py:6:1: error: span 'bad name': invalid marker name",
+        "sp/use.py:7:5: error: db.query.begin(table) takes 1 value, called with 2 positional",
+        "sp/use.py:8:5: error: db.query.end() takes 0 values, called with 1 positional",
+        "sp/use.py:9:12: error: db.query.begin(table) has no field 'rows'",
+    ]
+    assert len(problems) == len(expected), "\n".join(problems)
+    for got, want in zip(problems, expected, strict=True):
+        assert got.startswith(want), (got, want)

@@ -10,6 +10,9 @@ What is recognised (``tm`` standing for any name ``tracemark`` is imported as):
 * declarations ``X = tm.marker("name", "fmt")``, ``X = tm.marker("name", a=int, ...)`` and
   the same with ``marker`` imported from tracemark;
 * inline markers ``tm.mark("name", "fmt", values...)`` (a declaration and a call at once);
+* spans ``Q = tm.span("name", ...)`` (fields as for a marker): the markers ``name.begin``
+  (those fields) and ``name.end`` (none), with call sites ``Q.begin(...)``, ``Q.end()`` and
+  ``Q(...)`` (``with Q(...):``, the begin's fields);
 * call sites ``X(...)`` of a declared marker bound to a module-level name ``X``: in its own
   module (unless a function scope rebinds ``X``), through ``from mod import X`` (relative
   imports too) and as ``mod.X(...)`` after ``import mod``, when ``mod`` is among the files
@@ -111,7 +114,17 @@ class _Module:
     tm_modules: set[str] = field(default_factory=set)  # names bound to the tracemark module
     marker_funcs: set[str] = field(default_factory=set)  # names bound to tracemark.marker
     mark_funcs: set[str] = field(default_factory=set)  # names bound to tracemark.mark
-    bindings: dict[str, Declaration] = field(default_factory=dict)  # module-level X = marker()
+    span_funcs: set[str] = field(default_factory=set)  # names bound to tracemark.span
+    #: Module-level ``X = marker()`` (a Declaration) and ``Q = span()`` (a _Span).
+    bindings: dict[str, Declaration | _Span] = field(default_factory=dict)
+
+
+@dataclass
+class _Span:
+    """A span bound to a name: its two markers."""
+
+    begin: Declaration
+    end: Declaration
 
 
 # -- finding files ------------------------------------------------------------------------
@@ -203,7 +216,7 @@ class _Reader:
         self.scan = scan
         self.modules: dict[str, _Module] = {}
         #: Every declaration by the id of its call node, for names bound inside functions.
-        self.by_call: dict[int, Declaration] = {}
+        self.by_call: dict[int, Declaration | _Span] = {}
 
     def problem(self, mod: _Module, node: ast.AST, message: str) -> None:
         self.scan.problems.append(
@@ -257,6 +270,8 @@ class _Reader:
                         mod.marker_funcs.add(alias.asname or "marker")
                     elif alias.name == "mark":
                         mod.mark_funcs.add(alias.asname or "mark")
+                    elif alias.name == "span":
+                        mod.span_funcs.add(alias.asname or "span")
 
     def _is(self, mod: _Module, func: ast.AST, attr: str, names: set[str]) -> bool:
         if isinstance(func, ast.Name):
@@ -290,11 +305,13 @@ class _Reader:
             if isinstance(node, ast.Call) and id(node) not in top:
                 self._declaration(mod, node)  # declared without a module-level name
 
-    def _declaration(self, mod: _Module, call: ast.Call) -> Declaration | None:
-        if not self._is(mod, call.func, "marker", mod.marker_funcs):
+    def _declaration(self, mod: _Module, call: ast.Call) -> Declaration | _Span | None:
+        is_span = self._is(mod, call.func, "span", mod.span_funcs)
+        if not is_span and not self._is(mod, call.func, "marker", mod.marker_funcs):
             return None
+        what = "span" if is_span else "marker"
         if not call.args or any(isinstance(a, ast.Starred) for a in call.args):
-            self.problem(mod, call, "marker() needs the marker name as its first argument")
+            self.problem(mod, call, f"{what}() needs the {what} name as its first argument")
             return None
         name = _literal_str(call.args[0])
         if not isinstance(name, str):
@@ -305,7 +322,7 @@ class _Reader:
             check_name(name)
             if len(call.args) > 2:
                 raise ValueError(
-                    f"marker() takes the name and one format, not {len(call.args)} "
+                    f"{what}() takes the name and one format, not {len(call.args)} "
                     "positional arguments"
                 )
             if fmt is not None and call.keywords:
@@ -326,14 +343,24 @@ class _Reader:
                         types[k.arg] = Ellipsis  # type: ignore[index]
                 fields = None if Ellipsis in types.values() else fields_from_types(types)
         except ValueError as exc:
-            self.problem(mod, call, f"marker {name!r}: {exc}")
+            self.problem(mod, call, f"{what} {name!r}: {exc}")
             return None
-        decl = Declaration(
-            name, fields, fmt if isinstance(fmt, str) else None, mod.shown, call.lineno
-        )
-        decl = self._register(mod, call, decl)
-        self.by_call[id(call)] = decl
-        return decl
+        fmt = fmt if isinstance(fmt, str) else None
+        if is_span:
+            found: Declaration | _Span = _Span(
+                self._register(
+                    mod, call, Declaration(f"{name}.begin", fields, fmt, mod.shown, call.lineno)
+                ),
+                self._register(
+                    mod, call, Declaration(f"{name}.end", (), None, mod.shown, call.lineno)
+                ),
+            )
+        else:
+            found = self._register(
+                mod, call, Declaration(name, fields, fmt, mod.shown, call.lineno)
+            )
+        self.by_call[id(call)] = found
+        return found
 
     def _register(self, mod: _Module, node: ast.AST, decl: Declaration) -> Declaration:
         known = self.scan.markers.get(decl.name)
@@ -361,7 +388,7 @@ class _Reader:
         # Names in this module that hold a declared marker: its own module-level bindings,
         # then what it imports from other modules that were read.
         local = dict(mod.bindings)
-        attrs: dict[str, dict[str, Declaration]] = {}
+        attrs: dict[str, dict[str, Declaration | _Span]] = {}
         for node in ast.walk(mod.tree):
             if isinstance(node, ast.ImportFrom):
                 source = self._resolve(mod, node)
@@ -467,8 +494,8 @@ class _SiteVisitor(ast.NodeVisitor):
         self,
         reader: _Reader,
         mod: _Module,
-        local: dict[str, Declaration],
-        attrs: dict[str, dict[str, Declaration]],
+        local: dict[str, Declaration | _Span],
+        attrs: dict[str, dict[str, Declaration | _Span]],
     ) -> None:
         self.reader = reader
         self.mod = mod
@@ -482,13 +509,22 @@ class _SiteVisitor(ast.NodeVisitor):
             reader.check_inline(mod, node)
         elif isinstance(func, ast.Name):
             decl = self.scopes[-1].get(func.id)
+            if isinstance(decl, _Span):  # with q(...): fires both, with the begin's fields
+                decl.end.sites += 1
+                decl = decl.begin
             if decl is not None:
                 reader.check_call(mod, node, decl)
         elif isinstance(func, ast.Attribute) and isinstance(func.value, ast.Name):
-            decl = self.attrs.get(func.value.id, {}).get(func.attr)
-            if decl is not None and func.value.id in self.scopes[0]:
-                decl = None  # the module alias is shadowed (unusual): do not guess
-            if decl is not None:
+            span = self.scopes[-1].get(func.value.id)
+            if isinstance(span, _Span):  # q.begin(...), q.end()
+                decl = (
+                    span.begin if func.attr == "begin" else span.end if func.attr == "end" else None
+                )
+            else:
+                decl = self.attrs.get(func.value.id, {}).get(func.attr)
+                if decl is not None and func.value.id in self.scopes[0]:
+                    decl = None  # the module alias is shadowed (unusual): do not guess
+            if isinstance(decl, Declaration):
                 reader.check_call(mod, node, decl)
         self.generic_visit(node)
 
