@@ -4,22 +4,12 @@
 // the entries of its track and the tree the panel draws (each entry's depth).
 //   node devtools.cjs TRACE_JSON OUTPUT_JSON
 // Env: CHROMIUM, USER_DATA_DIR (a fresh directory), NODE_PATH (where playwright-core is).
-const { chromium } = require("playwright-core");
+const { launch } = require("./browser.cjs");
 const fs = require("fs");
 
 const [tracePath, outPath] = process.argv.slice(2);
-const FLAGS = [
-  "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-];
-
 (async () => {
-  const context = await chromium.launchPersistentContext(process.env.USER_DATA_DIR, {
-    executablePath: process.env.CHROMIUM,
-    headless: true,
-    args: FLAGS,
-    timeout: 30000,
-  });
+  const context = await launch();
   try {
     const page = context.pages()[0] || (await context.newPage());
     page.setDefaultTimeout(30000);

@@ -4,22 +4,11 @@
 //   node speedscope.cjs URL EXPORT_JSON [SCREENSHOT_PNG]
 // Env: CHROMIUM (the browser binary), USER_DATA_DIR (a fresh directory), NODE_PATH (where
 // playwright-core is installed). Exits non-zero, with the reason, on any page error.
-const { chromium } = require("playwright-core");
+const { launch } = require("./browser.cjs");
 
 const [url, exportPath, screenshotPath] = process.argv.slice(2);
-const FLAGS = [
-  "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-];
-
 (async () => {
-  const context = await chromium.launchPersistentContext(process.env.USER_DATA_DIR, {
-    executablePath: process.env.CHROMIUM,
-    headless: true,
-    args: FLAGS,
-    viewport: { width: 1400, height: 800 },
-    timeout: 30000,
-  });
+  const context = await launch({ viewport: { width: 1400, height: 800 } });
   const errors = [];
   try {
     const page = context.pages()[0] || (await context.newPage());
