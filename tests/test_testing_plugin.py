@@ -196,3 +196,15 @@ def test_strict_mode_by_default_and_overridable(tmp_path, args, ini, failed):
     assert outcome(done) == ({"failed": 1} if failed else {"passed": 1}), done.stdout
     if failed:
         assert "MarkerArgumentError" in done.stdout or "TypeError" in done.stdout
+
+
+def test_the_readme_example_runs(tmp_path):
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Markers in tests", 1)[1].split("\n## ", 1)[0]
+    (code,) = re.findall(r"```python\n(.*?)```", section, re.S)
+    done = run_pytest(tmp_path, code)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert outcome(done) == {"passed": 1}
+    # ... and it can fail: the assertion is real.
+    done = run_pytest(tmp_path, code.replace('"rows": 3}', '"rows": 4}'))
+    assert outcome(done) == {"failed": 1}
