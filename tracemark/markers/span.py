@@ -33,9 +33,11 @@ Guarantees
 
 from __future__ import annotations
 
+from types import FunctionType
 from typing import Any
 
 from . import registry
+from .fields import Context
 
 __all__ = ["Span"]
 
@@ -53,6 +55,10 @@ class _Inactive:
 
 
 _INACTIVE = _Inactive()
+
+#: What ``q(x)`` decorates rather than opens a ``with`` for. (A span whose only field takes
+#: a function is used as ``with q(field=func):``.)
+_DECORATES = (FunctionType, staticmethod, classmethod)
 
 
 class _Active:
@@ -85,7 +91,9 @@ class Span:
     ) -> None:
         registry.check_name(name)
         begin = registry.declare(f"{name}.begin", fmt, fields, stacklevel=stacklevel + 1)
-        end = registry.declare(f"{name}.end", None, None, stacklevel=stacklevel + 1)
+        # Context fields go on both: "every event of request 27" includes the ends.
+        context = {k: v for k, v in fields.items() if isinstance(v, Context)}
+        end = registry.declare(f"{name}.end", None, context, stacklevel=stacklevel + 1)
         set_ = object.__setattr__
         set_(self, "name", name)
         set_(self, "begin", begin.fire)
@@ -98,7 +106,13 @@ class Span:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """``with q(*fields):`` fires begin on entry and end on exit (nothing while
-        inactive)."""
+        inactive); ``@q`` on a function (the only argument a function, staticmethod or
+        classmethod) returns it unchanged, a site of the span (see
+        :mod:`tracemark.probes.decorated`)."""
+        if len(args) == 1 and not kwargs and isinstance(args[0], _DECORATES):
+            from ..probes import decorated
+
+            return decorated.decorate(self, args[0])
         if self._begin_core.connections or self._end_core.connections:
             return _Active(self, args, kwargs)
         return _INACTIVE
