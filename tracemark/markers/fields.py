@@ -125,7 +125,10 @@ class Context:
         if default is _NO_DEFAULT:
             # The variable's own default, if it was created with one: read in an empty
             # context, where only that default can answer.
-            default = contextvars.Context().run(var.get, CONTEXT_DEFAULTS[type_])
+            try:
+                default = contextvars.Context().run(var.get)
+            except LookupError:
+                default = CONTEXT_DEFAULTS[type_]  # type: ignore[index]
         set_ = object.__setattr__
         set_(self, "var", var)
         set_(self, "type", type_)
