@@ -9,9 +9,21 @@ The kernel's ``_entry``/``_exit`` tracepoint pairs, for Python::
         rows = run(table)       # while nobody listens
         q.end()
 
+    @q                          # the whole call: begin(table) on entry, end on return
+    def lookup3(table):         # or raise; the function itself is returned, so it costs
+        return run(table)       # nothing while inactive (1.00-1.01x, RESULTS.md)
+
     def lookup2(table):
         with q(table):          # the convenience form (costs a call and a with while
             return run(table)   # inactive: see benchmarks/RESULTS.md)
+
+A field may be read from a ContextVar the program already sets, on begin and end alike, so
+that "every event of request 27" is one filter (``--filter 'request_id == 27'``)::
+
+    REQUEST_ID = contextvars.ContextVar("request_id")
+    http = tracemark.span("http.request", path=str,
+                          request_id=tracemark.context(REQUEST_ID, int))
+    http.begin("/users/27")     # callers pass only path; request_id is read when it fires
 
 Guarantees
 ----------
@@ -24,6 +36,16 @@ Guarantees
   neither marker has a probe it fires nothing and costs a call and a ``with`` on a shared
   no-op object. A span that turns active or inactive half-way is a begin without an end
   (or the reverse): readers close or report it, never pair it wrongly.
+* ``@q`` on a function (or a staticmethod/classmethod, on either side) returns it
+  unchanged and registers it with the dynamic-probe machinery: while ``NAME.begin`` or
+  ``NAME.end`` is active, begin fires on entry with the call's arguments named like the
+  span's fields, and end when the call is over (return, exception, generator closed); a
+  field no parameter is named like is a ValueError at decoration. See
+  :mod:`tracemark.probes.decorated`. (``q(f)`` with a function as the only argument is
+  always the decorator: a span whose field takes a function uses ``with q(field=f):``.)
+* Context fields (:func:`tracemark.context`) are on both markers, read by the markers
+  themselves when they fire (never while inactive), whichever form fires them; unset, they
+  record their default (:mod:`tracemark.markers.fields`).
 * Durations and nesting are read from the trace: :mod:`tracemark.analysis.pairing` pairs
   begin and end per thread (and per asyncio task when recorded), closes spans left open as
   unfinished, and reports ends without begins.
