@@ -224,3 +224,19 @@ def test_recorded_decorated_calls_pair_with_durations(mod, tmp_path, uniq):
     assert [e.depth for e in ends] == [2, 1, 0, 0]
     assert [e.begin.fields["table"] for e in ends] == ["abc", "abc", "abc", "k"]
     assert all(e.duration >= 0 for e in ends)
+
+
+def test_with_q_still_takes_functions_given_otherwise(uniq, rec):
+    q = tracemark.span(f"{uniq}.q", fn=object, n=int)
+
+    def f():
+        pass
+
+    with tracemark.connect(f"{uniq}.q.*", rec):
+        with q(f, 1):  # a function with more arguments: the with form
+            pass
+        with q(fn=f, n=2):
+            pass
+        with q(print, 3):  # a builtin is not decorated either
+            pass
+    assert [a for _, a in rec.events] == [(f, 1), (), (f, 2), (), (print, 3), ()]
