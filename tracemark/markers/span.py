@@ -11,7 +11,7 @@ The kernel's ``_entry``/``_exit`` tracepoint pairs, for Python::
 
     @q                          # the whole call: begin(table) on entry, end on return
     def lookup3(table):         # or raise; the function itself is returned, so it costs
-        return run(table)       # nothing while inactive (1.00-1.01x, RESULTS.md)
+        return run(table)       # nothing while inactive (0.94-1.02x: noise)
 
     def lookup2(table):
         with q(table):          # the convenience form (costs a call and a with while
