@@ -3,9 +3,12 @@
 Run: ``python -m benchmarks.run spans``.
 
 Table 1 (inactive): small functions that differ only in how a span wraps their body: none,
-``q.begin(...)``/``q.end()`` statements (patched: two jumps), ``with q(...)`` while inactive,
-and ``with contextlib.nullcontext()`` for scale; ratios to the function without a span.
-Table 2 (recorded): the same function with its span recorded by ``tracemark.record()``,
+``q.begin(...)``/``q.end()`` statements (patched: two jumps), ``@q`` on the function (the
+function itself: nothing to pay), ``with q(...)`` while inactive, and ``with
+contextlib.nullcontext()`` for scale; ratios to the function without a span.
+Table 2 (recorded): the same function with its span recorded by ``tracemark.record()``
+(statements, ``@q``, ``with``; and the statements of a span with one more field read from a
+ContextVar, on begin and end: the difference to the row above it is that field's cost),
 beside two recorded markers, an OpenTelemetry SDK span (a ``TracerProvider`` with a
 ``SimpleSpanProcessor`` to an in-memory exporter: the cheapest span the SDK records), and a
 call traced by viztracer (its per-call cost); ratios to two recorded markers.
@@ -14,6 +17,7 @@ call traced by viztracer (its per-call cost); ratios to two recorded markers.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import shutil
 import tempfile
 
@@ -25,6 +29,8 @@ q = tracemark.span("bench.span.q", table=str)
 pair_begin = tracemark.marker("bench.span.m.begin", table=str)
 pair_end = tracemark.marker("bench.span.m.end")
 _null = contextlib.nullcontext()
+REQUEST_ID = contextvars.ContextVar("request_id", default=27)
+qc = tracemark.span("bench.span.qc", table=str, request_id=tracemark.context(REQUEST_ID, int))
 
 
 def without(table):
@@ -36,6 +42,19 @@ def statements(table):
     q.begin(table)
     n = len(table)
     q.end()
+    return n
+
+
+@q
+def decorated(table):
+    n = len(table)
+    return n
+
+
+def statements_context(table):
+    qc.begin(table)
+    n = len(table)
+    qc.end()
     return n
 
 
@@ -59,13 +78,15 @@ def two_markers(table):
 
 
 def _inactive_cases() -> list[Case]:
-    (site, _) = tracemark.patch(statements)
-    assert site.patched, site
-    ns = {"t": "users", "without": without, "statements": statements}
+    for f in (statements, statements_context):
+        (site, _) = tracemark.patch(f)
+        assert site.patched, site
+    ns = {"t": "users", "without": without, "statements": statements, "decorated": decorated}
     ns.update(with_span=with_span, with_null=with_null)
     return [
         Case("function without a span", "without(t)", ns),
         Case("`q.begin(...)` ... `q.end()`, inactive", "statements(t)", ns, "target: within 5%"),
+        Case("`@q` on the function, inactive", "decorated(t)", ns, "target: within 5%"),
         Case("`with q(...)`, inactive", "with_span(t)", ns),
         Case("`with nullcontext()`", "with_null(t)", ns, "for scale"),
     ]
@@ -105,7 +126,14 @@ def report() -> str:
     recorded = [
         Case("two recorded markers (begin, end)", "two_markers(t)", ns),
         Case("recorded span, `q.begin` ... `q.end()`", "statements(t)", ns),
+        Case("recorded span, `@q` on the function", "decorated(t)", {**ns, "decorated": decorated}),
         Case("recorded span, `with q(...)`", "with_span(t)", {**ns, "with_span": with_span}),
+        Case(
+            "recorded span + a ContextVar field, `q.begin` ... `q.end()`",
+            "statements_context(t)",
+            {**ns, "statements_context": statements_context},
+            "the field on begin and end: its cost is the difference to the statements row",
+        ),
         _otel_case(),
     ]
     try:

@@ -279,3 +279,46 @@ def test_spans_declare_two_markers_and_their_call_sites_are_checked(tmp_path, mo
     assert len(problems) == len(expected), "\n".join(problems)
     for got, want in zip(problems, expected, strict=True):
         assert got.startswith(want), (got, want)
+
+
+DECORATED = {
+    "dec.py": """\
+        import contextvars
+        import tracemark
+        from tracemark import context
+
+        REQ = contextvars.ContextVar("req")
+        q = tracemark.span("app.q", table=str, req=tracemark.context(REQ, int))
+        m = tracemark.marker("app.m", n=int, req=context(REQ, type=int))
+
+        @q
+        def lookup(table, limit):
+            m(limit)
+            with q(table):
+                pass
+
+        class C:
+            @staticmethod
+            @q
+            def s(tabel):
+                m(1, 2)
+        """,
+}
+
+
+def test_decorated_functions_are_sites_and_context_fields_are_not_passed(tmp_path, monkeypatch):
+    monkeypatch.chdir(write(tmp_path, DECORATED))
+    result = scan(["dec.py"])
+    markers = result.markers
+    assert [f.name for f in markers["app.q.end"].fields] == ["req"]  # the end has it too
+    assert markers["app.q.begin"].context == {"req"} == markers["app.m"].context
+    assert markers["app.q.begin"].sites == markers["app.q.end"].sites == 3  # @q twice, with
+    problems = [str(p) for p in result.problems]
+    assert problems == [
+        "dec.py:17:6: error: @q on s(): field 'table' of 'app.q.begin' has no argument "
+        "of that name",
+        "dec.py:19:9: error: app.m(n) takes 1 value, called with 2 positional arguments",
+    ]
+    out, err = io.StringIO(), io.StringIO()
+    run(["dec.py"], out, err, style=Style(False))
+    assert "app.q.begin(table: str, req: int) [from context: req]" in out.getvalue()

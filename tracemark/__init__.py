@@ -33,7 +33,7 @@ from . import faults
 from .faults import MarkerArgumentError, TracemarkWarning
 from .markers import registry as _registry
 from .markers.dispatch import MAX_NESTING, Binding, Inline, synchronize
-from .markers.fields import Field
+from .markers.fields import Context, Field
 from .markers.registry import Connection, Marker, MarkerInfo, connect, disconnect, markers
 from .markers.span import Span
 from .patching import Site, patch
@@ -48,6 +48,7 @@ __all__ = [
     "MAX_NESTING",
     "Binding",
     "Connection",
+    "Context",
     "Field",
     "Inline",
     "Marker",
@@ -62,6 +63,7 @@ __all__ = [
     "Span",
     "TracemarkWarning",
     "connect",
+    "context",
     "disconnect",
     "faults",
     "mark",
@@ -123,6 +125,19 @@ def span(name: str, fmt: str | None = None, /, **fields: type | str) -> Span:
     into spans with a duration (:mod:`tracemark.analysis`).
     """
     return Span(name, fmt, stacklevel=2, **fields)
+
+
+def context(var: Any, type: type | str = object, *, default: Any = ...) -> Context:
+    """A field read from the ContextVar ``var`` when the marker fires, recorded as ``type``:
+    ``tracemark.span("http.request", request_id=tracemark.context(REQUEST_ID, int))``.
+
+    Callers do not pass it; nothing is read while the marker is inactive. Unset, it records
+    ``default`` (else the variable's own default, else -1, nan, "", b"", False or None by
+    type): never an exception into the program.
+    """
+    if default is ...:
+        return Context(var, type)
+    return Context(var, type, default)
 
 
 # Inactive marker statements inside functions become one jump (see tracemark.patching).

@@ -12,7 +12,10 @@ What is recognised (``tm`` standing for any name ``tracemark`` is imported as):
 * inline markers ``tm.mark("name", "fmt", values...)`` (a declaration and a call at once);
 * spans ``Q = tm.span("name", ...)`` (fields as for a marker): the markers ``name.begin``
   (those fields) and ``name.end`` (none), with call sites ``Q.begin(...)``, ``Q.end()`` and
-  ``Q(...)`` (``with Q(...):``, the begin's fields);
+  ``Q(...)`` (``with Q(...):``, the begin's fields), and ``@Q`` on a function (a site of
+  both, whose parameters must name the begin's fields);
+* context fields ``f=tm.context(VAR, TYPE)``: fields of that type that callers do not pass
+  (a span's end has them too);
 * call sites ``X(...)`` of a declared marker bound to a module-level name ``X``: in its own
   module (unless a function scope rebinds ``X``), through ``from mod import X`` (relative
   imports too) and as ``mod.X(...)`` after ``import mod``, when ``mod`` is among the files
@@ -82,6 +85,7 @@ class Declaration:
     line: int
     inline: bool = False  # a tracemark.mark() use rather than a declaration
     sites: int = 0
+    context: frozenset[str] = frozenset()  # fields read from a ContextVar: never passed
 
 
 @dataclass(frozen=True, order=True)
@@ -115,6 +119,7 @@ class _Module:
     marker_funcs: set[str] = field(default_factory=set)  # names bound to tracemark.marker
     mark_funcs: set[str] = field(default_factory=set)  # names bound to tracemark.mark
     span_funcs: set[str] = field(default_factory=set)  # names bound to tracemark.span
+    context_funcs: set[str] = field(default_factory=set)  # names bound to tracemark.context
     #: Module-level ``X = marker()`` (a Declaration) and ``Q = span()`` (a _Span).
     bindings: dict[str, Declaration | _Span] = field(default_factory=dict)
 
@@ -272,6 +277,8 @@ class _Reader:
                         mod.mark_funcs.add(alias.asname or "mark")
                     elif alias.name == "span":
                         mod.span_funcs.add(alias.asname or "span")
+                    elif alias.name == "context":
+                        mod.context_funcs.add(alias.asname or "context")
 
     def _is(self, mod: _Module, func: ast.AST, attr: str, names: set[str]) -> bool:
         if isinstance(func, ast.Name):
@@ -318,6 +325,7 @@ class _Reader:
             return None  # a computed name: nothing to check
         fmt = _literal_str(call.args[1]) if len(call.args) > 1 else None
         fields: tuple[Field, ...] | None
+        context: set[str] = set()
         try:
             check_name(name)
             if len(call.args) > 2:
@@ -335,6 +343,12 @@ class _Reader:
                 types: dict[str, object] = {}
                 for k in call.keywords:
                     v = k.value
+                    if isinstance(v, ast.Call) and self._is(
+                        mod, v.func, "context", mod.context_funcs
+                    ):
+                        context.add(k.arg)  # type: ignore[arg-type]
+                        given = [*v.args[1:2], *(w.value for w in v.keywords if w.arg == "type")]
+                        v = given[0] if given else ast.Constant("object")
                     if isinstance(v, ast.Name):
                         types[k.arg] = v.id  # type: ignore[index]
                     elif isinstance(v, ast.Constant) and isinstance(v.value, str):
@@ -346,18 +360,24 @@ class _Reader:
             self.problem(mod, call, f"{what} {name!r}: {exc}")
             return None
         fmt = fmt if isinstance(fmt, str) else None
+        ctx = frozenset(context)
         if is_span:
+            ends = tuple(f for f in fields if f.name in ctx) if fields is not None else None
             found: Declaration | _Span = _Span(
                 self._register(
-                    mod, call, Declaration(f"{name}.begin", fields, fmt, mod.shown, call.lineno)
+                    mod,
+                    call,
+                    Declaration(f"{name}.begin", fields, fmt, mod.shown, call.lineno, context=ctx),
                 ),
                 self._register(
-                    mod, call, Declaration(f"{name}.end", (), None, mod.shown, call.lineno)
+                    mod,
+                    call,
+                    Declaration(f"{name}.end", ends, None, mod.shown, call.lineno, context=ctx),
                 ),
             )
         else:
             found = self._register(
-                mod, call, Declaration(name, fields, fmt, mod.shown, call.lineno)
+                mod, call, Declaration(name, fields, fmt, mod.shown, call.lineno, context=ctx)
             )
         self.by_call[id(call)] = found
         return found
@@ -421,7 +441,7 @@ class _Reader:
         decl.sites += 1
         if decl.fields is None:
             return
-        names = [f.name for f in decl.fields]
+        names = [f.name for f in decl.fields if f.name not in decl.context]
         starred = any(isinstance(a, ast.Starred) for a in call.args)
         double = any(k.arg is None for k in call.keywords)
         positional = sum(not isinstance(a, ast.Starred) for a in call.args)
@@ -558,6 +578,20 @@ class _SiteVisitor(ast.NodeVisitor):
         a = node.args
         params = [x.arg for x in (*a.posonlyargs, *a.args, *a.kwonlyargs)]
         params += [x.arg for x in (a.vararg, a.kwarg) if x is not None]
+        for deco in node.decorator_list:  # @Q: a site of both markers, fields by parameter
+            span = self.scopes[-1].get(deco.id) if isinstance(deco, ast.Name) else None
+            if isinstance(span, _Span):
+                span.begin.sites += 1
+                span.end.sites += 1
+                fields = span.begin.fields or ()
+                missing = [f.name for f in fields if f.name not in {*params, *span.begin.context}]
+                if missing:
+                    self.reader.problem(
+                        self.mod,
+                        deco,
+                        f"@{deco.id} on {node.name}(): field {missing[0]!r} of "
+                        f"{span.begin.name!r} has no argument of that name",
+                    )
         self._scope(node, params)
 
     visit_AsyncFunctionDef = visit_FunctionDef
@@ -594,6 +628,8 @@ def run(
     result = scan(targets)
     for decl in sorted(result.markers.values(), key=lambda d: d.name):
         fields = "(dynamic fields)" if decl.fields is None else f"({_fields(decl.fields)})"
+        if decl.context:
+            fields += f" [from context: {', '.join(sorted(decl.context))}]"
         name = printable(decl.name)
         head = f"{style(name, 'bold', 'cyan')}{fields}"
         if len(name) + len(fields) > width:

@@ -334,7 +334,7 @@ def fire({params}*_extra, **_named):
             return _dropped_nested(_core)
         _st.depth = _depth + 1
         try:
-            if {bad}:
+{context}            if {bad}:
                 if _probes is _ARMED:
                     return None
                 _args = _resolve_arguments(_fields, _index, ({names}), _extra, _named)
@@ -378,17 +378,38 @@ def _value_list(fields: tuple[Field, ...]) -> str:
 def fire_code(fields: tuple[Field, ...], inline: str | None = None, slot: str = "") -> CodeType:
     """The code of a firing function for ``fields``; with ``inline``, a probe body fused into
     its depth-0 path, reading its state from the global ``slot``."""
-    names = [f.name for f in fields]
+    names = [f.name for f in fields if f.context is None]  # what callers pass
     fused = ""
     if inline is not None:
         fused = _INLINE.format(slot=slot, body=textwrap.indent(inline, " " * 24))
     source = _TEMPLATE.format(
         params="".join(f"{n}=_MISSING, " for n in names) + ("/, " if names else ""),
+        context=_context_reads(fields),
         bad=" or ".join(["_extra", "_named", *(_CHECKS[f.type].format(f.name) for f in fields)]),
         names=_value_list(fields),
         inline=fused,
     )
     return function_code(source, "marker")
+
+
+# Context fields (fields.Context) are locals of the firing function, read from their
+# ContextVar on the active path only, before anything uses the values: the checks, the
+# argument tuple and a fused probe body all see them as if the caller had passed them. The
+# variable's bound ``get`` and the default are globals ``_cvI``/``_cdI`` (I: the field's
+# index), so reading one costs one call.
+def _context_reads(fields: tuple[Field, ...]) -> str:
+    return "".join(
+        f"            {f.name} = _cv{i}(_cd{i})\n" for i, f in enumerate(fields) if f.context
+    )
+
+
+def _context_globals(fields: tuple[Field, ...]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for i, f in enumerate(fields):
+        if f.context is not None:
+            out[f"_cv{i}"] = f.context.var.get
+            out[f"_cd{i}"] = f.context.default
+    return out
 
 
 def compile_fire(
@@ -423,6 +444,7 @@ def compile_fire(
         "_dropped_nested": dropped_nested,
         "_AttributeError": AttributeError,
         "_Exception": Exception,
+        **_context_globals(fields),
     }
     fire = FunctionType(fire_code(fields), namespace, "fire", _defaults(fields))
     namespace["_marker"] = fire
@@ -430,4 +452,4 @@ def compile_fire(
 
 
 def _defaults(fields: tuple[Field, ...]) -> tuple | None:
-    return (_MISSING,) * len(fields) or None
+    return (_MISSING,) * sum(f.context is None for f in fields) or None

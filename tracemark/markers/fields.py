@@ -19,17 +19,32 @@ as Python normalises the identifiers it compiles, so ``m(ﬁ=1)`` fires a field 
 
 Keyword types: ``int float str bytes bool object``. A tracer stores each type the same way
 whatever the marker was declared with, so the two forms are interchangeable.
+
+Context fields
+--------------
+A keyword field may instead be read from a :class:`contextvars.ContextVar` the program
+already sets (``request_id=tracemark.context(REQUEST_ID, int)``, a :class:`Context`): the
+marker reads it when it fires, callers do not pass it, and every tracer sees it as an
+ordinary field of its type (so ``--filter 'request_id == 27'`` selects one request). While
+the marker is inactive nothing is read. An unset variable gives the context's ``default``:
+the one given, else the variable's own default, else :data:`CONTEXT_DEFAULTS` of the type
+(``-1``, ``nan``, ``""``, ``b""``, ``False``, ``None``); never an exception. A value of
+another type than declared is a bad-arguments fault, like a wrong argument.
 """
 
 from __future__ import annotations
 
+import contextvars
 import keyword
+import math
 import re
 import unicodedata
 from dataclasses import dataclass
 
 __all__ = [
+    "CONTEXT_DEFAULTS",
     "FIELD_TYPES",
+    "Context",
     "Field",
     "ReprText",
     "fields_from_format",
@@ -73,15 +88,87 @@ class ReprText(str):
     __slots__ = ()
 
 
+#: What an unset context field records, by type (when neither the declaration nor the
+#: variable gives a default).
+CONTEXT_DEFAULTS: dict[type, object] = {
+    int: -1,
+    float: math.nan,
+    str: "",
+    bytes: b"",
+    bool: False,
+    object: None,
+}
+
+_NO_DEFAULT = object()
+
+
+class Context:
+    """A field read from a :class:`contextvars.ContextVar` when the marker fires (see the
+    module docstring); made by :func:`tracemark.context`."""
+
+    __slots__ = ("default", "type", "var")
+
+    var: contextvars.ContextVar
+    type: type
+    default: object
+
+    def __init__(
+        self, var: contextvars.ContextVar, type_: object = object, default: object = _NO_DEFAULT
+    ) -> None:
+        if not isinstance(var, contextvars.ContextVar):
+            raise ValueError(f"a context field reads a contextvars.ContextVar, not {var!r}")
+        if isinstance(type_, str):
+            type_ = FIELD_TYPES.get(type_, type_)
+        if type_ not in FIELD_TYPES.values():
+            allowed = ", ".join(FIELD_TYPES)
+            raise ValueError(f"a context field's type is one of {allowed}, not {type_!r}")
+        if default is _NO_DEFAULT:
+            # The variable's own default, if it was created with one: read in an empty
+            # context, where only that default can answer.
+            try:
+                default = contextvars.Context().run(var.get)
+            except LookupError:
+                default = CONTEXT_DEFAULTS[type_]  # type: ignore[index]
+        set_ = object.__setattr__
+        set_(self, "var", var)
+        set_(self, "type", type_)
+        set_(self, "default", default)
+        from .dispatch import MISFITS  # (dispatch imports this module)
+
+        if MISFITS[type_](default):  # type: ignore[index]
+            raise ValueError(
+                f"context field default {default!r} for ContextVar {var.name!r} is not "
+                f"a {type_.__name__}"  # type: ignore[union-attr]
+            )
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError("a Context is immutable")
+
+    def __eq__(self, other: object) -> bool:
+        if type(other) is not Context:
+            return NotImplemented
+        same = other.default is self.default or other.default == self.default
+        return other.var is self.var and other.type is self.type and bool(same)
+
+    def __hash__(self) -> int:
+        return hash((id(self.var), self.type))
+
+    def __repr__(self) -> str:
+        return f"context({self.var.name}, {self.type.__name__}, default={self.default!r})"
+
+
 @dataclass(frozen=True)
 class Field:
-    """One value a marker carries: its name and its type (one of :data:`FIELD_TYPES`)."""
+    """One value a marker carries: its name and its type (one of :data:`FIELD_TYPES`); a
+    context field also its :class:`Context` (callers do not pass it)."""
 
     name: str
     type: type
+    context: Context | None = None
 
     def __str__(self) -> str:
-        return f"{self.name}: {self.type.__name__}"
+        text = f"{self.name}: {self.type.__name__}"
+        return text if self.context is None else f"{text} = context({self.context.var.name})"
 
 
 def fields_from_format(fmt: str) -> tuple[Field, ...]:
@@ -110,6 +197,14 @@ def fields_from_types(types: dict[str, object]) -> tuple[Field, ...]:
     """The fields declared as keywords: ``{"length": int, "dev": str}`` (types or their names)."""
     fields = []
     for name, typ in types.items():
+        if isinstance(typ, Context):
+            fields.append(Field(_normal(name), typ.type, typ))  # type: ignore[arg-type]
+            continue
+        if isinstance(typ, contextvars.ContextVar):
+            raise ValueError(
+                f"field {name!r} is a ContextVar: declare it as "
+                f"{name}=tracemark.context({typ.name}, TYPE) to read it when the marker fires"
+            )
         if isinstance(typ, str):
             typ = FIELD_TYPES.get(typ, typ)
         if typ not in FIELD_TYPES.values():

@@ -80,7 +80,7 @@ from collections.abc import Iterable
 from .._forksafe import fork_safe_rlock
 from ..markers import registry
 from ..patching import patcher
-from . import core
+from . import core, decorated
 from .events import AT, Probe
 from .spec import Spec, parse_spec
 from .targets import ProbeError, check_captures, resolve
@@ -118,7 +118,7 @@ def _sites(marker: registry.MarkerCore) -> tuple[str, ...]:
     """What ``tracemark.markers()`` shows as the site of a probe's marker: how it is served."""
     p = _by_name.get(marker.name)
     if p is None or p.core is not marker:
-        return ()
+        return decorated.sites(marker)
     state = "enabled" if p.enabled else "installed, events off until a probe is connected"
     return (f"{p.at} probe on {p.target.spec} ({p.target.where}): {core.REASON}; {state}",)
 
@@ -127,8 +127,9 @@ def _use(name: str | None) -> None:
     """Switch mechanism (tests run both on 3.12+); only while no probe is installed."""
     global _mechanism
     with _lock:
-        if _by_name:
-            raise RuntimeError(f"cannot switch mechanism with probes installed: {probes()}")
+        if _by_name or decorated.enabled():
+            installed = [*probes(), *decorated.enabled()]
+            raise RuntimeError(f"cannot switch mechanism with probes installed: {installed}")
         first = _mechanism is None
         _mechanism = core.choose(name)
         if first:
@@ -138,6 +139,7 @@ def _use(name: str | None) -> None:
 
 def _on_activity(marker: registry.MarkerCore, active: bool) -> None:
     """Registry listener: a probe's events follow its marker's activity."""
+    decorated.on_activity(marker)  # spans decorating functions (@q)
     p = _by_name.get(marker.name)
     if p is None or not p.installed or p.core is not marker or p.enabled == active:
         return

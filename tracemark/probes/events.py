@@ -15,6 +15,10 @@ Guarantees
   are; anything else is recorded as its repr, cut to :data:`MAX_REPR` characters. A repr or
   an attribute that raises, or a local that is not bound yet, is recorded as a ``<...>``
   string saying so: capturing never raises into the traced program.
+* **Span probes** (``at="span"``, made by ``@span`` on a function, :mod:`.decorated`) fire
+  *given* markers: the span's ``NAME.begin`` on entry, with the arguments named like its
+  fields passed as they are (the marker checks their types, as for ``q.begin(...)``), and
+  ``NAME.end`` when the call ends (return, raise, or a generator closed).
 * **Durations** are measured from the probe's own start event for that frame, with
   ``time.perf_counter_ns``; generator and coroutine frames measure from the first resume to
   the end.
@@ -103,6 +107,10 @@ class Probe:
         #: The globals of every emitter compiled for this probe (see :meth:`retire`).
         self._namespaces: list[dict[str, Any]] = []
         self._fire: Any = _retired
+        #: A span probe's end marker (its ``core`` is the begin marker), and its place in
+        #: the order of decoration (two spans on one function nest by it).
+        self.end: registry.MarkerCore | None = None
+        self.order = 0
 
     # --- the marker ---------------------------------------------------------------------------
 
@@ -135,6 +143,9 @@ class Probe:
         fire = self._fire = self.core.fire  # type: ignore[union-attr]
         paths = self._paths
         made = self._namespaces
+        if self.at == "span":
+            self._compile_span(fire, paths, made)
+            return
         if self.at in ("entry", "line"):
             #: ``emit_frame(frame)``: fire from the locals of a running frame.
             self.emit_frame = _emitter("frame", "", paths, fire, self._starts, made=made)
@@ -158,6 +169,21 @@ class Probe:
             #: The same two, finding the frame two calls up themselves (see emit_caller).
             self.return_caller = _emitter("value", "return", paths, fire, starts, 2, made)
             self.start_caller = _emitter("", "start", (), fire, starts, 2, made)
+
+    def _compile_span(self, fire: Any, paths: tuple[tuple[str, ...], ...], made: list) -> None:
+        """The emitters of a span probe: begin's as an entry probe's but passing values as
+        they are, and end's, which fire the end marker with no value (from a return
+        callback, a frame and a value, or nothing)."""
+        starts = self._starts
+        self.emit_frame = _emitter("frame", "", paths, fire, starts, made=made, convert=False)
+        self.emit_caller = _emitter("", "", paths, fire, starts, 2, made, convert=False)
+        self.direct = tuple(p[0] for p in paths)
+        self.emit_args = _args_emitter(len(paths), fire, made, convert=False)
+        end = self.end.fire  # type: ignore[union-attr]
+        #: ``end_now()``, ``return_caller(value)``, ``emit_return(frame, value)``: fire end.
+        self.end_now = _function("def end():\n    _fire()\n", {"_fire": end}, made)
+        self.return_caller = _function("def end(value):\n    _fire()\n", {"_fire": end}, made)
+        self.emit_return = _function("def end(frame, value):\n    _fire()\n", {"_fire": end}, made)
 
     def retire(self) -> None:
         """Silence this probe for good (:func:`tracemark.unprobe` calls it).
@@ -247,10 +273,12 @@ def _emitter(
     starts: dict,
     frame_at: int | None = None,
     made: list | None = None,
+    convert: bool = True,
 ) -> Any:
     """Compile ``emit(params)``: capture ``paths`` from the frame's locals and fire; with
     ``frame_at``, the frame is ``sys._getframe(frame_at)`` as seen from ``emit``. ``made``
-    collects its globals (where ``_fire`` is looked up)."""
+    collects its globals (where ``_fire`` is looked up). Without ``convert``, plain names'
+    values are passed as they are (a span probe's: the marker checks them)."""
     body = [] if frame_at is None else [f"frame = _getframe({frame_at})"]
     if kind == "start":
         body += [
@@ -272,7 +300,9 @@ def _emitter(
     for i, path in enumerate(paths):
         v = f"v{i}"
         names.append(v)
-        if len(path) == 1:
+        if len(path) == 1 and not convert:
+            body.append(f"{v} = L.get({path[0]!r})")
+        elif len(path) == 1:
             body += [
                 f"{v} = L.get({path[0]!r}, _U)",
                 f"if _type({v}) not in _P:",
@@ -288,9 +318,12 @@ def _emitter(
     return _function(source, {**_EMITTER_GLOBALS, "_fire": fire, "_starts": starts}, made)
 
 
-def _args_emitter(n: int, fire: Any, made: list | None = None) -> Any:
-    """Compile ``emit(v0, ..., vn)``: the values passed straight in, made plain, fired."""
+def _args_emitter(n: int, fire: Any, made: list | None = None, convert: bool = True) -> Any:
+    """Compile ``emit(v0, ..., vn)``: the values passed straight in, made plain (unless not
+    ``convert``), fired."""
     names = [f"v{i}" for i in range(n)]
     body = [f"    if _type({v}) not in _P:\n        {v} = _value_of({v})\n" for v in names]
+    if not convert:
+        body = []
     source = f"def emit({', '.join(names)}):\n{''.join(body)}    _fire({', '.join(names)})\n"
     return _function(source, {**_EMITTER_GLOBALS, "_fire": fire}, made)

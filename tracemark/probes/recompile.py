@@ -22,6 +22,9 @@ locals and free variables as the original and touches no global.
   ``try: ... except BaseException: hook(); raise`` -- a bare re-raise, so the traceback is
   the original one.
 * ``line``: a hook call before the statement that starts on (or contains) the line.
+* ``span`` (``@span`` on a function): the begin hook with the arguments, like ``entry``, then
+  the body wrapped in ``try: ... finally: end()``, so the end fires however the call ends
+  (return, raise, a generator closed). Several spans nest: the first begun ends last.
 
 Added statements carry the line number of the ``def`` line (already "executed" for coverage
 tools when the function was defined); every original statement keeps its own line, so
@@ -568,6 +571,27 @@ class _Instrumenter:
                     )
                 )
             ]
+        # The first decorated (innermost decorator) is wrapped first: it ends first and
+        # begins last.
+        spans = sorted((p for p in probes if p.at == "span"), key=lambda p: p.order)
+        for p in spans:
+            end = p.end_now if p in live else _stand_in
+            body = [
+                self._at(
+                    ast.Try(
+                        body=body or [self._at(ast.Pass())],
+                        handlers=[],
+                        orelse=[],
+                        finalbody=[self._stmt(end)],
+                    )
+                )
+            ]
+        for p in reversed(spans):
+            if p is self.trial:
+                head.append(self._stmt(_stand_in))
+            else:
+                args = [self._at(ast.Name(n, ast.Load())) for n in p.direct]  # type: ignore[union-attr]
+                head.append(self._at(ast.Expr(self._call(p.emit_args, *args))))
         node.body = doc + head + (body or [self._at(ast.Pass())])
 
 

@@ -17,6 +17,9 @@ Guarantees
   tool only); enabling a line probe calls ``sys.monitoring.restart_events()`` so that a line
   disabled earlier fires again. (That restarts other tools' disabled events too: coverage.py
   then sees those lines once more, which it ignores.)
+* **Span probes** (``@span`` on a function) use ``PY_START`` for the begin, ``PY_RETURN``
+  and ``PY_UNWIND`` for the end: so while one is enabled, like a raise probe, every exception
+  leaving any function costs one callback.
 * Callbacks fan out internally through dicts that are replaced, never mutated, so a thread
   in a callback sees the old set of probes or the new one.
 """
@@ -128,10 +131,11 @@ class SysMonitoring:
         ret: dict[types.CodeType, tuple[Probe, ...]] = {}
         line: dict[types.CodeType, dict[int, tuple[Probe, ...]]] = {}
         unwind: dict[types.CodeType, tuple[Probe, ...]] = {}
-        for p in self._enabled:
-            if p.at in ("entry", "return"):
+        # Span probes first, the outermost decorator first: their ends run in reverse.
+        for p in sorted(self._enabled, key=lambda p: -p.order):
+            if p.at in ("entry", "return", "span"):
                 starting[p.code] = (*starting.get(p.code, ()), p)
-            if p.at == "return":
+            if p.at in ("return", "span"):
                 ret[p.code] = (*ret.get(p.code, ()), p)
                 unwind[p.code] = (*unwind.get(p.code, ()), p)  # forget the start time
             elif p.at == "line":
@@ -159,7 +163,7 @@ class SysMonitoring:
             _mon.set_local_events(tool, code, 0)
         for code, events in wanted.items():
             _mon.set_local_events(tool, code, events)
-        raising = any(p.at == "raise" for p in self._enabled)
+        raising = any(p.at in ("raise", "span") for p in self._enabled)
         _mon.set_events(tool, ev.PY_UNWIND if raising else 0)
         if restart:
             _mon.restart_events()
@@ -196,9 +200,11 @@ class SysMonitoring:
         probes = self._unwind.get(code)
         if probes:
             frame = sys._getframe(1)
-            for p in probes:
+            for p in reversed(probes):  # reversed: spans end innermost first
                 if p.at == "raise":
                     p.on_raise(frame, exc)
+                elif p.at == "span":
+                    p.end_now()
                 else:
                     p._starts.pop(id(frame), None)
 
@@ -210,7 +216,7 @@ def _start_handler(probes: tuple[Probe, ...]) -> Callable[[], object]:
     locals or time the call take the frame (``sys._getframe`` makes a frame object, which
     costs more than all the rest).
     """
-    if all(p.at == "entry" and not p.capture for p in probes):
+    if all(p.at in ("entry", "span") and not p.capture for p in probes):
         fires = tuple(p.core.fire for p in probes)  # type: ignore[union-attr]
         if len(fires) == 1:
             return fires[0]
@@ -222,7 +228,7 @@ def _start_handler(probes: tuple[Probe, ...]) -> Callable[[], object]:
         return fire_all
     if len(probes) == 1:  # the emitter finds the frame itself: 0 emit, 1 callback, 2 probed
         p = probes[0]
-        return p.emit_caller if p.at == "entry" else p.start_caller
+        return p.emit_caller if p.at in ("entry", "span") else p.start_caller
     calls = tuple(p.start if p.at == "return" else p.emit_frame for p in probes)
     getframe = sys._getframe
 
@@ -238,7 +244,7 @@ def _return_handler(probes: tuple[Probe, ...]) -> Callable[[object], object]:
     """What ``PY_RETURN`` of one code object runs: its return probes' emitters."""
     if len(probes) == 1:
         return probes[0].return_caller  # 0: the emitter, 1: the callback, 2: the probed frame
-    emits = tuple(p.emit_return for p in probes)
+    emits = tuple(p.emit_return for p in reversed(probes))  # spans end innermost first
     getframe = sys._getframe
 
     def each(value: object) -> None:
