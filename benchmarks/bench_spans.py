@@ -89,7 +89,30 @@ def _inactive_cases() -> list[Case]:
         Case("`@q` on the function, inactive", "decorated(t)", ns, "target: within 5%"),
         Case("`with q(...)`, inactive", "with_span(t)", ns),
         Case("`with nullcontext()`", "with_null(t)", ns, "for scale"),
+        _otel_inactive_case(),
     ]
+
+
+def _otel_inactive_case() -> Case:
+    """The peer's inactive span: OpenTelemetry's API with no SDK configured (its no-op
+    tracer), the cost a library instrumented with OpenTelemetry pays when nobody traces."""
+    try:
+        from opentelemetry import trace
+    except ImportError:
+        return Case("OpenTelemetry API span, no SDK", "pass", {}, "opentelemetry not installed")
+    tracer = trace.get_tracer("bench")  # no provider set: the API's proxy to its no-op tracer
+
+    def otel_noop(table):
+        with tracer.start_as_current_span("db.query", attributes={"table": table}):
+            n = len(table)
+        return n
+
+    return Case(
+        "OpenTelemetry API span, no SDK (no-op tracer)",
+        "otel_noop(t)",
+        {"otel_noop": otel_noop, "t": "users"},
+        "the peer, inactive",
+    )
 
 
 def _otel_case() -> Case:
