@@ -67,11 +67,16 @@ def test_same_declaration_twice_gives_the_same_marker(uniq):
 
 
 def test_conflicting_declaration_names_both_places(uniq):
-    tracemark.marker(f"{uniq}.x", "n=%d")
-    with pytest.raises(ValueError) as err:
-        tracemark.marker(f"{uniq}.x", "n=%s")
-    text = str(err.value)
+    a = tracemark.marker(f"{uniq}.x", "n=%d")
+    with pytest.warns(tracemark.TracemarkWarning) as caught:
+        b = tracemark.marker(f"{uniq}.x", "n=%s")
+    text = str(caught[0].message)
     assert text.count("test_markers.py:") == 2 and "n: int" in text and "n: str" in text
+    assert a.name == f"{uniq}.x" and b.name == f"test_markers.{uniq}.x"  # never mixed
+    tracemark.faults.set_strict(True)  # the conftest fixture turns it off again
+    with pytest.raises(ValueError, match="declared at"):
+        tracemark.marker(f"{uniq}.x", "n=%f")
+    assert [m.name for m in tracemark.markers(f"*{uniq}.x")] == [a.name, b.name]
 
 
 def test_format_and_keywords_together_is_an_error(uniq):
@@ -160,15 +165,19 @@ def test_mark_declares_on_first_use_and_fires(uniq, rec):
     assert "test_markers.py:" in info.where
 
 
-def test_mark_with_a_conflicting_format_is_a_counted_fault(uniq, rec):
+def test_mark_with_a_conflicting_format_is_a_counted_fault_and_never_mixed(uniq, rec):
     tracemark.connect(f"{uniq}.*", rec)
     tracemark.mark(f"{uniq}.x", "n=%d", 1)
     with pytest.warns(TracemarkWarning, match="declared at"):
-        tracemark.mark(f"{uniq}.x", "n=%s", "one")
+        tracemark.mark(f"{uniq}.x", "n=%s", "one")  # another place: its own marker
     assert rec.events == [(f"{uniq}.x", (1,))]
+    assert [m.name for m in tracemark.markers(f"*{uniq}.x")] == [
+        f"{uniq}.x",
+        f"test_markers.{uniq}.x",
+    ]
     tracemark.faults.set_strict(True)
     with pytest.raises(ValueError):
-        tracemark.mark(f"{uniq}.x", "n=%s", "one")
+        tracemark.mark(f"{uniq}.x", "n=%f", 1.0)
 
 
 # --- faults ------------------------------------------------------------------------------------

@@ -83,8 +83,11 @@ def marker(name: str, fmt: str | None = None, /, **fields: type | str) -> Marker
 
     Fields come from a printf-style ``fmt`` (``"len=%d dev=%s"``) or from keywords
     (``length=int, dev=str``), not both; none at all is a marker without fields. Declaring a
-    name again with the same fields returns the same marker; with other fields it is a
-    ValueError naming both declarations. An invalid name or format is a ValueError.
+    name again with the same fields returns the same marker. With other fields: from the same
+    place (a notebook cell run again) it replaces the declaration; from another place (two
+    packages both declaring ``db.query``) it is a fault, counted and reported once with both
+    places, and the newcomer gets a marker of its own, ``<its package>.<name>``
+    (:mod:`tracemark.markers.registry`). An invalid name or format is a ValueError.
 
     Firing costs one function call when no probe is connected (and nothing at all inside a
     function the patcher has rewritten); arguments that do not fit the fields are counted and

@@ -23,6 +23,7 @@ from ._forksafe import fork_safe_rlock
 
 __all__ = [
     "MarkerArgumentError",
+    "MarkerConflictError",
     "TracemarkWarning",
     "counts",
     "is_strict",
@@ -38,6 +39,12 @@ class TracemarkWarning(RuntimeWarning):
 class MarkerArgumentError(TypeError):
     """A marker was fired with arguments that do not match its fields (raised only in strict
     mode; otherwise the event is dropped and counted)."""
+
+
+class MarkerConflictError(ValueError):
+    """A marker name was declared again, from another place, with other fields (raised only
+    in strict mode; otherwise the newcomer gets a marker of its own: see
+    :mod:`tracemark.markers.registry`)."""
 
 
 # Re-entrant: a signal handler may fire a marker (and report a fault) while this thread is

@@ -9,8 +9,24 @@ Guarantees
 * A marker is *active* exactly while at least one probe is connected to it; there is no other
   switch to get out of step.
 * A probe connected by glob also binds markers declared later (a module imported afterwards).
-* Declaring a name again with the same fields returns the same marker (module reload is safe);
-  with other fields it is a ValueError naming both declarations.
+* **Declaring again.** A name declared again with the same fields is the same marker (module
+  reload is safe, and code that declares a library's marker to fire it shares it): every
+  place that declared it is listed (``MarkerInfo.declared_at``). With *other* fields:
+
+  - from the same place (the same module and line, or an interactive ``__main__``: a
+    notebook cell run again after its fields changed), the new declaration **replaces** the
+    old one: the old marker is forgotten (:func:`forget`: its connections move to the new
+    one, its firing function does nothing any more);
+  - from anywhere else (two installed packages that both declare ``db.query``), it is a
+    **fault**, never an exception in the program (except in strict mode): counted and
+    reported once with both places, and the newcomer gets a marker of its own named after
+    its top-level package, LTTng's ``provider:event`` as ``provider.event``
+    (``otherlib.db.query``; ``..._2`` if that is taken too). The first declaration keeps
+    the plain name. ``markers()``, ``tracemark list`` and traces show both names, so the
+    two are never mixed.
+
+  Declarations with an explicit ``where`` (dynamic probes) keep the strict rule: other
+  fields are a ValueError naming both declarations, the probe picks another name.
 * Every change (declare, connect, disconnect) happens under one lock and is published to the
   firing threads by replacing immutable tuples (see :mod:`.dispatch`); firing takes no lock.
 * **Re-entrant.** The lock is re-entrant, so a signal handler, ``__del__`` or weakref callback
@@ -160,6 +176,9 @@ class MarkerInfo:
     probe_errors: int
     #: How each place that fires this marker in code is served (filled in by the patcher).
     sites: tuple[Any, ...] = ()
+    #: Every place that declared it (``where`` first): more than one when several modules
+    #: declared it with the same fields and share it.
+    declared_at: tuple[str, ...] = ()
 
     @property
     def active(self) -> bool:
@@ -175,6 +194,10 @@ class MarkerCore:
         self.fields = fields
         self.fmt = fmt
         self.where = where
+        #: Every place that declared it (see MarkerInfo.declared_at).
+        self.declared_at: tuple[str, ...] = (where,)
+        #: The module that declared it first (None: unknown, or given an explicit ``where``).
+        self.module: str | None = None
         self.connections: tuple[Connection, ...] = ()
         self.bad_arguments = 0
         self.dropped_nested = 0
@@ -321,12 +344,85 @@ def _dropped_nested(core: MarkerCore) -> None:
 # --- declaring ---------------------------------------------------------------------------------
 
 
-def _caller_where(depth: int) -> str:
+def caller(depth: int) -> tuple[str, str | None]:
+    """``(file:line, module name)`` of the code ``depth`` frames above the caller."""
     try:
         frame = sys._getframe(depth + 1)
     except ValueError:
-        return "<unknown>"
-    return f"{frame.f_code.co_filename}:{frame.f_lineno}"
+        return "<unknown>", None
+    module = frame.f_globals.get("__name__")
+    return f"{frame.f_code.co_filename}:{frame.f_lineno}", module if isinstance(
+        module, str
+    ) else None
+
+
+#: The most declaration places kept per marker (a marker declared from a loop of exec'd
+#: code would otherwise grow without bound).
+_DECLARED_AT_LIMIT = 16
+
+
+def _interactive(where: str) -> bool:
+    """Declared from an interactive ``__main__`` (a REPL, a notebook cell): its code has no
+    file of its own, or the cell's temporary one."""
+    filename = where.rpartition(":")[0]
+    return filename.startswith("<") or "ipykernel_" in filename
+
+
+def _same_place(core: MarkerCore, module: str | None, where: str) -> bool:
+    if module is None or core.module != module:
+        return False
+    if core.where == where:
+        return True
+    return module == "__main__" and _interactive(where) and _interactive(core.where)
+
+
+def _conflict_message(name: str, fields: tuple[Field, ...], where: str, core: MarkerCore) -> str:
+    return (
+        f"marker {name!r} declared at {where} with fields "
+        f"({', '.join(map(str, fields)) or 'no fields'}), but it was declared at "
+        f"{core.where} with fields ({core.signature()})"
+    )
+
+
+def own_name(name: str, module: str | None, fits: Callable[[str], bool]) -> str:
+    """The name a conflicting declaration from ``module`` gets: ``<package>.<name>``, then
+    ``<package>.<name>_2``, ... the first for which ``fits(candidate)`` (free, or declared
+    with the same fields)."""
+    package = (module or "").split(".")[0] or "_"
+    if not package.isidentifier():
+        package = "_"
+    base = f"{package}.{name}"
+    for n in range(1, 10_000):
+        candidate = base if n == 1 else f"{base}_{n}"
+        if fits(candidate):
+            return candidate
+    raise ValueError(f"no free name for marker {name!r} declared by {module!r}")
+
+
+def placement(
+    name: str, fields: tuple[Field, ...], module: str | None, where: str
+) -> tuple[str, MarkerCore | None]:
+    """How a declaration of ``name`` with ``fields`` from ``module`` at ``where`` lands:
+    ``("new", None)``, ``("same", core)``, ``("replace", core)`` or ``("conflict", core)``
+    (the rules in the module docstring). Call under the lock for a decision that holds."""
+    core = _markers.get(name)
+    if core is None:
+        return "new", None
+    if core.fields == fields:
+        return "same", core
+    if _same_place(core, module, where):
+        return "replace", core
+    return "conflict", core
+
+
+def conflict(name: str, fields: tuple[Field, ...], where: str, core: MarkerCore, own: str) -> None:
+    """Report a conflicting declaration (a fault: raised only in strict mode)."""
+    message = (
+        f"{_conflict_message(name, fields, where, core)}; this declaration gets the marker"
+        f" {own!r} (markers of one name from different places are never mixed)"
+    )
+    if faults.report("marker-conflict", f"{name}:{where}", message):
+        raise faults.MarkerConflictError(message)
 
 
 def declare(
@@ -337,26 +433,51 @@ def declare(
     where: str | None = None,
     stacklevel: int = 1,
 ) -> MarkerCore:
-    """Declare (or find again) the marker ``name``; see :func:`tracemark.marker`."""
+    """Declare (or find again) the marker ``name``; see :func:`tracemark.marker` and the
+    module docstring for a name declared again. Given ``where`` (a dynamic probe's target),
+    other fields under the name are a ValueError instead."""
     check_name(name)
+    fields = fields_of(name, fmt, types)
+    if where is not None:
+        return declare_at(name, fields, fmt, where, None, raise_on_conflict=True)
+    where, module = caller(stacklevel)
+    return declare_at(name, fields, fmt, where, module)
+
+
+def fields_of(name: str, fmt: str | None, types: Mapping[str, object] | None) -> tuple[Field, ...]:
     if fmt is not None and types:
         raise ValueError(
             f"marker {name!r}: give its fields either as a format or as keywords, not both"
         )
-    fields = fields_from_types(dict(types)) if types else fields_from_format(fmt or "")
-    if where is None:
-        where = _caller_where(stacklevel)
+    return fields_from_types(dict(types)) if types else fields_from_format(fmt or "")
+
+
+def declare_at(
+    name: str,
+    fields: tuple[Field, ...],
+    fmt: str | None,
+    where: str,
+    module: str | None,
+    *,
+    raise_on_conflict: bool = False,
+) -> MarkerCore:
+    """:func:`declare` with the place known (``module`` may be None)."""
     with _lock:
-        core = _markers.get(name)
-        if core is not None:
-            if core.fields != fields:
-                raise ValueError(
-                    f"marker {name!r} declared at {where} with fields "
-                    f"({', '.join(map(str, fields)) or 'no fields'}), but it was declared at "
-                    f"{core.where} with fields ({core.signature()})"
-                )
+        how, core = placement(name, fields, module, where)
+        if core is not None and how == "same":
+            if where not in core.declared_at and len(core.declared_at) < _DECLARED_AT_LIMIT:
+                core.declared_at += (where,)
             return core
+        if core is not None and how == "conflict":
+            if raise_on_conflict:
+                raise ValueError(_conflict_message(name, fields, where, core))
+            own = own_name(name, module, lambda n: fits(n, fields))
+            conflict(name, fields, where, core, own)
+            return declare_at(own, fields, fmt, where, module, raise_on_conflict=True)
+        if core is not None:  # "replace": the same place declares it anew
+            forget(name, core)
         core = MarkerCore(name, fields, fmt, where)
+        core.module = module
         _markers[name] = core
         try:
             for conn in tuple(_connections):  # a snapshot: a signal handler may connect
@@ -368,6 +489,18 @@ def declare(
             _detach_all(core)
             raise
         return core
+
+
+def fits(name: str, fields: tuple[Field, ...]) -> bool:
+    """``name`` is free, or declared with ``fields``."""
+    core = _markers.get(name)
+    return core is None or core.fields == fields
+
+
+def lock() -> Any:
+    """The registry's lock (re-entrant), for a decision over several markers that must
+    hold while they are declared (a span's two)."""
+    return _lock
 
 
 def lookup(name: str) -> MarkerCore | None:
@@ -634,6 +767,7 @@ def markers(pattern: str = "*") -> list[MarkerInfo]:
                 dropped_nested=c.dropped_nested,
                 probe_errors=c.probe_errors,
                 sites=tuple(s for r in tuple(_site_reporters) for s in r(c)),
+                declared_at=c.declared_at,
             )
             for c in cores
         ]

@@ -114,10 +114,34 @@ class Span:
         self, name: str, fmt: str | None = None, /, *, stacklevel: int = 1, **fields: Any
     ) -> None:
         registry.check_name(name)
-        begin = registry.declare(f"{name}.begin", fmt, fields, stacklevel=stacklevel + 1)
         # Context fields go on both: "every event of request 27" includes the ends.
         context = {k: v for k, v in fields.items() if isinstance(v, Context)}
-        end = registry.declare(f"{name}.end", None, context, stacklevel=stacklevel + 1)
+        begin_fields = registry.fields_of(f"{name}.begin", fmt, fields)
+        end_fields = registry.fields_of(f"{name}.end", None, context)
+        where, module = registry.caller(stacklevel)
+        with registry.lock():
+            # A conflict of either marker moves the span as a whole (begin and end must
+            # keep one name to pair).
+            clash = [
+                (f"{name}.{part}", f, core)
+                for part, f in (("begin", begin_fields), ("end", end_fields))
+                for how, core in [registry.placement(f"{name}.{part}", f, module, where)]
+                if how == "conflict" and core is not None
+            ]
+            if clash:
+                own = registry.own_name(
+                    name,
+                    module,
+                    lambda n: (
+                        registry.fits(f"{n}.begin", begin_fields)
+                        and registry.fits(f"{n}.end", end_fields)
+                    ),
+                )
+                marker_name, f, core = clash[0]
+                registry.conflict(marker_name, f, where, core, f"{own}.begin/.end")
+                name = own
+            begin = registry.declare_at(f"{name}.begin", begin_fields, fmt, where, module)
+            end = registry.declare_at(f"{name}.end", end_fields, None, where, module)
         set_ = object.__setattr__
         set_(self, "name", name)
         set_(self, "begin", begin.fire)
