@@ -27,6 +27,7 @@ SUITES = [
     "index",
     "spans",
     "export",
+    "logging",
 ]
 RESULTS = Path(__file__).with_name("RESULTS.md")
 _HEADER = """# Benchmark results
