@@ -78,7 +78,9 @@ __all__ = [
 ]
 
 
-def marker(name: str, fmt: str | None = None, /, **fields: type | str) -> Marker:
+def marker(
+    name: str, fmt: str | None = None, /, *, doc: str | None = None, **fields: type | str
+) -> Marker:
     """Declare the marker ``name`` and return it; call the result to fire it.
 
     Fields come from a printf-style ``fmt`` (``"len=%d dev=%s"``) or from keywords
@@ -89,11 +91,15 @@ def marker(name: str, fmt: str | None = None, /, **fields: type | str) -> Marker
     places, and the newcomer gets a marker of its own, ``<its package>.<name>``
     (:mod:`tracemark.markers.registry`). An invalid name or format is a ValueError.
 
+    ``doc`` says what the marker means; ``tracemark list`` and ``markers()`` show it, traces
+    carry it in their metadata, ``tracemark list --markdown`` makes a catalog of it. (So
+    ``doc`` is not a keyword field name: declare a field called ``doc`` with a format.)
+
     Firing costs one function call when no probe is connected (and nothing at all inside a
     function the patcher has rewritten); arguments that do not fit the fields are counted and
     dropped, never raised (except in strict mode).
     """
-    return _registry.declare(name, fmt, fields, stacklevel=2).fire
+    return _registry.declare(name, fmt, fields, stacklevel=2, doc=doc).fire
 
 
 _inline: dict[tuple[str, str | None], Any] = {}
@@ -118,16 +124,19 @@ def mark(name: str, fmt: str | None = None, /, *args: Any) -> None:
     fire(*args)
 
 
-def span(name: str, fmt: str | None = None, /, **fields: type | str) -> Span:
+def span(
+    name: str, fmt: str | None = None, /, *, doc: str | None = None, **fields: type | str
+) -> Span:
     """Declare the span ``name``: the markers ``NAME.begin`` (with these fields, given as for
     :func:`marker`) and ``NAME.end``, returned together as a :class:`Span`.
 
     ``q.begin(...)`` ... ``q.end()`` are two marker statements (jumped over, arguments not
     evaluated, while nobody listens, like any marker statement in a function); ``with
     q(...):`` fires both around a block, also when it raises. Readers pair them per thread
-    into spans with a duration (:mod:`tracemark.analysis`).
+    into spans with a duration (:mod:`tracemark.analysis`). ``doc`` is as for
+    :func:`marker` (each of the two markers carries it).
     """
-    return Span(name, fmt, stacklevel=2, **fields)
+    return Span(name, fmt, stacklevel=2, doc=doc, **fields)
 
 
 def context(var: Any, type: type | str = object, *, default: Any = ...) -> Context:

@@ -272,6 +272,7 @@ was read before the damage is reported first).""",
 examples:
   tracemark list                 # the current directory
   tracemark list src/ tests/helpers.py
+  tracemark list --markdown mylib/ > docs/markers.md   # a catalog for the docs
   tracemark list tracemark.demo  # a module or package, found on sys.path
 
 exit codes: 0 no errors, 1 errors found (printed as FILE:LINE:COL: error: ...),
@@ -279,6 +280,11 @@ exit codes: 0 no errors, 1 errors found (printed as FILE:LINE:COL: error: ...),
     )
     lst.add_argument(
         "targets", nargs="*", metavar="PATH|MODULE", help="files, directories or module names"
+    )
+    lst.add_argument(
+        "--markdown",
+        action="store_true",
+        help="write the markers as a Markdown table (name, fields, doc, place): a catalog",
     )
     return parser
 
@@ -416,7 +422,8 @@ def _warn_losses(trace_dir: str) -> None:
 def _list(args: argparse.Namespace, out: IO[str], err: IO[str]) -> int:
     from .listing import run
 
-    return run(args.targets, out, err, width=width_of(out), style=Style(wants_colour(out)))
+    style = Style(wants_colour(out))
+    return run(args.targets, out, err, width=width_of(out), style=style, markdown=args.markdown)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

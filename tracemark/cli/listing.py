@@ -86,6 +86,7 @@ class Declaration:
     inline: bool = False  # a tracemark.mark() use rather than a declaration
     sites: int = 0
     context: frozenset[str] = frozenset()  # fields read from a ContextVar: never passed
+    doc: str | None = None  # the declaration's doc= (a literal), shown and catalogued
 
 
 @dataclass(frozen=True, order=True)
@@ -326,6 +327,10 @@ class _Reader:
         fmt = _literal_str(call.args[1]) if len(call.args) > 1 else None
         fields: tuple[Field, ...] | None
         context: set[str] = set()
+        doc_given = [k for k in call.keywords if k.arg == "doc"]
+        doc = _literal_str(doc_given[0].value) if doc_given else None
+        doc = doc if isinstance(doc, str) else None
+        call_keywords = [k for k in call.keywords if k.arg != "doc"]
         try:
             check_name(name)
             if len(call.args) > 2:
@@ -333,15 +338,15 @@ class _Reader:
                     f"{what}() takes the name and one format, not {len(call.args)} "
                     "positional arguments"
                 )
-            if fmt is not None and call.keywords:
+            if fmt is not None and call_keywords:
                 raise ValueError("fields come from a format or from keywords, not both")
-            if fmt is Ellipsis or any(k.arg is None for k in call.keywords):
+            if fmt is Ellipsis or any(k.arg is None for k in call_keywords):
                 fields = None
             elif isinstance(fmt, str):
                 fields = fields_from_format(fmt)
             else:
                 types: dict[str, object] = {}
-                for k in call.keywords:
+                for k in call_keywords:
                     v = k.value
                     if isinstance(v, ast.Call) and self._is(
                         mod, v.func, "context", mod.context_funcs
@@ -367,17 +372,35 @@ class _Reader:
                 self._register(
                     mod,
                     call,
-                    Declaration(f"{name}.begin", fields, fmt, mod.shown, call.lineno, context=ctx),
+                    Declaration(
+                        f"{name}.begin",
+                        fields,
+                        fmt,
+                        mod.shown,
+                        call.lineno,
+                        context=ctx,
+                        doc=doc and f"{doc} (begins)",
+                    ),
                 ),
                 self._register(
                     mod,
                     call,
-                    Declaration(f"{name}.end", ends, None, mod.shown, call.lineno, context=ctx),
+                    Declaration(
+                        f"{name}.end",
+                        ends,
+                        None,
+                        mod.shown,
+                        call.lineno,
+                        context=ctx,
+                        doc=doc and f"{doc} (ends)",
+                    ),
                 ),
             )
         else:
             found = self._register(
-                mod, call, Declaration(name, fields, fmt, mod.shown, call.lineno, context=ctx)
+                mod,
+                call,
+                Declaration(name, fields, fmt, mod.shown, call.lineno, context=ctx, doc=doc),
             )
         self.by_call[id(call)] = found
         return found
@@ -387,6 +410,8 @@ class _Reader:
         if known is None:
             self.scan.markers[decl.name] = decl
             return decl
+        if known.doc is None and decl.doc:
+            known.doc = decl.doc
         if known.fields is not None and decl.fields is not None and known.fields != decl.fields:
             what = "used inline" if known.inline else "declared"
             self.problem(
@@ -622,10 +647,36 @@ def scan(targets: Sequence[str]) -> Scan:
     return result
 
 
+def _markdown_cell(text: str) -> str:
+    return " ".join(printable(text).split()).replace("|", "\\|")
+
+
+def write_markdown(result: Scan, out: IO[str]) -> None:
+    """The markers as a Markdown catalog a library can put in its docs: one row each."""
+    out.write("| marker | fields | what it means | declared at |\n| --- | --- | --- | --- |\n")
+    for decl in sorted(result.markers.values(), key=lambda d: d.name):
+        fields = "(dynamic)" if decl.fields is None else _fields(decl.fields)
+        if decl.context:
+            fields += f" (from context: {', '.join(sorted(decl.context))})"
+        cells = (f"`{decl.name}`", fields, decl.doc or "", f"{decl.file}:{decl.line}")
+        out.write("| " + " | ".join(_markdown_cell(c) for c in cells) + " |\n")
+
+
 def run(
-    targets: Sequence[str], out: IO[str], err: IO[str], *, width: int = 80, style: Style
+    targets: Sequence[str],
+    out: IO[str],
+    err: IO[str],
+    *,
+    width: int = 80,
+    style: Style,
+    markdown: bool = False,
 ) -> int:
     result = scan(targets)
+    if markdown:
+        write_markdown(result, out)
+        for problem in result.problems:
+            err.write(f"{problem}\n")
+        return EXIT_FOUND_ERRORS if result.problems else EXIT_OK
     for decl in sorted(result.markers.values(), key=lambda d: d.name):
         fields = "(dynamic fields)" if decl.fields is None else f"({_fields(decl.fields)})"
         if decl.context:
@@ -636,7 +687,10 @@ def run(
             head = f"{style(name, 'bold', 'cyan')}\n  {fields}"
         kind = "inline, first used" if decl.inline else "declared"
         sites = f"{decl.sites} call site{'s' if decl.sites != 1 else ''}"
-        out.write(f"{head}\n  {kind} {printable(decl.file)}:{decl.line}; {sites}\n")
+        out.write(f"{head}\n")
+        if decl.doc:
+            out.write(f"  {printable(' '.join(decl.doc.split()))}\n")
+        out.write(f"  {kind} {printable(decl.file)}:{decl.line}; {sites}\n")
     for problem in result.problems:
         err.write(f"{style(str(problem), 'red')}\n")
     summary = (

@@ -304,8 +304,12 @@ clock {{
 {STREAM_TSDL}"""
 
 
-def event_class(name: str, event_id: int, fields: Sequence[Any]) -> str:
-    """The TSDL ``event`` block of one marker (``fields``: its :class:`Field` tuple)."""
+def event_class(name: str, event_id: int, fields: Sequence[Any], doc: str | None = None) -> str:
+    """The TSDL ``event`` block of one marker (``fields``: its :class:`Field` tuple).
+
+    The marker's ``doc`` goes in a comment before the block (``/* doc: ... */``; TSDL
+    comments are C's, CTF §7.2, so every reader skips them), one line, with ``*/`` broken.
+    """
     lines = []
     for f in fields:
         key = ctf_field_key(f.name)
@@ -314,8 +318,12 @@ def event_class(name: str, event_id: int, fields: Sequence[Any]) -> str:
             lines.append(f"\t\t{TYPE_ALIASES[f.type]} _{key}[__{key}_len];\n")
         else:
             lines.append(f"\t\t{TYPE_ALIASES[f.type]} _{key};\n")
+    comment = ""
+    if doc:
+        text = " ".join(clean_text(doc).split()).replace("*/", "* /")
+        comment = f"\n/* doc: {text} */"
     return (
-        f"\nevent {{\n\tname = {_quote(name)};\n\tid = {event_id};\n\tstream_id = 0;\n"
+        f"{comment}\nevent {{\n\tname = {_quote(name)};\n\tid = {event_id};\n\tstream_id = 0;\n"
         f"\tfields := struct {{\n{''.join(lines)}\t}};\n}};\n"
     )
 

@@ -179,6 +179,8 @@ class MarkerInfo:
     #: Every place that declared it (``where`` first): more than one when several modules
     #: declared it with the same fields and share it.
     declared_at: tuple[str, ...] = ()
+    #: What the marker means, as its declaration says (``doc=``), or None.
+    doc: str | None = None
 
     @property
     def active(self) -> bool:
@@ -198,6 +200,8 @@ class MarkerCore:
         self.declared_at: tuple[str, ...] = (where,)
         #: The module that declared it first (None: unknown, or given an explicit ``where``).
         self.module: str | None = None
+        #: What it means (``doc=``): the first declaration that gives one sets it.
+        self.doc: str | None = None
         self.connections: tuple[Connection, ...] = ()
         self.bad_arguments = 0
         self.dropped_nested = 0
@@ -222,7 +226,14 @@ class MarkerCore:
         f.__name__ = f.__qualname__ = name
         f.__doc__ = f"Fire marker {name!r} ({self.signature()}); declared at {where}."
         f.name, f.fields, f.fmt, f.where = name, fields, fmt, where
+        f.doc = None
         f.__tracemark__ = self  # how the patcher and the registry recognise a marker
+
+    def set_doc(self, doc: str) -> None:
+        self.doc = doc
+        f = self.fire
+        f.doc = doc
+        f.__doc__ = f"{doc}\n\n{f.__doc__}"
 
     def signature(self) -> str:
         return ", ".join(map(str, self.fields)) or "no fields"
@@ -432,6 +443,7 @@ def declare(
     *,
     where: str | None = None,
     stacklevel: int = 1,
+    doc: str | None = None,
 ) -> MarkerCore:
     """Declare (or find again) the marker ``name``; see :func:`tracemark.marker` and the
     module docstring for a name declared again. Given ``where`` (a dynamic probe's target),
@@ -439,9 +451,9 @@ def declare(
     check_name(name)
     fields = fields_of(name, fmt, types)
     if where is not None:
-        return declare_at(name, fields, fmt, where, None, raise_on_conflict=True)
+        return declare_at(name, fields, fmt, where, None, raise_on_conflict=True, doc=doc)
     where, module = caller(stacklevel)
-    return declare_at(name, fields, fmt, where, module)
+    return declare_at(name, fields, fmt, where, module, doc=doc)
 
 
 def fields_of(name: str, fmt: str | None, types: Mapping[str, object] | None) -> tuple[Field, ...]:
@@ -460,24 +472,31 @@ def declare_at(
     module: str | None,
     *,
     raise_on_conflict: bool = False,
+    doc: str | None = None,
 ) -> MarkerCore:
     """:func:`declare` with the place known (``module`` may be None)."""
+    if doc is not None and not isinstance(doc, str):
+        raise ValueError(f"marker {name!r}: doc must be a str, not {type(doc).__name__}")
     with _lock:
         how, core = placement(name, fields, module, where)
         if core is not None and how == "same":
             if where not in core.declared_at and len(core.declared_at) < _DECLARED_AT_LIMIT:
                 core.declared_at += (where,)
+            if core.doc is None and doc:
+                core.set_doc(doc)
             return core
         if core is not None and how == "conflict":
             if raise_on_conflict:
                 raise ValueError(_conflict_message(name, fields, where, core))
             own = own_name(name, module, lambda n: fits(n, fields))
             conflict(name, fields, where, core, own)
-            return declare_at(own, fields, fmt, where, module, raise_on_conflict=True)
+            return declare_at(own, fields, fmt, where, module, raise_on_conflict=True, doc=doc)
         if core is not None:  # "replace": the same place declares it anew
             forget(name, core)
         core = MarkerCore(name, fields, fmt, where)
         core.module = module
+        if doc:
+            core.set_doc(doc)
         _markers[name] = core
         try:
             for conn in tuple(_connections):  # a snapshot: a signal handler may connect
@@ -768,6 +787,7 @@ def markers(pattern: str = "*") -> list[MarkerInfo]:
                 probe_errors=c.probe_errors,
                 sites=tuple(s for r in tuple(_site_reporters) for s in r(c)),
                 declared_at=c.declared_at,
+                doc=c.doc,
             )
             for c in cores
         ]

@@ -111,7 +111,14 @@ class Span:
     end: registry.Marker
 
     def __init__(
-        self, name: str, fmt: str | None = None, /, *, stacklevel: int = 1, **fields: Any
+        self,
+        name: str,
+        fmt: str | None = None,
+        /,
+        *,
+        stacklevel: int = 1,
+        doc: str | None = None,
+        **fields: Any,
     ) -> None:
         registry.check_name(name)
         # Context fields go on both: "every event of request 27" includes the ends.
@@ -140,8 +147,11 @@ class Span:
                 marker_name, f, core = clash[0]
                 registry.conflict(marker_name, f, where, core, f"{own}.begin/.end")
                 name = own
-            begin = registry.declare_at(f"{name}.begin", begin_fields, fmt, where, module)
-            end = registry.declare_at(f"{name}.end", end_fields, None, where, module)
+            docs = (f"{doc} (begins)", f"{doc} (ends)") if doc else (None, None)
+            begin = registry.declare_at(
+                f"{name}.begin", begin_fields, fmt, where, module, doc=docs[0]
+            )
+            end = registry.declare_at(f"{name}.end", end_fields, None, where, module, doc=docs[1])
         set_ = object.__setattr__
         set_(self, "name", name)
         set_(self, "begin", begin.fire)

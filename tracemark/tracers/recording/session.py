@@ -201,7 +201,7 @@ class Recording:
         for pattern in self.patterns:
             for info in registry.markers(pattern):
                 if (info.name, info.fields) not in self._classes:
-                    text += self._event_class(info.name, info.fields)
+                    text += self._event_class(info.name, info.fields, info.doc)
         self._metadata_text = text
         self.rings = RingDir(self.trace_path, self.subbuffer_size, self.nbufs, self.overwrite)
         self.rings.open(text)
@@ -379,7 +379,7 @@ class Recording:
         with self._reg_lock:
             event_id = self._classes.get((marker.name, marker.fields))
             if event_id is None:
-                text = self._event_class(marker.name, marker.fields)
+                text = self._event_class(marker.name, marker.fields, getattr(marker, "doc", None))
                 self._metadata_text += text
                 error = self.rings.append_metadata(text)  # before the marker can fire
                 if error is not None:
@@ -389,10 +389,10 @@ class Recording:
                 event_id = self._classes[marker.name, marker.fields]
             return event_id
 
-    def _event_class(self, name: str, fields: Any) -> str:
+    def _event_class(self, name: str, fields: Any, doc: str | None = None) -> str:
         # Ids start at 1: a zeroed event header is never an event (tracemark.ctf.ring).
         event_id = self._classes[name, fields] = len(self._classes) + 1
-        text = W.event_class(name, event_id, fields)
+        text = W.event_class(name, event_id, fields, doc)
         self._classes_text += text
         return text
 
