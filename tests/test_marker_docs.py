@@ -3,6 +3,8 @@ tracemark list (and --markdown), carried in a trace's metadata, read by babeltra
 
 from __future__ import annotations
 
+import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -63,7 +65,7 @@ def test_list_shows_docs_and_writes_a_markdown_catalog(tmp_path):
         )
     )
     run = [sys.executable, "-m", "tracemark", "list"]
-    env = {**__import__("os").environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     done = subprocess.run(
         [*run, "lib.py"], capture_output=True, text=True, timeout=60, cwd=tmp_path, env=env
     )
@@ -84,3 +86,25 @@ def test_list_shows_docs_and_writes_a_markdown_catalog(tmp_path):
         "| `http.request.end` |  | One request. (ends)",
     ]
     assert [c[1].rsplit("/")[-1] for c in cells] == ["lib.py:4 |", "lib.py:5 |", "lib.py:5 |"]
+
+
+def test_the_readme_library_example_runs(tmp_path):
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Shipping markers in a library", 1)[1].split("\n## ", 1)[0]
+    (code,) = re.findall(r"```python\n(.*?)```", section, re.S)
+    lib = tmp_path / "mylib_example.py"
+    lib.write_text(code)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        [sys.executable, str(lib)], capture_output=True, text=True, timeout=60, env=env
+    )
+    assert done.returncode == 0, done.stderr
+    listed = subprocess.run(
+        [sys.executable, "-m", "tracemark", "list", "--markdown", str(lib)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+    assert listed.returncode == 0, listed.stderr
+    assert "| `mylib.db.query` | table: str, rows: int | One query, as sent. |" in listed.stdout
