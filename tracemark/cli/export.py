@@ -122,9 +122,11 @@ def run_export(
     out = Path(output) if output else default_output(trace_dir, fmt)
     progress = Progress("exporting", total_events(trace), stream=err)
     try:
-        result = export(trace_dir, out, fmt, counters=specs, wrap=progress.wrap)
+        result = export(trace_dir, out, fmt, counters=specs, progress=progress.update)
     except OSError as exc:
         raise CliError(f"{printable(str(out))}: cannot write: {exc.strerror or exc}") from None
+    finally:
+        progress.done()
     size = out.stat().st_size
     err.write(
         f"{prog}: wrote {printable(str(out))} ({human_size(size)}): {result.events:,} events, "

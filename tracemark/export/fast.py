@@ -1,0 +1,519 @@
+"""The fast path of :func:`tracemark.export.export`: what :mod:`.walker` does, without an
+Event object, a merge or a sink call per event.
+
+Where the time went (cProfile of a 500k-event export, before): a third decoding (an Event
+named tuple and a fields dict per event, a generator step per event), a sixth merging the
+streams (``heapq.merge`` with a key per event), the rest in the walker's dispatch, Pairing's
+generator and objects, and the sink's encoding (a method call, a dict walk and several
+concatenations per event). Here, per event, one generated function per event class does it
+all: the reader's shared layout code (:func:`tracemark.ctf.reader.field_decoding`) reads the
+fields into locals, then format code made for that class and that track writes the event
+(constants per (track, class) precomputed: Perfetto's packet prefix per annotation length
+with the name interned, Chrome's text around the values), and spans are paired on the
+track's stack in place. Writes are joined per CTF packet.
+
+Guarantees
+----------
+* **The same timeline as the walker**: the same tracks (made by :class:`.walker.Tracks`),
+  slices (names, times, args), instants, counters, unfinished spans and ends without a
+  begin, and the same :class:`.walker.Walk` counts; anything off the common path (an end
+  that does not close the span on top of its track, counters, a begin of another class)
+  goes through the sink's own methods, which are the walker's. Tests export varied traces
+  both ways and compare what the viewers' decoders see.
+* **Used only where it is exact**: streams are walked one after the other, not merged, so
+  it is used only when every thread's events are in one stream (pairing needs a track's
+  events in order, nothing more); otherwise :func:`applies` says no and the walker runs.
+  The file's events are then grouped per stream, not in global time order: both formats
+  allow it (Chrome's document: events "do not have to be in timestamp-sorted order";
+  Perfetto's trace processor sorts packets by timestamp). Deterministic: streams go in
+  the reader's order.
+* **Bounded memory**: one CTF packet's bytes and its output at a time, the spans still
+  open, and caches that are cleared when they grow past a fixed size.
+* **A damaged packet ends only itself**, as in the walker: the events before the damage
+  are written, the error is listed, the next packet is read.
+* Task identity: a track is keyed (pid, tid, task) as the walker keys it; the reader does
+  not record tasks yet, so ``task`` is None here, at the one place the key is made.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from ..analysis.pairing import span_kind
+from ..ctf import TraceError
+from ..ctf.reader import Stream, SubTrace, compile_handlers
+from . import perfetto as P
+from .walker import CounterSpec, Track, Tracks, Walk
+
+__all__ = ["applies", "export_fast"]
+
+_CACHE_LIMIT = 1 << 16
+_TS_LOW = 1 << 56
+_TS_HIGH = 1 << 63
+
+
+def applies(subs: Sequence[SubTrace], fmt: str) -> bool:
+    """Whether the fast path gives what the walker gives: every thread in one stream only
+    (and, for Perfetto, every timestamp in the 9-byte varint range, 1972 to 2262)."""
+    seen: dict[tuple[int, int], Stream] = {}
+    for sub in subs:
+        meta = sub.meta
+        for s in sub.streams:
+            for p in s.packet_list():
+                other = seen.setdefault((p.pid, p.tid), s)
+                if other is not s:
+                    return False
+                if fmt == "perfetto":
+                    for raw in (p.ts_begin, p.ts_end):
+                        ns = raw * 1_000_000_000 // meta.freq + meta.offset_ns
+                        if not _TS_LOW <= ns < _TS_HIGH:
+                            return False
+    return True
+
+
+class _TrackState:
+    """What the generated handlers of one track see: the track, its open spans, its last
+    event's time."""
+
+    __slots__ = ("handlers", "last", "stack", "track")
+
+    def __init__(self, track: Track) -> None:
+        self.track = track
+        #: Open spans: (span name, begin ns, begin class's field-dict maker, begin values,
+        #: format's pre-encoded begin args).
+        self.stack: list[tuple] = []
+        self.last: int | None = None
+        self.handlers: dict[int, Callable] = {}
+
+
+class _ListOut:
+    """A text or binary sink's ``out`` that collects pieces, joined per packet."""
+
+    def __init__(self, pieces: list) -> None:
+        self.write = pieces.append
+
+
+def _first_ts(stream: Stream) -> int | None:
+    """The time of the stream's first event, from its header alone (None if unreadable)."""
+    packets = stream.packet_list()
+    if not packets:
+        return None
+    p = packets[0]
+    meta = stream.sub.meta
+    try:
+        data = stream.read_packet(p)
+        if p.count and p.start + 12 <= p.content_end:
+            raw = int.from_bytes(data[p.start + 4 : p.start + 12], "little")
+        else:
+            raw = p.ts_begin
+    except (OSError, TraceError):
+        raw = p.ts_begin
+    return raw * 1_000_000_000 // meta.freq + meta.offset_ns
+
+
+def export_fast(
+    subs: Sequence[SubTrace],
+    sink: Any,
+    fmt: str,
+    out: Any,
+    *,
+    counters: Sequence[CounterSpec] = (),
+    errors: list[str] | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> Walk:
+    """Export ``subs`` through ``sink`` (a :class:`~.perfetto.PerfettoWriter` or
+    :class:`~.chrome.ChromeWriter` writing to ``out``), the fast way; only where
+    :func:`applies`. ``progress(events so far)`` is called after each packet."""
+    result = Walk(errors=errors if errors is not None else [])
+    tracks = Tracks(sink, subs)
+    wanted: dict[str, list[str]] = {}
+    for spec in counters:
+        wanted.setdefault(spec.marker, []).append(spec.field)
+    declared = {name for sub in subs for name, _ in sub.meta.events.values()}
+    pieces: list = []
+    joiner: Any
+    if fmt == "perfetto":
+        sink._write = pieces.append
+        joiner = b"".join
+        maker: Any = _PerfettoCode(sink)
+    else:
+        sink.out = _ListOut(pieces)
+        firsts = [_first_ts(s) for sub in subs for s in sub.streams]
+        base = min((t for t in firsts if t is not None), default=0)
+        sink.base = base
+        joiner = "".join
+        maker = _ChromeCode(sink, base)
+    counts = [0]  # spans begun
+    states: dict[tuple, _TrackState] = {}
+    by_track: list[_TrackState] = []
+
+    def slow_end(t: _TrackState, ts: int, span: str, name: str, fields: dict[str, Any]) -> None:
+        # The walker's pairing (analysis.pairing.Pairing.feed), for the ends the generated
+        # code leaves: not the span on top, or a begin of another class on top.
+        stack = t.stack
+        for i in range(len(stack) - 1, -1, -1):
+            if stack[i][0] == span:
+                break
+        else:
+            args = dict(fields)
+            args["unmatched"] = True
+            sink.instant(t.track, ts, f"{name} (end without begin)", args)
+            result.unmatched += 1
+            return
+        while len(stack) > i + 1:  # spans opened inside this one and never ended
+            inner = stack.pop()
+            sink.end(t.track, ts, inner[0], inner[1], inner[2](*inner[3]), None, True)
+            result.unfinished += 1
+        begin = stack.pop()
+        sink.end(t.track, ts, span, begin[1], begin[2](*begin[3]), fields, False)
+
+    def count(t: _TrackState, ts: int, marker: str, fields: dict[str, Any]) -> None:
+        tracks.count(result, t.track.pid, ts, marker, fields, wanted[marker])
+
+    env: dict[str, Any] = {
+        "SLOW_END": slow_end,
+        "COUNT": count,
+        "COUNTS": counts,
+        "OUT": pieces.append,
+    }
+    maker.names(env)
+    done = 0
+    for sub in subs:
+        ns = dict(env)
+        dict_makers: dict[int, Callable] = {}
+        for eid, (_, fields) in sub.meta.events.items():
+            dict_makers[eid] = _dict_maker(fields)
+        ns["DICTS"] = dict_makers
+        begin_of: dict[str, int] = {}
+        for eid, (name, _) in sub.meta.events.items():
+            kind = span_kind(name, declared)
+            if kind and kind[0] == "begin":
+                begin_of.setdefault(kind[1], eid)
+
+        def handler(
+            eid: int,
+            name: str,
+            fields: tuple[tuple[str, str], ...],
+            ns: dict[str, Any],
+            begin_of: dict[str, int] = begin_of,
+            sub: SubTrace = sub,
+        ) -> tuple[str, str]:
+            kind = span_kind(name, declared) or ("instant", name)
+            expect = begin_of.get(kind[1]) if kind[0] == "end" else None
+            begin_fields = sub.meta.events[expect][1] if expect is not None else ()
+            once, body = maker.code(eid, name, kind, fields, expect, begin_fields, ns)
+            if name in wanted:
+                body += f"        COUNT(T, ts, {name!r}, DICTS[{eid}]({_values(fields)}))\n"
+            return once, body
+
+        bind = compile_handlers(sub, handler, ns, raw_text=True, prologue=maker.prologue)
+        for stream in sub.streams:
+            for p in stream.packet_list():
+                task = None  # the reader gives no task yet: when it does, per event
+                key = (p.pid, p.tid, task)
+                t = states.get(key)
+                if t is None:
+                    t = states[key] = _TrackState(tracks.track(key, p.thread))
+                    t.handlers = bind(t)
+                    by_track.append(t)
+                elif p.thread and p.thread != t.track.name and t.track.kind == "thread":
+                    t.track.name = p.thread  # renamed: say it again
+                    sink.track(t.track)
+                try:
+                    n, last = stream.walk_packet(p, stream.read_packet(p), t.handlers)
+                except TraceError as exc:
+                    n, last = getattr(exc, "handled", 0), getattr(exc, "last", None)
+                    result.errors.append(f"{exc}; the rest of that packet was not exported")
+                if last is not None:
+                    t.last = last
+                done += n
+                out.write(joiner(pieces))
+                pieces.clear()
+                if progress is not None:
+                    progress(done)
+    # Spans never ended: closed at their track's last event, marked unfinished.
+    for t in by_track:
+        stack = t.stack
+        while stack:
+            begin = stack.pop()
+            ts = max(begin[1], t.last if t.last is not None else begin[1])
+            sink.end(t.track, ts, begin[0], begin[1], begin[2](*begin[3]), None, True)
+            result.unfinished += 1
+        out.write(joiner(pieces))
+        pieces.clear()
+    if fmt == "perfetto":
+        sink._write = out.write
+    else:
+        sink.out = out
+    begins = counts[0]
+    result.events = done
+    result.slices = begins
+    result.instants = done - 2 * begins + result.unfinished
+    return result
+
+
+def _values(fields: tuple) -> str:
+    return "".join(f"v{i}, " for i in range(len(fields)))
+
+
+def _dict_maker(fields: tuple[tuple[str, str], ...]) -> Callable[..., dict[str, Any]]:
+    """``make(v0, v1, ...)``: the fields dict the reader gives (text fields decoded)."""
+    names = [n for n, _ in fields]
+    text = [t in ("str", "object") for _, t in fields]
+
+    def make(*values: Any) -> dict[str, Any]:
+        return {
+            n: (v.decode() if is_text else v)
+            for n, v, is_text in zip(names, values, text, strict=True)
+        }
+
+    return make
+
+
+def _bounded(cache: dict) -> dict:
+    if len(cache) >= _CACHE_LIMIT:
+        cache.clear()
+    return cache
+
+
+# --- Perfetto -------------------------------------------------------------------------------
+
+#: "\x40" (TracePacket.timestamp = 8, varint) and the first two bytes of a 9-byte varint.
+_TS_A = [b"\x40" + t for t in P._T14]
+_HI: dict[int, bytes] = {}
+
+
+def _hi(h: int) -> bytes:
+    """The last 5 bytes of a 9-byte timestamp varint: bits 28 and up (cached)."""
+    b = _bounded(_HI)[h] = P._T14[h & 0x3FFF] + P.varint(h >> 14)
+    return b
+
+
+class _PerfettoCode:
+    """Per event class and track: the source that writes its TrackEvent packets."""
+
+    prologue = "    STACK = T.stack\n"
+
+    def __init__(self, w: P.PerfettoWriter) -> None:
+        self.w = w
+
+    def names(self, env: dict[str, Any]) -> None:
+        w = self.w
+        env.update(
+            W=w,
+            TSA=_TS_A,
+            T14=P._T14,
+            HI=_HI,
+            HIV=_hi,
+            V14=P._V14,
+            FR=_frame_maker(w.frame),
+            ANN=w.annotation,
+        )
+
+    def field(self, k: str, type_name: str, i: int, eid: int, ns: dict[str, Any]) -> str:
+        """An expression: field ``k`` (in ``v{i}``) as a DebugAnnotation."""
+        w = self.w
+        v = f"v{i}"
+        tag = f"{eid}_{i}"
+        if type_name == "int":
+            # Common: 0 <= v < 2**28, a varint of 1 to 4 bytes (from two tables) after a
+            # prefix that depends only on its length.
+            ns[f"AP_{tag}"] = [b""] + [w.annotation(k, 1 << (7 * n))[: -n - 1] for n in range(4)]
+            x = f"x{i}"
+            return (
+                f"(AP_{tag}[len({x})] + {x} if 0 <= {v} < 268435456 and ({x} := V14[{v}] "
+                f"if {v} < 16384 else T14[{v} & 16383] + V14[{v} >> 14]) else ANN({k!r}, {v}))"
+            )
+        if type_name == "bool":
+            ns[f"BT_{tag}"], ns[f"BF_{tag}"] = w.annotation(k, True), w.annotation(k, False)
+            return f"(BT_{tag} if {v} else BF_{tag})"
+        if type_name == "float":
+            return f"ANN({k!r}, {v})"
+        # str, object (UTF-8 bytes: decoded, hence checked, on a cache miss) and bytes
+        cache: dict[bytes, bytes] = {}
+        text = type_name != "bytes"
+
+        def miss(raw: bytes, k: str = k, cache: dict = cache, text: bool = text) -> bytes:
+            a = _bounded(cache)[raw] = w.annotation(k, raw.decode() if text else raw)
+            return a
+
+        ns[f"C_{tag}"], ns[f"M_{tag}"] = cache, miss
+        return f"(C_{tag}.get({v}) or M_{tag}({v}))"
+
+    def annotations(self, fields: tuple, eid: int, ns: dict[str, Any], rename=()) -> str:
+        parts = [
+            self.field(f"end.{k}" if k in rename else k, t, i, eid, ns)
+            for i, (k, t) in enumerate(fields)
+        ]
+        return " + ".join(parts) if parts else 'b""'
+
+    def code(
+        self,
+        eid: int,
+        name: str,
+        kind: tuple[str, str],
+        fields: tuple,
+        expect: int | None,
+        begin_fields: tuple,
+        ns: dict[str, Any],
+    ) -> tuple[str, str]:
+        what, label = kind
+        types = {"instant": P.TYPE_INSTANT, "begin": P.TYPE_SLICE_BEGIN, "end": P.TYPE_SLICE_END}
+        once = (
+            f"    H{eid} = W.head(T.track, {types[what]}, {label if what != 'end' else ''!r})\n"
+            f"    F{eid} = {{}}\n    D{eid} = DICTS[{eid}]\n"
+        )
+        if expect is not None:
+            once += f"    E{eid} = DICTS[{expect}]\n"
+        write = (
+            f"            OUT((F{eid}.get(len(a)) or FR({eid}, H{eid}, F{eid}, len(a))) + a + "
+            "TSA[ts & 16383] + T14[ts >> 14 & 16383] + (HI.get(ts >> 28) or HIV(ts >> 28)))\n"
+        )
+        vals = _values(fields)
+        if what == "instant":
+            body = (
+                f"        if True:\n            a = {self.annotations(fields, eid, ns)}\n" + write
+            )
+        elif what == "begin":
+            body = (
+                f"        if True:\n            a = {self.annotations(fields, eid, ns)}\n"
+                + write
+                + f"        STACK.append(({label!r}, ts, D{eid}, ({vals})))\n"
+                "        COUNTS[0] += 1\n"
+            )
+        else:
+            rename = {k for k, _ in begin_fields}
+            ann = self.annotations(fields, eid, ns, rename)
+            same = f"top[2] is E{eid}" if expect is not None else "False"
+            body = (
+                f"        if STACK and (top := STACK[-1])[0] == {label!r} and {same}:\n"
+                "            STACK.pop()\n"
+                f"            a = {ann}\n" + write + "        else:\n"
+                f"            SLOW_END(T, ts, {label!r}, {name!r}, D{eid}({vals}))\n"
+            )
+        return once, body
+
+
+def _frame_maker(frame: Callable[[bytes, int], bytes]) -> Callable:
+    def fr(eid: int, head: bytes, cache: dict, size: int) -> bytes:
+        f = _bounded(cache)[size] = frame(head, size)
+        return f
+
+    return fr
+
+
+# --- Chrome ---------------------------------------------------------------------------------
+
+_M3 = [f".{r:03d}" for r in range(1000)]
+
+
+def _us_text(ns: int) -> str:
+    from .chrome import _us
+
+    return _us(ns)
+
+
+def _json_text(raw: bytes) -> str:
+    return json.dumps(raw.decode(), ensure_ascii=False)
+
+
+def _json_float(v: float) -> str:
+    if math.isfinite(v):
+        return float.__repr__(v)
+    return '"nan"' if v != v else ('"inf"' if v > 0 else '"-inf"')
+
+
+class _ChromeCode:
+    """Per event class and track: the source that writes its Chrome JSON events."""
+
+    prologue = (
+        "    STACK = T.stack\n"
+        '    PT = f\',"pid":{T.track.pid},"tid":{CW._tid[T.track.uid]},"args":{{\'\n'
+    )
+
+    def __init__(self, w: Any, base: int) -> None:
+        self.w = w
+        self.base = base
+
+    def names(self, env: dict[str, Any]) -> None:
+        env.update(BASE=self.base, M3=_M3, US=_us_text, JF=_json_float, CW=self.w)
+
+    def field(self, type_name: str, i: int, eid: int, ns: dict[str, Any]) -> str:
+        """An expression: ``v{i}`` as JSON text."""
+        v = f"v{i}"
+        if type_name == "int":
+            return f"str({v})"
+        if type_name == "bool":
+            return f'("true" if {v} else "false")'
+        if type_name == "float":
+            return f"JF({v})"
+        cache: dict[bytes, str] = {}
+        text = type_name != "bytes"
+
+        def miss(raw: bytes, cache: dict = cache, text: bool = text) -> str:
+            s = _bounded(cache)[raw] = _json_text(raw) if text else f'"{raw.hex()}"'
+            return s
+
+        tag = f"{eid}_{i}"
+        ns[f"C_{tag}"], ns[f"M_{tag}"] = cache, miss
+        return f"(C_{tag}.get({v}) or M_{tag}({v}))"
+
+    def members(self, fields: tuple, eid: int, ns: dict[str, Any], rename=()) -> str:
+        """An expression: the fields as JSON object members (no braces)."""
+        parts = []
+        for i, (k, t) in enumerate(fields):
+            key = json.dumps(f"end.{k}" if k in rename else k, ensure_ascii=False)
+            sep = "," if i else ""
+            parts.append(f"{sep}{key}:".__repr__() + " + " + self.field(t, i, eid, ns))
+        return " + ".join(parts) if parts else '""'
+
+    def code(
+        self,
+        eid: int,
+        name: str,
+        kind: tuple[str, str],
+        fields: tuple,
+        expect: int | None,
+        begin_fields: tuple,
+        ns: dict[str, Any],
+    ) -> tuple[str, str]:
+        what, label = kind
+        jname = json.dumps(label, ensure_ascii=False)
+        ts_text = "(str(X // 1000) + M3[X % 1000] if X >= 0 else US(X))"
+        once = f"    D{eid} = DICTS[{eid}]\n"
+        if expect is not None:
+            once += f"    E{eid} = DICTS[{expect}]\n"
+        vals = _values(fields)
+        if what == "instant":
+            pre = repr(f',\n{{"ph":"i","s":"t","cat":"marker","name":{jname},"ts":')
+            body = (
+                "        X = ts - BASE\n"
+                f"        OUT({pre} + {ts_text} + PT + {self.members(fields, eid, ns)} + '}}}}')\n"
+            )
+        elif what == "begin":
+            body = (
+                f"        STACK.append(({label!r}, ts, D{eid}, ({vals}), "
+                f"{self.members(fields, eid, ns)}))\n"
+                "        COUNTS[0] += 1\n"
+            )
+        else:
+            rename = {k for k, _ in begin_fields}
+            ends = self.members(fields, eid, ns, rename)
+            sep = '","' if fields and begin_fields else '""'
+            same = f"top[2] is E{eid}" if expect is not None else "False"
+            pre = repr(f',\n{{"ph":"X","cat":"span","name":{jname},"ts":')
+            body = (
+                f"        if STACK and (top := STACK[-1])[0] == {label!r} and {same}:\n"
+                "            STACK.pop()\n"
+                "            X = top[1] - BASE\n"
+                f"            head = {pre} + {ts_text}\n"
+                "            X = ts - top[1]\n"
+                f"            OUT(head + ',\"dur\":' + {ts_text} + PT + top[4] + {sep} + {ends}"
+                " + '}}')\n"
+                "        else:\n"
+                f"            SLOW_END(T, ts, {label!r}, {name!r}, D{eid}({vals}))\n"
+            )
+        return once, body
