@@ -289,7 +289,7 @@ def perfetto_slices(trace):
     tracks = {}
     events = []
     for packet in trace.packet:
-        assert packet.trusted_packet_sequence_id == 1
+        assert packet.trusted_packet_sequence_id >= 1  # one per process that wrote
         if packet.HasField("track_descriptor"):
             tracks[packet.track_descriptor.uuid] = packet.track_descriptor
     for i, (packet, name, args) in enumerate(interned_events(trace)):

@@ -22,6 +22,7 @@ from test_export import decode, interned_events, perfetto_slices
 
 from tracemark.ctf import read_trace
 from tracemark.export import export
+from tracemark.export import fast as fast_mod
 from tracemark.export.fast import applies
 from tracemark.export.walker import open_streams
 
@@ -137,23 +138,35 @@ def perfetto_view(path: Path):
             rows(instants.get(uuid, [])),
             sorted(repr(c) for c in counters.get(uuid, [])),
         )
-    # Thread track descriptors as sent (renames included), and every name used interned.
+    # Track descriptors as sent: processes and threads (renames included) as many times as
+    # the walker sends them; a counter's at least once (each process of the fast path that
+    # writes its values describes it).
     sent = Counter(
-        describe(p.track_descriptor.uuid) for p in trace.packet if p.HasField("track_descriptor")
+        describe(p.track_descriptor.uuid)
+        for p in trace.packet
+        if p.HasField("track_descriptor") and not p.track_descriptor.HasField("counter")
     )
-    return view, sent, len(interned_events(trace))
+    counter_tracks = {
+        describe(p.track_descriptor.uuid)
+        for p in trace.packet
+        if p.HasField("track_descriptor") and p.track_descriptor.HasField("counter")
+    }
+    return view, sent, counter_tracks, len(interned_events(trace))
 
 
 def chrome_view(path: Path):
     doc = json.loads(path.read_text())
     events = Counter(json.dumps(e, sort_keys=True) for e in doc["traceEvents"])
+    # Each worker of the fast path names its threads' process once more.
+    events = {e: 1 if '"process_name"' in e else n for e, n in events.items()}
     return events, doc["otherData"], doc["displayTimeUnit"]
 
 
-def both(trace: Path, tmp: Path, fmt: str):
+def both(trace: Path, tmp: Path, fmt: str, jobs: int = 1):
     suffix = ".pftrace" if fmt == "perfetto" else ".json"
     fast, slow = tmp / f"fast{suffix}", tmp / f"slow{suffix}"
-    r_fast = export(trace, fast, fmt, counters=COUNTERS)
+    r_fast = export(trace, fast, fmt, counters=COUNTERS, jobs=jobs)
+    assert not [p for p in tmp.iterdir() if "part" in p.name]  # the workers' files gone
     r_slow = export(trace, slow, fmt, counters=COUNTERS, fast=False)
     return (fast, r_fast), (slow, r_slow)
 
@@ -165,16 +178,23 @@ def test_the_fast_path_runs_on_the_varied_trace(varied):
 
 
 @pytest.mark.parametrize("fmt", ["perfetto", "chrome"])
-def test_fast_path_shows_what_the_walker_shows(varied, tmp_path, fmt):
-    (fast, r_fast), (slow, r_slow) = both(varied, tmp_path, fmt)
+@pytest.mark.parametrize("jobs", [1, 2])
+@pytest.mark.parametrize("sample", [fast_mod.SAMPLE, 3])
+def test_fast_path_shows_what_the_walker_shows(varied, tmp_path, fmt, jobs, sample, monkeypatch):
+    # sample 3: each class decides at once between its payload cache and none, and both
+    # kinds of handler run (at 256 the small trace stays in the sampling one).
+    monkeypatch.setattr(fast_mod, "SAMPLE", sample)
+    (fast, r_fast), (slow, r_slow) = both(varied, tmp_path, fmt, jobs)
     assert r_fast == r_slow
     assert r_fast.unfinished >= 3 * 6 and r_fast.unmatched >= 3 * 4
     assert r_fast.skipped_values["q.depth.load"] > 0 and r_fast.counters > 0
     total = sum(s.events for s in read_trace(varied).streams)
     assert r_fast.events == total
     if fmt == "perfetto":
-        view, sent, n = perfetto_view(fast)
-        assert (view, sent, n) == perfetto_view(slow)
+        sequences = {p.trusted_packet_sequence_id for p in decode(fast).packet}
+        assert sequences == set(range(1, jobs + 1))  # one per process: the parts ran
+        view, sent, counter_tracks, n = perfetto_view(fast)
+        assert (view, sent, counter_tracks, n) == perfetto_view(slow)
         names = {i for _, (sl, ins, _) in view.items() for i in sl + ins}
         assert any("end.id" in i for i in names)  # the clash renamed, the begin's kept
         assert any("(unfinished)" in i for i in names)
@@ -184,7 +204,8 @@ def test_fast_path_shows_what_the_walker_shows(varied, tmp_path, fmt):
 
 
 @pytest.mark.parametrize("fmt", ["perfetto", "chrome"])
-def test_fast_path_on_a_damaged_trace_matches_the_walker(varied, tmp_path, fmt):
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_fast_path_on_a_damaged_trace_matches_the_walker(varied, tmp_path, fmt, jobs):
     damaged = tmp_path / "damaged"
     shutil.copytree(varied, damaged)
     streams = sorted(read_trace(damaged).streams, key=lambda s: -s.events)
@@ -204,7 +225,7 @@ def test_fast_path_on_a_damaged_trace_matches_the_walker(varied, tmp_path, fmt):
             else:  # the timestamp goes backwards
                 f.seek(p.offset + pos + 4)
                 f.write(b"\x00" * 8)
-    (fast, r_fast), (slow, r_slow) = both(damaged, tmp_path, fmt)
+    (fast, r_fast), (slow, r_slow) = both(damaged, tmp_path, fmt, jobs)
     # The same errors (listed in stream order by one, in time order by the other).
     assert len(r_fast.errors) == 2 and sorted(r_fast.errors) == sorted(r_slow.errors)
     r_fast.errors.sort()

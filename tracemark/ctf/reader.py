@@ -407,7 +407,7 @@ class _Backwards(Exception):
 
 def compile_handlers(
     sub: SubTrace,
-    handler: Callable[[int, str, tuple[tuple[str, str], ...], dict[str, Any]], tuple[str, str]],
+    handler: Callable[[int, str, tuple[tuple[str, str], ...], dict[str, Any]], tuple[str, Any]],
     ns: dict[str, Any],
     raw_text: bool = False,
     prologue: str = "",
@@ -420,21 +420,34 @@ def compile_handlers(
     ``handler(event id, name, fields, ns)`` returns two pieces of source: lines run once in
     ``bind`` (indented 4: constants for that class and ``T``), and lines run per event after
     the class's shared layout code (:func:`field_decoding`, indented 8: the fields are in
-    ``v0``, ``v1``...; ``ts`` is the event's ns since the epoch; ``pos`` must be left as it
-    is). ``prologue``: lines run first in ``bind`` (indented 4). ``ns``: the names all may
-    use. ``raw_text``: as for :func:`field_decoding`."""
+    ``v0``, ``v1``...; ``p0`` is where the payload starts, ``pos`` where it ends and must be
+    left; ``ts`` is the event's ns since the epoch). The second may instead be a list of
+    (suffix, lines): variants of the handler, each with the same layout code, named
+    ``h<id><suffix>``; the first is the one in the table, which they see as ``HANDLERS``
+    (a variant may put another in its place). ``prologue``: lines run first in ``bind``
+    (indented 4). ``ns``: the names all may use. ``raw_text``: as for
+    :func:`field_decoding`."""
     setup: list[str] = []
     defs: list[str] = []
+    table = []
     for eid, (name, fields) in sub.meta.events.items():
         once, body = handler(eid, name, fields, ns)
         setup.append(once)
-        defs.append(f"    def h{eid}(data, pos, end, ts):\n")
-        defs += field_decoding(fields, ns, "        ", raw_text)
-        defs.append(body)
-        defs.append("        return pos\n")
-    table = ", ".join(f"{eid}: h{eid}" for eid in sub.meta.events)
+        variants = [("", body)] if isinstance(body, str) else body
+        layout = field_decoding(fields, ns, "        ", raw_text)
+        for suffix, lines in variants:
+            defs.append(f"    def h{eid}{suffix}(data, pos, end, ts):\n        p0 = pos\n")
+            defs += layout
+            defs.append(lines)
+            defs.append("        return pos\n")
+        table.append(f"{eid}: h{eid}{variants[0][0]}")
     source = (
-        "def bind(T):\n" + prologue + "".join(setup) + "".join(defs) + f"    return {{{table}}}\n"
+        "def bind(T):\n    HANDLERS = {}\n"
+        + prologue
+        + "".join(setup)
+        + "".join(defs)
+        + f"    HANDLERS.update({{{', '.join(table)}}})\n"
+        + "    return HANDLERS\n"
     )
     exec(compile_generated(source, "handlers"), ns)
     return ns["bind"]

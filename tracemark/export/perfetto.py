@@ -21,9 +21,14 @@ What is written, following Perfetto's "Writing TrackEvent Protos Synthetically" 
   could know, so its name cannot say it, and that instant shows it on the timeline;
 * other markers: ``TYPE_INSTANT``; counters: ``TYPE_COUNTER`` with ``counter_value`` (int64)
   or ``double_counter_value``;
-* every packet carries ``trusted_packet_sequence_id`` 1 (one writer: events come in
-  timestamp order, except the ends of spans closed when the trace ends); timestamps are the
-  trace's ns since the Unix epoch, in the default trace clock. No interned data.
+* every packet carries ``trusted_packet_sequence_id`` 1 (2 for the part a second process
+  of the fast path writes); timestamps are the trace's ns since the Unix epoch, in the
+  default trace clock;
+* **interned names** (Perfetto's "incremental state"): a sequence's first packet has
+  ``sequence_flags`` SEQ_INCREMENTAL_STATE_CLEARED; an event name or a field name is sent
+  once, in an ``interned_data`` packet, as an ``EventName`` or ``DebugAnnotationName``
+  ``{iid, name}``, before the first event that uses it; events then carry ``name_iid`` and
+  their annotations ``name_iid``, with ``sequence_flags`` SEQ_NEEDS_INCREMENTAL_STATE.
 
 Field numbers, checked against Perfetto's published schema (the ``perfetto`` PyPI package's
 ``perfetto/protos/perfetto/trace/perfetto_trace_pb2.py``, built from
@@ -31,7 +36,11 @@ Field numbers, checked against Perfetto's published schema (the ``perfetto`` PyP
 
 * ``trace.proto``: Trace.packet = 1.
 * ``trace_packet.proto``: TracePacket.timestamp = 8 (uint64), trusted_packet_sequence_id = 10
-  (uint32), track_event = 11, track_descriptor = 60.
+  (uint32), track_event = 11, interned_data = 12, sequence_flags = 13 (uint32:
+  SEQ_INCREMENTAL_STATE_CLEARED 1, SEQ_NEEDS_INCREMENTAL_STATE 2), track_descriptor = 60.
+* ``interned_data.proto``: InternedData.event_names = 2 (EventName), debug_annotation_names
+  = 3 (DebugAnnotationName); ``track_event.proto``: EventName.iid = 1, name = 2;
+  ``debug_annotation.proto``: DebugAnnotationName.iid = 1, name = 2.
 * ``track_event/track_descriptor.proto``: TrackDescriptor.uuid = 1 (uint64), name = 2,
   process = 3, thread = 4, parent_uuid = 5 (uint64), counter = 8.
 * ``track_event/process_descriptor.proto``: ProcessDescriptor.pid = 1 (int32),
@@ -41,8 +50,9 @@ Field numbers, checked against Perfetto's published schema (the ``perfetto`` PyP
 * ``track_event/counter_descriptor.proto``: CounterDescriptor (all fields optional).
 * ``track_event/track_event.proto``: TrackEvent.debug_annotations = 4, type = 9
   (TYPE_SLICE_BEGIN 1, TYPE_SLICE_END 2, TYPE_INSTANT 3, TYPE_COUNTER 4), track_uuid = 11
-  (uint64), name = 23, counter_value = 30 (int64), double_counter_value = 44 (double).
-* ``track_event/debug_annotation.proto``: DebugAnnotation.name = 10, bool_value = 2,
+  (uint64), name_iid = 10 (uint64), name = 23, counter_value = 30 (int64),
+  double_counter_value = 44 (double).
+* ``track_event/debug_annotation.proto``: DebugAnnotation.name_iid = 1, name = 10, bool_value = 2,
   int_value = 4 (int64), double_value = 5 (double), string_value = 6.
 
 Values: int -> int_value (beyond int64: string_value, its digits), float -> double_value,
@@ -59,7 +69,6 @@ from .walker import Track, end_args
 
 __all__ = ["PerfettoWriter"]
 
-_SEQUENCE = 1
 #: Encoded annotations kept for reuse, at most (a few MiB).
 _CACHE_LIMIT = 1 << 16
 _MASK64 = (1 << 64) - 1
@@ -112,7 +121,6 @@ def _text(v: str) -> bytes:
 
 # Pre-encoded tags.
 _T_TS = tag(8, _VARINT)
-_T_SEQ = tag(10, _VARINT) + varint(_SEQUENCE)
 # TracePacket.sequence_flags (13): SEQ_INCREMENTAL_STATE_CLEARED = 1 on the sequence's first
 # packet, SEQ_NEEDS_INCREMENTAL_STATE = 2 on every packet that uses interned names.
 _T_FLAGS_CLEARED = tag(13, _VARINT) + varint(1)
@@ -192,13 +200,23 @@ class PerfettoWriter:
         self._frames: dict[tuple[bytes, int], bytes] = {}
         # The sequence starts with its incremental state cleared (sequence_flags = 1), so
         # that the interned names below are read as this sequence's.
-        self._write(_frame_packet(_T_SEQ + _T_FLAGS_CLEARED))
+        self.sequence(1, self._write)
+
+    def sequence(self, number: int, write: Any) -> None:
+        """Go on as sequence ``number`` (trusted_packet_sequence_id), writing with
+        ``write``: its first packet clears the incremental state, and names are interned
+        anew (the fast path gives each process it runs in a sequence of its own)."""
+        self._write = write
+        self._seq = tag(10, _VARINT) + varint(number)
+        for table in (self._heads, self._keys, self._names, self._cache, self._frames):
+            table.clear()
+        self._write(_frame_packet(self._seq + _T_FLAGS_CLEARED))
 
     def _intern(self, field: int, iid: int, name: str) -> None:
         # TracePacket.interned_data (12) holding one EventName (InternedData.event_names = 2)
         # or DebugAnnotationName (debug_annotation_names = 3): {iid = 1, name = 2}.
         entry = _vfield(1, iid) + _len(2, _text(name))
-        self._write(_frame_packet(_T_SEQ + _T_FLAGS_NEEDED + _len(12, _len(field, entry))))
+        self._write(_frame_packet(self._seq + _T_FLAGS_NEEDED + _len(12, _len(field, entry))))
 
     def name_iid(self, name: str) -> bytes:
         """``TrackEvent.name_iid`` (10) of ``name``, interned on first use."""
@@ -219,7 +237,7 @@ class PerfettoWriter:
         return f
 
     def _packet(self, ts: int | None, body: bytes) -> None:
-        packet = (_T_TS + _timestamp(ts) if ts is not None else b"") + _T_SEQ + body
+        packet = (_T_TS + _timestamp(ts) if ts is not None else b"") + self._seq + body
         self._write(_T_PACKET + _uvarint(len(packet)) + packet)
 
     def track(self, track: Track) -> None:
@@ -258,7 +276,7 @@ class PerfettoWriter:
         f = self._frames.get(key)
         if f is None:
             te = len(head) + size
-            inner = _T_SEQ + _T_FLAGS_NEEDED + _T_TRACK_EVENT + _uvarint(te) + head
+            inner = self._seq + _T_FLAGS_NEEDED + _T_TRACK_EVENT + _uvarint(te) + head
             n = len(inner) + size + len(_T_TS) + TS_SIZE
             if len(self._frames) >= _CACHE_LIMIT:
                 self._frames.clear()
@@ -297,7 +315,7 @@ class PerfettoWriter:
             self._write(self.frame(head, len(annotations)) + annotations + _T_TS + _timestamp(ts))
             return
         te = head + annotations  # a timestamp of another size: framed here
-        packet = _T_SEQ + _T_FLAGS_NEEDED + _T_TRACK_EVENT + _uvarint(len(te)) + te
+        packet = self._seq + _T_FLAGS_NEEDED + _T_TRACK_EVENT + _uvarint(len(te)) + te
         packet += _T_TS + varint(ts & _MASK64)
         self._write(_T_PACKET + _uvarint(len(packet)) + packet)
 

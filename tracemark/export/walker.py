@@ -216,12 +216,28 @@ class Tracks:
         #: (pid, tid, task) -> the thread's track (task None) or the task's.
         self.threads: dict[tuple, Track] = {}
         self.counters: dict[tuple[int, str], Track] = {}
+        #: Uids decided ahead (:meth:`plan`), for tracks made in several processes.
+        self.planned: dict[tuple, int] = {}
+
+    def plan(self, keys: Iterable[tuple], later: int = 1 << 62) -> None:
+        """Decide the uids of the tracks ``keys`` name (``("process", pid)``, ``("thread",
+        pid, tid)``, ``("counter", pid, name)``) now, in that order, so that processes
+        working on parts of one export number them alike; tracks not planned take uids
+        from ``later`` on."""
+        for key in keys:
+            if key not in self.planned:
+                self.planned[key] = next(self._uids)
+        self._uids = iter(range(later, 1 << 63))
+
+    def _uid(self, key: tuple) -> int:
+        uid = self.planned.get(key)
+        return uid if uid is not None else next(self._uids)
 
     def process(self, pid: int) -> Track:
         t = self.processes.get(pid)
         if t is None:
             name = self.procnames.get(pid, f"pid {pid}")
-            t = self.processes[pid] = Track(next(self._uids), "process", pid, name=name)
+            t = self.processes[pid] = Track(self._uid(("process", pid)), "process", pid, name=name)
             self.sink.track(t)
         return t
 
@@ -236,7 +252,12 @@ class Tracks:
         if thread is None:
             process = self.process(pid)
             thread = self.threads[thread_key] = Track(
-                next(self._uids), "thread", pid, tid, name=thread_name or str(tid), parent=process
+                self._uid(("thread", pid, tid)),
+                "thread",
+                pid,
+                tid,
+                name=thread_name or str(tid),
+                parent=process,
             )
             self.sink.track(thread)
         if task is None:
@@ -269,7 +290,7 @@ class Tracks:
             if ct is None:
                 process = self.process(pid)
                 ct = self.counters[(pid, name)] = Track(
-                    next(self._uids), "counter", pid, name=name, parent=process
+                    self._uid(("counter", pid, name)), "counter", pid, name=name, parent=process
                 )
                 self.sink.track(ct)
             self.sink.counter(ct, ts, value)
