@@ -294,6 +294,7 @@ def field_decoding(
     ns: dict[str, Any],
     indent: str = "    ",
     raw_text: bool = False,
+    skip: bool = False,
 ) -> list[str]:
     """The layout code of one event class, shared by every decoder made from it: source
     lines that read its fields from ``data`` at ``pos`` into the locals ``v0``, ``v1``, ...
@@ -303,7 +304,9 @@ def field_decoding(
 
     ``raw_text``: str and object fields are left as their UTF-8 bytes, not decoded; the code
     that follows must then check them (decode them) before it gives them out, for the
-    UTF-8 check to stay (an exporter caching per byte string checks each once)."""
+    UTF-8 check to stay (an exporter caching per byte string checks each once). ``skip``:
+    no locals, only ``pos`` moved past the payload, checked the same way (the code that
+    follows then owns the UTF-8 check of the payload's text, as with ``raw_text``)."""
     lines: list[str] = []
     group: list[str] = []
     fmt = ""
@@ -313,9 +316,10 @@ def field_decoding(
     def flush() -> None:
         nonlocal group, fmt, size
         if group:
-            name = f"_S{sum(1 for k in ns if k.startswith('_S'))}"
-            ns[name] = struct.Struct("<" + fmt)
-            lines.append(f"{indent}{', '.join(group)}, = {name}.unpack_from(data, pos)\n")
+            if not skip:
+                name = f"_S{sum(1 for k in ns if k.startswith('_S'))}"
+                ns[name] = struct.Struct("<" + fmt)
+                lines.append(f"{indent}{', '.join(group)}, = {name}.unpack_from(data, pos)\n")
             lines.append(f"{indent}pos += {size}\n")
             lines.append(f"{indent}if pos > end: raise ValueError('past the end')\n")
         group, fmt, size = [], "", 0
@@ -332,7 +336,9 @@ def field_decoding(
             lines.append(f"{indent}n, = _U32.unpack_from(data, pos)\n{indent}pos += 4\n")
             lines.append(f"{indent}if pos + n > end: raise ValueError('past the end')\n")
             text = ".decode()" if type_name != "bytes" and not raw_text else ""
-            lines.append(f"{indent}{v} = data[pos:pos + n]{text}\n{indent}pos += n\n")
+            if not skip:
+                lines.append(f"{indent}{v} = data[pos:pos + n]{text}\n")
+            lines.append(f"{indent}pos += n\n")
     flush()
     return lines
 
@@ -422,22 +428,21 @@ def compile_handlers(
     the class's shared layout code (:func:`field_decoding`, indented 8: the fields are in
     ``v0``, ``v1``...; ``p0`` is where the payload starts, ``pos`` where it ends and must be
     left; ``ts`` is the event's ns since the epoch). The second may instead be a list of
-    (suffix, lines): variants of the handler, each with the same layout code, named
-    ``h<id><suffix>``; the first is the one in the table, which they see as ``HANDLERS``
-    (a variant may put another in its place). ``prologue``: lines run first in ``bind``
-    (indented 4). ``ns``: the names all may use. ``raw_text``: as for
-    :func:`field_decoding`."""
+    (suffix, lines, skip): variants of the handler, each with the class's layout code (only
+    moving ``pos`` when ``skip``), named ``h<id><suffix>``; the first is the one in the
+    table, which they see as ``HANDLERS`` (a variant may put another in its place).
+    ``prologue``: lines run first in ``bind`` (indented 4). ``ns``: the names all may use.
+    ``raw_text``: as for :func:`field_decoding`."""
     setup: list[str] = []
     defs: list[str] = []
     table = []
     for eid, (name, fields) in sub.meta.events.items():
         once, body = handler(eid, name, fields, ns)
         setup.append(once)
-        variants = [("", body)] if isinstance(body, str) else body
-        layout = field_decoding(fields, ns, "        ", raw_text)
-        for suffix, lines in variants:
+        variants = [("", body, False)] if isinstance(body, str) else body
+        for suffix, lines, skip in variants:
             defs.append(f"    def h{eid}{suffix}(data, pos, end, ts):\n        p0 = pos\n")
-            defs += layout
+            defs += field_decoding(fields, ns, "        ", raw_text or skip, skip)
             defs.append(lines)
             defs.append("        return pos\n")
         table.append(f"{eid}: h{eid}{variants[0][0]}")

@@ -57,9 +57,10 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from .._codegen import compile_generated
 from ..analysis.pairing import span_kind
 from ..ctf import TraceError
-from ..ctf.reader import Stream, SubTrace, compile_handlers
+from ..ctf.reader import Stream, SubTrace, compile_handlers, field_decoding
 from . import perfetto as P
 from .walker import CounterSpec, Track, Tracks, Walk
 
@@ -97,8 +98,8 @@ class _TrackState:
 
     def __init__(self, track: Track) -> None:
         self.track = track
-        #: Open spans: (span name, begin ns, begin class's field-dict maker, begin values,
-        #: format's pre-encoded begin args).
+        #: Open spans: (span name, begin ns, begin class's field-dict maker, begin payload
+        #: bytes, format's pre-encoded begin args).
         self.stack: list[tuple] = []
         self.last: int | None = None
         self.handlers: dict[int, Callable] = {}
@@ -347,10 +348,10 @@ def _part(
             return
         while len(stack) > i + 1:  # spans opened inside this one and never ended
             inner = stack.pop()
-            sink.end(t.track, ts, inner[0], inner[1], inner[2](*inner[3]), None, True)
+            sink.end(t.track, ts, inner[0], inner[1], inner[2](inner[3]), None, True)
             result.unfinished += 1
         begin = stack.pop()
-        sink.end(t.track, ts, span, begin[1], begin[2](*begin[3]), fields, False)
+        sink.end(t.track, ts, span, begin[1], begin[2](begin[3]), fields, False)
 
     def count(t: _TrackState, ts: int, marker: str, fields: dict[str, Any]) -> None:
         tracks.count(result, t.track.pid, ts, marker, fields, wanted[marker])
@@ -369,10 +370,7 @@ def _part(
         if not any(id(s) in mine for s in sub.streams):
             continue
         ns = dict(env)
-        dict_makers: dict[int, Callable] = {}
-        for eid, (_, fields) in sub.meta.events.items():
-            dict_makers[eid] = _dict_maker(fields)
-        ns["DICTS"] = dict_makers
+        ns["DICTS"] = {eid: _dict_maker(decode) for eid, (_, decode) in sub.decoders.items()}
         begin_of: dict[str, int] = {}
         for eid, (name, _) in sub.meta.events.items():
             kind = span_kind(name, declared)
@@ -392,8 +390,8 @@ def _part(
             begin_fields = sub.meta.events[expect][1] if expect is not None else ()
             once, body = maker.code(eid, name, kind, fields, expect, begin_fields, ns)
             if name in wanted:
-                count = f"        COUNT(T, ts, {name!r}, D{eid}({_values(fields)}))\n"
-                body = [(suffix, lines + count) for suffix, lines in body]
+                count = f"        COUNT(T, ts, {name!r}, D{eid}(data[p0:pos]))\n"
+                body = [(suffix, lines + count, skip) for suffix, lines, skip in body]
             return once, body
 
         bind = compile_handlers(sub, handler, ns, raw_text=True, prologue=maker.prologue)
@@ -429,7 +427,7 @@ def _part(
         while stack:
             begin = stack.pop()
             ts = max(begin[1], t.last if t.last is not None else begin[1])
-            sink.end(t.track, ts, begin[0], begin[1], begin[2](*begin[3]), None, True)
+            sink.end(t.track, ts, begin[0], begin[1], begin[2](begin[3]), None, True)
             result.unfinished += 1
         out.write(joiner(pieces))
         pieces.clear()
@@ -448,16 +446,22 @@ def _values(fields: tuple) -> str:
     return "".join(f"v{i}, " for i in range(len(fields)))
 
 
-def _dict_maker(fields: tuple[tuple[str, str], ...]) -> Callable[..., dict[str, Any]]:
-    """``make(v0, v1, ...)``: the fields dict the reader gives (text fields decoded)."""
-    names = [n for n, _ in fields]
-    text = [t in ("str", "object") for _, t in fields]
+def _values_decoder(fields: tuple[tuple[str, str], ...]) -> Callable:
+    """``values(data, pos, end)``: the payload's fields as a tuple (text as UTF-8 bytes), by
+    the reader's layout code for the class."""
+    ns: dict[str, Any] = {}
+    lines = ["def values(data, pos, end):\n", *field_decoding(fields, ns, raw_text=True)]
+    lines.append(f"    return ({_values(fields)})\n")
+    exec(compile_generated("".join(lines), "values"), ns)
+    return ns["values"]
 
-    def make(*values: Any) -> dict[str, Any]:
-        return {
-            n: (v.decode() if is_text else v)
-            for n, v, is_text in zip(names, values, text, strict=True)
-        }
+
+def _dict_maker(decode: Callable) -> Callable[[bytes], dict[str, Any]]:
+    """``make(payload)``: the fields dict the reader gives for an event's payload bytes
+    (its own decoder: they were checked when the event was handled)."""
+
+    def make(payload: bytes) -> dict[str, Any]:
+        return decode(payload, 0, len(payload))[0]
 
     return make
 
@@ -480,17 +484,19 @@ def _indent(lines: str, by: int) -> str:
     return "".join(pad + line + "\n" for line in lines.splitlines())
 
 
-def _variants(eid: int, encode: str) -> list[tuple[str, str]]:
+def _variants(eid: int, encode: str, fields: tuple) -> list[tuple[str, str, bool]]:
     """The ways to get ``fa``, a class's encoded payload (``encode``: source computing it
     from ``v0``...): a sample of :data:`SAMPLE` events through a cache keyed by the payload's
     bytes, then, for good, the cache (where payloads repeat: paths, status codes, table
     names) or no cache (where they do not: sizes, counters). Text checked (decoded) on a
     miss: a payload found was checked when it went in."""
+    # The cached handler only walks the payload: it decodes one when not found.
+    decode = f"{_values(fields)}= VALS{eid}(data, p0, pos)\n" if fields else ""
     cached = (
         "key = data[p0:pos]\n"
         f"fa = PC{eid}.get(key)\n"
         "if fa is None:\n"
-        f"{_indent(encode, 4)}"
+        f"{_indent(decode + encode, 4)}"
         f"    if len(PC{eid}) >= CACHE_LIMIT:\n"
         f"        PC{eid}.clear()\n"
         f"    PC{eid}[key] = fa\n"
@@ -507,7 +513,7 @@ def _variants(eid: int, encode: str) -> list[tuple[str, str]]:
         f"if N{eid} == SAMPLE:\n"
         f"    HANDLERS[{eid}] = h{eid}c if 2 * K{eid} >= N{eid} else h{eid}d\n"
     )
-    return [("", sample), ("c", cached), ("d", encode)]
+    return [("", sample, False), ("c", cached, True), ("d", encode, False)]
 
 
 class _Code:
@@ -528,9 +534,9 @@ class _Code:
         what, label = kind
         once, encode, emit = self.pieces(eid, kind, fields, begin_fields, ns)
         once += f"    D{eid} = DICTS[{eid}]\n    PC{eid} = {{}}\n    N{eid} = K{eid} = 0\n"
-        vals = _values(fields)
         out = []
-        for suffix, get in _variants(eid, encode):
+        ns[f"VALS{eid}"] = _values_decoder(fields)
+        for suffix, get, skip in _variants(eid, encode, fields):
             nonlocal_ = f"        nonlocal N{eid}, K{eid}\n" if not suffix else ""
             if what == "end":
                 same = f"top[2] is E{eid}" if expect is not None else "False"
@@ -541,13 +547,13 @@ class _Code:
                     + _indent(get, 12)
                     + _indent(emit, 12)
                     + "        else:\n"
-                    f"            SLOW_END(T, ts, {label!r}, {name!r}, D{eid}({vals}))\n"
+                    f"            SLOW_END(T, ts, {label!r}, {name!r}, D{eid}(data[p0:pos]))\n"
                 )
             else:
                 body = nonlocal_ + _indent(get, 8) + _indent(emit, 8)
                 if what == "begin":
                     body += "        COUNTS[0] += 1\n"
-            out.append((suffix, body))
+            out.append((suffix, body, skip))
         if expect is not None:
             once += f"    E{eid} = DICTS[{expect}]\n"
         return once, out
@@ -652,7 +658,7 @@ class _PerfettoCode(_Code):
         encode = f"a = {ann}\nfa = (F{eid}.get(len(a)) or FR({eid}, H{eid}, F{eid}, len(a))) + a\n"
         emit = f"OUT(fa + {self.TS})\n"
         if what == "begin":
-            emit += f"STACK.append(({label!r}, ts, D{eid}, ({_values(fields)})))\n"
+            emit += f"STACK.append(({label!r}, ts, D{eid}, data[p0:pos]))\n"
         return once, encode, emit
 
 
@@ -743,7 +749,7 @@ class _ChromeCode(_Code):
             emit = f"X = ts - BASE\nOUT({pre} + {self.US} + fa)\n"
         elif what == "begin":
             encode = f"fa = {self.members(fields, eid, ns)}\n"
-            emit = f"STACK.append(({label!r}, ts, D{eid}, ({_values(fields)}), fa))\n"
+            emit = f"STACK.append(({label!r}, ts, D{eid}, data[p0:pos], fa))\n"
         else:
             ends = self.members(fields, eid, ns, {k for k, _ in begin_fields})
             sep = '","' if fields and begin_fields else '""'
