@@ -479,6 +479,11 @@ def test_cli_export_and_its_errors(server, tmp_path):
         assert r.returncode == 2 and why in r.stderr and "Traceback" not in r.stderr
         assert len(r.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "y.json").exists()
+    r = tm("export", str(server), "-f", "chrome", "-o", str(tmp_path / "y.json"), "--jobs", "0")
+    assert r.returncode == 2 and "--jobs must be 1 or more" in r.stderr
+    r = tm("export", str(server), "-f", "perfetto", "-o", str(tmp_path / "j.pftrace"), "-j", "2")
+    assert r.returncode == 0, r.stderr
+    assert perfetto_slices(decode(tmp_path / "j.pftrace"))[1] == perfetto_slices(decode(out))[1]
     r = tm("export", str(tmp_path / "missing"), "-f", "chrome")
     assert r.returncode == 3 and "Traceback" not in r.stderr
     r = tm("export", str(server), "-f", "chrome", "-o", str(tmp_path / "no" / "dir" / "z.json"))
