@@ -39,7 +39,9 @@ Guarantees
   the fork (:meth:`.walker.Tracks.plan`); each process's track is described once, first;
   a counter's may be described by both parts (same uid, same description).
 * **Bounded memory**, per process: one CTF packet's bytes and its output at a time, the
-  spans still open, caches cleared when they grow past a fixed size.
+  spans still open, and caches: per field of each event class, and per class for the track
+  being read (the handlers of a track are dropped when its stream moves on), each cleared
+  when it reaches :data:`_CACHE_LIMIT` entries; whatever the number of threads.
 * **A damaged packet ends only itself**, as in the walker: the events before the damage
   are written, the error is listed, the next packet is read.
 * Task identity: a track is keyed (pid, tid, task) as the walker keys it; the reader does
@@ -66,7 +68,8 @@ from .walker import CounterSpec, Track, Tracks, Walk
 
 __all__ = ["applies", "export_fast"]
 
-_CACHE_LIMIT = 1 << 16
+#: Entries per cache (of a class's payloads, of a field's values), at most.
+_CACHE_LIMIT = 1 << 12
 _TS_LOW = 1 << 56
 _TS_HIGH = 1 << 63
 
@@ -398,17 +401,25 @@ def _part(
         for stream in sub.streams:
             if id(stream) not in mine:
                 continue
+            current = None
             for p in stream.packet_list():
                 task = None  # the reader gives no task yet: when it does, per event
                 key = (p.pid, p.tid, task)
                 t = states.get(key)
                 if t is None:
                     t = states[key] = _TrackState(tracks.track(key, p.thread))
-                    t.handlers = bind(t)
                     by_track.append(t)
                 elif p.thread and p.thread != t.track.name and t.track.kind == "thread":
                     t.track.name = p.thread  # renamed: say it again
                     sink.track(t.track)
+                if t is not current:
+                    # Handlers (and their caches) live while their track's packets come:
+                    # one track's at a time, whatever the number of threads.
+                    if current is not None:
+                        current.handlers = {}
+                    if not t.handlers:
+                        t.handlers = bind(t)
+                    current = t
                 try:
                     n, last = stream.walk_packet(p, stream.read_packet(p), t.handlers)
                 except TraceError as exc:
@@ -421,6 +432,8 @@ def _part(
                 pieces.clear()
                 if progress is not None:
                     progress(done)
+            if current is not None:
+                current.handlers = {}
     # Spans never ended: closed at their track's last event, marked unfinished.
     for t in by_track:
         stack = t.stack
