@@ -550,6 +550,8 @@ class _Code:
         out = []
         ns[f"VALS{eid}"] = _values_decoder(fields)
         for suffix, get, skip in _variants(eid, encode, fields):
+            # The payload's bytes: already sliced as ``key`` where the cache is looked in.
+            here = emit.replace("data[p0:pos]", "key") if "key = " in get else emit
             nonlocal_ = f"        nonlocal N{eid}, K{eid}\n" if not suffix else ""
             if what == "end":
                 same = f"top[2] is E{eid}" if expect is not None else "False"
@@ -558,12 +560,12 @@ class _Code:
                     + f"        if STACK and (top := STACK[-1])[0] == {label!r} and {same}:\n"
                     "            STACK.pop()\n"
                     + _indent(get, 12)
-                    + _indent(emit, 12)
+                    + _indent(here, 12)
                     + "        else:\n"
                     f"            SLOW_END(T, ts, {label!r}, {name!r}, D{eid}(data[p0:pos]))\n"
                 )
             else:
-                body = nonlocal_ + _indent(get, 8) + _indent(emit, 8)
+                body = nonlocal_ + _indent(get, 8) + _indent(here, 8)
                 if what == "begin":
                     body += "        COUNTS[0] += 1\n"
             out.append((suffix, body, skip))
