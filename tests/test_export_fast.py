@@ -236,3 +236,25 @@ def test_fast_path_on_a_damaged_trace_matches_the_walker(varied, tmp_path, fmt, 
         assert perfetto_view(fast) == perfetto_view(slow)
     else:
         assert chrome_view(fast) == chrome_view(slow)
+
+
+def test_the_walker_runs_where_the_fast_path_would_not_be_exact():
+    """A thread whose events are in two streams (the fast path walks streams one after the
+    other, so its spans would pair out of order), or a Perfetto timestamp outside the
+    9-byte varint range the packet prefixes assume: applies() says no."""
+    from types import SimpleNamespace as NS
+
+    def packet(pid, tid, ts):
+        return NS(pid=pid, tid=tid, ts_begin=ts, ts_end=ts)
+
+    def sub(*streams):
+        meta = NS(freq=1_000_000_000, offset_ns=0)
+        return NS(meta=meta, streams=[NS(packet_list=lambda ps=ps: ps) for ps in streams])
+
+    now = 1_700_000_000_000_000_000
+    ok = sub([packet(1, 1, now)], [packet(1, 2, now)])
+    assert applies([ok], "perfetto") and applies([ok], "chrome")
+    shared = sub([packet(1, 1, now)], [packet(1, 2, now), packet(1, 1, now)])
+    assert not applies([shared], "perfetto") and not applies([shared], "chrome")
+    early = sub([packet(1, 1, 5)])
+    assert not applies([early], "perfetto") and applies([early], "chrome")
