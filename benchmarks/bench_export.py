@@ -2,9 +2,11 @@
 trace against ``babeltrace2`` printing the same trace as text, in the same run; and the peak
 memory of the export for 1M and 5M events, to show it does not grow with the trace.
 
-Run: ``python -m benchmarks.run export``. Each command runs as a user runs it (a new process,
-output to a file or /dev/null), best of ``REPEAT`` wall-clock timings, interleaved so that
-noise hits every case alike; peak memory is the child's ``ru_maxrss`` (resource.getrusage of
+Run: ``python -m benchmarks.run export``. ``tracemark export`` shares the streams out to
+two processes where there are two CPUs (``--jobs``); the ``--jobs 1`` row is one process.
+Each command runs as a user runs it (a new process, output to a file or /dev/null), best of
+``REPEAT`` wall-clock timings, interleaved so that noise hits every case alike; peak memory
+is the largest ``ru_maxrss`` of the export's processes (resource.getrusage of
 RUSAGE_CHILDREN, read around each run in a fresh process, so one run's peak is not another's).
 The trace is a server's shape: 4 threads, each event a span begin (path), a marker (n, dev)
 or a span end (status): one third spans' begins, one third markers, one third ends.
@@ -27,7 +29,7 @@ from .harness import child_env, make_trace, time_command
 
 EVENTS = int(os.environ.get("TRACEMARK_BENCH_EXPORT_EVENTS", 5_000_000))
 SMALL = EVENTS // 5
-REPEAT = 3
+REPEAT = int(os.environ.get("TRACEMARK_BENCH_EXPORT_REPEAT", 3))
 TITLE = f"export: a {EVENTS:,}-event trace (4 threads; spans and markers) to a timeline file"
 BASELINE = "babeltrace2 DIR (text, to /dev/null)"
 
@@ -87,6 +89,17 @@ def report() -> str:
                 "-o",
                 out + ".pftrace",
             ],
+            "tracemark export --format perfetto --jobs 1": [
+                *tm,
+                "export",
+                big,
+                "-f",
+                "perfetto",
+                "-o",
+                out + "-1.pftrace",
+                "--jobs",
+                "1",
+            ],
             "tracemark export --format chrome": [
                 *tm,
                 "export",
@@ -114,6 +127,7 @@ def report() -> str:
                 best[name] = min(best[name], time_command(argv))
         sizes = {
             "tracemark export --format perfetto": Path(out + ".pftrace").stat().st_size,
+            "tracemark export --format perfetto --jobs 1": Path(out + "-1.pftrace").stat().st_size,
             "tracemark export --format chrome": Path(out + ".json").stat().st_size,
             "tracemark export --format chrome (.json.gz)": Path(out + ".json.gz").stat().st_size,
         }
@@ -131,7 +145,8 @@ def report() -> str:
         "",
         f"{time.strftime('%Y-%m-%d')}, Python {platform.python_version()} "
         f"({sys.implementation.name}, {platform.machine()}); baseline: {BASELINE}; "
-        f"best of {REPEAT} wall-clock runs each, on a shared 2-core machine; trace: "
+        f"best of {REPEAT} wall-clock runs each, interleaved, on a shared machine with "
+        f"{os.cpu_count()} CPUs (export uses 2 processes unless --jobs 1); trace: "
         f"{recorded:,} events recorded, {lost:,} discarded or lost",
         "",
         "| command | seconds | events/s | output | ratio to baseline |",

@@ -248,32 +248,67 @@ def decode(path: Path):
     return trace
 
 
+def interned_events(trace):
+    """The TrackEvent packets of ``trace`` in file order, each (packet, event name, args),
+    interned names resolved as trace processor resolves them: per sequence, from the
+    ``interned_data`` of the packets before, since its last SEQ_INCREMENTAL_STATE_CLEARED;
+    a packet using them must say SEQ_NEEDS_INCREMENTAL_STATE."""
+    names: dict[int, dict] = {}
+    keys: dict[int, dict] = {}
+    out = []
+    for packet in trace.packet:
+        seq = packet.trusted_packet_sequence_id
+        if packet.sequence_flags & pb.TracePacket.SEQ_INCREMENTAL_STATE_CLEARED:
+            names[seq], keys[seq] = {}, {}
+        if packet.HasField("interned_data"):
+            for e in packet.interned_data.event_names:
+                names[seq][e.iid] = e.name
+            for e in packet.interned_data.debug_annotation_names:
+                keys[seq][e.iid] = e.name
+        if not packet.HasField("track_event"):
+            continue
+        te = packet.track_event
+        interned = te.HasField("name_iid") or any(
+            a.HasField("name_iid") for a in te.debug_annotations
+        )
+        if interned:
+            assert packet.sequence_flags & pb.TracePacket.SEQ_NEEDS_INCREMENTAL_STATE
+        name = names[seq][te.name_iid] if te.HasField("name_iid") else te.name
+        args = {
+            (keys[seq][a.name_iid] if a.HasField("name_iid") else a.name): getattr(
+                a, a.WhichOneof("value")
+            )
+            for a in te.debug_annotations
+        }
+        out.append((packet, name, args))
+    return out
+
+
 def perfetto_slices(trace):
     """Replay BEGIN/END per track as trace processor does: (name, begin, end, depth, args)."""
     tracks = {}
     events = []
-    for i, packet in enumerate(trace.packet):
-        assert packet.trusted_packet_sequence_id == 1
+    for packet in trace.packet:
+        assert packet.trusted_packet_sequence_id >= 1  # one per process that wrote
         if packet.HasField("track_descriptor"):
             tracks[packet.track_descriptor.uuid] = packet.track_descriptor
-        elif packet.HasField("track_event"):
-            events.append((packet.timestamp, i, packet.track_event))
+    for i, (packet, name, args) in enumerate(interned_events(trace)):
+        events.append((packet.timestamp, i, packet.track_event, name, args))
     events.sort(key=lambda e: (e[0], e[1]))
     stacks = defaultdict(list)
     slices = defaultdict(list)
     instants = defaultdict(list)
     counters = defaultdict(list)
-    for ts, _, te in events:
+    for ts, _, te, te_name, args in events:
         assert te.track_uuid in tracks  # every event on a declared track
-        args = {a.name: getattr(a, a.WhichOneof("value")) for a in te.debug_annotations}
         if te.type == pb.TrackEvent.TYPE_SLICE_BEGIN:
-            stacks[te.track_uuid].append((te.name, ts, args))
+            stacks[te.track_uuid].append((te_name, ts, args))
         elif te.type == pb.TrackEvent.TYPE_SLICE_END:
             name, b, bargs = stacks[te.track_uuid].pop()
             depth = len(stacks[te.track_uuid])
             slices[te.track_uuid].append((name, b, ts, depth, {**bargs, **args}))
         elif te.type == pb.TrackEvent.TYPE_INSTANT:
-            instants[te.track_uuid].append((te.name, ts, args))
+            instants[te.track_uuid].append((te_name, ts, args))
         elif te.type == pb.TrackEvent.TYPE_COUNTER:
             value = te.counter_value if te.HasField("counter_value") else te.double_counter_value
             counters[te.track_uuid].append((ts, value))
@@ -353,9 +388,9 @@ def test_perfetto_values_of_every_type_and_varints():
     walk([], PerfettoWriter(buf), events=events)
     trace = pb.Trace()
     trace.ParseFromString(buf.getvalue())
-    te = [p for p in trace.packet if p.HasField("track_event")]
-    assert [p.timestamp for p in te] == [e.timestamp for e in events]
-    args = {a.name: getattr(a, a.WhichOneof("value")) for a in te[0].track_event.debug_annotations}
+    te = interned_events(trace)
+    assert [p.timestamp for p, _, _ in te] == [e.timestamp for e in events]
+    args = te[0][2]
     assert args == {"i": -5, "big": str(1 << 70), "f": 1.5, "b": True, "s": "é", "raw": "00ff"}
 
 
@@ -444,6 +479,11 @@ def test_cli_export_and_its_errors(server, tmp_path):
         assert r.returncode == 2 and why in r.stderr and "Traceback" not in r.stderr
         assert len(r.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "y.json").exists()
+    r = tm("export", str(server), "-f", "chrome", "-o", str(tmp_path / "y.json"), "--jobs", "0")
+    assert r.returncode == 2 and "--jobs must be 1 or more" in r.stderr
+    r = tm("export", str(server), "-f", "perfetto", "-o", str(tmp_path / "j.pftrace"), "-j", "2")
+    assert r.returncode == 0, r.stderr
+    assert perfetto_slices(decode(tmp_path / "j.pftrace"))[1] == perfetto_slices(decode(out))[1]
     r = tm("export", str(tmp_path / "missing"), "-f", "chrome")
     assert r.returncode == 3 and "Traceback" not in r.stderr
     r = tm("export", str(server), "-f", "chrome", "-o", str(tmp_path / "no" / "dir" / "z.json"))

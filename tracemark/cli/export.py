@@ -78,6 +78,13 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
         default=[],
         help="draw the numeric field FIELD of marker NAME as a counter (repeatable)",
     )
+    p.add_argument(
+        "--jobs",
+        "-j",
+        type=int,
+        metavar="N",
+        help="processes to use (default: 2 where there are 2 CPUs and the trace is large)",
+    )
     return p
 
 
@@ -114,7 +121,13 @@ def _counters(trace: Any, texts: list[str]) -> list[CounterSpec]:
 
 
 def run_export(
-    trace_dir: str, fmt: str, output: str | None, counters: list[str], err: IO[str], prog: str
+    trace_dir: str,
+    fmt: str,
+    output: str | None,
+    counters: list[str],
+    err: IO[str],
+    prog: str,
+    jobs: int | None = None,
 ) -> int:
     """Export, say what happened on ``err``; the exit code."""
     trace = open_trace(trace_dir)  # a missing or unreadable trace: one line, exit 3 or 4
@@ -122,9 +135,11 @@ def run_export(
     out = Path(output) if output else default_output(trace_dir, fmt)
     progress = Progress("exporting", total_events(trace), stream=err)
     try:
-        result = export(trace_dir, out, fmt, counters=specs, wrap=progress.wrap)
+        result = export(trace_dir, out, fmt, counters=specs, progress=progress.update, jobs=jobs)
     except OSError as exc:
         raise CliError(f"{printable(str(out))}: cannot write: {exc.strerror or exc}") from None
+    finally:
+        progress.done()
     size = out.stat().st_size
     err.write(
         f"{prog}: wrote {printable(str(out))} ({human_size(size)}): {result.events:,} events, "
@@ -164,4 +179,8 @@ def run_export(
 
 
 def run(args: argparse.Namespace, err: IO[str]) -> int:
-    return run_export(args.trace, args.format, args.output, args.counter, err, "tracemark export")
+    if args.jobs is not None and args.jobs < 1:
+        raise CliError("--jobs must be 1 or more", EXIT_USAGE)
+    return run_export(
+        args.trace, args.format, args.output, args.counter, err, "tracemark export", args.jobs
+    )

@@ -289,23 +289,39 @@ class _Metadata:
 _FIXED = {"int": ("q", 8), "float": ("d", 8), "bool": ("?", 1)}
 
 
-def _compile_decoder(fields: tuple[tuple[str, str], ...]) -> Callable[[bytes, int, int], Any]:
-    """``decode(data, pos, end) -> (fields dict, new pos)``; raises struct.error, ValueError
-    (a length past ``end``, invalid UTF-8) or IndexError on damaged data."""
-    lines = ["def decode(data, pos, end):\n"]
-    ns: dict[str, Any] = {}
+def field_decoding(
+    fields: tuple[tuple[str, str], ...],
+    ns: dict[str, Any],
+    indent: str = "    ",
+    raw_text: bool = False,
+    skip: bool = False,
+) -> list[str]:
+    """The layout code of one event class, shared by every decoder made from it: source
+    lines that read its fields from ``data`` at ``pos`` into the locals ``v0``, ``v1``, ...
+    (in field order) and leave ``pos`` after the payload; they raise struct.error,
+    ValueError (a length past ``end``, invalid UTF-8) or IndexError on damaged data. Runs of
+    fixed-size fields are read by one ``struct`` each; the Structs go into ``ns``.
+
+    ``raw_text``: str and object fields are left as their UTF-8 bytes, not decoded; the code
+    that follows must then check them (decode them) before it gives them out, for the
+    UTF-8 check to stay (an exporter caching per byte string checks each once). ``skip``:
+    no locals, only ``pos`` moved past the payload, checked the same way (the code that
+    follows then owns the UTF-8 check of the payload's text, as with ``raw_text``)."""
+    lines: list[str] = []
     group: list[str] = []
     fmt = ""
     size = 0
+    ns["_U32"] = _U32
 
     def flush() -> None:
         nonlocal group, fmt, size
         if group:
-            name = f"_S{len(ns)}"
-            ns[name] = struct.Struct("<" + fmt)
-            lines.append(f"    {', '.join(group)}, = {name}.unpack_from(data, pos)\n")
-            lines.append(f"    pos += {size}\n")
-            lines.append("    if pos > end: raise ValueError('past the end')\n")
+            if not skip:
+                name = f"_S{sum(1 for k in ns if k.startswith('_S'))}"
+                ns[name] = struct.Struct("<" + fmt)
+                lines.append(f"{indent}{', '.join(group)}, = {name}.unpack_from(data, pos)\n")
+            lines.append(f"{indent}pos += {size}\n")
+            lines.append(f"{indent}if pos > end: raise ValueError('past the end')\n")
         group, fmt, size = [], "", 0
 
     for i, (_, type_name) in enumerate(fields):
@@ -317,14 +333,23 @@ def _compile_decoder(fields: tuple[tuple[str, str], ...]) -> Callable[[bytes, in
             size += n
         else:  # a length, then bytes (UTF-8 text for str and object)
             flush()
-            lines.append("    n, = _U32.unpack_from(data, pos)\n    pos += 4\n")
-            lines.append("    if pos + n > end: raise ValueError('past the end')\n")
-            text = ".decode()" if type_name != "bytes" else ""
-            lines.append(f"    {v} = data[pos:pos + n]{text}\n    pos += n\n")
+            lines.append(f"{indent}n, = _U32.unpack_from(data, pos)\n{indent}pos += 4\n")
+            lines.append(f"{indent}if pos + n > end: raise ValueError('past the end')\n")
+            text = ".decode()" if type_name != "bytes" and not raw_text else ""
+            if not skip:
+                lines.append(f"{indent}{v} = data[pos:pos + n]{text}\n")
+            lines.append(f"{indent}pos += n\n")
     flush()
+    return lines
+
+
+def _compile_decoder(fields: tuple[tuple[str, str], ...]) -> Callable[[bytes, int, int], Any]:
+    """``decode(data, pos, end) -> (fields dict, new pos)``; raises struct.error, ValueError
+    (a length past ``end``, invalid UTF-8) or IndexError on damaged data."""
+    ns: dict[str, Any] = {}
+    lines = ["def decode(data, pos, end):\n", *field_decoding(fields, ns)]
     items = ", ".join(f"{name!r}: v{i}" for i, (name, _) in enumerate(fields))
     lines.append(f"    return {{{items}}}, pos\n")
-    ns["_U32"] = struct.Struct("<I")
     exec(compile_generated("".join(lines), "decoder"), ns)
     return ns["decode"]
 
@@ -380,6 +405,57 @@ def _compile_checker(fields: tuple[tuple[str, str], ...]) -> Callable[[bytes, in
     ns: dict[str, Any] = {"_u32": struct.Struct("<I").unpack_from, "_str": str}
     exec(compile("".join(lines), "<tracemark checker>", "exec"), ns)
     return ns["check"]
+
+
+class _Backwards(Exception):
+    """An event's timestamp out of order (walk_packet says so with a TraceError)."""
+
+
+def compile_handlers(
+    sub: SubTrace,
+    handler: Callable[[int, str, tuple[tuple[str, str], ...], dict[str, Any]], tuple[str, Any]],
+    ns: dict[str, Any],
+    raw_text: bool = False,
+    prologue: str = "",
+) -> Callable[[Any], dict[int, Callable]]:
+    """The handlers :meth:`Stream.walk_packet` calls, for every event class of ``sub``:
+    returns ``bind(T) -> {event id: handler}``, handlers made for one ``T`` (what the
+    caller keeps per track: they see it and what ``bind`` sets up from it as closure
+    variables, which Python reads fastest).
+
+    ``handler(event id, name, fields, ns)`` returns two pieces of source: lines run once in
+    ``bind`` (indented 4: constants for that class and ``T``), and lines run per event after
+    the class's shared layout code (:func:`field_decoding`, indented 8: the fields are in
+    ``v0``, ``v1``...; ``p0`` is where the payload starts, ``pos`` where it ends and must be
+    left; ``ts`` is the event's ns since the epoch). The second may instead be a list of
+    (suffix, lines, skip): variants of the handler, each with the class's layout code (only
+    moving ``pos`` when ``skip``), named ``h<id><suffix>``; the first is the one in the
+    table, which they see as ``HANDLERS`` (a variant may put another in its place).
+    ``prologue``: lines run first in ``bind`` (indented 4). ``ns``: the names all may use.
+    ``raw_text``: as for :func:`field_decoding`."""
+    setup: list[str] = []
+    defs: list[str] = []
+    table = []
+    for eid, (name, fields) in sub.meta.events.items():
+        once, body = handler(eid, name, fields, ns)
+        setup.append(once)
+        variants = [("", body, False)] if isinstance(body, str) else body
+        for suffix, lines, skip in variants:
+            defs.append(f"    def h{eid}{suffix}(data, pos, end, ts):\n        p0 = pos\n")
+            defs += field_decoding(fields, ns, "        ", raw_text or skip, skip)
+            defs.append(lines)
+            defs.append("        return pos\n")
+        table.append(f"{eid}: h{eid}{variants[0][0]}")
+    source = (
+        "def bind(T):\n    HANDLERS = {}\n"
+        + prologue
+        + "".join(setup)
+        + "".join(defs)
+        + f"    HANDLERS.update({{{', '.join(table)}}})\n"
+        + "    return HANDLERS\n"
+    )
+    exec(compile_generated(source, "handlers"), ns)
+    return ns["bind"]
 
 
 def fixed_event_size(fields: tuple[tuple[str, str], ...]) -> int | None:
@@ -681,6 +757,104 @@ class Stream:
                 p.offset + W.OFF_COUNT,
                 f"packet holds {n} events, its context says {p.count}",
             )
+
+    # --- the fast path (exporters) ----------------------------------------------------
+
+    def packet_list(self) -> list[_Packet]:
+        """The stream's packets (their headers, as :meth:`_index` read them), in order."""
+        return self._packets
+
+    def read_packet(self, p: _Packet) -> bytes:
+        """The bytes of packet ``p`` of this stream, up to its content end."""
+        return _read_packet(self.path, p)
+
+    def walk_packet(
+        self, p: _Packet, data: bytes, handlers: dict[int, Callable]
+    ) -> tuple[int, int | None]:
+        """The fast path: every event of packet ``p`` (its bytes ``data``) handed to
+        ``handlers[event id](data, pos, end, ts)``, which decodes the payload at ``pos``
+        (with :func:`field_decoding`'s code, see :func:`compile_handlers`), does what it
+        does with the fields, and returns the position after them; ``ts`` is ns since the
+        epoch. No Event is built. Returns how many events were handled and the last one's
+        timestamp (ns since the epoch; None if there is none).
+
+        Checked as :meth:`iter_events` checks, with the same TraceError messages: an event
+        that fails a check is not handed on, and the TraceError says where (its
+        ``handled`` attribute: how many events before it were)."""
+        path = self.path
+        meta = self.sub.meta
+        offset_ns = meta.offset_ns
+        scale = meta.freq
+        unit = scale == 1_000_000_000
+        unpack_header = _EVENT_HEADER.unpack_from
+        header_size = _EVENT_HEADER.size
+        if len(data) < p.content_end:
+            raise TraceError(path, p.offset, "stream file shrank while being read")
+        pos = p.start
+        end = p.content_end
+        last = p.ts_begin
+        ts_end = p.ts_end
+        n = 0
+        at = pos
+        event_id = -1
+        try:
+            while pos < end:
+                at = pos
+                event_id, ts = unpack_header(data, pos)
+                pos += header_size
+                if pos > end:
+                    raise ValueError
+                if ts < last or ts > ts_end:
+                    raise _Backwards
+                last = ts
+                handler = handlers[event_id]
+                pos = handler(
+                    data,
+                    pos,
+                    end,
+                    ts + offset_ns if unit else ts * 1_000_000_000 // scale + offset_ns,
+                )
+                n += 1
+        except KeyError:
+            error = TraceError(path, p.offset + at, f"event id {event_id} is not in the metadata")
+        except _Backwards:
+            if event_id not in handlers:
+                error = TraceError(
+                    path, p.offset + at, f"event id {event_id} is not in the metadata"
+                )
+            else:
+                error = TraceError(
+                    path,
+                    p.offset + at + 4,
+                    "event timestamp goes backwards or past the packet's timestamp_end",
+                )
+        except (struct.error, ValueError, IndexError):
+            error = TraceError(
+                path, p.offset + at, "event runs past the packet content or is damaged"
+            )
+        else:
+            if n == p.count:
+                if not n:
+                    return 0, None
+                return n, last + offset_ns if unit else last * 1_000_000_000 // scale + offset_ns
+            error = TraceError(
+                path,
+                p.offset + W.OFF_COUNT,
+                f"packet holds {n} events, its context says {p.count}",
+            )
+        # What was handled, for the caller to go on from (a walk of the headers again: the
+        # loop above keeps no more than it needs).
+        error.handled = n  # type: ignore[attr-defined]
+        done = None
+        pos = p.start
+        skips = self.sub.skips
+        for _ in range(n):
+            event_id, done = unpack_header(data, pos)
+            pos = skips[event_id](data, pos + header_size, end)
+        if done is not None:
+            done = (done if unit else done * 1_000_000_000 // scale) + offset_ns
+        error.last = done  # type: ignore[attr-defined]
+        raise error
 
     def packet_ids(self, p: _Packet, data: bytes) -> frozenset[int] | None:
         """The event ids packet ``p`` (its bytes ``data``) holds, from a walk of its event

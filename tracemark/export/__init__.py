@@ -33,6 +33,9 @@ from .walker import CounterSpec, Walk, open_streams, walk
 __all__ = ["DEFAULT_SUFFIX", "FORMATS", "CounterSpec", "Walk", "default_output", "export"]
 
 FORMATS = ("chrome", "perfetto")
+#: Traces of this many events or more are exported by two processes where there are two
+#: CPUs (:mod:`.fast`); below, one process is as fast.
+PARALLEL_EVENTS = 200_000
 #: The file name suffix a format's output gets by default.
 DEFAULT_SUFFIX = {"chrome": ".json", "perfetto": ".pftrace"}
 
@@ -51,21 +54,52 @@ def export(
     *,
     counters: Iterable[str | CounterSpec] = (),
     wrap: Callable[[Iterable[Any]], Iterable[Any]] | None = None,
+    progress: Callable[[int], None] | None = None,
+    fast: bool = True,
+    jobs: int | None = None,
 ) -> Walk:
     """Export the trace in ``trace_dir`` to ``output`` in format ``fmt`` (``"chrome"`` or
-    ``"perfetto"``). ``counters``: ``"NAME.FIELD"`` specs; ``wrap``: applied to the event
-    stream (progress). Returns what was exported; raises ValueError for a bad format or
-    counter, OSError when ``output`` cannot be written."""
+    ``"perfetto"``). ``counters``: ``"NAME.FIELD"`` specs; ``progress(events so far)`` is
+    called as it goes; ``wrap``: applied to the event stream (then the walker runs, not
+    the fast path); ``fast=False``: the walker in any case (:mod:`.fast` says when the fast
+    path runs and what it guarantees); ``jobs``: processes the fast path may use (None: two
+    where there are two CPUs and the trace has :data:`PARALLEL_EVENTS` events or more).
+    Returns what was exported; raises ValueError for a bad format or counter, OSError when
+    ``output`` cannot be written."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}: choose one of {', '.join(FORMATS)}")
     specs = [c if isinstance(c, CounterSpec) else CounterSpec.parse(c) for c in counters]
     subs, errors = open_streams(trace_dir)
+    from .fast import applies, export_fast
     from .walker import _events  # the per-packet guarded merge
 
+    output = Path(output)
+    use_fast = fast and wrap is None and applies(subs, fmt)
     events: Iterable[Any] = _events(subs, errors)
     if wrap is not None:
         events = wrap(events)
-    output = Path(output)
+    elif progress is not None:
+        events = _counting(events, progress)
+
+    if jobs is None:
+        big = sum(s.events for sub in subs for s in sub.streams) >= PARALLEL_EVENTS
+        jobs = min(2, _cpus()) if big and hasattr(os, "fork") else 1
+
+    def run(sink: Any, out: Any) -> Walk:
+        if use_fast:
+            return export_fast(
+                subs,
+                sink,
+                fmt,
+                out,
+                counters=specs,
+                errors=errors,
+                progress=progress,
+                jobs=jobs,
+                scratch=output.parent,
+            )
+        return walk(subs, sink, counters=specs, errors=errors, events=events)
+
     tmp = output.with_name(f".{output.name}.{os.getpid()}.partial")
     raw = open(tmp, "wb", buffering=1 << 20)  # noqa: SIM115 - closed below, on every path
     try:
@@ -79,7 +113,7 @@ def export(
 
             text = io.TextIOWrapper(buffered, encoding="utf-8", newline="\n", write_through=False)
             sink: Any = ChromeWriter(text, {"tracemark_trace": str(trace_dir)})
-            result = walk(subs, sink, counters=specs, errors=errors, events=events)
+            result = run(sink, text)
             sink.close()
             text.flush()
             text.detach()
@@ -87,7 +121,7 @@ def export(
             from .perfetto import PerfettoWriter
 
             sink = PerfettoWriter(buffered)
-            result = walk(subs, sink, counters=specs, errors=errors, events=events)
+            result = run(sink, buffered)
             sink.close()
         buffered.flush()
         if binary is not raw:
@@ -102,3 +136,17 @@ def export(
             pass
         raise
     return result
+
+
+def _counting(events: Iterable[Any], progress: Callable[[int], None]) -> Iterable[Any]:
+    n = 0
+    for n, ev in enumerate(events, 1):
+        if not n & 0x3FFF:
+            progress(n)
+        yield ev
+    progress(n)
+
+
+def _cpus() -> int:
+    affinity = getattr(os, "sched_getaffinity", None)
+    return len(affinity(0)) if affinity else (os.cpu_count() or 1)

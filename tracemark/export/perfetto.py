@@ -21,9 +21,14 @@ What is written, following Perfetto's "Writing TrackEvent Protos Synthetically" 
   could know, so its name cannot say it, and that instant shows it on the timeline;
 * other markers: ``TYPE_INSTANT``; counters: ``TYPE_COUNTER`` with ``counter_value`` (int64)
   or ``double_counter_value``;
-* every packet carries ``trusted_packet_sequence_id`` 1 (one writer: events come in
-  timestamp order, except the ends of spans closed when the trace ends); timestamps are the
-  trace's ns since the Unix epoch, in the default trace clock. No interned data.
+* every packet carries ``trusted_packet_sequence_id`` 1 (2 for the part a second process
+  of the fast path writes); timestamps are the trace's ns since the Unix epoch, in the
+  default trace clock;
+* **interned names** (Perfetto's "incremental state"): a sequence's first packet has
+  ``sequence_flags`` SEQ_INCREMENTAL_STATE_CLEARED; an event name or a field name is sent
+  once, in an ``interned_data`` packet, as an ``EventName`` or ``DebugAnnotationName``
+  ``{iid, name}``, before the first event that uses it; events then carry ``name_iid`` and
+  their annotations ``name_iid``, with ``sequence_flags`` SEQ_NEEDS_INCREMENTAL_STATE.
 
 Field numbers, checked against Perfetto's published schema (the ``perfetto`` PyPI package's
 ``perfetto/protos/perfetto/trace/perfetto_trace_pb2.py``, built from
@@ -31,7 +36,11 @@ Field numbers, checked against Perfetto's published schema (the ``perfetto`` PyP
 
 * ``trace.proto``: Trace.packet = 1.
 * ``trace_packet.proto``: TracePacket.timestamp = 8 (uint64), trusted_packet_sequence_id = 10
-  (uint32), track_event = 11, track_descriptor = 60.
+  (uint32), track_event = 11, interned_data = 12, sequence_flags = 13 (uint32:
+  SEQ_INCREMENTAL_STATE_CLEARED 1, SEQ_NEEDS_INCREMENTAL_STATE 2), track_descriptor = 60.
+* ``interned_data.proto``: InternedData.event_names = 2 (EventName), debug_annotation_names
+  = 3 (DebugAnnotationName); ``track_event.proto``: EventName.iid = 1, name = 2;
+  ``debug_annotation.proto``: DebugAnnotationName.iid = 1, name = 2.
 * ``track_event/track_descriptor.proto``: TrackDescriptor.uuid = 1 (uint64), name = 2,
   process = 3, thread = 4, parent_uuid = 5 (uint64), counter = 8.
 * ``track_event/process_descriptor.proto``: ProcessDescriptor.pid = 1 (int32),
@@ -41,8 +50,9 @@ Field numbers, checked against Perfetto's published schema (the ``perfetto`` PyP
 * ``track_event/counter_descriptor.proto``: CounterDescriptor (all fields optional).
 * ``track_event/track_event.proto``: TrackEvent.debug_annotations = 4, type = 9
   (TYPE_SLICE_BEGIN 1, TYPE_SLICE_END 2, TYPE_INSTANT 3, TYPE_COUNTER 4), track_uuid = 11
-  (uint64), name = 23, counter_value = 30 (int64), double_counter_value = 44 (double).
-* ``track_event/debug_annotation.proto``: DebugAnnotation.name = 10, bool_value = 2,
+  (uint64), name_iid = 10 (uint64), name = 23, counter_value = 30 (int64),
+  double_counter_value = 44 (double).
+* ``track_event/debug_annotation.proto``: DebugAnnotation.name_iid = 1, name = 10, bool_value = 2,
   int_value = 4 (int64), double_value = 5 (double), string_value = 6.
 
 Values: int -> int_value (beyond int64: string_value, its digits), float -> double_value,
@@ -59,7 +69,6 @@ from .walker import Track, end_args
 
 __all__ = ["PerfettoWriter"]
 
-_SEQUENCE = 1
 #: Encoded annotations kept for reuse, at most (a few MiB).
 _CACHE_LIMIT = 1 << 16
 _MASK64 = (1 << 64) - 1
@@ -112,7 +121,13 @@ def _text(v: str) -> bytes:
 
 # Pre-encoded tags.
 _T_TS = tag(8, _VARINT)
-_T_SEQ = tag(10, _VARINT) + varint(_SEQUENCE)
+# TracePacket.sequence_flags (13): SEQ_INCREMENTAL_STATE_CLEARED = 1 on the sequence's first
+# packet, SEQ_NEEDS_INCREMENTAL_STATE = 2 on every packet that uses interned names.
+_T_FLAGS_CLEARED = tag(13, _VARINT) + varint(1)
+_T_FLAGS_NEEDED = tag(13, _VARINT) + varint(2)
+#: The size of a timestamp's varint for ns in [2**56, 2**63): every date after 1972.
+TS_SIZE = 9
+_TS_LOW = 1 << 56
 _T_TRACK_EVENT = tag(11, _LEN)
 _T_PACKET = tag(1, _LEN)
 _T_ANNOTATION = tag(4, _LEN)
@@ -166,19 +181,63 @@ _hi_cache: list = [-1, b""]
 
 
 class PerfettoWriter:
-    """A :class:`~.walker.Sink` writing a Perfetto protobuf trace to ``out`` (binary)."""
+    """A :class:`~.walker.Sink` writing a Perfetto protobuf trace to ``out`` (binary).
+
+    Its encoding pieces (heads, interned names, annotations, :meth:`frame`) are what the
+    fast path (:mod:`.fast`) builds its per-class code from: one encoding, two drivers."""
 
     def __init__(self, out: IO[bytes]) -> None:
         self.out = out
         self._write = out.write
-        # (track uid, event name) -> the start of its TrackEvent (type, track, name).
+        # (track uid, event name, type) -> the start of its TrackEvent (type, track, name).
         self._heads: dict[tuple[int, str, int], bytes] = {}
-        # field name -> its DebugAnnotation.name, encoded.
+        # field name -> its DebugAnnotation.name_iid field, encoded.
         self._keys: dict[str, bytes] = {}
+        # event name -> its TrackEvent.name_iid field, encoded.
+        self._names: dict[str, bytes] = {}
         self._cache: dict[tuple, bytes] = {}
+        # (head, annotations' length) -> the packet's bytes before the annotations.
+        self._frames: dict[tuple[bytes, int], bytes] = {}
+        # The sequence starts with its incremental state cleared (sequence_flags = 1), so
+        # that the interned names below are read as this sequence's.
+        self.sequence(1, self._write)
+
+    def sequence(self, number: int, write: Any) -> None:
+        """Go on as sequence ``number`` (trusted_packet_sequence_id), writing with
+        ``write``: its first packet clears the incremental state, and names are interned
+        anew (the fast path gives each process it runs in a sequence of its own)."""
+        self._write = write
+        self._seq = tag(10, _VARINT) + varint(number)
+        for table in (self._heads, self._keys, self._names, self._cache, self._frames):
+            table.clear()
+        self._write(_frame_packet(self._seq + _T_FLAGS_CLEARED))
+
+    def _intern(self, field: int, iid: int, name: str) -> None:
+        # TracePacket.interned_data (12) holding one EventName (InternedData.event_names = 2)
+        # or DebugAnnotationName (debug_annotation_names = 3): {iid = 1, name = 2}.
+        entry = _vfield(1, iid) + _len(2, _text(name))
+        self._write(_frame_packet(self._seq + _T_FLAGS_NEEDED + _len(12, _len(field, entry))))
+
+    def name_iid(self, name: str) -> bytes:
+        """``TrackEvent.name_iid`` (10) of ``name``, interned on first use."""
+        f = self._names.get(name)
+        if f is None:
+            iid = len(self._names) + 1
+            self._intern(2, iid, name)
+            f = self._names[name] = _vfield(10, iid)
+        return f
+
+    def key_iid(self, key: str) -> bytes:
+        """``DebugAnnotation.name_iid`` (1) of field name ``key``, interned on first use."""
+        f = self._keys.get(key)
+        if f is None:
+            iid = len(self._keys) + 1
+            self._intern(3, iid, key)
+            f = self._keys[key] = _vfield(1, iid)
+        return f
 
     def _packet(self, ts: int | None, body: bytes) -> None:
-        packet = (_T_TS + _timestamp(ts) if ts is not None else b"") + _T_SEQ + body
+        packet = (_T_TS + _timestamp(ts) if ts is not None else b"") + self._seq + body
         self._write(_T_PACKET + _uvarint(len(packet)) + packet)
 
     def track(self, track: Track) -> None:
@@ -196,17 +255,36 @@ class PerfettoWriter:
             d += _len(2, _text(track.name)) + _len(8, b"")
         self._packet(None, _len(60, d))
 
-    def _head(self, track: Track, kind: int, name: str) -> bytes:
+    def head(self, track: Track, kind: int, name: str) -> bytes:
+        """The start of a TrackEvent: type (9), track_uuid (11), name_iid (10)."""
         key = (track.uid, name, kind)
         head = self._heads.get(key)
         if head is None:
             head = _vfield(9, kind) + _vfield(11, track.uid)
             if name:
-                head += _len(23, _text(name))
+                head += self.name_iid(name)
             self._heads[key] = head
         return head
 
-    def _annotations(self, fields: dict[str, Any]) -> bytes:
+    def frame(self, head: bytes, size: int) -> bytes:
+        """The bytes of an event's packet before its annotations (``size`` bytes of them),
+        for a timestamp of :data:`TS_SIZE` bytes that follows them: Trace.packet (1) tag and
+        length; trusted_packet_sequence_id (10), sequence_flags (13) =
+        SEQ_NEEDS_INCREMENTAL_STATE (the names are interned); track_event (11) tag, length
+        and ``head``. The timestamp (8) goes last: protobuf fields come in any order."""
+        key = (head, size)
+        f = self._frames.get(key)
+        if f is None:
+            te = len(head) + size
+            inner = self._seq + _T_FLAGS_NEEDED + _T_TRACK_EVENT + _uvarint(te) + head
+            n = len(inner) + size + len(_T_TS) + TS_SIZE
+            if len(self._frames) >= _CACHE_LIMIT:
+                self._frames.clear()
+            f = self._frames[key] = _T_PACKET + _uvarint(n) + inner
+        return f
+
+    def annotations(self, fields: dict[str, Any]) -> bytes:
+        """The DebugAnnotation fields (TrackEvent.debug_annotations = 4) of ``fields``."""
         # Whole DebugAnnotation fields cached per (name, value) for str and int values
         # (paths, table names, status codes repeat): one dict look-up instead of encoding.
         # Keyed by type too, since 1 == 1.0 == True. Cleared when large: memory bounded.
@@ -220,29 +298,29 @@ class PerfettoWriter:
                 if a is None:
                     if len(cache) >= _CACHE_LIMIT:
                         cache.clear()
-                    a = cache[key] = self._annotation(k, v)
+                    a = cache[key] = self.annotation(k, v)
             else:
-                a = self._annotation(k, v)
+                a = self.annotation(k, v)
             parts.append(a)
         return b"".join(parts)
 
-    def _annotation(self, k: str, v: Any) -> bytes:
-        prefix = self._keys.get(k)
-        if prefix is None:
-            prefix = self._keys[k] = _len(10, _text(k))
-        a = prefix + _annotation_value(v)
+    def annotation(self, k: str, v: Any) -> bytes:
+        """One DebugAnnotation field: name_iid, then the value."""
+        a = self.key_iid(k) + _annotation_value(v)
         return _T_ANNOTATION + _uvarint(len(a)) + a
 
-    def _event(self, ts: int, head: bytes, fields: dict[str, Any] | None) -> None:
-        te = head + self._annotations(fields) if fields else head
-        n = len(te)
-        body = _T_TRACK_EVENT + (_V14[n] if n < 16384 else varint(n)) + te
-        packet = _T_TS + _timestamp(ts) + _T_SEQ + body
-        n = len(packet)
-        self._write(_T_PACKET + (_V14[n] if n < 16384 else varint(n)) + packet)
+    def event(self, ts: int, head: bytes, annotations: bytes) -> None:
+        """Write a TrackEvent packet: ``head`` and ``annotations`` (encoded) at ``ts``."""
+        if _TS_LOW <= ts < _INT64:
+            self._write(self.frame(head, len(annotations)) + annotations + _T_TS + _timestamp(ts))
+            return
+        te = head + annotations  # a timestamp of another size: framed here
+        packet = self._seq + _T_FLAGS_NEEDED + _T_TRACK_EVENT + _uvarint(len(te)) + te
+        packet += _T_TS + varint(ts & _MASK64)
+        self._write(_T_PACKET + _uvarint(len(packet)) + packet)
 
     def begin(self, track: Track, ts: int, name: str, fields: dict[str, Any]) -> None:
-        self._event(ts, self._head(track, TYPE_SLICE_BEGIN, name), fields)
+        self.event(ts, self.head(track, TYPE_SLICE_BEGIN, name), self.annotations(fields))
 
     def end(
         self,
@@ -255,19 +333,22 @@ class PerfettoWriter:
         unfinished: bool,
     ) -> None:
         if unfinished:
-            self._event(ts, self._head(track, TYPE_INSTANT, f"{name} (unfinished)"), None)
-            self._event(ts, self._head(track, TYPE_SLICE_END, ""), {"unfinished": True})
+            self.event(ts, self.head(track, TYPE_INSTANT, f"{name} (unfinished)"), b"")
+            self.event(
+                ts, self.head(track, TYPE_SLICE_END, ""), self.annotations({"unfinished": True})
+            )
             return
         # The begin's fields are on the slice already: only the end's, renamed on a clash.
         if end_fields and not begin_fields.keys().isdisjoint(end_fields):
             end_fields = end_args(begin_fields, end_fields)
-        self._event(ts, self._head(track, TYPE_SLICE_END, ""), end_fields)
+        ann = self.annotations(end_fields) if end_fields else b""
+        self.event(ts, self.head(track, TYPE_SLICE_END, ""), ann)
 
     def instant(self, track: Track, ts: int, name: str, fields: dict[str, Any]) -> None:
-        self._event(ts, self._head(track, TYPE_INSTANT, name), fields)
+        self.event(ts, self.head(track, TYPE_INSTANT, name), self.annotations(fields))
 
     def counter(self, track: Track, ts: int, value: int | float) -> None:
-        head = self._head(track, TYPE_COUNTER, "")
+        head = self.head(track, TYPE_COUNTER, "")
         if type(value) is int and -_INT64 <= value < _INT64:
             te = head + tag(30, _VARINT) + varint(value & _MASK64)
         else:
@@ -276,3 +357,7 @@ class PerfettoWriter:
 
     def close(self) -> None:
         pass
+
+
+def _frame_packet(packet: bytes) -> bytes:
+    return _T_PACKET + _uvarint(len(packet)) + packet

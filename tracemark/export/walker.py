@@ -46,7 +46,16 @@ from ..analysis.pairing import End, Pairing, span_kind, track_of
 from ..ctf import TraceError
 from ..ctf.reader import Stream, SubTrace
 
-__all__ = ["CounterSpec", "Sink", "Track", "Walk", "end_args", "open_streams", "walk"]
+__all__ = [
+    "CounterSpec",
+    "Sink",
+    "Track",
+    "Tracks",
+    "Walk",
+    "end_args",
+    "open_streams",
+    "walk",
+]
 
 
 class Track:
@@ -190,6 +199,104 @@ def end_args(begin: dict[str, Any], end: dict[str, Any]) -> dict[str, Any]:
     return {f"end.{k}" if k in begin else k: v for k, v in end.items()}
 
 
+class Tracks:
+    """The tracks of one export, made on first use and handed to the sink then (a thread's
+    process first, a task's thread first); shared by :func:`walk` and the fast path
+    (:mod:`.fast`), so both name and number tracks alike."""
+
+    def __init__(self, sink: Sink, subs: Sequence[SubTrace]) -> None:
+        self.sink = sink
+        self.procnames: dict[int, str] = {}
+        for sub in subs:
+            name = sub.env.get("procname")
+            if isinstance(name, str) and name and sub.pid not in self.procnames:
+                self.procnames[sub.pid] = name
+        self._uids = iter(range(1, 1 << 62))
+        self.processes: dict[int, Track] = {}
+        #: (pid, tid, task) -> the thread's track (task None) or the task's.
+        self.threads: dict[tuple, Track] = {}
+        self.counters: dict[tuple[int, str], Track] = {}
+        #: Uids decided ahead (:meth:`plan`), for tracks made in several processes.
+        self.planned: dict[tuple, int] = {}
+
+    def plan(self, keys: Iterable[tuple], later: int = 1 << 62) -> None:
+        """Decide the uids of the tracks ``keys`` name (``("process", pid)``, ``("thread",
+        pid, tid)``, ``("counter", pid, name)``) now, in that order, so that processes
+        working on parts of one export number them alike; tracks not planned take uids
+        from ``later`` on."""
+        for key in keys:
+            if key not in self.planned:
+                self.planned[key] = next(self._uids)
+        self._uids = iter(range(later, 1 << 63))
+
+    def _uid(self, key: tuple) -> int:
+        uid = self.planned.get(key)
+        return uid if uid is not None else next(self._uids)
+
+    def process(self, pid: int) -> Track:
+        t = self.processes.get(pid)
+        if t is None:
+            name = self.procnames.get(pid, f"pid {pid}")
+            t = self.processes[pid] = Track(self._uid(("process", pid)), "process", pid, name=name)
+            self.sink.track(t)
+        return t
+
+    def track(self, key: tuple, thread_name: str) -> Track:
+        """The track of ``key`` = (pid, tid, task), made if new; a task's under its thread."""
+        t = self.threads.get(key)
+        if t is not None:
+            return t
+        pid, tid, task = key
+        thread_key = (pid, tid, None)
+        thread = self.threads.get(thread_key)
+        if thread is None:
+            process = self.process(pid)
+            thread = self.threads[thread_key] = Track(
+                self._uid(("thread", pid, tid)),
+                "thread",
+                pid,
+                tid,
+                name=thread_name or str(tid),
+                parent=process,
+            )
+            self.sink.track(thread)
+        if task is None:
+            return thread
+        t = self.threads[key] = Track(
+            next(self._uids), "task", pid, tid, task, name=f"task {task}", parent=thread
+        )
+        self.sink.track(t)
+        return t
+
+    def count(
+        self,
+        result: Walk,
+        pid: int,
+        ts: int,
+        marker: str,
+        values: dict[str, Any],
+        fields: Iterable[str],
+    ) -> None:
+        """The values of ``fields`` (of marker ``marker``) on their counter tracks; values
+        that are not a finite number are counted as skipped."""
+        skipped = result.skipped_values
+        for f in fields:
+            value = values.get(f)
+            name = f"{marker}.{f}"
+            if type(value) not in (int, float) or value != value or value in (_INF, -_INF):
+                skipped[name] = skipped.get(name, 0) + 1
+                continue
+            ct = self.counters.get((pid, name))
+            if ct is None:
+                process = self.process(pid)
+                ct = self.counters[(pid, name)] = Track(
+                    self._uid(("counter", pid, name)), "counter", pid, name=name, parent=process
+                )
+                self.sink.track(ct)
+            self.sink.counter(ct, ts, value)
+            result.counters += 1
+
+
 def walk(
     subs: Sequence[SubTrace],
     sink: Sink,
@@ -203,65 +310,18 @@ def walk(
     result = Walk(errors=errors if errors is not None else [])
     if events is None:
         events = _events(subs, result.errors)
-    procnames = {}
-    for sub in subs:
-        name = sub.env.get("procname")
-        if isinstance(name, str) and name and sub.pid not in procnames:
-            procnames[sub.pid] = name
-
-    uids = iter(range(1, 1 << 62))
-    processes: dict[int, Track] = {}
-    threads: dict[tuple, Track] = {}  # track_of(ev) -> thread or task track
+    tracks = Tracks(sink, subs)
+    threads = tracks.threads  # track_of(ev) -> thread or task track
     last: dict[tuple, int] = {}  # track_of(ev) -> its last event's timestamp
-    counter_tracks: dict[tuple[int, str], Track] = {}
     wanted: dict[str, list[str]] = {}
     for spec in counters:
         wanted.setdefault(spec.marker, []).append(spec.field)
-    skipped = result.skipped_values
-
-    def process_of(pid: int) -> Track:
-        t = processes.get(pid)
-        if t is None:
-            t = processes[pid] = Track(
-                next(uids), "process", pid, name=procnames.get(pid, f"pid {pid}")
-            )
-            sink.track(t)
-        return t
 
     def track_for(ev: Any, key: tuple) -> Track:
-        pid, tid, task = key
-        thread_key = (pid, tid, None)
-        thread = threads.get(thread_key)
-        if thread is None:
-            process = process_of(pid)
-            thread = threads[thread_key] = Track(
-                next(uids), "thread", pid, tid, name=ev.thread or str(tid), parent=process
-            )
-            sink.track(thread)
-        if task is None:
-            return thread
-        t = threads[key] = Track(
-            next(uids), "task", pid, tid, task, name=f"task {task}", parent=thread
-        )
-        sink.track(t)
-        return t
+        return tracks.track(key, ev.thread)
 
     def count(ev: Any, fields: list[str]) -> None:
-        for f in fields:
-            value = ev.fields.get(f)
-            name = f"{ev.name}.{f}"
-            if type(value) not in (int, float) or value != value or value in (_INF, -_INF):
-                skipped[name] = skipped.get(name, 0) + 1
-                continue
-            ct = counter_tracks.get((ev.pid, name))
-            if ct is None:
-                process = process_of(ev.pid)
-                ct = counter_tracks[(ev.pid, name)] = Track(
-                    next(uids), "counter", ev.pid, name=name, parent=process
-                )
-                sink.track(ct)
-            sink.counter(ct, ev.timestamp, value)
-            result.counters += 1
+        tracks.count(result, ev.pid, ev.timestamp, ev.name, ev.fields, fields)
 
     def close(end: End, key: tuple) -> None:
         # A span closed unfinished: at the time Pairing says (an outer end that skipped it)

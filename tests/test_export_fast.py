@@ -1,0 +1,260 @@
+"""The export fast path (tracemark.export.fast) against the walker it replaces: on a varied
+recording (spans, nested and recursive spans, unfinished spans, ends without a begin, an end
+that skips an inner span, a begin and an end sharing a field name, instants with every field
+type and extreme values, counters with values that are not finite, renamed threads, a fork
+child) and on a damaged copy of it, both formats must show the same timeline: the same
+tracks, slices (names, times, args), instants and counter values, decoded with Perfetto's
+published schema (interned names resolved) and with ``json``, and the same counts."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from test_export import decode, interned_events, perfetto_slices
+
+from tracemark.ctf import read_trace
+from tracemark.export import export
+from tracemark.export import fast as fast_mod
+from tracemark.export.fast import applies
+from tracemark.export.walker import open_streams
+
+ROOT = Path(__file__).resolve().parents[1]
+
+VARIED = textwrap.dedent(
+    """
+    import os, sys, threading, tracemark
+    req = tracemark.span("req", path=str)
+    db = tracemark.span("db", table=str)
+    tx_b = tracemark.marker("tx.begin", id=int)
+    tx_e = tracemark.marker("tx.end", id=int, ok=bool)      # id on both: end.id
+    inner = tracemark.span("inner")
+    rec = tracemark.span("rec", depth=int)
+    every = tracemark.marker(
+        "all.types", i=int, f=float, b=bool, s=str, raw=bytes, o=object
+    )
+    gauge = tracemark.marker("q.depth", n=int, load=float)
+    stray = tracemark.marker("db.end")
+
+    def recurse(d):
+        rec.begin(d)
+        if d < 3:
+            recurse(d + 1)
+        rec.end()
+
+    VALUES = [
+        (0, 0.0, False, "", b"", None),
+        (-5, -1.5, True, 'quote " back \\\\ nl \\n tab \\t é 漢 \\u2028',
+         bytes(range(8)), [1, "x"]),
+        (1 << 40, float("nan"), True, "x" * 300, b"\\xff" * 300, {"k": 1.5}),
+        (-(1 << 63), float("inf"), False, "\\x00\\x01", b"\\x00", 3.25),
+        ((1 << 63) - 1, float("-inf"), True, "last", b"z", "s"),
+        (127, 1e300, False, "a", b"a", 0), (128, 5e-324, True, "b", b"b", 1),
+        (16383, 2.0, False, "c", b"c", 2), (16384, 3.0, True, "d", b"d", 3),
+        ((1 << 28) - 1, 4.0, False, "e", b"e", 4), (1 << 28, 5.0, True, "f", b"f", 5),
+    ]
+
+    def worker(w):
+        threading.current_thread().name = f"w{w}"
+        for i in range(40):
+            req.begin(f"/w{w}/{i % 3}")
+            gauge(i * w, i / (w + 1) if i % 5 else float("nan"))
+            db.begin("users")
+            every(*VALUES[i % len(VALUES)])
+            db.end()
+            if i % 7 == 0:
+                inner.begin()      # never ended: req.end skips it
+            if i % 11 == 0:
+                stray()            # db.end without a db.begin open
+            tx_b(i); tx_e(i, i % 2 == 0)
+            recurse(0)
+            req.end()
+            if i == 20:
+                threading.current_thread().name = f"w{w}-renamed"
+        if w == 1:
+            req.begin("/left-open")   # the thread ends with it open
+
+    with tracemark.record(sys.argv[1]):
+        ts = [threading.Thread(target=worker, args=(w,)) for w in range(3)]
+        for t in ts: t.start()
+        for t in ts: t.join()
+        pid = os.fork()
+        if pid == 0:
+            try:
+                worker(9)
+            finally:
+                tracemark.tracers.recording.lifecycle.stop_all()
+                os._exit(0)
+        os.waitpid(pid, 0)
+        worker(7)
+    """
+)
+
+COUNTERS = ["q.depth.n", "q.depth.load", "tx.end.ok"]
+
+
+@pytest.fixture(scope="module")
+def varied(tmp_path_factory):
+    trace = tmp_path_factory.mktemp("fast") / "varied"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    subprocess.run([sys.executable, "-c", VARIED, str(trace)], check=True, env=env, timeout=120)
+    return trace
+
+
+def perfetto_view(path: Path):
+    """What a viewer sees in a Perfetto file: per track (described by its kind, pid, tid
+    and name, not by its uuid, which is numbering), the slices, instants and counters."""
+    trace = decode(path)
+    tracks, slices, instants, counters = perfetto_slices(trace)
+
+    def describe(uuid):
+        t = tracks[uuid]
+        if t.HasField("thread"):
+            return ("thread", t.thread.pid, t.thread.tid, t.thread.thread_name)
+        if t.HasField("process"):
+            return ("process", t.process.pid, t.process.process_name)
+        parent = describe(t.parent_uuid) if t.parent_uuid else None
+        return ("track", t.name, parent)
+
+    def norm(v):  # nan != nan: compare its text
+        return repr(v) if isinstance(v, float) else v
+
+    def rows(items):
+        return sorted(
+            repr(tuple(norm(x) for x in i[:-1]) + (sorted(i[-1].items()),)) for i in items
+        )
+
+    view = {}
+    for uuid in tracks:
+        view[describe(uuid)] = (
+            rows(slices.get(uuid, [])),
+            rows(instants.get(uuid, [])),
+            sorted(repr(c) for c in counters.get(uuid, [])),
+        )
+    # Track descriptors as sent: processes and threads (renames included) as many times as
+    # the walker sends them; a counter's at least once (each process of the fast path that
+    # writes its values describes it).
+    sent = Counter(
+        describe(p.track_descriptor.uuid)
+        for p in trace.packet
+        if p.HasField("track_descriptor") and not p.track_descriptor.HasField("counter")
+    )
+    counter_tracks = {
+        describe(p.track_descriptor.uuid)
+        for p in trace.packet
+        if p.HasField("track_descriptor") and p.track_descriptor.HasField("counter")
+    }
+    return view, sent, counter_tracks, len(interned_events(trace))
+
+
+def chrome_view(path: Path):
+    doc = json.loads(path.read_text())
+    events = Counter(json.dumps(e, sort_keys=True) for e in doc["traceEvents"])
+    # Each worker of the fast path names its threads' process once more.
+    events = {e: 1 if '"process_name"' in e else n for e, n in events.items()}
+    return events, doc["otherData"], doc["displayTimeUnit"]
+
+
+def both(trace: Path, tmp: Path, fmt: str, jobs: int = 1):
+    suffix = ".pftrace" if fmt == "perfetto" else ".json"
+    fast, slow = tmp / f"fast{suffix}", tmp / f"slow{suffix}"
+    r_fast = export(trace, fast, fmt, counters=COUNTERS, jobs=jobs)
+    assert not [p for p in tmp.iterdir() if "part" in p.name]  # the workers' files gone
+    r_slow = export(trace, slow, fmt, counters=COUNTERS, fast=False)
+    return (fast, r_fast), (slow, r_slow)
+
+
+def test_the_fast_path_runs_on_the_varied_trace(varied):
+    subs, errors = open_streams(varied)
+    assert not errors and len(subs) == 2  # the parent and the fork child
+    assert applies(subs, "perfetto") and applies(subs, "chrome")
+
+
+@pytest.mark.parametrize("fmt", ["perfetto", "chrome"])
+@pytest.mark.parametrize("jobs", [1, 2])
+@pytest.mark.parametrize("sample", [fast_mod.SAMPLE, 3])
+def test_fast_path_shows_what_the_walker_shows(varied, tmp_path, fmt, jobs, sample, monkeypatch):
+    # sample 3: each class decides at once between its payload cache and none, and both
+    # kinds of handler run (at 256 the small trace stays in the sampling one).
+    monkeypatch.setattr(fast_mod, "SAMPLE", sample)
+    (fast, r_fast), (slow, r_slow) = both(varied, tmp_path, fmt, jobs)
+    assert r_fast == r_slow
+    assert r_fast.unfinished >= 3 * 6 and r_fast.unmatched >= 3 * 4
+    assert r_fast.skipped_values["q.depth.load"] > 0 and r_fast.counters > 0
+    total = sum(s.events for s in read_trace(varied).streams)
+    assert r_fast.events == total
+    if fmt == "perfetto":
+        sequences = {p.trusted_packet_sequence_id for p in decode(fast).packet}
+        assert sequences == set(range(1, jobs + 1))  # one per process: the parts ran
+        view, sent, counter_tracks, n = perfetto_view(fast)
+        assert (view, sent, counter_tracks, n) == perfetto_view(slow)
+        names = {i for _, (sl, ins, _) in view.items() for i in sl + ins}
+        assert any("end.id" in i for i in names)  # the clash renamed, the begin's kept
+        assert any("(unfinished)" in i for i in names)
+        assert any("end without begin" in i for i in names)
+    else:
+        assert chrome_view(fast) == chrome_view(slow)
+
+
+@pytest.mark.parametrize("fmt", ["perfetto", "chrome"])
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_fast_path_on_a_damaged_trace_matches_the_walker(varied, tmp_path, fmt, jobs):
+    damaged = tmp_path / "damaged"
+    shutil.copytree(varied, damaged)
+    streams = sorted(read_trace(damaged).streams, key=lambda s: -s.events)
+    # An unknown event id in the middle of one packet, a length past the content in
+    # another stream: each packet keeps what came before its damage.
+    for stream, what in ((streams[0], b"\xff\xff\xff\x7f"), (streams[1], None)):
+        p = stream.packet_list()[0]
+        data = stream.read_packet(p)
+        pos, skips = p.start, stream.sub.skips
+        for _ in range(p.count // 2):
+            eid = int.from_bytes(data[pos : pos + 4], "little")
+            pos = skips[eid](data, pos + 12, p.content_end)
+        with open(stream.path, "r+b") as f:
+            f.seek(p.offset + pos)
+            if what is not None:
+                f.write(what)
+            else:  # the timestamp goes backwards
+                f.seek(p.offset + pos + 4)
+                f.write(b"\x00" * 8)
+    (fast, r_fast), (slow, r_slow) = both(damaged, tmp_path, fmt, jobs)
+    # The same errors (listed in stream order by one, in time order by the other).
+    assert len(r_fast.errors) == 2 and sorted(r_fast.errors) == sorted(r_slow.errors)
+    r_fast.errors.sort()
+    r_slow.errors.sort()
+    assert r_fast == r_slow
+    assert r_fast.events < sum(s.events for s in read_trace(varied).streams)
+    if fmt == "perfetto":
+        assert perfetto_view(fast) == perfetto_view(slow)
+    else:
+        assert chrome_view(fast) == chrome_view(slow)
+
+
+def test_the_walker_runs_where_the_fast_path_would_not_be_exact():
+    """A thread whose events are in two streams (the fast path walks streams one after the
+    other, so its spans would pair out of order), or a Perfetto timestamp outside the
+    9-byte varint range the packet prefixes assume: applies() says no."""
+    from types import SimpleNamespace as NS
+
+    def packet(pid, tid, ts):
+        return NS(pid=pid, tid=tid, ts_begin=ts, ts_end=ts)
+
+    def sub(*streams):
+        meta = NS(freq=1_000_000_000, offset_ns=0)
+        return NS(meta=meta, streams=[NS(packet_list=lambda ps=ps: ps) for ps in streams])
+
+    now = 1_700_000_000_000_000_000
+    ok = sub([packet(1, 1, now)], [packet(1, 2, now)])
+    assert applies([ok], "perfetto") and applies([ok], "chrome")
+    shared = sub([packet(1, 1, now)], [packet(1, 2, now), packet(1, 1, now)])
+    assert not applies([shared], "perfetto") and not applies([shared], "chrome")
+    early = sub([packet(1, 1, 5)])
+    assert not applies([early], "perfetto") and applies([early], "chrome")
