@@ -91,6 +91,7 @@ def test_json_is_one_strict_object_per_line():
         "pid": 100,
         "tid": 7,
         "thread": "worker-1",
+        "task": None,
         "fields": {"len": 1, "dev": "eth0"},
     }
     second = json.loads(lines[1], parse_constant=lambda c: (_ for _ in ()).throw(ValueError(c)))
@@ -212,6 +213,7 @@ def test_the_fast_json_path_writes_what_the_json_module_writes():
             "pid": ev.pid,
             "tid": ev.tid,
             "thread": ev.thread,
+            "task": None,
             "fields": ev.fields,
         }
         assert json.loads(line) == expected
