@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any
 
 from ...ctf import writer as W
 from .tasks import NO_TASK, task_info
+from .tasks import check as check_asyncio
 
 if TYPE_CHECKING:
     from .session import Recording
@@ -169,6 +170,7 @@ class Channel:
                 return -1
             self.overwritten += events
         self.seq += 1
+        check_asyncio()  # once per packet: see .tasks
         thread = self.thread()
         if thread is not None:
             self.name = W.thread_name_bytes(thread.name)

@@ -50,7 +50,7 @@ from ...ctf import status as _status
 from ...ctf import writer as W
 from ...markers import registry
 from ...markers.dispatch import MAX_NESTING
-from . import lifecycle
+from . import lifecycle, tasks
 from .channel import Channel, chain, ended
 from .consumer import Consumer
 from .generated import make_probe
@@ -151,6 +151,7 @@ class Recording:
         # Declared first, in every trace: the task switch event (see .tasks).
         self._event_class(W.TASK_EVENT, W.TASK_FIELDS)
         self.task_event_id = self._classes[W.TASK_EVENT, W.TASK_FIELDS]
+        tasks.install()  # count running asyncio loops from now on (once per process)
         self._setup_process()
         lifecycle.active.add(self)
         lifecycle.install_handlers()

@@ -9,49 +9,56 @@ event whose task differs from the last one its channel recorded, like the kernel
 
 The firing path (:mod:`.generated`) asks, per event::
 
-    _loop = _aio.loop()                 # a C call: None outside a running event loop
-    if _loop is None:
-        if _ch.intask: _ch.retask(None)
-    else:
-        _task = _aio.task(_loop)         # asyncio.current_task(loop), a C call
-        ...compared with the channel's last task (a weak reference), retask() if it differs
+    if _aio.running:                    # a loop runs on some thread of the process
+        _loop = _aio.loop()             # asyncio's _get_running_loop(), a C call
+        _task = _aio.task(_loop)        # asyncio.current_task(loop), a C call
+        ...compared with the channel's last task (a weak reference); retask() if it differs
+    elif _ch.intask:                    # the channel's last event was in a task
+        _ch.retask(None)
 
 Why this design
 ---------------
-* **Outside asyncio it costs one C call and two tests** (measured in
-  ``benchmarks/RESULTS.md``, "recorded marker" rows): no task is looked up, nothing is
-  written. The alternatives cost more or see less: a task factory is per loop and replaced
-  by programs that set their own; a ``ContextVar`` read is as dear and says nothing about
-  which task; ``sys.monitoring``/``sys.setprofile`` on coroutine resumption taxes every
-  await of the program, traced or not.
+* **Outside asyncio it costs two attribute tests, no call.** Even a C call costs ~30 ns
+  here, more than the budget (+25 ns per recorded event): so the question "is a loop
+  running on this thread?" is only asked while some loop runs in the process.
+  :attr:`_Asyncio.running` counts the threads running a loop: asyncio's own
+  ``asyncio.events._set_running_loop``, which every ``BaseEventLoop`` calls (by its
+  module attribute) when it starts and stops running, is wrapped to count them
+  (:func:`install`, once per process, when the first recording starts).
 * **asyncio is not imported for it.** ``import _asyncio`` imports the whole of asyncio
-  (~30 ms), which a program that does not use it should not pay when it starts a recording.
-  Until asyncio is imported, :attr:`ASYNCIO.loop <_Asyncio.loop>` is a C call that looks
-  ``asyncio.tasks`` up in ``sys.modules`` (as cheap as the real question: None means no
-  loop can be running); the first event after asyncio's import swaps in
-  ``asyncio.events._get_running_loop`` and ``asyncio.current_task`` (whichever, C or pure
-  Python, asyncio itself uses), process-wide and once.
+  (~30 ms), which a program that does not use it should not pay. If asyncio is not
+  imported yet, :func:`install` leaves a finder on ``sys.meta_path`` that wraps
+  ``asyncio.events`` right after it is executed, before any loop can run, and then
+  removes itself. If asyncio was imported first, loops may already run on threads nobody
+  can list: then the count is "unknown" for good, and every event asks (one C call, ~30-60
+  ns more; measured in ``benchmarks/RESULTS.md``). Each new packet also checks that the
+  wrap happened (an import that bypassed the finder: a task is then missed for at most
+  the events of one packet).
+* **Loops that do not call asyncio's ``_set_running_loop``** (a loop implementation that
+  kept its own reference to the unwrapped function before the recording started) are
+  seen as "unknown", like the above, when asyncio was imported first; if not, their tasks
+  are not named: a limit, stated here.
 * **Task ids are never reused.** ``id(task)`` is reused once a task is freed, and two tasks'
   tracks would merge; the id recorded is a serial number per process (:func:`task_info`),
   kept beside the task in a table keyed by ``id(task)`` whose entries leave with their task
   (a weak reference's callback). The channel holds the last task by a weak reference too:
   tracing does not keep a finished task (its result, its exception) alive.
 * **Switches are the slow path** (:meth:`Channel.retask`): a dict look-up, the name, one
-  ``struct.pack_into``. Many interleaved tasks pay it at each switch, measured as "recorded
-  marker in an asyncio task" with two tasks alternating.
+  ``struct.pack_into``. Many interleaved tasks pay it at each switch, measured as "a task
+  switch before each event".
 """
 
 from __future__ import annotations
 
-import functools
 import itertools
 import sys
 import weakref
 from typing import Any
 
+from ..._forksafe import fork_safe_lock
 from ...ctf import writer as W
 
-__all__ = ["ASYNCIO", "NO_TASK", "TaskInfo", "task_info"]
+__all__ = ["ASYNCIO", "NO_TASK", "TaskInfo", "install", "task_info"]
 
 
 def NO_TASK() -> None:
@@ -59,46 +66,130 @@ def NO_TASK() -> None:
     return None
 
 
-class _Asyncio:
-    """The two questions the firing path asks, as attributes swapped once asyncio is
-    imported (see the module docstring)."""
+#: ``_Asyncio.running`` when loops may run that were not counted: never falls to 0.
+UNKNOWN = 1 << 60
 
-    __slots__ = ("loop", "task")
+
+class _Asyncio:
+    """What the firing path reads (see the module docstring)."""
+
+    __slots__ = ("loop", "running", "task")
 
     def __init__(self) -> None:
-        #: () -> the running loop, None outside one. Before asyncio is imported: the module
-        #: ``asyncio.tasks`` or None (then :attr:`task` arms and answers).
-        self.loop: Any = functools.partial(sys.modules.get, "asyncio.tasks")
-        #: (loop) -> the loop's current task, None if it runs no task.
-        self.task: Any = _arm
+        #: Threads running an asyncio loop (UNKNOWN: not known). 0: no event is in a task.
+        self.running = 0
+        #: () -> this thread's running loop, or None (asyncio's ``_get_running_loop``).
+        self.loop: Any = NO_TASK
+        #: (loop) -> the loop's current task, or None (``asyncio.current_task``).
+        self.task: Any = _arm_task
 
 
-def _ready(module: Any) -> bool:
-    """Whether ``module`` is imported whole (not still running its top level: importlib
-    marks a module's spec ``_initializing`` meanwhile, 3.11 to 3.13)."""
-    return module is not None and not getattr(
-        getattr(module, "__spec__", None), "_initializing", False
-    )
-
-
-def _arm(_module: Any) -> Any:
-    """The first question after asyncio is imported: swap in asyncio's own functions, then
-    answer with them. While asyncio is only part-imported no loop can run: None."""
-    events = sys.modules.get("asyncio.events")
+def _arm_task(loop: Any) -> Any:
+    """``asyncio.current_task(loop)``, swapped in on first use: ``asyncio.tasks`` (which a
+    running loop has imported) need not be imported when ``asyncio.events`` is wrapped."""
     tasks = sys.modules.get("asyncio.tasks")
-    if not (_ready(events) and _ready(tasks)):
-        return None
-    get_loop = events._get_running_loop
-    current = tasks.current_task
-    # loop first: a thread that read the old loop question and now asks the new task one
-    # passes a module as the loop, which asyncio answers with None (no task): one event, once.
-    ASYNCIO.loop = get_loop
+    current = getattr(tasks, "current_task", None)
+    if current is None or getattr(getattr(tasks, "__spec__", None), "_initializing", False):
+        return None  # asyncio still importing (3.11-3.13 mark it so): no task can run yet
     ASYNCIO.task = current
-    loop = get_loop()
-    return current(loop) if loop is not None else None
+    return current(loop)
 
 
 ASYNCIO = _Asyncio()
+_lock = fork_safe_lock()
+_installed = False
+
+
+def _count(delta: int) -> None:
+    with _lock:
+        ASYNCIO.running += delta
+
+
+def _wrap(events: Any, known: bool) -> None:
+    """Count the threads running a loop from now on, by wrapping ``events._set_running_loop``
+    (looked up on the module by every ``BaseEventLoop`` when it starts and stops running).
+    ``known``: no loop can be running yet (asyncio.events was only just executed)."""
+    get, set_loop = events._get_running_loop, events._set_running_loop
+
+    def _set_running_loop(loop: Any) -> None:
+        before = get()
+        if before is None and loop is not None:
+            _count(1)  # counted before it runs: no event of the loop is missed
+        set_loop(loop)
+        if before is not None and loop is None:
+            _count(-1)  # after it stopped
+
+    _set_running_loop.__wrapped__ = set_loop  # type: ignore[attr-defined]
+    _set_running_loop.__doc__ = set_loop.__doc__
+    ASYNCIO.loop = get
+    with _lock:
+        if not known:
+            ASYNCIO.running = UNKNOWN
+    events._set_running_loop = _set_running_loop
+
+
+class _Finder:
+    """A ``sys.meta_path`` finder that only watches ``asyncio.events``: it lets the other
+    finders find it, and wraps it right after it is executed (:func:`_wrap`)."""
+
+    def find_spec(self, name: str, path: Any = None, target: Any = None) -> Any:
+        if name != "asyncio.events":
+            return None
+        _remove_finder()
+        spec = None
+        for finder in list(sys.meta_path):
+            find = getattr(finder, "find_spec", None)
+            if find is not None:
+                spec = find(name, path, target)
+                if spec is not None:
+                    break
+        loader = getattr(spec, "loader", None)
+        execute = getattr(loader, "exec_module", None)
+        if execute is None:
+            return spec  # found in a way not to interfere with: counted "unknown" below
+
+        def exec_module(module: Any) -> None:
+            execute(module)
+            _wrap(module, known=True)
+
+        # The loader object is this module's own (path finders make one per module).
+        loader.exec_module = exec_module  # type: ignore[union-attr]
+        return spec
+
+
+_finder = _Finder()
+
+
+def _remove_finder() -> None:
+    try:
+        sys.meta_path.remove(_finder)
+    except ValueError:
+        pass
+
+
+def install() -> None:
+    """Count running loops from now on (see the module docstring); once per process."""
+    global _installed
+    if _installed:
+        return
+    _installed = True
+    events = sys.modules.get("asyncio.events")
+    if events is not None:
+        _wrap(events, known=False)
+    else:
+        sys.meta_path.insert(0, _finder)
+
+
+def check() -> None:
+    """Each new packet: if asyncio was imported without the finder wrapping it (another
+    finder found it first), wrap it now, its loops counted as "unknown"."""
+    if _installed and ASYNCIO.loop is NO_TASK:
+        events = sys.modules.get("asyncio.events")
+        if events is not None and not getattr(
+            getattr(events, "__spec__", None), "_initializing", False
+        ):
+            _remove_finder()
+            _wrap(events, known=False)
 
 
 class TaskInfo:
