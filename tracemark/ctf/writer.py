@@ -75,7 +75,8 @@ last ``tracemark.task`` event before it *in the same packet*, and there is none 
 when the packet holds no such event before it, or the last one has ``id`` 0. A task id is
 the recorder's serial number of the task in its process (1, 2, ...), never reused, so that
 two tasks are never one even when the first one's memory is reused; the name is the task's
-``get_name()`` when the event was recorded, as a thread name is (UTF-8, at most 255 bytes).
+``get_name()`` when the channel switched to it (a rename shows from the task's next
+switch), stored as a thread name is (UTF-8, at most 255 bytes).
 Each packet is self-contained: one that opens while its thread is inside a task starts with
 a ``tracemark.task`` event, so a packet read alone (the packet index, overwrite mode, the
 recovery of a crashed process's buffers) names the task of every event in it. Outside
