@@ -36,7 +36,6 @@ from tracemark.ctf import read_trace
 from tracemark.env import PYBEHAVIOR
 from tracemark.markers import registry
 from tracemark.probes import recompile, sysmon
-from tracemark.tracers.recording import tasks as recording_tasks
 
 TIMEOUT = 20.0
 
@@ -80,7 +79,6 @@ LOCKS: dict[str, Callable[[World], object]] = {
     "tracemark.tracers.recording.consumer.Consumer.lock": lambda w: w.recording.consumer.lock,
     "tracemark.tracers.recording.session.Recording._reg_lock": lambda w: w.recording._reg_lock,
     "tracemark.tracers.recording.session.Recording._stop_lock": lambda w: w.recording._stop_lock,
-    "tracemark.tracers.recording.tasks._lock": lambda w: recording_tasks._lock,
 }
 
 #: Locks that need no reset in a fork child, and why.

@@ -254,14 +254,14 @@ def test_without_asyncio_nothing_is_imported_or_written(tmp_path):
             import asyncio
             from tracemark.tracers.recording import tasks
             async def main():
-                m(tasks.ASYNCIO.running)
+                m(int(tasks.thread_slot().running is asyncio.get_running_loop()))
             asyncio.run(main(), debug=False)
             m(-2)
-        print(tasks.ASYNCIO.running, tasks._finder in sys.meta_path)
+        print(tasks._unseen, tasks.thread_slot().running, tasks._finder in sys.meta_path)
         """,
         str(tmp_path),
     )
-    assert done.stdout.split() == ["False", "0", "False"]
+    assert done.stdout.split() == ["False", "frozenset()", "None", "False"]
     plain = list(read_trace(tmp_path / "a").events())
     assert len(plain) == 1000 and all(ev.task is None for ev in plain)
     sub = read_trace(tmp_path / "a").subtraces[0]
@@ -269,7 +269,7 @@ def test_without_asyncio_nothing_is_imported_or_written(tmp_path):
     assert raw == 1000  # no tracemark.task event in the packets either
     later = [(ev.fields["n"], ev.task) for ev in read_trace(tmp_path / "b").events()]
     assert later[0] == (-1, None) and later[2] == (-2, None)
-    assert later[1][0] == 1 and later[1][1] is not None  # one loop running, counted
+    assert later[1][0] == 1 and later[1][1] is not None  # the loop was seen starting
 
 
 def test_filter_and_view_show_the_task(tmp_path, uniq):
@@ -309,8 +309,14 @@ def test_filter_and_view_show_the_task(tmp_path, uniq):
 
 TASKS = 1000
 
+# The recording starts before asyncio is imported (as under ``tracemark record``): the loop
+# is seen starting; the tests above run in a process that imported asyncio first.
 SPANS = """
-import asyncio, json, sys, time, tracemark
+import json, sys, time, tracemark
+rec = tracemark.record(sys.argv[1])
+import asyncio
+from tracemark.tracers.recording import tasks
+assert not tasks._unseen
 req = tracemark.span("req", n=int)
 step = tracemark.span("step", k=int)
 note = tracemark.marker("note", n=int)
@@ -334,7 +340,7 @@ async def worker(i):
 async def main(n):
     await asyncio.gather(*(asyncio.create_task(worker(i), name=f"w{i}") for i in range(n)))
 
-with tracemark.record(sys.argv[1]):
+with rec:
     asyncio.run(main(int(sys.argv[2])))
 with open(sys.argv[3], "w") as f:
     json.dump(measured, f)
@@ -444,3 +450,43 @@ def test_exports_give_one_track_per_task_under_the_thread(many, tmp_path):
         task = name.removeprefix("task ")
         (req,) = [s for s in got if s[0] == "req"]
         assert close_to(req[2] - req[1], measured[task])
+
+
+def test_a_loop_running_before_the_recording_is_seen(tmp_path):
+    """asyncio imported and a loop already running on another thread when the recording
+    starts: nobody saw that loop start, so that thread's events ask asyncio; they are named
+    all the same. The recording thread itself was asked once, and is outside any loop."""
+    done = run(
+        """
+        import asyncio, sys, threading, tracemark
+        from tracemark.tracers.recording import tasks
+        m = tracemark.marker("pre.ev", n=int)
+        started, go = threading.Event(), threading.Event()
+
+        async def work(i):
+            await asyncio.get_running_loop().run_in_executor(None, go.wait)
+            for k in range(3):
+                m(i * 10 + k)
+                await asyncio.sleep(0)
+
+        async def main():
+            started.set()
+            await asyncio.gather(*(asyncio.create_task(work(i), name=f"p{i}") for i in range(2)))
+
+        t = threading.Thread(target=asyncio.run, args=(main(),), name="early")
+        t.start()
+        started.wait()
+        with tracemark.record(sys.argv[1]):
+            m(-1)
+            print(type(tasks.thread_slot()).__name__, t.ident in tasks._unseen)
+            go.set()
+            t.join()
+        """,
+        str(tmp_path),
+    )
+    assert done.stdout.split() == ["_Slot", "True"]
+    events = list(read_trace(tmp_path).events())
+    assert len(events) == 7
+    for ev in events:
+        n = ev.fields["n"]
+        assert (ev.task is None) if n < 0 else (ev.task.name == f"p{n // 10}")

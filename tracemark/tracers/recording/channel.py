@@ -41,7 +41,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from ...ctf import writer as W
-from .tasks import NO_TASK, task_info
+from .tasks import NO_TASK, task_info, thread_slot
 from .tasks import check as check_asyncio
 
 if TYPE_CHECKING:
@@ -73,6 +73,7 @@ class Channel:
         "intask",
         "level",
         "limit",
+        "loop",
         "name",
         "on_disk_discarded",
         "overwritten",
@@ -129,6 +130,7 @@ class Channel:
     def _no_task(self) -> None:
         # The last event's task: a weak reference to it (NO_TASK outside a task), its
         # recorded id and name, and the size of its tracemark.task event (0: none).
+        self.loop = thread_slot()  # the thread's running asyncio loop, as .loop.running
         self.task: Any = NO_TASK
         self.intask = False
         self.task_id = 0
@@ -171,6 +173,7 @@ class Channel:
             self.overwritten += events
         self.seq += 1
         check_asyncio()  # once per packet: see .tasks
+        self.loop = thread_slot()
         thread = self.thread()
         if thread is not None:
             self.name = W.thread_name_bytes(thread.name)
@@ -239,6 +242,7 @@ class Channel:
             c.tid = tid
             c.name = name
             c.task, c.intask, c.task_size = NO_TASK, False, 0
+            c.loop = thread_slot()
         self.idle = False
 
     def _allocate(self) -> Any:

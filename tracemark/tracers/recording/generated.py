@@ -62,23 +62,20 @@ if _ch is None or _ch.rec is not _in.rec:
 {top}    _st.cache = _ch
 """.format(top=textwrap.indent(_TOP_CHANNEL, "    "))
 
-# Task identity (see .tasks): outside asyncio two attribute tests, no call; a task switch
-# writes a tracemark.task event first (Channel.retask, the slow path).
+# Task identity (see .tasks): outside asyncio attribute loads and tests, no call; a task
+# switch writes a tracemark.task event first (Channel.retask, the slow path).
 _TASK = """\
-if _aio.running:
-    _loop = _aio.loop()
-    if _loop is None:
+_loop = _ch.loop.running
+if _loop is None:
+    if _ch.intask:
+        _ch.retask(None)
+else:
+    _task = _aio.task(_loop)
+    if _task is None:
         if _ch.intask:
             _ch.retask(None)
-    else:
-        _task = _aio.task(_loop)
-        if _task is None:
-            if _ch.intask:
-                _ch.retask(None)
-        elif _task is not _ch.task():
-            _ch.retask(_task)
-elif _ch.intask:
-    _ch.retask(None)
+    elif _task is not _ch.task():
+        _ch.retask(_task)
 """
 
 _WRITE = (

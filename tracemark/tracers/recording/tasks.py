@@ -9,35 +9,40 @@ event whose task differs from the last one its channel recorded, like the kernel
 
 The firing path (:mod:`.generated`) asks, per event::
 
-    if _aio.running:                    # a loop runs on some thread of the process
-        _loop = _aio.loop()             # asyncio's _get_running_loop(), a C call
+    _loop = _ch.loop.running            # this thread's running loop: two attribute loads
+    if _loop is None:
+        if _ch.intask: _ch.retask(None) # the channel's last event was in a task
+    else:
         _task = _aio.task(_loop)        # asyncio.current_task(loop), a C call
         ...compared with the channel's last task (a weak reference); retask() if it differs
-    elif _ch.intask:                    # the channel's last event was in a task
-        _ch.retask(None)
 
 Why this design
 ---------------
-* **Outside asyncio it costs two attribute tests, no call.** Even a C call costs ~30 ns
-  here, more than the budget (+25 ns per recorded event): so the question "is a loop
-  running on this thread?" is only asked while some loop runs in the process.
-  :attr:`_Asyncio.running` counts the threads running a loop: asyncio's own
-  ``asyncio.events._set_running_loop``, which every ``BaseEventLoop`` calls (by its
-  module attribute) when it starts and stops running, is wrapped to count them
-  (:func:`install`, once per process, when the first recording starts).
+* **Outside asyncio it costs attribute loads and tests, no call.** Even a C call costs
+  ~30 ns on this machine, more than the budget (+25 ns per recorded event), and asyncio's
+  ``_get_running_loop()`` costs far more inside a loop (3.11 makes a ``getpid()`` system
+  call each time, to notice forks). So the recorder keeps its own per-thread record of the
+  running loop: a :class:`_Slot` per thread (a ``threading.local``), which each channel
+  holds (``Channel.loop``, taken when it is made, adopted, and at each new packet).
+  asyncio's own ``asyncio.events._set_running_loop``, which every ``BaseEventLoop`` calls
+  by its module attribute when it starts and stops running, is wrapped to keep the slot
+  of its thread up to date (:func:`install`, once per process, when the first recording
+  starts; the wrap stays: one Python call per loop start and stop).
 * **asyncio is not imported for it.** ``import _asyncio`` imports the whole of asyncio
   (~30 ms), which a program that does not use it should not pay. If asyncio is not
   imported yet, :func:`install` leaves a finder on ``sys.meta_path`` that wraps
   ``asyncio.events`` right after it is executed, before any loop can run, and then
-  removes itself. If asyncio was imported first, loops may already run on threads nobody
-  can list: then the count is "unknown" for good, and every event asks (one C call, ~30-60
-  ns more; measured in ``benchmarks/RESULTS.md``). Each new packet also checks that the
-  wrap happened (an import that bypassed the finder: a task is then missed for at most
-  the events of one packet).
-* **Loops that do not call asyncio's ``_set_running_loop``** (a loop implementation that
-  kept its own reference to the unwrapped function before the recording started) are
-  seen as "unknown", like the above, when asyncio was imported first; if not, their tasks
-  are not named: a limit, stated here.
+  removes itself. If asyncio was imported first, the thread that starts the recording asks
+  asyncio once whether it runs a loop; but a loop may already run on another thread that
+  existed then, unseen: the channels of those threads (only) read an object whose
+  ``running`` asks asyncio each time (a Python property and a C call more per event), until
+  the thread starts a loop the wrap sees. Threads started later are always seen. Each new
+  packet also checks that the wrap happened (an import that bypassed the finder: a task is
+  then missed for at most the events of one packet).
+* **A limit:** a loop implementation that does not call ``asyncio.events._set_running_loop``
+  by the module's attribute when it runs (one that kept its own reference to the function
+  before the wrap) is not seen, and events in its tasks are recorded without a task, unless
+  its thread is one that asks (above).
 * **Task ids are never reused.** ``id(task)`` is reused once a task is freed, and two tasks'
   tracks would merge; the id recorded is a serial number per process (:func:`task_info`),
   kept beside the task in a table keyed by ``id(task)`` whose entries leave with their task
@@ -52,13 +57,14 @@ from __future__ import annotations
 
 import itertools
 import sys
+import threading
 import weakref
 from typing import Any
 
-from ..._forksafe import fork_safe_lock
 from ...ctf import writer as W
+from ...markers.dispatch import current_frames
 
-__all__ = ["ASYNCIO", "NO_TASK", "TaskInfo", "install", "task_info"]
+__all__ = ["ASYNCIO", "NO_TASK", "TaskInfo", "install", "task_info", "thread_slot"]
 
 
 def NO_TASK() -> None:
@@ -66,18 +72,12 @@ def NO_TASK() -> None:
     return None
 
 
-#: ``_Asyncio.running`` when loops may run that were not counted: never falls to 0.
-UNKNOWN = 1 << 60
-
-
 class _Asyncio:
     """What the firing path reads (see the module docstring)."""
 
-    __slots__ = ("loop", "running", "task")
+    __slots__ = ("loop", "task")
 
     def __init__(self) -> None:
-        #: Threads running an asyncio loop (UNKNOWN: not known). 0: no event is in a task.
-        self.running = 0
         #: () -> this thread's running loop, or None (asyncio's ``_get_running_loop``).
         self.loop: Any = NO_TASK
         #: (loop) -> the loop's current task, or None (``asyncio.current_task``).
@@ -96,35 +96,72 @@ def _arm_task(loop: Any) -> Any:
 
 
 ASYNCIO = _Asyncio()
-_lock = fork_safe_lock()
 _installed = False
 
 
-def _count(delta: int) -> None:
-    with _lock:
-        ASYNCIO.running += delta
+class _Slot:
+    """One thread's running loop, as the wrapped ``_set_running_loop`` saw it."""
+
+    __slots__ = ("running",)
+
+    def __init__(self, running: Any = None) -> None:
+        self.running = running
+
+
+class _Ask:
+    """The slot of a thread that may run a loop nobody saw start: asks asyncio each time."""
+
+    __slots__ = ()
+
+    @property
+    def running(self) -> Any:
+        return ASYNCIO.loop()
+
+
+_ASK = _Ask()
+#: Thread ident -> its slot (a _Slot, or _ASK). Idents are reused by later threads: a slot
+#: left says "no loop" (threads end after their loop stops) or asks; both stay right.
+_slots: dict[int, Any] = {}
+#: Threads alive when asyncio was found already imported: they may run a loop unseen.
+_unseen: frozenset[int] = frozenset()
+
+
+def thread_slot() -> Any:
+    """What a channel of the calling thread reads its running loop from (``.running``)."""
+    ident = threading.get_ident()
+    slot = _slots.get(ident)
+    if slot is None:
+        slot = _slots[ident] = _ASK if ident in _unseen else _Slot()
+    return slot
 
 
 def _wrap(events: Any, known: bool) -> None:
-    """Count the threads running a loop from now on, by wrapping ``events._set_running_loop``
-    (looked up on the module by every ``BaseEventLoop`` when it starts and stops running).
-    ``known``: no loop can be running yet (asyncio.events was only just executed)."""
-    get, set_loop = events._get_running_loop, events._set_running_loop
+    """Keep each thread's slot up to date from now on, by wrapping
+    ``events._set_running_loop`` (looked up on the module by every ``BaseEventLoop`` when it
+    starts and stops running). ``known``: no loop can be running yet (asyncio.events was
+    only just executed); otherwise the threads alive now may run loops unseen."""
+    global _unseen
+    set_loop = events._set_running_loop
 
     def _set_running_loop(loop: Any) -> None:
-        before = get()
-        if before is None and loop is not None:
-            _count(1)  # counted before it runs: no event of the loop is missed
         set_loop(loop)
-        if before is not None and loop is None:
-            _count(-1)  # after it stopped
+        ident = threading.get_ident()
+        slot = _slots.get(ident)
+        if type(slot) is _Slot:
+            slot.running = loop
+        else:  # new, or a thread that may have run a loop unseen: it is seen now
+            _slots[ident] = _Slot(loop)
 
     _set_running_loop.__wrapped__ = set_loop  # type: ignore[attr-defined]
     _set_running_loop.__doc__ = set_loop.__doc__
-    ASYNCIO.loop = get
-    with _lock:
-        if not known:
-            ASYNCIO.running = UNKNOWN
+    get = ASYNCIO.loop = events._get_running_loop
+    if not known:
+        me = threading.get_ident()
+        alive = {t.ident for t in threading.enumerate()} | set(current_frames())
+        _unseen = frozenset(alive - {me})
+        for ident in _unseen:
+            _slots[ident] = _ASK
+        _slots[me] = _Slot(get())  # this thread: asked once
     events._set_running_loop = _set_running_loop
 
 
@@ -146,7 +183,7 @@ class _Finder:
         loader = getattr(spec, "loader", None)
         execute = getattr(loader, "exec_module", None)
         if execute is None:
-            return spec  # found in a way not to interfere with: counted "unknown" below
+            return spec  # loaded in a way not to interfere with: check() wraps it later
 
         def exec_module(module: Any) -> None:
             execute(module)
@@ -168,7 +205,7 @@ def _remove_finder() -> None:
 
 
 def install() -> None:
-    """Count running loops from now on (see the module docstring); once per process."""
+    """Follow running loops from now on (see the module docstring); once per process."""
     global _installed
     if _installed:
         return
@@ -182,7 +219,7 @@ def install() -> None:
 
 def check() -> None:
     """Each new packet: if asyncio was imported without the finder wrapping it (another
-    finder found it first), wrap it now, its loops counted as "unknown"."""
+    finder found it first), wrap it now, as when asyncio was imported first."""
     if _installed and ASYNCIO.loop is NO_TASK:
         events = sys.modules.get("asyncio.events")
         if events is not None and not getattr(
