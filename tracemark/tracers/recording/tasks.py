@@ -18,11 +18,12 @@ The firing path (:mod:`.generated`) asks, per event::
 
 Why this design
 ---------------
-* **Outside asyncio it costs attribute loads and tests, no call.** Even a C call costs
+* **Outside asyncio it costs attribute loads and tests, no call** (+4 to +15 ns per
+  recorded event, medians of paired runs in ``benchmarks/RESULTS.md``). Even a C call costs
   ~30 ns on this machine, more than the budget (+25 ns per recorded event), and asyncio's
   ``_get_running_loop()`` costs far more inside a loop (3.11 makes a ``getpid()`` system
   call each time, to notice forks). So the recorder keeps its own per-thread record of the
-  running loop: a :class:`_Slot` per thread (a ``threading.local``), which each channel
+  running loop: a :class:`_Slot` per thread (by thread ident), which each channel
   holds (``Channel.loop``, taken when it is made, adopted, and at each new packet).
   asyncio's own ``asyncio.events._set_running_loop``, which every ``BaseEventLoop`` calls
   by its module attribute when it starts and stops running, is wrapped to keep the slot
