@@ -505,7 +505,8 @@ class Stream:
     @property
     def events(self) -> int:
         """Number of events in the stream (from the packet contexts: no decoding; iterating
-        checks every packet holds as many as its context says)."""
+        checks every packet holds as many as its context says), ``tracemark.task`` events
+        included (bookkeeping, which iterating does not give)."""
         return sum(p.count for p in self._packets)
 
     def _index(self) -> None:
