@@ -7,7 +7,10 @@ Three tables:
 * cost per event, one thread, a marker with 3 fields (int, str, float), against packing the
   same values with ``struct.pack_into`` alone (the floor of any binary recorder in Python),
   the same marker with a no-op probe (the marker core's share), ``logging`` to a file, and
-  viztracer's ``log_instant`` (when viztracer is installed);
+  viztracer's ``log_instant`` (when viztracer is installed); and the same recorded marker
+  inside an asyncio task, and with a task switch before every event (two tasks made current
+  in turn, as the loop does, with asyncio's own ``_enter_task``/``_leave_task``: the cost
+  of the ``tracemark.task`` event, without the loop's own cost in the figure);
 * sustained throughput in discard mode with default buffers, one thread paced at the target
   rate (1,000,000 events/s) and flat out, and the loss;
 * the loss figure with 4 threads firing flat out (they share one GIL, so together they
@@ -16,6 +19,7 @@ Three tables:
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import shutil
 import struct
@@ -95,6 +99,58 @@ def _viztracer_case() -> tuple[Case | None, object]:
     return case, viz
 
 
+def _task_rows(m: object) -> list[tuple[Case, float]]:
+    """The recorded marker ``m`` inside an asyncio task, and with a task switch before each
+    event; each with its ratio to the baseline measured in the same run (ns, scaled below)."""
+    ns = {"m": m, "n": 1500, "s": "hello", "x": 2.5}
+    base = Case(BASELINE, "packer.pack_into(buf, 0, 7, now(), n, 5, s.encode(), x)")
+    base.namespace = {
+        "packer": struct.Struct("<IQqI5sd"),
+        "buf": bytearray(1 << 16),
+        "now": time.monotonic_ns,
+        **ns,
+    }
+    in_task = Case(
+        "marker recorded in an asyncio task",
+        "m(n, s, x)",
+        ns,
+        "the same task each event",
+    )
+    switch = "enter(loop, a); m(n, s, x); leave(loop, a); "
+    switch += "enter(loop, b); m(n, s, x); leave(loop, b)"
+    switched = Case(
+        "marker recorded, a task switch before each event",
+        switch,
+        ns,
+        "two tasks in turn: the tracemark.task event's cost included",
+    )
+    plain = Case("task switches alone", switch.replace("m(n, s, x); ", ""), ns)
+    out: list[tuple[Case, float]] = []
+
+    def in_loop() -> None:
+        loop = asyncio.get_running_loop()
+        a = loop.create_task(asyncio.sleep(0), name="bench-a")
+        b = loop.create_task(asyncio.sleep(0), name="bench-b")
+        enter, leave = asyncio.tasks._enter_task, asyncio.tasks._leave_task
+        ns.update(loop=loop, a=a, b=b, enter=enter, leave=leave)
+        enter(loop, a)
+        try:
+            r = measure([base, in_task], number=100_000, repeat=7)
+        finally:
+            leave(loop, a)
+        out.append((in_task, r[in_task.name] / r[BASELINE]))
+        r = measure([base, switched, plain], number=50_000, repeat=7)
+        # Two events per statement; the task switches themselves taken out.
+        out.append((switched, (r[switched.name] - r[plain.name]) / 2 / r[BASELINE]))
+
+    async def main() -> None:
+        asyncio.get_running_loop().call_soon(in_loop)  # outside any task: we enter them
+        await asyncio.sleep(0.01)
+
+    asyncio.run(main())
+    return out
+
+
 def _throughput(
     tmp: Path, threads: int, seconds: float, pace: float | None = None
 ) -> tuple[float, int, int]:
@@ -149,6 +205,10 @@ def report() -> str:
             env.NORING = False
         try:
             results = measure(cases, number=100_000, repeat=7)
+            # Right after the row outside asyncio, scaled by the baseline of their own run.
+            for i, (case, ratio) in enumerate(_task_rows(cases[3].namespace["m"]), start=4):
+                cases.insert(i, case)
+                results[case.name] = ratio * results[BASELINE]
         finally:
             summary = rec.stop()
             in_memory.stop()

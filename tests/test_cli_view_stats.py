@@ -9,6 +9,7 @@ from types import SimpleNamespace
 from tracemark.cli._common import Style
 from tracemark.cli.stats import collect, histogram, render_json, render_text
 from tracemark.cli.view import format_event, write_json, write_text
+from tracemark.ctf.reader import Task
 
 T0 = 1_767_225_600_000_000_000  # 2026-01-01 00:00:00 UTC, in ns
 
@@ -91,6 +92,7 @@ def test_json_is_one_strict_object_per_line():
         "pid": 100,
         "tid": 7,
         "thread": "worker-1",
+        "task": None,
         "fields": {"len": 1, "dev": "eth0"},
     }
     second = json.loads(lines[1], parse_constant=lambda c: (_ for _ in ()).throw(ValueError(c)))
@@ -212,6 +214,7 @@ def test_the_fast_json_path_writes_what_the_json_module_writes():
             "pid": ev.pid,
             "tid": ev.tid,
             "thread": ev.thread,
+            "task": None,
             "fields": ev.fields,
         }
         assert json.loads(line) == expected
@@ -278,7 +281,9 @@ def test_the_fast_text_path_writes_what_format_event_writes():
         ts += rng.choice([1, 999, 10**9 + 7])
         fields = {f"f{k}": rng.choice(values) for k in range(rng.randint(0, 3))}
         thread = rng.choice(["MainThread", "", "100% busy"])
-        events.append(event(ts, rng.choice(["a.b", "c%d"]), thread=thread, **fields))
+        ev = event(ts, rng.choice(["a.b", "c%d"]), thread=thread, **fields)
+        ev.task = rng.choice([None, Task(1, "req-1"), Task(2, "50%\nodd"), Task(3, "")])
+        events.append(ev)
     out = io.StringIO()
     write_text(iter(events), out)
     expected, previous = [], None
@@ -286,3 +291,5 @@ def test_the_fast_text_path_writes_what_format_event_writes():
         expected.append(format_event(ev, previous))
         previous = ev.timestamp
     assert out.getvalue().split("\n")[:-1] == expected
+    shown = {line.split("] ")[0].split(" [")[1] for line in expected}
+    assert {"100 MainThread req-1", "100 7 #3", "100 100% busy 50%\\nodd"} <= shown

@@ -394,25 +394,31 @@ def test_perfetto_values_of_every_type_and_varints():
     assert args == {"i": -5, "big": str(1 << 70), "f": 1.5, "b": True, "s": "é", "raw": "00ff"}
 
 
-# --- tasks (designed ahead of the reader recording them) ---------------------------------------
+# --- tasks ------------------------------------------------------------------------------------
 
 
 def test_task_tracks_go_under_their_thread():
-    """Events carrying ``task`` (what the reader will give once tasks are recorded): each
-    task's spans on a track of its own under the thread, nesting per task although the
-    tasks interleave on one thread."""
+    """Events carrying ``task`` (the reader's Task: id, name): each task's spans on a track
+    of its own under the thread, nesting per task although the tasks interleave on one
+    thread; two tasks that share a name (not an id) are two tracks. Recorded programs:
+    tests/test_tasks.py."""
     import io
+
+    from tracemark.ctf.reader import Task
 
     def ev(ts, name, task):
         return SimpleNamespace(
             timestamp=ts, name=name, fields={}, pid=10, tid=11, thread="loop", task=task
         )
 
+    t1, t2, again = Task(1, "t1"), Task(2, "t2"), Task(3, "t1")
     events = [
-        ev(1, "a.begin", "t1"),
-        ev(2, "a.begin", "t2"),
-        ev(3, "a.end", "t1"),
-        ev(4, "a.end", "t2"),
+        ev(1, "a.begin", t1),
+        ev(2, "a.begin", t2),
+        ev(3, "a.end", t1),
+        ev(4, "a.end", t2),
+        ev(5, "a.begin", again),
+        ev(6, "a.end", again),
     ]
     buf = io.BytesIO()
     walk([], PerfettoWriter(buf), events=events)
@@ -420,10 +426,11 @@ def test_task_tracks_go_under_their_thread():
     trace.ParseFromString(buf.getvalue())
     tracks, slices, _, _ = perfetto_slices(trace)
     (thread,) = [u for u, t in tracks.items() if t.HasField("thread")]
-    tasks = {t.name: u for u, t in tracks.items() if t.parent_uuid == thread}
-    assert set(tasks) == {"task t1", "task t2"}
-    assert [s[:4] for s in slices[tasks["task t1"]]] == [("a", 1, 3, 0)]
-    assert [s[:4] for s in slices[tasks["task t2"]]] == [("a", 2, 4, 0)]
+    tasks = sorted((t.name, u) for u, t in tracks.items() if t.parent_uuid == thread)
+    assert [name for name, _ in tasks] == ["task t1", "task t1", "task t2"]
+    got = sorted(s[:4] for _, u in tasks for s in slices[u])
+    assert got == [("a", 1, 3, 0), ("a", 2, 4, 0), ("a", 5, 6, 0)]
+    assert all(len(slices[u]) == 1 for _, u in tasks)
 
     text = io.StringIO()
     w = ChromeWriter(text)
@@ -432,9 +439,9 @@ def test_task_tracks_go_under_their_thread():
     doc = json.loads(text.getvalue())
     names = {e["tid"]: e["args"]["name"] for e in doc["traceEvents"] if e["name"] == "thread_name"}
     xs = {e["tid"]: (e["ts"], e["dur"]) for e in doc["traceEvents"] if e["ph"] == "X"}
-    assert {names[t] for t in xs} == {"loop task t1", "loop task t2"}
+    assert sorted(names[t] for t in xs) == ["loop task t1", "loop task t1", "loop task t2"]
     assert all(t >= TASK_TID_BASE for t in xs)
-    assert sorted(xs.values()) == [(0.0, 0.002), (0.001, 0.002)]
+    assert sorted(xs.values()) == [(0.0, 0.002), (0.001, 0.002), (0.004, 0.001)]
 
 
 # --- the command -----------------------------------------------------------------------------

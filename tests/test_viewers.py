@@ -106,21 +106,23 @@ def server_trace(tmp_path_factory):
     return trace
 
 
-def program_slices(trace: Path) -> dict[int, list[tuple[str, int, int, int, dict]]]:
-    """Per tid, what the program did as the reader reads it: (name, begin ns, end ns, depth,
-    begin fields), in begin order; the program leaves no span open."""
-    stacks: dict[int, list] = defaultdict(list)
-    out: dict[int, list] = defaultdict(list)
+def program_slices(trace: Path, track=lambda ev: ev.tid) -> dict:
+    """Per tid (or per ``track(ev)``: an asyncio task), what the program did as the reader
+    reads it: (name, begin ns, end ns, depth, begin fields), in begin order; the program
+    leaves no span open."""
+    stacks: dict = defaultdict(list)
+    out: dict = defaultdict(list)
     for ev in read_trace(trace).events():
         base, _, kind = ev.name.rpartition(".")
+        key = track(ev)
         if kind == "begin":
-            stacks[ev.tid].append((base, ev.timestamp, dict(ev.fields)))
+            stacks[key].append((base, ev.timestamp, dict(ev.fields)))
         elif kind == "end":
-            name, begin, fields = stacks[ev.tid].pop()
+            name, begin, fields = stacks[key].pop()
             assert name == base
-            out[ev.tid].append((name, begin, ev.timestamp, len(stacks[ev.tid]), fields))
+            out[key].append((name, begin, ev.timestamp, len(stacks[key]), fields))
     assert not any(stacks.values())
-    return {tid: sorted(v, key=lambda s: (s[1], s[3])) for tid, v in out.items()}
+    return {key: sorted(v, key=lambda s: (s[1], s[3])) for key, v in out.items()}
 
 
 def node(argv: list[str], profile_dir: Path) -> None:
@@ -259,3 +261,107 @@ def test_chromium_trace_engine_builds_each_thread_s_tree(server_trace, tmp_path)
         assert [e["args"]["path"] for e in tree if e["name"] == "req"] == [
             f"/w{w}/{i}" for i in range(n)
         ]
+
+
+# --- an asyncio program: one track per task ------------------------------------------------
+
+TASKS = 4
+
+# Task i handles one request with a "users" query inside and, for odd i, an "orders" one;
+# the tasks interleave on one thread at every await, so only task identity nests them right.
+ASYNC_SERVER = textwrap.dedent(
+    """
+    import asyncio, sys, tracemark
+    req = tracemark.span("req", path=str)
+    db = tracemark.span("db", table=str)
+
+    async def handle(i):
+        with req(f"/t{i}"):
+            await asyncio.sleep(0.001 * (i + 1))
+            db.begin("users")
+            await asyncio.sleep(0)
+            await asyncio.sleep(0.0005)
+            db.end()
+            if i % 2:
+                with db("orders"):
+                    await asyncio.sleep(0)
+
+    async def main():
+        await asyncio.gather(
+            *(asyncio.create_task(handle(i), name=f"t{i}") for i in range(N_TASKS))
+        )
+
+    with tracemark.record(sys.argv[1]):
+        asyncio.run(main())
+    """
+).replace("N_TASKS", str(TASKS))
+
+
+@pytest.fixture(scope="module")
+def async_trace(tmp_path_factory):
+    trace = tmp_path_factory.mktemp("viewers") / "async"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    subprocess.run(
+        [sys.executable, "-c", ASYNC_SERVER, str(trace)], check=True, env=env, timeout=120
+    )
+    return trace
+
+
+def _task_slices(trace: Path) -> dict[str, list]:
+    want = program_slices(trace, track=lambda ev: ev.task.name)
+    assert sorted(want) == [f"t{i}" for i in range(TASKS)]
+    for task, slices in want.items():
+        i = int(task[1:])
+        assert [(s[0], s[3]) for s in slices] == [("req", 0), ("db", 1), ("db", 1)][: 2 + i % 2]
+    return want
+
+
+def test_speedscope_shows_each_task_on_its_own_track(async_trace, tmp_path):
+    site = tmp_path / "site"
+    site.mkdir()
+    result = export(async_trace, site / "trace.json", "chrome")
+    assert result.unfinished == 0 and result.unmatched == 0
+    want = _task_slices(async_trace)
+
+    doc = open_in_speedscope(site)
+    frames = doc["shared"]["frames"]
+    profiles = {}
+    for p in doc["profiles"]:
+        m = re.search(r"MainThread task (t\d+) \(tid \d+\)$", p["name"])
+        if m:
+            profiles[m[1]] = p
+    assert set(profiles) == set(want)
+    for task, slices in want.items():
+        got = speedscope_slices(profiles[task], frames)
+        first = slices[0][1]
+        assert [(s[0], s[3]) for s in got] == [(s[0], s[3]) for s in slices]
+        assert [s[4] for s in got] == [s[4] for s in slices]
+        assert [round(s[1] * 1000) for s in got] == [b - first for _, b, *_ in slices]
+        assert [round((s[2] - s[1]) * 1000) for s in got] == [e - b for _, b, e, *_ in slices]
+        (req,) = [s for s in got if s[0] == "req"]
+        assert req[4]["path"] == f"/{task}"
+        assert req[2] - req[1] >= 1000 * (int(task[1:]) + 1)  # it slept that long
+
+
+def test_chromium_trace_engine_builds_each_task_s_tree(async_trace, tmp_path):
+    trace_json = tmp_path / "trace.json"
+    export(async_trace, trace_json, "chrome")
+    start = json.loads(trace_json.read_text())["otherData"]["start_ns"]
+    want = _task_slices(async_trace)
+    out = tmp_path / "devtools.json"
+    (tmp_path / "chromium-profile").mkdir()
+    node([str(DEVTOOLS), str(trace_json), str(out)], tmp_path / "chromium-profile")
+
+    (process,) = json.loads(out.read_text())
+    tracks = {}
+    for thread in process["threads"]:
+        name = thread["name"]
+        if name.startswith("MainThread task "):
+            tracks[name.removeprefix("MainThread task ")] = thread
+    assert set(tracks) == set(want)
+    for task, slices in want.items():
+        tree = tracks[task]["tree"]
+        assert [(e["name"], e["depth"]) for e in tree] == [(s[0], s[3]) for s in slices]
+        assert [start + round(e["ts"] * 1000) for e in tree] == [s[1] for s in slices]
+        assert [round(e["dur"] * 1000) for e in tree] == [s[2] - s[1] for s in slices]
+        assert [e["args"] for e in tree] == [s[4] for s in slices]

@@ -159,12 +159,14 @@ started; 2 for a usage error; 5 if --probe is given but probes are unavailable."
         help="list the events of a trace in time order",
         description=(
             "List the events of a trace in time order: time, delta to the previous line,\n"
-            "[pid thread], event name and fields."
+            "[pid thread] (or [pid thread task] inside an asyncio task), event name and\n"
+            "fields."
         ),
         epilog="""\
 filter expressions:
   comparisons (== != < <= > >= in, chained), and / or / not, + - * / // %,
-  literals, field names, the event's name pid tid thread timestamp,
+  literals, field names, the event's name pid tid thread timestamp, task (the
+  asyncio task's name, None outside one) and task_id,
   fields["name"] for a field called like one of those, the string methods
   .startswith() .endswith() .contains() .matches(GLOB) .lower() .upper()
   .strip(), and len() abs() str(). A field an event lacks matches nothing.
@@ -173,6 +175,7 @@ examples:
   tracemark view DIR --limit 20
   tracemark view DIR -e 'shop.*' --filter 'total > 100 and worker == "worker-1"'
   tracemark view DIR --filter 'name.startswith("net.") or pid != 4711' --json
+  tracemark view DIR --filter 'task == "Task-7"'
 
 exit codes: 0 ok, 2 usage or bad filter, 3 not a trace, 4 corrupt trace.""",
     )
@@ -220,7 +223,7 @@ exit codes: 0 ok, 2 usage or bad filter, 3 not a trace, 4 corrupt trace.""",
         ),
         epilog="""\
 a span filter sees:
-  name (the span's, e.g. db.query), pid tid thread task, timestamp (its start),
+  name (the span's, e.g. db.query), pid tid thread task task_id, timestamp (its start),
   duration (ms, float), unfinished (bool), and its fields: those of its begin
   event, plus those of its end event the begin has not (fields["x"] for a field
   called like one of the names above). The language is view's (see its help).

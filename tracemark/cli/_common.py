@@ -69,6 +69,14 @@ def printable(text: str) -> str:
     return _UNSAFE.sub(_escape, text)
 
 
+def who(ev: Any) -> str:
+    """Where an event was fired, printable: ``[pid thread]``, or ``[pid thread task]`` inside
+    an asyncio task (the task's name; ``#ID`` for one without a name)."""
+    task = getattr(ev, "task", None)
+    where = f"{ev.pid} {ev.thread or ev.tid}"
+    return printable(f"[{where} {task}]" if task is not None else f"[{where}]")
+
+
 class CliError(Exception):
     """A user error: printed as one line (and ``detail`` lines after it), then exit ``code``."""
 

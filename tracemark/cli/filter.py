@@ -6,11 +6,12 @@ Guarantees
   is checked against a whitelist, then turned into a tree of plain Python closures; nothing
   the user writes can reach an attribute, a builtin or an import.
 * What is allowed: literals (numbers, strings, ``True False None``, tuples and lists of them),
-  field names, the event's metadata ``name pid tid thread timestamp``, ``fields["x"]`` for a
-  field whose name clashes with a metadata name, comparisons (``== != < <= > >= in not in``,
-  chained), ``and or not``, arithmetic ``+ - * / // %``, the string methods
-  ``startswith endswith contains lower upper strip matches`` (``matches`` is a shell glob)
-  and the functions ``len abs str``.
+  field names, the event's metadata ``name pid tid thread task task_id timestamp`` (``task``
+  is the asyncio task's name and ``task_id`` its id, both None outside a task),
+  ``fields["x"]`` for a field whose name clashes with a metadata name, comparisons
+  (``== != < <= > >= in not in``, chained), ``and or not``, arithmetic ``+ - * / // %``,
+  the string methods ``startswith endswith contains lower upper strip matches``
+  (``matches`` is a shell glob) and the functions ``len abs str``.
 * A bad expression raises :class:`FilterError` with the column of the offending part, so the
   command line can print one message and a caret under the problem.
 * When the set of known field names is given, a name that is neither metadata nor a field of
@@ -44,7 +45,21 @@ MAX_DEPTH = 100
 MAX_VALUE = 1_000_000
 
 #: Event attributes a filter can name, besides the fields.
-METADATA = ("name", "pid", "tid", "thread", "timestamp")
+METADATA = ("name", "pid", "tid", "thread", "task", "task_id", "timestamp")
+
+
+def _task_name(ev: Any) -> Any:
+    task = getattr(ev, "task", None)
+    return None if task is None else getattr(task, "name", task)
+
+
+def _task_id(ev: Any) -> Any:
+    return getattr(getattr(ev, "task", None), "id", None)
+
+
+#: Metadata names that are not plain attributes of what is matched: an event's ``task`` is
+#: a reader Task (id, name); a filter compares its name, or its id as ``task_id``.
+_GETTERS = {"task": _task_name, "task_id": _task_id}
 
 
 class FilterError(ValueError):
@@ -275,8 +290,7 @@ class _Compiler:
     def _Name(self, node: ast.Name) -> Callable[[Any], Any]:
         name = node.id
         if name in self.metadata:
-            getter = operator.attrgetter(name)
-            return getter
+            return _GETTERS.get(name) or operator.attrgetter(name)
         if name in ("True", "False", "None"):  # pragma: no cover - parsed as constants
             raise self.fail(node, f"{name} is a constant")
         if self.known is not None and name not in self.known:

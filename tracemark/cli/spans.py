@@ -26,7 +26,8 @@ What a span is, and what ``--filter`` sees
 ------------------------------------------
 A span's fields are its begin event's fields, plus those of its end event that the begin
 has not. A filter sees ``name`` (the span's name: ``db.query``, not ``db.query.begin``),
-``pid``, ``tid``, ``thread``, ``task``, ``timestamp`` (its start, ns since the epoch), its
+``pid``, ``tid``, ``thread``, ``task`` (the asyncio task's name, None outside a task),
+``task_id``, ``timestamp`` (its start, ns since the epoch), its
 fields, ``duration`` (float, in ms) and ``unfinished`` (bool). A field called like one of
 those is ``fields["duration"]``.
 
@@ -60,7 +61,8 @@ Guarantees
                        "other": {... "values": n, "values_exact": bool} | null,
                        "ungrouped": spans without the field}}}   # groups etc. with --by
 
-    SPAN = {"kind": "span", "name", "pid", "tid", "thread", "task", "start" (ns since the
+    SPAN = {"kind": "span", "name", "pid", "tid", "thread", "task" ({"id", "name"} or
+            null), "start" (ns since the
             epoch), "offset_ns" (from the listed span's start), "duration_ns", "unfinished",
             "fields", "events" (items under it), "not_kept" (items lost right under it, by
             the cap or the depth limit), "children": [SPAN | EVENT | END, ...]}
@@ -83,10 +85,10 @@ from typing import IO, Any
 
 from ..analysis.pairing import Begin, End, Instant, Pairing, track_of
 from ..markers.fields import show_value
-from ._common import CliError, Style, printable
+from ._common import CliError, Style, printable, who
 from ._groups import Groups
 from .stats import SHOWN_GROUPS, summary
-from .view import _clock
+from .view import _clock, _task_json
 from .view import _plain as plain_value
 
 __all__ = [
@@ -105,7 +107,17 @@ TREE_CAP = 1_000
 #: The most levels under a listed span that are shown.
 SHOWN_DEPTH = 64
 #: What a ``--filter`` reads as attributes of a span rather than as its fields.
-FILTER_NAMES = ("name", "pid", "tid", "thread", "task", "timestamp", "duration", "unfinished")
+FILTER_NAMES = (
+    "name",
+    "pid",
+    "tid",
+    "thread",
+    "task",
+    "task_id",
+    "timestamp",
+    "duration",
+    "unfinished",
+)
 
 
 class Node:
@@ -179,7 +191,7 @@ class _SpanView:
         ev = node.begin
         self.name = node.name
         self.pid, self.tid, self.thread = ev.pid, ev.tid, ev.thread
-        self.task = getattr(ev, "task", None) or ""
+        self.task = getattr(ev, "task", None)  # the filter reads its name (or task_id)
         self.timestamp = ev.timestamp
         self.duration = node.duration / 1e6
         self.unfinished = node.unfinished
@@ -457,9 +469,7 @@ def _waterfall(root: Node, width: int | None, style: Style) -> list[str]:
     return lines
 
 
-def _who(ev: Any) -> str:
-    task = getattr(ev, "task", None)
-    return printable(f"[{ev.pid} {ev.thread or ev.tid}{' ' + task if task else ''}]")
+_who = who
 
 
 def _listed(report: Report, width: int | None, style: Style) -> list[str]:
@@ -609,7 +619,7 @@ def _node_json(root: Node) -> dict[str, Any]:
             "pid": ev.pid,
             "tid": ev.tid,
             "thread": ev.thread,
-            "task": getattr(ev, "task", None) or None,
+            "task": _task_json(getattr(ev, "task", None)),
             "start": ev.timestamp,
             "offset_ns": ev.timestamp - t0,
             "duration_ns": node.duration,

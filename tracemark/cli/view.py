@@ -1,8 +1,10 @@
 """``tracemark view DIR``: the events of a trace, one line each, in time order.
 
-A line reads ``time (+delta) [pid thread] event field=value ...``::
+A line reads ``time (+delta) [pid thread] event field=value ...``, and ``[pid thread task]``
+for an event fired inside an asyncio task (the task's name)::
 
     14:02:07.123456 +0.000210 [4711 worker-0] shop.order.received order=1 items=3 customer=ada
+    14:02:07.123501 +0.000045 [4712 MainThread Task-7] api.request path=/users/27
 
 Guarantees
 ----------
@@ -16,7 +18,8 @@ Guarantees
 * On a terminal a line is cut at the terminal's width (marked with ``…``) and the event name
   is coloured; piped output is complete and plain.
 * ``--json`` writes one JSON object per line: ``timestamp`` (ns since the Unix epoch),
-  ``name``, ``pid``, ``tid``, ``thread``, ``fields`` (in field order). Bytes become hex
+  ``name``, ``pid``, ``tid``, ``thread``, ``task`` (``{"id": ID, "name": NAME}``, or null
+  outside a task), ``fields`` (in field order). Bytes become hex
   strings and non-finite floats the strings ``"nan"``, ``"inf"``, ``"-inf"``, so every line
   is strict JSON.
 """
@@ -32,6 +35,7 @@ from typing import IO, Any
 
 from ..markers.fields import show_value
 from ._common import Style, printable
+from ._common import who as where
 
 __all__ = ["format_event", "write_json", "write_text"]
 
@@ -66,7 +70,7 @@ def format_event(
     ``width``: cut the line to this many columns (the fields are cut, never the event name).
     """
     style = style or Style(False)
-    who = printable(f"[{ev.pid} {ev.thread or ev.tid}]")
+    who = where(ev)
     name = printable(ev.name)
     head = f"{_clock(ev.timestamp)} {_delta(None if previous is None else ev.timestamp - previous)}"
     fields = " ".join(f"{printable(k)}={_single_line(show_value(v))}" for k, v in ev.fields.items())
@@ -94,7 +98,7 @@ _SHOW: dict[type, Any] = {
 
 def _line_template(ev: Any) -> str:
     """A %-template of one event's line after the time and delta (escaped once)."""
-    who = printable(f"[{ev.pid} {ev.thread or ev.tid}]")
+    who = where(ev)
     fields = " ".join(f"{printable(k).replace('%', '%%')}=%s" for k in ev.fields)
     text = f" {who} {printable(ev.name)} ".replace("%", "%%") + fields
     return text.rstrip(" ") if not ev.fields else text
@@ -146,7 +150,7 @@ def write_text(
                 break
             if plain:
                 fields = ev.fields
-                key = (ev.name, ev.pid, ev.thread or ev.tid, *fields)
+                key = (ev.name, ev.pid, ev.thread or ev.tid, getattr(ev, "task", None), *fields)
                 template = templates.get(key)
                 if template is None:
                     template = templates[key] = _line_template(ev)
@@ -194,10 +198,19 @@ def _template(ev: Any) -> str:
         return encode_basestring(text).replace("%", "%%")
 
     fields = ",".join(f"{lit(k)}:%s" for k in ev.fields)
+    task = _task_json(getattr(ev, "task", None))
     return (
         f'{{"timestamp":%d,"name":{lit(ev.name)},"pid":%d,"tid":%d,'
-        f'"thread":{lit(ev.thread)},"fields":{{{fields}}}}}'
+        f'"thread":{lit(ev.thread)},"task":{_TASK_ENCODE(task).replace("%", "%%")},'
+        f'"fields":{{{fields}}}}}'
     )
+
+
+_TASK_ENCODE = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+
+def _task_json(task: Any) -> dict[str, Any] | None:
+    return None if task is None else {"id": task.id, "name": task.name}
 
 
 def write_json(events: Iterable[Any], out: IO[str], *, limit: int | None = None) -> int:
@@ -217,7 +230,7 @@ def write_json(events: Iterable[Any], out: IO[str], *, limit: int | None = None)
             if limit is not None and n >= limit:
                 break
             fields = ev.fields
-            key = (ev.name, ev.thread, *fields)
+            key = (ev.name, ev.thread, getattr(ev, "task", None), *fields)
             template = templates.get(key)
             if template is None:
                 template = templates[key] = _template(ev)
@@ -231,6 +244,7 @@ def write_json(events: Iterable[Any], out: IO[str], *, limit: int | None = None)
                     "pid": ev.pid,
                     "tid": ev.tid,
                     "thread": ev.thread,
+                    "task": _task_json(getattr(ev, "task", None)),
                     "fields": {k: _plain(v) for k, v in fields.items()},
                 }
                 line = encode(obj)

@@ -26,6 +26,11 @@ Guarantees
   a symlink to one is a TraceError, opened without blocking); ``metadata`` may hold at most
   :data:`METADATA_LIMIT` bytes (64 MiB) and a packet at most :data:`PACKET_LIMIT` bytes
   (1 GiB); numbers in the metadata have at most 20 digits.
+* **Every event knows its asyncio task.** ``Event.task`` is the :class:`Task` (id, name) the
+  event was fired in, None outside a task, read from the ``tracemark.task`` events of its
+  own packet (:mod:`.writer`, "Task identity"), which are bookkeeping and not given as
+  events themselves. Task ids are never reused within a process, so ``(pid, task)`` names
+  one task for the whole trace.
 * Only tracemark's own layout is read: a metadata file whose fixed part differs (another
   tracer's CTF) is a TraceError saying so, rather than a misreading.
 """
@@ -52,6 +57,7 @@ __all__ = [
     "Event",
     "Stream",
     "SubTrace",
+    "Task",
     "Trace",
     "TraceError",
     "cut_partial_packet",
@@ -83,6 +89,18 @@ class TraceError(Exception):
         super().__init__(f"{self.path}: at byte offset {offset}: {message}")
 
 
+class Task(NamedTuple):
+    """The asyncio task an event was fired in: the recorder's id for it (a serial number,
+    never reused in a process) and its name when the event was recorded. ``str()`` is the
+    name (``#ID`` for a task recorded without one)."""
+
+    id: int
+    name: str
+
+    def __str__(self) -> str:
+        return self.name or f"#{self.id}"
+
+
 class Event(NamedTuple):
     """One recorded event (a named tuple: built by the reader at C speed)."""
 
@@ -96,9 +114,13 @@ class Event(NamedTuple):
     tid: int
     #: The thread's name when the event's packet was opened ('' if unknown).
     thread: str
+    #: The asyncio task the event was fired in; None outside a task.
+    task: Task | None = None
 
 
 _new_event = tuple.__new__
+#: The task switch event's fields as the metadata declares them.
+_TASK_FIELDS = tuple((f.name, f.type.__name__) for f in W.TASK_FIELDS)
 
 #: The largest metadata file read, in bytes (tracemark's are a few KiB per hundred markers).
 METADATA_LIMIT = 64 << 20
@@ -559,7 +581,8 @@ class Stream:
     @property
     def events(self) -> int:
         """Number of events in the stream (from the packet contexts: no decoding; iterating
-        checks every packet holds as many as its context says)."""
+        checks every packet holds as many as its context says), ``tracemark.task`` events
+        included (bookkeeping, which iterating does not give)."""
         return sum(p.count for p in self._packets)
 
     def _index(self) -> None:
@@ -713,6 +736,8 @@ class Stream:
         pos = p.start
         end = p.content_end
         pid, tid, thread = p.pid, p.tid, p.thread
+        task_eid = sub.task_event_id
+        task = None  # a packet starts outside every task (writer: "Task identity")
         n = 0
         # Stream._index checked each packet begins at or after the previous one's end, so
         # a timestamp of an earlier packet is never above this one's ts_begin.
@@ -725,7 +750,10 @@ class Stream:
                 pos += header_size
                 if pos > end:
                     raise ValueError
-                if wanted is None or event_id in wanted:
+                if event_id == task_eid:  # bookkeeping: the task of the events after it
+                    fields, pos = decoders[event_id][1](data, pos, end)
+                    task = Task(fields["id"], fields["name"]) if fields["id"] else None
+                elif wanted is None or event_id in wanted:
                     name, decode = decoders[event_id]
                     fields, pos = decode(data, pos, end)
                     shown = True
@@ -750,7 +778,7 @@ class Stream:
             if shown:
                 if scale != 1_000_000_000:
                     ts = ts * 1_000_000_000 // scale
-                yield _new_event(Event, (ts + offset_ns, name, fields, pid, tid, thread))
+                yield _new_event(Event, (ts + offset_ns, name, fields, pid, tid, thread, task))
         if n != p.count:
             raise TraceError(
                 path,
@@ -969,6 +997,15 @@ class SubTrace:
         self.checks = {
             eid: _compile_checker(fields) for eid, (_, fields) in self.meta.events.items()
         }
+        #: The id of the task switch event class (writer: "Task identity"); -1 if none.
+        self.task_event_id = next(
+            (
+                eid
+                for eid, (name, fields) in self.meta.events.items()
+                if name == W.TASK_EVENT and fields == _TASK_FIELDS
+            ),
+            -1,
+        )
         #: Event id -> size in bytes, for the classes whose events all have one size.
         self.fixed_sizes = {
             eid: size
@@ -996,8 +1033,13 @@ class SubTrace:
             seen[s.instance_id] = s.path
 
     def ids_matching(self, names: Callable[[str], bool]) -> frozenset[int]:
-        """The ids, in this sub-trace's metadata, of the event classes whose name passes."""
-        return frozenset(eid for eid, (name, _) in self.decoders.items() if names(name))
+        """The ids, in this sub-trace's metadata, of the event classes whose name passes
+        (never the task switch events', which are not given as events)."""
+        return frozenset(
+            eid
+            for eid, (name, _) in self.decoders.items()
+            if names(name) and eid != self.task_event_id
+        )
 
     @property
     def status(self) -> dict[str, Any] | None:
@@ -1034,8 +1076,9 @@ class Trace:
         self.streams: list[Stream] = [s for sub in subtraces for s in sub.streams]
         self.markers: dict[str, tuple[tuple[str, str], ...]] = {}
         for sub in subtraces:
-            for name, fields in sub.meta.events.values():
-                self.markers.setdefault(name, fields)
+            for eid, (name, fields) in sub.meta.events.items():
+                if eid != sub.task_event_id:  # bookkeeping, not a marker
+                    self.markers.setdefault(name, fields)
         self._bounds: tuple[int | None, int | None] | None = None
 
     @property

@@ -66,6 +66,24 @@ ASCII control characters escaped and other bytes as they are. It prints floats w
 ``%g`` (6 significant digits). Its printing of a text is quadratic in the text's length
 (0.4 s for 256 KB, about 30 s for 1.75 MB): a babeltrace2 limit, not the trace's.
 
+Task identity: the ``tracemark.task`` event
+-------------------------------------------
+An event fired inside an asyncio task is recorded after a ``tracemark.task`` event (event
+class :data:`TASK_EVENT`, fields ``int64 _id`` and the text ``_name``: :data:`TASK_FIELDS`)
+naming that task, like the kernel's ``sched_switch``: the task of an event is that of the
+last ``tracemark.task`` event before it *in the same packet*, and there is none (no task)
+when the packet holds no such event before it, or the last one has ``id`` 0. A task id is
+the recorder's serial number of the task in its process (1, 2, ...), never reused, so that
+two tasks are never one even when the first one's memory is reused; the name is the task's
+``get_name()`` when the channel switched to it (a rename shows from the task's next
+switch), stored as a thread name is (UTF-8, at most 255 bytes).
+Each packet is self-contained: one that opens while its thread is inside a task starts with
+a ``tracemark.task`` event, so a packet read alone (the packet index, overwrite mode, the
+recovery of a crashed process's buffers) names the task of every event in it. Outside
+asyncio nothing is written. The event class is declared in every trace's metadata; readers
+that know it (:mod:`.reader`) hide these events and give each event its task, others
+(babeltrace2) show them as ordinary events.
+
 Names (of events, threads, env entries) go into NUL-terminated strings and TSDL literals:
 there :func:`clean_text` also writes a NUL as the four characters ``\\x00``.
 """
@@ -79,7 +97,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from .._codegen import compile_generated
-from ..markers.fields import ReprText
+from ..markers.fields import Field, ReprText
 
 __all__ = [
     "CTX_FIXED",
@@ -88,6 +106,8 @@ __all__ = [
     "MAGIC",
     "PACKET_FIXED_SIZE",
     "STREAM_TSDL",
+    "TASK_EVENT",
+    "TASK_FIELDS",
     "TYPES_TSDL",
     "PackTarget",
     "clean_text",
@@ -98,6 +118,7 @@ __all__ = [
     "metadata_preamble",
     "open_packet",
     "pack_source",
+    "pack_task",
     "packer",
     "valid_text",
     "write_valid_text",
@@ -127,6 +148,12 @@ EVENT_HEADER = struct.Struct("<IQ")
 #: size: a channel's ``limit`` is its sub-buffer's length less this.
 END = 0xFFFFFFFF
 END_SIZE = 4
+
+#: The task switch event (see "Task identity" in the module docstring): its name and fields.
+TASK_EVENT = "tracemark.task"
+TASK_FIELDS = (Field("id", int), Field("name", str))
+#: Size of a task event less its name's bytes: header, int64 id, uint32 length.
+TASK_EVENT_FIXED = EVENT_HEADER.size + 8 + 4
 
 #: Field type -> TSDL type alias (the aliases are declared in the preamble).
 #: Field types stored as a length and a sequence of bytes (text or not).
@@ -357,6 +384,14 @@ def close_packet(
     bits = content_bytes * 8
     CLOSE.pack_into(buf, OFF_TS_END, ts_end, bits, bits)
     DISCARDED_COUNT.pack_into(buf, OFF_DISCARDED, discarded, count)
+
+
+def pack_task(buf: Any, pos: int, event_id: int, task_id: int, name: bytes) -> int:
+    """Pack a ``tracemark.task`` event (and the end mark after it) at ``pos``; return where
+    it ends (the end mark excluded). The caller checked there is room and publishes."""
+    n = len(name)
+    struct.pack_into(f"<IQqI{n}sI", buf, pos, event_id, time.monotonic_ns(), task_id, n, name, END)
+    return pos + TASK_EVENT_FIXED + n
 
 
 def thread_name_bytes(name: str) -> bytes:

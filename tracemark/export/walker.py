@@ -10,10 +10,12 @@ Guarantees
   10M events exports in the memory a 10K one does.
 * **Tracks.** A process track per pid (named from the trace's ``env.procname``, else
   ``pid N``); a thread track per (pid, tid), named after the thread (its tid when it has no
-  name; renamed when the thread is); when events carry an asyncio task (``ev.task``, which
-  :func:`tracemark.analysis.pairing.track_of` already keys on) a task track per (pid, tid,
-  task) *under* its thread track. A fork child has its own pid, hence its own process track.
-  A counter track per (pid, ``NAME.FIELD``) chosen with ``counters``.
+  name; renamed when the thread is); when events carry an asyncio task (``ev.task``, the reader's
+  :class:`~tracemark.ctf.reader.Task`, which :func:`tracemark.analysis.pairing.track_of`
+  keys on) a task track per (pid, tid, task) *under* its thread track, named ``task NAME``;
+  task ids are never reused, so two tasks of one name are two tracks. A fork child has its
+  own pid, hence its own process track. A counter track per (pid, ``NAME.FIELD``) chosen
+  with ``counters``.
 * **Spans.** ``NAME.begin``/``NAME.end`` and probe ``P.entry``/``P.return`` pairs (paired by
   Pairing, per track) become a slice named ``NAME`` on their track; its args are the begin's
   fields, then the end's (an end field whose name the begin also has is ``end.NAME``).

@@ -18,6 +18,8 @@ One module per LTTng notion:
 :mod:`.generated`  the per-marker code the firing thread runs (templates; fused into the
                    marker's firing function when it can be)
 :mod:`.consumer`   the thread that writes full packets to the stream files
+:mod:`.tasks`      which asyncio task fired an event: asked on the firing path, written as a
+                   ``tracemark.task`` event when it changes (per channel, per packet)
 :mod:`.lifecycle`  exit, SIGTERM, fork, ``multiprocessing`` children
 :mod:`.recovery`   the shared ring files that outlive a crashed process, and who recovers them
 =================  ==========================================================================
@@ -47,6 +49,10 @@ Guarantees (each module states its own in detail)
 * **Only complete packets are written**, and **buffers outlive the process**: after SIGKILL,
   SIGSEGV, ``abort()``, ``os._exit()`` or the OOM killer every event but the one being
   written can be recovered (:func:`tracemark.ctf.recover`).
+* **Task identity**: an event fired inside an asyncio task is recorded with that task (a
+  ``tracemark.task`` event before it whenever its channel's task changes; every packet
+  names its own); outside asyncio this costs one C call and two tests per event, and
+  asyncio is not imported for it (:mod:`.tasks`; figures in ``benchmarks/RESULTS.md``).
 * **Flushed** on stop, at normal exit, in ``multiprocessing`` children, and as far as it can
   be without waiting on SIGTERM.
 """

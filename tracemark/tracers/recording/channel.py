@@ -23,6 +23,12 @@ A channel is handed on: when its thread ends, the next thread that needs a chann
 (:meth:`Channel.adopt`), so a process has at most as many streams as threads alive at once,
 per nesting level. Its next packet carries the new thread's id and name; a packet never
 mixes threads.
+
+A channel also knows the asyncio task of the last event it recorded (:mod:`.tasks`): the
+firing path calls :meth:`Channel.retask` when the task changes, which writes a
+``tracemark.task`` event; a packet opened while the thread is in a task starts with one
+(:meth:`Channel.switch`), so every packet names its own tasks. These bookkeeping events are
+in the packets' ``event_count`` but not in the recording's counts of events recorded.
 """
 
 from __future__ import annotations
@@ -35,6 +41,8 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from ...ctf import writer as W
+from .tasks import NO_TASK, task_info, thread_slot
+from .tasks import check as check_asyncio
 
 if TYPE_CHECKING:
     from .session import Recording
@@ -62,8 +70,10 @@ class Channel:
         "full",
         "idle",
         "instance_id",
+        "intask",
         "level",
         "limit",
+        "loop",
         "name",
         "on_disk_discarded",
         "overwritten",
@@ -72,6 +82,11 @@ class Channel:
         "reported",
         "ring",
         "seq",
+        "task",
+        "task_id",
+        "task_name",
+        "task_size",
+        "tasks",
         "thread",
         "tid",
         "unallocated",
@@ -110,6 +125,18 @@ class Channel:
         self.on_disk_discarded = 0  # events_discarded of the last packet written to disk
         self.fd = -1
         self.file_size = 0
+        self._no_task()
+
+    def _no_task(self) -> None:
+        # The last event's task: a weak reference to it (NO_TASK outside a task), its
+        # recorded id and name, and the size of its tracemark.task event (0: none).
+        self.loop = thread_slot()  # the thread's running asyncio loop, as .loop.running
+        self.task: Any = NO_TASK
+        self.intask = False
+        self.task_id = 0
+        self.task_name = b""
+        self.task_size = 0
+        self.tasks = 0  # tracemark.task events in the open packet
 
     # --- producer side (the owning thread, or whoever stops the recording) ---
 
@@ -119,6 +146,7 @@ class Channel:
         if self.limit >= 0:
             self._close(time.monotonic_ns())
         room = rec.subbuffer_size - W.PACKET_FIXED_SIZE - len(self.name) - 1 - W.END_SIZE
+        room -= self.task_size
         if not rec.running or size > room:
             if rec.running:
                 rec._too_large(size)
@@ -144,6 +172,8 @@ class Channel:
                 return -1
             self.overwritten += events
         self.seq += 1
+        check_asyncio()  # once per packet: see .tasks
+        self.loop = thread_slot()
         thread = self.thread()
         if thread is not None:
             self.name = W.thread_name_bytes(thread.name)
@@ -161,8 +191,46 @@ class Channel:
         self.buf = buf
         self.pos = start
         self.count = 0
+        self.tasks = 0
         self.limit = len(buf) - W.END_SIZE
+        if self.intask:  # the packet names its task before its first event: self-contained
+            start = self._write_task(start)
         return start
+
+    def retask(self, task: Any) -> None:
+        """The event about to be recorded is in ``task`` (None: in none), which differs from
+        the last one's: write a ``tracemark.task`` event before it (see :mod:`.tasks`).
+        The firing thread's slow path: once per task switch, not per event."""
+        if task is None:
+            self.task = NO_TASK
+            self.intask = False
+            self.task_id = 0
+            self.task_name = b""
+        else:
+            info = task_info(task)
+            self.task = info.ref
+            self.intask = True
+            self.task_id = info.id
+            self.task_name = info.name_of(task)
+        size = W.TASK_EVENT_FIXED + len(self.task_name)
+        self.task_size = size if task is not None else 0
+        if self.limit < 0:
+            return  # no packet open: switch() opens the next one with it
+        if self.pos + size > self.limit:
+            # No room: the event after it must not land in this packet under the last task.
+            # Closing it makes that event open the next packet, which starts with the task.
+            self._close(time.monotonic_ns())
+            return
+        self._write_task(self.pos)
+
+    def _write_task(self, pos: int) -> int:
+        """Pack the current task's event at ``pos`` and publish it; the position after it."""
+        end = W.pack_task(self.buf, pos, self.rec.task_event_id, self.task_id, self.task_name)
+        # Published like an event (writer.PackTarget): pos, then count, nothing between.
+        self.pos = end
+        self.count += 1
+        self.tasks += 1
+        return end
 
     def adopt(self, thread: threading.Thread) -> None:
         """Give this spare channel (and its nesting levels) to ``thread``, the caller: its
@@ -173,6 +241,8 @@ class Channel:
             c.thread = weakref.ref(thread)
             c.tid = tid
             c.name = name
+            c.task, c.intask, c.task_size = NO_TASK, False, 0
+            c.loop = thread_slot()
         self.idle = False
 
     def _allocate(self) -> Any:
@@ -194,6 +264,7 @@ class Channel:
         buf, pos, events = self.buf, self.pos, self.count
         discarded = self.discarded
         W.close_packet(buf, pos, ts_end, discarded, events)
+        events -= self.tasks  # the counts of events recorded leave the bookkeeping out
         # Handed over before the channel forgets it: a stop() interrupted here (a signal
         # handler raised) and run again finds the packet either open or handed over, never
         # neither (flush() tells which). Nothing else writes this channel meanwhile: nested
@@ -253,6 +324,7 @@ class Channel:
         self.seq += 1
         self.buf = buf
         self.count = 0
+        self.tasks = 0
         self.pos = W.open_packet(
             buf,
             self.rec.trace_uuid,

@@ -1,7 +1,8 @@
 """The generated per-marker code: the firing thread's whole recording path.
 
 For each marker a recording binds, the path is generated from the readable templates below
-and the marker's field names and types: find this thread's channel, pack the event with one
+and the marker's field names and types: find this thread's channel, ask which asyncio task
+is running (:mod:`.tasks`: a ``tracemark.task`` event first if it changed), pack the event with one
 precompiled ``struct`` call (:func:`tracemark.ctf.writer.pack_source`), publish the position
 (the contract with the channel: :class:`tracemark.ctf.writer.PackTarget`). The generated
 source is registered in :mod:`linecache` (:mod:`tracemark._codegen`), so a traceback through
@@ -38,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 from ..._codegen import function_code
 from ...ctf import writer as W
 from ...markers.dispatch import Binding, Inline
+from .tasks import ASYNCIO
 
 if TYPE_CHECKING:
     from .session import Recording
@@ -60,12 +62,31 @@ if _ch is None or _ch.rec is not _in.rec:
 {top}    _st.cache = _ch
 """.format(top=textwrap.indent(_TOP_CHANNEL, "    "))
 
-_WRITE = """\
+# Task identity (see .tasks): outside asyncio attribute loads and tests, no call; a task
+# switch writes a tracemark.task event first (Channel.retask, the slow path).
+_TASK = """\
+_loop = _ch.loop.running
+if _loop is None:
+    if _ch.intask:
+        _ch.retask(None)
+else:
+    _task = _aio.task(_loop)
+    if _task is None:
+        if _ch.intask:
+            _ch.retask(None)
+    elif _task is not _ch.task():
+        _ch.retask(_task)
+"""
+
+_WRITE = (
+    _TASK
+    + """\
 _id = _in.id
 try:
 {pack}except _Exception as _exc:
     _in.rec._bad_value(_ch, _marker, ({values}), _exc)
 """
+)
 
 _FUNCTION = """\
 def probe(_marker, _args):
@@ -110,7 +131,7 @@ def _paths(fields: Any) -> tuple[str, types.CodeType, types.CodeType, dict[str, 
     if found is None:
         names = [f.name for f in fields]
         pack, shared = W.pack_source(fields, names, "    ")
-        shared.update(_Exception=Exception, _AttributeError=AttributeError)
+        shared.update(_Exception=Exception, _AttributeError=AttributeError, _aio=ASYNCIO)
         values = "".join(f"{n}, " for n in names)
         write = _WRITE.format(pack=pack, values=values)
         top = _TOP_CHANNEL + write

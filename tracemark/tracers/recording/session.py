@@ -50,7 +50,7 @@ from ...ctf import status as _status
 from ...ctf import writer as W
 from ...markers import registry
 from ...markers.dispatch import MAX_NESTING
-from . import lifecycle
+from . import lifecycle, tasks
 from .channel import Channel, chain, ended
 from .consumer import Consumer
 from .generated import make_probe
@@ -148,6 +148,10 @@ class Recording:
         # fields (a probe removed, then one with other captures) is another event class.
         self._classes: dict[tuple[str, Any], int] = {}
         self._classes_text = ""
+        # Declared first, in every trace: the task switch event (see .tasks).
+        self._event_class(W.TASK_EVENT, W.TASK_FIELDS)
+        self.task_event_id = self._classes[W.TASK_EVENT, W.TASK_FIELDS]
+        tasks.install()  # count running asyncio loops from now on (once per process)
         self._setup_process()
         lifecycle.active.add(self)
         lifecycle.install_handlers()
@@ -623,12 +627,12 @@ class Recording:
         found: dict[int, tuple[int, bytes, int]] = {}
         # The open packet first: read the position, then copy; a copy whose header no longer
         # carries the sequence number read is a reused buffer and is skipped.
-        seq, pos, count, buf = ch.seq, ch.pos, ch.count, ch.buf
+        seq, pos, count, buf, tasks = ch.seq, ch.pos, ch.count, ch.buf, ch.tasks
         if ch.limit >= 0 and count:
             data = bytearray(buf[:pos])
             if len(data) >= W.OFF_SEQ + 8 and struct.unpack_from("<Q", data, W.OFF_SEQ)[0] == seq:
                 W.close_packet(data, pos, time.monotonic_ns(), ch.discarded, count)
-                found[seq] = (seq, bytes(data), count)
+                found[seq] = (seq, bytes(data), max(0, count - tasks))
         for buf, events, pseq in list(ch.full):
             size = struct.unpack_from("<Q", buf, W.OFF_TS_END + 8)[0] // 8
             data = bytes(buf[:size])
