@@ -249,7 +249,8 @@ def test_the_walker_runs_where_the_fast_path_would_not_be_exact():
 
     def sub(*streams):
         meta = NS(freq=1_000_000_000, offset_ns=0)
-        return NS(meta=meta, streams=[NS(packet_list=lambda ps=ps: ps) for ps in streams])
+        streams_ = [NS(packet_list=lambda ps=ps: ps) for ps in streams]
+        return NS(meta=meta, streams=streams_, task_event_id=-1)  # no task class: see below
 
     now = 1_700_000_000_000_000_000
     ok = sub([packet(1, 1, now)], [packet(1, 2, now)])
@@ -258,3 +259,27 @@ def test_the_walker_runs_where_the_fast_path_would_not_be_exact():
     assert not applies([shared], "perfetto") and not applies([shared], "chrome")
     early = sub([packet(1, 1, 5)])
     assert not applies([early], "perfetto") and applies([early], "chrome")
+
+
+def test_traces_with_asyncio_tasks_take_the_walker(tmp_path, uniq):
+    # Task events put spans on tracks of their own, which only the walker makes; a trace
+    # that recorded none (the task class is always declared) keeps the fast path.
+    import asyncio
+
+    import tracemark
+    from tracemark.ctf.reader import read_trace
+
+    m = tracemark.marker(f"{uniq}.m", n=int)
+
+    async def work():
+        m(1)
+
+    with tracemark.record(tmp_path / "plain", f"{uniq}.*"):
+        m(0)
+    with tracemark.record(tmp_path / "tasks", f"{uniq}.*"):
+        asyncio.run(work())
+    plain = read_trace(tmp_path / "plain").subtraces
+    tasks = read_trace(tmp_path / "tasks").subtraces
+    assert all(s.task_event_id >= 0 for s in plain + tasks)
+    assert applies(plain, "perfetto") and applies(plain, "chrome")
+    assert not applies(tasks, "perfetto") and not applies(tasks, "chrome")

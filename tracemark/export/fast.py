@@ -75,10 +75,24 @@ _TS_HIGH = 1 << 63
 
 
 def applies(subs: Sequence[SubTrace], fmt: str) -> bool:
-    """Whether the fast path gives what the walker gives: every thread in one stream only
-    (and, for Perfetto, every timestamp in the 9-byte varint range, 1972 to 2262)."""
+    """Whether the fast path gives what the walker gives: every thread in one stream only,
+    no asyncio task recorded (its events go on tracks of their own, which only the walker
+    makes; the packet index says which packets hold task events, and is built and saved
+    where missing), and, for Perfetto, every timestamp in the 9-byte varint range, 1972 to
+    2262."""
+    from ..ctf.index import build_index
+
     seen: dict[tuple[int, int], Stream] = {}
     for sub in subs:
+        task_id = sub.task_event_id
+        if task_id >= 0:
+            try:
+                ids = build_index(sub)
+            except (TraceError, OSError):
+                return False
+            for packets in ids.values():
+                if any(p is None or task_id in p for p in packets):
+                    return False
         meta = sub.meta
         for s in sub.streams:
             for p in s.packet_list():
