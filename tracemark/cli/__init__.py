@@ -45,7 +45,9 @@ examples:
   tracemark stats tracemark-traces/20260101-120000-app -e 'net.*'
   tracemark spans tracemark-traces/20260101-120000-app --by endpoint
   tracemark export tracemark-traces/20260101-120000-app --format perfetto
-  tracemark list src/                             # markers in the code, checked"""
+  tracemark list src/                             # markers in the code, checked
+  tracemark ps                                    # who has TRACEMARK_CONTROL=1
+  tracemark attach 4711 -e 'net.*' --live         # trace a running process"""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -273,6 +275,7 @@ examples:
   tracemark list                 # the current directory
   tracemark list src/ tests/helpers.py
   tracemark list tracemark.demo  # a module or package, found on sys.path
+  tracemark list 4711            # the markers live in process 4711 (see ps)
 
 exit codes: 0 no errors, 1 errors found (printed as FILE:LINE:COL: error: ...),
 2 usage error (e.g. no such file or module).""",
@@ -280,6 +283,10 @@ exit codes: 0 no errors, 1 errors found (printed as FILE:LINE:COL: error: ...),
     lst.add_argument(
         "targets", nargs="*", metavar="PATH|MODULE", help="files, directories or module names"
     )
+    lst.add_argument("--json", action="store_true", help="list PID: one JSON document")
+    from .control import add_parsers as add_control
+
+    add_control(sub, _positive)
     return parser
 
 
@@ -416,6 +423,14 @@ def _warn_losses(trace_dir: str) -> None:
 def _list(args: argparse.Namespace, out: IO[str], err: IO[str]) -> int:
     from .listing import run
 
+    targets = args.targets
+    if len(targets) == 1 and targets[0].isdigit() and not os.path.exists(targets[0]):
+        from .control import list_pid  # list PID: the markers live in a running process
+
+        return list_pid(int(targets[0]), args.json, out)
+    if args.json:
+        raise CliError("--json goes with list PID (a running process)", EXIT_USAGE)
+
     return run(args.targets, out, err, width=width_of(out), style=Style(wants_colour(out)))
 
 
@@ -457,6 +472,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .export import run as export
 
             return export(args, err)
+        if args.subcommand in ("ps", "attach", "detach", "snapshot"):
+            from .control import main_for
+
+            return main_for(args, out, err)
         return _list(args, out, err)
     except CliError as exc:
         err.write(f"{exc.prog or prog}: error: {printable(exc.message)}\n")
