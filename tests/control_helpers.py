@@ -128,7 +128,7 @@ class Target:
         path = tmp / "target.py"
         path.write_text(script)
         if preexec_fn is not None:
-            os.chmod(tmp, 0o755)
+            os.chmod(tmp, os.stat(tmp).st_mode & 0o777 | 0o755)  # another user runs it
             os.chmod(path, 0o644)
         full = dict(os.environ)
         full["PYTHONPATH"] = str(ROOT)
