@@ -173,3 +173,31 @@ def test_unsafe_directory_means_no_listening(tmp_path):
     assert r.stdout.strip() == "1"
     assert "does not listen for control" in r.stderr and "symlink" in r.stderr
     assert not any(Path(tmp_path).glob("*.sock"))
+
+
+def test_a_process_under_tracemark_record_listens(tmp_path):
+    script = tmp_path / "prog.py"
+    script.write_text(
+        "import os, sys\nimport tracemark\nm = tracemark.marker('prog.go')\n"
+        "print(os.getpid(), flush=True)\nsys.stdin.readline()\n"
+    )
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env.pop("TRACEMARK_CONTROL", None)
+    p = subprocess.Popen(
+        [sys.executable, "-m", "tracemark", "record", "-o", str(tmp_path / "t"), str(script)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
+    try:
+        pid = int(p.stdout.readline())
+        r = cli("list", str(pid), "--json")
+        assert r.returncode == 0, r.stderr
+        assert [m["name"] for m in json.loads(r.stdout)["markers"]] == ["prog.go"]
+        p.stdin.close()
+        assert p.wait(60) == 0
+    finally:
+        if p.poll() is None:
+            p.kill()
+        p.communicate(timeout=30)

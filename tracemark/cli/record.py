@@ -172,6 +172,8 @@ def environment(
     if probes:
         env[_boot.ENV_PROBES] = "\n".join(probes)
     env[_boot.ENV_HOME] = str(Path(__file__).resolve().parents[2])
+    # Recorded processes listen for tracemark attach/ps too (TRACEMARK_CONTROL=0: not).
+    env.setdefault("TRACEMARK_CONTROL", "1")
     path = env.get("PYTHONPATH")
     env["PYTHONPATH"] = str(SITE_DIR) + (os.pathsep + path if path else "")
     return env

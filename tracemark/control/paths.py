@@ -131,7 +131,8 @@ def listening(directory: Path | None = None) -> list[tuple[int, Path]]:
 
 
 def clean_stale(directory: Path | None = None) -> list[int]:
-    """Remove the sockets of processes that are gone; return their pids."""
+    """Remove the sockets (and flight recorder directories) of processes that are gone;
+    return their pids."""
     directory = socket_dir() if directory is None else directory
     removed = []
     try:
@@ -140,6 +141,11 @@ def clean_stale(directory: Path | None = None) -> list[int]:
         return []
     for name in names:
         p = directory / name
+        if name.startswith("flight-") and name[7:].isdigit() and not _alive(int(name[7:])):
+            import shutil
+
+            shutil.rmtree(p, ignore_errors=True)  # a flight recorder its process left
+            continue
         pid = pid_of(p)
         if pid is None or _alive(pid):
             continue
