@@ -200,4 +200,6 @@ def test_a_process_under_tracemark_record_listens(tmp_path):
     finally:
         if p.poll() is None:
             p.kill()
-        p.communicate(timeout=30)
+        p.wait(30)
+        p.stdout.close()
+        p.stderr.close()
