@@ -27,6 +27,7 @@ SUITES = [
     "index",
     "spans",
     "export",
+    "control",
 ]
 RESULTS = Path(__file__).with_name("RESULTS.md")
 _HEADER = """# Benchmark results
