@@ -227,3 +227,30 @@ def test_unreachable_processes(pid):
     r = cli("attach", pid)
     assert r.returncode == 7
     assert len(r.stderr.splitlines()) == 1
+
+
+def test_attach_overwrite_mode_with_a_small_buffer(tmp_path):
+    with Target(tmp_path) as t:
+        out = tmp_path / "o"
+        r = cli(
+            "attach",
+            str(t.pid),
+            "-e",
+            "app.tick",
+            "--mode",
+            "overwrite",
+            "--buffer",
+            "64K",
+            "-o",
+            str(out),
+            "--duration",
+            "0.5",
+        )
+        assert r.returncode == 0, r.stderr
+        events = list(read_trace(str(out)).events())
+        assert events and {e.name for e in events} == {"app.tick"}
+        r = cli("attach", str(t.pid), "--buffer", "1K", "-o", str(tmp_path / "p"))
+        assert r.returncode == 2 and "at least 16K" in r.stderr
+        r = cli("attach", str(t.pid), "-o", str(out))  # not empty
+        assert r.returncode == 2 and "not an empty directory" in r.stderr
+        assert _inactive(t.state())

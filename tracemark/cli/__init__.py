@@ -1,10 +1,11 @@
 """The ``tracemark`` command: record a program's markers, then look at the trace.
 
 One module per subcommand: :mod:`.record`, :mod:`.view`, :mod:`.stats`, :mod:`.spans`,
-:mod:`.export` and :mod:`.listing` (not ``list``: a submodule is an attribute of this
-package, and would shadow the builtin here); :mod:`.filter` is the ``--filter`` language and
-:mod:`._common` what they share (exit codes, errors, colour, progress). Standard library
-only (argparse).
+:mod:`.export`, :mod:`.listing` (not ``list``: a submodule is an attribute of this
+package, and would shadow the builtin here) and :mod:`.control` (``ps``, ``list PID``,
+``attach``, ``detach``, ``snapshot``: running processes); :mod:`.filter` is the
+``--filter`` language and :mod:`._common` what they share (exit codes, errors, colour,
+progress). Standard library only (argparse).
 
 Guarantees: every user error is one line on stderr (``tracemark view: error: ...``) and a
 documented exit code (``tracemark --help``), never a traceback; a broken pipe
@@ -268,7 +269,8 @@ was read before the damage is reported first).""",
         help="find the markers declared in source code, and check their call sites",
         description=(
             "Find marker declarations and call sites by reading source (nothing is\n"
-            "imported) and report call sites whose arguments do not fit the declaration."
+            "imported) and report call sites whose arguments do not fit the declaration.\n"
+            "list PID: the markers live in a running process that listens (see ps)."
         ),
         epilog="""\
 examples:

@@ -245,6 +245,8 @@ def detach(args: argparse.Namespace, out: IO[str], err: IO[str]) -> int:
     if args.all == (args.pid is not None):
         raise CliError("give a PID or --all (not both)", EXIT_USAGE)
     pids = listening_pids() if args.all else [args.pid]
+    if not pids:
+        err.write("tracemark detach: no process listens\n")
     done = {}
     code = 0
     for pid in pids:

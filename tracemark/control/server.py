@@ -34,6 +34,7 @@ Guarantees
 from __future__ import annotations
 
 import atexit
+import collections
 import logging
 import os
 import shutil
@@ -105,7 +106,9 @@ class Session:
         self.recording: Any = None
         self.probes: list[Any] = []
         self.live: list[Any] | None = None  # the live feed's connections to the markers
-        self.backlog: list[Any] = []
+        # Appended by firing threads, emptied by the connection's thread: deque's append and
+        # popleft are atomic, so no event slips between a take and the next append.
+        self.backlog: collections.deque = collections.deque()
         self.not_shown = 0
         self.reason: str | None = None
         self.summary: dict[str, Any] | None = None
@@ -149,7 +152,10 @@ class Session:
         self.backlog.append((time.time_ns(), thread.ident, thread.name, marker, args))
 
     def take(self) -> list[dict[str, Any]]:
-        backlog, self.backlog = self.backlog, []
+        backlog = []
+        popleft = self.backlog.popleft
+        for _ in range(len(self.backlog)):
+            backlog.append(popleft())
         pid = os.getpid()
         return [
             {
@@ -381,14 +387,19 @@ class Server:
 
     def _attach(self, conn: socket.socket, reader: LineReader, req: dict[str, Any]) -> None:
         session = Session(next(self._ids))
-        try:
-            reply = self._install(session, req)
-        except Exception as exc:
-            session.end("not attached")
-            _send(conn, {"ok": False, "error": str(exc)})
-            return
+        # Listed before anything is installed, and installed under the session's lock: a
+        # detach meanwhile waits for the install, then ends it (it cannot miss it).
         with self._lock:
             self.sessions[session.owner] = session
+        try:
+            with session._lock:
+                reply = self._install(session, req)
+        except Exception as exc:
+            session.end("not attached")
+            with self._lock:
+                self.sessions.pop(session.owner, None)
+            _send(conn, {"ok": False, "error": str(exc)})
+            return
         try:
             if self.closing:  # the target began exiting while we installed
                 session.end("the target is exiting")
