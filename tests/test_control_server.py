@@ -203,3 +203,17 @@ def test_a_process_under_tracemark_record_listens(tmp_path):
         p.wait(30)
         p.stdout.close()
         p.stderr.close()
+
+
+def test_the_tracemark_command_itself_does_not_listen(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), TRACEMARK_CONTROL="1")
+    r = subprocess.run(
+        [sys.executable, "-m", "tracemark", "ps", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stderr == ""
+    assert all(p["argv"][1:3] != ["-m", "tracemark"] for p in json.loads(r.stdout)["processes"])

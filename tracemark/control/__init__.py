@@ -29,6 +29,18 @@ from .server import flight, listen
 __all__ = ["UnsafePath", "flight", "listen"]
 
 
+def _is_the_cli() -> bool:
+    """The ``tracemark`` command itself (``python -m tracemark``, the ``tracemark`` script)
+    does not listen: a shell that exports TRACEMARK_CONTROL=1 would list ``tracemark ps``."""
+    import os
+    import sys
+
+    argv = list(getattr(sys, "orig_argv", ()))
+    if "-m" in argv[:-1] and argv[argv.index("-m") + 1] == "tracemark":
+        return True
+    return bool(sys.argv) and os.path.basename(sys.argv[0]) == "tracemark"
+
+
 def _start_from_environment() -> None:
     """``TRACEMARK_CONTROL`` / ``TRACEMARK_FLIGHT`` at import of tracemark: listen (and keep
     the flight recording). A failure is one line on stderr; the program runs on without."""
@@ -37,6 +49,8 @@ def _start_from_environment() -> None:
 
     from .. import env
 
+    if _is_the_cli():
+        return
     try:
         if env.FLIGHT:
             globs = [g.strip() for g in env.FLIGHT.split(",") if g.strip()]

@@ -369,6 +369,7 @@ class Server:
             "recordings": len(lifecycle.active),
             "probes": len(probes.probes()),
             "sessions": len(self.sessions),
+            "refused": self.refused,
             "flight": self.flight is not None,
         }
 
