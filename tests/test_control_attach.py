@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
+import subprocess
 import time
 
 import pytest
@@ -254,3 +255,16 @@ def test_attach_overwrite_mode_with_a_small_buffer(tmp_path):
         r = cli("attach", str(t.pid), "-o", str(out))  # not empty
         assert r.returncode == 2 and "not an empty directory" in r.stderr
         assert _inactive(t.state())
+
+
+def test_a_process_that_is_not_python():
+    sleeper = subprocess.Popen(["sleep", "30"])
+    try:
+        r = cli("attach", str(sleeper.pid))
+        assert r.returncode == 7
+        assert (
+            r.stderr == f"tracemark attach: error: process {sleeper.pid} is not a Python process\n"
+        )
+    finally:
+        sleeper.kill()
+        sleeper.wait(10)
