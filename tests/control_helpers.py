@@ -144,6 +144,7 @@ class Target:
         )
         self.pid = self.proc.pid
         first = self.read(timeout=30)
+        self.uid = os.stat(f"/proc/{self.pid}").st_uid
         assert first.get("ready") == self.pid, first
 
     def read(self, timeout: float = 10) -> dict[str, Any]:
@@ -185,6 +186,11 @@ class Target:
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait(10)
+        # A killed target leaves its socket (the CLI cleans such stale ones): not ours to keep.
+        from tracemark.control import paths
+
+        for d in paths.candidate_dirs(getattr(self, "uid", os.geteuid())):
+            paths.socket_path(self.pid, d).unlink(missing_ok=True)
         for f in (self.proc.stdin, self.proc.stdout):
             try:
                 if f is not None:
