@@ -28,6 +28,7 @@ SUITES = [
     "spans",
     "export",
     "logging",
+    "control",
 ]
 RESULTS = Path(__file__).with_name("RESULTS.md")
 _HEADER = """# Benchmark results

@@ -32,6 +32,7 @@ import pytest
 import tracemark
 from tracemark import _forksafe, faults
 from tracemark import probes as P
+from tracemark.control import server as control_server
 from tracemark.ctf import read_trace
 from tracemark.env import PYBEHAVIOR
 from tracemark.markers import registry
@@ -71,6 +72,7 @@ class World:
 #: Every lock of the package, by where it lives: ``module.name`` or ``module.Class.attribute``.
 LOCKS: dict[str, Callable[[World], object]] = {
     "tracemark.markers.registry._lock": lambda w: registry._lock,
+    "tracemark.control.server._lock": lambda w: control_server._lock,
     "tracemark.faults._lock": lambda w: faults._lock,
     "tracemark.probes._lock": lambda w: P._lock,
     "tracemark.probes.sysmon.SysMonitoring._lock": lambda w: w.mechanism(sysmon.NAME)._lock,

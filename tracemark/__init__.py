@@ -154,3 +154,20 @@ def context(var: Any, type: type | str = object, *, default: Any = ...) -> Conte
 
 # Inactive marker statements inside functions become one jump (see tracemark.patching).
 _patcher.install()
+
+
+def __getattr__(name: str) -> Any:
+    if name == "control":  # tracemark.control.listen() without importing it first
+        import importlib
+
+        return importlib.import_module(".control", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+# TRACEMARK_CONTROL=1 (or TRACEMARK_FLIGHT=GLOB): listen for tracemark attach; else nothing.
+from . import env as _env  # noqa: E402
+
+if _env.CONTROL or _env.FLIGHT:
+    from . import control as _control
+
+    _control._start_from_environment()

@@ -49,3 +49,11 @@ NOPATCH = _flag("TRACEMARK_NOPATCH")
 #: ``TRACEMARK_NORING=1``: recordings keep their sub-buffers in plain memory instead of ring
 #: files (tracemark.ctf.ring): nothing to recover if the process dies without stopping.
 NORING = _flag("TRACEMARK_NORING")
+
+#: ``TRACEMARK_CONTROL=1``: listen for ``tracemark attach`` and friends (tracemark.control)
+#: from the import of tracemark on.
+CONTROL = _flag("TRACEMARK_CONTROL")
+
+#: ``TRACEMARK_FLIGHT=GLOB[,GLOB...]``: keep a flight recording of these markers for
+#: ``tracemark snapshot`` (implies listening).
+FLIGHT = os.environ.get("TRACEMARK_FLIGHT", "").strip()

@@ -1,10 +1,11 @@
 """The ``tracemark`` command: record a program's markers, then look at the trace.
 
 One module per subcommand: :mod:`.record`, :mod:`.view`, :mod:`.stats`, :mod:`.spans`,
-:mod:`.export` and :mod:`.listing` (not ``list``: a submodule is an attribute of this
-package, and would shadow the builtin here); :mod:`.filter` is the ``--filter`` language and
-:mod:`._common` what they share (exit codes, errors, colour, progress). Standard library
-only (argparse).
+:mod:`.export`, :mod:`.listing` (not ``list``: a submodule is an attribute of this
+package, and would shadow the builtin here) and :mod:`.control` (``ps``, ``list PID``,
+``attach``, ``detach``, ``snapshot``: running processes); :mod:`.filter` is the
+``--filter`` language and :mod:`._common` what they share (exit codes, errors, colour,
+progress). Standard library only (argparse).
 
 Guarantees: every user error is one line on stderr (``tracemark view: error: ...``) and a
 documented exit code (``tracemark --help``), never a traceback; a broken pipe
@@ -45,7 +46,9 @@ examples:
   tracemark stats tracemark-traces/20260101-120000-app -e 'net.*'
   tracemark spans tracemark-traces/20260101-120000-app --by endpoint
   tracemark export tracemark-traces/20260101-120000-app --format perfetto
-  tracemark list src/                             # markers in the code, checked"""
+  tracemark list src/                             # markers in the code, checked
+  tracemark ps                                    # who has TRACEMARK_CONTROL=1
+  tracemark attach 4711 -e 'net.*' --live         # trace a running process"""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -269,7 +272,8 @@ was read before the damage is reported first).""",
         help="find the markers declared in source code, and check their call sites",
         description=(
             "Find marker declarations and call sites by reading source (nothing is\n"
-            "imported) and report call sites whose arguments do not fit the declaration."
+            "imported) and report call sites whose arguments do not fit the declaration.\n"
+            "list PID: the markers live in a running process that listens (see ps)."
         ),
         epilog="""\
 examples:
@@ -277,6 +281,7 @@ examples:
   tracemark list src/ tests/helpers.py
   tracemark list --markdown mylib/ > docs/markers.md   # a catalog for the docs
   tracemark list tracemark.demo  # a module or package, found on sys.path
+  tracemark list 4711            # the markers live in process 4711 (see ps)
 
 exit codes: 0 no errors, 1 errors found (printed as FILE:LINE:COL: error: ...),
 2 usage error (e.g. no such file or module).""",
@@ -289,6 +294,10 @@ exit codes: 0 no errors, 1 errors found (printed as FILE:LINE:COL: error: ...),
         action="store_true",
         help="write the markers as a Markdown table (name, fields, doc, place): a catalog",
     )
+    lst.add_argument("--json", action="store_true", help="list PID: one JSON document")
+    from .control import add_parsers as add_control
+
+    add_control(sub, _positive)
     return parser
 
 
@@ -425,6 +434,14 @@ def _warn_losses(trace_dir: str) -> None:
 def _list(args: argparse.Namespace, out: IO[str], err: IO[str]) -> int:
     from .listing import run
 
+    targets = args.targets
+    if len(targets) == 1 and targets[0].isdigit() and not os.path.exists(targets[0]):
+        from .control import list_pid  # list PID: the markers live in a running process
+
+        return list_pid(int(targets[0]), args.json, out)
+    if args.json:
+        raise CliError("--json goes with list PID (a running process)", EXIT_USAGE)
+
     style = Style(wants_colour(out))
     return run(args.targets, out, err, width=width_of(out), style=style, markdown=args.markdown)
 
@@ -467,6 +484,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .export import run as export
 
             return export(args, err)
+        if args.subcommand in ("ps", "attach", "detach", "snapshot"):
+            from .control import main_for
+
+            return main_for(args, out, err)
         return _list(args, out, err)
     except CliError as exc:
         err.write(f"{exc.prog or prog}: error: {printable(exc.message)}\n")

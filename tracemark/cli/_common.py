@@ -44,6 +44,7 @@ exit codes:
   {EXIT_USAGE}    usage error: unknown option, bad argument or --filter expression
   {EXIT_NOT_TRACE}    not a trace directory (or it does not exist)
   {EXIT_CORRUPT}    corrupt or truncated trace (the message names file and offset)
+  6-9  ps, list PID, attach, detach, snapshot: see their --help
   {EXIT_NOT_FOUND}  record: the program to run was not found
   record otherwise returns the program's own exit code
        (128+N if the program was killed by signal N)"""

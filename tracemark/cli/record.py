@@ -172,6 +172,8 @@ def environment(
     if probes:
         env[_boot.ENV_PROBES] = "\n".join(probes)
     env[_boot.ENV_HOME] = str(Path(__file__).resolve().parents[2])
+    # Recorded processes listen for tracemark attach/ps too (TRACEMARK_CONTROL=0: not).
+    env.setdefault("TRACEMARK_CONTROL", "1")
     path = env.get("PYTHONPATH")
     env["PYTHONPATH"] = str(SITE_DIR) + (os.pathsep + path if path else "")
     return env
@@ -284,15 +286,25 @@ def cut_torn_tails(trace_dir: Path) -> list[tuple[Path, int]]:
 
 
 def summarize(
-    trace_dir: Path, err: IO[str], style: Style, *, top: int, elapsed: float, code: int
+    trace_dir: Path,
+    err: IO[str],
+    style: Style,
+    *,
+    top: int,
+    elapsed: float,
+    code: int,
+    prog: str = "tracemark record",
+    ran: str | None = None,
 ) -> None:
-    """Print what the recording holds: events per marker, discarded, duration, size, path."""
+    """Print what the recording holds: events per marker, discarded, duration, size, path.
+
+    ``prog`` names the command; ``ran`` replaces "program ran N s, exit code C" (attach)."""
     from ._common import guarded
 
     size = sum(f.stat().st_size for f in trace_dir.rglob("*") if f.is_file())
     if next(trace_dir.rglob("metadata"), None) is None:
         err.write(
-            f"tracemark record: no trace was written to {printable(str(trace_dir))} "
+            f"{prog}: no trace was written to {printable(str(trace_dir))} "
             "(was it a Python program? did it start?)\n"
         )
         return
@@ -308,10 +320,11 @@ def summarize(
         trace.end - trace.start if trace.start is not None and trace.end is not None else None
     )
     status = f"exit code {code}" if code >= 0 else "killed"
+    ran = ran or f"program ran {elapsed:.2f} s, {status}"
     err.write(
-        style("tracemark record:", "bold")
+        style(f"{prog}:", "bold")
         + f" {total:,} events from {processes} process{'es' if processes != 1 else ''}"
-        f" in {human_duration(duration)} (program ran {elapsed:.2f} s, {status})\n"
+        f" in {human_duration(duration)} ({ran})\n"
     )
     if trace.discarded:
         err.write(
