@@ -23,7 +23,7 @@ TARGET = textwrap.dedent(
     from tracemark import probes
     from tracemark.tracers.recording import lifecycle
 
-    tick = tracemark.marker("app.tick", "n=%d")
+    tick = tracemark.marker("app.tick", "n=%d", doc="One tick of the work loop.")
     other = tracemark.marker("app.other", "label=%s")
 
     def work(n):

@@ -100,11 +100,15 @@ def test_ps_and_list_pid(tmp_path):
         tick = ms["app.tick"]
         assert tick["fields"] == [["n", "int"]] and tick["active"] is False
         assert tick["where"].endswith("target.py:7")
+        assert tick["doc"] == "One tick of the work loop." and tick["declared_at"] == [
+            tick["where"]
+        ]
         assert [s["mechanism"] for s in tick["sites"]] == ["patched jump"]
         assert tick["bad_arguments"] == 0
         r = cli("list", str(t.pid))
         assert r.returncode == 0
         assert "app.tick  (n: int)  inactive" in r.stdout
+        assert "    One tick of the work loop.\n" in r.stdout
         assert "patched jump" in r.stdout
 
 

@@ -225,7 +225,10 @@ def list_pid(pid: int, as_json: bool, out: IO[str]) -> int:
         fields = ", ".join(f"{n}: {t}" for n, t in m["fields"]) or "no fields"
         state = style("active", "bold", "green") if m["active"] else "inactive"
         out.write(f"{style(printable(m['name']), 'bold')}  ({printable(fields)})  {state}\n")
-        out.write(f"    declared at {printable(m['where'])}\n")
+        if m.get("doc"):
+            out.write(f"    {printable(' '.join(m['doc'].split()))}\n")
+        places = m.get("declared_at") or [m["where"]]
+        out.write(f"    declared at {printable(', '.join(places))}\n")
         for s in m["sites"]:
             where = f"{s['where']} in {s.get('function', '')}: " if s["where"] else ""
             reason = f" ({s['reason']})" if s.get("reason") else ""

@@ -601,6 +601,8 @@ def markers_of(pattern: str) -> list[dict[str, Any]]:
                 "fields": [[f.name, f.type.__name__] for f in m.fields],
                 "fmt": m.fmt,
                 "where": m.where,
+                "declared_at": list(m.declared_at),
+                "doc": m.doc,
                 "active": m.active,
                 "probes": len(m.probes),
                 "sites": sites,
