@@ -29,6 +29,7 @@ SUITES = [
     "export",
     "logging",
     "control",
+    "import",
 ]
 RESULTS = Path(__file__).with_name("RESULTS.md")
 _HEADER = """# Benchmark results

@@ -25,9 +25,7 @@ marker ``probe.json.loads.entry`` and fires it on every call (:mod:`tracemark.pr
 :func:`tracemark.ctf.read_trace` too): see :mod:`tracemark.tracers.recording`.
 """
 
-from __future__ import annotations
-
-from typing import Any
+from typing import Any as _Any
 
 from . import faults
 from .faults import MarkerArgumentError, TracemarkWarning
@@ -38,9 +36,19 @@ from .markers.registry import Connection, Marker, MarkerInfo, connect, disconnec
 from .markers.span import Span
 from .patching import Site, patch
 from .patching import patcher as _patcher
-from .probes import Probe, ProbeError, probe, unprobe
-from .tracers.printer import Printer
-from .tracers.recording import Recording, RecordingSummary, record
+
+# Loaded on first use (module __getattr__ below): importing tracemark to declare markers
+# costs only the marker core and the patcher, not the recorder, the probes or the printer.
+_LAZY = {
+    "Probe": "probes",
+    "ProbeError": "probes",
+    "probe": "probes",
+    "unprobe": "probes",
+    "Printer": "tracers.printer",
+    "Recording": "tracers.recording",
+    "RecordingSummary": "tracers.recording",
+    "record": "tracers.recording",
+}
 
 __version__ = "0.1.0"
 
@@ -102,10 +110,10 @@ def marker(
     return _registry.declare(name, fmt, fields, stacklevel=2, doc=doc).fire
 
 
-_inline: dict[tuple[str, str | None], Any] = {}
+_inline: dict[tuple[str, str | None], _Any] = {}
 
 
-def mark(name: str, fmt: str | None = None, /, *args: Any) -> None:
+def mark(name: str, fmt: str | None = None, /, *args: _Any) -> None:
     """Fire the marker ``name`` inline, declaring it on first use (the seed's ``MARK()``).
 
     ``tracemark.mark("net.drop", "reason=%s", why)`` is ``marker("net.drop", "reason=%s")``
@@ -139,7 +147,7 @@ def span(
     return Span(name, fmt, stacklevel=2, doc=doc, **fields)
 
 
-def context(var: Any, type: type | str = object, *, default: Any = ...) -> Context:
+def context(var: _Any, type: type | str = object, *, default: _Any = ...) -> Context:
     """A field read from the ContextVar ``var`` when the marker fires, recorded as ``type``:
     ``tracemark.span("http.request", request_id=tracemark.context(REQUEST_ID, int))``.
 
@@ -156,12 +164,21 @@ def context(var: Any, type: type | str = object, *, default: Any = ...) -> Conte
 _patcher.install()
 
 
-def __getattr__(name: str) -> Any:
-    if name == "control":  # tracemark.control.listen() without importing it first
-        import importlib
+def __getattr__(name: str) -> _Any:
+    import importlib
 
+    if name == "control":  # tracemark.control.listen() without importing it first
         return importlib.import_module(".control", __name__)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    where = _LAZY.get(name)
+    if where is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{where}", __name__), name)
+    globals()[name] = value  # found once; later lookups are plain attribute reads
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
 
 
 # TRACEMARK_CONTROL=1 (or TRACEMARK_FLIGHT=GLOB): listen for tracemark attach; else nothing.
