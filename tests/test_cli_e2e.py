@@ -403,3 +403,22 @@ def test_stats_counts_every_thread_of_a_reused_stream(tmp_path):
     tids = {e["tid"] for e in json_events(tmp_path / "t")}
     assert len(tids) == 4 and doc["threads"] == 4
     assert len(list((tmp_path / "t").glob("*/stream_*"))) < 4  # the streams were reused
+
+
+@pytest.mark.parametrize("command", ["view", "stats", "spans"])
+def test_a_glob_that_matches_nothing_says_so_with_the_closest_names(recorded, command):
+    trace, _ = recorded
+    proc = tm(command, str(trace), "-e", "net.xr", "-e", "app.*", "-e", "sub.*")
+    assert proc.returncode == 0, proc.stderr
+    warnings = [line for line in proc.stderr.splitlines() if "warning" in line]
+    assert warnings == [
+        "tracemark: warning: -e 'net.xr' matches no marker in this trace; closest: net.rx",
+        "tracemark: warning: -e 'app.*' matches no marker in this trace",
+    ]
+
+
+def test_a_filter_comparing_a_number_with_text_is_an_error(recorded):
+    trace, _ = recorded
+    proc = tm("view", str(trace), "-e", "net.rx", "--filter", 'len > "5"')
+    assert proc.returncode == 2
+    assert "'len' holds a number" in proc.stderr and "without quotes: 5" in proc.stderr

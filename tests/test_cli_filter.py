@@ -196,3 +196,37 @@ def test_a_filter_too_deep_is_one_line_from_the_command(tmp_path):
         line = out.stderr.splitlines()[0]
         assert line.startswith("tracemark view: error: bad --filter at column ")
         assert len(out.stderr.splitlines()) == (1 if len(expr) > 200 else 3)  # + caret
+
+
+TYPES = {"len": {"int"}, "dev": {"str"}, "ok": {"bool"}, "raw": {"bytes"}, "x": {"int", "str"}}
+
+
+@pytest.mark.parametrize(
+    ("expr", "column", "says"),
+    [
+        ('len > "5"', 6, "'len' holds a number in the selected markers, and '5' is text"),
+        ('"5" < len', 0, "'len' holds a number"),
+        ('fields["len"] == "5"', 17, "without quotes: 5"),
+        ("dev == 3", 7, "'dev' holds text in the selected markers, and 3 is a number"),
+        ("1 < len < dev", None, None),  # field against field: not checked
+        ('raw == "x"', 7, "'raw' holds bytes"),
+        ('pid == "10"', 7, "'pid' holds a number"),
+        ("thread == 1", 10, "'thread' holds text"),
+    ],
+)
+def test_a_comparison_that_could_never_be_true_is_an_error(expr, column, says):
+    if says is None:
+        compile_filter(expr, TYPES, field_types=TYPES)
+        return
+    with pytest.raises(FilterError) as err:
+        compile_filter(expr, TYPES, field_types=TYPES)
+    assert says in err.value.message and "could never be true" in err.value.message
+    assert err.value.column == column
+
+
+def test_kinds_are_checked_only_against_what_the_markers_hold():
+    # A field that is a number in one marker and text in another takes either; in and
+    # constants of other kinds (None, tuples) are not checked; without types, nothing is.
+    for expr in ('x == "a"', "x == 1", "len in (1, 2)", "len == None", "ok == 1", 'len > "5"'):
+        compile_filter(expr, TYPES if expr != 'len > "5"' else None)
+    assert compile_filter('x == "a"', TYPES, field_types=TYPES)(event(x="a"))

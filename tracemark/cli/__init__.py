@@ -28,6 +28,7 @@ from ._common import (
     Progress,
     Style,
     field_names,
+    field_types,
     guarded,
     open_trace,
     printable,
@@ -321,8 +322,9 @@ def _predicate(
     from .filter import METADATA, FilterError, compile_filter
 
     known = field_names(trace, args.events) if getattr(trace, "markers", None) else None
+    types = field_types(trace, args.events) if known is not None else None
     try:
-        return compile_filter(args.filter, known, metadata=metadata or METADATA)
+        return compile_filter(args.filter, known, metadata=metadata or METADATA, field_types=types)
     except FilterError as exc:
         raise CliError(
             f"bad --filter at column {exc.column + 1}: {exc.message}", EXIT_USAGE, exc.pointer()

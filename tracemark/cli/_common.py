@@ -241,7 +241,10 @@ def guarded(events: Iterable[Any]) -> Iterator[Any]:
 def select(
     trace: Any, globs: Sequence[str] | None, predicate: Callable[[Any], bool] | None = None
 ) -> Iterator[Any]:
-    """The events of ``trace`` whose name matches ``globs`` and that pass ``predicate``."""
+    """The events of ``trace`` whose name matches ``globs`` and that pass ``predicate``.
+    A glob that matches no marker the trace declares is said on stderr, with the closest
+    names (an empty result is never silent)."""
+    warn_unmatched(trace, globs)
     match = name_matcher(globs)
     if not globs or not hasattr(trace, "subtraces"):
         events = guarded(trace.events())
@@ -254,6 +257,31 @@ def select(
     if predicate is None:
         return (ev for ev in events if match(ev.name))
     return (ev for ev in events if match(ev.name) and predicate(ev))
+
+
+def unmatched_globs(
+    names: Sequence[str], globs: Sequence[str] | None, where: str = "in this trace"
+) -> list[str]:
+    """Each glob of ``globs`` that matches none of ``names``, with the closest names:
+    ``"-e 'db.qeury' matches no marker in this trace; closest: db.query"``."""
+    import difflib
+
+    out = []
+    for glob in globs or ():
+        if any(fnmatch.fnmatchcase(n, glob) for n in names):
+            continue
+        close = difflib.get_close_matches(glob, names, n=3, cutoff=0.5)
+        hint = f"; closest: {', '.join(close)}" if close else ""
+        out.append(f"-e {glob!r} matches no marker {where}{hint}")
+    return out
+
+
+def warn_unmatched(trace: Any, globs: Sequence[str] | None, err: IO[str] | None = None) -> None:
+    declared = getattr(trace, "markers", None)
+    if not globs or not isinstance(declared, dict):
+        return
+    for line in unmatched_globs(sorted(declared), globs):
+        (err or sys.stderr).write(f"tracemark: warning: {printable(line)}\n")
 
 
 def _index_of(trace: Any) -> Any:
@@ -275,6 +303,19 @@ def field_names(trace: Any, globs: Sequence[str] | None) -> set[str]:
         if match(marker):
             names.update(f[0] if isinstance(f, tuple) else getattr(f, "name", f) for f in fields)
     return names
+
+
+def field_types(trace: Any, globs: Sequence[str] | None) -> dict[str, set[str]]:
+    """Field name -> the type names it has in the markers of ``trace`` that ``globs``
+    select (``int``, ``str``, ...: the trace's own type names)."""
+    match = name_matcher(globs)
+    types: dict[str, set[str]] = {}
+    for marker, fields in getattr(trace, "markers", {}).items():
+        if match(marker):
+            for f in fields:
+                if isinstance(f, tuple) and len(f) == 2:
+                    types.setdefault(f[0], set()).add(f[1])
+    return types
 
 
 def total_events(trace: Any) -> int | None:

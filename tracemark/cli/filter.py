@@ -32,7 +32,7 @@ from __future__ import annotations
 import ast
 import fnmatch
 import operator
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 __all__ = ["MAX_DEPTH", "MAX_LENGTH", "MAX_VALUE", "METADATA", "FilterError", "compile_filter"]
@@ -166,8 +166,14 @@ def compile_filter(
     known_fields: Iterable[str] | None = None,
     *,
     metadata: Iterable[str] = METADATA,
+    field_types: Mapping[str, Iterable[str]] | None = None,
 ) -> Callable[[Any], bool]:
     """A predicate ``match(event) -> bool`` for the expression ``expr``.
+
+    ``field_types``: field name -> the type names it has in the selected markers (``int``,
+    ``float``, ``bool``, ``str``, ``object``, ``bytes``); when given, comparing a field with a
+    constant of another kind (``ms > "5"`` for a number, ``path == 3`` for a text) is an
+    error that says so, instead of a filter that silently matches nothing.
 
     ``known_fields``: every field name of the selected markers; when given, other names are
     an error. ``metadata``: the names read as attributes of what is matched rather than as
@@ -199,7 +205,10 @@ def compile_filter(
     if deep is not None:
         raise FilterError(too_deep, expr, lead + _column(text, deep))
     known = None if known_fields is None else frozenset(known_fields)
-    fn = _Compiler(expr, known, lead, tuple(metadata)).build(tree.body)
+    compiler = _Compiler(expr, known, lead, tuple(metadata))
+    if field_types is not None:
+        compiler.kinds = {k: frozenset(map(_KIND.get, v)) - {None} for k, v in field_types.items()}
+    fn = compiler.build(tree.body)
 
     def match(event: Any) -> bool:
         try:
@@ -223,6 +232,26 @@ def _too_deep(root: ast.AST) -> ast.AST | None:
 
 
 _NOT_CONSTANT: Any = object()
+
+#: What kind of value a field of each recorded type holds, for comparisons with constants.
+_KIND = {"int": "number", "float": "number", "bool": "number", "str": "text", "object": "text"}
+_KIND["bytes"] = "bytes"
+_PLAIN_KIND = {"number": "a number", "text": "text", "bytes": "bytes"}
+#: The kinds of the names read as attributes (``tracemark spans`` adds ``duration``).
+_META_KINDS = {
+    **dict.fromkeys(("pid", "tid", "timestamp", "task_id", "duration"), frozenset({"number"})),
+    **dict.fromkeys(("name", "thread", "task"), frozenset({"text"})),
+}
+
+
+def _constant_kind(value: Any) -> str | None:
+    if isinstance(value, bool | int | float):
+        return "number"
+    if isinstance(value, str):
+        return "text"
+    if isinstance(value, bytes):
+        return "bytes"
+    return None  # None, tuples (for in): not checked
 
 
 def _constant(node: ast.AST) -> Any:
@@ -255,6 +284,8 @@ class _Compiler:
     ) -> None:
         self.expr = expr  # as the user wrote it; the parsed text starts ``lead`` chars in
         self.known = known
+        #: field name -> the kinds of value it holds ("number", "text", "bytes"), if known.
+        self.kinds: dict[str, frozenset[str]] | None = None
         self.lead = lead
         self.metadata = metadata
 
@@ -360,7 +391,12 @@ class _Compiler:
                 message = f"{_describe(op)} is not allowed in a filter; use == or !="
                 raise self.fail(node, message, before)
             ops.append(fn)
-        operands = [self.build(node.left)] + [self.build(c) for c in node.comparators]
+        nodes = [node.left, *node.comparators]
+        for op, a, b in zip(node.ops, nodes, nodes[1:], strict=False):
+            if not isinstance(op, ast.In | ast.NotIn):
+                self._check_kinds(a, b)
+                self._check_kinds(b, a)
+        operands = [self.build(n) for n in nodes]
 
         def compare(ev: Any) -> bool:
             left = operands[0](ev)
@@ -377,6 +413,53 @@ class _Compiler:
             return True
 
         return compare
+
+    def _field_of(self, node: ast.AST) -> str | None:
+        if isinstance(node, ast.Name) and node.id not in self.metadata:
+            return node.id
+        if (
+            isinstance(node, ast.Subscript)
+            and isinstance(node.value, ast.Name)
+            and node.value.id == "fields"
+            and isinstance(node.slice, ast.Constant)
+            and isinstance(node.slice.value, str)
+        ):
+            return node.slice.value
+        return None
+
+    def _check_kinds(self, field_node: ast.AST, other: ast.AST) -> None:
+        """A field compared with a constant of a kind it never holds is an error."""
+        if self.kinds is None:
+            return
+        name = self._field_of(field_node)
+        if isinstance(field_node, ast.Name) and field_node.id in self.metadata:
+            name = field_node.id
+            has = _META_KINDS.get(name)
+        else:
+            has = self.kinds.get(name) if name is not None else None
+        if not has:
+            return
+        try:
+            value = _constant(other)
+        except _TooBig:
+            return  # reported where the constant is built
+        kind = None if value is _NOT_CONSTANT else _constant_kind(value)
+        if kind is None or kind in has:
+            return
+        held = " or ".join(sorted(_PLAIN_KIND[k] for k in has))
+        hint = ""
+        if kind == "text" and "number" in has:
+            try:
+                hint = f"; without quotes: {float(value):g}"
+            except ValueError:
+                pass
+        elif kind == "number" and "text" in has:
+            hint = f"; quoted: {str(value)!r}"
+        message = (
+            f"{name!r} holds {held} in the selected markers, and {value!r} is "
+            f"{_PLAIN_KIND[kind]}: the comparison could never be true{hint}"
+        )
+        raise self.fail(other, message)
 
     def _Call(self, node: ast.Call) -> Callable[[Any], Any]:
         if node.keywords:
