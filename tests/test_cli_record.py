@@ -201,3 +201,46 @@ def test_probe_specs_are_checked_before_the_program_starts():
     with pytest.raises(CliError) as info:
         check_probe_specs(["json:loads{s"])
     assert info.value.code == 2 and "json:loads{s" in info.value.message
+
+
+def test_a_glob_no_process_declared_a_marker_for_is_a_warning(tmp_path):
+    # The parent declares app.parent, its fork child app.child: a glob either one matched is
+    # fine; one nobody matched is said, with the closest names the processes had.
+    code = (
+        "import os, tracemark\n"
+        "tracemark.marker('app.parent', n=int)(1)\n"
+        "if os.fork() == 0:\n"
+        "    tracemark.marker('app.child', n=int)(2)\n"
+        "    os._exit(0)\n"
+        "os.wait()\n"
+    )
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tracemark",
+            "record",
+            "-o",
+            str(tmp_path / "t"),
+            "-e",
+            "app.child",
+            "-e",
+            "app.parnet",
+            "-e",
+            "nothing.*",
+            "--",
+            sys.executable,
+            "-c",
+            code,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert proc.returncode == 0, proc.stderr
+    warnings = [line.strip() for line in proc.stderr.splitlines() if "matched no marker" in line]
+    assert warnings == [
+        "WARNING: -e 'app.parnet' matched no marker the program declared; closest: app.parent",
+        "WARNING: -e 'nothing.*' matched no marker the program declared",
+    ], proc.stderr

@@ -336,6 +336,8 @@ def summarize(
             + "\n  record fewer markers (-e GLOB) or give more buffer (--buffer 4M)\n"
         )
     _warn_losses(trace_dir, err, style)
+    for line in _unmatched_globs(trace_dir, set(getattr(trace, "markers", ()))):
+        err.write(style(f"  WARNING: {printable(line)}", "bold", "red") + "\n")
     width = max((len(printable(n)) for n, _ in counts.most_common(top)), default=0)
     for name, count in counts.most_common(top):
         err.write(f"  {printable(name):<{min(width, 50)}} {count:>12,}\n")
@@ -344,6 +346,33 @@ def summarize(
         err.write(f"  ({len(counts) - top} more markers, {rest:,} events)\n")
     err.write(f"  trace: {printable(str(trace_dir))} ({human_size(size)})\n")
     err.write(f"  view it: tracemark view {printable(_quote(str(trace_dir)))}\n")
+
+
+def _unmatched_globs(trace_dir: Path, in_trace: set[str]) -> list[str]:
+    """The -e globs that no process of the recording declared a marker for: no event class
+    of the trace (``in_trace``) matches them, and every process that stopped normally said
+    so in its status, with the closest names it had (a process that crashed said nothing:
+    its trace's event classes speak for it)."""
+    import fnmatch
+
+    from ..ctf.status import read_status
+
+    per_process = []
+    for sub in sorted(p for p in trace_dir.iterdir() if p.is_dir()):
+        status = read_status(sub)
+        if status is not None and isinstance(status.get("unmatched"), list):
+            per_process.append({g: close for g, close in status["unmatched"]})
+    if not per_process:
+        return []
+    lines = []
+    for glob in per_process[0]:
+        if any(fnmatch.fnmatchcase(name, glob) for name in in_trace):
+            continue
+        if all(glob in unmatched for unmatched in per_process):
+            closest = sorted({n for unmatched in per_process for n in unmatched[glob]})[:3]
+            hint = f"; closest: {', '.join(closest)}" if closest else ""
+            lines.append(f"-e {glob!r} matched no marker the program declared{hint}")
+    return lines
 
 
 def _warn_losses(trace_dir: Path, err: IO[str], style: Style) -> None:

@@ -545,6 +545,7 @@ class Recording:
             "discarded": summary.discarded - uncounted,
             "lost": lost,
             "reason": summary.error if lost else None,
+            "unmatched": self._unmatched_patterns(),
         }
         try:
             data = _status.encode(final)
@@ -592,6 +593,18 @@ class Recording:
             )
 
     # --- overwrite mode ---
+
+    def _unmatched_patterns(self) -> list[list[Any]]:
+        """``[glob, [closest names]]`` for each pattern that matches no marker declared in
+        this process by now (``tracemark record`` warns when no process declared one)."""
+        import difflib
+
+        names = sorted(c.name for c in registry.iter_cores())
+        out: list[list[Any]] = []
+        for pattern in self.patterns:
+            if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
+                out.append([pattern, difflib.get_close_matches(pattern, names, n=3, cutoff=0.5)])
+        return out
 
     def snapshot(self) -> Path:
         """Write what the buffers hold now as a trace of its own; return its directory.
