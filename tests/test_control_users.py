@@ -32,9 +32,17 @@ def _as_nobody() -> None:
 
 @pytest.fixture
 def shared():
-    """A directory the other user can read and write (pytest's tmp_path is root's only)."""
+    """A directory the other user can read and write (pytest's tmp_path is root's only),
+    holding a copy of the package under ``pkg/``: the checkout may be in a directory the
+    other user cannot enter (a CI clone under mktemp -d is 0700)."""
     d = Path(tempfile.mkdtemp(prefix="tracemark-users-"))
     os.chmod(d, 0o777)
+    shutil.copytree(
+        ROOT / "tracemark", d / "pkg" / "tracemark", ignore=shutil.ignore_patterns("__pycache__")
+    )
+    for path in (d / "pkg").rglob("*"):
+        os.chmod(path, 0o755 if path.is_dir() else 0o644)
+    os.chmod(d / "pkg", 0o755)
     try:
         yield d
     finally:
@@ -42,7 +50,7 @@ def shared():
 
 
 def test_root_attaches_to_another_users_process(shared):
-    env = {"XDG_RUNTIME_DIR": "", "HOME": str(shared)}
+    env = {"XDG_RUNTIME_DIR": "", "HOME": str(shared), "PYTHONPATH": str(shared / "pkg")}
     with Target(shared, env=env, preexec_fn=_as_nobody, python=SYSTEM_PYTHON) as t:
         assert os.stat(f"/proc/{t.pid}").st_uid == NOBODY
         sock_dir = Path(tempfile.gettempdir()) / f"tracemark-{NOBODY}"
@@ -62,7 +70,7 @@ def test_root_attaches_to_another_users_process(shared):
 
 def test_another_user_is_refused_with_exit_code_8(tmp_path, shared):
     with Target(tmp_path) as t:  # ours (root's)
-        env = dict(os.environ, PYTHONPATH=str(ROOT))
+        env = dict(os.environ, PYTHONPATH=str(shared / "pkg"))
         env.pop("TRACEMARK_CONTROL", None)
         r = subprocess.run(
             [SYSTEM_PYTHON, "-m", "tracemark", "attach", str(t.pid), "-o", str(shared / "o")],
