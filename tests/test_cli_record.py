@@ -244,3 +244,26 @@ def test_a_glob_no_process_declared_a_marker_for_is_a_warning(tmp_path):
         "WARNING: -e 'app.parnet' matched no marker the program declared; closest: app.parent",
         "WARNING: -e 'nothing.*' matched no marker the program declared",
     ], proc.stderr
+
+
+def test_a_python_script_that_does_not_exist_is_an_error_before_anything_is_made(
+    tmp_path, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "app.py").write_text("pass\n")
+    for argv in (["python3", "nosuch.py"], ["python", "-u", "-X", "dev", "nosuch.py", "app.py"]):
+        with pytest.raises(CliError, match=r"nosuch\.py: no such file") as info:
+            program_argv(None, argv)
+        assert info.value.code == 127
+    for fine in (
+        ["python3", "-X", "dev", "app.py"],
+        ["python3", "-c", "pass", "nosuch.py"],
+        ["python3", "-m", "json.tool", "nosuch.py"],
+        ["python3", "-"],
+    ):
+        assert program_argv(None, fine) == fine
+    proc = run_record(tmp_path, "python3", "nosuch.py")
+    assert proc.returncode == 127 and "nosuch.py: no such file" in proc.stderr
+    assert not (tmp_path / "t").exists()  # no trace directory of nothing
+    proc = run_record(tmp_path, sys.executable, "-c", "pass")  # no markers, no -e: no warning
+    assert proc.returncode == 0 and "WARNING" not in proc.stderr, proc.stderr

@@ -136,7 +136,35 @@ def program_argv(module: str | None, command: Sequence[str]) -> list[str]:
             raise CliError(f"{first}: program not found", EXIT_NOT_FOUND)
     elif shutil.which(first) is None:
         raise CliError(f"{first}: program not found", EXIT_NOT_FOUND)
+    _check_script(command)
     return command
+
+
+_PYTHON = re.compile(r"python[0-9.]*\Z")
+#: Interpreter options that take the next argument as their value.
+_OPTION_VALUES = {"-X", "-W", "--check-hash-based-pycs"}
+
+
+def _check_script(command: Sequence[str]) -> None:
+    """``python [options] SCRIPT ...`` with a SCRIPT that does not exist is an error before
+    anything runs or is created (else: a trace directory of nothing, and the program's
+    error above the summary)."""
+    if not _PYTHON.match(Path(command[0]).name):
+        return
+    args = iter(command[1:])
+    for arg in args:
+        if arg in ("-c", "-m", "-") or (arg.startswith(("-c", "-m")) and len(arg) > 2):
+            return  # code, a module or stdin: no script file
+        if arg in _OPTION_VALUES:
+            next(args, None)
+        elif arg.startswith("-"):
+            continue
+        else:
+            if not os.path.exists(arg):
+                raise CliError(
+                    f"{arg}: no such file (the script {command[0]} would run)", EXIT_NOT_FOUND
+                )
+            return
 
 
 def default_dir(argv: Sequence[str], now: float | None = None) -> Path:
@@ -366,6 +394,8 @@ def _unmatched_globs(trace_dir: Path, in_trace: set[str]) -> list[str]:
         return []
     lines = []
     for glob in per_process[0]:
+        if glob == "*":  # the default: a program without markers says so by its 0 events
+            continue
         if any(fnmatch.fnmatchcase(name, glob) for name in in_trace):
             continue
         if all(glob in unmatched for unmatched in per_process):
