@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
+import threading
 import time
 
 import pytest
@@ -268,3 +270,37 @@ def test_a_process_that_is_not_python():
     finally:
         sleeper.kill()
         sleeper.wait(10)
+
+
+def test_detach_all_passes_over_a_process_that_hangs_up(tmp_path):
+    # A process exiting while detach --all goes round has nothing left to detach: said, not
+    # an error. Here the "process" is this test, listening on its own pid's socket and
+    # closing every connection at once.
+    import socket as _socket
+
+    from tracemark.control import paths
+
+    path = paths.socket_path(os.getpid(), paths.ensure_private_dir())
+    srv = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+    srv.bind(str(path))
+    srv.listen()
+
+    def hang_up():
+        for _ in range(2):
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                return
+            conn.close()
+
+    th = threading.Thread(target=hang_up, daemon=True)
+    th.start()
+    try:
+        with Target(tmp_path) as t:
+            r = cli("detach", "--all")
+            assert r.returncode == 0, r.stderr
+            assert f"process {t.pid}: 0 sessions detached" in r.stdout
+            assert f"process {os.getpid()}" in r.stderr  # said
+    finally:
+        srv.close()
+        path.unlink(missing_ok=True)

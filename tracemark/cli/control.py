@@ -260,7 +260,8 @@ def detach(args: argparse.Namespace, out: IO[str], err: IO[str]) -> int:
             if not args.all:
                 raise
             err.write(f"tracemark detach: {printable(exc.message)}\n")
-            code = exc.code
+            if exc.code != EXIT_UNREACHABLE:  # gone or going meanwhile: nothing to detach
+                code = exc.code
     if args.json:
         out.write(json.dumps({"detached": {str(p): n for p, n in done.items()}}) + "\n")
     else:
