@@ -284,11 +284,15 @@ def test_detach_all_passes_over_a_process_that_hangs_up(tmp_path):
     srv = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
     srv.bind(str(path))
     srv.listen()
+    srv.settimeout(0.1)
+    stopping = threading.Event()
 
-    def hang_up():
-        for _ in range(2):
+    def hang_up():  # ends when told: no thread of this test outlives it
+        while not stopping.is_set():
             try:
                 conn, _ = srv.accept()
+            except TimeoutError:
+                continue
             except OSError:
                 return
             conn.close()
@@ -302,5 +306,8 @@ def test_detach_all_passes_over_a_process_that_hangs_up(tmp_path):
             assert f"process {t.pid}: 0 sessions detached" in r.stdout
             assert f"process {os.getpid()}" in r.stderr  # said
     finally:
+        stopping.set()
+        th.join(10)
         srv.close()
         path.unlink(missing_ok=True)
+    assert not th.is_alive()
