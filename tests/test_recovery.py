@@ -164,3 +164,31 @@ def test_a_torn_last_event_is_dropped(tmp_path, uniq):
     recover(ring_copy)
     got = [ev.fields["i"] for ev in read_trace(ring_copy).events()]
     assert got == list(range(9)), got
+
+
+def test_a_torn_packet_with_rings_left_says_to_recover(tmp_path):
+    # A process that died while its consumer wrote leaves a torn last packet and its ring
+    # files: reading says the trace is damaged *and* what mends it; recovery does.
+    code = (
+        "import os, sys, time, tracemark\n"
+        "m = tracemark.marker('torn.m', i=int, s=str)\n"
+        "rec = tracemark.record(sys.argv[1], 'torn.*', subbuffer_size=4096)\n"
+        "for i in range(3000):\n"
+        "    m(i, 'x' * 20)\n"
+        "time.sleep(0.5)\n"  # the consumer writes the full packets
+        "os._exit(0)\n"
+    )
+    trace = tmp_path / "t"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    subprocess.run([sys.executable, "-c", code, str(trace)], check=True, env=env, timeout=60)
+    (stream,) = [p for p in trace.glob("*/stream_*") if p.stat().st_size > 0]
+    with open(stream, "r+b") as f:
+        f.truncate(stream.stat().st_size - 10)  # the last packet: torn
+    cli = [sys.executable, "-m", "tracemark"]
+    stats = subprocess.run([*cli, "stats", str(trace)], capture_output=True, text=True, env=env)
+    assert stats.returncode == 4, stats.stderr
+    assert "corrupt trace" in stats.stderr and f"run tracemark recover {trace}" in stats.stderr
+    done = subprocess.run([*cli, "recover", str(trace)], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    stats = subprocess.run([*cli, "stats", str(trace)], capture_output=True, text=True, env=env)
+    assert stats.returncode == 0, stats.stderr

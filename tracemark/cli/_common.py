@@ -200,10 +200,22 @@ def open_trace(path: str) -> Any:
     try:
         return read_trace(path)
     except TraceError as exc:
-        raise CliError(f"corrupt trace: {exc}", EXIT_CORRUPT) from None
+        # A process that died while writing leaves a torn packet and its ring files: say
+        # what mends it (recovery cuts the torn packet and writes what the rings hold).
+        raise CliError(f"corrupt trace: {exc}{_recover_hint(path)}", EXIT_CORRUPT) from None
     except OSError as exc:
         message = f"{path}: cannot read the trace: {exc.strerror or exc}"
         raise CliError(message, EXIT_NOT_TRACE) from None
+
+
+def _recover_hint(path: str) -> str:
+    from ._losses import loss_warnings
+
+    try:
+        hints = [line for line in loss_warnings(Path(path)) if "tracemark recover" in line]
+    except Exception:  # the hint is a courtesy: the error is said whatever happens here
+        return ""
+    return f"\n{hints[0]}" if hints else ""
 
 
 def report_recovered(path: str | Path, err: IO[str], prog: str) -> list[Any]:
