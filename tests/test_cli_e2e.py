@@ -422,3 +422,36 @@ def test_a_filter_comparing_a_number_with_text_is_an_error(recorded):
     proc = tm("view", str(trace), "-e", "net.rx", "--filter", 'len > "5"')
     assert proc.returncode == 2
     assert "'len' holds a number" in proc.stderr and "without quotes: 5" in proc.stderr
+
+
+def _view_on_a_terminal(trace, *more):
+    """``tracemark view`` with its output on a pseudo-terminal 60 columns wide."""
+    import pty
+
+    master, slave = pty.openpty()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "60", "NO_COLOR": "1"}
+    argv = [sys.executable, "-m", "tracemark", "view", str(trace), "-e", "job.*", *more]
+    proc = subprocess.Popen(argv, stdout=slave, stderr=subprocess.DEVNULL, env=env)
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            data = os.read(master, 65536)
+        except OSError:  # EIO: the child closed its end
+            break
+        if not data:
+            break
+        chunks.append(data)
+    os.close(master)
+    assert proc.wait(30) == 0
+    return b"".join(chunks).decode().splitlines()
+
+
+def test_view_cuts_lines_on_a_terminal_unless_wide_and_never_into_a_pipe(recorded):
+    trace, _ = recorded
+    cut = _view_on_a_terminal(trace, "--limit", "5")
+    wide = _view_on_a_terminal(trace, "--limit", "5", "--wide")
+    piped = tm("view", str(trace), "-e", "job.*", "--limit", "5").stdout.splitlines()
+    assert all(len(line) <= 60 for line in cut) and any(line.endswith("…") for line in cut)
+    assert wide == piped and any(len(line) > 60 for line in wide)
+    assert all(" ms=" in line for line in piped)  # whole: the last field is there

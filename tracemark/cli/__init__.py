@@ -186,6 +186,12 @@ exit codes: 0 ok, 2 usage or bad filter, 3 not a trace, 4 corrupt trace.""",
     _trace_args(view)
     view.add_argument("--filter", metavar="EXPR", help="show only events where EXPR is true")
     view.add_argument("--limit", type=_positive, metavar="N", help="stop after N events")
+    view.add_argument(
+        "--wide",
+        action="store_true",
+        help="on a terminal, show every field whole (lines are cut to its width otherwise;"
+        " output to a file or a pipe is never cut)",
+    )
     view.add_argument("--json", action="store_true", help="one JSON object per line")
 
     stats = sub.add_parser(
@@ -342,9 +348,10 @@ def _view(args: argparse.Namespace, out: IO[str]) -> int:
         events = Progress("reading", total_events(trace)).wrap(events)
     if args.json:
         write_json(events, out, limit=args.limit)
-    elif tty:  # cut to the terminal's width, coloured unless NO_COLOR
+    elif tty:  # cut to the terminal's width unless --wide, coloured unless NO_COLOR
         style = Style(wants_colour(out))
-        write_text(events, out, limit=args.limit, width=width_of(out), style=style)
+        width = None if args.wide else width_of(out)
+        write_text(events, out, limit=args.limit, width=width, style=style)
     else:
         write_text(events, out, limit=args.limit)
     return 0
