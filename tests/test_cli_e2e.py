@@ -314,12 +314,14 @@ def test_a_python_without_tracemark_installed_is_recorded_too(tmp_path):
     assert [e["fields"] for e in json_events(tmp_path / "t")] == [{"n": 42}]
 
 
-def on_a_terminal(argv, env):
-    """Run argv with stdout and stderr on a pseudo-terminal; return what it wrote."""
+def on_a_terminal(argv, env, *, stderr_too=True):
+    """Run argv with stdout (and stderr, unless told) on a pseudo-terminal; return what it
+    wrote there."""
     import pty
 
     leader, follower = pty.openpty()
-    proc = subprocess.Popen(argv, stdout=follower, stderr=follower, env=env)
+    stderr = follower if stderr_too else subprocess.DEVNULL
+    proc = subprocess.Popen(argv, stdout=follower, stderr=stderr, env=env)
     os.close(follower)
     chunks = []
     while True:
@@ -426,25 +428,9 @@ def test_a_filter_comparing_a_number_with_text_is_an_error(recorded):
 
 def _view_on_a_terminal(trace, *more):
     """``tracemark view`` with its output on a pseudo-terminal 60 columns wide."""
-    import pty
-
-    master, slave = pty.openpty()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "60", "NO_COLOR": "1"}
     argv = [sys.executable, "-m", "tracemark", "view", str(trace), "-e", "job.*", *more]
-    proc = subprocess.Popen(argv, stdout=slave, stderr=subprocess.DEVNULL, env=env)
-    os.close(slave)
-    chunks = []
-    while True:
-        try:
-            data = os.read(master, 65536)
-        except OSError:  # EIO: the child closed its end
-            break
-        if not data:
-            break
-        chunks.append(data)
-    os.close(master)
-    assert proc.wait(30) == 0
-    return b"".join(chunks).decode().splitlines()
+    return on_a_terminal(argv, env, stderr_too=False).splitlines()
 
 
 def test_view_cuts_lines_on_a_terminal_unless_wide_and_never_into_a_pipe(recorded):
