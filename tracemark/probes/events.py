@@ -33,16 +33,13 @@ from typing import Any
 
 from .._codegen import function_code
 from ..markers import registry
-from ..markers.fields import ReprText
+from ..markers.fields import MAX_REPR, AnyValue, ReprText, repr_text
 from .targets import Target, field_name
 
 __all__ = ["AT", "MAX_REPR", "Probe"]
 
 #: Where a probe can fire.
 AT = ("entry", "return", "line", "raise")
-#: Longest repr recorded for a value that is not a plain int/float/str/bytes/bool.
-MAX_REPR = 200
-
 _PLAIN = {int, float, str, bytes, bool, type(None)}
 #: Start times of frames kept for return probes are dropped past this many (frames whose
 #: return event never came, e.g. the probe was enabled in the middle of a call).
@@ -51,16 +48,9 @@ _UNBOUND = object()
 
 
 def value_of(v: object) -> object:
-    """The recorded form of a captured value (see the module docstring)."""
-    if type(v) in _PLAIN:
-        return v
-    try:
-        text = repr(v)
-    except Exception as exc:
-        return ReprText(f"<repr failed: {type(exc).__name__}>")
-    if not isinstance(text, str):
-        return ReprText("<repr failed: not a str>")
-    return ReprText(text if len(text) <= MAX_REPR else text[: MAX_REPR - 3] + "...")
+    """The recorded form of a captured value (see the module docstring): made now, in the
+    traced frame, so every tracer sees the same value (a repr taken later could differ)."""
+    return v if type(v) in _PLAIN else repr_text(v)
 
 
 def _capture(local: dict[str, Any], path: tuple[str, ...]) -> object:
@@ -117,7 +107,7 @@ class Probe:
     def field_types(self) -> dict[str, object]:
         fixed: dict[str, object] = {
             "entry": {},
-            "return": {"value": object, "duration_ns": int},
+            "return": {"value": AnyValue, "duration_ns": int},
             "line": {},
             "raise": {"exc_type": str, "message": str},
         }[self.at]
@@ -126,7 +116,7 @@ class Probe:
             name = field_name(path)
             while name in types_:
                 name += "_"
-            types_[name] = object
+            types_[name] = AnyValue
         return types_
 
     @property
