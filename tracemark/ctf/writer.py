@@ -200,8 +200,10 @@ ANY_VARIANT_TSDL = (
     "struct { tm_len len; tm_object text[len]; } _repr; }"
 )
 #: The struct format of an ``any`` value's tag and payload, by tag (text: by length too).
-_ANY_FORMAT = ("B", "B?", "Bq", "Bd", "BI{}s", "BI{}s", "BI{}s")
-_NONE_PARTS = (0, (0,))
+#: Every kind takes three values, the tag and two more (``0s`` takes an empty bytes and
+#: packs nothing), so the packing call has one shape whatever the kinds: no ``*args``.
+_ANY_FORMAT = ("B0s0s", "B?0s", "Bq0s", "Bd0s", "BI{}s", "BI{}s", "BI{}s")
+_NONE_PARTS = (0, 0, b"", b"")
 _INT64_LOW, _INT64_HIGH = -(1 << 63), 1 << 63
 
 
@@ -212,31 +214,37 @@ def _utf8(text: str) -> bytes:
         return valid_text(text).encode()
 
 
-def any_parts(value: object) -> tuple[int, tuple]:
-    """How an ``any`` value is packed: ``(shape, args)``, ``args`` the values for the
-    struct (tag first) and ``shape`` the key of its struct format: the tag, plus 8 times
-    the length for text and bytes. Never raises (a failing repr is recorded as saying so).
+def any_parts(value: object) -> tuple[int, int, Any, Any]:
+    """How an ``any`` value is packed: ``(shape, tag, x, y)``, where ``tag, x, y`` are the
+    struct's values for it and ``shape`` (the key of its struct format, :func:`any_format`)
+    is the tag, plus 8 times the length for text and bytes. Never raises (a failing repr is
+    recorded as saying so).
 
-    Kept to exact-type checks and one call, so that a port (the recorder's C core) is a
-    switch on the type: the table above is the whole contract."""
+    Exact-type checks and one call, so that a port (the recorder's C core) is a switch on
+    the type: the table above is the whole contract."""
     t = type(value)
     if t is str:
-        b = _utf8(value)  # type: ignore[arg-type]
-        return 4 | len(b) << 3, (4, len(b), b)
+        try:
+            b = value.encode()  # type: ignore[attr-defined]
+        except UnicodeEncodeError:
+            b = _utf8(value)  # type: ignore[arg-type]
+        n = len(b)
+        return 4 | n << 3, 4, n, b
     if t is int:
         if _INT64_LOW <= value < _INT64_HIGH:  # type: ignore[operator]
-            return 2, (2, value)
+            return 2, 2, value, b""
     elif value is None:
         return _NONE_PARTS
     elif t is float:
-        return 3, (3, value)
+        return 3, 3, value, b""
     elif t is bool:
-        return 1, (1, value)
+        return 1, 1, value, b""
     elif t is bytes:
         n = len(value)  # type: ignore[arg-type]
-        return 5 | n << 3, (5, n, value)
+        return 5 | n << 3, 5, n, value
     b = _utf8(repr_text(value))
-    return 6 | len(b) << 3, (6, len(b), b)
+    n = len(b)
+    return 6 | n << 3, 6, n, b
 
 
 def any_format(shape: int) -> str:
@@ -637,11 +645,11 @@ def pack_source(
         v = f"_v{i}"
         if t is AnyValue:
             # Tag and payload as any_parts makes them; the Struct is found by their shape.
-            prep.append(f"_n{i}, {v} = _any({n})\n")
+            prep.append(f"_n{i}, _g{i}, _x{i}, {v} = _any({n})\n")
             fmt_parts.append("{}")
             var.append(f"_n{i}")
             kinds += "a"
-            values.append(f"*{v}")
+            values.append(f"_g{i}, _x{i}, {v}")
         elif t in _FIXED_FORMAT:
             fmt_parts.append(_FIXED_FORMAT[t])
             values.append(n)

@@ -11,10 +11,38 @@ Guarantees
   enabled), then the captured names. ``line``: the captured names. ``raise``: ``exc_type``
   (qualified name), ``message`` (``str(exc)``, truncated), then the captured names. A capture
   ``req.url`` becomes the field ``req_url``.
-* **Values.** ``int float str bytes bool`` and ``None`` values (exact types) are kept as they
-  are; anything else is recorded as its repr, cut to :data:`MAX_REPR` characters. A repr or
-  an attribute that raises, or a local that is not bound yet, is recorded as a ``<...>``
-  string saying so: capturing never raises into the traced program.
+* **Values.** A captured value (and a return probe's ``value``) is a field of type ``any``
+  (:class:`~tracemark.markers.fields.AnyValue`): each event records the value's own kind
+  with it (in CTF: a variant selected by an enum tag, :mod:`tracemark.ctf.writer`), so it
+  is read back typed, compared by its type in ``--filter`` and shown as what it is. The
+  whole rule, one row per kind (exact types: a subclass, an ``IntEnum`` say, is "anything
+  else"):
+
+  =====================  ===========  ======================  ============  ===============
+  captured value         recorded as  ``read_trace`` gives    ``--json``    ``--filter``
+  =====================  ===========  ======================  ============  ===============
+  ``None``               none         ``None``                ``null``      ``x == None``
+  ``bool``               bool         ``True`` / ``False``    true / false  ``x == True``
+  ``int`` within int64   int          ``int``                 number        ``x > 5``
+  ``float``              float        ``float``               number [1]_   ``x < 0.5``
+  ``str``                str          ``str``, the text [2]_  string        ``x == "GET"``
+  ``bytes``              bytes        ``bytes``               hex string    ``x == b"ok"``
+  anything else, and     repr         ``ReprText`` (a ``str`` string        ``x == "[1]"``
+  an int beyond int64                 subclass): the repr,
+                                      cut to ``MAX_REPR``
+  =====================  ===========  ======================  ============  ===============
+
+  .. [1] NaN and infinities as the strings ``"nan"``, ``"inf"``, ``"-inf"``.
+  .. [2] Surrogates become U+FFFD (the writer's rule for all text).
+
+  A comparison with a value of another kind is false for that event, never an error (kinds
+  vary per event). ``view`` shows a str as every text field (plain, or quoted when it has
+  spaces or quotes) and a repr as it is. A repr or an attribute that raises, or a local that
+  is not bound yet, is recorded as a repr saying so (``<repr failed: E>``,
+  ``<AttributeError: a.b>``, ``<unbound: x>``): capturing never raises into the traced
+  program. The value is made when the probe fires (a repr taken later could differ). A
+  marker's own ``object`` / ``%r`` field keeps its meaning: always the value's repr, as
+  text. Declare a field ``"any"`` to get a probe's rule in a marker of your own.
 * **Span probes** (``at="span"``, made by ``@span`` on a function, :mod:`.decorated`) fire
   *given* markers: the span's ``NAME.begin`` on entry, with the arguments named like its
   fields passed as they are (the marker checks their types, as for ``q.begin(...)``), and
