@@ -1040,6 +1040,10 @@ class SubTrace:
         self.meta = _Metadata(path / "metadata")
         self.env = self.meta.env
         self.pid = int(self.env.get("vpid", 0) or 0)
+        #: The recording session this sub-trace belongs to (the recorder's ``session_id``,
+        #: shared by one program's process tree); None in traces written before sessions.
+        session = self.env.get("session_id")
+        self.session: str | None = session if isinstance(session, str) and session else None
         self.decoders = {
             eid: (name, _compile_decoder(fields))
             for eid, (name, fields) in self.meta.events.items()
