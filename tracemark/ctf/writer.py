@@ -35,7 +35,9 @@ Guarantees of the layout
   repr already and stored as it is) and bytes -> ``tm_len __<key>_len`` followed by
   ``tm_str`` / ``tm_object`` / ``tm_byte`` ``_<key>[__<key>_len]`` (a CTF sequence; for
   text its elements are 8-bit integers with ``encoding = UTF8``, which CTF readers present
-  as a string: babeltrace2 does, up to a NUL, tested).
+  as a string: babeltrace2 does, up to a NUL, tested); ``any`` (a value kept typed: what
+  probes capture) -> an enum tag ``__<key>_tag`` (its kind) then a variant ``_<key>``
+  selected by it (CTF §4.2.7; the table is at :func:`any_parts`, tested with babeltrace2).
   Text is length-prefixed rather than NUL-terminated: a NUL inside is kept, no byte has to be
   checked, and a reader stays in step whatever the text holds. The type alias names let the
   reader give back the declared Python type.
