@@ -377,3 +377,47 @@ def test_babeltrace_reads_fields_whose_names_tsdl_cannot_spell(tmp_path):
     assert list(events["names.kw"].fields.values()) == list(range(26))
     assert list(events["names.kw"].fields) == list(events["names.kws"].fields.values())
     assert events["names.kws"].fields["Bool"] == "Bool"
+
+
+ANY = r"""
+import sys, tracemark
+from tracemark.markers.fields import ReprText
+m = tracemark.marker("any.v", v="any", after=int)
+class Odd:
+    def __repr__(self): return "Odd(1)"
+with tracemark.record(sys.argv[1], "any.*"):
+    for i, v in enumerate([None, True, -5, 2.5, "GET", b"\x01\xff", Odd(), 1 << 64]):
+        m(v, i)
+"""
+
+
+def test_babeltrace_reads_every_kind_of_an_any_value(tmp_path):
+    """An ``any`` field is a variant selected by its enum tag: babeltrace2 reads each kind
+    as what it is, and stays in step (the int after it is right every time)."""
+    out = subprocess.run(
+        [sys.executable, "-c", ANY, str(tmp_path)], capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    bt = subprocess.run(["babeltrace2", str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert bt.returncode == 0, bt.stderr
+    lines = bt.stdout.splitlines()
+    assert len(lines) == 8
+    got = []
+    for line in lines:
+        m = re.search(
+            r'_v_tag = \( "_(\w+)" : container = (\d) \), v = \{ (.*) \}, after = (\d+) \}$', line
+        )
+        assert m, line
+        got.append((m[1], int(m[2]), m[3], int(m[4])))
+    assert got == [
+        ("none", 0, "{ }", 0),
+        ("bool", 1, '( "true" : container = 1 )', 1),
+        ("int", 2, "-5", 2),
+        ("float", 3, "2.5", 3),
+        ("str", 4, '{ len = 3, text = "GET" }', 4),
+        ("bytes", 5, "{ len = 2, data = [ [0] = 0x1, [1] = 0xFF ] }", 5),
+        ("repr", 6, '{ len = 6, text = "Odd(1)" }', 6),
+        ("repr", 6, '{ len = 20, text = "18446744073709551616" }', 7),
+    ]
+    values = [ev.fields["v"] for ev in read_trace(tmp_path).events()]
+    assert values == [None, True, -5, 2.5, "GET", b"\x01\xff", "Odd(1)", str(1 << 64)]

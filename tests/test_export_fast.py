@@ -38,7 +38,7 @@ VARIED = textwrap.dedent(
     inner = tracemark.span("inner")
     rec = tracemark.span("rec", depth=int)
     every = tracemark.marker(
-        "all.types", i=int, f=float, b=bool, s=str, raw=bytes, o=object
+        "all.types", i=int, f=float, b=bool, s=str, raw=bytes, o=object, a="any"
     )
     gauge = tracemark.marker("q.depth", n=int, load=float)
     stray = tracemark.marker("db.end")
@@ -61,13 +61,17 @@ VARIED = textwrap.dedent(
         ((1 << 28) - 1, 4.0, False, "e", b"e", 4), (1 << 28, 5.0, True, "f", b"f", 5),
     ]
 
+    # An any field: every kind it records (None, bool, int, float, str, bytes, a repr).
+    ANY = [None, True, False, 7, -(1 << 63), 1 << 70, 2.5, float("nan"), float("-inf"),
+           "GET", "", 'q " \\\\ é', b"\\x00\\xff", [1, "x"], {"k": None}, ValueError("e")]
+
     def worker(w):
         threading.current_thread().name = f"w{w}"
         for i in range(40):
             req.begin(f"/w{w}/{i % 3}")
             gauge(i * w, i / (w + 1) if i % 5 else float("nan"))
             db.begin("users")
-            every(*VALUES[i % len(VALUES)])
+            every(*VALUES[i % len(VALUES)], ANY[i % len(ANY)])
             db.end()
             if i % 7 == 0:
                 inner.begin()      # never ended: req.end skips it

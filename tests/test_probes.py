@@ -18,6 +18,7 @@ from tracemark import probes as P
 from tracemark.ctf import read_trace
 from tracemark.env import PYBEHAVIOR
 from tracemark.markers import registry
+from tracemark.markers.fields import ReprText
 from tracemark.probes import events as probe_events
 
 pytestmark = pytest.mark.usefixtures("mech")  # every test, on every mechanism
@@ -551,8 +552,9 @@ def test_the_recorder_records_probe_events_unchanged(tmp_path):
     trace = read_trace(tmp_path / "trace")
     got = [(e.name, e.fields) for e in trace.events()]
     assert [n for n, _ in got] == [entry.name, ret.name]
-    assert got[0][1] == {"a": "4", "key": "'xy'"}  # object fields are recorded as repr
-    assert got[1][1]["value"] == "8" and got[1][1]["duration_ns"] > 0
+    assert got[0][1] == {"a": 4, "key": "xy"}  # captured values keep their type
+    assert type(got[0][1]["key"]) is str
+    assert got[1][1]["value"] == 8 and got[1][1]["duration_ns"] > 0
 
 
 def test_a_captured_object_is_recorded_as_its_repr_once(tmp_path):
@@ -563,6 +565,7 @@ def test_a_captured_object_is_recorded_as_its_repr_once(tmp_path):
     (ev,) = read_trace(tmp_path / "trace").events()
     assert ev.name == h.name
     assert ev.fields == {"extra": "{'k': [1]}", "key": "('t',)"}
+    assert all(type(v) is ReprText for v in ev.fields.values())  # told apart from a str
 
 
 def test_raise_probes_need_the_global_unwind_event_only_while_enabled(mech):

@@ -126,7 +126,7 @@ def test_unprobe_forgets_the_marker_and_a_glob_binds_the_next_probe(mech):
 
 def test_a_marker_declared_by_code_stays_after_the_probe_that_reused_it(mech, uniq):
     name = f"{uniq}.entry"
-    m = tracemark.marker(name, a=object)
+    m = tracemark.marker(name, a="any")  # a probe's captures are of type any
     h = tracemark.probe("probe_shapes:with_doc", name=name)
     assert h.marker is m
     tracemark.unprobe(h)
@@ -150,7 +150,7 @@ def test_a_recording_across_removed_probes_stays_readable(mech, tmp_path):
     events = [(e.name, dict(e.fields)) for e in read_trace(str(tmp_path / "t")).events()]
     assert h.name == h2.name == h3.name
     assert [f for _, f in events] == [
-        {"a": "1", "b": "2", "rest": "()", "key": "None", "extra": "{}"},  # reprs: object
-        {"a": "3", "total": "<unbound: total>"},  # entry: before it is bound
-        {"a": "5", "b": "6", "rest": "()", "key": "None", "extra": "{}"},
+        {"a": 1, "b": 2, "rest": "()", "key": None, "extra": "{}"},  # typed, else reprs
+        {"a": 3, "total": "<unbound: total>"},  # entry: before it is bound
+        {"a": 5, "b": 6, "rest": "()", "key": None, "extra": "{}"},
     ]

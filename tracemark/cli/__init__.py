@@ -27,6 +27,7 @@ from ._common import (
     CliError,
     Progress,
     Style,
+    add_session_args,
     field_names,
     field_types,
     guarded,
@@ -317,6 +318,7 @@ def _trace_args(p: argparse.ArgumentParser) -> None:
         action="append",
         help="only the markers matching GLOB (repeatable)",
     )
+    add_session_args(p)
 
 
 def _predicate(
@@ -340,7 +342,7 @@ def _predicate(
 def _view(args: argparse.Namespace, out: IO[str]) -> int:
     from .view import write_json, write_text
 
-    trace = open_trace(args.trace)
+    trace = open_trace(args.trace, session=args.session, merge=args.all)
     events = select(trace, args.events, _predicate(trace, args))
     _warn_losses(args.trace)
     tty = out.isatty()
@@ -360,7 +362,7 @@ def _view(args: argparse.Namespace, out: IO[str]) -> int:
 def _stats(args: argparse.Namespace, out: IO[str]) -> int:
     from . import stats
 
-    trace = open_trace(args.trace)
+    trace = open_trace(args.trace, session=args.session, merge=args.all)
     events = select(trace, args.events, _predicate(trace, args))
     progress = Progress("reading", total_events(trace))
     collected = stats.collect(progress.wrap(events), by=args.by)
@@ -386,7 +388,7 @@ def _stats(args: argparse.Namespace, out: IO[str]) -> int:
 def _spans(args: argparse.Namespace, out: IO[str]) -> int:
     from . import spans
 
-    trace = open_trace(args.trace)
+    trace = open_trace(args.trace, session=args.session, merge=args.all)
     predicate = _predicate(trace, args, spans.FILTER_NAMES)
     events = select(trace, args.events)
     progress = Progress("reading", total_events(trace))

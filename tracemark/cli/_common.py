@@ -9,6 +9,14 @@ Guarantees
 * Colour only when the stream is a terminal, ``TERM`` is not ``dumb`` and ``NO_COLOR`` is
   unset or empty (https://no-color.org); progress only when stderr is a terminal.
 * Output is laid out for 80 columns; on a wider or narrower terminal its width is used.
+* **One recording at a time.** A trace directory may hold several unrelated recordings
+  (sessions: a second program given the same ``DIR``, flight-recorder snapshots); every
+  sub-trace names its session (:mod:`tracemark.tracers.recording.session`). A command that
+  reads a directory of more than one (:func:`open_trace`) lists them (start, program,
+  pids, events) and exits with the usage code, unless told ``--all`` (merge them all) or
+  ``--session ID`` (a prefix of one id; ``none`` for sub-traces written before sessions,
+  which form one session together); ``DIR/<pid>-<n>`` opens one process's sub-trace.
+  :func:`sessions` is the one place they are grouped.
 * Nothing a trace or a source tree holds can drive the terminal: every name, path and text
   from them is printed through :func:`printable`, which escapes control characters (C0, DEL,
   C1), line and paragraph separators and bidirectional-text controls, so a crafted thread
@@ -28,6 +36,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from ..ctf import TraceError, read_trace
+from ..ctf.reader import Trace
 
 #: Exit codes, documented in ``tracemark --help``.
 EXIT_OK = 0
@@ -184,8 +193,105 @@ def name_matcher(globs: Sequence[str] | None) -> Callable[[str], bool]:
     return match
 
 
-def open_trace(path: str) -> Any:
-    """The trace in directory ``path`` (``tracemark.ctf.read_trace``), or a CliError."""
+class Session:
+    """One recording session of a trace directory: its sub-traces and what tells it apart."""
+
+    def __init__(self, trace: Any, id: str | None, subtraces: list[Any]) -> None:
+        self.id = id
+        self.subtraces = subtraces
+        self.pids = sorted({sub.pid for sub in subtraces})
+        self.events = sum(s.events for sub in subtraces for s in sub.streams)
+        starts = []
+        for sub in subtraces:
+            try:
+                starts.append((Trace(trace.path, [sub]).start, sub))
+            except (TraceError, OSError):  # damaged: reading it says so
+                pass
+        known = [(t, sub) for t, sub in starts if t is not None]
+        self.start: int | None = min(t for t, _ in known) if known else None
+        # The program: the command line of the process that recorded first (the root).
+        first = min(known, key=lambda ts: ts[0])[1] if known else subtraces[0]
+        env = first.env
+        self.program = str(env.get("argv") or env.get("procname") or "?")
+
+    @property
+    def label(self) -> str:
+        """How ``--session`` names it."""
+        return self.id or "none"
+
+
+def sessions(trace: Any) -> list[Session]:
+    """The sessions of ``trace``, by start time: sub-traces grouped by the session id in
+    their metadata; those written before sessions existed (no id) form one together."""
+    groups: dict[str | None, list[Any]] = {}
+    for sub in trace.subtraces:
+        groups.setdefault(getattr(sub, "session", None), []).append(sub)
+    found = [Session(trace, sid, subs) for sid, subs in groups.items()]
+    return sorted(found, key=lambda s: (s.start is None, s.start or 0, s.label))
+
+
+def session_table(found: Sequence[Session]) -> str:
+    """The sessions as lines of text: id, start (local time), pids, events, program."""
+    lines = [f"  {'SESSION':<16}  {'START':<19}  {'EVENTS':>9}  PIDS  PROGRAM"]
+    for s in found:
+        start = (
+            time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s.start // 10**9))
+            if s.start is not None
+            else "-"
+        )
+        pids = " ".join(map(str, s.pids[:6])) + (" ..." if len(s.pids) > 6 else "")
+        program = printable(s.program)  # one line whatever the command line held
+        lines.append(f"  {s.label:<16}  {start:<19}  {s.events:>9,}  {pids}  {program}")
+    return "\n".join(lines)
+
+
+def _one_session(trace: Any, path: str, session: str | None, merge: bool) -> Any:
+    """``trace``, or the part of it that is session ``session``; a CliError when it holds
+    several sessions and neither ``session`` nor ``merge`` says which (see the module)."""
+    ids = {getattr(sub, "session", None) for sub in getattr(trace, "subtraces", ())}
+    if session is None and (merge or len(ids) <= 1):
+        return trace
+    found = sessions(trace)
+    if session is None:
+        raise CliError(
+            f"{path} holds {len(found)} unrelated recordings (sessions); pick one with "
+            "--session ID (or view DIR/<pid>-<n>), or merge them with --all",
+            EXIT_USAGE,
+            session_table(found),
+        )
+    chosen = [s for s in found if s.label == session] or [
+        s for s in found if s.id and s.id.startswith(session)
+    ]
+    if len(chosen) != 1:
+        what = "no session" if not chosen else "more than one session"
+        raise CliError(
+            f"--session {session}: {what} of {path} is named so; its sessions:",
+            EXIT_USAGE,
+            session_table(found),
+        )
+    return Trace(trace.path, chosen[0].subtraces)
+
+
+def add_session_args(p: Any) -> None:
+    """``--all`` and ``--session ID``, for the commands that read a trace directory."""
+    p.add_argument(
+        "--all",
+        action="store_true",
+        help="a directory of several unrelated recordings (sessions): merge them all",
+    )
+    p.add_argument(
+        "--session",
+        metavar="ID",
+        help="only this recording session of the directory (an id or its prefix; see --all)",
+    )
+
+
+def open_trace(path: str, *, session: str | None = None, merge: bool = True) -> Any:
+    """The trace in directory ``path`` (``tracemark.ctf.read_trace``), or a CliError.
+
+    ``merge=False``: a directory of several sessions is a CliError listing them (what the
+    reading commands do unless ``--all``); ``session``: only that session's sub-traces
+    (an id, a prefix of one, or ``none``)."""
     p = Path(path)
     if not p.exists():
         raise CliError(f"{path}: no such trace directory", EXIT_NOT_TRACE)
@@ -198,7 +304,7 @@ def open_trace(path: str) -> Any:
             EXIT_NOT_TRACE,
         )
     try:
-        return read_trace(path)
+        return _one_session(read_trace(path), path, session, merge)
     except TraceError as exc:
         # A process that died while writing leaves a torn packet and its ring files: say
         # what mends it (recovery cuts the torn packet and writes what the rings hold).

@@ -27,6 +27,7 @@ from ._common import (
     EXIT_USAGE,
     CliError,
     Progress,
+    add_session_args,
     human_size,
     open_trace,
     printable,
@@ -85,6 +86,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
         metavar="N",
         help="processes to use (default: 2 where there are 2 CPUs and the trace is large)",
     )
+    add_session_args(p)
     return p
 
 
@@ -128,14 +130,21 @@ def run_export(
     err: IO[str],
     prog: str,
     jobs: int | None = None,
+    session: str | None = None,
+    merge: bool = True,
 ) -> int:
-    """Export, say what happened on ``err``; the exit code."""
-    trace = open_trace(trace_dir)  # a missing or unreadable trace: one line, exit 3 or 4
+    """Export, say what happened on ``err``; the exit code. ``session``, ``merge``: as for
+    :func:`._common.open_trace` (which sub-traces of a directory of several sessions)."""
+    # A missing or unreadable trace: one line, exit 3 or 4.
+    trace = open_trace(trace_dir, session=session, merge=merge)
+    only = [sub.path for sub in trace.subtraces]
     specs = _counters(trace, counters)
     out = Path(output) if output else default_output(trace_dir, fmt)
     progress = Progress("exporting", total_events(trace), stream=err)
     try:
-        result = export(trace_dir, out, fmt, counters=specs, progress=progress.update, jobs=jobs)
+        result = export(
+            trace_dir, out, fmt, counters=specs, progress=progress.update, jobs=jobs, only=only
+        )
     except OSError as exc:
         raise CliError(f"{printable(str(out))}: cannot write: {exc.strerror or exc}") from None
     finally:
@@ -182,5 +191,13 @@ def run(args: argparse.Namespace, err: IO[str]) -> int:
     if args.jobs is not None and args.jobs < 1:
         raise CliError("--jobs must be 1 or more", EXIT_USAGE)
     return run_export(
-        args.trace, args.format, args.output, args.counter, err, "tracemark export", args.jobs
+        args.trace,
+        args.format,
+        args.output,
+        args.counter,
+        err,
+        "tracemark export",
+        args.jobs,
+        session=args.session,
+        merge=args.all,
     )

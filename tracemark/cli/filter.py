@@ -171,9 +171,11 @@ def compile_filter(
     """A predicate ``match(event) -> bool`` for the expression ``expr``.
 
     ``field_types``: field name -> the type names it has in the selected markers (``int``,
-    ``float``, ``bool``, ``str``, ``object``, ``bytes``); when given, comparing a field with a
-    constant of another kind (``ms > "5"`` for a number, ``path == 3`` for a text) is an
-    error that says so, instead of a filter that silently matches nothing.
+    ``float``, ``bool``, ``str``, ``object``, ``bytes``, ``any``); when given, comparing a
+    field with a constant of another kind (``ms > "5"`` for a number, ``path == 3`` for a
+    text) is an error that says so, instead of a filter that silently matches nothing. An
+    ``any`` field (a probe's captured value) is compared by each event's own value: an
+    event whose value is of another kind simply does not match.
 
     ``known_fields``: every field name of the selected markers; when given, other names are
     an error. ``metadata``: the names read as attributes of what is matched rather than as
@@ -207,7 +209,11 @@ def compile_filter(
     known = None if known_fields is None else frozenset(known_fields)
     compiler = _Compiler(expr, known, lead, tuple(metadata))
     if field_types is not None:
-        compiler.kinds = {k: frozenset(map(_KIND.get, v)) - {None} for k, v in field_types.items()}
+        # An ``any`` field holds values of every kind (each event its own): never checked.
+        compiler.kinds = {
+            k: frozenset() if "any" in v else frozenset(map(_KIND.get, v)) - {None}
+            for k, v in field_types.items()
+        }
     fn = compiler.build(tree.body)
 
     def match(event: Any) -> bool:

@@ -200,6 +200,11 @@ def environment(
     if probes:
         env[_boot.ENV_PROBES] = "\n".join(probes)
     env[_boot.ENV_HOME] = str(Path(__file__).resolve().parents[2])
+    # One session for the whole process tree: every recorded process names it in its
+    # metadata, so view tells this run from others in the same directory.
+    from ..tracers.recording.session import ENV_SESSION, new_session_id
+
+    env[ENV_SESSION] = new_session_id()
     # Recorded processes listen for tracemark attach/ps too (TRACEMARK_CONTROL=0: not).
     env.setdefault("TRACEMARK_CONTROL", "1")
     path = env.get("PYTHONPATH")

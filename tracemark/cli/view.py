@@ -33,7 +33,7 @@ from collections.abc import Iterable
 from json.encoder import encode_basestring  # type: ignore[attr-defined]
 from typing import IO, Any
 
-from ..markers.fields import show_value
+from ..markers.fields import ReprText, show_value
 from ._common import Style, printable
 from ._common import who as where
 
@@ -188,6 +188,7 @@ _ENCODE: dict[type, Any] = {
     float: _finite_float,
     bool: lambda v: "true" if v else "false",
     type(None): lambda v: "null",
+    ReprText: encode_basestring,  # an ``any`` field's repr: its text
 }
 
 

@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from .._codegen import compile_generated
+from ..markers.fields import ReprText
 from . import writer as W
 from .status import read_status
 
@@ -108,7 +109,8 @@ class Event(NamedTuple):
     timestamp: int
     #: The marker's name.
     name: str
-    #: field name -> value, in field order; object fields are their repr string.
+    #: field name -> value, in field order; object fields are their repr string, ``any``
+    #: fields their typed value (a repr as a :class:`~tracemark.markers.fields.ReprText`).
     fields: dict[str, Any]
     pid: int
     tid: int
@@ -166,6 +168,14 @@ _EVENT = re.compile(
 # A field key is ASCII (tracemark.ctf.writer.ctf_field_key), or a raw non-ASCII name in
 # traces written before names were escaped.
 _FIELD = re.compile(r"\t\t(tm_\w+) _(\w+);\n")
+# An ``any`` field: its tag and its variant, each on one line, exactly as the writer puts them.
+_ANY_FIELD = re.compile(
+    r"\t\t"
+    + re.escape(W.ANY_TAG_TSDL)
+    + r" __(?P<key>\w+)_tag;\n\t\t"
+    + re.escape(W.ANY_VARIANT_TSDL).replace("%s", "(?P=key)")
+    + r" _(?P=key);\n"
+)
 _SEQUENCE = re.compile(
     r"\t\ttm_len __(\w+)_len;\n\t\t(tm_byte|tm_str|tm_object) _\1\[__\1_len\];\n"
 )
@@ -291,6 +301,8 @@ class _Metadata:
             m = _SEQUENCE.match(body, pos)
             if m:
                 key, type_name = m[1], _SEQUENCE_TYPES[m[2]]
+            elif m := _ANY_FIELD.match(body, pos):
+                key, type_name = m["key"], "any"
             else:
                 m = _FIELD.match(body, pos)
                 if not m or m[1] not in _TYPE_NAMES:
@@ -309,6 +321,38 @@ class _Metadata:
 # --- decoders, one per event class -------------------------------------------------------------
 
 _FIXED = {"int": ("q", 8), "float": ("d", 8), "bool": ("?", 1)}
+
+_ANY_NUMBERS = {1: struct.Struct("<?"), 2: struct.Struct("<q"), 3: struct.Struct("<d")}
+
+
+def decode_any(data: bytes, pos: int, end: int) -> tuple[Any, int]:
+    """An ``any`` field's value at ``pos`` (writer: "the ``any`` field type") and where it
+    ends: None, a bool, int, float, str, bytes, or a :class:`ReprText` for a repr. Raises
+    ValueError (past ``end``, an unknown tag, text that is not UTF-8), struct.error or
+    IndexError on damaged data, like the rest of the decoding; the checker and the skipper
+    call it too, so all three agree on what is damaged."""
+    if pos >= end:
+        raise ValueError("past the end")
+    tag = data[pos]
+    pos += 1
+    if tag == 0:
+        return None, pos
+    number = _ANY_NUMBERS.get(tag)
+    if number is not None:
+        value = number.unpack_from(data, pos)[0]
+        pos += number.size
+    elif 4 <= tag <= 6:
+        (n,) = _U32.unpack_from(data, pos)
+        pos += 4 + n
+        if pos > end:
+            raise ValueError("past the end")
+        raw = data[pos - n : pos]
+        value = raw if tag == 5 else raw.decode() if tag == 4 else ReprText(raw.decode())
+    else:
+        raise ValueError(f"unknown any tag {tag}")
+    if pos > end:
+        raise ValueError("past the end")
+    return value, pos
 
 
 def field_decoding(
@@ -334,6 +378,7 @@ def field_decoding(
     fmt = ""
     size = 0
     ns["_U32"] = _U32
+    ns["_ANY"] = decode_any
 
     def flush() -> None:
         nonlocal group, fmt, size
@@ -353,6 +398,9 @@ def field_decoding(
             group.append(v)
             fmt += c
             size += n
+        elif type_name == "any":  # a tag, then its kind's value: decoded (hence checked)
+            flush()
+            lines.append(f"{indent}{'_' if skip else v}, pos = _ANY(data, pos, end)\n")
         else:  # a length, then bytes (UTF-8 text for str and object)
             flush()
             lines.append(f"{indent}n, = _U32.unpack_from(data, pos)\n{indent}pos += 4\n")
@@ -379,13 +427,15 @@ def _compile_decoder(fields: tuple[tuple[str, str], ...]) -> Callable[[bytes, in
 def _compile_skipper(fields: tuple[tuple[str, str], ...]) -> Callable[[bytes, int, int], int]:
     """``skip(data, pos, end) -> new pos``: the end of an event's payload, nothing decoded;
     raises like the decoder on damaged data."""
-    steps = [_FIXED[t][1] if t in _FIXED else -1 for _, t in fields]
+    steps = [_FIXED[t][1] if t in _FIXED else -2 if t == "any" else -1 for _, t in fields]
     u32 = struct.Struct("<I").unpack_from
 
     def skip(data: bytes, pos: int, end: int) -> int:
         for step in steps:
             if step > 0:
                 pos += step
+            elif step == -2:
+                pos = decode_any(data, pos, end)[1]
             else:
                 pos += 4 + u32(data, pos)[0]
             if pos > end:
@@ -417,6 +467,9 @@ def _compile_checker(fields: tuple[tuple[str, str], ...]) -> Callable[[bytes, in
             fixed += _FIXED[type_name][1]
             continue
         flush()
+        if type_name == "any":
+            lines.append("    pos = _any(data, pos, end)[1]\n")
+            continue
         lines.append("    n, = _u32(data, pos)\n    pos += 4\n")
         lines.append("    if pos + n > end: raise ValueError\n")
         if type_name != "bytes":
@@ -424,7 +477,7 @@ def _compile_checker(fields: tuple[tuple[str, str], ...]) -> Callable[[bytes, in
         lines.append("    pos += n\n")
     flush()
     lines.append("    return pos\n")
-    ns: dict[str, Any] = {"_u32": struct.Struct("<I").unpack_from, "_str": str}
+    ns: dict[str, Any] = {"_u32": struct.Struct("<I").unpack_from, "_str": str, "_any": decode_any}
     exec(compile("".join(lines), "<tracemark checker>", "exec"), ns)
     return ns["check"]
 
@@ -987,6 +1040,10 @@ class SubTrace:
         self.meta = _Metadata(path / "metadata")
         self.env = self.meta.env
         self.pid = int(self.env.get("vpid", 0) or 0)
+        #: The recording session this sub-trace belongs to (the recorder's ``session_id``,
+        #: shared by one program's process tree); None in traces written before sessions.
+        session = self.env.get("session_id")
+        self.session: str | None = session if isinstance(session, str) and session else None
         self.decoders = {
             eid: (name, _compile_decoder(fields))
             for eid, (name, fields) in self.meta.events.items()

@@ -35,7 +35,9 @@ Guarantees of the layout
   repr already and stored as it is) and bytes -> ``tm_len __<key>_len`` followed by
   ``tm_str`` / ``tm_object`` / ``tm_byte`` ``_<key>[__<key>_len]`` (a CTF sequence; for
   text its elements are 8-bit integers with ``encoding = UTF8``, which CTF readers present
-  as a string: babeltrace2 does, up to a NUL, tested).
+  as a string: babeltrace2 does, up to a NUL, tested); ``any`` (a value kept typed: what
+  probes capture) -> an enum tag ``__<key>_tag`` (its kind) then a variant ``_<key>``
+  selected by it (CTF §4.2.7; the table is at :func:`any_parts`, tested with babeltrace2).
   Text is length-prefixed rather than NUL-terminated: a NUL inside is kept, no byte has to be
   checked, and a reader stays in step whatever the text holds. The type alias names let the
   reader give back the declared Python type.
@@ -97,7 +99,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from .._codegen import compile_generated
-from ..markers.fields import Field, ReprText
+from ..markers.fields import AnyValue, Field, ReprText, repr_text
 
 __all__ = [
     "CTX_FIXED",
@@ -110,6 +112,7 @@ __all__ = [
     "TASK_FIELDS",
     "TYPES_TSDL",
     "PackTarget",
+    "any_parts",
     "clean_text",
     "compile_packer",
     "ctf_field_key",
@@ -167,6 +170,88 @@ TYPE_ALIASES = {
     bool: "tm_bool",
     bytes: "tm_byte",
 }
+
+# --- the ``any`` field type ----------------------------------------------------------------------
+#
+# A field of type ``any`` (tracemark.markers.fields.AnyValue) is a CTF variant (CTF 1.8 §4.2.7)
+# selected by an enumeration tag field written just before it (``__<key>_tag``, uint8): the
+# value's kind, then the value as a field of that kind would store it. Both are declared
+# inline in the event class, on one line each (TYPES_TSDL stays as it was: older readers
+# require it word for word). Options start with "_" (``int``, ``float`` are TSDL keywords;
+# readers strip the underscore, babeltrace2 prints ``int``) and the tag's labels are the
+# options' names, as babeltrace2 matches them.
+#
+#   tag  label    payload after the tag byte
+#   0    _none    nothing                          None
+#   1    _bool    uint8 0/1                        bool
+#   2    _int     int64                            int (within int64; a larger one: _repr)
+#   3    _float   IEEE double                      float
+#   4    _str     uint32 length, UTF-8 text        str (exact type)
+#   5    _bytes   uint32 length, bytes             bytes (exact type)
+#   6    _repr    uint32 length, UTF-8 text        the repr of anything else (ReprText)
+
+#: The kinds of an ``any`` value, by tag.
+ANY_KINDS = ("none", "bool", "int", "float", "str", "bytes", "repr")
+ANY_TAG_TSDL = (
+    "enum : uint8_t { " + ", ".join(f"_{k} = {i}" for i, k in enumerate(ANY_KINDS)) + " }"
+)
+ANY_VARIANT_TSDL = (
+    "variant <__%s_tag> { struct { } _none; tm_bool _bool; tm_int _int; tm_float _float; "
+    "struct { tm_len len; tm_str text[len]; } _str; "
+    "struct { tm_len len; tm_byte data[len]; } _bytes; "
+    "struct { tm_len len; tm_object text[len]; } _repr; }"
+)
+#: The struct format of an ``any`` value's tag and payload, by tag (text: by length too).
+#: Every kind takes three values, the tag and two more (``0s`` takes an empty bytes and
+#: packs nothing), so the packing call has one shape whatever the kinds: no ``*args``.
+_ANY_FORMAT = ("B0s0s", "B?0s", "Bq0s", "Bd0s", "BI{}s", "BI{}s", "BI{}s")
+_NONE_PARTS = (0, 0, b"", b"")
+_INT64_LOW, _INT64_HIGH = -(1 << 63), 1 << 63
+
+
+def _utf8(text: str) -> bytes:
+    try:
+        return text.encode()
+    except UnicodeEncodeError:  # surrogates: see "What a recorded text becomes"
+        return valid_text(text).encode()
+
+
+def any_parts(value: object) -> tuple[int, int, Any, Any]:
+    """How an ``any`` value is packed: ``(shape, tag, x, y)``, where ``tag, x, y`` are the
+    struct's values for it and ``shape`` (the key of its struct format, :func:`any_format`)
+    is the tag, plus 8 times the length for text and bytes. Never raises (a failing repr is
+    recorded as saying so).
+
+    Exact-type checks and one call, so that a port (the recorder's C core) is a switch on
+    the type: the table above is the whole contract."""
+    t = type(value)
+    if t is str:
+        try:
+            b = value.encode()  # type: ignore[attr-defined]
+        except UnicodeEncodeError:
+            b = _utf8(value)  # type: ignore[arg-type]
+        n = len(b)
+        return 4 | n << 3, 4, n, b
+    if t is int:
+        if _INT64_LOW <= value < _INT64_HIGH:  # type: ignore[operator]
+            return 2, 2, value, b""
+    elif value is None:
+        return _NONE_PARTS
+    elif t is float:
+        return 3, 3, value, b""
+    elif t is bool:
+        return 1, 1, value, b""
+    elif t is bytes:
+        n = len(value)  # type: ignore[arg-type]
+        return 5 | n << 3, 5, n, value
+    b = _utf8(repr_text(value))
+    n = len(b)
+    return 6 | n << 3, 6, n, b
+
+
+def any_format(shape: int) -> str:
+    """The struct format of an ``any`` value of this :func:`any_parts` shape."""
+    return _ANY_FORMAT[shape & 7].format(shape >> 3)
 
 
 def _quote(text: str) -> str:
@@ -340,7 +425,10 @@ def event_class(name: str, event_id: int, fields: Sequence[Any], doc: str | None
     lines = []
     for f in fields:
         key = ctf_field_key(f.name)
-        if f.type in _SEQUENCES:
+        if f.type is AnyValue:
+            lines.append(f"\t\t{ANY_TAG_TSDL} __{key}_tag;\n")
+            lines.append(f"\t\t{ANY_VARIANT_TSDL % key} _{key};\n")
+        elif f.type in _SEQUENCES:
             lines.append(f"\t\ttm_len __{key}_len;\n")
             lines.append(f"\t\t{TYPE_ALIASES[f.type]} _{key}[__{key}_len];\n")
         else:
@@ -512,17 +600,22 @@ def object_text(value: Any) -> str:
 #: Struct format template (the variable lengths left as ``{}``) -> its cache of Structs by
 #: lengths and the function that fills it: shared by every packer of one type signature,
 #: so an event packed by another path (write_valid_text) reuses the Structs already made.
-_struct_caches: dict[str, tuple[dict[Any, tuple[Callable[..., None], int]], Callable]] = {}
+_struct_caches: dict[
+    tuple[str, str], tuple[dict[Any, tuple[Callable[..., None], int]], Callable]
+] = {}
 
 
 def _struct_cache(
-    template: str,
+    template: str, kinds: str
 ) -> tuple[dict[Any, tuple[Callable[..., None], int]], Callable]:
+    """``kinds``: per ``{}`` of the template, ``n`` (a length) or ``a`` (an ``any`` value's
+    :func:`any_parts` shape, which stands for its whole format)."""
     cache: dict[Any, tuple[Callable[..., None], int]] = {}
 
     def make(key: Any) -> tuple[Callable[..., None], int]:
-        lengths = key if isinstance(key, tuple) else (key,)
-        s = struct.Struct(template.format(*lengths))
+        keys = key if isinstance(key, tuple) else (key,)
+        parts = [any_format(k) if c == "a" else k for c, k in zip(kinds, keys, strict=True)]
+        s = struct.Struct(template.format(*parts))
         found = (s.pack_into, s.size - END_SIZE)
         if len(cache) < _STRUCT_CACHE_LIMIT:
             cache[key] = found
@@ -547,11 +640,19 @@ def pack_source(
     prep: list[str] = []
     fmt_parts: list[str] = ["<IQ"]
     values: list[str] = []
-    var: list[str] = []  # the variable lengths, in order
+    var: list[str] = []  # the variable lengths (or any shapes), in order
+    kinds = ""  # per entry of var: "n" a length, "a" an any value's shape
     for i, (n, f) in enumerate(zip(names, fields, strict=True)):
         t = f.type
         v = f"_v{i}"
-        if t in _FIXED_FORMAT:
+        if t is AnyValue:
+            # Tag and payload as any_parts makes them; the Struct is found by their shape.
+            prep.append(f"_n{i}, _g{i}, _x{i}, {v} = _any({n})\n")
+            fmt_parts.append("{}")
+            var.append(f"_n{i}")
+            kinds += "a"
+            values.append(f"_g{i}, _x{i}, {v}")
+        elif t in _FIXED_FORMAT:
             fmt_parts.append(_FIXED_FORMAT[t])
             values.append(n)
         else:  # a uint32 length, then the bytes (UTF-8 text for str and object)
@@ -564,6 +665,7 @@ def pack_source(
             prep.append(f"_n{i} = _len({v})\n")
             fmt_parts.append("I{}s")
             var.append(f"_n{i}")
+            kinds += "n"
             values.append(f"_n{i}, {v}")
     lines = list(prep)
     # Every event is packed with the end mark after it (tracemark.ctf.ring: how a crashed
@@ -585,9 +687,9 @@ def pack_source(
             f"    _packer, _size = _make({key})\n",
         ]
         template = "".join(fmt_parts)
-        shared = _struct_caches.get(template)
+        shared = _struct_caches.get((template, kinds))
         if shared is None:
-            shared = _struct_caches[template] = _struct_cache(template)
+            shared = _struct_caches[template, kinds] = _struct_cache(template, kinds)
         ns = {"_cache": shared[0], "_make": shared[1]}
     lines += [
         "_pos = _ch.pos\n",
@@ -604,6 +706,7 @@ def pack_source(
     ]
     ns.update(
         _text=object_text,
+        _any=any_parts,
         _now=time.monotonic_ns,
         _len=len,
         _bytes=bytes,

@@ -57,19 +57,21 @@ def export(
     progress: Callable[[int], None] | None = None,
     fast: bool = True,
     jobs: int | None = None,
+    only: Iterable[str | os.PathLike[str]] | None = None,
 ) -> Walk:
     """Export the trace in ``trace_dir`` to ``output`` in format ``fmt`` (``"chrome"`` or
     ``"perfetto"``). ``counters``: ``"NAME.FIELD"`` specs; ``progress(events so far)`` is
     called as it goes; ``wrap``: applied to the event stream (then the walker runs, not
     the fast path); ``fast=False``: the walker in any case (:mod:`.fast` says when the fast
     path runs and what it guarantees); ``jobs``: processes the fast path may use (None: two
-    where there are two CPUs and the trace has :data:`PARALLEL_EVENTS` events or more).
+    where there are two CPUs and the trace has :data:`PARALLEL_EVENTS` events or more);
+    ``only``: export just these sub-trace directories of ``trace_dir`` (one session's).
     Returns what was exported; raises ValueError for a bad format or counter, OSError when
     ``output`` cannot be written."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}: choose one of {', '.join(FORMATS)}")
     specs = [c if isinstance(c, CounterSpec) else CounterSpec.parse(c) for c in counters]
-    subs, errors = open_streams(trace_dir)
+    subs, errors = open_streams(trace_dir, only)
     from .fast import applies, export_fast
     from .walker import _events  # the per-packet guarded merge
 

@@ -658,7 +658,7 @@ class _PerfettoCode(_Code):
         if type_name == "bool":
             ns[f"BT_{tag}"], ns[f"BF_{tag}"] = w.annotation(k, True), w.annotation(k, False)
             return f"(BT_{tag} if {v} else BF_{tag})"
-        if type_name == "float":
+        if type_name in ("float", "any"):  # any: the decoded value, typed
             return f"ANN({k!r}, {v})"
         # str, object (UTF-8 bytes: decoded, hence checked, on a cache miss) and bytes
         cache: dict[bytes, bytes] = {}
@@ -714,6 +714,16 @@ def _json_text(raw: bytes) -> str:
     return json.dumps(raw.decode(), ensure_ascii=False)
 
 
+def _json_value(v: Any) -> str:
+    """One value as JSON text, as :func:`.chrome._args` writes it in the walker."""
+    from .chrome import _fast, _plain, _strict
+
+    try:
+        return _fast(v)
+    except ValueError:  # NaN, infinities
+        return _strict(_plain(v))
+
+
 def _json_float(v: float) -> str:
     if math.isfinite(v):
         return float.__repr__(v)
@@ -735,7 +745,7 @@ class _ChromeCode(_Code):
         self.base = base
 
     def names(self, env: dict[str, Any]) -> None:
-        env.update(BASE=self.base, M3=_M3, US=_us_text, JF=_json_float, CW=self.w)
+        env.update(BASE=self.base, M3=_M3, US=_us_text, JF=_json_float, JV=_json_value, CW=self.w)
 
     def field(self, type_name: str, i: int, eid: int, ns: dict[str, Any]) -> str:
         """An expression: ``v{i}`` as JSON text."""
@@ -746,6 +756,8 @@ class _ChromeCode(_Code):
             return f'("true" if {v} else "false")'
         if type_name == "float":
             return f"JF({v})"
+        if type_name == "any":  # the decoded value, typed, as the walker writes it
+            return f"JV({v})"
         cache: dict[bytes, str] = {}
         text = type_name != "bytes"
 

@@ -149,13 +149,19 @@ class Walk:
     errors: list[str] = field(default_factory=list)
 
 
-def open_streams(path: str | os.PathLike[str]) -> tuple[list[SubTrace], list[str]]:
-    """Every sub-trace under ``path`` that opens, and one line per one that does not."""
+def open_streams(
+    path: str | os.PathLike[str], only: Iterable[str | os.PathLike[str]] | None = None
+) -> tuple[list[SubTrace], list[str]]:
+    """Every sub-trace under ``path`` (or in ``only``, sub-trace directories) that opens,
+    and one line per one that does not."""
     found = []
     for directory, dirs, files in os.walk(path):
         dirs.sort()
         if "metadata" in files:
             found.append(Path(directory))
+    if only is not None:
+        wanted = {Path(p) for p in only}
+        found = [p for p in found if p in wanted]
     subs, errors = [], []
     for p in found:
         try:

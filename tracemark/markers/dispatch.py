@@ -61,7 +61,7 @@ from types import CodeType, FrameType, FunctionType
 from typing import Any, NamedTuple
 
 from .._codegen import function_code
-from .fields import Field
+from .fields import AnyValue, Field
 
 __all__ = [
     "MAX_NESTING",
@@ -215,6 +215,7 @@ _CHECKS: dict[type, str] = {
     bytes: "(_type({0}) is not _bytes and _not_bytes({0}))",
     bool: "(_type({0}) is not _bool and _not_int({0}))",
     object: "({0} is _MISSING)",
+    AnyValue: "({0} is _MISSING)",
 }
 
 _CHECK_GLOBALS = {

@@ -17,8 +17,12 @@ as Python normalises the identifiers it compiles, so ``m(ﬁ=1)`` fires a field 
 ``"ﬁ=%d"`` (stored as ``fi``). How a name that CTF cannot spell is written into a trace is
 :func:`tracemark.ctf.writer.ctf_field_key`'s business.
 
-Keyword types: ``int float str bytes bool object``. A tracer stores each type the same way
-whatever the marker was declared with, so the two forms are interchangeable.
+Keyword types: ``int float str bytes bool object any``. A tracer stores each type the same way
+whatever the marker was declared with, so the two forms are interchangeable. ``object``
+(``%r``) is stored as the value's repr; ``any`` (:class:`AnyValue`, what dynamic probes
+capture) keeps a value of one of the plain types as it is and stores anything else as its
+repr cut to :data:`MAX_REPR` characters (:func:`repr_text`; the table is in
+:mod:`tracemark.probes.events`).
 
 Context fields
 --------------
@@ -44,13 +48,27 @@ from dataclasses import dataclass
 __all__ = [
     "CONTEXT_DEFAULTS",
     "FIELD_TYPES",
+    "MAX_REPR",
+    "AnyValue",
     "Context",
     "Field",
     "ReprText",
     "fields_from_format",
     "fields_from_types",
     "render",
+    "repr_text",
 ]
+
+
+class AnyValue:
+    """The field type ``any``: a value of whatever type, kept typed where it is one of
+    ``None bool int float str bytes`` (exact types; an int within int64), else its repr
+    (:func:`repr_text`). Only a marker for declarations: never instantiated."""
+
+    __slots__ = ()
+
+
+AnyValue.__name__ = AnyValue.__qualname__ = "any"  # how declarations and traces name it
 
 #: The types a field can have, by their name in a declaration.
 FIELD_TYPES: dict[str, type] = {
@@ -60,6 +78,7 @@ FIELD_TYPES: dict[str, type] = {
     "bytes": bytes,
     "bool": bool,
     "object": object,
+    "any": AnyValue,
 }
 
 _CONVERSIONS = {
@@ -88,6 +107,25 @@ class ReprText(str):
     __slots__ = ()
 
 
+#: Longest repr recorded for an ``any`` value that is not of a plain type (and for a
+#: probe's exception message), in characters.
+MAX_REPR = 200
+
+
+def repr_text(value: object) -> ReprText:
+    """``repr(value)`` cut to :data:`MAX_REPR` characters (ending ``...`` when cut), as a
+    :class:`ReprText`; never raises: a repr that fails says so (``<repr failed: E>``)."""
+    if type(value) is ReprText:
+        return value
+    try:
+        text = repr(value)
+    except Exception as exc:
+        return ReprText(f"<repr failed: {type(exc).__name__}>")
+    if not isinstance(text, str):
+        return ReprText("<repr failed: not a str>")
+    return ReprText(text if len(text) <= MAX_REPR else text[: MAX_REPR - 3] + "...")
+
+
 #: What an unset context field records, by type (when neither the declaration nor the
 #: variable gives a default).
 CONTEXT_DEFAULTS: dict[type, object] = {
@@ -97,6 +135,7 @@ CONTEXT_DEFAULTS: dict[type, object] = {
     bytes: b"",
     bool: False,
     object: None,
+    AnyValue: None,
 }
 
 _NO_DEFAULT = object()
@@ -255,7 +294,10 @@ _PLAIN = re.compile(r"[\w.:/@+-]+\Z")
 
 
 def show_value(value: object) -> str:
-    """A value as a person reads it in a one-line event: plain when unambiguous, else repr."""
+    """A value as a person reads it in a one-line event: plain when unambiguous, else repr;
+    a :class:`ReprText` as it is (it is a repr already: ``<Request GET />``, not quoted)."""
+    if type(value) is ReprText:
+        return value
     if isinstance(value, str):
         return value if _PLAIN.match(value) else repr(value)
     if isinstance(value, float):

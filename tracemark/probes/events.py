@@ -11,10 +11,38 @@ Guarantees
   enabled), then the captured names. ``line``: the captured names. ``raise``: ``exc_type``
   (qualified name), ``message`` (``str(exc)``, truncated), then the captured names. A capture
   ``req.url`` becomes the field ``req_url``.
-* **Values.** ``int float str bytes bool`` and ``None`` values (exact types) are kept as they
-  are; anything else is recorded as its repr, cut to :data:`MAX_REPR` characters. A repr or
-  an attribute that raises, or a local that is not bound yet, is recorded as a ``<...>``
-  string saying so: capturing never raises into the traced program.
+* **Values.** A captured value (and a return probe's ``value``) is a field of type ``any``
+  (:class:`~tracemark.markers.fields.AnyValue`): each event records the value's own kind
+  with it (in CTF: a variant selected by an enum tag, :mod:`tracemark.ctf.writer`), so it
+  is read back typed, compared by its type in ``--filter`` and shown as what it is. The
+  whole rule, one row per kind (exact types: a subclass, an ``IntEnum`` say, is "anything
+  else"):
+
+  =====================  ===========  ======================  ============  ===============
+  captured value         recorded as  ``read_trace`` gives    ``--json``    ``--filter``
+  =====================  ===========  ======================  ============  ===============
+  ``None``               none         ``None``                ``null``      ``x == None``
+  ``bool``               bool         ``True`` / ``False``    true / false  ``x == True``
+  ``int`` within int64   int          ``int``                 number        ``x > 5``
+  ``float``              float        ``float``               number [1]_   ``x < 0.5``
+  ``str``                str          ``str``, the text [2]_  string        ``x == "GET"``
+  ``bytes``              bytes        ``bytes``               hex string    ``x == b"ok"``
+  anything else, and     repr         ``ReprText`` (a ``str`` string        ``x == "[1]"``
+  an int beyond int64                 subclass): the repr,
+                                      cut to ``MAX_REPR``
+  =====================  ===========  ======================  ============  ===============
+
+  .. [1] NaN and infinities as the strings ``"nan"``, ``"inf"``, ``"-inf"``.
+  .. [2] Surrogates become U+FFFD (the writer's rule for all text).
+
+  A comparison with a value of another kind is false for that event, never an error (kinds
+  vary per event). ``view`` shows a str as every text field (plain, or quoted when it has
+  spaces or quotes) and a repr as it is. A repr or an attribute that raises, or a local that
+  is not bound yet, is recorded as a repr saying so (``<repr failed: E>``,
+  ``<AttributeError: a.b>``, ``<unbound: x>``): capturing never raises into the traced
+  program. The value is made when the probe fires (a repr taken later could differ). A
+  marker's own ``object`` / ``%r`` field keeps its meaning: always the value's repr, as
+  text. Declare a field ``"any"`` to get a probe's rule in a marker of your own.
 * **Span probes** (``at="span"``, made by ``@span`` on a function, :mod:`.decorated`) fire
   *given* markers: the span's ``NAME.begin`` on entry, with the arguments named like its
   fields passed as they are (the marker checks their types, as for ``q.begin(...)``), and
@@ -33,16 +61,13 @@ from typing import Any
 
 from .._codegen import function_code
 from ..markers import registry
-from ..markers.fields import ReprText
+from ..markers.fields import MAX_REPR, AnyValue, ReprText, repr_text
 from .targets import Target, field_name
 
 __all__ = ["AT", "MAX_REPR", "Probe"]
 
 #: Where a probe can fire.
 AT = ("entry", "return", "line", "raise")
-#: Longest repr recorded for a value that is not a plain int/float/str/bytes/bool.
-MAX_REPR = 200
-
 _PLAIN = {int, float, str, bytes, bool, type(None)}
 #: Start times of frames kept for return probes are dropped past this many (frames whose
 #: return event never came, e.g. the probe was enabled in the middle of a call).
@@ -51,16 +76,9 @@ _UNBOUND = object()
 
 
 def value_of(v: object) -> object:
-    """The recorded form of a captured value (see the module docstring)."""
-    if type(v) in _PLAIN:
-        return v
-    try:
-        text = repr(v)
-    except Exception as exc:
-        return ReprText(f"<repr failed: {type(exc).__name__}>")
-    if not isinstance(text, str):
-        return ReprText("<repr failed: not a str>")
-    return ReprText(text if len(text) <= MAX_REPR else text[: MAX_REPR - 3] + "...")
+    """The recorded form of a captured value (see the module docstring): made now, in the
+    traced frame, so every tracer sees the same value (a repr taken later could differ)."""
+    return v if type(v) in _PLAIN else repr_text(v)
 
 
 def _capture(local: dict[str, Any], path: tuple[str, ...]) -> object:
@@ -117,7 +135,7 @@ class Probe:
     def field_types(self) -> dict[str, object]:
         fixed: dict[str, object] = {
             "entry": {},
-            "return": {"value": object, "duration_ns": int},
+            "return": {"value": AnyValue, "duration_ns": int},
             "line": {},
             "raise": {"exc_type": str, "message": str},
         }[self.at]
@@ -126,7 +144,7 @@ class Probe:
             name = field_name(path)
             while name in types_:
                 name += "_"
-            types_[name] = object
+            types_[name] = AnyValue
         return types_
 
     @property

@@ -26,6 +26,13 @@ Guarantees
   thread that needs one, so streams are bounded by the threads alive at once.
 * **Overwrite mode** (flight recorder): nothing is written until :meth:`Recording.snapshot`
   or stop; the newest ``subbuffers`` packets per channel are kept.
+* **Every sub-trace names its session** (metadata env ``session_id``, with ``argv``, the
+  command line of its process): the recordings of one program's process tree share one id,
+  so a reader can tell them from unrelated recordings that share the directory (a second
+  program given the same ``DIR``, a flight recorder's snapshots). The id is
+  :envvar:`TRACEMARK_SESSION` when set (``tracemark record`` sets it for the program, so
+  every process it starts, spawned or forked, joins), else one made at random once per
+  process, which fork children keep (:func:`session_id`).
 """
 
 from __future__ import annotations
@@ -58,7 +65,48 @@ from .consumer import Consumer
 from .generated import make_probe
 from .recovery import RingDir, recover_dead_siblings
 
-__all__ = ["SUBBUFFERS", "SUBBUFFER_SIZE", "Recording", "RecordingSummary", "record"]
+__all__ = [
+    "ENV_SESSION",
+    "SUBBUFFERS",
+    "SUBBUFFER_SIZE",
+    "Recording",
+    "RecordingSummary",
+    "record",
+    "session_id",
+]
+
+#: The environment variable naming the session a process's recordings belong to.
+ENV_SESSION = "TRACEMARK_SESSION"
+_VALID_SESSION = re.compile(r"[0-9A-Za-z_.-]{1,64}\Z")
+_own_session: str | None = None
+
+
+def new_session_id() -> str:
+    """A random session id (16 hex digits)."""
+    return _uuid.uuid4().hex[:16]
+
+
+def session_id() -> str:
+    """The session this process records in: :data:`ENV_SESSION` if it holds a valid id,
+    else an id made once per process (a fork child keeps its parent's: it is memory)."""
+    global _own_session
+    given = os.environ.get(ENV_SESSION, "")
+    if _VALID_SESSION.match(given):
+        return given
+    if _own_session is None:
+        _own_session = new_session_id()
+    return _own_session
+
+
+def _argv() -> str:
+    """This process's command line, for telling sessions apart (at most 300 characters)."""
+    import shlex
+
+    argv = list(getattr(sys, "orig_argv", None) or [sys.executable, *sys.argv])
+    argv[:1] = [Path(str(argv[0])).name] if argv else []  # python3.12, not its whole path
+    text = shlex.join(str(a) for a in argv)
+    return text if len(text) <= 300 else text[:297] + "..."
+
 
 #: Default sub-buffer (packet) size and count per channel: at most 2 MiB per thread (allocated
 #: as needed: a thread that fires a little holds one sub-buffer). Room for ~10 ms of a thread
@@ -150,6 +198,7 @@ class Recording:
         # fields (a probe removed, then one with other captures) is another event class.
         self._classes: dict[tuple[str, Any], int] = {}
         self._classes_text = ""
+        self.session = session_id()  # kept by a fork child (see the module docstring)
         # Declared first, in every trace: the task switch event (see .tasks).
         self._event_class(W.TASK_EVENT, W.TASK_FIELDS)
         self.task_event_id = self._classes[W.TASK_EVENT, W.TASK_FIELDS]
@@ -201,6 +250,8 @@ class Recording:
             "procname": _procname(),
             "vpid": self.pid,
             "python": sys.version.split()[0],
+            "session_id": self.session,
+            "argv": _argv(),
         }
         # Event classes survive a fork: the packers already compiled carry their ids.
         text = W.metadata_preamble(self.trace_uuid, offset, env) + self._classes_text
