@@ -63,6 +63,7 @@ def test_heavy_modules_come_in_when_used():
     )
     after = _loaded(code)
     assert {"tracemark.patching.bytecode", "tracemark.patching.finder", "dis", "ast"} <= after
+    assert not {"dataclasses", "inspect"} & after  # patching needs neither
 
 
 def test_patching_works_after_lazy_load():
