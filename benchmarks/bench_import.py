@@ -1,4 +1,4 @@
-"""Issue 13: what ``import tracemark`` costs a program, beside its peers.
+"""What ``import tracemark`` costs a program, beside its peers.
 
 Run: ``python -m benchmarks.run import``.
 

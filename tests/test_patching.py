@@ -8,7 +8,6 @@ argument side effects must happen only when active.
 
 from __future__ import annotations
 
-import dataclasses
 import dis
 import inspect
 import os
@@ -332,7 +331,7 @@ def test_refusals(monkeypatch, uniq, tmp_path):
     monkeypatch.syspath_prepend(str(tmp_path))
     mod = __import__(src.stem)
     original = mod.f.__code__
-    monkeypatch.setattr(env, "PYBEHAVIOR", dataclasses.replace(env.PYBEHAVIOR, free_threaded=True))
+    monkeypatch.setattr(env, "PYBEHAVIOR", env.PYBEHAVIOR._replace(free_threaded=True))
     (site,) = tracemark.patch(mod)
     assert (site.patched, site.reason) == (False, "free-threaded build")
     assert mod.f.__code__ is original

@@ -114,7 +114,7 @@ _inline: dict[tuple[str, str | None], _Any] = {}
 
 
 def mark(name: str, fmt: str | None = None, /, *args: _Any) -> None:
-    """Fire the marker ``name`` inline, declaring it on first use (the seed's ``MARK()``).
+    """Fire the marker ``name`` inline, declaring it on first use (the kernel's ``MARK()``).
 
     ``tracemark.mark("net.drop", "reason=%s", why)`` is ``marker("net.drop", "reason=%s")``
     followed by a call. A use whose format conflicts with the marker's declaration is a
@@ -178,7 +178,8 @@ def __getattr__(name: str) -> _Any:
 
 
 def __dir__() -> list[str]:
-    return sorted({*globals(), *_LAZY})
+    # The public API only: not the helpers this module imports, nor its submodules.
+    return sorted([*__all__, "control", "__version__"])
 
 
 # TRACEMARK_CONTROL=1 (or TRACEMARK_FLIGHT=GLOB): listen for tracemark attach; else nothing.

@@ -10,7 +10,8 @@ generated code prints its lines and ``pdb`` can list them (the names all start w
 
 Compiled once: the same source compiled again gives the same code object (code objects are
 immutable, so functions share it): a thousand markers with the same fields cost one
-compile, not a thousand (starting the first recording on 1,000 markers took ~0.9 s).
+compile, not a thousand (compiling each would make starting the first recording on 1,000
+markers take ~0.9 s).
 
 Bounded: one name per distinct source, and at most :data:`MAX_SOURCES` sources are kept;
 past that, new sources are compiled under the plain ``<tracemark KIND>`` and show no

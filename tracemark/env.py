@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import os
 import sys
-import sysconfig
-from dataclasses import dataclass
+
+from ._frozen import frozen
 
 PYVERSION = sys.version_info[:2]
 
 
-@dataclass(frozen=True)
+@frozen
 class _Behavior:
     #: PEP 669 ``sys.monitoring`` exists (3.12+): dynamic probes use it instead of
     #: rewriting code objects.
@@ -28,7 +28,11 @@ class _Behavior:
     await_cleanup_at_end: bool = PYVERSION >= (3, 12)
     #: A build without the GIL (PEP 703). Swapping ``__code__`` is still one reference store,
     #: but tracemark has not been proven there, so code patching is refused and says why.
-    free_threaded: bool = bool(sysconfig.get_config_var("Py_GIL_DISABLED"))
+    free_threaded: bool = (
+        "t" in sys.abiflags  # a free-threaded build's ABI tag (3.13t); sysconfig costs ~1 ms
+        if hasattr(sys, "abiflags")
+        else bool(__import__("sysconfig").get_config_var("Py_GIL_DISABLED"))
+    )
 
 
 PYBEHAVIOR = _Behavior()

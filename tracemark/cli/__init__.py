@@ -28,6 +28,7 @@ from ._common import (
     Progress,
     Style,
     add_session_args,
+    environment_failure,
     field_names,
     field_types,
     guarded,
@@ -182,7 +183,8 @@ examples:
   tracemark view DIR --filter 'name.startswith("net.") or pid != 4711' --json
   tracemark view DIR --filter 'task == "Task-7"'
 
-exit codes: 0 ok, 2 usage or bad filter, 3 not a trace, 4 corrupt trace.""",
+exit codes: 0 ok, 2 usage or bad filter, 3 not a trace, 4 corrupt trace,
+5 environment (too many open files, disk full, permission denied).""",
     )
     _trace_args(view)
     view.add_argument("--filter", metavar="EXPR", help="show only events where EXPR is true")
@@ -208,7 +210,8 @@ examples:
   tracemark stats DIR -e 'shop.order.*' --filter 'total > 50' --json
   tracemark stats DIR -e 'db.*' --by table     # per table
 
-exit codes: 0 ok, 2 usage or bad filter, 3 not a trace, 4 corrupt trace.""",
+exit codes: 0 ok, 2 usage or bad filter, 3 not a trace, 4 corrupt trace,
+5 environment (too many open files, disk full, permission denied).""",
     )
     _trace_args(stats)
     stats.add_argument("--filter", metavar="EXPR", help="count only events where EXPR is true")
@@ -246,7 +249,8 @@ examples:
   tracemark spans DIR --json | jq '.slowest[0]'
 
 exit codes: 0 ok, 2 usage or bad filter, 3 not a trace, 4 corrupt trace (what
-was read before the damage is reported first).""",
+was read before the damage is reported first), 5 environment (too many open files,
+disk full, permission denied).""",
     )
     _trace_args(spans)
     spans.add_argument(
@@ -517,3 +521,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         except (OSError, ValueError):
             pass
         return 0
+    except OSError as exc:  # the machine's (too many open files, disk full), said as such
+        if (failure := environment_failure(exc)) is None:
+            raise
+        err.write(f"{prog}: error: {printable(failure.message)}\n")
+        return failure.code

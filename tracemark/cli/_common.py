@@ -25,6 +25,7 @@ Guarantees
 
 from __future__ import annotations
 
+import errno
 import fnmatch
 import os
 import re
@@ -35,6 +36,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
 
+from .._environment import environment_error, hint
 from ..ctf import TraceError, read_trace
 from ..ctf.reader import Trace
 
@@ -44,6 +46,7 @@ EXIT_FOUND_ERRORS = 1  # list: marker declarations or call sites that do not mat
 EXIT_USAGE = 2  # unknown option, bad argument, bad filter expression
 EXIT_NOT_TRACE = 3  # the path is missing or is not a trace directory
 EXIT_CORRUPT = 4  # the trace is corrupt or truncated
+EXIT_ENVIRONMENT = 5  # the machine: too many open files, disk full, permission denied
 EXIT_NOT_FOUND = 127  # record: the program to run was not found (as a shell says)
 
 EXIT_CODES_HELP = f"""\
@@ -53,6 +56,8 @@ exit codes:
   {EXIT_USAGE}    usage error: unknown option, bad argument or --filter expression
   {EXIT_NOT_TRACE}    not a trace directory (or it does not exist)
   {EXIT_CORRUPT}    corrupt or truncated trace (the message names file and offset)
+  {EXIT_ENVIRONMENT}    the machine, not the trace: too many open files, disk full,
+       permission denied (the message names the OS error, the path, what to do)
   6-9  ps, list PID, attach, detach, snapshot: see their --help
   {EXIT_NOT_FOUND}  record: the program to run was not found
   record otherwise returns the program's own exit code
@@ -297,7 +302,7 @@ def open_trace(path: str, *, session: str | None = None, merge: bool = True) -> 
         raise CliError(f"{path}: no such trace directory", EXIT_NOT_TRACE)
     if not p.is_dir():
         raise CliError(f"{path}: not a trace directory (it is a file)", EXIT_NOT_TRACE)
-    if not (p / "metadata").is_file() and next(p.rglob("metadata"), None) is None:
+    if not (p / "metadata").is_file() and not _holds_metadata(p):
         raise CliError(
             f"{path}: not a trace directory (no CTF 'metadata' file in it); "
             "make one with: tracemark record -- python app.py",
@@ -306,12 +311,42 @@ def open_trace(path: str, *, session: str | None = None, merge: bool = True) -> 
     try:
         return _one_session(read_trace(path), path, session, merge)
     except TraceError as exc:
+        if failure := environment_failure(exc, path):
+            raise failure from None
         # A process that died while writing leaves a torn packet and its ring files: say
         # what mends it (recovery cuts the torn packet and writes what the rings hold).
         raise CliError(f"corrupt trace: {exc}{_recover_hint(path)}", EXIT_CORRUPT) from None
     except OSError as exc:
+        if failure := environment_failure(exc, path):
+            raise failure from None
         message = f"{path}: cannot read the trace: {exc.strerror or exc}"
         raise CliError(message, EXIT_NOT_TRACE) from None
+
+
+def _holds_metadata(p: Path) -> bool:
+    """Whether a ``metadata`` file is somewhere under ``p``; a directory the machine will not
+    list (no file descriptor left, no permission) is that error, not "no trace here"."""
+
+    def fail(exc: OSError) -> None:
+        if environment_error(exc) is not None:
+            raise exc
+
+    return any("metadata" in files for _, _, files in os.walk(p, onerror=fail))
+
+
+def environment_failure(exc: BaseException, path: str | Path = "") -> CliError | None:
+    """A CliError (:data:`EXIT_ENVIRONMENT`) when ``exc`` comes from the machine, not from
+    the trace (:func:`tracemark._environment.environment_error`): the OS error, the file it
+    concerns (else ``path``) and what to do. None for anything else."""
+    os_error = environment_error(exc)
+    if os_error is None:
+        return None
+    where = os_error.filename if os_error.filename is not None else path
+    name = errno.errorcode.get(os_error.errno or 0, "")
+    text = f"{os_error.strerror or os_error}" + (f" [{name}]" if name else "")
+    if where:
+        text = f"{where}: {text}"
+    return CliError(f"{text}; {hint(os_error)}", EXIT_ENVIRONMENT)
 
 
 def _recover_hint(path: str) -> str:
@@ -352,7 +387,11 @@ def guarded(events: Iterable[Any]) -> Iterator[Any]:
     """``events`` with a TraceError met while streaming turned into a CliError."""
     try:
         yield from events
-    except TraceError as exc:
+    except (TraceError, OSError) as exc:
+        if failure := environment_failure(exc):
+            raise failure from None
+        if isinstance(exc, OSError):
+            raise
         raise CliError(f"corrupt trace: {exc}", EXIT_CORRUPT) from None
 
 

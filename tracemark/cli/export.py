@@ -28,6 +28,7 @@ from ._common import (
     CliError,
     Progress,
     add_session_args,
+    environment_failure,
     human_size,
     open_trace,
     printable,
@@ -50,7 +51,8 @@ examples:
   tracemark export DIR --format chrome --counter net.rx.len
 
 exit codes: 0 ok, 2 usage error, 3 not a trace, 4 corrupt trace (what could be
-read is exported; the rest is listed on stderr)."""
+read is exported; the rest is listed on stderr), 5 the machine's (too many open
+files, disk full, permission denied: never called a corrupt trace)."""
 
 
 def add_parser(sub: Any) -> argparse.ArgumentParser:
@@ -146,6 +148,8 @@ def run_export(
             trace_dir, out, fmt, counters=specs, progress=progress.update, jobs=jobs, only=only
         )
     except OSError as exc:
+        if failure := environment_failure(exc, out):
+            raise failure from None
         raise CliError(f"{printable(str(out))}: cannot write: {exc.strerror or exc}") from None
     finally:
         progress.done()

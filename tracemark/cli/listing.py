@@ -24,13 +24,19 @@ What is recognised (``tm`` standing for any name ``tracemark`` is imported as):
 Guarantees
 ----------
 * Nothing is imported or executed: only :mod:`ast` reads the files. A MODULE argument is
-  looked up as a file on ``sys.path`` without importing its package.
+  looked up without importing its package, as the import system would find it: on
+  ``sys.path`` and the path entries of ``.pth`` files there, then in the mappings of
+  setuptools' editable finders (``__editable___*_finder.py``, read as literals); a namespace
+  package (no ``__init__.py``) is read from all its portions, and each file gets its dotted
+  name from the MODULE argument, so imports between portions are followed.
 * Fields are parsed by the same code the marker core uses
   (:func:`~tracemark.markers.fields.fields_from_format`, ``fields_from_types``), so what this
   accepts the core accepts and what it rejects the core rejects, with the same message.
 * Errors (exit code 1): a call site whose arguments do not fit (too many positional
   arguments, a keyword that names no field or a field already given, a field left out), an
-  inline ``mark`` whose value count does not fit its format, a declaration the core would
+  inline ``mark`` whose value count does not fit its format, a literal argument the marker
+  would drop for its type (``a("one")`` for ``x=int``: the core's own check decides), a
+  declaration the core would
   refuse (bad name or format), the same name declared twice with different fields, a file
   that does not parse. A call with ``*args`` or ``**kwargs`` is checked only as far as it can
   be. Declarations whose name or fields are not literals are listed as dynamic, unchecked.
@@ -51,6 +57,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
+from ..markers.dispatch import MISFITS
 from ..markers.fields import Field, fields_from_format, fields_from_types
 from ..markers.registry import check_name
 from ._common import EXIT_FOUND_ERRORS, EXIT_OK, EXIT_USAGE, CliError, Style, printable
@@ -153,18 +160,102 @@ def _python_files(root: Path) -> Iterator[Path]:
                 yield Path(dirpath, name)
 
 
-def _find_module(dotted: str) -> Path | None:
-    """The file or package directory of module ``dotted``, found on sys.path, not imported."""
+def _search_path() -> list[Path]:
+    """Directories modules are found in: the current directory, ``sys.path``, then the path
+    entries of ``.pth`` files in them (an editable install made as a path entry, in case this
+    interpreter's start-up did not add it), without duplicates."""
+    dirs: list[Path] = []
+    for entry in ["", *sys.path]:
+        d = Path(entry or os.getcwd())
+        if d.is_dir() and d not in dirs:
+            dirs.append(d)
+    for site_dir in list(dirs):
+        for pth in sorted(site_dir.glob("*.pth")):
+            try:
+                lines = _read_source(pth).decode(errors="replace").splitlines()
+            except (OSError, ValueError):
+                continue
+            for line in lines:  # site's rules: comments and "import" lines are not paths
+                line = line.strip()
+                if line and not line.startswith(("#", "import ", "import\t")):
+                    d = Path(site_dir, line)
+                    if d.is_dir() and d not in dirs:
+                        dirs.append(d)
+    return dirs
+
+
+def _editable_maps(dirs: Sequence[Path]) -> tuple[dict[str, str], dict[str, list[str]]]:
+    """What setuptools' editable finders (PEP 660, ``__editable___*_finder.py`` in a site
+    directory, installed at start-up by a ``.pth``) map: module name -> path, and namespace
+    package -> its directories. Read as literals from the finders' source, not imported."""
+    mapping: dict[str, str] = {}
+    namespaces: dict[str, list[str]] = {}
+    for d in dirs:
+        for finder in sorted(d.glob("__editable___*_finder.py")):
+            try:
+                tree = ast.parse(_read_source(finder))
+            except (OSError, ValueError, SyntaxError, RecursionError, MemoryError):
+                continue
+            for node in tree.body:
+                target = node.target if isinstance(node, ast.AnnAssign) else None
+                if isinstance(node, ast.Assign) and len(node.targets) == 1:
+                    target = node.targets[0]
+                if not isinstance(target, ast.Name) or node.value is None:
+                    continue
+                try:
+                    value = ast.literal_eval(node.value)
+                except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+                    continue
+                if target.id == "MAPPING" and isinstance(value, dict):
+                    mapping.update({k: v for k, v in value.items() if isinstance(v, str)})
+                elif target.id == "NAMESPACES" and isinstance(value, dict):
+                    for k, v in value.items():
+                        if isinstance(v, list):
+                            namespaces.setdefault(k, []).extend(map(str, v))
+    return mapping, namespaces
+
+
+def _find_in(roots: Sequence[Path], name: str) -> list[Path]:
+    """``name`` in the directories ``roots`` as the import system finds it: the first
+    package directory (with ``__init__.py``) or module file wins; without one, every
+    directory of that name is a portion of one namespace package."""
+    portions = []
+    for root in roots:
+        base = root / name
+        if (base / "__init__.py").is_file():
+            return [base]
+        if base.with_suffix(".py").is_file():
+            return [base.with_suffix(".py")]
+        if base.is_dir():
+            portions.append(base)
+    return portions
+
+
+def _find_module(dotted: str) -> list[Path]:
+    """The file, package directory or namespace portions of module ``dotted``: found on
+    ``sys.path`` (and ``.pth`` path entries), else through an editable install's finder
+    mapping, without importing anything; [] when not found."""
     parts = dotted.split(".")
     if not all(p.isidentifier() for p in parts):
-        return None
-    for entry in ["", *sys.path]:
-        base = Path(entry or os.getcwd(), *parts)
-        if (base / "__init__.py").is_file():
-            return base
-        if base.with_suffix(".py").is_file():
-            return base.with_suffix(".py")
-    return None
+        return []
+    dirs = _search_path()
+    found = _find_in(dirs, parts[0])
+    start = 1
+    if not found or (found[0].is_dir() and not (found[0] / "__init__.py").is_file()):
+        # sys.path has no regular package or module: an editable finder's mapping (searched
+        # after sys.path by the import system too), longest dotted prefix first.
+        mapping, namespaces = _editable_maps(dirs)
+        for i in range(len(parts), 0, -1):
+            key = ".".join(parts[:i])
+            if key in mapping and Path(mapping[key]).exists():
+                found, start = [Path(mapping[key])], i
+                break
+        else:
+            extra = [Path(p) for p in namespaces.get(parts[0], []) if Path(p).is_dir()]
+            found += [p for p in extra if p not in found]
+    for part in parts[start:]:
+        found = _find_in([p for p in found if p.is_dir()], part)
+    return found
 
 
 def _module_name(path: Path) -> str:
@@ -177,26 +268,34 @@ def _module_name(path: Path) -> str:
     return ".".join(parts)
 
 
-def resolve_targets(targets: Sequence[str]) -> list[Path]:
-    """Files to read for the PATH|MODULE arguments (the current directory when none)."""
-    files: list[Path] = []
+def resolve_targets(targets: Sequence[str]) -> list[tuple[Path, str | None]]:
+    """Files to read for the PATH|MODULE arguments (the current directory when none), each
+    with its dotted module name when a MODULE argument says it (None: worked out from the
+    ``__init__.py`` files around it, which a namespace package does not have)."""
+    files: list[tuple[Path, str | None]] = []
     for target in targets or ["."]:
         p = Path(target)
-        if not p.exists():
-            found = _find_module(target)
-            if found is None:
-                raise CliError(f"{target}: no such file, directory or module", EXIT_USAGE)
-            p = found
-        if p.is_file() and p.suffix != ".py":
-            raise CliError(f"{target}: not a Python source file", EXIT_USAGE)
-        files.extend(_python_files(p))
+        if p.exists():
+            if p.is_file() and p.suffix != ".py":
+                raise CliError(f"{target}: not a Python source file", EXIT_USAGE)
+            files.extend((f, None) for f in _python_files(p))
+            continue
+        found = _find_module(target)
+        if not found:
+            raise CliError(f"{target}: no such file, directory or module", EXIT_USAGE)
+        for root in found:
+            for f in _python_files(root):
+                rel = f.relative_to(root).with_suffix("").parts if f != root else ()
+                if rel and rel[-1] == "__init__":
+                    rel = rel[:-1]
+                files.append((f, ".".join((target, *rel))))
     seen: set[Path] = set()
     unique = []
-    for f in files:
+    for f, name in files:
         key = f.resolve()
         if key not in seen:
             seen.add(key)
-            unique.append(f)
+            unique.append((f, name))
     return unique
 
 
@@ -217,6 +316,30 @@ def _literal_str(node: ast.AST | None) -> str | type[Ellipsis] | None:
     return Ellipsis
 
 
+_NOT_LITERAL = object()
+
+
+def _literal(node: ast.expr) -> object:
+    """The value of a literal argument (``"one"``, ``-1``, ``(1, 2)``), a stand-in str for an
+    f-string (its value is not known, its type is), or _NOT_LITERAL."""
+    if isinstance(node, ast.JoinedStr):
+        return ""
+    if not isinstance(node, ast.Constant | ast.UnaryOp | ast.BinOp | ast.Tuple | ast.List):
+        return _NOT_LITERAL  # (a name, a call...: its type is not known without running it)
+    try:
+        return ast.literal_eval(node)
+    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+        return _NOT_LITERAL
+
+
+def _short(node: ast.expr, value: object) -> str:
+    """The literal as the message shows it: its repr, cut to 40 characters."""
+    if isinstance(node, ast.JoinedStr):
+        return "(an f-string)"
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
 class _Reader:
     def __init__(self, scan: Scan) -> None:
         self.scan = scan
@@ -229,7 +352,7 @@ class _Reader:
             Problem(mod.shown, getattr(node, "lineno", 1), getattr(node, "col_offset", 0), message)
         )
 
-    def load(self, path: Path) -> _Module | None:
+    def load(self, path: Path, name: str | None = None) -> _Module | None:
         shown = _shown(path)
         try:
             source = _read_source(path)
@@ -253,7 +376,7 @@ class _Reader:
             self.scan.problems.append(Problem(shown, 1, 0, f"cannot parse: {exc}"))
             return None
         self.scan.files += 1
-        mod = _Module(path, shown, _module_name(path), tree)
+        mod = _Module(path, shown, name if name is not None else _module_name(path), tree)
         try:
             self._imports(mod)
             self._declarations(mod)
@@ -493,6 +616,25 @@ class _Reader:
         missing = [n for n in names if n not in given]
         if missing and not starred and not double:
             self.problem(mod, call, f"{where} called without {', '.join(map(repr, missing))}")
+        types = {f.name: f.type for f in decl.fields}
+        values = [(n, a) for n, a in zip(names, call.args, strict=False)]
+        values += [(k.arg, k.value) for k in call.keywords if k.arg in types]
+        if any(isinstance(a, ast.Starred) for _, a in values):
+            values = values[: [isinstance(a, ast.Starred) for _, a in values].index(True)]
+        for name, value in values:
+            self._check_literal(mod, value, f"{where}: field {name!r}", types[name])
+
+    def _check_literal(self, mod: _Module, node: ast.expr, what: str, expected: type) -> None:
+        """A literal value that the marker would drop at run time (the core's own check,
+        :data:`~tracemark.markers.dispatch.MISFITS`) is an error."""
+        value = _literal(node)
+        if value is not _NOT_LITERAL and MISFITS[expected](value):
+            self.problem(
+                mod,
+                node,
+                f"{what} expects {expected.__name__}, got {type(value).__name__} literal "
+                f"{_short(node, value)}",
+            )
 
     def check_inline(self, mod: _Module, call: ast.Call) -> None:
         args = call.args
@@ -530,6 +672,9 @@ class _Reader:
                 f"{'s' if len(fields) != 1 else ''}, given {len(values)} value"
                 f"{'s' if len(values) != 1 else ''}",
             )
+            return
+        for f, value in zip(fields, values, strict=True):
+            self._check_literal(mod, value, f"mark {name!r}: field {f.name!r}", f.type)
 
 
 class _SiteVisitor(ast.NodeVisitor):
@@ -637,7 +782,8 @@ def scan(targets: Sequence[str]) -> Scan:
     """Read every Python file of ``targets`` (paths or module names) and check the markers."""
     result = Scan()
     reader = _Reader(result)
-    modules = [m for m in map(reader.load, resolve_targets(targets)) if m is not None]
+    loaded = (reader.load(path, name) for path, name in resolve_targets(targets))
+    modules = [m for m in loaded if m is not None]
     for mod in modules:
         try:
             reader.check(mod)

@@ -59,6 +59,7 @@ from ._common import (
     CliError,
     Progress,
     Style,
+    environment_failure,
     human_duration,
     human_size,
     printable,
@@ -243,6 +244,8 @@ def run(args: Any, err: IO[str], style: Style) -> int:
     try:
         trace_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
+        if failure := environment_failure(exc, trace_dir):
+            raise failure from None
         raise CliError(f"{trace_dir}: cannot create the trace directory: {exc.strerror}") from None
     env = environment(trace_dir, args.events or ["*"], args.mode, buffer, args.probe)
     started = time.monotonic()
@@ -346,6 +349,8 @@ def summarize(
         progress = Progress("reading the trace", total_events(trace), err)
         counts = Counter(ev.name for ev in progress.wrap(guarded(trace.events())))
     except TraceError as exc:
+        if failure := environment_failure(exc, trace_dir):
+            raise failure from None
         raise CliError(f"the trace is damaged: {exc}") from None
     total = sum(counts.values())
     processes = len({s.pid for s in trace.streams})

@@ -64,7 +64,7 @@ from ..analysis.pairing import span_kind
 from ..ctf import TraceError
 from ..ctf.reader import Stream, SubTrace, compile_handlers, field_decoding
 from . import perfetto as P
-from .walker import CounterSpec, Track, Tracks, Walk
+from .walker import CounterSpec, Track, Tracks, Walk, note_damage
 
 __all__ = ["applies", "export_fast"]
 
@@ -272,7 +272,10 @@ def _fork_part(
         code = 0
     except BaseException as exc:  # said to the parent, which raises
         try:
-            os.write(w, json.dumps({"failed": f"{type(exc).__name__}: {exc}"}).encode())
+            said = {"failed": f"{type(exc).__name__}: {exc}"}
+            if isinstance(exc, OSError):  # (an environment error stays one in the parent)
+                said["os_error"] = [exc.errno, exc.strerror, exc.filename]
+            os.write(w, json.dumps(said).encode())
         except BaseException:
             pass
     finally:
@@ -292,6 +295,8 @@ def _join_part(child: _Child, fmt: str, out: Any) -> Walk:
     _, status = os.waitpid(child.pid, 0)
     child.pid = 0
     said = json.loads(b"".join(chunks) or b"{}")
+    if said.get("os_error"):
+        raise OSError(*said["os_error"])
     if status != 0 or "failed" in said:
         raise OSError(f"an export worker failed: {said.get('failed', f'status {status}')}")
     mode = "rb" if fmt == "perfetto" else "r"
@@ -438,7 +443,7 @@ def _part(
                     n, last = stream.walk_packet(p, stream.read_packet(p), t.handlers)
                 except TraceError as exc:
                     n, last = getattr(exc, "handled", 0), getattr(exc, "last", None)
-                    result.errors.append(f"{exc}; the rest of that packet was not exported")
+                    note_damage(result.errors, exc, "; the rest of that packet was not exported")
                 if last is not None:
                     t.last = last
                 done += n

@@ -44,6 +44,7 @@ from operator import attrgetter
 from pathlib import Path
 from typing import Any, Protocol
 
+from .._environment import environment_error
 from ..analysis.pairing import End, Pairing, span_kind, track_of
 from ..ctf import TraceError
 from ..ctf.reader import Stream, SubTrace
@@ -149,6 +150,16 @@ class Walk:
     errors: list[str] = field(default_factory=list)
 
 
+def note_damage(errors: list[str], exc: TraceError, what: str) -> None:
+    """Add the damage ``exc`` to ``errors``, and go on: unless it is the machine's (too many
+    open files, a permission: :func:`tracemark._environment.environment_error`), which says
+    nothing about the trace and would fail every packet after it: that OSError is raised."""
+    os_error = environment_error(exc)
+    if os_error is not None:
+        raise os_error
+    errors.append(f"{exc}{what}")
+
+
 def open_streams(
     path: str | os.PathLike[str], only: Iterable[str | os.PathLike[str]] | None = None
 ) -> tuple[list[SubTrace], list[str]]:
@@ -167,7 +178,7 @@ def open_streams(
         try:
             subs.append(SubTrace(p))
         except TraceError as exc:
-            errors.append(f"{exc} (this sub-trace was not exported)")
+            note_damage(errors, exc, " (this sub-trace was not exported)")
     return subs, errors
 
 
@@ -180,7 +191,7 @@ def _stream_events(stream: Stream, errors: list[str]) -> Iterator[Any]:
         yield from stream.iter_events(packets)
         return
     except TraceError as exc:
-        errors.append(f"{exc}; the rest of that packet was not exported")
+        note_damage(errors, exc, "; the rest of that packet was not exported")
         failed = exc.offset
     # Find the packet that failed, then go on after it, one packet at a time.
     start = 0
@@ -191,7 +202,7 @@ def _stream_events(stream: Stream, errors: list[str]) -> Iterator[Any]:
         try:
             yield from stream.iter_events([p])
         except TraceError as exc:
-            errors.append(f"{exc}; the rest of that packet was not exported")
+            note_damage(errors, exc, "; the rest of that packet was not exported")
 
 
 def _events(subs: Sequence[SubTrace], errors: list[str]) -> Iterator[Any]:

@@ -43,7 +43,8 @@ import keyword
 import math
 import re
 import unicodedata
-from dataclasses import dataclass
+
+from .._frozen import frozen
 
 __all__ = [
     "CONTEXT_DEFAULTS",
@@ -196,7 +197,7 @@ class Context:
         return f"context({self.var.name}, {self.type.__name__}, default={self.default!r})"
 
 
-@dataclass(frozen=True)
+@frozen
 class Field:
     """One value a marker carries: its name and its type (one of :data:`FIELD_TYPES`); a
     context field also its :class:`Context` (callers do not pass it)."""

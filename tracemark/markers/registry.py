@@ -60,12 +60,12 @@ import fnmatch
 import re
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from types import CodeType
 from typing import Any, Protocol, runtime_checkable
 
 from .. import faults
 from .._forksafe import fork_safe_rlock
+from .._frozen import frozen
 from .dispatch import (
     _MISSING,
     Binding,
@@ -159,7 +159,7 @@ class Connection:
         return f"<Connection {self.pattern!r} -> {self.probe!r} ({state})>"
 
 
-@dataclass(frozen=True)
+@frozen
 class MarkerInfo:
     """A snapshot of one marker, as :func:`markers` reports it."""
 

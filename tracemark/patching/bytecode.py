@@ -41,9 +41,10 @@ from __future__ import annotations
 
 import dis
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
 from types import CodeType
 from typing import Any, NamedTuple
+
+from .._frozen import frozen
 
 __all__ = [
     "ExceptionEntry",
@@ -89,7 +90,7 @@ _NO_FALLTHROUGH = frozenset(
 )
 
 
-@dataclass(frozen=True)
+@frozen
 class Instr:
     """One instruction; ``size`` counts its ``EXTENDED_ARG``-free unit and its caches."""
 
@@ -150,7 +151,7 @@ def instructions(code: CodeType) -> list[Instr]:
 # --- the exception table ----------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@frozen
 class ExceptionEntry:
     """``[start, end)`` byte offsets are covered by the handler at ``target``."""
 

@@ -40,10 +40,10 @@ import ast
 import linecache
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
 from types import CodeType, FunctionType, ModuleType
 from typing import Any
 
+from .._frozen import frozen
 from ..markers import registry
 from ..markers.span import Span as SpanObject
 from . import bytecode
@@ -53,7 +53,7 @@ __all__ = ["Statement", "find_statements", "source_statements"]
 Span = tuple[int, int, int, int]
 
 
-@dataclass(frozen=True)
+@frozen
 class Statement:
     """One marker statement in one code object: every compiled copy of it."""
 

@@ -117,18 +117,19 @@ from __future__ import annotations
 
 import functools
 import gc
-import inspect
 import os
 import sys
 import weakref
 from collections.abc import Iterator
-from dataclasses import dataclass
 from types import CodeType, FunctionType, MethodType, ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .. import env, faults
+from .._frozen import frozen
 from ..markers import dispatch, registry
-from . import bytecode, finder
+
+if TYPE_CHECKING:
+    from . import bytecode, finder
 
 __all__ = [
     "HOOK_BUDGET",
@@ -155,10 +156,34 @@ NOT_FOUND = "function object not found (tracemark.patch() it to patch it)"
 #: Runs of a site whose function object was not found after which it is no longer looked for.
 NEAR_TRIES = 8
 
-_CO_OPTIMIZED = inspect.CO_OPTIMIZED
+_CO_OPTIMIZED = 0x0001  # inspect.CO_OPTIMIZED: a function's code (not a module's or class's)
 
 
-@dataclass(frozen=True)
+class _OnFirstUse:
+    """The module ``name`` (``bytecode``, ``finder``), imported when first used.
+
+    They need ``dis`` and ``ast``, a third of what ``import tracemark`` would cost, and are
+    used only once a marker is active (or :func:`patch` is called): a program that declares
+    markers and never connects a probe never loads them. The first attribute read imports
+    the module and puts it in this module's namespace in place of the stand-in."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+
+    def __getattr__(self, attr: str) -> Any:
+        from importlib import import_module
+
+        module = import_module(f"{__package__}.{self._name}")
+        globals()[self._name] = module
+        return getattr(module, attr)
+
+
+if not TYPE_CHECKING:
+    bytecode = _OnFirstUse("bytecode")
+    finder = _OnFirstUse("finder")
+
+
+@frozen
 class Site:
     """One place in code that fires a marker, and how it is served (``MarkerInfo.sites``)."""
 
