@@ -1,4 +1,5 @@
 import itertools
+import sys
 
 import pytest
 
@@ -16,10 +17,20 @@ def uniq():
     return f"t{next(_ids)}"
 
 
+def _live_recordings() -> set[int]:
+    if "tracemark.tracers.recording" not in sys.modules:
+        return set()
+    from tracemark.tracers.recording import lifecycle
+
+    return set(map(id, lifecycle.active))
+
+
 @pytest.fixture(autouse=True)
 def _disconnect_leftovers():
-    """Whatever a test connects is disconnected after it, even when it fails."""
+    """Whatever a test connects is disconnected after it, even when it fails; a recording
+    it leaves running is stopped, and is an error of that test."""
     before = set(map(id, registry._connections))
+    recordings = _live_recordings()
     previous = tracemark.faults.set_strict(False)
     yield
     for conn in list(registry._connections):
@@ -27,6 +38,14 @@ def _disconnect_leftovers():
             tracemark.disconnect(conn)
     tracemark.synchronize()
     tracemark.faults.set_strict(previous)
+    # A recording a test left running keeps its consumer thread, and a live thread makes
+    # later tests differ (export --jobs forks only from a process running one thread).
+    from tracemark.tracers.recording import lifecycle
+
+    left = [r for r in list(lifecycle.active) if id(r) not in recordings]
+    for r in left:
+        r.stop()
+    assert not left, f"the test left {len(left)} recording(s) running (stopped now)"
 
 
 class Recorder:

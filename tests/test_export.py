@@ -8,8 +8,10 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import stat
 import subprocess
 import sys
+import threading
 import textwrap
 from collections import defaultdict
 from pathlib import Path
@@ -219,6 +221,24 @@ def test_chrome_gz_round_trip(server, tmp_path):
     raw = (tmp_path / "a.json.gz").read_bytes()
     assert raw[:2] == b"\x1f\x8b"
     assert gzip.decompress(raw) == (tmp_path / "a.json").read_bytes()
+
+
+def test_an_output_that_is_not_a_regular_file_is_written_to_not_replaced(server, tmp_path):
+    # A pipe (as /dev/stdout often is) and a device: the export writes into them; replacing
+    # them by a renamed file (as root can, even /dev/null) would break the machine.
+    export(server, tmp_path / "a.json", "chrome")
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    got = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_bytes()))
+    reader.start()
+    export(server, fifo, "chrome")
+    reader.join(30)
+    assert got == [(tmp_path / "a.json").read_bytes()]
+    assert stat.S_ISFIFO(fifo.stat().st_mode)
+    export(server, "/dev/null", "perfetto")
+    assert stat.S_ISCHR(os.stat("/dev/null").st_mode)
+    assert not list(Path("/dev").glob(".null.*.partial"))
 
 
 def test_chrome_fork_child_is_its_own_process(forked, tmp_path):

@@ -417,8 +417,12 @@ def test_overwrite_mode_keeps_the_newest_and_snapshot_writes_them(tmp_path, uniq
     final = [ev.fields["i"] for ev in read_trace(summary.snapshots[-1]).events()]
     assert final[-1] == 5009 and final == list(range(final[0], 5010))
     assert summary.overwritten > 0
-    with pytest.raises(RuntimeError, match="overwrite"):
-        tracemark.record(tmp_path / "d", f"{uniq}.none").snapshot()
+    discarding = tracemark.record(tmp_path / "d", f"{uniq}.none")
+    try:
+        with pytest.raises(RuntimeError, match="overwrite"):
+            discarding.snapshot()
+    finally:
+        discarding.stop()  # a recording left running keeps its consumer thread alive
 
 
 def test_snapshots_while_a_thread_writes_are_consistent(tmp_path, uniq):

@@ -14,6 +14,8 @@ Guarantees
 ----------
 * The file appears whole or not at all: it is written under a temporary name beside
   ``output`` and renamed at the end (an interrupted export leaves no half file behind).
+  An ``output`` that exists and is not a regular file (``/dev/stdout``, a pipe, a device)
+  is written to directly: it is never replaced by a file.
 * ``output`` ending in ``.gz`` is gzip-compressed (both formats; the viewers read gzip).
 * A damaged trace exports what reads; :attr:`.walker.Walk.errors` says what did not.
 * Standard library only.
@@ -24,6 +26,7 @@ from __future__ import annotations
 import gzip
 import io
 import os
+import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -98,11 +101,13 @@ def export(
                 errors=errors,
                 progress=progress,
                 jobs=jobs,
-                scratch=output.parent,
+                scratch=tempfile.gettempdir() if direct else output.parent,
             )
         return walk(subs, sink, counters=specs, errors=errors, events=events)
 
-    tmp = output.with_name(f".{output.name}.{os.getpid()}.partial")
+    # A device, a pipe or /dev/stdout cannot be renamed onto: written as it is.
+    direct = output.exists() and not output.is_file()
+    tmp = output if direct else output.with_name(f".{output.name}.{os.getpid()}.partial")
     raw = open(tmp, "wb", buffering=1 << 20)  # noqa: SIM115 - closed below, on every path
     try:
         binary: Any = raw
@@ -129,13 +134,15 @@ def export(
         if binary is not raw:
             binary.close()
         raw.close()
-        os.replace(tmp, output)
+        if not direct:
+            os.replace(tmp, output)
     except BaseException:
         raw.close()
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
+        if not direct:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
         raise
     return result
 
