@@ -11,8 +11,8 @@ import os
 import stat
 import subprocess
 import sys
-import threading
 import textwrap
+import threading
 from collections import defaultdict
 from pathlib import Path
 from types import SimpleNamespace
