@@ -30,6 +30,7 @@ SUITES = [
     "logging",
     "control",
     "import",
+    "jumps",
 ]
 RESULTS = Path(__file__).with_name("RESULTS.md")
 _HEADER = """# Benchmark results
