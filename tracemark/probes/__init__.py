@@ -93,8 +93,8 @@ __all__ = [
     "Probe",
     "ProbeError",
     "Spec",
+    "deferred_probes",
     "install_spec",
-    "deferred",
     "mechanism",
     "parse_spec",
     "probe",
@@ -334,7 +334,7 @@ def install_spec(spec: str, *, defer: bool = False) -> Probe | DeferredProbe:
     return probe(s.target, at=s.at, capture=s.capture, defer=defer)
 
 
-def deferred() -> list[DeferredProbe]:
+def deferred_probes() -> list[DeferredProbe]:
     """Every deferred probe of this process (pending, installed, failed or cancelled)."""
     return _deferred.deferred()
 

@@ -72,7 +72,8 @@ def locate(name: str, search: Sequence[str] = ()) -> str:
         spec = _find(sub, locations, top=i == 0)
         if spec is None:
             raise ProbeError(
-                f"there is no module named {sub!r}{_close_modules(parts[i], locations)}"
+                f"there is no module named {sub!r}"
+                + _close_modules(parts[i], locations, ".".join(parts[:i]))
             )
         if i < len(parts) - 1:
             locations = list(spec.submodule_search_locations or [])
@@ -103,12 +104,13 @@ def _find(name: str, locations: list[str] | None, top: bool):
     return None
 
 
-def _close_modules(part: str, locations: list[str] | None) -> str:
+def _close_modules(part: str, locations: list[str] | None, parent: str) -> str:
     try:
         names = [m.name for m in pkgutil.iter_modules(locations or None)]
     except Exception:
         return ""
     close = difflib.get_close_matches(part, names, n=3, cutoff=0.7)
+    close = [f"{parent}.{c}" if parent else c for c in close]
     return f"; did you mean {', '.join(map(repr, close))}?" if close else ""
 
 
