@@ -225,7 +225,7 @@ def environment(
 
 def check_probe_specs(
     specs: Sequence[str],
-    argv: Sequence[str] = (),
+    argv: Sequence[str] | None = None,
     *,
     optional: bool = False,
     err: IO[str] | None = None,
@@ -234,11 +234,12 @@ def check_probe_specs(
     spec is a usage error; a target that cannot exist (no such module, function or line with
     code, found without importing anything: :mod:`tracemark.probes.static`) too, unless
     ``optional`` (then a warning on ``err``). Returns the specs as the program gets them:
-    ``__main__`` and relative paths made the absolute path of the file."""
+    ``__main__`` and relative paths made the absolute path of the file. Without ``argv``
+    (``attach``: the program runs already, with its own ``sys.path``) only the syntax."""
     from ..probes import static
     from ..probes.spec import format_spec
 
-    main, search = _main_file(argv)
+    main, search = _main_file(argv or ())
     out = []
     for spec in specs:
         if "\n" in spec:
@@ -247,6 +248,9 @@ def check_probe_specs(
             parsed = parse_spec(spec)
         except ValueError as exc:
             raise CliError(f"--probe {spec}: {exc}", EXIT_USAGE) from None
+        if argv is None:
+            out.append(spec)
+            continue
         try:
             target = static.check(parsed.target, parsed.capture, main=main, search=search)
         except ValueError as exc:

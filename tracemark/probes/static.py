@@ -49,6 +49,7 @@ from .targets import (
 __all__ = ["check", "compiled", "locate", "top_level_name"]
 
 MAIN = "__main__"
+_CO_OPTIMIZED = 0x1  # inspect.CO_OPTIMIZED: set on function code, not on module or class bodies
 
 
 def locate(name: str, search: Sequence[str] = ()) -> str:
@@ -170,7 +171,8 @@ def check(
         if not file:
             return target  # no Python source to read: the run-time install checks it
     module_code = compiled(file)
-    codes = [c for c in _all_code(module_code) if c is not module_code]
+    # Functions only: a class body is code too, but runs once and is not a function to probe.
+    codes = [c for c in _all_code(module_code) if c.co_flags & _CO_OPTIMIZED]
     if right.isdigit():
         line = int(right)
         holding = [c for c in codes if line in _code_lines(c)]
