@@ -150,12 +150,21 @@ def test_python_dash_m_module_is_main(app, mech):
 
 @pytest.mark.parametrize("mech", MECHANISMS)
 def test_a_module_imported_later_gets_its_deferred_probe(app, mech):
-    proc = record(app, "--probe", "late:work{seen}", mech=mech, program=("app.py", "--late"))
+    line = line_of(app / "late.py", "return seen")
+    proc = record(
+        app,
+        "--probe",
+        "late:work",
+        "--probe",
+        f"late.py:{line}{{seen}}",  # a file, not the script: imported later too
+        mech=mech,
+        program=("app.py", "--late"),
+    )
     assert proc.returncode == 0, proc.stderr
-    line = line_of(app / "late.py", "seen = k")
-    assert [(n, f) for n, f, _ in events(app)] == [("probe.late.work.entry", {"seen": None})] or [
-        (n, f) for n, f, _ in events(app)
-    ] == [("probe.late.work.entry", {"seen": "<unbound: seen>"})], line
+    assert [(n, f) for n, f, _ in events(app)] == [
+        ("probe.late.work.entry", {"k": 7}),
+        (f"probe.late.work.line{line}", {"seen": 70}),
+    ]
 
 
 # --- checked before the program runs ------------------------------------------------------
