@@ -28,6 +28,11 @@ Guarantees
   only the packets that hold NAME.
 * Ctrl-C goes to the program (it shares the terminal), not to tracemark, which waits for the
   program and then reports. SIGTERM sent to tracemark is passed on to the program.
+* Every ``--probe`` is checked before the program starts (:func:`check_probe_specs`): one
+  that cannot exist is exit code 2 and nothing runs or is created, unless
+  ``--probe-optional``. In the program's processes a probe on a module not imported yet is
+  deferred (installed on import); the summary lists the probes no process installed, with
+  why.
 * The summary goes to stderr, so the program's stdout can still be piped.
 * Nothing is lost silently: events that could not be written (disk full) and processes
   that ended without stopping their recording (``os._exit``, a crash, a kill: their

@@ -25,6 +25,8 @@ Guarantees
   marker that existed before the probe (declared by code, same fields) is only reused, and
   stays; code that declares a probe's marker name *while* the probe exists shares it, and
   loses it with the probe.
+* **Code not loaded yet.** ``probe(..., defer=True)`` waits for the module's import (or for
+  the script to define the function) and installs then: :mod:`.deferred`.
 * **Nothing half-installed.** Every error (see :mod:`.targets`) is raised before anything
   changes; :class:`ProbeError` is a ValueError.
 * **Zero cost when nobody listens.** A probe's events are switched on only while its marker
