@@ -440,3 +440,42 @@ def test_main_targets_need_a_main_program(tmp_path):
     script = tmp_path / "s.py"
     script.write_text(textwrap.dedent("def f(a):\n    return a\n"))
     assert check("__main__:f", ["a"], main=str(script)) == f"{script}:f"
+
+
+SELF = """\
+import json
+import sys
+
+import tracemark
+
+got = []
+tracemark.connect("probe.*", lambda m, a: got.append((m.name, a)))
+d = tracemark.probe("__main__:later", defer=True)  # not defined yet: the script defines it
+e = tracemark.probe("json:dumps", defer=True)  # loaded: installed at once
+assert d.state == "pending" and isinstance(e, tracemark.Probe), (d, e)
+
+
+def later(x):
+    return x
+
+
+later(5)
+assert d.state == "installed" and sys.gettrace() is None, d
+print(got)
+"""
+
+
+@pytest.mark.parametrize("mech", MECHANISMS)
+def test_a_script_defers_a_probe_on_its_own_function_while_it_runs(tmp_path, mech):
+    (tmp_path / "self.py").write_text(SELF)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TRACEMARK_PROBES": mech}
+    done = subprocess.run(
+        [sys.executable, "self.py"], cwd=tmp_path, capture_output=True, text=True, env=env
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[('probe.__main__.later.entry', (5,))]"
+
+
+def test_a_module_loaded_under_another_name_counts_as_loaded():
+    d = D.DeferredProbe("os.path:join", "entry", None, None)  # os.path is posixpath
+    assert D.loaded_module(d) is sys.modules["os.path"]

@@ -93,6 +93,8 @@ class DeferredProbe:
     def why(self) -> str:
         """Why it is not installed (empty once it is)."""
         if self.state == "pending":
+            if self.error:
+                return self.error
             if self.module == "__main__":
                 return "the main module never defined it"
             if self.file:
@@ -130,10 +132,12 @@ def loaded_module(d: DeferredProbe) -> types.ModuleType | None:
         main = sys.modules.get("__main__")
         first = d.what.split(".", 1)[0] if isinstance(d.what, str) else None
         return main if main is not None and first and first in vars(main) else None
-    for module in list(sys.modules.values()):
-        if d.module is not None and getattr(module, "__name__", None) != d.module:
-            continue
-        if d.file is not None and not _is_file_of(module, d.file):
+    if d.module is not None:
+        candidates = [sys.modules.get(d.module)]  # by the name imported: os.path is posixpath
+    else:
+        candidates = [m for m in list(sys.modules.values()) if _is_file_of(m, d.file or "")]
+    for module in candidates:
+        if module is None:
             continue
         spec = getattr(module, "__spec__", None)
         if getattr(spec, "_initializing", False):
@@ -168,6 +172,7 @@ def cancel(d: DeferredProbe) -> bool:
             return False
         d.state = "cancelled"
         _pending.remove(d)
+        _all.remove(d)  # a process that defers and cancels many keeps none of them
         _refresh()
     return True
 
@@ -337,13 +342,29 @@ def _arm_main_watcher(d: DeferredProbe) -> None:
     )
     if _watching:
         return
-    current = sys.gettrace()
-    if current is not None:
+    running = _running_main_frame()
+    main = sys.modules.get("__main__")
+    if running is None and main is not None and hasattr(main, "__file__"):
+        d.wait_for = None  # the script's top level is over (or runs in no frame of ours)
+        d.error = "the main script is not running its top-level code any more"
+        return
+    if sys.gettrace() is not None:
         d.wait_for = None
         d.error = "another trace function (sys.settrace) was already set"
         return
     _watching = True
+    if running is not None:  # probe(defer=True) called while the script's top level runs
+        running.f_trace = _main_line
     sys.settrace(_watch)
+
+
+def _running_main_frame() -> types.FrameType | None:
+    frame: types.FrameType | None = sys._getframe(1)
+    while frame is not None:
+        if _is_main_frame(frame):
+            return frame
+        frame = frame.f_back
+    return None
 
 
 def _disarm() -> None:
