@@ -106,8 +106,8 @@ examples:
   tracemark record --export perfetto -o out/trace app.py  # + out/trace.pftrace
 
 exit code: the program's own (128+N if killed by signal N); 127 if it cannot be
-started; 2 for a usage error, or a --probe that cannot exist (unless --probe-optional);
-5 if --probe is given but probes are unavailable.""",
+started; 2 for a usage error, or a --probe that cannot exist (unless
+--probe-optional); 5 if --probe is given but probes are unavailable.""",
     )
     rec.add_argument(
         "-o",
@@ -135,7 +135,7 @@ started; 2 for a usage error, or a --probe that cannot exist (unless --probe-opt
     rec.add_argument(
         "--probe-optional",
         action="store_true",
-        help="a --probe that cannot be checked is a warning, and the program runs",
+        help="a --probe that fails that check is a warning, and the program runs",
     )
     rec.add_argument(
         "--mode",
