@@ -32,6 +32,9 @@ Guarantees
   defined are failed, with why). It is armed only in a process whose main program can be that
   script (``sys.argv[0]`` is it, ``-m``, or a ``multiprocessing`` spawn child, which runs the
   parent's script as ``__mp_main__``), never when another trace function is already set.
+  While it watches, each Python call the script's top level makes (its imports' code too)
+  pays one call of the trace function, which declines it; watching ends as soon as the
+  names are bound, so a script that defines its functions before it calls them pays little.
 * **Threads**: each probe is installed once, by the thread whose import ran the module (the
   import system's module lock makes other importers of that module wait for it).
 * **fork**: a child inherits the pending probes and the hook, and installs them when *it*
@@ -388,19 +391,34 @@ def _is_main_frame(frame: types.FrameType) -> bool:
 
 
 def _watch(frame: types.FrameType, event: str, arg: Any) -> Any:
+    code = frame.f_code
+    if code.co_name != "<module>":
+        if code.co_name == "_bootstrap" and code.co_filename.endswith(_MP_PROCESS):
+            # A multiprocessing child starts its target: its main module, if it has the
+            # parent's script, has run by now. Stop watching for it.
+            _stop_waiting_for_main(lambda d: True)
+        return None
     if event != "call" or not _is_main_frame(frame):
         return None
-    file = os.path.realpath(frame.f_code.co_filename)
+    file = os.path.realpath(code.co_filename)
     with _lock:
         mine = [d for d in _pending if d.wait_for and (d.file in (None, file))]
-        if not mine:
-            # The main program is another script: file probes wait for an import only.
-            for d in _pending:
-                if d.file is not None:
-                    d.wait_for = None
-            _refresh()
-            return None
+    if not mine:
+        # The main program is another script: file probes wait for an import only.
+        _stop_waiting_for_main(lambda d: d.file is not None)
+        return None
     return _main_line
+
+
+_MP_PROCESS = os.path.join("multiprocessing", "process.py")
+
+
+def _stop_waiting_for_main(which: Callable[[DeferredProbe], bool]) -> None:
+    with _lock:
+        for d in _pending:
+            if d.wait_for and which(d):
+                d.wait_for = None
+        _refresh()
 
 
 def _main_line(frame: types.FrameType, event: str, arg: Any) -> Any:
