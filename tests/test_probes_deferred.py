@@ -278,7 +278,7 @@ def in_child(tag):
 
 
 if __name__ == "__main__":
-    for method in ("fork", "spawn"):
+    for method in ("fork", "spawn", "forkserver"):
         p = mp.get_context(method).Process(target=in_child, args=(method,))
         p.start()
         p.join()
@@ -287,7 +287,7 @@ if __name__ == "__main__":
 
 
 @pytest.mark.parametrize("mech", MECHANISMS)
-def test_fork_and_spawn_children_get_main_and_deferred_probes(app, mech):
+def test_fork_spawn_and_forkserver_children_get_main_and_deferred_probes(app, mech):
     (app / "kids.py").write_text(CHILDREN)
     proc = record(
         app,
@@ -302,8 +302,8 @@ def test_fork_and_spawn_children_get_main_and_deferred_probes(app, mech):
     got = events(app)
     entries = {f["tag"]: pid for n, f, pid in got if n == "probe.__main__.in_child.entry"}
     returns = {pid: f["value"] for n, f, pid in got if n == "probe.late.work.return"}
-    assert set(entries) == {"fork", "spawn"}
-    assert returns == {entries["fork"]: 40, entries["spawn"]: 50}
+    assert set(entries) == {"fork", "spawn", "forkserver"}
+    assert returns == {entries["fork"]: 40, entries["spawn"]: 50, entries["forkserver"]: 100}
     assert "never installed" not in proc.stderr
 
 

@@ -29,9 +29,10 @@ Guarantees
   event) and installs each probe as soon as the module-level name it needs is bound (the
   ``def``/``class`` holding the function or line), so before the script calls it. It is
   removed when they are all installed, or when the script's top level ends (those never
-  defined are failed, with why). It is armed only in a process whose main program can be that
-  script (``sys.argv[0]`` is it, ``-m``, or a ``multiprocessing`` spawn child, which runs the
-  parent's script as ``__mp_main__``), never when another trace function is already set.
+  defined are failed, with why). It is armed only in a process whose main program can be
+  that script (``sys.argv[0]`` is it, ``-m``, or a ``multiprocessing`` spawn child or
+  forkserver, which run the parent's script as ``__mp_main__``), never when another trace
+  function is already set.
   While it watches, each Python call the script's top level makes (its imports' code too)
   pays one call of the trace function, which declines it; watching ends as soon as the
   names are bound, so a script that defines its functions before it calls them pays little.
@@ -320,7 +321,7 @@ _watching = False
 def _may_be_main(file: str) -> bool:
     """Can ``file`` be this process's main script (see the module docstring)?"""
     argv0 = sys.argv[0] if sys.argv else ""
-    if argv0 in ("-m", "-c") and (argv0 == "-m" or "--multiprocessing-fork" in sys.argv):
+    if argv0 == "-m" or _multiprocessing_helper():
         return True
     main = sys.modules.get("__main__")
     if main is not None and _is_file_of(main, file):
@@ -387,7 +388,16 @@ def _is_main_frame(frame: types.FrameType) -> bool:
     if name != "__main__":
         return False
     # A spawn child's own __main__ is multiprocessing's -c line: the script comes later.
-    return "--multiprocessing-fork" not in sys.argv
+    return not _multiprocessing_helper()
+
+
+def _multiprocessing_helper() -> bool:
+    """A ``multiprocessing`` spawn child, or a forkserver (whose children are forked from
+    it): the parent's script runs in it later, as ``__mp_main__``."""
+    if "--multiprocessing-fork" in sys.argv:
+        return True
+    command = getattr(sys, "orig_argv", ())
+    return any("multiprocessing.forkserver" in arg for arg in command[1:4])
 
 
 def _watch(frame: types.FrameType, event: str, arg: Any) -> Any:
