@@ -479,3 +479,35 @@ def test_a_script_defers_a_probe_on_its_own_function_while_it_runs(tmp_path, mec
 def test_a_module_loaded_under_another_name_counts_as_loaded():
     d = D.DeferredProbe("os.path:join", "entry", None, None)  # os.path is posixpath
     assert D.loaded_module(d) is sys.modules["os.path"]
+
+
+def test_a_probe_asked_for_while_another_thread_imports_its_module(modules, mech, uniq):
+    # The import is past the hook (none was there): the probe waits for it, then installs.
+    (modules / f"{uniq}slow.py").write_text(
+        "import builtins\nbuiltins._tm_started.set()\nbuiltins._tm_go.wait(10)\n"
+        "def f():\n    return 4\n"
+    )
+    import builtins
+
+    builtins._tm_started, builtins._tm_go = threading.Event(), threading.Event()
+    try:
+        t = threading.Thread(target=importlib.import_module, args=(f"{uniq}slow",))
+        t.start()
+        assert builtins._tm_started.wait(10)
+        threading.Timer(0.2, builtins._tm_go.set).start()
+        h = tracemark.probe(f"{uniq}slow:f", defer=True)
+        t.join()
+    finally:
+        del builtins._tm_started, builtins._tm_go
+    assert isinstance(h, tracemark.Probe) and h.installed
+    tracemark.unprobe(h)
+
+
+def test_a_module_can_defer_a_probe_on_itself(modules, mech, rec, uniq):
+    (modules / f"{uniq}own.py").write_text(
+        "import tracemark\n\ndef f():\n    return 1\n\n"
+        f"h = tracemark.probe('{uniq}own:f', defer=True)\n"
+    )
+    module = importlib.import_module(f"{uniq}own")
+    assert isinstance(module.h, tracemark.Probe) and module.h.installed
+    tracemark.unprobe(module.h)

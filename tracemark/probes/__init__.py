@@ -225,7 +225,7 @@ def probe(
         module = _deferred.loaded_module(d)
         if module is None:
             return _deferred.add(d)
-    return _probe_resolved(target, module, at, capture, name)
+    return _probe_resolved(target, _deferred.finished(module), at, capture, name)
 
 
 def _check_at(target: str, at: str) -> str:

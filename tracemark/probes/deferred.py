@@ -37,7 +37,9 @@ Guarantees
   pays one call of the trace function, which declines it; watching ends as soon as the
   names are bound, so a script that defines its functions before it calls them pays little.
 * **Threads**: each probe is installed once, by the thread whose import ran the module (the
-  import system's module lock makes other importers of that module wait for it).
+  import system's module lock makes other importers of that module wait for it). A probe
+  asked for while another thread is importing its module waits for that import to end and
+  is installed at once (:func:`finished`).
 * **fork**: a child inherits the pending probes and the hook, and installs them when *it*
   imports the module; the parent's state is not changed by the child's.
 * **importlib.reload**: a probe is installed once per process, on the function objects of
@@ -130,8 +132,8 @@ def remove_listener(callback: Callable[[DeferredProbe], None]) -> None:
 
 
 def loaded_module(d: DeferredProbe) -> types.ModuleType | None:
-    """The module ``d`` names if it is loaded (fully: not one still running its top level)
-    and, for the main module, already binds the name the probe needs."""
+    """The module ``d`` names if it is loaded or being imported (see :func:`finished`) and,
+    for the main module, already binds the name the probe needs."""
     if d.module in _MAIN_NAMES:
         main = sys.modules.get("__main__")
         first = d.what.split(".", 1)[0] if isinstance(d.what, str) else None
@@ -143,15 +145,38 @@ def loaded_module(d: DeferredProbe) -> types.ModuleType | None:
     for module in candidates:
         if module is None:
             continue
-        spec = getattr(module, "__spec__", None)
-        if getattr(spec, "_initializing", False):
-            return None  # importing now (maybe by this very thread): the hook will install it
         if d.file is not None and getattr(module, "__name__", None) in _MAIN_NAMES:
             first = d.what.split(".", 1)[0] if isinstance(d.what, str) else None
             if first is None or first not in vars(module):
                 return None  # the script is still running its top level
         return module
     return None
+
+
+def finished(module: types.ModuleType) -> types.ModuleType:
+    """``module`` once its import is over. Another thread importing it right now (past the
+    import hook, so the hook cannot install the probe) is waited for, through the import
+    system's lock on that module. This thread's own import (``probe(..., defer=True)``
+    called by the module's top level) is not: the probe sees what is defined so far."""
+    spec = getattr(module, "__spec__", None)
+    if not getattr(spec, "_initializing", False) or _running_here(module):
+        return module
+    import importlib
+
+    try:
+        return importlib.import_module(spec.name)  # waits for the other thread's import
+    except Exception as exc:
+        raise ProbeError(f"importing {spec.name!r} failed: {exc}") from exc
+
+
+def _running_here(module: types.ModuleType) -> bool:
+    names = vars(module)
+    frame: types.FrameType | None = sys._getframe(1)
+    while frame is not None:
+        if frame.f_globals is names:
+            return True
+        frame = frame.f_back
+    return False
 
 
 def _is_file_of(module: object, file: str) -> bool:
