@@ -211,4 +211,80 @@ def report(number: int = 100_000, repeat: int = 7) -> str:
         text += "\nviztracer is not installed: its row is missing.\n"
     if not PYBEHAVIOR.sys_monitoring:
         text += "\nNo sys.monitoring on this Python: no bare-callback row.\n"
-    return text
+    return text + "\n" + _import_report(max(number // 50, 500), repeat)
+
+
+IMPORT_BASELINE = "import a small module, no deferred probe"
+
+
+def _import_report(number: int, repeat: int) -> str:
+    """Deferred probes: what an import costs while one waits (the import hook's lookup),
+    and once every deferred probe is installed (the hook is gone: nothing)."""
+    import importlib
+
+    from tracemark.probes import deferred
+
+    with tempfile.TemporaryDirectory() as tmp:
+        with open(os.path.join(tmp, "_tm_bench_small.py"), "w") as f:
+            f.write("X = 1\n\n\ndef f(a):\n    return a\n\n\nclass C:\n    pass\n")
+        with open(os.path.join(tmp, "_tm_bench_later.py"), "w") as f:
+            f.write("def g():\n    pass\n")
+        sys.path.insert(0, tmp)
+        importlib.invalidate_caches()
+        ns = {"_pop": sys.modules.pop, "_import": importlib.import_module}
+        stmt = "_pop('_tm_bench_small', None); _import('_tm_bench_small')"
+
+        @contextlib.contextmanager
+        def pending() -> Iterator[None]:
+            d = probes.probe("_tm_bench_later:g", defer=True)
+            assert deferred._finder in sys.meta_path
+            try:
+                yield
+            finally:
+                probes.unprobe(d)
+
+        @contextlib.contextmanager
+        def installed() -> Iterator[None]:
+            d = probes.probe("_tm_bench_later:g", defer=True)
+            importlib.import_module("_tm_bench_later")
+            assert d.state == "installed" and deferred._finder not in sys.meta_path
+            try:
+                yield
+            finally:
+                probes.unprobe(d)
+                sys.modules.pop("_tm_bench_later", None)
+
+        ns["_find"] = deferred._finder.find_spec
+        rows = [
+            (Case(IMPORT_BASELINE, stmt, ns), _nothing),
+            (Case("the same, a deferred probe pending elsewhere", stmt, ns, "hook on"), pending),
+            (
+                Case("the same, every deferred probe installed", stmt, ns, "hook removed"),
+                installed,
+            ),
+            (
+                Case(
+                    "the hook alone: find_spec of a module no probe waits for",
+                    "_find('_tm_bench_small')",
+                    ns,
+                    "what row 2 adds",
+                ),
+                pending,
+            ),
+        ]
+        try:
+            runs = {c.name: _loop(c.stmt, c.namespace) for c, _ in rows}
+            best = {c.name: float("inf") for c, _ in rows}
+            empty, base = _loop("pass", {}), float("inf")
+            for _ in range(repeat):
+                base = min(base, _best(empty, number * 100, 1))
+                for case, switch in rows:
+                    with switch():
+                        n = number if case.stmt.startswith("_pop") else number * 100
+                        best[case.name] = min(best[case.name], _best(runs[case.name], n, 1))
+        finally:
+            sys.path.remove(tmp)
+            sys.modules.pop("_tm_bench_small", None)
+    title = "Deferred probes: cost of an import while one is pending"
+    results = {name: max(t - base, 0.0) for name, t in best.items()}
+    return table(title, [c for c, _ in rows], results, IMPORT_BASELINE)

@@ -83,7 +83,9 @@ def test_boot_starts_one_recording_with_the_settings(monkeypatch):
         return FakeRecording()
 
     monkeypatch.setattr(tracemark, "record", record)
-    monkeypatch.setattr(tracemark.probes, "install_spec", installed.append)
+    monkeypatch.setattr(
+        tracemark.probes, "install_spec", lambda spec, defer=False: installed.append((spec, defer))
+    )
     monkeypatch.setattr(_boot, "recording", None)
     monkeypatch.setenv("TRACEMARK_RECORD_DIR", "/tmp/x")
     monkeypatch.setenv("TRACEMARK_RECORD_EVENTS", "net.*")
@@ -93,7 +95,7 @@ def test_boot_starts_one_recording_with_the_settings(monkeypatch):
     _boot.start()
     _boot.start()  # once per process
     assert calls == [("/tmp/x", "net.*", {"mode": "discard"})]
-    assert installed == ["json:loads", "os:getcwd"]
+    assert installed == [("json:loads", True), ("os:getcwd", True)]  # deferred if not imported
     _boot._stop()
     assert calls[-1] == "stop" and _boot.recording is None
 
@@ -177,7 +179,7 @@ def test_a_probe_that_fails_to_install_is_one_line_and_recording_goes_on(monkeyp
         def stop(self):
             calls.append("stop")
 
-    def install_spec(spec):
+    def install_spec(spec, defer=False):
         if spec == "bad:spec":
             raise ValueError("no module named 'bad'")
         calls.append(spec)

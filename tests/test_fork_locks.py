@@ -75,6 +75,7 @@ LOCKS: dict[str, Callable[[World], object]] = {
     "tracemark.control.server._lock": lambda w: control_server._lock,
     "tracemark.faults._lock": lambda w: faults._lock,
     "tracemark.probes._lock": lambda w: P._lock,
+    "tracemark.probes.deferred._lock": lambda w: P._deferred._lock,
     "tracemark.probes.sysmon.SysMonitoring._lock": lambda w: w.mechanism(sysmon.NAME)._lock,
     "tracemark.probes.recompile.Recompile._lock": lambda w: w.mechanism(recompile.NAME)._lock,
     "tracemark.tracers.printer.Printer._lock": lambda w: w.printer._lock,

@@ -40,6 +40,7 @@ from .patching import patcher as _patcher
 # Loaded on first use (module __getattr__ below): importing tracemark to declare markers
 # costs only the marker core and the patcher, not the recorder, the probes or the printer.
 _LAZY = {
+    "DeferredProbe": "probes",
     "Probe": "probes",
     "ProbeError": "probes",
     "probe": "probes",
@@ -57,6 +58,7 @@ __all__ = [
     "Binding",
     "Connection",
     "Context",
+    "DeferredProbe",
     "Field",
     "Inline",
     "Marker",

@@ -106,7 +106,8 @@ examples:
   tracemark record --export perfetto -o out/trace app.py  # + out/trace.pftrace
 
 exit code: the program's own (128+N if killed by signal N); 127 if it cannot be
-started; 2 for a usage error; 5 if --probe is given but probes are unavailable.""",
+started; 2 for a usage error, or a --probe that cannot exist (unless
+--probe-optional); 5 if --probe is given but probes are unavailable.""",
     )
     rec.add_argument(
         "-o",
@@ -126,7 +127,15 @@ started; 2 for a usage error; 5 if --probe is given but probes are unavailable."
         metavar="SPEC",
         action="append",
         default=[],
-        help="install a dynamic probe, e.g. 'json:loads' (repeatable)",
+        help="install a dynamic probe (repeatable): 'json:loads', '__main__:main' (the script's "
+        "own function), 'app.py:42{rows}', 'pkg.mod:Class.method%%return'; a module not "
+        "imported yet is probed when it is. Checked before the program starts: one that "
+        "cannot exist is exit code 2",
+    )
+    rec.add_argument(
+        "--probe-optional",
+        action="store_true",
+        help="a --probe that fails that check is a warning, and the program runs",
     )
     rec.add_argument(
         "--mode",

@@ -10,7 +10,12 @@ inherits, and puts :file:`_site/sitecustomize.py` first on ``PYTHONPATH``, which
 ``TRACEMARK_RECORD_MODE``  ``discard`` (default) or ``overwrite``
 ``TRACEMARK_RECORD_BUFFER`` bytes of buffer per thread (split into sub-buffers), optional
 ``TRACEMARK_RECORD_PROBES`` dynamic probe specs, one per line, installed before the program
+                           (deferred: a module not imported yet is probed when it is)
 =========================  ===============================================================
+
+Each process that installs probes keeps the state of each in ``DIR/.tracemark-probes-PID``
+(JSON, rewritten when a deferred probe is installed or fails, so a process that ends by
+``os._exit`` has said it too): ``record``'s summary lists the probes no process installed.
 
 Guarantees: :func:`start` records at most once per process (a forked child is the
 recorder's business: it carries on into its own sub-trace, and is flushed even when it is a
@@ -78,18 +83,55 @@ def start() -> None:
         _install_probes(config["probes"])
 
 
+PROBES_FILE = ".tracemark-probes-"
+
+
 def _install_probes(specs: list[str]) -> None:
-    """Install each ``--probe`` spec; one that fails here (a child process that is another
-    program, without the probed module) is one line on stderr, and recording goes on."""
+    """Install each ``--probe`` spec, deferred when its module is not imported yet; one that
+    fails here is one line on stderr, and recording goes on. The state of all of them is
+    written for the summary (see the module docstring)."""
     import sys
 
     from tracemark import probes
+    from tracemark.probes import deferred
 
+    handles: list[tuple[str, Any]] = []
     for spec in specs:
         try:
-            probes.install_spec(spec)
+            handles.append((spec, probes.install_spec(spec, defer=True)))
         except Exception as exc:
+            handles.append((spec, str(exc)))
             sys.stderr.write(f"tracemark: --probe {spec} not installed in {os.getpid()}: {exc}\n")
+
+    def write(_: object = None) -> None:
+        _write_probe_states(handles)
+
+    deferred.add_listener(write)
+    write()
+
+
+def _write_probe_states(handles: list[tuple[str, Any]]) -> None:
+    """``DIR/.tracemark-probes-PID``: each spec with ``state`` and ``why`` (never raises)."""
+    import json
+
+    states = []
+    for spec, handle in handles:
+        if isinstance(handle, str):
+            states.append({"spec": spec, "state": "failed", "why": handle})
+        elif hasattr(handle, "why"):  # a DeferredProbe
+            states.append({"spec": spec, "state": handle.state, "why": handle.why})
+        else:
+            states.append({"spec": spec, "state": "installed", "why": ""})
+    directory = os.environ.get(ENV_DIR)
+    if not directory:
+        return
+    path = os.path.join(directory, f"{PROBES_FILE}{os.getpid()}")
+    try:
+        with open(path + ".tmp", "w") as f:
+            json.dump({"pid": os.getpid(), "probes": states}, f)
+        os.replace(path + ".tmp", path)
+    except OSError:
+        pass  # the summary then knows less; the program must not notice
 
 
 def _stop() -> None:

@@ -28,6 +28,11 @@ Guarantees
   only the packets that hold NAME.
 * Ctrl-C goes to the program (it shares the terminal), not to tracemark, which waits for the
   program and then reports. SIGTERM sent to tracemark is passed on to the program.
+* Every ``--probe`` is checked before the program starts (:func:`check_probe_specs`): one
+  that cannot exist is exit code 2 and nothing runs or is created, unless
+  ``--probe-optional``. In the program's processes a probe on a module not imported yet is
+  deferred (installed on import); the summary lists the probes no process installed, with
+  why.
 * The summary goes to stderr, so the program's stdout can still be piped.
 * Nothing is lost silently: events that could not be written (disk full) and processes
   that ended without stopping their recording (``os._exit``, a crash, a kill: their
@@ -146,26 +151,36 @@ _PYTHON = re.compile(r"python[0-9.]*\Z")
 _OPTION_VALUES = {"-X", "-W", "--check-hash-based-pycs"}
 
 
+def _python_main(command: Sequence[str]) -> tuple[str, str] | None:
+    """``("script", PATH)`` or ``("module", NAME)`` for ``python [options] SCRIPT|-m NAME``,
+    None for another program, ``-c`` code or stdin."""
+    if not command or not _PYTHON.match(Path(command[0]).name):
+        return None
+    args = iter(command[1:])
+    for arg in args:
+        if arg == "-m":
+            name = next(args, None)
+            return ("module", name) if name else None
+        if arg.startswith("-m") and len(arg) > 2:
+            return "module", arg[2:]
+        if arg in ("-c", "-") or (arg.startswith("-c") and len(arg) > 2):
+            return None  # code or stdin: no script file
+        if arg in _OPTION_VALUES:
+            next(args, None)
+        elif not arg.startswith("-"):
+            return "script", arg
+    return None
+
+
 def _check_script(command: Sequence[str]) -> None:
     """``python [options] SCRIPT ...`` with a SCRIPT that does not exist is an error before
     anything runs or is created (else: a trace directory of nothing, and the program's
     error above the summary)."""
-    if not _PYTHON.match(Path(command[0]).name):
-        return
-    args = iter(command[1:])
-    for arg in args:
-        if arg in ("-c", "-m", "-") or (arg.startswith(("-c", "-m")) and len(arg) > 2):
-            return  # code, a module or stdin: no script file
-        if arg in _OPTION_VALUES:
-            next(args, None)
-        elif arg.startswith("-"):
-            continue
-        else:
-            if not os.path.exists(arg):
-                raise CliError(
-                    f"{arg}: no such file (the script {command[0]} would run)", EXIT_NOT_FOUND
-                )
-            return
+    main = _python_main(command)
+    if main is not None and main[0] == "script" and not os.path.exists(main[1]):
+        raise CliError(
+            f"{main[1]}: no such file (the script {command[0]} would run)", EXIT_NOT_FOUND
+        )
 
 
 def default_dir(argv: Sequence[str], now: float | None = None) -> Path:
@@ -213,20 +228,75 @@ def environment(
     return env
 
 
-def check_probe_specs(specs: Sequence[str]) -> None:
-    """Reject a bad ``--probe`` spec before the program starts, not in each of its processes."""
+def check_probe_specs(
+    specs: Sequence[str],
+    argv: Sequence[str] | None = None,
+    *,
+    optional: bool = False,
+    err: IO[str] | None = None,
+) -> list[str]:
+    """Check every ``--probe`` before the program starts, not in each of its processes: a bad
+    spec is a usage error; a target that cannot exist (no such module, function or line with
+    code, found without importing anything: :mod:`tracemark.probes.static`) too, unless
+    ``optional`` (then a warning on ``err``). Returns the specs as the program gets them:
+    ``__main__`` and relative paths made the absolute path of the file. Without ``argv``
+    (``attach``: the program runs already, with its own ``sys.path``) only the syntax."""
+    from ..probes import static
+    from ..probes.spec import format_spec
+
+    main, search = _main_file(argv or ())
+    out = []
     for spec in specs:
         if "\n" in spec:
             raise CliError(f"--probe {spec!r}: a spec is one line", EXIT_USAGE)
         try:
-            parse_spec(spec)
+            parsed = parse_spec(spec)
         except ValueError as exc:
             raise CliError(f"--probe {spec}: {exc}", EXIT_USAGE) from None
+        if argv is None:
+            out.append(spec)
+            continue
+        try:
+            target = static.check(parsed.target, parsed.capture, main=main, search=search)
+        except ValueError as exc:
+            if not optional:
+                raise CliError(
+                    f"--probe {spec}: {exc} (--probe-optional records without it)", EXIT_USAGE
+                ) from None
+            if err is not None:
+                err.write(f"tracemark record: warning: --probe {printable(spec)}: {exc}\n")
+            target = parsed.target
+        out.append(format_spec(target, parsed.at, parsed.capture))
+    return out
+
+
+def _main_file(argv: Sequence[str]) -> tuple[str | None, list[str]]:
+    """The file the program runs as ``__main__`` (None: not a Python script or module found),
+    and where its top-level imports are looked for first."""
+    from ..probes.static import locate
+
+    main = _python_main(argv)
+    if main is None:
+        return None, []
+    kind, value = main
+    if kind == "script":
+        file = os.path.abspath(value)
+        return (file if os.path.isfile(file) else None), [os.path.dirname(file)]
+    cwd = os.getcwd()
+    try:
+        file = locate(value, [cwd])
+        if os.path.basename(file) == "__init__.py":  # python -m PACKAGE runs its __main__
+            file = locate(value + ".__main__", [cwd])
+    except ValueError:
+        return None, [cwd]
+    return file or None, [cwd]
 
 
 def run(args: Any, err: IO[str], style: Style) -> int:
     argv = program_argv(args.module, args.program)
-    check_probe_specs(args.probe)
+    probes = check_probe_specs(
+        args.probe, argv, optional=getattr(args, "probe_optional", False), err=err
+    )
     buffer = parse_size(args.buffer) if args.buffer else None
     if buffer is not None and buffer < _boot.SUBBUFFERS * _boot.MIN_SUBBUFFER:
         raise CliError(
@@ -247,7 +317,7 @@ def run(args: Any, err: IO[str], style: Style) -> int:
         if failure := environment_failure(exc, trace_dir):
             raise failure from None
         raise CliError(f"{trace_dir}: cannot create the trace directory: {exc.strerror}") from None
-    env = environment(trace_dir, args.events or ["*"], args.mode, buffer, args.probe)
+    env = environment(trace_dir, args.events or ["*"], args.mode, buffer, probes)
     started = time.monotonic()
     code = _run_child(argv, env)
     elapsed = time.monotonic() - started
@@ -376,9 +446,12 @@ def summarize(
     _warn_losses(trace_dir, err, style)
     for line in _unmatched_globs(trace_dir, set(getattr(trace, "markers", ()))):
         err.write(style(f"  WARNING: {printable(line)}", "bold", "red") + "\n")
+    for line in _probes_not_installed(trace_dir):
+        err.write(style(f"  WARNING: {printable(line)}", "bold", "red") + "\n")
+    # One width for the whole column, however long the names (probes' are long): aligned.
     width = max((len(printable(n)) for n, _ in counts.most_common(top)), default=0)
     for name, count in counts.most_common(top):
-        err.write(f"  {printable(name):<{min(width, 50)}} {count:>12,}\n")
+        err.write(f"  {printable(name):<{width}} {count:>12,}\n")
     if len(counts) > top:
         rest = total - sum(c for _, c in counts.most_common(top))
         err.write(f"  ({len(counts) - top} more markers, {rest:,} events)\n")
@@ -413,6 +486,35 @@ def _unmatched_globs(trace_dir: Path, in_trace: set[str]) -> list[str]:
             hint = f"; closest: {', '.join(closest)}" if closest else ""
             lines.append(f"-e {glob!r} matched no marker the program declared{hint}")
     return lines
+
+
+def _probes_not_installed(trace_dir: Path) -> list[str]:
+    """The ``--probe`` specs that no process of the recording installed, with why (from the
+    state files :mod:`._boot` writes)."""
+    import json
+
+    why: dict[str, list[str]] = {}
+    installed: set[str] = set()
+    for path in sorted(trace_dir.glob(_boot.PROBES_FILE + "*")):
+        if path.name.endswith(".tmp"):
+            continue
+        try:
+            data = json.loads(path.read_text())
+            states = [(p["spec"], p["state"], p["why"]) for p in data["probes"]]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        for spec, state, reason in states:
+            if state == "installed":
+                installed.add(spec)
+            else:
+                why.setdefault(spec, [])
+                if reason and reason not in why[spec]:
+                    why[spec].append(reason)
+    return [
+        f"--probe {spec} was never installed: {'; '.join(reasons) or 'no reason given'}"
+        for spec, reasons in why.items()
+        if spec not in installed
+    ]
 
 
 def _warn_losses(trace_dir: Path, err: IO[str], style: Style) -> None:

@@ -25,6 +25,8 @@ Guarantees
   marker that existed before the probe (declared by code, same fields) is only reused, and
   stays; code that declares a probe's marker name *while* the probe exists shares it, and
   loses it with the probe.
+* **Code not loaded yet.** ``probe(..., defer=True)`` waits for the module's import (or for
+  the script to define the function) and installs then: :mod:`.deferred`.
 * **Nothing half-installed.** Every error (see :mod:`.targets`) is raised before anything
   changes; :class:`ProbeError` is a ValueError.
 * **Zero cost when nobody listens.** A probe's events are switched on only while its marker
@@ -81,15 +83,19 @@ from .._forksafe import fork_safe_rlock
 from ..markers import registry
 from ..patching import patcher
 from . import core, decorated
+from . import deferred as _deferred
+from .deferred import DeferredProbe
 from .events import AT, Probe
 from .spec import Spec, parse_spec
 from .targets import ProbeError, check_captures, resolve
 
 __all__ = [
     "AT",
+    "DeferredProbe",
     "Probe",
     "ProbeError",
     "Spec",
+    "deferred_probes",
     "install_spec",
     "mechanism",
     "parse_spec",
@@ -167,7 +173,9 @@ def _declare(p: Probe, name: str | None) -> None:
         p.name = name
         p.compile()
         return
-    parts = [*p.target.module.split("."), *p.target.name_parts]
+    # A spawn child runs the script as __mp_main__: its probes have the parent's names.
+    module = "__main__" if p.target.module == "__mp_main__" else p.target.module
+    parts = [*module.split("."), *p.target.name_parts]
     if p.at != "line":
         parts.append(p.at)
     base = "probe." + ".".join(_clean(x) for x in parts)
@@ -192,8 +200,10 @@ def probe(
     at: str = "entry",
     capture: Iterable[str] | str | None = None,
     name: str | None = None,
-) -> Probe:
-    """Probe ``target`` (``module:qualname``, ``module:LINE`` or ``path/file.py:LINE``).
+    defer: bool = False,
+) -> Probe | DeferredProbe:
+    """Probe ``target`` (``module:qualname``, ``module:LINE``, ``path/file.py:LINE`` or
+    ``path/file.py:qualname``; ``__main__:qualname`` for the running script).
 
     ``at`` is ``entry`` (the arguments, or ``capture``), ``return`` (``value`` and
     ``duration_ns``), ``raise`` (``exc_type`` and ``message`` of an exception leaving the
@@ -201,19 +211,49 @@ def probe(
     the function, optionally with attribute paths (``req.url``). Returns the handle for
     :func:`unprobe`; raises :class:`ProbeError` (a ValueError) with the reason when the
     probe cannot be installed, having installed nothing.
+
+    ``defer=True``: when the target's module is not loaded yet (or the script has not defined
+    the function yet), return a :class:`DeferredProbe` at once, and install the probe when
+    the module is imported (see :mod:`tracemark.probes.deferred`); a loaded module is probed
+    at once, as without ``defer``.
     """
+    if not defer:
+        return _probe_resolved(target, None, at, capture, name)
+    _check_at(target, at)
+    d = DeferredProbe(target, at, capture, name)
+    with _deferred._lock:  # no import of that module finishes between the check and add
+        module = _deferred.loaded_module(d)
+        if module is None:
+            return _deferred.add(d)
+    return _probe_resolved(target, _deferred.finished(module), at, capture, name)
+
+
+def _check_at(target: str, at: str) -> str:
+    """``at`` checked against the target's kind: ``line`` for a LINE target given ``entry``."""
     if at not in AT:
         raise ProbeError(f"at must be one of {', '.join(AT)}, not {at!r}")
-    tgt = resolve(target)
-    if tgt.line is not None:
-        if at == "entry":
-            at = "line"
-        elif at != "line":
-            raise ProbeError(f"cannot probe {target!r} at {at!r}: a LINE target is a line probe")
-    elif at == "line":
+    if not isinstance(target, str) or ":" not in target:
+        resolve(target)  # raises the message for a bad target
+    is_line = target.rpartition(":")[2].isdigit()
+    if is_line and at not in ("entry", "line"):
+        raise ProbeError(f"cannot probe {target!r} at {at!r}: a LINE target is a line probe")
+    if not is_line and at == "line":
         raise ProbeError(
             f"cannot probe {target!r} at 'line': give the line as 'module:LINE' or 'file.py:LINE'"
         )
+    return "line" if is_line else at
+
+
+def _probe_resolved(
+    target: str,
+    module: object,
+    at: str,
+    capture: Iterable[str] | str | None,
+    name: str | None,
+) -> Probe:
+    """:func:`probe` on ``module`` when the caller has it (a deferred probe), else imported."""
+    at = _check_at(target, at)
+    tgt = resolve(target, module)  # type: ignore[arg-type]
     paths = check_captures(tgt, capture)
     if capture is None and at == "entry":
         paths = tgt.params
@@ -255,12 +295,17 @@ def _install(p: Probe, mech: object, name: str | None) -> None:
         p.enabled = True
 
 
-def unprobe(handle: Probe) -> bool:
+def unprobe(handle: Probe | DeferredProbe) -> bool:
     """Remove a probe: its events stop and its function is as before. False if already gone.
 
     Its marker is forgotten, if the probe declared it (connections stay: see the module
-    docstring); nothing fires it again.
+    docstring); nothing fires it again. A :class:`DeferredProbe` still pending is cancelled
+    (never installed); an installed one is removed.
     """
+    if isinstance(handle, DeferredProbe):
+        if _deferred.cancel(handle):
+            return True
+        return handle.probe is not None and unprobe(handle.probe)
     if not isinstance(handle, Probe):
         raise TypeError(f"unprobe() takes what probe() returned, not {handle!r}")
     mech = mechanism()
@@ -281,13 +326,19 @@ def unprobe(handle: Probe) -> bool:
     return True
 
 
-def install_spec(spec: str) -> Probe:
-    """Install the probe a SPEC describes (see :mod:`.spec`); what ``--probe SPEC`` calls.
+def install_spec(spec: str, *, defer: bool = False) -> Probe | DeferredProbe:
+    """Install the probe a SPEC describes (see :mod:`.spec`); what ``--probe SPEC`` calls
+    (with ``defer=True``: a module not imported yet is probed when it is).
 
     A bad spec, or a probe that cannot be installed, is a ValueError with the reason.
     """
     s = parse_spec(spec)
-    return probe(s.target, at=s.at, capture=s.capture)
+    return probe(s.target, at=s.at, capture=s.capture, defer=defer)
+
+
+def deferred_probes() -> list[DeferredProbe]:
+    """Every deferred probe of this process (pending, installed, failed or cancelled)."""
+    return _deferred.deferred()
 
 
 def probes() -> list[Probe]:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-__all__ = ["Spec", "parse_spec"]
+__all__ = ["Spec", "format_spec", "parse_spec"]
 
 _SPEC = re.compile(
     r"\s*(?P<target>[^%{}\s][^%{}]*?)\s*"
@@ -78,3 +78,10 @@ def parse_spec(text: str) -> Spec:
             )
         capture = tuple(names)
     return Spec(target.strip(), at, capture)
+
+
+def format_spec(target: str, at: str, capture: tuple[str, ...] | None) -> str:
+    """The SPEC text of a parsed spec (what :func:`parse_spec` reads back to the same)."""
+    default = "line" if target.rpartition(":")[2].strip().isdigit() else "entry"
+    text = target if at == default else f"{target}%{at}"
+    return text + ("{" + ",".join(capture) + "}" if capture else "")

@@ -1,4 +1,5 @@
-"""Targets: turning ``package.module:qualname`` or ``path/to/file.py:LINE`` into a code object.
+"""Targets: turning ``package.module:qualname`` or ``path/to/file.py:LINE`` (or ``:qualname``)
+into a code object.
 
 Guarantees
 ----------
@@ -69,8 +70,14 @@ class Target:
         return code.co_varnames + code.co_cellvars + code.co_freevars
 
 
-def resolve(spec: str) -> Target:
-    """Resolve ``module:qualname``, ``module:LINE`` or ``path/to/file.py:LINE``."""
+def resolve(spec: str, module: types.ModuleType | None = None) -> Target:
+    """Resolve ``module:qualname``, ``module:LINE``, ``path/to/file.py:LINE`` or
+    ``path/to/file.py:qualname``.
+
+    ``module`` is the module the left side names, when the caller already has it (a deferred
+    probe, installed while that module is being imported: importing it again by name would
+    wait on its own import).
+    """
     if not isinstance(spec, str):
         raise ProbeError(f"a probe target is a str like 'json:loads', not {spec!r}")
     left, sep, right = spec.rpartition(":")
@@ -79,15 +86,15 @@ def resolve(spec: str) -> Target:
             f"bad probe target {spec!r}: write 'package.module:qualname' (like "
             "'json.decoder:JSONDecoder.decode') or 'path/to/file.py:LINE'"
         )
+    if module is None:
+        module = _module_for_file(left, spec) if looks_like_path(left) else _import(left, spec)
     if right.isdigit():
-        module = _module_for_file(left, spec) if _looks_like_path(left) else _import(left, spec)
         return _line_target(spec, module, int(right))
-    if _looks_like_path(left):
-        raise ProbeError(f"bad probe target {spec!r}: after a file name comes a line number")
-    return _function_target(spec, _import(left, spec), right)
+    return _function_target(spec, module, right)
 
 
-def _looks_like_path(text: str) -> bool:
+def looks_like_path(text: str) -> bool:
+    """True when the left side of a target is a file (``app.py``, ``src/app``), not a module."""
     return text.endswith(".py") or os.sep in text or "/" in text
 
 
