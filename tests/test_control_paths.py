@@ -7,6 +7,7 @@ import socket
 import stat
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -82,6 +83,30 @@ def test_stale_sockets_are_ignored_then_cleaned(tmp_path):
     finally:
         s1.close()
         s2.close()
+
+
+def test_a_socket_whose_pid_was_reused_is_cleaned_once_settled(tmp_path):
+    # SIGKILL leaves the socket file; when its pid belongs to another process later, only a
+    # refused connection tells. A young socket may be one not listening *yet*: kept.
+    d = paths.ensure_private_dir(tmp_path / "ctl")
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    listener = socket.socket(socket.AF_UNIX)
+    deaf = socket.socket(socket.AF_UNIX)
+    try:
+        deaf.bind(str(paths.socket_path(live.pid, d)))  # bound, never listening
+        listener.bind(str(paths.socket_path(os.getpid(), d)))
+        listener.listen()
+        assert paths.clean_stale(d) == []  # both young
+        old = time.time() - 2 * paths.SETTLE_SECONDS
+        for pid in (live.pid, os.getpid()):
+            os.utime(paths.socket_path(pid, d), (old, old))
+        assert paths.clean_stale(d) == [live.pid]
+        assert [pid for pid, _ in paths.listening(d)] == [os.getpid()]
+    finally:
+        live.kill()
+        live.wait()
+        deaf.close()
+        listener.close()
 
 
 def test_output_dir_checks(tmp_path):

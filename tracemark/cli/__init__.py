@@ -107,7 +107,8 @@ examples:
 
 exit code: the program's own (128+N if killed by signal N); 127 if it cannot be
 started; 2 for a usage error, or a --probe that cannot exist (unless
---probe-optional); 5 if --probe is given but probes are unavailable.""",
+--probe-optional); 5 when the machine refuses (too many open files, disk full,
+no permission) before the program starts.""",
     )
     rec.add_argument(
         "-o",

@@ -130,8 +130,34 @@ def listening(directory: Path | None = None) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+#: A socket younger than this that refuses connections may be one whose process has bound
+#: it and not yet called listen(): left alone.
+SETTLE_SECONDS = 5.0
+
+
+def _nobody_listens(p: Path) -> bool:
+    """True when connecting to the socket ``p`` is refused for good: its process died and
+    its pid now belongs to another process (a socket left by SIGKILL), or it stopped
+    listening. Only the CLI calls this (a connection it opens is closed at once)."""
+    import socket
+    import time
+
+    try:
+        if time.time() - os.lstat(p).st_mtime < SETTLE_SECONDS:
+            return False
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(1.0)
+            s.connect(str(p))
+    except ConnectionRefusedError:
+        return True
+    except OSError:
+        return False
+    return False
+
+
 def clean_stale(directory: Path | None = None) -> list[int]:
-    """Remove the sockets (and flight recorder directories) of processes that are gone;
+    """Remove the sockets (and flight recorder directories) of processes that are gone,
+    and sockets nobody listens on any more (their pid reused: :func:`_nobody_listens`);
     return their pids."""
     directory = socket_dir() if directory is None else directory
     removed = []
@@ -147,7 +173,7 @@ def clean_stale(directory: Path | None = None) -> list[int]:
             shutil.rmtree(p, ignore_errors=True)  # a flight recorder its process left
             continue
         pid = pid_of(p)
-        if pid is None or _alive(pid):
+        if pid is None or (_alive(pid) and not _nobody_listens(p)):
             continue
         try:
             if stat.S_ISSOCK(os.lstat(p).st_mode):
