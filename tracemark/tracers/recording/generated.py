@@ -39,8 +39,8 @@ from typing import TYPE_CHECKING, Any
 from ... import env
 from ..._codegen import function_code
 from ...ctf import writer as W
-from ...markers.fields import AnyValue
 from ...markers.dispatch import Binding, Inline
+from ...markers.fields import AnyValue
 from .tasks import ASYNCIO
 
 if TYPE_CHECKING:
