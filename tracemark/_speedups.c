@@ -192,13 +192,13 @@ static Py_ssize_t prepare(char kind, PyObject *v, Prepared *p, PyObject **owned)
     case 's':
         if (!PyUnicode_CheckExact(v) || prepare_text(v, p, owned) < 0)
             return -1;
-        return 4 + p->len;
+        return p->len > (Py_ssize_t)UINT32_MAX ? -1 : 4 + p->len; /* beyond: struct.error */
     case 'y':
         if (!PyBytes_CheckExact(v))
             return -1;
         p->data = PyBytes_AS_STRING(v);
         p->len = PyBytes_GET_SIZE(v);
-        return 4 + p->len;
+        return p->len > (Py_ssize_t)UINT32_MAX ? -1 : 4 + p->len;
     case 'a': {
         /* The `any` variant: writer.any_parts' table, tag byte then payload. Anything it
          * would record as a repr (an int beyond int64, another type) is declined. */
