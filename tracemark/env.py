@@ -61,3 +61,41 @@ CONTROL = _flag("TRACEMARK_CONTROL")
 #: ``TRACEMARK_FLIGHT=GLOB[,GLOB...]``: keep a flight recording of these markers for
 #: ``tracemark snapshot`` (implies listening).
 FLIGHT = os.environ.get("TRACEMARK_FLIGHT", "").strip()
+
+#: ``TRACEMARK_CORE=python``: record with the pure-Python core even when the C core
+#: (``tracemark._speedups``) is built. Read when a recording binds a marker (so a test can
+#: switch cores between recordings); :func:`core` says which core that gives, and why.
+CORE_VARIABLE = "TRACEMARK_CORE"
+
+
+def speedups() -> object | None:
+    """The C core module when it is the one to use now, else None (see :func:`core`)."""
+    return _core()[0]
+
+
+def core() -> tuple[str, str]:
+    """Which recording core runs, ``"c"`` or ``"python"``, and why (a short sentence)."""
+    module, why = _core()
+    return ("c" if module is not None else "python"), why
+
+
+_built: list = []  # [module or None, why], once: the import is tried once per process
+
+
+def _core() -> tuple[object | None, str]:
+    if not _built:
+        if PYBEHAVIOR.free_threaded:
+            _built[:] = [None, "free-threaded build: the C core needs the GIL"]
+        else:
+            try:
+                from . import _speedups
+            except ImportError as exc:
+                _built[:] = [None, f"C core not built ({exc})"]
+            else:
+                _built[:] = [_speedups, "C core built"]
+    module, why = _built
+    if module is None:
+        return None, why
+    if os.environ.get(CORE_VARIABLE, "").strip().lower() == "python":
+        return None, f"{CORE_VARIABLE}=python (C core built)"
+    return module, why

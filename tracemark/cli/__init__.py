@@ -86,8 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=f"{_EXAMPLES}\n\n{EXIT_CODES_HELP}",
     )
     from .. import __version__
+    from ..env import core
 
-    parser.add_argument("--version", action="version", version=f"tracemark {__version__}")
+    version = "tracemark {} (recording core: {}, {})".format(__version__, *core())
+    parser.add_argument("--version", action="version", version=version)
     sub = parser.add_subparsers(dest="subcommand", metavar="COMMAND", parser_class=_Parser)
 
     rec = sub.add_parser(

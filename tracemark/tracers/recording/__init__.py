@@ -24,6 +24,36 @@ One module per LTTng notion:
 :mod:`.recovery`   the shared ring files that outlive a crashed process, and who recovers them
 =================  ==========================================================================
 
+Two cores, one behaviour
+------------------------
+The firing path has a pure-Python core (the generated code of :mod:`.generated`: the
+reference) and an optional C core, ``tracemark._speedups`` (``tracemark/_speedups.c``, built
+by the package's build when a compiler is present). With the C core, one C call per event
+packs it by the marker's layout, reads the same clock (``CLOCK_MONOTONIC``), switches
+sub-buffers through :meth:`.channel.Channel.switch` (Python, once per packet) and publishes;
+whatever it does not do exactly as the pure core, it declines before writing anything, and
+the pure core records that event. Same traces, same guarantees, same counters
+(tests/test_speedups.py checks both cores against each other).
+
+=======================  ===================================================================
+which core               ``tracemark.env.core()``, ``tracemark --version``: the C core when
+                         built, else the pure core; ``TRACEMARK_CORE=python`` forces the
+                         pure core (read when a recording binds a marker); a free-threaded
+                         build always uses the pure core (the C core needs the GIL)
+field kinds in C         ``int`` (exact int within int64), ``float`` (exact float), ``bool``
+                         (True/False), ``str`` (exact str without surrogates), ``bytes``
+                         (exact bytes), ``any`` (None, and the kinds above)
+per event, pure core     any other value of those kinds (an int subclass, a float given for
+                         an int, text with surrogates, a bytearray, an ``any`` value stored
+                         as its repr); any event inside an asyncio task (the task
+                         bookkeeping, :mod:`.tasks`, is Python)
+per marker, pure core    markers with an ``object`` field (its repr runs Python code), and
+                         any field kind the C core does not know
+nesting, signals         unchanged: the channel choice (depth 0 or a nested level) is the
+                         generated code's, around the C call; no Python code runs between
+                         reading ``pos`` and publishing ``count`` in C
+=======================  ===================================================================
+
 The trace format is :mod:`tracemark.ctf.writer`'s; the contract between the channel and the
 packing code generated from it is :class:`tracemark.ctf.writer.PackTarget`.
 

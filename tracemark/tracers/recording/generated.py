@@ -36,9 +36,11 @@ import textwrap
 import types
 from typing import TYPE_CHECKING, Any
 
+from ... import env
 from ..._codegen import function_code
 from ...ctf import writer as W
 from ...markers.dispatch import Binding, Inline
+from ...markers.fields import AnyValue
 from .tasks import ASYNCIO
 
 if TYPE_CHECKING:
@@ -88,6 +90,25 @@ try:
 """
 )
 
+# The C core (tracemark._speedups, when built and not turned off: tracemark.env.core()):
+# one call packs and publishes the event; it declines (returns True, having written nothing)
+# whatever it does not do exactly as the pure path, which then records the event: values
+# not of their field's exact type, a thread inside an asyncio task. See C_KINDS.
+_C_WRITE = """\
+_id = _in.id
+try:
+    _slow = _record(_ch, _id, {layout!r}, {values})
+except _Exception as _exc:
+    _slow = False
+    _in.rec._bad_value(_ch, _marker, ({values}), _exc)
+if _slow:
+{pure}"""
+
+#: Field kinds the C core packs, by its layout code. A marker with a field of another kind
+#: (``object``: its repr runs Python code) is recorded by the pure path: see the table in
+#: docs (tracemark/tracers/recording/__init__.py).
+C_KINDS: dict[Any, bytes] = {int: b"i", float: b"f", bool: b"b", str: b"s", bytes: b"y"}
+
 _FUNCTION = """\
 def probe(_marker, _args):
     {unpack}_in = _state
@@ -123,10 +144,30 @@ class Bound:
 _compiled: dict[tuple, tuple[str, types.CodeType, types.CodeType, dict[str, Any]]] = {}
 
 
+def _layout(fields: Any) -> bytes | None:
+    """The C core's layout for these fields, or None when it is not to record them."""
+    speedups = env.speedups()
+    if speedups is None:
+        return None
+    if not _configured:
+        from .channel import Channel
+        from .tasks import _Slot
+
+        speedups.configure(Channel, _Slot)  # type: ignore[attr-defined]
+        _configured.append(speedups)
+    codes = [C_KINDS.get(f.type, b"a" if f.type is AnyValue else None) for f in fields]
+    return None if None in codes else b"".join(codes)  # type: ignore[arg-type]
+
+
+_configured: list = []
+
+
 def _paths(fields: Any) -> tuple[str, types.CodeType, types.CodeType, dict[str, Any]]:
-    """For one field signature (names and types): the depth-0 body (for fusing), the code of
-    the depth-0 and nested functions, and the globals they share (the struct cache)."""
-    key = tuple((f.name, f.type) for f in fields)
+    """For one field signature (names and types) and the core in use: the depth-0 body (for
+    fusing), the code of the depth-0 and nested functions, and the globals they share (the
+    struct cache)."""
+    layout = _layout(fields)
+    key = (layout, *((f.name, f.type) for f in fields))
     found = _compiled.get(key)
     if found is None:
         names = [f.name for f in fields]
@@ -134,6 +175,11 @@ def _paths(fields: Any) -> tuple[str, types.CodeType, types.CodeType, dict[str, 
         shared.update(_Exception=Exception, _AttributeError=AttributeError, _aio=ASYNCIO)
         values = "".join(f"{n}, " for n in names)
         write = _WRITE.format(pack=pack, values=values)
+        if layout is not None:
+            shared["_record"] = _configured[0].record
+            write = _C_WRITE.format(
+                layout=layout, values=values, pure=textwrap.indent(write, "    ")
+            )
         top = _TOP_CHANNEL + write
         fused = _INLINE_CHANNEL + write
         nested = _NESTED_BODY.format(write=textwrap.indent(write, "    "))

@@ -1,0 +1,29 @@
+"""The build of tracemark's optional C core (tracemark/_speedups.c); everything else is in
+pyproject.toml.
+
+The extension is optional: a build without a compiler (or on a platform the C core does not
+support) still succeeds and tracemark uses its pure-Python core, which stays the reference
+(``tracemark --version`` and ``tracemark.env.core()`` say which core runs, and why).
+"""
+
+import sys
+import sysconfig
+
+from setuptools import Extension, setup
+
+# Linux only: the C core reads CLOCK_MONOTONIC, which is time.monotonic_ns()'s clock there.
+# A free-threaded build has no GIL, which the C core relies on: pure core there.
+supported = sys.platform.startswith("linux") and not sysconfig.get_config_var("Py_GIL_DISABLED")
+
+setup(
+    ext_modules=[
+        Extension(
+            "tracemark._speedups",
+            ["tracemark/_speedups.c"],
+            optional=True,
+            extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter"],
+        )
+    ]
+    if supported
+    else [],
+)
