@@ -248,7 +248,7 @@ KILLED = textwrap.dedent(
     import os, signal, sys, tracemark
     m = tracemark.marker("kill.i", i=int, s=str)
     n = tracemark.marker("kill.n", i=int)
-    tracemark.record(sys.argv[1], "kill.*", subbuffer_size=4096, subbuffers=64)
+    tracemark.record(sys.argv[1], "kill.*", subbuffer_size=4096, subbuffers=256)  # no discards
     for i in range(20000):
         m(i, "x" * (i % 13)) if i % 700 == 0 else n(i)
     for i in range(20000, 20010):  # in the packet left open: only recovery writes it
