@@ -375,11 +375,20 @@ static PyObject *record(PyObject *module, PyObject *const *args, Py_ssize_t narg
     struct timespec now;
     clock_gettime(CLOCK_MONOTONIC, &now);
     unsigned char *p = base + pos;
+    /* The crash protocol of tracemark/ctf/ring.py, as struct.pack_into keeps it: first zero
+     * the whole region (event and end mark), then store the values in order, the end mark
+     * last. A process killed part-way leaves zeroes, never the 0xFF fill, where its end mark
+     * would be, so recovery drops the torn event instead of decoding it. SIGKILL stops the
+     * process between two instructions: only the compiler could reorder these stores, and
+     * the signal fences forbid it. */
+    memset(p, 0, (size_t)(size + END_SIZE));
+    __atomic_signal_fence(__ATOMIC_SEQ_CST);
     put_u32(p, (uint32_t)event_id);
     put_u64(p + 4, (uint64_t)now.tv_sec * 1000000000u + (uint64_t)now.tv_nsec);
     p += HEADER_SIZE;
     for (Py_ssize_t i = 0; i < nfields; i++)
         p = pack_field(p, &fields[i]);
+    __atomic_signal_fence(__ATOMIC_SEQ_CST);
     put_u32(p, END_MARK);
     release(owned, nfields);
 
