@@ -19,7 +19,7 @@ setup(
     ext_modules=[
         Extension(
             "tracemark._speedups",
-            ["tracemark/_speedups.c"],
+            ["tracemark/_speedups.c", "tracemark/_speedups_patching.c"],
             optional=True,
             extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter"],
         )

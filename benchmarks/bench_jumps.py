@@ -17,9 +17,14 @@ The cases take apart the patched function:
   version lazily, and nothing changes.
 * ``jump_only``: the patch with its jump landing straight on the next statement (no
   rebinding guard): the one jump the design promises.
-* ``patched``: what ships: the jump goes to the rebinding guard (load the marker's name,
-  compare it with the marker, jump back), so that a name rebound to something else (a mock)
-  is called.
+* ``patched``: what ships. On 3.12+ with the C core, the jump alone: a dictionary watcher
+  on the module's globals stands in for the rebinding guard (tracemark/patching/patcher.py,
+  ``_watch``), and the C core gives the function its version back after ``__code__`` is
+  assigned (3.13). On 3.11 (no dictionary watchers) and on the pure core, the jump goes to
+  the rebinding guard (load the marker's name, compare it with the marker, jump back), so
+  that a name rebound to something else (a mock) is called.
+* ``rebound``: patched, then the marker's name rebound (to the same marker): the watcher
+  puts the guard back for good, as in a module that rebinds its markers.
 * ``guarded``: ``if flag:`` around the marker, for scale.
 """
 
@@ -39,7 +44,8 @@ _NOTES = {
     "without": "baseline",
     "reassigned": "same code, new code object",
     "jump_only": "the patch's jump, no rebinding guard",
-    "patched": "jump + rebinding guard (what ships)",
+    "patched": "what ships: the jump (3.12+, C core: a watcher, no guard; 3.11: + guard)",
+    "rebound": "jump + rebinding guard (after the marker's name is rebound)",
     "guarded": "`if flag:`, flag off",
 }
 

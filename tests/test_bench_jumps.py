@@ -16,6 +16,13 @@ def test_the_jump_only_case_skips_the_marker_and_nothing_else():
     first = next(i for i in body if i.opname != "RESUME")
     assert landing.positions.lineno - jump.positions.lineno == 1
     assert (landing.opname, landing.argval) == (first.opname, first.argval)
-    for f in (cases.without, cases.reassigned, cases.jump_only, cases.patched, cases.guarded):
+    for f in (
+        cases.without,
+        cases.reassigned,
+        cases.jump_only,
+        cases.patched,
+        cases.rebound,
+        cases.guarded,
+    ):
         assert f(1500, "eth0") == 1501
     assert cases.reassigned.__code__ is not cases.without.__code__

@@ -404,9 +404,14 @@ static PyMethodDef methods[] = {
     {NULL, NULL, 0, NULL},
 };
 
+/* The patcher's functions: tracemark/_speedups_patching.c. */
+extern PyMethodDef tm_patching_methods[];
+
 static int exec_module(PyObject *module)
 {
     State *st = get_state(module);
+    if (PyModule_AddFunctions(module, tm_patching_methods) < 0)
+        return -1;
     st->str_switch = PyUnicode_InternFromString("switch");
     return st->str_switch == NULL ? -1 : 0;
 }

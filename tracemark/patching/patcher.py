@@ -64,8 +64,11 @@ What swapping guarantees
 * **A site calls whatever its name refers to when it runs.** The callee is resolved when the
   function is analysed, and the jump over an inactive statement is *guarded*: it is taken only
   while the name still refers to that object (:func:`.bytecode.rewrite`: the name is loaded
-  and compared by identity: about 5-7 ns per inactive statement on 3.12/3.13, measured
-  with ``python -m benchmarks.run patching``).
+  and compared by identity: about 120 machine instructions per inactive statement,
+  ``python -m benchmarks.run jumps``). On 3.12+ with the C core a dictionary watcher on the
+  module's globals stands in for the guard of a global name (the jump is then bare, +10
+  instructions) and puts the guard back before a watched name is rebound or deleted; a call
+  already running at that moment keeps its bare jump until it returns (see ``_watch``).
   Otherwise the statement runs as written: rebinding ``rx = spy`` (a global, or a builtin)
   or a closure variable after patching, even while the marker stays inactive, makes the
   site call ``spy`` with its arguments evaluated; deleting the name raises the NameError the
@@ -224,13 +227,24 @@ class Unit:
         self.statements = statements  # id(original code) -> its marker statements
         self.rejected: dict[tuple[int, tuple], str] = {}  # (code id, span) -> verifier's why
         self.cores = {s.core for sts in statements.values() for s in sts}
-        self.variants: dict[frozenset, dict[int, CodeType]] = {}
+        # (active markers, guards dropped) -> original code id -> variant; never emptied, so
+        # that the ids in origin and _units stay the ids of live code objects.
+        self.variants: dict[tuple[frozenset, bool], dict[int, CodeType]] = {}
         self.origin: dict[int, CodeType] = {i: c for i, c in self.codes.items()}
         # Every function object running this unit's code -> the original code it runs a
         # variant of (weak: a closure that is dropped is forgotten).
         self.funcs: weakref.WeakKeyDictionary[FunctionType, CodeType] = weakref.WeakKeyDictionary()
         self.nested = any(i != id(root) and sts for i, sts in statements.items())
         self.refused = ""
+        # The globals dict whose dictionary watcher stands in for the guards of global names
+        # (3.12+, C core: see _watch), or None while the variants carry their guards.
+        self.watched: dict | None = None
+        self.watched_names = frozenset(
+            st.guard.name
+            for sts in statements.values()
+            for st in sts
+            if st.guard is not None and st.guard.scope == "global"
+        )
         self._check_each()
 
     def _check_each(self) -> None:
@@ -258,7 +272,7 @@ class Unit:
             copy
             for st in self.statements.get(cid, ())
             if st.core in skip and (cid, st.span) not in self.rejected
-            for copy in st.skips()
+            for copy in self._skips(st)
         ]
         changed = any(a is not b for a, b in zip(consts, code.co_consts, strict=True))
         variant = code.replace(co_consts=consts) if changed else code
@@ -273,15 +287,23 @@ class Unit:
         self.origin[id(variant)] = code
         return variant
 
+    def _skips(self, st: finder.Statement) -> list[bytecode.Skip]:
+        """The statement's jumps; without the guard of a global name the watcher covers."""
+        skips = st.skips()
+        if self.watched is not None and st.guard is not None and st.guard.scope == "global":
+            skips = [s._replace(guard=None) for s in skips]
+        return skips
+
     def mapping(self) -> dict[int, CodeType]:
         """Original code id -> the code to run for the markers active now (cached)."""
         active = frozenset(c for c in self.cores if c.active)
-        found = self.variants.get(active)
+        key = (active, self.watched is not None)
+        found = self.variants.get(key)
         if found is None:
             found = dict(self.codes)
             if not self.refused:
                 self._build(self.root, frozenset(self.cores - active), found)
-            self.variants[active] = found
+            self.variants[key] = found
             for code in found.values():
                 _units[id(code)] = self
         return found
@@ -293,18 +315,20 @@ class Unit:
             return False
         if func in self.funcs:
             return False
+        if self.watched is not None and func.__globals__ is not self.watched:
+            self.unwatch()  # the same code run with other globals: the watcher cannot see them
         if id(orig) in _suspended_codes:
             # A dynamic probe holds this code: run the original, and take it back on resume.
             if func.__code__ is not orig:
-                func.__code__ = orig
+                _assign(func, orig)
             _parked[func] = orig
             return False
         if orig is self.root and not self._same_closure_markers(func):
-            func.__code__ = orig  # its closure holds other markers: plain call path
+            _assign(func, orig)  # its closure holds other markers: plain call path
             return False
         self.funcs[func] = orig
         if not self.refused:
-            func.__code__ = self.mapping()[id(orig)]
+            _assign(func, self.mapping()[id(orig)])
         return True
 
     def _same_closure_markers(self, func: FunctionType) -> bool:
@@ -318,6 +342,22 @@ class Unit:
         mine = self.statements.get(id(root), [])
         return [(s.span, s.core) for s in found] == [(s.span, s.core) for s in mine]
 
+    def unwatch(self) -> None:
+        """Put the guards back on every function of this unit, for good (see _watch)."""
+        globs = self.watched
+        if globs is None:
+            return
+        self.watched = None
+        units = _watching.get(id(globs), [])
+        if self in units:
+            units.remove(self)
+        if not units:
+            _watching.pop(id(globs), None)
+            native = _native()
+            if native is not None:
+                native.unwatch(globs)
+        self.install()
+
     def install(self) -> None:
         if self.refused:
             return
@@ -326,7 +366,7 @@ class Unit:
             # Never fight over __code__: a function whose code someone else replaced since
             # (a dynamic probe's instrumented copy, a debugger) is left as they made it.
             if self.origin.get(id(func.__code__)) is orig:
-                func.__code__ = mapping[id(orig)]
+                _assign(func, mapping[id(orig)])
 
     def _all_codes(self) -> Iterator[CodeType]:
         yield from self.codes.values()
@@ -406,6 +446,80 @@ def _functions_of(obj: Any, seen: set[int]) -> Iterator[FunctionType]:
             yield from _functions_of(wrapped, seen)
 
 
+# --- installing code, and the watcher that stands in for the guards ------------------------
+#
+# Why: the rebinding guard of a patched jump costs 110-122 machine instructions per inactive
+# statement (benchmarks/bench_jumps.py), more than the 5% the design allows, while the jump
+# alone costs 10. On 3.12+ the C core can watch a module's globals (PEP 699) and drop the
+# guards of global names: the watcher's callback runs before a watched name is rebound or
+# deleted (or the dict cleared), and puts the guarded variants back on the unit's functions
+# before the rebinding statement finishes, so every call that starts afterwards calls the new
+# object. What the guard gave and the watcher does not: a call that is already running (or a
+# suspended generator or coroutine) when the name is rebound keeps jumping over the statement
+# until it returns -- the rule connect() already follows. Once a unit's names are rebound it
+# keeps its guards (a module that rebinds its markers, a test's mock, pays the guard).
+# Under TRACEMARK_CORE=python, on 3.11 and for closure variables the guards stay.
+
+_watching: dict[int, list[Unit]] = {}  # id(globals) -> units whose guards it stands in for
+
+
+def _native() -> Any:
+    """The C core (tracemark._speedups), or None: pure core, by choice or for want of it."""
+    return env._core()[0]
+
+
+def _assign(func: FunctionType, code: CodeType) -> None:
+    """``func.__code__ = code``; through the C core where it keeps the function's version
+    (3.13: callers' CALL stays specialised, see _speedups_patching.c)."""
+    native = _native()
+    if native is None or not hasattr(native, "set_code"):
+        func.__code__ = code
+    else:
+        native.set_code(func, code)
+
+
+def _watch(unit: Unit, globs: dict) -> None:
+    """Let a dictionary watcher on ``globs`` stand in for the unit's guards of global names,
+    when the C core can and every such name is bound in ``globs`` itself (a name resolved
+    through builtins keeps its guard: a change to builtins is not watched)."""
+    native = _native()
+    if native is None or not hasattr(native, "watch") or sys.version_info < (3, 12):
+        return
+    names = unit.watched_names
+    if not names or type(globs) is not dict:
+        return
+    for sts in unit.statements.values():
+        for st in sts:
+            guard = st.guard
+            global_name = guard is not None and guard.scope == "global"
+            if global_name and globs.get(guard.name, _UNSET) is not guard.expected:
+                return
+    units = _watching.setdefault(id(globs), [])
+    every = frozenset().union(*(u.watched_names for u in units), names)
+    if not native.watch(globs, every, _on_rebind):
+        if not units:
+            del _watching[id(globs)]
+        return
+    unit.watched = globs
+    units.append(unit)
+
+
+_UNSET = object()
+
+
+def _on_rebind(globs: dict, name: str | None) -> None:
+    """The watcher's callback: ``name`` of ``globs`` is about to change (None: every name)."""
+    if sys.is_finalizing():
+        return  # module dicts are cleared at exit: nothing will call the functions again
+    try:
+        with registry._lock:
+            for unit in list(_watching.get(id(globs), ())):
+                if name is None or name in unit.watched_names:
+                    unit.unwatch()
+    except Exception as exc:  # never into the program's assignment
+        faults.report("patch-error", str(name), f"tracemark could not restore a guard: {exc!r}")
+
+
 def _analyse(func: FunctionType) -> Unit | None:
     """The unit of ``func``'s code (made now if needed), or None if it has no statements."""
     code = _original(func)  # never analyse a probe's instrumented copy as if it were original
@@ -431,6 +545,7 @@ def _analyse(func: FunctionType) -> Unit | None:
         return None
     unit = Unit(code, found)
     unit.refused = _refusal()
+    _watch(unit, func.__globals__)
     for cid, c in unit.codes.items():
         _units[cid] = unit
         _places.add(_place(c))
@@ -468,9 +583,15 @@ def patch(obj: Any) -> list[Site]:
 def unpatch_all() -> None:
     """Put every patched function back on its original code and forget all analysis (tests)."""
     with registry._lock:
+        native = _native()
+        for units in _watching.values():
+            if native is not None and units and units[0].watched is not None:
+                native.unwatch(units[0].watched)
+        _watching.clear()
         for unit in {id(u): u for u in _units.values()}.values():
+            unit.watched = None
             for func, orig in list(unit.funcs.items()):
-                func.__code__ = orig
+                _assign(func, orig)
         _units.clear()
         _by_core.clear()
         _unpatchable.clear()
@@ -548,7 +669,7 @@ def suspend(func: FunctionType) -> CodeType:
                 if orig is None or id(orig) not in tree:
                     continue  # not running our code (someone else's, or another tree)
                 unit.funcs.pop(f, None)
-                f.__code__ = orig
+                _assign(f, orig)
                 _parked[f] = orig
         return root
 
@@ -794,7 +915,7 @@ def _near(frame: Any, code: CodeType) -> list[FunctionType]:
 def _reanalyse(unit: Unit) -> bool:
     funcs = list(unit.funcs)
     for func in funcs:
-        func.__code__ = unit.origin[id(func.__code__)]
+        _assign(func, unit.origin[id(func.__code__)])
     for cid in [cid for cid, u in _units.items() if u is unit]:
         del _units[cid]
     for units in _by_core.values():
