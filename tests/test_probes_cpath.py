@@ -146,9 +146,7 @@ def test_the_same_events_as_the_pure_path_for_any_values(tmp_path_factory, monke
     assert len(evs) == 2 * len(calls)
 
 
-def test_the_same_events_for_the_shapes_the_c_path_must_decline_or_match(
-    tmp_path, monkeypatch
-):
+def test_the_same_events_for_the_shapes_the_c_path_must_decline_or_match(tmp_path, monkeypatch):
     """Unbound locals, cells, recursion, generators (entry once, at the first resume),
     coroutines in asyncio tasks (the task bookkeeping is the pure path's), and a capture of
     an attribute path (no C path) beside plain ones."""
@@ -167,6 +165,7 @@ def test_the_same_events_for_the_shapes_the_c_path_must_decline_or_match(
     probes = [
         ("later", {"capture": ["a", "x"]}),
         ("outer", {}),
+        ("outer.<locals>.inner", {"capture": ["a"]}),  # a free variable
         ("recursive", {}),
         ("gen", {}),
         ("coro", {}),
@@ -196,7 +195,9 @@ def test_many_threads_lose_nothing_and_match(tmp_path, monkeypatch):
     for _, fields in evs:
         by_thread.setdefault(fields[0][1], []).append(fields[1][1])
     assert sorted(by_thread) == sorted(("int", repr(t)) for t in range(4))
-    assert all(sorted(v) == sorted(("int", repr(i)) for i in range(2000)) for v in by_thread.values())
+    assert all(
+        sorted(v) == sorted(("int", repr(i)) for i in range(2000)) for v in by_thread.values()
+    )
 
 
 def test_small_sub_buffers_switch_through_the_pure_path(tmp_path, monkeypatch):
