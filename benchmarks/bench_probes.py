@@ -51,6 +51,10 @@ def recorded(a, b):
     return a
 
 
+def recorded_one(a, b):
+    return a
+
+
 def monitored(a, b):
     return a
 
@@ -98,16 +102,21 @@ def _probed(func: str, glob: str, **kw: object) -> Callable[[], contextlib.Abstr
     return on
 
 
-@contextlib.contextmanager
-def _recording() -> Iterator[None]:
-    h = probes.probe(f"{__name__}:recorded")
-    with tempfile.TemporaryDirectory() as tmp:
-        rec = tracemark.record(os.path.join(tmp, "trace"), "probe.*.recorded.*")
-        try:
-            yield
-        finally:
-            rec.stop()
-            probes.unprobe(h)
+def _recording(
+    func: str = "recorded", **kw: object
+) -> Callable[[], contextlib.AbstractContextManager]:
+    @contextlib.contextmanager
+    def on() -> Iterator[None]:
+        h = probes.probe(f"{__name__}:{func}", **kw)
+        with tempfile.TemporaryDirectory() as tmp:
+            rec = tracemark.record(os.path.join(tmp, "trace"), f"probe.*.{func}.*")
+            try:
+                yield
+            finally:
+                rec.stop()
+                probes.unprobe(h)
+
+    return on
 
 
 @contextlib.contextmanager
@@ -178,7 +187,16 @@ def report(number: int = 100_000, repeat: int = 7) -> str:
         ),
         (
             Case("entry probe recorded to CTF (tracemark.record)", "recorded(1, 2)", ns),
-            _recording,
+            _recording(),
+        ),
+        (
+            Case(
+                "entry probe recorded, one captured argument",
+                "recorded_one(1, 2)",
+                ns,
+                f"core: {tracemark.env.core()[0]}",
+            ),
+            _recording("recorded_one", capture=["a"]),
         ),
         (Case("sys.setprofile, no-op profiler", "profiled(1, 2)", ns), _profiling),
     ]

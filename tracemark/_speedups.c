@@ -41,6 +41,8 @@
 #include <string.h>
 #include <time.h>
 
+#include "_speedups.h"
+
 #ifdef Py_GIL_DISABLED
 #error "tracemark._speedups needs the GIL; a free-threaded build uses the pure-Python core"
 #endif
@@ -56,6 +58,7 @@ typedef struct {
     Py_ssize_t off_buf, off_pos, off_limit, off_count, off_loop, off_intask;
     Py_ssize_t off_running;
     PyObject *str_switch;
+    ProbesState probes; /* tracemark/_speedups_probes.c's */
 } State;
 
 static inline State *get_state(PyObject *module) { return (State *)PyModule_GetState(module); }
@@ -283,31 +286,41 @@ PyDoc_STRVAR(record_doc,
 
 static PyObject *record(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
-    State *st = get_state(module);
     if (nargs < 3 || !PyBytes_CheckExact(args[2])) {
         PyErr_SetString(PyExc_TypeError, "record(ch, event_id, layout: bytes, *values)");
         return NULL;
     }
-    PyObject *ch = args[0];
-    const char *layout = PyBytes_AS_STRING(args[2]);
     Py_ssize_t nfields = nargs - 3;
     if (PyBytes_GET_SIZE(args[2]) != nfields) {
         PyErr_SetString(PyExc_TypeError, "record(): one value per layout code");
         return NULL;
     }
+    unsigned long event_id = PyLong_AsUnsignedLong(args[1]);
+    if (event_id == (unsigned long)-1 && PyErr_Occurred())
+        return NULL;
+    int r = tm_record_values(module, args[0], event_id, PyBytes_AS_STRING(args[2]), nfields,
+                             args + 3, 1);
+    if (r < 0)
+        return NULL;
+    return PyBool_FromLong(r);
+}
+
+ProbesState *tm_probes_state(PyObject *module) { return &get_state(module)->probes; }
+
+/* record()'s work, shared with the probes' C path (see _speedups.h). */
+int tm_record_values(PyObject *module, PyObject *ch, unsigned long event_id, const char *layout,
+                     Py_ssize_t nfields, PyObject *const *values, int may_switch)
+{
+    State *st = get_state(module);
     if (st->channel_type == NULL || !Py_IS_TYPE(ch, st->channel_type) || nfields > MAX_FIELDS)
-        Py_RETURN_TRUE;
+        return 1;
 
     /* Task identity (tracers/recording/tasks.py): the fast case is "no loop running and the
      * last event was in no task"; anything else is the pure core's business. */
     PyObject *loop = SLOT(ch, st->off_loop);
     if (loop == NULL || !Py_IS_TYPE(loop, st->slot_type) ||
         SLOT(loop, st->off_running) != Py_None || SLOT(ch, st->off_intask) != Py_False)
-        Py_RETURN_TRUE;
-
-    unsigned long event_id = PyLong_AsUnsignedLong(args[1]);
-    if (event_id == (unsigned long)-1 && PyErr_Occurred())
-        return NULL;
+        return 1;
 
     /* Every value checked and sized before the channel is touched. */
     Prepared fields[MAX_FIELDS];
@@ -315,10 +328,10 @@ static PyObject *record(PyObject *module, PyObject *const *args, Py_ssize_t narg
     Py_ssize_t size = HEADER_SIZE;
     for (Py_ssize_t i = 0; i < nfields; i++) {
         fields[i].tag = 0;
-        Py_ssize_t n = prepare(layout[i], args[3 + i], &fields[i], &owned[i]);
+        Py_ssize_t n = prepare(layout[i], values[i], &fields[i], &owned[i]);
         if (n < 0) {
             release(owned, i + 1);
-            Py_RETURN_TRUE;
+            return 1;
         }
         size += n;
     }
@@ -328,10 +341,14 @@ static PyObject *record(PyObject *module, PyObject *const *args, Py_ssize_t narg
     if (pos_obj == NULL || limit_obj == NULL || !PyLong_CheckExact(pos_obj) ||
         !PyLong_CheckExact(limit_obj)) {
         release(owned, nfields);
-        Py_RETURN_TRUE;
+        return 1;
     }
     Py_ssize_t pos = PyLong_AsSsize_t(pos_obj), limit = PyLong_AsSsize_t(limit_obj);
     if (pos + size > limit) {
+        if (!may_switch) { /* the caller takes the whole Python path, which switches */
+            release(owned, nfields);
+            return 1;
+        }
         /* The rare slow path, in Python: closes the packet (hands it to the consumer) and
          * opens the next, or counts the event as discarded and returns -1. */
         PyObject *size_obj = PyLong_FromSsize_t(size);
@@ -339,17 +356,17 @@ static PyObject *record(PyObject *module, PyObject *const *args, Py_ssize_t narg
         Py_XDECREF(size_obj);
         if (r == NULL) {
             release(owned, nfields);
-            return NULL;
+            return -1;
         }
         pos = PyLong_AsSsize_t(r);
         Py_DECREF(r);
         if (pos == -1 && PyErr_Occurred()) {
             release(owned, nfields);
-            return NULL;
+            return -1;
         }
         if (pos < 0) {
             release(owned, nfields);
-            Py_RETURN_FALSE;
+            return 0;
         }
     }
     Py_ssize_t buflen;
@@ -359,7 +376,7 @@ static PyObject *record(PyObject *module, PyObject *const *args, Py_ssize_t narg
     if (base == NULL || pos < 0 || pos + size + END_SIZE > buflen || count_obj == NULL ||
         !PyLong_CheckExact(count_obj)) {
         release(owned, nfields); /* nothing written: the pure path packs at ch.pos */
-        Py_RETURN_TRUE;
+        return 1;
     }
     Py_ssize_t count = PyLong_AsSsize_t(count_obj);
     PyObject *new_pos = PyLong_FromSsize_t(pos + size);
@@ -368,7 +385,7 @@ static PyObject *record(PyObject *module, PyObject *const *args, Py_ssize_t narg
         Py_XDECREF(new_pos);
         Py_XDECREF(new_count);
         release(owned, nfields);
-        return NULL;
+        return -1;
     }
 
     /* Pack: header (after the switch, so the timestamp is inside the packet), fields, end. */
@@ -395,7 +412,7 @@ static PyObject *record(PyObject *module, PyObject *const *args, Py_ssize_t narg
     /* Publish: pos then count, nothing between them (see the file's comment). */
     set_slot(ch, st->off_pos, new_pos);
     set_slot(ch, st->off_count, new_count);
-    Py_RETURN_FALSE;
+    return 0;
 }
 
 static PyMethodDef methods[] = {
@@ -413,7 +430,9 @@ static int exec_module(PyObject *module)
     if (PyModule_AddFunctions(module, tm_patching_methods) < 0)
         return -1;
     st->str_switch = PyUnicode_InternFromString("switch");
-    return st->str_switch == NULL ? -1 : 0;
+    if (st->str_switch == NULL)
+        return -1;
+    return tm_probes_exec(module);
 }
 
 static int traverse(PyObject *module, visitproc visit, void *arg)
@@ -421,7 +440,7 @@ static int traverse(PyObject *module, visitproc visit, void *arg)
     State *st = get_state(module);
     Py_VISIT(st->channel_type);
     Py_VISIT(st->slot_type);
-    return 0;
+    return tm_probes_traverse(module, visit, arg);
 }
 
 static int clear(PyObject *module)
@@ -430,7 +449,7 @@ static int clear(PyObject *module)
     Py_CLEAR(st->channel_type);
     Py_CLEAR(st->slot_type);
     Py_CLEAR(st->str_switch);
-    return 0;
+    return tm_probes_clear(module);
 }
 
 static void free_module(void *module) { clear((PyObject *)module); }

@@ -267,6 +267,7 @@ class MarkerCore:
         if len(bindings) == 1:  # the only probe: its own body, or else a direct call
             inline = bindings[0].inline or Inline(self.call_source, {}, bindings[0].top)
         code, slot = self._fused(inline)
+        ns["_fused_state"] = None  # the fused state, for the probes' C path (below)
         for old, _ in tuple(self.fused.values()):
             ns[old] = None
         if self.fire.__code__ is not code:
@@ -276,6 +277,9 @@ class MarkerCore:
         ns["_probes"] = tuple(b.top for b in bindings)
         if inline is not None and slot:
             ns[slot] = inline.state
+            # The C path of entry probes (tracemark/_speedups_probes.c) records a recorder's
+            # fused event itself, and only while this holds that recorder's state.
+            ns["_fused_state"] = inline.state
 
     def _fused(self, inline: Inline | None) -> tuple[CodeType, str]:
         """The firing code for ``inline`` (compiled once per body) and its state slot; the

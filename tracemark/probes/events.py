@@ -180,6 +180,15 @@ class Probe:
         if self.at == "entry" and all(len(p) == 1 and p[0] in self.target.params for p in paths):
             self.direct = tuple(p[0] for p in paths)
             self.emit_args = _args_emitter(len(paths), fire, made)
+        #: The C path of an entry probe capturing plain names, when the C core is in use
+        #: (tracemark/_speedups_probes.c): the same events, recorded in one C call, or
+        #: declined to the pure emitters. It stands in for ``emit_args`` (3.11) and serves
+        #: ``PY_START`` (3.12+, :mod:`.sysmon`).
+        self.c_entry: Any = None
+        if self.at == "entry" and all(len(p) == 1 for p in paths):
+            self.c_entry = _c_entry(fire, tuple(p[0] for p in paths), made, self)
+            if self.c_entry is not None and self.direct is not None:
+                self.emit_args = self.c_entry
         if self.at == "return":
             starts = self._starts
             self.emit_return = _emitter("frame, value", "return", paths, fire, starts, made=made)
@@ -334,6 +343,29 @@ def _emitter(
         body.append(f"_fire({', '.join(names)})")
     source = f"def emit({params}):\n" + "".join(f"    {line}\n" for line in body)
     return _function(source, {**_EMITTER_GLOBALS, "_fire": fire, "_starts": starts}, made)
+
+
+def _c_entry(fire: Any, names: tuple[str, ...], made: list, probe: Probe) -> Any:
+    """The C core's EntryProbe for these captures, or None (pure core, or not built)."""
+    from .. import env
+
+    speedups: Any = env.speedups()
+    if speedups is None or not hasattr(speedups, "EntryProbe"):
+        return None
+    if not _c_configured:
+        from ..markers import dispatch
+        from ..tracers.recording import channel, generated
+
+        speedups.configure_probes(
+            dispatch._tls, dispatch._ThreadState, generated.Bound, channel.Channel
+        )
+        _c_configured.append(speedups)
+    ns = {"_fire": fire}  # retire() silences the C path through it, like every emitter
+    made.append(ns)
+    return speedups.EntryProbe(fire, names, ns, getattr(probe, "emit_args", None))
+
+
+_c_configured: list = []
 
 
 def _args_emitter(n: int, fire: Any, made: list | None = None, convert: bool = True) -> Any:

@@ -59,6 +59,7 @@ class SysMonitoring:
         self._return: dict[types.CodeType, Callable[[object], object]] = {}
         self._line: dict[types.CodeType, dict[int, tuple[Probe, ...]]] = {}
         self._unwind: dict[types.CodeType, tuple[Probe, ...]] = {}
+        self._c_start: Any = None  # the C core's PY_START callback, when in use
 
     # --- the tool id ---------------------------------------------------------------------------
 
@@ -76,15 +77,29 @@ class SysMonitoring:
             )
         self.tool = tool
         ev = _mon.events
-        _mon.register_callback(tool, ev.PY_START, self._on_start)
+        _mon.register_callback(tool, ev.PY_START, self._start_callback())
         _mon.register_callback(tool, ev.PY_RETURN, self._on_return)
         _mon.register_callback(tool, ev.LINE, self._on_line)
         _mon.register_callback(tool, ev.PY_UNWIND, self._on_unwind)
+
+    def _start_callback(self) -> Callable[[types.CodeType, int], object]:
+        """``_on_start``, or in front of it the C core's callback, which records the entry
+        probes that have a C path itself (tracemark/_speedups_probes.c) and calls
+        ``_on_start`` for everything else (and whatever it declines)."""
+        from .. import env
+
+        speedups: Any = env.speedups()
+        self._c_start = None
+        if speedups is not None and hasattr(speedups, "StartCallback"):
+            self._c_start = speedups.StartCallback(self._on_start)
+            return self._c_start
+        return self._on_start
 
     def _free_tool(self) -> None:
         tool, self.tool = self.tool, None
         if tool is None:
             return
+        self._c_start = None
         ev = _mon.events
         _mon.set_events(tool, 0)
         for event in (ev.PY_START, ev.PY_RETURN, ev.LINE, ev.PY_UNWIND):
@@ -157,6 +172,9 @@ class SysMonitoring:
         # Publish the new tables before switching events on, and switch events off before
         # dropping code from the tables: a callback never finds its code missing by surprise.
         self._start, self._return = start, returning
+        if self._c_start is not None:  # code whose only probe has a C path
+            fast = {c: ps[0].c_entry for c, ps in starting.items() if len(ps) == 1}
+            self._c_start.set_table({c: e for c, e in fast.items() if e is not None})
         self._line, self._unwind = line, unwind
         tool = self.tool
         for code in before - set(wanted):

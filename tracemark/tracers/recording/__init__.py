@@ -52,6 +52,11 @@ per marker, pure core    markers with an ``object`` field (its repr runs Python 
 nesting, signals         unchanged: the channel choice (depth 0 or a nested level) is the
                          generated code's, around the C call; no Python code runs between
                          reading ``pos`` and publishing ``count`` in C
+dynamic entry probes     an entry probe capturing plain names whose marker only this
+                         recording consumes is recorded by one C call straight from the
+                         arguments (3.11) or the frame (3.12+, ``PyFrame_GetVar``), no
+                         emitter and no firing function (``tracemark/_speedups_probes.c``);
+                         any other case, and whatever it declines, is the pure path's
 =======================  ===================================================================
 
 The trace format is :mod:`tracemark.ctf.writer`'s; the contract between the channel and the

@@ -127,7 +127,7 @@ try:
 class Bound:
     """One recording's binding of one marker: the state its generated paths read as ``_in``."""
 
-    __slots__ = ("id", "marker", "rec", "tls")
+    __slots__ = ("id", "layout", "marker", "rec", "tls")
 
     def __init__(self, rec: Recording, marker: Any) -> None:
         self.rec = rec
@@ -136,6 +136,9 @@ class Bound:
         # The event id: the recording's start registered the markers declared by then; a
         # marker declared later is bound, so registered, when it is declared.
         self.id = rec._event_id(marker)
+        #: The C core's layout when the fused body records with it, else None (read by the
+        #: probes' C path, tracemark/_speedups_probes.c).
+        self.layout: bytes | None = None
 
     def __repr__(self) -> str:
         return f"<recording {str(self.rec.path)!r} of marker {self.marker.name!r}>"
@@ -197,6 +200,7 @@ def bind(rec: Recording, marker: Any) -> Binding:
     """What the registry runs on each event of ``marker`` for recording ``rec``."""
     fused, top_code, nested_code, shared = _paths(marker.fields)
     state = Bound(rec, marker)
+    state.layout = _layout(marker.fields)
     ns = {**shared, "_state": state}
     name = f"record[{marker.name}]"
     return Binding(
