@@ -34,8 +34,7 @@
  * (sub-)interpreter that imports the module gets its own. It needs the GIL: a free-threaded
  * build uses the pure core (tracemark.env says so) and this file refuses to build there.
  */
-#define PY_SSIZE_T_CLEAN
-#include <Python.h>
+#include "_speedups.h"
 #include <structmember.h>
 #include <stdint.h>
 #include <string.h>
@@ -50,19 +49,10 @@
 #define HEADER_SIZE 12 /* uint32 id, uint64 timestamp */
 #define MAX_FIELDS 64  /* more than this: declined (stack arrays below) */
 
-typedef struct {
-    PyTypeObject *channel_type; /* exact type record() accepts as a channel */
-    PyTypeObject *slot_type;    /* tracers.recording.tasks._Slot */
-    Py_ssize_t off_buf, off_pos, off_limit, off_count, off_loop, off_intask;
-    Py_ssize_t off_running;
-    PyObject *str_switch;
-} State;
-
 static inline State *get_state(PyObject *module) { return (State *)PyModule_GetState(module); }
 
-/* A __slots__ attribute, read where CPython keeps it (NULL when unset): attribute lookup
+/* SLOT (_speedups.h) reads a __slots__ attribute where CPython keeps it: attribute lookup
  * through the type would cost a dictionary probe and a descriptor call per field. */
-#define SLOT(obj, off) (*(PyObject **)((char *)(obj) + (off)))
 
 /* Replace a slot's value; the old value is an int or a buffer, whose release runs no
  * Python code. */
@@ -87,7 +77,7 @@ static inline void put_u64(unsigned char *p, uint64_t v)
 }
 
 /* The offset of a T_OBJECT_EX slot named `name` of `type`, or -1 with an exception set. */
-static Py_ssize_t slot_offset(PyTypeObject *type, const char *name)
+Py_ssize_t tm_slot_offset(PyTypeObject *type, const char *name)
 {
     PyObject *descr = PyDict_GetItemString(type->tp_dict, name); /* borrowed */
     if (descr == NULL || !Py_IS_TYPE(descr, &PyMemberDescr_Type)) {
@@ -118,10 +108,10 @@ static PyObject *configure(PyObject *module, PyObject *const *args, Py_ssize_t n
     Py_ssize_t offs[7];
     const char *names[6] = {"buf", "pos", "limit", "count", "loop", "intask"};
     for (int i = 0; i < 6; i++) {
-        if ((offs[i] = slot_offset(ch, names[i])) < 0)
+        if ((offs[i] = tm_slot_offset(ch, names[i])) < 0)
             return NULL;
     }
-    if ((offs[6] = slot_offset(slot, "running")) < 0)
+    if ((offs[6] = tm_slot_offset(slot, "running")) < 0)
         return NULL;
     st->off_buf = offs[0]; st->off_pos = offs[1]; st->off_limit = offs[2];
     st->off_count = offs[3]; st->off_loop = offs[4]; st->off_intask = offs[5];
@@ -288,26 +278,39 @@ static PyObject *record(PyObject *module, PyObject *const *args, Py_ssize_t narg
         PyErr_SetString(PyExc_TypeError, "record(ch, event_id, layout: bytes, *values)");
         return NULL;
     }
-    PyObject *ch = args[0];
-    const char *layout = PyBytes_AS_STRING(args[2]);
-    Py_ssize_t nfields = nargs - 3;
-    if (PyBytes_GET_SIZE(args[2]) != nfields) {
+    if (PyBytes_GET_SIZE(args[2]) != nargs - 3) {
         PyErr_SetString(PyExc_TypeError, "record(): one value per layout code");
         return NULL;
     }
-    if (st->channel_type == NULL || !Py_IS_TYPE(ch, st->channel_type) || nfields > MAX_FIELDS)
+    unsigned long event_id = PyLong_AsUnsignedLong(args[1]);
+    if (event_id == (unsigned long)-1 && PyErr_Occurred())
+        return NULL;
+    switch (tm_record(st, args[0], event_id, args[2], args + 3, nargs - 3, 1)) {
+    case TM_ERROR:
+        return NULL;
+    case TM_RECORDED:
+        Py_RETURN_FALSE;
+    default:
         Py_RETURN_TRUE;
+    }
+}
+
+/* The whole of record() but its argument checks: layout is bytes of nfields codes. With
+ * may_switch 0, an event that does not fit is declined instead of calling ch.switch(), and
+ * then no Python code runs at all (the firing path in _speedups_fire.c relies on it). */
+int tm_record(State *st, PyObject *ch, unsigned long event_id, PyObject *layout_obj,
+              PyObject *const *values, Py_ssize_t nfields, int may_switch)
+{
+    const char *layout = PyBytes_AS_STRING(layout_obj);
+    if (st->channel_type == NULL || !Py_IS_TYPE(ch, st->channel_type) || nfields > MAX_FIELDS)
+        return TM_DECLINED;
 
     /* Task identity (tracers/recording/tasks.py): the fast case is "no loop running and the
      * last event was in no task"; anything else is the pure core's business. */
     PyObject *loop = SLOT(ch, st->off_loop);
     if (loop == NULL || !Py_IS_TYPE(loop, st->slot_type) ||
         SLOT(loop, st->off_running) != Py_None || SLOT(ch, st->off_intask) != Py_False)
-        Py_RETURN_TRUE;
-
-    unsigned long event_id = PyLong_AsUnsignedLong(args[1]);
-    if (event_id == (unsigned long)-1 && PyErr_Occurred())
-        return NULL;
+        return TM_DECLINED;
 
     /* Every value checked and sized before the channel is touched. */
     Prepared fields[MAX_FIELDS];
@@ -315,10 +318,10 @@ static PyObject *record(PyObject *module, PyObject *const *args, Py_ssize_t narg
     Py_ssize_t size = HEADER_SIZE;
     for (Py_ssize_t i = 0; i < nfields; i++) {
         fields[i].tag = 0;
-        Py_ssize_t n = prepare(layout[i], args[3 + i], &fields[i], &owned[i]);
+        Py_ssize_t n = prepare(layout[i], values[i], &fields[i], &owned[i]);
         if (n < 0) {
             release(owned, i + 1);
-            Py_RETURN_TRUE;
+            return TM_DECLINED;
         }
         size += n;
     }
@@ -328,10 +331,19 @@ static PyObject *record(PyObject *module, PyObject *const *args, Py_ssize_t narg
     if (pos_obj == NULL || limit_obj == NULL || !PyLong_CheckExact(pos_obj) ||
         !PyLong_CheckExact(limit_obj)) {
         release(owned, nfields);
-        Py_RETURN_TRUE;
+        return TM_DECLINED;
     }
     Py_ssize_t pos = PyLong_AsSsize_t(pos_obj), limit = PyLong_AsSsize_t(limit_obj);
+    if ((pos == -1 || limit == -1) && PyErr_Occurred()) {
+        PyErr_Clear();
+        release(owned, nfields);
+        return TM_DECLINED;
+    }
     if (pos + size > limit) {
+        if (!may_switch) {
+            release(owned, nfields);
+            return TM_DECLINED;
+        }
         /* The rare slow path, in Python: closes the packet (hands it to the consumer) and
          * opens the next, or counts the event as discarded and returns -1. */
         PyObject *size_obj = PyLong_FromSsize_t(size);
@@ -339,17 +351,17 @@ static PyObject *record(PyObject *module, PyObject *const *args, Py_ssize_t narg
         Py_XDECREF(size_obj);
         if (r == NULL) {
             release(owned, nfields);
-            return NULL;
+            return TM_ERROR;
         }
         pos = PyLong_AsSsize_t(r);
         Py_DECREF(r);
         if (pos == -1 && PyErr_Occurred()) {
             release(owned, nfields);
-            return NULL;
+            return TM_ERROR;
         }
         if (pos < 0) {
             release(owned, nfields);
-            Py_RETURN_FALSE;
+            return TM_RECORDED;
         }
     }
     Py_ssize_t buflen;
@@ -359,16 +371,21 @@ static PyObject *record(PyObject *module, PyObject *const *args, Py_ssize_t narg
     if (base == NULL || pos < 0 || pos + size + END_SIZE > buflen || count_obj == NULL ||
         !PyLong_CheckExact(count_obj)) {
         release(owned, nfields); /* nothing written: the pure path packs at ch.pos */
-        Py_RETURN_TRUE;
+        return TM_DECLINED;
     }
     Py_ssize_t count = PyLong_AsSsize_t(count_obj);
+    if (count == -1 && PyErr_Occurred()) {
+        PyErr_Clear();
+        release(owned, nfields);
+        return TM_DECLINED;
+    }
     PyObject *new_pos = PyLong_FromSsize_t(pos + size);
     PyObject *new_count = PyLong_FromSsize_t(count + 1);
     if (new_pos == NULL || new_count == NULL) {
         Py_XDECREF(new_pos);
         Py_XDECREF(new_count);
         release(owned, nfields);
-        return NULL;
+        return TM_ERROR;
     }
 
     /* Pack: header (after the switch, so the timestamp is inside the packet), fields, end. */
@@ -395,7 +412,7 @@ static PyObject *record(PyObject *module, PyObject *const *args, Py_ssize_t narg
     /* Publish: pos then count, nothing between them (see the file's comment). */
     set_slot(ch, st->off_pos, new_pos);
     set_slot(ch, st->off_count, new_count);
-    Py_RETURN_FALSE;
+    return TM_RECORDED;
 }
 
 static PyMethodDef methods[] = {
@@ -404,11 +421,15 @@ static PyMethodDef methods[] = {
     {NULL, NULL, 0, NULL},
 };
 
+/* This table and the firing path's (tm_fire_methods) are both added in exec_module. */
+
 static int exec_module(PyObject *module)
 {
     State *st = get_state(module);
     st->str_switch = PyUnicode_InternFromString("switch");
-    return st->str_switch == NULL ? -1 : 0;
+    if (st->str_switch == NULL || PyModule_AddFunctions(module, tm_fire_methods) < 0)
+        return -1;
+    return tm_fire_exec(module, st);
 }
 
 static int traverse(PyObject *module, visitproc visit, void *arg)
@@ -416,7 +437,7 @@ static int traverse(PyObject *module, visitproc visit, void *arg)
     State *st = get_state(module);
     Py_VISIT(st->channel_type);
     Py_VISIT(st->slot_type);
-    return 0;
+    return tm_fire_traverse(st, visit, arg);
 }
 
 static int clear(PyObject *module)
@@ -425,6 +446,7 @@ static int clear(PyObject *module)
     Py_CLEAR(st->channel_type);
     Py_CLEAR(st->slot_type);
     Py_CLEAR(st->str_switch);
+    tm_fire_clear(st);
     return 0;
 }
 

@@ -1,0 +1,45 @@
+/* What tracemark/_speedups.c and tracemark/_speedups_fire.c share: the module state, the
+ * recording core both call, and the firing path's entries (see _speedups_fire.c's header). */
+#ifndef TRACEMARK_SPEEDUPS_H
+#define TRACEMARK_SPEEDUPS_H
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+typedef struct {
+    PyTypeObject *channel_type; /* exact type record() accepts as a channel */
+    PyTypeObject *slot_type;    /* tracers.recording.tasks._Slot */
+    Py_ssize_t off_buf, off_pos, off_limit, off_count, off_loop, off_intask;
+    Py_ssize_t off_running;
+    PyObject *str_switch;
+    /* The firing path (_speedups_fire.c), set by configure_fire(). */
+    PyTypeObject *fire_type;     /* Fire, a heap type of this module */
+    PyTypeObject *tstate_type;   /* markers.dispatch._ThreadState */
+    PyObject *tls;               /* markers.dispatch._tls */
+    PyObject *zero;              /* the int 0 (a small int: depth 0 is always this object) */
+    PyObject *str_state;
+    Py_ssize_t off_depth, off_cache, off_rec;
+} State;
+
+/* A __slots__ attribute, read where CPython keeps it (NULL when unset). */
+#define SLOT(obj, off) (*(PyObject **)((char *)(obj) + (off)))
+
+/* tm_record's outcomes. */
+#define TM_ERROR (-1)   /* an exception is set, nothing written */
+#define TM_RECORDED 0   /* recorded, or discarded by ch.switch (which counted it) */
+#define TM_DECLINED 1   /* nothing written: the caller records the event the pure way */
+
+/* Record one event (see record() in _speedups.c). With may_switch 0 an event that does not
+ * fit the sub-buffer is declined instead of calling ch.switch(): then no Python code runs. */
+int tm_record(State *st, PyObject *ch, unsigned long event_id, PyObject *layout,
+              PyObject *const *values, Py_ssize_t nfields, int may_switch);
+
+Py_ssize_t tm_slot_offset(PyTypeObject *type, const char *name);
+
+/* _speedups_fire.c */
+int tm_fire_exec(PyObject *module, State *st);
+int tm_fire_traverse(State *st, visitproc visit, void *arg);
+void tm_fire_clear(State *st);
+extern PyMethodDef tm_fire_methods[];
+
+#endif
