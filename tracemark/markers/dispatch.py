@@ -109,7 +109,31 @@ _tls = threading.local()
 
 def _new_thread_state() -> _ThreadState:
     state = _tls.state = _ThreadState()
+    if fast_support is not None:  # where the C firing path finds it (a thread-state dict)
+        fast_support.register(state)
     return state
+
+
+class FastSupport(NamedTuple):
+    """What a C firing path needs from the C core (see :attr:`Inline.fast`)."""
+
+    #: ``install(fire) -> bool``: route calls of the firing function through its global
+    #: ``_fast`` first, in C (3.12+); False where it cannot (3.11: the registry compiles a
+    #: prologue that calls ``_fast`` instead).
+    install: Callable[[Any], bool]
+    #: ``uninstall(fire)``: undo ``install``.
+    uninstall: Callable[[Any], object]
+    #: ``register(state)``: a new thread's dispatch state, where the C path finds it.
+    register: Callable[[_ThreadState], object]
+
+
+#: Set by the C core (tracemark/tracers/recording/generated.py) once it is configured.
+fast_support: FastSupport | None = None
+
+
+def _no_fast(*_values: object) -> bool:
+    """The global ``_fast`` while no C firing path is published: declines every event."""
+    return False
 
 
 def _forget_cache_in_child() -> None:
@@ -299,6 +323,13 @@ class Inline(NamedTuple):
     source: str
     globals: Mapping[str, Any]
     state: object
+    #: Optional: ``fast(*values) -> bool``, a C callable that does exactly what ``source``
+    #: does for a positional depth-0 call, or declines (False) having done nothing, running
+    #: no Python code when it records (see tracemark/_speedups_fire.c for why that keeps
+    #: every guarantee above: it cannot be interrupted, so no grace period can see it). The
+    #: registry publishes it as the global ``_fast``, called before anything else while the
+    #: binding is the marker's only probe and its fields have no context field.
+    fast: object = None
 
 
 class Binding(NamedTuple):
@@ -323,7 +354,7 @@ class Binding(NamedTuple):
 _TEMPLATE = """\
 def fire({params}*_extra, **_named):
     if _probes:
-        try:
+{fast}        try:
             _st = _tls.state
         except _AttributeError:
             _st = _new_thread_state()
@@ -366,6 +397,14 @@ _INLINE = """\
 """
 
 
+# The C firing path (Inline.fast) where the interpreter cannot call it instead of the
+# function itself (3.11: see tracemark/_speedups_fire.c): one C call first.
+_FAST = """\
+        if not _extra and not _named and _fast({names}):
+            return None
+"""
+
+
 def call_body(fields: tuple[Field, ...]) -> str:
     """The inline body that calls a marker's only probe (its state, ``_in``) directly."""
     return f"_in(_marker, ({_value_list(fields)}))\n"
@@ -375,9 +414,12 @@ def _value_list(fields: tuple[Field, ...]) -> str:
     return "".join(f"{f.name}, " for f in fields)
 
 
-def fire_code(fields: tuple[Field, ...], inline: str | None = None, slot: str = "") -> CodeType:
+def fire_code(
+    fields: tuple[Field, ...], inline: str | None = None, slot: str = "", fast: bool = False
+) -> CodeType:
     """The code of a firing function for ``fields``; with ``inline``, a probe body fused into
-    its depth-0 path, reading its state from the global ``slot``."""
+    its depth-0 path, reading its state from the global ``slot``; with ``fast``, a call of
+    the global ``_fast`` (a C firing path, :attr:`Inline.fast`) before everything else."""
     names = [f.name for f in fields if f.context is None]  # what callers pass
     fused = ""
     if inline is not None:
@@ -390,6 +432,7 @@ def fire_code(fields: tuple[Field, ...], inline: str | None = None, slot: str = 
         bad=" or ".join(["_extra", "_named", *(_CHECKS[f.type].format(f.name) for f in fields)]),
         names=_value_list(fields),
         inline=fused,
+        fast=_FAST.format(names=", ".join(names)) if fast else "",
     )
     return function_code(source, "marker")
 
@@ -433,6 +476,7 @@ def compile_fire(
         "__builtins__": {},
         "_probes": ARMED if lazy_hook is not None else (),
         "_nested": (),
+        "_fast": _no_fast,
         "_ARMED": ARMED,
         "_core": core,
         "_fields": fields,
