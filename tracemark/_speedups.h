@@ -19,6 +19,7 @@ typedef struct {
     PyObject *zero;              /* the int 0 (a small int: depth 0 is always this object) */
     PyObject *str_state;
     Py_ssize_t off_depth, off_cache, off_rec;
+    unsigned long long fast_events; /* events the firing path recorded (fast_events()) */
 } State;
 
 /* A __slots__ attribute, read where CPython keeps it (NULL when unset). */
