@@ -249,8 +249,12 @@ static unsigned char *buffer_of(PyObject *buf, Py_ssize_t *len)
     }
     if (PyMemoryView_Check(buf)) {
         Py_buffer *view = PyMemoryView_GET_BUFFER(buf);
-        if (view->readonly || view->buf == NULL || !PyBuffer_IsContiguous(view, 'C') ||
-            view->itemsize != 1)
+        if (view->readonly || view->buf == NULL || view->itemsize != 1)
+            return NULL;
+        /* A 1-d view of bytes with no stride or a stride of 1 (a sub-buffer of the ring
+         * file) is contiguous; anything else is asked. */
+        if (!(view->ndim == 1 && (view->strides == NULL || view->strides[0] == 1)) &&
+            !PyBuffer_IsContiguous(view, 'C'))
             return NULL;
         *len = view->len;
         return (unsigned char *)view->buf;
@@ -314,9 +318,10 @@ int tm_record(State *st, PyObject *ch, unsigned long event_id, PyObject *layout_
 
     /* Every value checked and sized before the channel is touched. */
     Prepared fields[MAX_FIELDS];
-    PyObject *owned[MAX_FIELDS] = {NULL};
+    PyObject *owned[MAX_FIELDS]; /* the first nfields are set below */
     Py_ssize_t size = HEADER_SIZE;
     for (Py_ssize_t i = 0; i < nfields; i++) {
+        owned[i] = NULL;
         fields[i].tag = 0;
         Py_ssize_t n = prepare(layout[i], values[i], &fields[i], &owned[i]);
         if (n < 0) {

@@ -20,6 +20,11 @@ typedef struct {
     PyObject *str_state;
     Py_ssize_t off_depth, off_cache, off_rec;
     unsigned long long fast_events; /* events the firing path recorded (fast_events()) */
+    /* The last thread the firing path served: its PyThreadState.id (unique in the
+     * interpreter, never reused) and its dispatch state, borrowed from that thread's dict
+     * (valid while the thread lives; set_thread_state() forgets it when it replaces it). */
+    uint64_t last_tid;
+    PyObject *last_state;
 } State;
 
 /* A __slots__ attribute, read where CPython keeps it (NULL when unset). */

@@ -84,11 +84,17 @@ static PyObject *key_tstate, *key_fast;
  * returned all the same: the caller declines, whatever ran meanwhile. */
 static PyObject *thread_state(State *st)
 {
-    PyObject *dict = PyThreadState_GET()->dict;
+    PyThreadState *tstate = PyThreadState_GET();
+    if (tstate->id == st->last_tid && st->last_state != NULL)
+        return st->last_state;
+    PyObject *dict = tstate->dict;
     if (dict != NULL) {
         PyObject *s = PyDict_GetItemWithError(dict, key_tstate);
-        if (s != NULL && Py_IS_TYPE(s, st->tstate_type))
+        if (s != NULL && Py_IS_TYPE(s, st->tstate_type)) {
+            st->last_tid = tstate->id;
+            st->last_state = s;
             return s;
+        }
         if (s == NULL && PyErr_Occurred()) {
             PyErr_Clear();
             return NULL;
@@ -131,13 +137,18 @@ static int fire_try(Fire *self, PyObject *const *args, Py_ssize_t nargs)
     return 1;
 }
 
-/* Fire(*values) -> bool: True when recorded, False when the caller must record it. */
+/* Fire(extra, named, *values) -> bool, the firing function's prologue (3.11): extra and
+ * named are its *_extra and **_named, which must be empty. True when recorded, False when
+ * the caller must record it. */
 static PyObject *fire_vectorcall(PyObject *self, PyObject *const *args, size_t nargsf,
                                  PyObject *kwnames)
 {
-    if (kwnames != NULL && PyTuple_GET_SIZE(kwnames))
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    if ((kwnames != NULL && PyTuple_GET_SIZE(kwnames)) || nargs < 2 ||
+        !PyTuple_CheckExact(args[0]) || PyTuple_GET_SIZE(args[0]) ||
+        !PyDict_CheckExact(args[1]) || PyDict_GET_SIZE(args[1]))
         Py_RETURN_FALSE;
-    if (fire_try((Fire *)self, args, PyVectorcall_NARGS(nargsf)))
+    if (fire_try((Fire *)self, args + 2, nargs - 2))
         Py_RETURN_TRUE;
     Py_RETURN_FALSE;
 }
@@ -244,6 +255,8 @@ static PyObject *set_thread_state(PyObject *module, PyObject *state)
         PyErr_SetString(PyExc_RuntimeError, "no thread state dict");
         return NULL;
     }
+    State *st = PyModule_GetState(module);
+    st->last_state = NULL; /* the state it replaces may be freed now */
     if (PyDict_SetItem(dict, key_tstate, state) < 0)
         return NULL;
     Py_RETURN_NONE;
@@ -252,8 +265,9 @@ static PyObject *set_thread_state(PyObject *module, PyObject *state)
 PyDoc_STRVAR(fire_doc,
 "fire(bound, layout) -> Fire\n\n"
 "The C firing path of one recorder binding (generated.Bound: its rec and id) of a marker\n"
-"whose fields' kinds are layout (the codes of record()). Calling it with the event's values\n"
-"returns True when it recorded the event, False when the caller must.");
+"whose fields' kinds are layout (the codes of record()). Called as fire(extra, named,\n"
+"*values) (the firing function's *_extra, **_named, which must be empty, then the event's\n"
+"values), it returns True when it recorded the event, False when the caller must.");
 
 static PyObject *make_fire(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {

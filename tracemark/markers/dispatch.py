@@ -41,6 +41,15 @@ Guarantees of the active path
   the :class:`Inline` body the probe bound (:class:`Binding`), which must do exactly what
   its depth-0 callable does. Keyword calls, nested events and markers with several probes
   take the loop.
+* **A C firing path is invisible too.** With the C core, the recorder's binding also offers
+  :attr:`Inline.fast`: the whole fused body in one C call (``tracemark/_speedups_fire.c``),
+  which the registry publishes as the global ``_fast`` while the binding is the marker's
+  only probe. On 3.12+ the function's own calls reach it first (its vectorcall), on 3.11 a
+  prologue calls it; it records a positional depth-0 event or declines, having done
+  nothing, and this function runs as ever. It has no frame for :func:`synchronize` to find,
+  and needs none: it runs no Python code and never releases the GIL, so no other thread
+  (nor a signal handler) ever runs while it does; a full sub-buffer (``Channel.switch``,
+  Python code) is declined and switched here, in this function's frame.
 * **Faults never propagate.** Arguments that do not fit the fields drop the event; a probe
   that raises an ``Exception`` is skipped for that event; both are counted and reported once
   (:mod:`tracemark.faults`), raised only in strict mode. ``KeyboardInterrupt`` and
@@ -323,12 +332,15 @@ class Inline(NamedTuple):
     source: str
     globals: Mapping[str, Any]
     state: object
-    #: Optional: ``fast(*values) -> bool``, a C callable that does exactly what ``source``
+    #: Optional: ``fast(extra, named, *values) -> bool`` (the firing function's
+    #: ``*_extra`` and ``**_named``, then the event's values), a C callable that does exactly what ``source``
     #: does for a positional depth-0 call, or declines (False) having done nothing, running
     #: no Python code when it records (see tracemark/_speedups_fire.c for why that keeps
     #: every guarantee above: it cannot be interrupted, so no grace period can see it). The
-    #: registry publishes it as the global ``_fast``, called before anything else while the
-    #: binding is the marker's only probe and its fields have no context field.
+    #: registry publishes it as the global ``_fast``, called before anything else (on 3.11;
+    #: on 3.12+ the C core calls it in place of the function) while the binding is the
+    #: marker's only probe and its fields have no context field; else ``_fast`` is
+    #: :func:`_no_fast`.
     fast: object = None
 
 
@@ -353,8 +365,8 @@ class Binding(NamedTuple):
 
 _TEMPLATE = """\
 def fire({params}*_extra, **_named):
-    if _probes:
-{fast}        try:
+{fast}    if _probes:
+        try:
             _st = _tls.state
         except _AttributeError:
             _st = _new_thread_state()
@@ -400,8 +412,8 @@ _INLINE = """\
 # The C firing path (Inline.fast) where the interpreter cannot call it instead of the
 # function itself (3.11: see tracemark/_speedups_fire.c): one C call first.
 _FAST = """\
-        if not _extra and not _named and _fast({names}):
-            return None
+    if _fast(_extra, _named, {names}):
+        return None
 """
 
 
