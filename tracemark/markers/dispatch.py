@@ -333,8 +333,9 @@ class Inline(NamedTuple):
     globals: Mapping[str, Any]
     state: object
     #: Optional: ``fast(extra, named, *values) -> bool`` (the firing function's
-    #: ``*_extra`` and ``**_named``, then the event's values), a C callable that does exactly what ``source``
-    #: does for a positional depth-0 call, or declines (False) having done nothing, running
+    #: ``*_extra`` and ``**_named``, then the event's values), a C callable that does
+    #: exactly what ``source`` does for a positional depth-0 call, or declines (False)
+    #: having done nothing, running
     #: no Python code when it records (see tracemark/_speedups_fire.c for why that keeps
     #: every guarantee above: it cannot be interrupted, so no grace period can see it). The
     #: registry publishes it as the global ``_fast``, called before anything else (on 3.11;
