@@ -225,10 +225,14 @@ def test_the_grace_period_holds_while_the_python_path_switches_sub_buffers(
     entered, release = threading.Event(), threading.Event()
     real = Channel.switch
 
-    def switch(self, size):
-        if threading.current_thread() is not threading.main_thread() and not entered.is_set():
-            entered.set()
-            release.wait(10)
+    switches = []
+
+    def switch(self, size):  # the worker's second switch (its first opens its channel)
+        if threading.current_thread() is not threading.main_thread():
+            switches.append(size)
+            if len(switches) == 2:
+                entered.set()
+                release.wait(10)
         return real(self, size)
 
     monkeypatch.setattr(Channel, "switch", switch)
@@ -239,10 +243,11 @@ def test_the_grace_period_holds_while_the_python_path_switches_sub_buffers(
                 m(i, "x" * 100)
 
         t = threading.Thread(target=work)
+        before = fast()
         t.start()
         try:
             assert entered.wait(10)
-            assert fast() > 0  # the events before it took the C path
+            assert fast() - before > 20  # the events before it took the C path
             assert tracemark.synchronize(timeout=0.2) is False  # inside a firing frame
         finally:
             release.set()
@@ -472,3 +477,29 @@ def test_the_c_path_keeps_no_reference_and_leaks_nothing(tmp_path, uniq):
         finally:
             tracemalloc.stop()
     assert grown < 64 * 1024
+
+
+def test_the_position_and_count_a_reader_holds_never_change_under_it(tmp_path, uniq):
+    """The C core stores a new position and count in the channel's own int objects only when
+    nothing else refers to them (_speedups.c, int_reusable): an int someone holds is never
+    changed, and what the channel says is right either way."""
+    m = tracemark.marker(f"{uniq}.m", n=int, s=str)
+    with tracemark.record(tmp_path, f"{uniq}.*", subbuffer_size=1 << 16, subbuffers=8):
+        m(0, "a" * 300)  # the channel, and a position beyond the small ints
+        ch = dispatch._tls.state.cache
+        pos, count = ch.pos, ch.count
+        copies = int(str(pos)), int(str(count))
+        before = fast()
+        m(1, "b")
+        assert fast() == before + 1
+        assert (pos, count) == copies and (hash(pos), hash(count)) == (
+            hash(copies[0]),
+            hash(copies[1]),
+        )
+        assert ch.pos == copies[0] + 12 + 8 + 4 + 1 and ch.count == copies[1] + 1
+        del pos, count
+        for i in range(2, 100):
+            m(i, "c")
+        assert ch.count == copies[1] + 99
+        assert ch.pos == copies[0] + 25 + 98 * 25
+    assert [f[0] for _, f in events(tmp_path)] == list(range(100))
