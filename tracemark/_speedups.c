@@ -24,7 +24,8 @@
  *   reading pos and storing count no Python code runs (a CPython signal handler or a thread
  *   switch only happens in the eval loop), except in ch.switch(), which runs before the event
  *   is packed, like in the pure core. The new pos and count objects are made before the two
- *   stores, so nothing can fail between them.
+ *   stores, so nothing can fail between them (or, when the slot's int is referenced by
+ *   nothing else, it takes the new value in place: see int_reusable).
  * - The clock is CLOCK_MONOTONIC, which is what time.monotonic_ns() reads on Linux (the
  *   only platform setup.py builds this for).
  *
@@ -34,14 +35,12 @@
  * (sub-)interpreter that imports the module gets its own. It needs the GIL: a free-threaded
  * build uses the pure core (tracemark.env says so) and this file refuses to build there.
  */
-#define PY_SSIZE_T_CLEAN
-#include <Python.h>
+#include "_speedups.h"
 #include <structmember.h>
 #include <stdint.h>
 #include <string.h>
 #include <time.h>
 
-#include "_speedups.h"
 
 #ifdef Py_GIL_DISABLED
 #error "tracemark._speedups needs the GIL; a free-threaded build uses the pure-Python core"
@@ -52,20 +51,10 @@
 #define HEADER_SIZE 12 /* uint32 id, uint64 timestamp */
 #define MAX_FIELDS 64  /* more than this: declined (stack arrays below) */
 
-typedef struct {
-    PyTypeObject *channel_type; /* exact type record() accepts as a channel */
-    PyTypeObject *slot_type;    /* tracers.recording.tasks._Slot */
-    Py_ssize_t off_buf, off_pos, off_limit, off_count, off_loop, off_intask;
-    Py_ssize_t off_running;
-    PyObject *str_switch;
-    ProbesState probes; /* tracemark/_speedups_probes.c's */
-} State;
-
 static inline State *get_state(PyObject *module) { return (State *)PyModule_GetState(module); }
 
-/* A __slots__ attribute, read where CPython keeps it (NULL when unset): attribute lookup
+/* SLOT (_speedups.h) reads a __slots__ attribute where CPython keeps it: attribute lookup
  * through the type would cost a dictionary probe and a descriptor call per field. */
-#define SLOT(obj, off) (*(PyObject **)((char *)(obj) + (off)))
 
 /* Replace a slot's value; the old value is an int or a buffer, whose release runs no
  * Python code. */
@@ -74,6 +63,34 @@ static inline void set_slot(PyObject *obj, Py_ssize_t off, PyObject *value)
     PyObject *old = SLOT(obj, off);
     SLOT(obj, off) = value;
     Py_XDECREF(old);
+}
+
+/* Whether the int object v, held by a channel's slot, may take the value `value` in place:
+ * an exact int whose only reference is that slot (so no code anywhere can tell), positive
+ * and of one digit before and after, and never a small int (-5..256, which CPython shares;
+ * 3.12+ makes them immortal, so their count is never 1 anyway). A new int and the old
+ * one's release cost ~200 machine instructions each, a third of a recorded event's C work.
+ * Reads and writes the digit where Include/cpython/longintrepr.h puts it. */
+static inline int int_reusable(PyObject *v, Py_ssize_t value)
+{
+    if (v == NULL || value <= 256 || value > (Py_ssize_t)PyLong_MASK || Py_REFCNT(v) != 1 ||
+        !PyLong_CheckExact(v))
+        return 0;
+#if PY_VERSION_HEX >= 0x030C0000
+    /* One digit, sign bits 0 (positive), no immortality flag (3.13). */
+    return ((PyLongObject *)v)->long_value.lv_tag == ((uintptr_t)1 << _PyLong_NON_SIZE_BITS);
+#else
+    return Py_SIZE(v) == 1;
+#endif
+}
+
+static inline void int_store(PyObject *v, Py_ssize_t value)
+{
+#if PY_VERSION_HEX >= 0x030C0000
+    ((PyLongObject *)v)->long_value.ob_digit[0] = (digit)value;
+#else
+    ((PyLongObject *)v)->ob_digit[0] = (digit)value;
+#endif
 }
 
 /* Little-endian stores, whatever the host (compilers turn them into single moves). */
@@ -90,7 +107,7 @@ static inline void put_u64(unsigned char *p, uint64_t v)
 }
 
 /* The offset of a T_OBJECT_EX slot named `name` of `type`, or -1 with an exception set. */
-static Py_ssize_t slot_offset(PyTypeObject *type, const char *name)
+Py_ssize_t tm_slot_offset(PyTypeObject *type, const char *name)
 {
     PyObject *descr = PyDict_GetItemString(type->tp_dict, name); /* borrowed */
     if (descr == NULL || !Py_IS_TYPE(descr, &PyMemberDescr_Type)) {
@@ -121,10 +138,10 @@ static PyObject *configure(PyObject *module, PyObject *const *args, Py_ssize_t n
     Py_ssize_t offs[7];
     const char *names[6] = {"buf", "pos", "limit", "count", "loop", "intask"};
     for (int i = 0; i < 6; i++) {
-        if ((offs[i] = slot_offset(ch, names[i])) < 0)
+        if ((offs[i] = tm_slot_offset(ch, names[i])) < 0)
             return NULL;
     }
-    if ((offs[6] = slot_offset(slot, "running")) < 0)
+    if ((offs[6] = tm_slot_offset(slot, "running")) < 0)
         return NULL;
     st->off_buf = offs[0]; st->off_pos = offs[1]; st->off_limit = offs[2];
     st->off_count = offs[3]; st->off_loop = offs[4]; st->off_intask = offs[5];
@@ -262,8 +279,12 @@ static unsigned char *buffer_of(PyObject *buf, Py_ssize_t *len)
     }
     if (PyMemoryView_Check(buf)) {
         Py_buffer *view = PyMemoryView_GET_BUFFER(buf);
-        if (view->readonly || view->buf == NULL || !PyBuffer_IsContiguous(view, 'C') ||
-            view->itemsize != 1)
+        if (view->readonly || view->buf == NULL || view->itemsize != 1)
+            return NULL;
+        /* A 1-d view of bytes with no stride or a stride of 1 (a sub-buffer of the ring
+         * file) is contiguous; anything else is asked. */
+        if (!(view->ndim == 1 && (view->strides == NULL || view->strides[0] == 1)) &&
+            !PyBuffer_IsContiguous(view, 'C'))
             return NULL;
         *len = view->len;
         return (unsigned char *)view->buf;
@@ -286,52 +307,55 @@ PyDoc_STRVAR(record_doc,
 
 static PyObject *record(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
+    State *st = get_state(module);
     if (nargs < 3 || !PyBytes_CheckExact(args[2])) {
         PyErr_SetString(PyExc_TypeError, "record(ch, event_id, layout: bytes, *values)");
         return NULL;
     }
-    Py_ssize_t nfields = nargs - 3;
-    if (PyBytes_GET_SIZE(args[2]) != nfields) {
+    if (PyBytes_GET_SIZE(args[2]) != nargs - 3) {
         PyErr_SetString(PyExc_TypeError, "record(): one value per layout code");
         return NULL;
     }
     unsigned long event_id = PyLong_AsUnsignedLong(args[1]);
     if (event_id == (unsigned long)-1 && PyErr_Occurred())
         return NULL;
-    int r = tm_record_values(module, args[0], event_id, PyBytes_AS_STRING(args[2]), nfields,
-                             args + 3, 1);
-    if (r < 0)
+    switch (tm_record(st, args[0], event_id, PyBytes_AS_STRING(args[2]), args + 3, nargs - 3, 1)) {
+    case TM_ERROR:
         return NULL;
-    return PyBool_FromLong(r);
+    case TM_RECORDED:
+        Py_RETURN_FALSE;
+    default:
+        Py_RETURN_TRUE;
+    }
 }
 
-ProbesState *tm_probes_state(PyObject *module) { return &get_state(module)->probes; }
-
-/* record()'s work, shared with the probes' C path (see _speedups.h). */
-int tm_record_values(PyObject *module, PyObject *ch, unsigned long event_id, const char *layout,
-                     Py_ssize_t nfields, PyObject *const *values, int may_switch)
+/* The whole of record() but its argument checks: layout is bytes of nfields codes. With
+ * may_switch 0, an event that does not fit is declined instead of calling ch.switch(), and
+ * then no Python code runs at all (the firing path in _speedups_fire.c relies on it). */
+int tm_record(State *st, PyObject *ch, unsigned long event_id, const char *layout,
+              PyObject *const *values, Py_ssize_t nfields, int may_switch)
 {
-    State *st = get_state(module);
     if (st->channel_type == NULL || !Py_IS_TYPE(ch, st->channel_type) || nfields > MAX_FIELDS)
-        return 1;
+        return TM_DECLINED;
 
     /* Task identity (tracers/recording/tasks.py): the fast case is "no loop running and the
      * last event was in no task"; anything else is the pure core's business. */
     PyObject *loop = SLOT(ch, st->off_loop);
     if (loop == NULL || !Py_IS_TYPE(loop, st->slot_type) ||
         SLOT(loop, st->off_running) != Py_None || SLOT(ch, st->off_intask) != Py_False)
-        return 1;
+        return TM_DECLINED;
 
     /* Every value checked and sized before the channel is touched. */
     Prepared fields[MAX_FIELDS];
-    PyObject *owned[MAX_FIELDS] = {NULL};
+    PyObject *owned[MAX_FIELDS]; /* the first nfields are set below */
     Py_ssize_t size = HEADER_SIZE;
     for (Py_ssize_t i = 0; i < nfields; i++) {
+        owned[i] = NULL;
         fields[i].tag = 0;
         Py_ssize_t n = prepare(layout[i], values[i], &fields[i], &owned[i]);
         if (n < 0) {
             release(owned, i + 1);
-            return 1;
+            return TM_DECLINED;
         }
         size += n;
     }
@@ -341,13 +365,18 @@ int tm_record_values(PyObject *module, PyObject *ch, unsigned long event_id, con
     if (pos_obj == NULL || limit_obj == NULL || !PyLong_CheckExact(pos_obj) ||
         !PyLong_CheckExact(limit_obj)) {
         release(owned, nfields);
-        return 1;
+        return TM_DECLINED;
     }
     Py_ssize_t pos = PyLong_AsSsize_t(pos_obj), limit = PyLong_AsSsize_t(limit_obj);
+    if ((pos == -1 || limit == -1) && PyErr_Occurred()) {
+        PyErr_Clear();
+        release(owned, nfields);
+        return TM_DECLINED;
+    }
     if (pos + size > limit) {
-        if (!may_switch) { /* the caller takes the whole Python path, which switches */
+        if (!may_switch) {
             release(owned, nfields);
-            return 1;
+            return TM_DECLINED;
         }
         /* The rare slow path, in Python: closes the packet (hands it to the consumer) and
          * opens the next, or counts the event as discarded and returns -1. */
@@ -356,17 +385,17 @@ int tm_record_values(PyObject *module, PyObject *ch, unsigned long event_id, con
         Py_XDECREF(size_obj);
         if (r == NULL) {
             release(owned, nfields);
-            return -1;
+            return TM_ERROR;
         }
         pos = PyLong_AsSsize_t(r);
         Py_DECREF(r);
         if (pos == -1 && PyErr_Occurred()) {
             release(owned, nfields);
-            return -1;
+            return TM_ERROR;
         }
         if (pos < 0) {
             release(owned, nfields);
-            return 0;
+            return TM_RECORDED;
         }
     }
     Py_ssize_t buflen;
@@ -376,16 +405,26 @@ int tm_record_values(PyObject *module, PyObject *ch, unsigned long event_id, con
     if (base == NULL || pos < 0 || pos + size + END_SIZE > buflen || count_obj == NULL ||
         !PyLong_CheckExact(count_obj)) {
         release(owned, nfields); /* nothing written: the pure path packs at ch.pos */
-        return 1;
+        return TM_DECLINED;
     }
     Py_ssize_t count = PyLong_AsSsize_t(count_obj);
-    PyObject *new_pos = PyLong_FromSsize_t(pos + size);
-    PyObject *new_count = PyLong_FromSsize_t(count + 1);
-    if (new_pos == NULL || new_count == NULL) {
+    if (count == -1 && PyErr_Occurred()) {
+        PyErr_Clear();
+        release(owned, nfields);
+        return TM_DECLINED;
+    }
+    /* The slots' own int objects take the new values in place when nothing else can see
+     * them (see int_reusable); else new ints, made before anything is written. */
+    PyObject *cur_pos = SLOT(ch, st->off_pos);
+    int reuse_pos = int_reusable(cur_pos, pos + size);
+    int reuse_count = int_reusable(count_obj, count + 1);
+    PyObject *new_pos = reuse_pos ? NULL : PyLong_FromSsize_t(pos + size);
+    PyObject *new_count = reuse_count ? NULL : PyLong_FromSsize_t(count + 1);
+    if ((!reuse_pos && new_pos == NULL) || (!reuse_count && new_count == NULL)) {
         Py_XDECREF(new_pos);
         Py_XDECREF(new_count);
         release(owned, nfields);
-        return -1;
+        return TM_ERROR;
     }
 
     /* Pack: header (after the switch, so the timestamp is inside the packet), fields, end. */
@@ -410,9 +449,23 @@ int tm_record_values(PyObject *module, PyObject *ch, unsigned long event_id, con
     release(owned, nfields);
 
     /* Publish: pos then count, nothing between them (see the file's comment). */
-    set_slot(ch, st->off_pos, new_pos);
-    set_slot(ch, st->off_count, new_count);
-    return 0;
+    if (reuse_pos)
+        int_store(cur_pos, pos + size);
+    else
+        set_slot(ch, st->off_pos, new_pos);
+    if (reuse_count)
+        int_store(count_obj, count + 1);
+    else
+        set_slot(ch, st->off_count, new_count);
+    return TM_RECORDED;
+}
+
+ProbesState *tm_probes_state(PyObject *module) { return &get_state(module)->probes; }
+
+int tm_record_values(PyObject *module, PyObject *ch, unsigned long event_id, const char *layout,
+                     Py_ssize_t nfields, PyObject *const *values, int may_switch)
+{
+    return tm_record(get_state(module), ch, event_id, layout, values, nfields, may_switch);
 }
 
 static PyMethodDef methods[] = {
@@ -421,7 +474,8 @@ static PyMethodDef methods[] = {
     {NULL, NULL, 0, NULL},
 };
 
-/* The patcher's functions: tracemark/_speedups_patching.c. */
+/* The patcher's functions: tracemark/_speedups_patching.c. This table, the patcher's and
+ * the firing path's (tm_fire_methods) are all added in exec_module. */
 extern PyMethodDef tm_patching_methods[];
 
 static int exec_module(PyObject *module)
@@ -430,7 +484,9 @@ static int exec_module(PyObject *module)
     if (PyModule_AddFunctions(module, tm_patching_methods) < 0)
         return -1;
     st->str_switch = PyUnicode_InternFromString("switch");
-    if (st->str_switch == NULL)
+    if (st->str_switch == NULL || PyModule_AddFunctions(module, tm_fire_methods) < 0)
+        return -1;
+    if (tm_fire_exec(module, st) < 0)
         return -1;
     return tm_probes_exec(module);
 }
@@ -440,6 +496,8 @@ static int traverse(PyObject *module, visitproc visit, void *arg)
     State *st = get_state(module);
     Py_VISIT(st->channel_type);
     Py_VISIT(st->slot_type);
+    if (tm_fire_traverse(st, visit, arg) < 0)
+        return -1;
     return tm_probes_traverse(module, visit, arg);
 }
 
@@ -449,6 +507,7 @@ static int clear(PyObject *module)
     Py_CLEAR(st->channel_type);
     Py_CLEAR(st->slot_type);
     Py_CLEAR(st->str_switch);
+    tm_fire_clear(st);
     return tm_probes_clear(module);
 }
 

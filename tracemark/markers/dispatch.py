@@ -41,6 +41,15 @@ Guarantees of the active path
   the :class:`Inline` body the probe bound (:class:`Binding`), which must do exactly what
   its depth-0 callable does. Keyword calls, nested events and markers with several probes
   take the loop.
+* **A C firing path is invisible too.** With the C core, the recorder's binding also offers
+  :attr:`Inline.fast`: the whole fused body in one C call (``tracemark/_speedups_fire.c``),
+  which the registry publishes as the global ``_fast`` while the binding is the marker's
+  only probe. On 3.12+ the function's own calls reach it first (its vectorcall), on 3.11 a
+  prologue calls it; it records a positional depth-0 event or declines, having done
+  nothing, and this function runs as ever. It has no frame for :func:`synchronize` to find,
+  and needs none: it runs no Python code and never releases the GIL, so no other thread
+  (nor a signal handler) ever runs while it does; a full sub-buffer (``Channel.switch``,
+  Python code) is declined and switched here, in this function's frame.
 * **Faults never propagate.** Arguments that do not fit the fields drop the event; a probe
   that raises an ``Exception`` is skipped for that event; both are counted and reported once
   (:mod:`tracemark.faults`), raised only in strict mode. ``KeyboardInterrupt`` and
@@ -109,7 +118,31 @@ _tls = threading.local()
 
 def _new_thread_state() -> _ThreadState:
     state = _tls.state = _ThreadState()
+    if fast_support is not None:  # where the C firing path finds it (a thread-state dict)
+        fast_support.register(state)
     return state
+
+
+class FastSupport(NamedTuple):
+    """What a C firing path needs from the C core (see :attr:`Inline.fast`)."""
+
+    #: ``install(fire) -> bool``: route calls of the firing function through its global
+    #: ``_fast`` first, in C (3.12+); False where it cannot (3.11: the registry compiles a
+    #: prologue that calls ``_fast`` instead).
+    install: Callable[[Any], bool]
+    #: ``uninstall(fire)``: undo ``install``.
+    uninstall: Callable[[Any], object]
+    #: ``register(state)``: a new thread's dispatch state, where the C path finds it.
+    register: Callable[[_ThreadState], object]
+
+
+#: Set by the C core (tracemark/tracers/recording/generated.py) once it is configured.
+fast_support: FastSupport | None = None
+
+
+def _no_fast(*_values: object) -> bool:
+    """The global ``_fast`` while no C firing path is published: declines every event."""
+    return False
 
 
 def _forget_cache_in_child() -> None:
@@ -299,6 +332,17 @@ class Inline(NamedTuple):
     source: str
     globals: Mapping[str, Any]
     state: object
+    #: Optional: ``fast(extra, named, *values) -> bool`` (the firing function's
+    #: ``*_extra`` and ``**_named``, then the event's values), a C callable that does
+    #: exactly what ``source`` does for a positional depth-0 call, or declines (False)
+    #: having done nothing, running
+    #: no Python code when it records (see tracemark/_speedups_fire.c for why that keeps
+    #: every guarantee above: it cannot be interrupted, so no grace period can see it). The
+    #: registry publishes it as the global ``_fast``, called before anything else (on 3.11;
+    #: on 3.12+ the C core calls it in place of the function) while the binding is the
+    #: marker's only probe and its fields have no context field; else ``_fast`` is
+    #: :func:`_no_fast`.
+    fast: object = None
 
 
 class Binding(NamedTuple):
@@ -322,7 +366,7 @@ class Binding(NamedTuple):
 
 _TEMPLATE = """\
 def fire({params}*_extra, **_named):
-    if _probes:
+{fast}    if _probes:
         try:
             _st = _tls.state
         except _AttributeError:
@@ -366,6 +410,14 @@ _INLINE = """\
 """
 
 
+# The C firing path (Inline.fast) where the interpreter cannot call it instead of the
+# function itself (3.11: see tracemark/_speedups_fire.c): one C call first.
+_FAST = """\
+    if _fast(_extra, _named, {names}):
+        return None
+"""
+
+
 def call_body(fields: tuple[Field, ...]) -> str:
     """The inline body that calls a marker's only probe (its state, ``_in``) directly."""
     return f"_in(_marker, ({_value_list(fields)}))\n"
@@ -375,9 +427,12 @@ def _value_list(fields: tuple[Field, ...]) -> str:
     return "".join(f"{f.name}, " for f in fields)
 
 
-def fire_code(fields: tuple[Field, ...], inline: str | None = None, slot: str = "") -> CodeType:
+def fire_code(
+    fields: tuple[Field, ...], inline: str | None = None, slot: str = "", fast: bool = False
+) -> CodeType:
     """The code of a firing function for ``fields``; with ``inline``, a probe body fused into
-    its depth-0 path, reading its state from the global ``slot``."""
+    its depth-0 path, reading its state from the global ``slot``; with ``fast``, a call of
+    the global ``_fast`` (a C firing path, :attr:`Inline.fast`) before everything else."""
     names = [f.name for f in fields if f.context is None]  # what callers pass
     fused = ""
     if inline is not None:
@@ -390,6 +445,7 @@ def fire_code(fields: tuple[Field, ...], inline: str | None = None, slot: str = 
         bad=" or ".join(["_extra", "_named", *(_CHECKS[f.type].format(f.name) for f in fields)]),
         names=_value_list(fields),
         inline=fused,
+        fast=_FAST.format(names=", ".join(names)) if fast else "",
     )
     return function_code(source, "marker")
 
@@ -433,6 +489,7 @@ def compile_fire(
         "__builtins__": {},
         "_probes": ARMED if lazy_hook is not None else (),
         "_nested": (),
+        "_fast": _no_fast,
         "_ARMED": ARMED,
         "_core": core,
         "_fields": fields,

@@ -66,6 +66,7 @@ from typing import Any, Protocol, runtime_checkable
 from .. import faults
 from .._forksafe import fork_safe_rlock
 from .._frozen import frozen
+from . import dispatch
 from .dispatch import (
     _MISSING,
     Binding,
@@ -212,6 +213,11 @@ class MarkerCore:
         #: Inline bodies fused into the firing function so far: source -> (the global that
         #: holds its state, the firing code with that body).
         self.fused: dict[str, tuple[str, CodeType]] = {}
+        #: The same with a call of ``_fast`` first (Inline.fast where the C core cannot
+        #: hook the function's calls: 3.11): source -> code.
+        self.fused_fast: dict[str, CodeType] = {}
+        #: Whether the marker's fields let a C firing path stand in (no context field).
+        self.fast_ok = all(f.context is None for f in fields)
         #: The inline body that calls a marker's only probe directly.
         self.call_source = call_body(fields)
         self.fire, self.namespace = compile_fire(
@@ -268,6 +274,15 @@ class MarkerCore:
             inline = bindings[0].inline or Inline(self.call_source, {}, bindings[0].top)
         code, slot = self._fused(inline)
         ns["_fused_state"] = None  # the fused state, for the probes' C path (below)
+        # A C firing path (Inline.fast) stands in for the fused body: through the function's
+        # own calls where the C core can hook them, else through a prologue (see dispatch).
+        support = dispatch.fast_support
+        fast = inline.fast if inline is not None and slot and self.fast_ok else None
+        if support is not None and fast is not None and not support.install(self.fire):
+            code = self._prologue(inline)  # type: ignore[union-attr]
+        ns["_fast"] = dispatch._no_fast  # cleared first, like the inline slots
+        if support is not None and fast is None:
+            support.uninstall(self.fire)
         for old, _ in tuple(self.fused.values()):
             ns[old] = None
         if self.fire.__code__ is not code:
@@ -280,6 +295,17 @@ class MarkerCore:
             # The C path of entry probes (tracemark/_speedups_probes.c) records a recorder's
             # fused event itself, and only while this holds that recorder's state.
             ns["_fused_state"] = inline.state
+            if fast is not None:
+                ns["_fast"] = fast  # last: the whole binding is in place
+
+    def _prologue(self, inline: Inline) -> CodeType:
+        """The fused code of ``inline`` with a call of ``_fast`` first (compiled once)."""
+        code = self.fused_fast.get(inline.source)
+        if code is None:
+            slot = self.fused[inline.source][0]
+            code = fire_code(self.fields, inline.source, slot, fast=True)
+            self.fused_fast[inline.source] = code
+        return code
 
     def _fused(self, inline: Inline | None) -> tuple[CodeType, str]:
         """The firing code for ``inline`` (compiled once per body) and its state slot; the

@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 from ... import env
 from ..._codegen import function_code
 from ...ctf import writer as W
+from ...markers import dispatch
 from ...markers.dispatch import Binding, Inline
 from ...markers.fields import AnyValue
 from .tasks import ASYNCIO
@@ -144,7 +145,9 @@ class Bound:
         return f"<recording {str(self.rec.path)!r} of marker {self.marker.name!r}>"
 
 
-_compiled: dict[tuple, tuple[str, types.CodeType, types.CodeType, dict[str, Any]]] = {}
+_compiled: dict[
+    tuple, tuple[str, types.CodeType, types.CodeType, dict[str, Any], bytes | None]
+] = {}
 
 
 def _layout(fields: Any) -> bytes | None:
@@ -157,7 +160,13 @@ def _layout(fields: Any) -> bytes | None:
         from .tasks import _Slot
 
         speedups.configure(Channel, _Slot)  # type: ignore[attr-defined]
+        speedups.configure_fire(dispatch._ThreadState, dispatch._tls)  # type: ignore[attr-defined]
         _configured.append(speedups)
+        dispatch.fast_support = dispatch.FastSupport(
+            speedups.install,  # type: ignore[attr-defined]
+            speedups.uninstall,  # type: ignore[attr-defined]
+            speedups.set_thread_state,  # type: ignore[attr-defined]
+        )
     codes = [C_KINDS.get(f.type, b"a" if f.type is AnyValue else None) for f in fields]
     return None if None in codes else b"".join(codes)  # type: ignore[arg-type]
 
@@ -165,10 +174,12 @@ def _layout(fields: Any) -> bytes | None:
 _configured: list = []
 
 
-def _paths(fields: Any) -> tuple[str, types.CodeType, types.CodeType, dict[str, Any]]:
+def _paths(
+    fields: Any,
+) -> tuple[str, types.CodeType, types.CodeType, dict[str, Any], bytes | None]:
     """For one field signature (names and types) and the core in use: the depth-0 body (for
-    fusing), the code of the depth-0 and nested functions, and the globals they share (the
-    struct cache)."""
+    fusing), the code of the depth-0 and nested functions, the globals they share (the
+    struct cache), and the C core's layout (None: the pure core)."""
     layout = _layout(fields)
     key = (layout, *((f.name, f.type) for f in fields))
     found = _compiled.get(key)
@@ -192,21 +203,23 @@ def _paths(fields: Any) -> tuple[str, types.CodeType, types.CodeType, dict[str, 
             source = _FUNCTION.format(unpack=unpack, body=textwrap.indent(body, "    "))
             return function_code(source, "recorder probe")
 
-        found = _compiled[key] = (fused, code(top), code(nested), shared)
+        found = _compiled[key] = (fused, code(top), code(nested), shared, layout)
     return found
 
 
 def bind(rec: Recording, marker: Any) -> Binding:
     """What the registry runs on each event of ``marker`` for recording ``rec``."""
-    fused, top_code, nested_code, shared = _paths(marker.fields)
+    fused, top_code, nested_code, shared, layout = _paths(marker.fields)
     state = Bound(rec, marker)
-    state.layout = _layout(marker.fields)
+    state.layout = layout  # read by the probes' C path (tracemark/_speedups_probes.c)
+    # The C core's firing path (tracemark/_speedups_fire.c): the fused body in one C call.
+    fast = _configured[0].fire(state, layout) if layout is not None else None
     ns = {**shared, "_state": state}
     name = f"record[{marker.name}]"
     return Binding(
         top=types.FunctionType(top_code, ns, name),
         nested=types.FunctionType(nested_code, ns, name),
-        inline=Inline(fused, shared, state),
+        inline=Inline(fused, shared, state, fast),
     )
 
 
