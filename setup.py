@@ -19,7 +19,8 @@ setup(
     ext_modules=[
         Extension(
             "tracemark._speedups",
-            ["tracemark/_speedups.c"],
+            ["tracemark/_speedups.c", "tracemark/_speedups_consumer.c"],
+            depends=["tracemark/_speedups.h"],
             optional=True,
             extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter"],
         )

@@ -41,6 +41,8 @@
 #include <string.h>
 #include <time.h>
 
+#include "_speedups.h"
+
 #ifdef Py_GIL_DISABLED
 #error "tracemark._speedups needs the GIL; a free-threaded build uses the pure-Python core"
 #endif
@@ -408,7 +410,9 @@ static int exec_module(PyObject *module)
 {
     State *st = get_state(module);
     st->str_switch = PyUnicode_InternFromString("switch");
-    return st->str_switch == NULL ? -1 : 0;
+    if (st->str_switch == NULL)
+        return -1;
+    return tm_consumer_exec(module); /* the native consumer: _speedups_consumer.c */
 }
 
 static int traverse(PyObject *module, visitproc visit, void *arg)

@@ -20,6 +20,27 @@ Guarantees
   (:func:`.lifecycle.start_without_signals`).
 * :attr:`Consumer.lock` is held for every write; a stop, a snapshot or a dying process's last
   flush takes it too, so the files are written by one thread at a time.
+
+The native consumer
+-------------------
+With the C core (``tracemark.env.core()``; ``TRACEMARK_CORE=python`` keeps this module's
+thread, the reference) a discard-mode recording hands its packets to
+``tracemark._speedups.Writer`` instead (``tracemark/_speedups_consumer.c``, whose comment
+states its protocol and guarantees): a pthread that writes them without ever taking the GIL,
+so a firing thread never waits for a consumer to get the GIL back. Same files, same counts,
+same error messages. What stays in Python, with the GIL, and never waits for the thread:
+
+* :meth:`Consumer.hand_over` (from ``Channel._close``): the pending metadata first, then the
+  packet, queued in one C call that also appends it to ``ch.full``;
+* :meth:`Consumer.reap` (from ``Channel.switch`` when the channel has no free sub-buffer, and
+  from :meth:`drain`): the packets written come back to ``ch.free`` and are counted, in one C
+  call; a failure the thread met is reported here (``rec._fail``). Like the pure consumer, it
+  needs :attr:`lock`: a firing thread only tries it (a stop, or a test holding it to stall the
+  consumer, holds its buffers back);
+* :meth:`drain` waits for the thread (GIL released) and reaps every channel; :meth:`close_files`
+  ends the thread once everything queued is written.
+
+If the thread cannot be made, this module's thread consumes instead, for the whole recording.
 """
 
 from __future__ import annotations
@@ -31,7 +52,7 @@ import struct
 import threading
 from typing import TYPE_CHECKING, Any
 
-from ... import faults
+from ... import env, faults
 from ..._forksafe import fork_safe_rlock
 from ...ctf import writer as W
 from . import lifecycle
@@ -64,8 +85,15 @@ class Consumer:
         # a whole switch interval.
         self._wakeup = _thread.allocate_lock()
         self._wakeup.acquire()
+        #: The native consumer (tracemark._speedups.Writer) once started; None: this module's
+        #: thread. Decided once, before the first packet, for the recording's life here.
+        self.native: Any = None
+        core = env.speedups()
+        self._native_type = None if rec.overwrite else getattr(core, "Writer", None)
 
     def wake(self) -> None:
+        if self.native is not None:
+            return
         if self.thread is None and not self.stopping:
             self.start()
         try:
@@ -79,6 +107,11 @@ class Consumer:
         then packets are written by the recording's stop instead, and until then, once the
         buffers are full, new events are counted as discarded."""
         with self.rec._reg_lock:
+            if self._native_type is not None:
+                if self.native is None and self._start_native():
+                    return
+                if self.native is not None:
+                    return
             if self.thread is None:
                 thread = threading.Thread(target=self._run, name="tracemark-consumer")
                 thread.daemon = True
@@ -94,10 +127,84 @@ class Consumer:
                     return
                 self.thread = thread
 
+    def _start_native(self) -> bool:
+        rec = self.rec
+        self._native_type, native_type = None, self._native_type  # tried once
+        try:
+            self.native = native_type(
+                os.fsencode(rec.trace_path), W.OFF_TS_END + 8, W.OFF_DISCARDED
+            )
+        except (OSError, MemoryError, ValueError) as exc:
+            faults.report(
+                "record-consumer",
+                str(rec.trace_path),
+                f"the native consumer could not start ({exc}); the Python one is used",
+            )
+            return False
+        self._metadata_path = os.fsencode(rec.trace_path / "metadata")
+        return True
+
+    # --- the native consumer (see the module's docstring) ---
+
+    def hand_over(self, ch: Channel, entry: tuple[Any, int, int]) -> None:
+        """Give the closed packet ``entry`` of ``ch`` to the native consumer (which appends it
+        to ``ch.full``). Never raises: a packet that cannot be handed over is lost, counted."""
+        rec = self.rec
+        try:
+            if self.pending_metadata:
+                self._queue_metadata()
+            self.native.hand_over(ch, entry, rec._error is None)
+        except Exception as exc:  # memory: the packet is not in ch.full, its buffer free
+            rec._fail(f"the consumer failed: {exc!r}")
+            rec._lost += entry[1]
+            ch.free.append(entry[0])
+
+    def _queue_metadata(self) -> None:
+        # Under the lock _event_id appends with: classes queued in the order declared.
+        with self.rec._reg_lock:
+            while self.pending_metadata:
+                text = self.pending_metadata.popleft()
+                self.native.metadata(
+                    self._metadata_path, text.encode("utf-8"), self.rec._error is None
+                )
+
+    def reap(self, ch: Channel) -> int:
+        """Take back ``ch``'s packets the native consumer wrote (see the module's docstring);
+        how many. Only tries the lock: a firing thread never waits here."""
+        lock = self.lock
+        if lock._is_owned() or not lock.acquire(blocking=False):
+            return 0
+        try:
+            return self._reap(ch)
+        finally:
+            lock.release()
+
+    def _reap(self, ch: Channel) -> int:
+        rec = self.rec
+        try:
+            n = self.native.reap(ch)
+            error = self.native.take_error()
+        except Exception as exc:
+            rec._fail(f"the consumer failed: {exc!r}")
+            return 0
+        if error is not None:
+            what, errno, path = error
+            if path is not None:
+                exc = OSError(errno, os.strerror(errno), os.fsdecode(path))
+            else:
+                exc = OSError(errno, os.strerror(errno))
+            if what.startswith("metadata"):
+                rec._fail(f"cannot write {rec.trace_path / 'metadata'}: {exc}")
+            else:
+                rec._fail(f"cannot write the trace in {rec.trace_path}: {exc}")
+        return n
+
     def stop(self) -> None:
         """Make the thread end after its current round and wait for it (unless called on
         it); then whatever is left is the caller's to :meth:`drain`."""
         self.stopping = True
+        if self.native is not None:
+            return  # it writes whatever is handed over until close_files
         self.wake()
         thread = self.thread
         if thread is not None and thread is not threading.current_thread():
@@ -121,6 +228,15 @@ class Consumer:
         class is always on disk before any packet that uses it); return how many packets."""
         rec = self.rec
         written = 0
+        if self.native is not None:
+            with self.lock:
+                self._queue_metadata()
+                self.native.wait()  # the GIL released meanwhile
+                for ch in list(rec._all_channels()):
+                    written += self._reap(ch)
+                if rec.running and not rec._stopping:
+                    rec._retire_dead_threads()
+            return written
         with self.lock:
             while self.pending_metadata:
                 text = self.pending_metadata.popleft()
@@ -192,6 +308,12 @@ class Consumer:
         ch.file_size += kept
 
     def close_files(self) -> None:
+        if self.native is not None:
+            with self.lock:
+                self.native.close()  # writes whatever is still queued first
+                for ch in list(self.rec._all_channels()):
+                    self._reap(ch)
+            return
         for ch in self.rec._all_channels():
             if ch.fd != -1:
                 try:
