@@ -121,6 +121,7 @@ typedef struct {
     Job *queue_head, *queue_tail;
     unsigned long long queued, done;
     int stopping;
+    int paused;            /* pause(True): nothing written until pause(False) (tests) */
     int fail_kind, fail_errno, fail_taken;
     char *fail_path;
     /* the thread's */
@@ -272,7 +273,7 @@ static void *run(void *arg)
     Writer *w = (Writer *)arg;
     pthread_mutex_lock(&w->mu);
     for (;;) {
-        while (w->queue_head == NULL && !w->stopping)
+        while ((w->queue_head == NULL || w->paused) && !w->stopping)
             pthread_cond_wait(&w->work, &w->mu);
         Job *batch = w->queue_head;
         if (batch == NULL)
@@ -699,6 +700,22 @@ static PyObject *close_(Writer *w, PyObject *unused)
     Py_RETURN_NONE;
 }
 
+PyDoc_STRVAR(pause_doc,
+"pause(flag)\n\nTrue: the thread writes nothing until pause(False) (or close()), as with a\n"
+"disk that stalls (for tests). Waiting for it meanwhile (wait()) waits for the unpause.");
+
+static PyObject *pause_(Writer *w, PyObject *flag)
+{
+    int on = PyObject_IsTrue(flag);
+    if (on < 0 || check_process(w) < 0)
+        return NULL;
+    pthread_mutex_lock(&w->mu);
+    w->paused = on;
+    pthread_cond_signal(&w->work);
+    pthread_mutex_unlock(&w->mu);
+    Py_RETURN_NONE;
+}
+
 static PyObject *get_pending(Writer *w, void *unused)
 {
     pthread_mutex_lock(&w->mu);
@@ -818,6 +835,7 @@ static PyMethodDef writer_methods[] = {
     {"take_error", (PyCFunction)take_error, METH_NOARGS, take_error_doc},
     {"wait", (PyCFunction)wait_, METH_NOARGS, wait_doc},
     {"close", (PyCFunction)close_, METH_NOARGS, close_doc},
+    {"pause", (PyCFunction)pause_, METH_O, pause_doc},
     {NULL, NULL, 0, NULL},
 };
 

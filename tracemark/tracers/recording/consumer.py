@@ -47,9 +47,11 @@ from __future__ import annotations
 
 import _thread
 import collections
+import contextlib
 import os
 import struct
 import threading
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from ... import env, faults
@@ -92,8 +94,6 @@ class Consumer:
         self._native_type = None if rec.overwrite else getattr(core, "Writer", None)
 
     def wake(self) -> None:
-        if self.native is not None:
-            return
         if self.thread is None and not self.stopping:
             self.start()
         try:
@@ -105,27 +105,41 @@ class Consumer:
         """Start the consumer thread if it is not running (idempotent; the CLI calls it in
         fork children). Python refuses new threads once interpreter shutdown began (3.12+):
         then packets are written by the recording's stop instead, and until then, once the
-        buffers are full, new events are counted as discarded."""
+        buffers are full, new events are counted as discarded. With the native consumer,
+        the thread started here only keeps house (:meth:`_housekeep`); the packets are
+        written whether it starts or not."""
         with self.rec._reg_lock:
-            if self._native_type is not None:
-                if self.native is None and self._start_native():
-                    return
-                if self.native is not None:
-                    return
+            if self._native_type is not None and self.native is None:
+                self._start_native()
             if self.thread is None:
                 thread = threading.Thread(target=self._run, name="tracemark-consumer")
                 thread.daemon = True
                 try:
                     lifecycle.start_without_signals(thread)
                 except RuntimeError as exc:
-                    faults.report(
-                        "record-consumer",
-                        str(self.rec.trace_path),
-                        f"the recorder's consumer thread could not start ({exc}); the trace "
-                        "is written when the recording stops",
-                    )
+                    if self.native is None:
+                        faults.report(
+                            "record-consumer",
+                            str(self.rec.trace_path),
+                            f"the recorder's consumer thread could not start ({exc}); the "
+                            "trace is written when the recording stops",
+                        )
                     return
                 self.thread = thread
+
+    @contextlib.contextmanager
+    def stalled(self) -> Iterator[None]:
+        """Nothing is written meanwhile, as with a disk that stalls (for tests): the pure
+        consumer's lock is held, or the native consumer's thread paused."""
+        with self.lock:
+            if self.native is None:
+                yield
+                return
+            self.native.pause(True)
+            try:
+                yield
+            finally:
+                self.native.pause(False)
 
     def _start_native(self) -> bool:
         rec = self.rec
@@ -163,23 +177,18 @@ class Consumer:
         # Under the lock _event_id appends with: classes queued in the order declared.
         with self.rec._reg_lock:
             while self.pending_metadata:
-                text = self.pending_metadata.popleft()
+                # Taken off only once queued: a hand-over that finds the deque empty (and so
+                # takes no lock) comes after every class it may use is queued.
+                text = self.pending_metadata[0]
                 self.native.metadata(
                     self._metadata_path, text.encode("utf-8"), self.rec._error is None
                 )
+                self.pending_metadata.popleft()
 
     def reap(self, ch: Channel) -> int:
         """Take back ``ch``'s packets the native consumer wrote (see the module's docstring);
-        how many. Only tries the lock: a firing thread never waits here."""
-        lock = self.lock
-        if lock._is_owned() or not lock.acquire(blocking=False):
-            return 0
-        try:
-            return self._reap(ch)
-        finally:
-            lock.release()
-
-    def _reap(self, ch: Channel) -> int:
+        how many. Takes no lock: the C call is atomic under the GIL (it allocates nothing
+        the cyclic GC tracks, so no finalizer, no thread switch, can come in the middle)."""
         rec = self.rec
         try:
             n = self.native.reap(ch)
@@ -203,12 +212,21 @@ class Consumer:
         """Make the thread end after its current round and wait for it (unless called on
         it); then whatever is left is the caller's to :meth:`drain`."""
         self.stopping = True
-        if self.native is not None:
-            return  # it writes whatever is handed over until close_files
         self.wake()
         thread = self.thread
         if thread is not None and thread is not threading.current_thread():
             thread.join()
+
+    def _housekeep(self) -> None:
+        """With the native consumer, this thread's round: packets written come back to the
+        channels of threads that fire no more (and write failures are reported now, not at
+        the next switch), and channels of ended threads become spares. Nothing here is on the
+        firing threads' path: they never wait for it."""
+        rec = self.rec
+        for ch in list(rec._all_channels()):
+            self.reap(ch)
+        if rec.running and not rec._stopping:
+            rec._retire_dead_threads()
 
     def _run(self) -> None:
         busy = False
@@ -216,7 +234,10 @@ class Consumer:
             if not busy:
                 self._wakeup.acquire(timeout=POLL)
             try:
-                busy = self.drain() > 0
+                if self.native is not None:
+                    self._housekeep()
+                else:
+                    busy = self.drain() > 0
             except Exception as exc:  # a consumer that dies would silently fill the buffers
                 self.rec._fail(f"the consumer failed: {exc!r}")
                 busy = False
@@ -233,7 +254,7 @@ class Consumer:
                 self._queue_metadata()
                 self.native.wait()  # the GIL released meanwhile
                 for ch in list(rec._all_channels()):
-                    written += self._reap(ch)
+                    written += self.reap(ch)
                 if rec.running and not rec._stopping:
                     rec._retire_dead_threads()
             return written
@@ -312,7 +333,7 @@ class Consumer:
             with self.lock:
                 self.native.close()  # writes whatever is still queued first
                 for ch in list(self.rec._all_channels()):
-                    self._reap(ch)
+                    self.reap(ch)
             return
         for ch in self.rec._all_channels():
             if ch.fd != -1:
