@@ -9,6 +9,7 @@ can be built and was not: test_speedups.py); the comparisons run both consumers.
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import struct
@@ -22,6 +23,7 @@ import tracemalloc
 from pathlib import Path
 
 import pytest
+from test_speedups import CAN_BUILD
 
 import tracemark
 from tracemark import env
@@ -29,8 +31,6 @@ from tracemark.ctf import read_trace
 from tracemark.ctf import writer as W
 from tracemark.tracers.recording import consumer as C
 from tracemark.tracers.recording import session
-
-from test_speedups import CAN_BUILD
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -293,7 +293,7 @@ def test_stop_while_threads_fire_writes_everything_and_waits_for_nothing(fast_di
         per.setdefault(ev.fields["k"], []).append(ev.fields["i"])
     assert sum(map(len, per.values())) == s.recorded
     for seq in per.values():  # in order, none twice (discards leave gaps)
-        assert all(a < b for a, b in zip(seq, seq[1:]))
+        assert all(a < b for a, b in itertools.pairwise(seq))
     assert s.recorded + s.discarded <= sum(fired)
 
 
