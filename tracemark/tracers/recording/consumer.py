@@ -70,6 +70,10 @@ POLL = 0.05
 
 _IOV_MAX = 512  # at most this many packets per writev (Linux allows 1024)
 
+#: Whether recordings on the C core use the native consumer (benchmarks turn it off to
+#: compare both consumers behind the same firing path; read when a recording starts).
+NATIVE = True
+
 
 class Consumer:
     """The consumer of one recording in one process (a fork child makes its own)."""
@@ -91,7 +95,8 @@ class Consumer:
         #: thread. Decided once, before the first packet, for the recording's life here.
         self.native: Any = None
         core = env.speedups()
-        self._native_type = None if rec.overwrite else getattr(core, "Writer", None)
+        native = NATIVE and not rec.overwrite
+        self._native_type = getattr(core, "Writer", None) if native else None
 
     def wake(self) -> None:
         if self.thread is None and not self.stopping:
