@@ -47,8 +47,11 @@
  *   close() lets the thread finish every queued job, then joins it and closes the files.
  * - Signals reach the program: the thread is created with every signal blocked but those a
  *   fault raises synchronously (as lifecycle.start_without_signals does for Python threads).
- * - fork: the child has no thread. A Writer used in a process other than the one that made
- *   it refuses every call (RuntimeError); freed there, it closes the inherited copies of its
+ * - fork: the child has no thread. A Writer in a process other than the one that made it is
+ *   inert, as after close(): it writes nothing there (the parent writes its packets; a child
+ *   that stops the parent's recording before its own is set up, as the control server's fork
+ *   hook may, leaves them in ch.full, never writing them into the parent's files a second
+ *   time) and never touches its mutex. Freed there, it closes the inherited copies of its
  *   files and releases its buffers (the list of jobs alive is only touched with the GIL, so
  *   the forking thread left it consistent), never touching the mutex the parent's thread may
  *   have held. The child's recording makes a Writer of its own (Recording._setup_process).
@@ -306,15 +309,9 @@ static void *run(void *arg)
 
 /* --- the Python side (GIL held) -------------------------------------------------------- */
 
-static int check_process(Writer *w)
-{
-    if (w->pid != getpid()) {
-        PyErr_SetString(PyExc_RuntimeError,
-                        "tracemark Writer used in a fork child (it belongs to the parent)");
-        return -1;
-    }
-    return 0;
-}
+/* Whether w is inert here: closed, or made by another process (a fork child has no thread;
+ * the writer and its files are the parent's). */
+static int inert(Writer *w) { return w->closed || w->pid != getpid(); }
 
 static Stream *find_stream(Writer *w, long long id)
 {
@@ -398,8 +395,6 @@ static PyObject *hand_over(Writer *w, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_TypeError, "hand_over(ch, (buf, events, seq), write)");
         return NULL;
     }
-    if (check_process(w) < 0)
-        return NULL;
     PyObject *ch = args[0], *entry = args[1];
     int write = PyObject_IsTrue(args[2]);
     if (write < 0)
@@ -407,7 +402,7 @@ static PyObject *hand_over(Writer *w, PyObject *const *args, Py_ssize_t nargs)
     PyObject *full = PyObject_GetAttr(ch, w->s_full);
     if (full == NULL)
         return NULL;
-    if (w->closed) { /* after stop: kept, like a packet the pure consumer never writes */
+    if (inert(w)) { /* after stop: kept, like a packet the pure consumer never writes */
         PyObject *r = PyObject_CallMethodOneArg(full, w->s_append, entry);
         Py_DECREF(full);
         return r;
@@ -486,12 +481,10 @@ static PyObject *metadata(Writer *w, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_TypeError, "metadata(path: bytes, text: bytes, write)");
         return NULL;
     }
-    if (check_process(w) < 0)
-        return NULL;
     int write = PyObject_IsTrue(args[2]);
     if (write < 0)
         return NULL;
-    if (w->closed)
+    if (inert(w))
         Py_RETURN_NONE;
     Job *j = calloc(1, sizeof(Job)); /* freed by the thread: malloc, not PyMem */
     Py_ssize_t n = PyBytes_GET_SIZE(args[1]);
@@ -536,8 +529,8 @@ PyDoc_STRVAR(reap_doc,
 
 static PyObject *reap(Writer *w, PyObject *ch)
 {
-    if (check_process(w) < 0)
-        return NULL;
+    if (w->pid != getpid())
+        return PyLong_FromLong(0);
     long long id = instance_id(w, ch);
     if (id < 0)
         return NULL;
@@ -624,6 +617,8 @@ PyDoc_STRVAR(take_error_doc,
 
 static PyObject *take_error(Writer *w, PyObject *unused)
 {
+    if (w->pid != getpid())
+        Py_RETURN_NONE;
     pthread_mutex_lock(&w->mu);
     int kind = w->fail_taken ? FAIL_NONE : w->fail_kind, err = w->fail_errno;
     char *path = w->fail_path;
@@ -653,9 +648,7 @@ PyDoc_STRVAR(wait_doc, "wait()\n\nReturn once the thread has done every job queu
 
 static PyObject *wait_(Writer *w, PyObject *unused)
 {
-    if (check_process(w) < 0)
-        return NULL;
-    if (w->started && !w->closed)
+    if (w->started && !inert(w))
         wait_done(w);
     Py_RETURN_NONE;
 }
@@ -690,9 +683,7 @@ PyDoc_STRVAR(close_doc,
 
 static PyObject *close_(Writer *w, PyObject *unused)
 {
-    if (check_process(w) < 0)
-        return NULL;
-    if (!w->closed) {
+    if (!inert(w)) {
         w->closed = 1;
         stop_thread(w);
         close_streams(w);
@@ -707,8 +698,10 @@ PyDoc_STRVAR(pause_doc,
 static PyObject *pause_(Writer *w, PyObject *flag)
 {
     int on = PyObject_IsTrue(flag);
-    if (on < 0 || check_process(w) < 0)
+    if (on < 0)
         return NULL;
+    if (inert(w))
+        Py_RETURN_NONE;
     pthread_mutex_lock(&w->mu);
     w->paused = on;
     pthread_cond_signal(&w->work);
@@ -718,6 +711,8 @@ static PyObject *pause_(Writer *w, PyObject *flag)
 
 static PyObject *get_pending(Writer *w, void *unused)
 {
+    if (w->pid != getpid())
+        return PyLong_FromLong(0);
     pthread_mutex_lock(&w->mu);
     unsigned long long n = w->queued - w->done;
     pthread_mutex_unlock(&w->mu);
