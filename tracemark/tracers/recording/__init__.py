@@ -52,6 +52,11 @@ per marker, pure core    markers with an ``object`` field (its repr runs Python 
 nesting, signals         unchanged: the channel choice (depth 0 or a nested level) is the
                          generated code's, around the C call; no Python code runs between
                          reading ``pos`` and publishing ``count`` in C
+the consumer             discard mode on the C core: a native thread that never takes the GIL
+                         (``tracemark/_speedups_consumer.c``) writes the packets; the channel
+                         hands them over and takes them back in one C call each
+                         (:mod:`.consumer`). Same files, counts and error messages; a fork
+                         child makes its own; the pure core keeps the Python consumer
 =======================  ===================================================================
 
 The trace format is :mod:`tracemark.ctf.writer`'s; the contract between the channel and the
