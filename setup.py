@@ -21,6 +21,7 @@ setup(
             "tracemark._speedups",
             [
                 "tracemark/_speedups.c",
+                "tracemark/_speedups_consumer.c",
                 "tracemark/_speedups_fire.c",
                 "tracemark/_speedups_patching.c",
                 "tracemark/_speedups_probes.c",

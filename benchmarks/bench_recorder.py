@@ -13,8 +13,11 @@ Three tables:
   of the ``tracemark.task`` event, without the loop's own cost in the figure);
 * sustained throughput in discard mode with default buffers, one thread paced at the target
   rate (1,000,000 events/s) and flat out, and the loss;
-* the loss figure with 4 threads firing flat out (they share one GIL, so together they
-  fire about as fast as one).
+* the loss figure with 1, 2 and 4 threads firing flat out (they share one GIL, so together
+  they fire about as fast as one), with the C core's native consumer (a thread without the
+  GIL), the pure consumer behind the same C firing path, and the pure core, in one run;
+  on tmpfs (/dev/shm) when there is one, so the disk keeps up and the figure is the
+  consumer's.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from pathlib import Path
 
 import tracemark
 from tracemark import env
+from tracemark.tracers.recording import consumer
 
 from .harness import Case, measure, table
 
@@ -165,11 +169,25 @@ def _task_rows(m: object) -> list[tuple[Case, float]]:
     return out
 
 
+#: The consumers compared by the threads table: (label, TRACEMARK_CORE, native consumer).
+CONSUMERS = (
+    ("C core, native consumer", None, True),
+    ("C core, pure consumer", None, False),
+    ("pure core", "python", False),
+)
+
+
 def _throughput(
-    tmp: Path, threads: int, seconds: float, pace: float | None = None
+    tmp: Path,
+    threads: int,
+    seconds: float,
+    pace: float | None = None,
+    core: str | None = None,
+    native: bool = True,
 ) -> tuple[float, int, int]:
     """Fire from ``threads`` threads for ``seconds``, flat out or (``pace``) at most that many
-    events/s each, in bursts of 1000; events/s, recorded, lost."""
+    events/s each, in bursts of 1000; events/s, recorded, lost. ``core``: TRACEMARK_CORE for
+    the recording; ``native``: whether the C core's native consumer writes."""
     m = tracemark.marker("bench.flat", n=int, s=str, x=float)
     stop = threading.Event()
     fired = [0] * threads
@@ -187,7 +205,17 @@ def _throughput(
                     pass
         fired[k] = i
 
-    rec = tracemark.record(tmp / f"flat{threads}-{pace}", "bench.flat")
+    saved = os.environ.pop(env.CORE_VARIABLE, None)
+    if core is not None:
+        os.environ[env.CORE_VARIABLE] = core
+    consumer.NATIVE = native
+    try:
+        rec = tracemark.record(tmp / f"flat{threads}-{pace}-{core}-{native}", "bench.flat")
+    finally:
+        consumer.NATIVE = True
+        os.environ.pop(env.CORE_VARIABLE, None)
+        if saved is not None:
+            os.environ[env.CORE_VARIABLE] = saved
     workers = [threading.Thread(target=work, args=(k,)) for k in range(threads)]
     t0 = time.perf_counter()
     for w in workers:
@@ -240,20 +268,31 @@ def report() -> str:
             pure.stop()
         # Before viztracer: its stop() leaves a threading.setprofile hook behind, which would
         # profile every thread started afterwards (it made these rows 2.5x too slow).
+        shm = Path("/dev/shm")
+        fast = Path(tempfile.mkdtemp(dir=shm)) if shm.is_dir() else tmp
         lines = [
             "### Recorder: sustained throughput, discard mode, default buffers",
             "",
-            "| threads | firing | events/s fired | recorded | lost (discarded) | loss |",
-            "| ---: | --- | ---: | ---: | ---: | ---: |",
+            f"Trace on {'tmpfs (/dev/shm)' if fast != tmp else 'the temporary directory'}; "
+            "2 s per row.",
+            "",
+            "| threads | firing | consumer | events/s fired | recorded | lost (discarded) | loss |",
+            "| ---: | --- | --- | ---: | ---: | ---: | ---: |",
         ]
-        for threads, pace in ((1, 1_000_000.0), (1, None), (4, None)):
-            rate, recorded, lost = _throughput(tmp, threads, 2.0, pace)
-            total = recorded + lost
-            how = "flat out" if pace is None else f"paced at {pace:,.0f}/s"
-            lines.append(
-                f"| {threads} | {how} | {rate:,.0f} | {recorded:,} | {lost:,} | "
-                f"{lost / total if total else 0:.2%} |"
-            )
+        rows = [(1, 1_000_000.0, *CONSUMERS[0])]
+        rows += [(n, None, *c) for n in (1, 2, 4) for c in CONSUMERS]
+        try:
+            for threads, pace, label, core, native in rows:
+                rate, recorded, lost = _throughput(fast, threads, 2.0, pace, core, native)
+                total = recorded + lost
+                how = "flat out" if pace is None else f"paced at {pace:,.0f}/s"
+                lines.append(
+                    f"| {threads} | {how} | {label} | {rate:,.0f} | {recorded:,} | {lost:,} | "
+                    f"{lost / total if total else 0:.2%} |"
+                )
+        finally:
+            if fast != tmp:
+                shutil.rmtree(fast, ignore_errors=True)
         viz_case, viz = _viztracer_case()
         if viz_case is None:
             cases.append(Case("viztracer log_instant", "pass", {}, "viztracer not installed"))

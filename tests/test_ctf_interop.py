@@ -52,7 +52,7 @@ with tracemark.record(out, "interop.every") as rec:
 # A second recording into the same directory, with buffers too small to keep up.
 rec2 = tracemark.record(out, "interop.[fs]*", subbuffer_size=4096, subbuffers=2)
 fmt(1, "one")
-with rec2.consumer.lock:  # the consumer cannot write meanwhile
+with rec2.consumer.stalled():  # the consumer writes nothing meanwhile
     for i in range(2000):
         small(i)
 summary = rec2.stop()

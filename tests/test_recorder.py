@@ -311,6 +311,9 @@ def test_no_consumer_thread_possible_stop_writes_the_trace(tmp_path, uniq, monke
         raise RuntimeError("can't create new thread at interpreter shutdown")
 
     monkeypatch.setattr(threading.Thread, "start", refuse)
+    # The pure consumer: the native one is no Python thread (its housekeeping thread not
+    # starting is harmless, and silent: test_native_consumer.py).
+    monkeypatch.setenv("TRACEMARK_CORE", "python")
     with (
         pytest.warns(tracemark.TracemarkWarning, match="could not start"),
         tracemark.record(tmp_path, f"{uniq}.*", subbuffer_size=4096) as rec,
@@ -338,7 +341,7 @@ def test_bad_arguments_to_record():
 def test_discard_mode_counts_every_dropped_event(tmp_path, uniq):
     m = tracemark.marker(f"{uniq}.m", i=int)
     rec = tracemark.record(tmp_path, f"{uniq}.*", subbuffer_size=4096, subbuffers=2)
-    with rec.consumer.lock:  # the consumer cannot write meanwhile: the buffers fill up
+    with rec.consumer.stalled():  # nothing written meanwhile: the buffers fill up
         for i in range(3000):
             m(i)
     summary = rec.stop()
@@ -383,7 +386,7 @@ def test_small_buffers_flat_out_every_event_is_read_or_counted_every_time(tmp_pa
 def test_discarded_count_is_carried_by_the_next_packet(tmp_path, uniq):
     m = tracemark.marker(f"{uniq}.m", i=int)
     rec = tracemark.record(tmp_path, f"{uniq}.*", subbuffer_size=4096, subbuffers=2)
-    with rec.consumer.lock:
+    with rec.consumer.stalled():
         for i in range(1000):
             m(i)
     deadline = time.monotonic() + 10

@@ -486,7 +486,7 @@ static int exec_module(PyObject *module)
     st->str_switch = PyUnicode_InternFromString("switch");
     if (st->str_switch == NULL || PyModule_AddFunctions(module, tm_fire_methods) < 0)
         return -1;
-    if (tm_fire_exec(module, st) < 0)
+    if (tm_fire_exec(module, st) < 0 || tm_consumer_exec(module) < 0)
         return -1;
     return tm_probes_exec(module);
 }

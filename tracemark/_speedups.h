@@ -71,4 +71,8 @@ int tm_fire_traverse(State *st, visitproc visit, void *arg);
 void tm_fire_clear(State *st);
 extern PyMethodDef tm_fire_methods[];
 
+/* tracemark/_speedups_consumer.c: add the native consumer's type, Writer, to the module
+ * (called from the module's exec slot). 0, or -1 with an exception set. */
+int tm_consumer_exec(PyObject *module);
+
 #endif

@@ -57,6 +57,11 @@ dynamic entry probes     an entry probe capturing plain names whose marker only 
                          arguments (3.11) or the frame (3.12+, ``PyFrame_GetVar``), no
                          emitter and no firing function (``tracemark/_speedups_probes.c``);
                          any other case, and whatever it declines, is the pure path's
+the consumer             discard mode on the C core: a native thread that never takes the GIL
+                         (``tracemark/_speedups_consumer.c``) writes the packets; the channel
+                         hands them over and takes them back in one C call each
+                         (:mod:`.consumer`). Same files, counts and error messages; a fork
+                         child makes its own; the pure core keeps the Python consumer
 =======================  ===================================================================
 
 The trace format is :mod:`tracemark.ctf.writer`'s; the contract between the channel and the

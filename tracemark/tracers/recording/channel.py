@@ -157,6 +157,8 @@ class Channel:
                 return -1
             self.discard()
             return -1
+        if not self.free and rec.consumer.native is not None:
+            rec.consumer.reap(self)  # the packets the native consumer wrote come back
         if self.free:
             buf = self.free.popleft()
         elif self.unallocated > 0:
@@ -269,10 +271,14 @@ class Channel:
         # handler raised) and run again finds the packet either open or handed over, never
         # neither (flush() tells which). Nothing else writes this channel meanwhile: nested
         # events go to the next level.
-        self.full.append((buf, events, self.seq))
+        consumer = self.rec.consumer
+        if consumer.native is not None:  # the native consumer appends it to full
+            consumer.hand_over(self, (buf, events, self.seq))
+        else:
+            self.full.append((buf, events, self.seq))
         self.limit = -1  # from here on, the next event opens a new packet
         self.reported = discarded
-        if not self.rec.overwrite and self.rec.running:
+        if consumer.native is None and not self.rec.overwrite and self.rec.running:
             self.rec.consumer.wake()
             # Give the GIL away once per packet, so the consumer just woken gets it now: with
             # several threads firing flat out it could otherwise wait several switch

@@ -20,18 +20,41 @@ Guarantees
   (:func:`.lifecycle.start_without_signals`).
 * :attr:`Consumer.lock` is held for every write; a stop, a snapshot or a dying process's last
   flush takes it too, so the files are written by one thread at a time.
+
+The native consumer
+-------------------
+With the C core (``tracemark.env.core()``; ``TRACEMARK_CORE=python`` keeps this module's
+thread, the reference) a discard-mode recording hands its packets to
+``tracemark._speedups.Writer`` instead (``tracemark/_speedups_consumer.c``, whose comment
+states its protocol and guarantees): a pthread that writes them without ever taking the GIL,
+so a firing thread never waits for a consumer to get the GIL back. Same files, same counts,
+same error messages. What stays in Python, with the GIL, and never waits for the thread:
+
+* :meth:`Consumer.hand_over` (from ``Channel._close``): the pending metadata first, then the
+  packet, queued in one C call that also appends it to ``ch.full``;
+* :meth:`Consumer.reap` (from ``Channel.switch`` when the channel has no free sub-buffer, and
+  from :meth:`drain`): the packets written come back to ``ch.free`` and are counted, in one C
+  call; a failure the thread met is reported here (``rec._fail``). Like the pure consumer, it
+  needs :attr:`lock`: a firing thread only tries it (a stop, or a test holding it to stall the
+  consumer, holds its buffers back);
+* :meth:`drain` waits for the thread (GIL released) and reaps every channel; :meth:`close_files`
+  ends the thread once everything queued is written.
+
+If the thread cannot be made, this module's thread consumes instead, for the whole recording.
 """
 
 from __future__ import annotations
 
 import _thread
 import collections
+import contextlib
 import os
 import struct
 import threading
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from ... import faults
+from ... import env, faults
 from ..._forksafe import fork_safe_rlock
 from ...ctf import writer as W
 from . import lifecycle
@@ -46,6 +69,10 @@ __all__ = ["Consumer"]
 POLL = 0.05
 
 _IOV_MAX = 512  # at most this many packets per writev (Linux allows 1024)
+
+#: Whether recordings on the C core use the native consumer (benchmarks turn it off to
+#: compare both consumers behind the same firing path; read when a recording starts).
+NATIVE = True
 
 
 class Consumer:
@@ -64,6 +91,12 @@ class Consumer:
         # a whole switch interval.
         self._wakeup = _thread.allocate_lock()
         self._wakeup.acquire()
+        #: The native consumer (tracemark._speedups.Writer) once started; None: this module's
+        #: thread. Decided once, before the first packet, for the recording's life here.
+        self.native: Any = None
+        core = env.speedups()
+        native = NATIVE and not rec.overwrite
+        self._native_type = getattr(core, "Writer", None) if native else None
 
     def wake(self) -> None:
         if self.thread is None and not self.stopping:
@@ -77,22 +110,108 @@ class Consumer:
         """Start the consumer thread if it is not running (idempotent; the CLI calls it in
         fork children). Python refuses new threads once interpreter shutdown began (3.12+):
         then packets are written by the recording's stop instead, and until then, once the
-        buffers are full, new events are counted as discarded."""
+        buffers are full, new events are counted as discarded. With the native consumer,
+        the thread started here only keeps house (:meth:`_housekeep`); the packets are
+        written whether it starts or not."""
         with self.rec._reg_lock:
+            if self._native_type is not None and self.native is None:
+                self._start_native()
             if self.thread is None:
                 thread = threading.Thread(target=self._run, name="tracemark-consumer")
                 thread.daemon = True
                 try:
                     lifecycle.start_without_signals(thread)
                 except RuntimeError as exc:
-                    faults.report(
-                        "record-consumer",
-                        str(self.rec.trace_path),
-                        f"the recorder's consumer thread could not start ({exc}); the trace "
-                        "is written when the recording stops",
-                    )
+                    if self.native is None:
+                        faults.report(
+                            "record-consumer",
+                            str(self.rec.trace_path),
+                            f"the recorder's consumer thread could not start ({exc}); the "
+                            "trace is written when the recording stops",
+                        )
                     return
                 self.thread = thread
+
+    @contextlib.contextmanager
+    def stalled(self) -> Iterator[None]:
+        """Nothing is written meanwhile, as with a disk that stalls (for tests): the pure
+        consumer's lock is held, or the native consumer's thread paused."""
+        with self.lock:
+            if self.native is None:
+                yield
+                return
+            self.native.pause(True)
+            try:
+                yield
+            finally:
+                self.native.pause(False)
+
+    def _start_native(self) -> bool:
+        rec = self.rec
+        self._native_type, native_type = None, self._native_type  # tried once
+        try:
+            self.native = native_type(
+                os.fsencode(rec.trace_path), W.OFF_TS_END + 8, W.OFF_DISCARDED
+            )
+        except (OSError, MemoryError, ValueError) as exc:
+            faults.report(
+                "record-consumer",
+                str(rec.trace_path),
+                f"the native consumer could not start ({exc}); the Python one is used",
+            )
+            return False
+        self._metadata_path = os.fsencode(rec.trace_path / "metadata")
+        return True
+
+    # --- the native consumer (see the module's docstring) ---
+
+    def hand_over(self, ch: Channel, entry: tuple[Any, int, int]) -> None:
+        """Give the closed packet ``entry`` of ``ch`` to the native consumer (which appends it
+        to ``ch.full``). Never raises: a packet that cannot be handed over is lost, counted."""
+        rec = self.rec
+        try:
+            if self.pending_metadata:
+                self._queue_metadata()
+            self.native.hand_over(ch, entry, rec._error is None)
+        except Exception as exc:  # memory: the packet is not in ch.full, its buffer free
+            rec._fail(f"the consumer failed: {exc!r}")
+            rec._lost += entry[1]
+            ch.free.append(entry[0])
+
+    def _queue_metadata(self) -> None:
+        # Under the lock _event_id appends with: classes queued in the order declared.
+        with self.rec._reg_lock:
+            while self.pending_metadata:
+                # Taken off only once queued: a hand-over that finds the deque empty (and so
+                # takes no lock) comes after every class it may use is queued.
+                text = self.pending_metadata[0]
+                self.native.metadata(
+                    self._metadata_path, text.encode("utf-8"), self.rec._error is None
+                )
+                self.pending_metadata.popleft()
+
+    def reap(self, ch: Channel) -> int:
+        """Take back ``ch``'s packets the native consumer wrote (see the module's docstring);
+        how many. Takes no lock: the C call is atomic under the GIL (it allocates nothing
+        the cyclic GC tracks, so no finalizer, no thread switch, can come in the middle)."""
+        rec = self.rec
+        try:
+            n = self.native.reap(ch)
+            error = self.native.take_error()
+        except Exception as exc:
+            rec._fail(f"the consumer failed: {exc!r}")
+            return 0
+        if error is not None:
+            what, errno, path = error
+            if path is not None:
+                exc = OSError(errno, os.strerror(errno), os.fsdecode(path))
+            else:
+                exc = OSError(errno, os.strerror(errno))
+            if what.startswith("metadata"):
+                rec._fail(f"cannot write {rec.trace_path / 'metadata'}: {exc}")
+            else:
+                rec._fail(f"cannot write the trace in {rec.trace_path}: {exc}")
+        return n
 
     def stop(self) -> None:
         """Make the thread end after its current round and wait for it (unless called on
@@ -103,13 +222,27 @@ class Consumer:
         if thread is not None and thread is not threading.current_thread():
             thread.join()
 
+    def _housekeep(self) -> None:
+        """With the native consumer, this thread's round: packets written come back to the
+        channels of threads that fire no more (and write failures are reported now, not at
+        the next switch), and channels of ended threads become spares. Nothing here is on the
+        firing threads' path: they never wait for it."""
+        rec = self.rec
+        for ch in list(rec._all_channels()):
+            self.reap(ch)
+        if rec.running and not rec._stopping:
+            rec._retire_dead_threads()
+
     def _run(self) -> None:
         busy = False
         while True:
             if not busy:
                 self._wakeup.acquire(timeout=POLL)
             try:
-                busy = self.drain() > 0
+                if self.native is not None:
+                    self._housekeep()
+                else:
+                    busy = self.drain() > 0
             except Exception as exc:  # a consumer that dies would silently fill the buffers
                 self.rec._fail(f"the consumer failed: {exc!r}")
                 busy = False
@@ -121,6 +254,15 @@ class Consumer:
         class is always on disk before any packet that uses it); return how many packets."""
         rec = self.rec
         written = 0
+        if self.native is not None:
+            with self.lock:
+                self._queue_metadata()
+                self.native.wait()  # the GIL released meanwhile
+                for ch in list(rec._all_channels()):
+                    written += self.reap(ch)
+                if rec.running and not rec._stopping:
+                    rec._retire_dead_threads()
+            return written
         with self.lock:
             while self.pending_metadata:
                 text = self.pending_metadata.popleft()
@@ -192,6 +334,12 @@ class Consumer:
         ch.file_size += kept
 
     def close_files(self) -> None:
+        if self.native is not None:
+            with self.lock:
+                self.native.close()  # writes whatever is still queued first
+                for ch in list(self.rec._all_channels()):
+                    self.reap(ch)
+            return
         for ch in self.rec._all_channels():
             if ch.fd != -1:
                 try:
