@@ -41,6 +41,8 @@
 #include <Python.h>
 #include <stdint.h>
 #include <string.h>
+#include <limits.h>
+#include <stdio.h>
 
 #ifdef Py_GIL_DISABLED
 #error "tracemark._creader needs the GIL; a free-threaded build uses the pure-Python reader"
@@ -552,6 +554,322 @@ done:
     return result;
 }
 
+/* --- view's text lines ---------------------------------------------------------------------
+ *
+ * format_text(events, start, previous, entries, pieces, second, show_other)
+ *   -> (text, next, previous)
+ *
+ * The lines `tracemark view` writes for events[start:] (tracemark/cli/view.py write_text,
+ * its plain path), each ending in "\n", as one str; `next`: the index of the first event not
+ * formatted (len(events), or an event this function declines: a timestamp or pid beyond
+ * int64, a value whose text cannot be had; the caller formats that one the Python way and
+ * calls again). A line is the time, the delta, then per field the caller's pieces and the
+ * value:
+ *   - pieces(ev) -> tuple of str (view._line_pieces: the text before each value, or the
+ *     whole rest of the line when there is no field), cached in `entries` (a list) by the
+ *     identity of the event's name, pid, tid, thread, task and field names;
+ *   - second(seconds) -> "HH:MM:SS" (view._second: time.localtime), asked once per second;
+ *   - values as view._SHOW shows them: int repr, float format(v, ".6g") (PyOS_double_to_string,
+ *     Python/pystrtod.c, which float.__format__ calls), bool repr, bytes repr, str plain when
+ *     fields._PLAIN matches (Unicode \w as sre's SRE_UNI_IS_WORD: Py_UNICODE_ISALNUM or '_',
+ *     or one of ".:/@+-") else repr; any other type through show_other(v).
+ */
+
+typedef struct {
+    char *p;
+    Py_ssize_t len, cap;
+} Buf;
+
+static int buf_grow(Buf *b, Py_ssize_t n)
+{
+    if (b->len + n <= b->cap)
+        return 0;
+    Py_ssize_t cap = b->cap ? b->cap : 1 << 16;
+    while (cap < b->len + n) {
+        if (cap > PY_SSIZE_T_MAX / 2) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        cap *= 2;
+    }
+    char *p = PyMem_Realloc(b->p, (size_t)cap);
+    if (p == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    b->p = p;
+    b->cap = cap;
+    return 0;
+}
+
+static int buf_add(Buf *b, const char *s, Py_ssize_t n)
+{
+    if (buf_grow(b, n) < 0)
+        return -1;
+    memcpy(b->p + b->len, s, (size_t)n);
+    b->len += n;
+    return 0;
+}
+
+/* A str's UTF-8 appended; 0 when it has none (a lone surrogate: error cleared), -1 error. */
+static int buf_str(Buf *b, PyObject *s)
+{
+    Py_ssize_t n;
+    const char *u = PyUnicode_AsUTF8AndSize(s, &n);
+    if (u == NULL) {
+        if (PyErr_ExceptionMatches(PyExc_UnicodeEncodeError)) {
+            PyErr_Clear();
+            return 0;
+        }
+        return -1;
+    }
+    return buf_add(b, u, n) < 0 ? -1 : 1;
+}
+
+/* A new str to show, as above, and 1; 0 declined; -1 an error. */
+static int buf_obj_str(Buf *b, PyObject *s)
+{
+    if (s == NULL)
+        return -1;
+    int r = PyUnicode_Check(s) ? buf_str(b, s) : 0;
+    Py_DECREF(s);
+    return r;
+}
+
+static int plain_text(PyObject *s)
+{
+    Py_ssize_t n = PyUnicode_GET_LENGTH(s);
+    if (n == 0)
+        return 0;
+    int kind = PyUnicode_KIND(s);
+    const void *data = PyUnicode_DATA(s);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        Py_UCS4 c = PyUnicode_READ(kind, data, i);
+        if (c < 128) {
+            if (!((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9')
+                  || c == '_' || c == '.' || c == ':' || c == '/' || c == '@' || c == '+'
+                  || c == '-'))
+                return 0;
+        } else if (!Py_UNICODE_ISALNUM(c)) {
+            return 0;
+        }
+    }
+    return 1;
+}
+
+static int show(Buf *b, PyObject *v, PyObject *show_other)
+{
+    PyTypeObject *t = Py_TYPE(v);
+    if (t == &PyLong_Type) {
+        int overflow = 0;
+        long long x = PyLong_AsLongLongAndOverflow(v, &overflow);
+        if (x == -1 && PyErr_Occurred())
+            return -1;
+        if (overflow)
+            return buf_obj_str(b, PyObject_Repr(v));
+        char tmp[32];
+        int n = snprintf(tmp, sizeof tmp, "%lld", x);
+        return buf_add(b, tmp, n) < 0 ? -1 : 1;
+    }
+    if (t == &PyFloat_Type) {
+        char *s = PyOS_double_to_string(PyFloat_AS_DOUBLE(v), 'g', 6, 0, NULL);
+        if (s == NULL)
+            return -1;
+        int r = buf_add(b, s, (Py_ssize_t)strlen(s));
+        PyMem_Free(s);
+        return r < 0 ? -1 : 1;
+    }
+    if (t == &PyBool_Type)
+        return buf_add(b, v == Py_True ? "True" : "False", v == Py_True ? 4 : 5) < 0 ? -1 : 1;
+    if (t == &PyUnicode_Type)
+        return plain_text(v) ? buf_str(b, v) : buf_obj_str(b, PyObject_Repr(v));
+    if (t == &PyBytes_Type)
+        return buf_obj_str(b, PyObject_Repr(v));
+    return buf_obj_str(b, PyObject_CallOneArg(show_other, v));
+}
+
+/* The cached pieces of ev's line, a borrowed reference (NULL and no error: declined). */
+static PyObject *line_pieces(PyObject *ev, PyObject *entries, PyObject *make)
+{
+    PyObject *fields = PyTuple_GET_ITEM(ev, 2);
+    Py_ssize_t n = PyList_GET_SIZE(entries);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *e = PyList_GET_ITEM(entries, i); /* (name, pid, tid, thread, task, keys, pieces) */
+        if (PyTuple_GET_ITEM(e, 0) != PyTuple_GET_ITEM(ev, 1)
+            || PyTuple_GET_ITEM(e, 1) != PyTuple_GET_ITEM(ev, 3)
+            || PyTuple_GET_ITEM(e, 2) != PyTuple_GET_ITEM(ev, 4)
+            || PyTuple_GET_ITEM(e, 3) != PyTuple_GET_ITEM(ev, 5)
+            || PyTuple_GET_ITEM(e, 4) != PyTuple_GET_ITEM(ev, 6))
+            continue;
+        PyObject *keys = PyTuple_GET_ITEM(e, 5);
+        if (PyTuple_GET_SIZE(keys) != PyDict_GET_SIZE(fields))
+            continue;
+        Py_ssize_t pos = 0, j = 0;
+        PyObject *k, *v;
+        int same = 1;
+        while (PyDict_Next(fields, &pos, &k, &v))
+            if (PyTuple_GET_ITEM(keys, j++) != k) {
+                same = 0;
+                break;
+            }
+        if (same)
+            return PyTuple_GET_ITEM(e, 6);
+    }
+    PyObject *pieces = PyObject_CallOneArg(make, ev);
+    if (pieces == NULL)
+        return NULL;
+    Py_ssize_t nf = PyDict_GET_SIZE(fields);
+    if (!PyTuple_CheckExact(pieces) || PyTuple_GET_SIZE(pieces) != (nf ? nf : 1)) {
+        Py_DECREF(pieces);
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(pieces); i++)
+        if (!PyUnicode_CheckExact(PyTuple_GET_ITEM(pieces, i))) {
+            Py_DECREF(pieces);
+            return NULL;
+        }
+    PyObject *keys = PyTuple_New(nf), *k, *v;
+    Py_ssize_t pos = 0, j = 0;
+    if (keys == NULL) {
+        Py_DECREF(pieces);
+        return NULL;
+    }
+    while (PyDict_Next(fields, &pos, &k, &v) && j < nf)
+        PyTuple_SET_ITEM(keys, j++, Py_NewRef(k));
+    PyObject *e = PyTuple_Pack(7, PyTuple_GET_ITEM(ev, 1), PyTuple_GET_ITEM(ev, 3),
+                               PyTuple_GET_ITEM(ev, 4), PyTuple_GET_ITEM(ev, 5),
+                               PyTuple_GET_ITEM(ev, 6), keys, pieces);
+    Py_DECREF(keys);
+    Py_DECREF(pieces);
+    if (e == NULL)
+        return NULL;
+    if (n >= 16 && PyList_SetSlice(entries, 15, n, NULL) < 0) {
+        Py_DECREF(e);
+        return NULL;
+    }
+    int r = PyList_Insert(entries, 0, e);
+    Py_DECREF(e);
+    return r < 0 ? NULL : PyTuple_GET_ITEM(e, 6); /* the list holds it */
+}
+
+static int int64_of(PyObject *o, long long *out)
+{
+    int overflow = 0;
+    if (!PyLong_CheckExact(o))
+        return 0;
+    *out = PyLong_AsLongLongAndOverflow(o, &overflow);
+    if (*out == -1 && PyErr_Occurred())
+        return -1;
+    return !overflow;
+}
+
+static PyObject *format_text(PyObject *self, PyObject *args)
+{
+    PyObject *events, *previous, *entries, *make, *second, *show_other;
+    Py_ssize_t i;
+    if (!PyArg_ParseTuple(args, "O!nOO!OOO", &PyList_Type, &events, &i, &previous,
+                          &PyList_Type, &entries, &make, &second, &show_other))
+        return NULL;
+    Buf b = {NULL, 0, 0};
+    long long prev = 0, cached_second = 0;
+    int have_prev = previous != Py_None, have_second = 0;
+    char clock[64];
+    Py_ssize_t clock_len = 0;
+    PyObject *result = NULL;
+    if (have_prev) {
+        int r = int64_of(previous, &prev);
+        if (r < 0)
+            return NULL;
+        if (r == 0) /* declined: Python formats the first event */
+            return Py_BuildValue("(snO)", "", i, previous);
+    }
+    for (; i < PyList_GET_SIZE(events); i++) {
+        PyObject *ev = PyList_GET_ITEM(events, i);
+        if (!PyTuple_Check(ev) || PyTuple_GET_SIZE(ev) < 7 || !PyDict_CheckExact(PyTuple_GET_ITEM(ev, 2)))
+            break;
+        long long ts;
+        int r = int64_of(PyTuple_GET_ITEM(ev, 0), &ts);
+        if (r < 0)
+            goto error;
+        if (r == 0 || (have_prev && ((prev < 0 && ts > LLONG_MAX + prev)
+                                     || (prev > 0 && ts < LLONG_MIN + prev))))
+            break; /* the delta would not fit int64 */
+        PyObject *pieces = line_pieces(ev, entries, make);
+        if (pieces == NULL) {
+            if (PyErr_Occurred())
+                goto error;
+            break;
+        }
+        Py_INCREF(pieces);
+        Py_ssize_t mark = b.len;
+        /* the time: HH:MM:SS of the second (floor division, as divmod), microseconds */
+        long long sec = ts / 1000000000LL, frac = ts % 1000000000LL;
+        if (frac < 0) {
+            frac += 1000000000LL;
+            sec -= 1;
+        }
+        if (!have_second || sec != cached_second) {
+            PyObject *text = PyObject_CallFunction(second, "L", sec);
+            Py_ssize_t n;
+            const char *u = text && PyUnicode_Check(text) ? PyUnicode_AsUTF8AndSize(text, &n) : NULL;
+            if (u == NULL || n > 40) {
+                Py_XDECREF(text);
+                Py_DECREF(pieces);
+                if (PyErr_Occurred())
+                    goto error;
+                break;
+            }
+            memcpy(clock, u, (size_t)n);
+            clock_len = n;
+            Py_DECREF(text);
+            cached_second = sec;
+            have_second = 1;
+        }
+        char head[128];
+        int hn = snprintf(head, sizeof head, "%.*s.%06lld ", (int)clock_len, clock, frac / 1000);
+        int ok = buf_add(&b, head, hn) == 0;
+        if (ok && !have_prev) {
+            ok = buf_add(&b, "+?.??????", 9) == 0;
+        } else if (ok) {
+            char *d = PyOS_double_to_string((double)(ts - prev) / 1e9, 'f', 6, 0, NULL);
+            ok = d != NULL && buf_add(&b, "+", 1) == 0 && buf_add(&b, d, (Py_ssize_t)strlen(d)) == 0;
+            PyMem_Free(d);
+        }
+        PyObject *fields = PyTuple_GET_ITEM(ev, 2), *k, *v;
+        Py_ssize_t pos = 0, j = 0;
+        int shown = 1;
+        if (ok && PyDict_GET_SIZE(fields) == 0)
+            ok = buf_str(&b, PyTuple_GET_ITEM(pieces, 0)) == 1;
+        while (ok && shown == 1 && PyDict_Next(fields, &pos, &k, &v)) {
+            ok = buf_str(&b, PyTuple_GET_ITEM(pieces, j++)) == 1;
+            if (ok)
+                shown = show(&b, v, show_other);
+        }
+        Py_DECREF(pieces);
+        if (!ok || shown < 0) {
+            if (PyErr_Occurred())
+                goto error;
+        }
+        if (!ok || shown != 1) {
+            b.len = mark; /* declined: this event is the caller's */
+            break;
+        }
+        if (buf_add(&b, "\n", 1) < 0)
+            goto error;
+        prev = ts;
+        have_prev = 1;
+        previous = PyTuple_GET_ITEM(ev, 0);
+    }
+    {
+        PyObject *text = PyUnicode_DecodeUTF8(b.p ? b.p : "", b.len, "strict");
+        if (text != NULL)
+            result = Py_BuildValue("(NnO)", text, i, previous);
+    }
+error:
+    PyMem_Free(b.p);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"make_layout", make_layout, METH_VARARGS,
      "make_layout(events, task_eid, offset_ns, freq, Event, Task, ReprText): a layout, or "
@@ -559,6 +877,9 @@ static PyMethodDef methods[] = {
     {"decode", decode, METH_VARARGS,
      "decode(layout, data, pos, end, last, ts_end, pid, tid, thread, task, wanted, limit) "
      "-> (events, pos, last, n, task, error)"},
+    {"format_text", format_text, METH_VARARGS,
+     "format_text(events, start, previous, entries, pieces, second, show_other) "
+     "-> (text, next, previous): view's plain text lines."},
     {NULL, NULL, 0, NULL},
 };
 
