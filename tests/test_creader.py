@@ -280,3 +280,64 @@ def test_the_fuzz_corpus_runs_clean_under_address_sanitizer(corpus, tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     assert "ERROR: AddressSanitizer" not in run.stderr
     assert run.stdout.endswith(" damaged\n")
+
+
+def _random_events(rng, n):
+    from tracemark.markers.fields import ReprText
+
+    floats = [0.0, -0.0, 1.5, 1e300, -1e-300, 5e-324, 123456789.0, float("inf"), -float("inf")]
+    floats += [float("nan"), -float("nan"), 0.1 + 0.2, 1 / 3]
+    texts = ["plain", "a b", "é٣²", "x\u0301", "\ud800", "50%", "a\nb", "", "-:/@+._", "\x1b"]
+    values = [*floats, *texts, 0, -1, 2**63 - 1, -(2**63), 2**64, -(2**90), True, False]
+    values += [None, b"\x00'", ReprText("<R \n>"), bytearray(b"x"), 3j, ("t",)]
+    tasks = [None, R.Task(1, "req-1"), R.Task(2, "50%\nodd"), R.Task(3, "")]
+    ts = rng.choice([0, 1_700_000_000 * 10**9, -5 * 10**9 + 3])
+    events = []
+    for _ in range(n):
+        ts += rng.choice([0, 1, 999, 10**9 + 7, 2**40]) if rng.random() < 0.999 else 2**62
+        keys = rng.sample(["f", "g%", "é", "a\tb", "x"], rng.randint(0, 3))
+        fields = {k: rng.choice(values) for k in keys}
+        thread = rng.choice(["MainThread", "", "100% busy", "t\u2028"])
+        name = rng.choice(["a.b", "c%d", "é.x"])
+        ev = R.Event(ts, name, fields, rng.choice([7, 2**70]), 9, thread, rng.choice(tasks))
+        events.append(ev)
+    return events
+
+
+def test_view_text_lines_made_in_c_are_the_python_ones(monkeypatch):
+    from tracemark.cli.view import write_text
+
+    rng = random.Random(3)
+    for _ in range(20):
+        events = _random_events(rng, rng.randint(1, 1500))
+        texts = []
+        for core in ("", "python"):
+            monkeypatch.setenv("TRACEMARK_CORE", core)
+            out = io.StringIO()
+            assert write_text(iter(events), out) == len(events)
+            texts.append(out.getvalue())
+        assert texts[0] == texts[1]
+    assert "+?.??????" in texts[0]
+
+
+def test_view_text_in_c_writes_every_line_before_a_failure(monkeypatch):
+    from tracemark.cli.view import write_text
+
+    events = _random_events(random.Random(5), 1300)
+
+    def failing():
+        yield from events[:1100]
+        raise TraceError("x", 5, "damaged")
+
+    texts = []
+    for core in ("", "python"):
+        monkeypatch.setenv("TRACEMARK_CORE", core)
+        out = io.StringIO()
+        with pytest.raises(TraceError):
+            write_text(failing(), out)
+        texts.append(out.getvalue())
+        out = io.StringIO()
+        assert write_text(iter(events), out, limit=700) == 700
+        texts.append(out.getvalue())
+    assert texts[0] == texts[2] and texts[0].count("\n") == 1100
+    assert texts[1] == texts[3] and texts[1].count("\n") == 700
