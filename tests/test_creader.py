@@ -341,3 +341,33 @@ def test_view_text_in_c_writes_every_line_before_a_failure(monkeypatch):
         texts.append(out.getvalue())
     assert texts[0] == texts[2] and texts[0].count("\n") == 1100
     assert texts[1] == texts[3] and texts[1].count("\n") == 700
+
+
+def test_stats_figures_from_c_grouping_are_the_python_ones(monkeypatch):
+    from types import SimpleNamespace
+
+    from tracemark.cli import stats
+
+    rng = random.Random(11)
+    # more than one chunk (stats._BATCH); no -inf beside inf (stats' own fsum refuses them)
+    events = [
+        ev._replace(fields={k: 0.0 if v == -float("inf") else v for k, v in ev.fields.items()})
+        for ev in _random_events(rng, 40_000)
+    ]
+    # one that is not an Event tuple: its chunk is grouped in Python
+    odd = SimpleNamespace(**events[20_000]._asdict())
+    for evs in (events, [*events[:20_000], odd, *events[20_001:]]):
+        rendered = []
+        for core in ("", "python"):
+            monkeypatch.setenv("TRACEMARK_CORE", core)
+            got = stats.collect(iter(evs))
+            info = dict(path="x", start=0, end=1, discarded=0, processes=1, threads=1)
+            rendered.append(stats.render_json(got, **info))
+            rendered.append(stats.render_text(got, style=stats.Style(False), **info))
+        assert rendered[:2] == rendered[2:]
+    doc = __import__("json").loads(rendered[0])
+    markers = doc["markers"]
+    assert (
+        sum(m["count"] for m in (markers.values() if isinstance(markers, dict) else markers))
+        == 40_000
+    )

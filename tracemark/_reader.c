@@ -870,6 +870,56 @@ error:
     return result;
 }
 
+/* --- stats: events grouped by name -------------------------------------------------------
+ *
+ * group_events(events, Event) -> {name: [first timestamp, last timestamp, [fields, ...]]}
+ * (names in order of first appearance), what `tracemark stats` (tracemark/cli/stats.py
+ * collect) does per event, for a chunk of Event tuples; None (nothing done) when one of them
+ * is not exactly an Event, for the caller's Python loop to take the chunk. */
+static PyObject *group_events(PyObject *self, PyObject *args)
+{
+    PyObject *events, *event_type;
+    if (!PyArg_ParseTuple(args, "O!O", &PyList_Type, &events, &event_type))
+        return NULL;
+    Py_ssize_t n = PyList_GET_SIZE(events);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *ev = PyList_GET_ITEM(events, i);
+        if ((PyObject *)Py_TYPE(ev) != event_type || PyTuple_GET_SIZE(ev) < 3)
+            Py_RETURN_NONE;
+    }
+    PyObject *groups = PyDict_New();
+    if (groups == NULL)
+        return NULL;
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(events); i++) {
+        PyObject *ev = PyList_GET_ITEM(events, i);
+        PyObject *ts = PyTuple_GET_ITEM(ev, 0), *name = PyTuple_GET_ITEM(ev, 1);
+        PyObject *fields = PyTuple_GET_ITEM(ev, 2);
+        PyObject *entry = PyDict_GetItemWithError(groups, name);
+        if (entry == NULL) {
+            if (PyErr_Occurred())
+                goto error;
+            PyObject *rows = PyList_New(0);
+            entry = rows ? Py_BuildValue("[OON]", ts, ts, rows) : NULL;
+            if (entry == NULL)
+                goto error;
+            int r = PyDict_SetItem(groups, name, entry);
+            Py_DECREF(entry);
+            if (r < 0)
+                goto error;
+        } else {
+            Py_INCREF(ts);
+            if (PyList_SetItem(entry, 1, ts) < 0)
+                goto error;
+        }
+        if (PyList_Append(PyList_GET_ITEM(entry, 2), fields) < 0)
+            goto error;
+    }
+    return groups;
+error:
+    Py_DECREF(groups);
+    return NULL;
+}
+
 static PyMethodDef methods[] = {
     {"make_layout", make_layout, METH_VARARGS,
      "make_layout(events, task_eid, offset_ns, freq, Event, Task, ReprText): a layout, or "
@@ -880,6 +930,8 @@ static PyMethodDef methods[] = {
     {"format_text", format_text, METH_VARARGS,
      "format_text(events, start, previous, entries, pieces, second, show_other) "
      "-> (text, next, previous): view's plain text lines."},
+    {"group_events", group_events, METH_VARARGS,
+     "group_events(events, Event) -> {name: [first ts, last ts, [fields, ...]]} or None"},
     {NULL, NULL, 0, NULL},
 };
 
