@@ -371,3 +371,28 @@ def test_stats_figures_from_c_grouping_are_the_python_ones(monkeypatch):
         sum(m["count"] for m in (markers.values() if isinstance(markers, dict) else markers))
         == 40_000
     )
+
+
+def test_decoding_formatting_and_grouping_leak_nothing(corpus, monkeypatch):
+    from tracemark.cli import stats
+    from tracemark.cli.view import write_text
+
+    events = _random_events(random.Random(2), 3000)
+
+    def work():
+        fz.fuzz(str(corpus), 300, seed=4, c_only=True)  # damaged packets: the error paths
+        for _ in range(3):
+            list(read_trace(corpus).events())
+            write_text(iter(events), io.StringIO())
+            stats.collect(iter(read_trace(corpus).events()))
+
+    work()  # caches, interned names, lazily made objects
+    tracemalloc.start()
+    try:
+        work()
+        before = tracemalloc.get_traced_memory()[0]
+        work()
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert grown < 200_000, grown
