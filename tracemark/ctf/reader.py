@@ -31,6 +31,11 @@ Guarantees
   own packet (:mod:`.writer`, "Task identity"), which are bookkeeping and not given as
   events themselves. Task ids are never reused within a process, so ``(pid, task)`` names
   one task for the whole trace.
+* **A C reader, the same results.** Where the optional extension ``tracemark._creader``
+  (tracemark/_reader.c) is built, packets are decoded by it (:attr:`SubTrace.c_layout`):
+  the same events, and the same TraceError after the same events; this module stays the
+  reference, reads what the C reader declines, and reads everything with
+  ``TRACEMARK_CORE=python`` (``tracemark.env.reader()`` says which runs).
 * Only tracemark's own layout is read: a metadata file whose fixed part differs (another
   tracer's CTF) is a TraceError saying so, rather than a misreading.
 """
