@@ -421,3 +421,22 @@ def test_decoding_formatting_and_grouping_leak_nothing(corpus, monkeypatch):
     finally:
         tracemalloc.stop()
     assert grown < 200_000, grown
+
+
+@needs_c
+def test_each_event_is_decoded_once_even_with_the_bounds(corpus, monkeypatch):
+    """test_ctf_reader's test of the same name, for the C reader: the bounds decode one
+    event per stream, not a chunk."""
+    built = []
+
+    def counting(*args):
+        result = creader.decode(*args)
+        built.append(len(result[0]))
+        return result
+
+    monkeypatch.setattr(R, "_creader_decode", counting)
+    trace = read_trace(corpus)
+    evs = list(trace.events())
+    assert sum(built) == len(evs) == 704
+    assert (trace.start, trace.end) == (evs[0].timestamp, evs[-1].timestamp)
+    assert sum(built) == 704 + len(trace.streams)

@@ -578,7 +578,8 @@ def _c_layout(meta: _Metadata, task_eid: int) -> Any:
     if module is None:
         return None
     global _creader_decode
-    _creader_decode = module.decode  # type: ignore[attr-defined]
+    if _creader_decode is None:
+        _creader_decode = module.decode  # type: ignore[attr-defined]
     return module.make_layout(  # type: ignore[attr-defined]
         meta.events, task_eid, meta.offset_ns, meta.freq, Event, Task, ReprText
     )
@@ -876,10 +877,12 @@ class Stream:
         layout = self.sub.c_layout
         pos, end, last, task, n = p.start, p.content_end, p.ts_begin, None, 0
         pid, tid, thread, ts_end = p.pid, p.tid, p.thread, p.ts_end
+        chunk = 1  # the first event alone (bounds() reads no more), then chunks
         while True:
             events, pos, last, k, task, error = decode(
-                layout, data, pos, end, last, ts_end, pid, tid, thread, task, wanted, _CHUNK
+                layout, data, pos, end, last, ts_end, pid, tid, thread, task, wanted, chunk
             )
+            chunk = _CHUNK
             n += k
             yield from events
             if error is not None:
