@@ -440,3 +440,28 @@ def test_each_event_is_decoded_once_even_with_the_bounds(corpus, monkeypatch):
     assert sum(built) == len(evs) == 704
     assert (trace.start, trace.end) == (evs[0].timestamp, evs[-1].timestamp)
     assert sum(built) == 704 + len(trace.streams)
+
+
+def test_stats_bulk_folding_counts_what_adding_one_at_a_time_counts():
+    """stats.FieldStats.extend (the column scans at C speed) against add() per value,
+    including an int beyond 64 bits after others (array.extend keeps what it took before
+    its OverflowError: those are not counted twice)."""
+    from tracemark.cli.stats import FieldStats, MarkerStats
+
+    rng = random.Random(8)
+    pool = [1, -2, 2**70, 0.5, float("nan"), float("inf"), "a", b"b", True, None, [1], 3]
+    for _ in range(300):
+        kinds = rng.sample(pool, rng.randint(1, 3))
+        values = [rng.choice(kinds) for _ in range(rng.randint(0, 80))]
+        bulk, one = FieldStats(), FieldStats()
+        bulk.extend(values)
+        for v in values:
+            one.add(v)
+        assert repr(bulk) == repr(one)
+    m, rows = MarkerStats("m"), [{"a": i, "b": str(i % 3)} for i in range(100)]
+    m.pending = [*rows, {"b": "x", "c": 1.5}, *rows]  # rows of different fields
+    m.fold()
+    assert list(m.fields) == ["a", "b", "c"] and len(m.fields["a"].ints) == 200
+    m.pending = rows * 2  # the same fields in every row: the quick path
+    m.fold()
+    assert len(m.fields["a"].ints) == 400 and m.fields["b"].others["1"] == 4 * 33

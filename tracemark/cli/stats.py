@@ -43,7 +43,9 @@ from bisect import bisect_left, bisect_right
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from itertools import islice
+from itertools import islice, repeat
+from math import isnan
+from operator import eq, itemgetter, methodcaller
 from typing import IO, Any
 
 from ..ctf.reader import Event
@@ -89,18 +91,21 @@ class FieldStats:
 
     def extend(self, values: list) -> None:
         """``add`` each of ``values``, in bulk when they are all plain ints or all floats."""
-        if all(type(v) is int for v in values):
+        types = set(map(type, values))  # the scans below at C speed (map, not a genexpr)
+        if types <= _INT:
+            done = len(self.ints)
             try:
                 self.ints.extend(values)
                 return
             except OverflowError:  # one beyond 64 bits: value by value
-                pass
-        elif all(type(v) is float for v in values) and not any(v != v for v in values):
+                del self.ints[done:]  # array.extend keeps what it took before the error
+        elif types <= _FLOAT and not any(map(isnan, values)):
             self.floats.extend(values)
             return
-        elif not any(type(v) in (int, float) for v in values):
+        elif not types & _NUMBERS:
             try:
-                self.others.update(values)  # counted in C
+                # counted in C, apart first: an unhashable value raises part-way
+                self.others.update(Counter(values))
                 return
             except TypeError:  # something unhashable: value by value
                 pass
@@ -131,13 +136,22 @@ class MarkerStats:
         rows, self.pending = self.pending, []
         if not rows:
             return
+        same = False
         keys = dict.fromkeys(k for row in rows for k in row) if len(rows) < 64 else None
         if keys is None:  # usually every row has the same fields: check, then trust it
             keys = dict.fromkeys(rows[0])
-            if any(row.keys() != keys.keys() for row in rows):
+            same = all(map(eq, repeat(keys.keys()), map(_keys_of, rows)))
+            if not same:
                 keys = dict.fromkeys(k for row in rows for k in row)
         missing = object()
         for key in keys:
+            if same:  # every row has the key
+                column = list(map(itemgetter(key), rows))
+                f = self.fields.get(key)
+                if f is None:
+                    f = self.fields[key] = FieldStats()
+                f.extend(column)
+                continue
             column = [row.get(key, missing) for row in rows]
             if any(v is missing for v in column):
                 column = [v for v in column if v is not missing]
@@ -148,6 +162,10 @@ class MarkerStats:
 
 
 _BATCH = 1 << 14
+_INT = frozenset([int])
+_FLOAT = frozenset([float])
+_NUMBERS = frozenset([int, float])
+_keys_of = methodcaller("keys")
 
 
 def collect(events: Iterable[Any], by: str | None = None) -> dict[str, MarkerStats]:
