@@ -465,3 +465,25 @@ def test_stats_bulk_folding_counts_what_adding_one_at_a_time_counts():
     m.pending = rows * 2  # the same fields in every row: the quick path
     m.fold()
     assert len(m.fields["a"].ints) == 400 and m.fields["b"].others["1"] == 4 * 33
+
+
+@needs_c
+def test_view_text_in_c_takes_only_the_readers_events(monkeypatch):
+    """Another named tuple (its fields in another order) is formatted by attribute, the
+    Python way, never read by position."""
+    from collections import namedtuple
+
+    from tracemark.cli.view import write_text
+
+    Other = namedtuple("Other", "name timestamp pid tid fields thread task")
+    events = [
+        Other(ev.name, ev.timestamp, ev.pid, ev.tid, ev.fields, ev.thread, ev.task)
+        for ev in _random_events(random.Random(6), 50)
+    ]
+    texts = []
+    for core in ("", "python"):
+        monkeypatch.setenv("TRACEMARK_CORE", core)
+        out = io.StringIO()
+        write_text(iter(events), out)
+        texts.append(out.getvalue())
+    assert texts[0] == texts[1]

@@ -556,13 +556,13 @@ done:
 
 /* --- view's text lines ---------------------------------------------------------------------
  *
- * format_text(events, start, previous, entries, pieces, second, show_other)
+ * format_text(events, start, previous, entries, pieces, second, show_other, Event)
  *   -> (text, next, previous)
  *
  * The lines `tracemark view` writes for events[start:] (tracemark/cli/view.py write_text,
  * its plain path), each ending in "\n", as one str; `next`: the index of the first event not
- * formatted (len(events), or an event this function declines: a timestamp or pid beyond
- * int64, a value whose text cannot be had; the caller formats that one the Python way and
+ * formatted (len(events), or an event this function declines: one not exactly an Event
+ * (tracemark.ctf.reader.Event: its fields read by position), a timestamp beyond int64, a value whose text cannot be had; the caller formats that one the Python way and
  * calls again). A line is the time, the delta, then per field the caller's pieces and the
  * value:
  *   - pieces(ev) -> tuple of str (view._line_pieces: the text before each value, or the
@@ -765,10 +765,10 @@ static int int64_of(PyObject *o, long long *out)
 
 static PyObject *format_text(PyObject *self, PyObject *args)
 {
-    PyObject *events, *previous, *entries, *make, *second, *show_other;
+    PyObject *events, *previous, *entries, *make, *second, *show_other, *event_type;
     Py_ssize_t i;
-    if (!PyArg_ParseTuple(args, "O!nOO!OOO", &PyList_Type, &events, &i, &previous,
-                          &PyList_Type, &entries, &make, &second, &show_other))
+    if (!PyArg_ParseTuple(args, "O!nOO!OOOO", &PyList_Type, &events, &i, &previous,
+                          &PyList_Type, &entries, &make, &second, &show_other, &event_type))
         return NULL;
     Buf b = {NULL, 0, 0};
     long long prev = 0, cached_second = 0;
@@ -785,8 +785,9 @@ static PyObject *format_text(PyObject *self, PyObject *args)
     }
     for (; i < PyList_GET_SIZE(events); i++) {
         PyObject *ev = PyList_GET_ITEM(events, i);
-        if (!PyTuple_Check(ev) || PyTuple_GET_SIZE(ev) < 7 || !PyDict_CheckExact(PyTuple_GET_ITEM(ev, 2)))
-            break;
+        if ((PyObject *)Py_TYPE(ev) != event_type || PyTuple_GET_SIZE(ev) < 7
+            || !PyDict_CheckExact(PyTuple_GET_ITEM(ev, 2)))
+            break; /* not exactly the reader's Event: the caller's */
         long long ts;
         int r = int64_of(PyTuple_GET_ITEM(ev, 0), &ts);
         if (r < 0)
@@ -928,7 +929,7 @@ static PyMethodDef methods[] = {
      "decode(layout, data, pos, end, last, ts_end, pid, tid, thread, task, wanted, limit) "
      "-> (events, pos, last, n, task, error)"},
     {"format_text", format_text, METH_VARARGS,
-     "format_text(events, start, previous, entries, pieces, second, show_other) "
+     "format_text(events, start, previous, entries, pieces, second, show_other, Event) "
      "-> (text, next, previous): view's plain text lines."},
     {"group_events", group_events, METH_VARARGS,
      "group_events(events, Event) -> {name: [first ts, last ts, [fields, ...]]} or None"},

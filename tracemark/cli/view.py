@@ -34,6 +34,7 @@ from itertools import islice
 from json.encoder import encode_basestring  # type: ignore[attr-defined]
 from typing import IO, Any
 
+from ..ctf.reader import Event
 from ..env import reader
 from ..markers.fields import ReprText, show_value
 from ._common import Style, printable
@@ -223,7 +224,7 @@ def _write_plain_c(
         try:
             while i < len(chunk):
                 text, i, previous = format_text(
-                    chunk, i, previous, entries, _line_pieces, _second, _show_other
+                    chunk, i, previous, entries, _line_pieces, _second, _show_other, Event
                 )
                 parts.append(text)
                 if i < len(chunk):  # declined: this one the Python way
