@@ -475,9 +475,9 @@ def test_view_text_in_c_takes_only_the_readers_events(monkeypatch):
 
     from tracemark.cli.view import write_text
 
-    Other = namedtuple("Other", "name timestamp pid tid fields thread task")
+    Other = namedtuple("Other", "timestamp name fields tid pid thread task")  # pid, tid swapped
     events = [
-        Other(ev.name, ev.timestamp, ev.pid, ev.tid, ev.fields, ev.thread, ev.task)
+        Other(ev.timestamp, ev.name, ev.fields, 1000 + ev.tid, ev.pid, ev.thread, ev.task)
         for ev in _random_events(random.Random(6), 50)
     ]
     texts = []
