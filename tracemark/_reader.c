@@ -400,6 +400,22 @@ static PyObject *timestamp(const Layout *L, uint64_t ts)
     return sum;
 }
 
+/* The cyclic GC skips an event that holds nothing it tracks (ints, str, an untracked dict:
+ * one of plain values, PyDict_SetItem's MAINTAIN_TRACKING in Objects/dictobject.c), as it
+ * untracks such exact tuples itself (Modules/gcmodule.c untrack_tuples, which skips tuple
+ * subclasses): without this, the chunks of events alive at once are traversed by every
+ * collection of the older generations. An event in an asyncio task (a Task, tracked) or
+ * with a tracked value stays tracked. */
+static void untrack_if_atomic(PyObject *ev)
+{
+    for (Py_ssize_t k = 0; k < PyTuple_GET_SIZE(ev); k++) {
+        PyObject *item = PyTuple_GET_ITEM(ev, k);
+        if (PyObject_IS_GC(item) && PyObject_GC_IsTracked(item))
+            return;
+    }
+    PyObject_GC_UnTrack(ev);
+}
+
 /* A mask of the wanted ids (NULL: all wanted), or -1 on error. */
 static int wanted_mask(const Layout *L, PyObject *wanted, unsigned char **mask)
 {
@@ -534,6 +550,7 @@ static PyObject *decode(PyObject *self, PyObject *args)
             PyTuple_SET_ITEM(ev, 4, Py_NewRef(tid));
             PyTuple_SET_ITEM(ev, 5, Py_NewRef(thread));
             PyTuple_SET_ITEM(ev, 6, Py_NewRef(task));
+            untrack_if_atomic(ev);
             r = PyList_Append(events, ev);
             Py_DECREF(ev);
             if (r < 0)
