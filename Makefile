@@ -41,11 +41,14 @@ demo:
 # The suite runs twice per Python: all of it on the default core (the C core, which the
 # editable install builds: tests/test_speedups.py fails if it could be built and was not),
 # then the files that record or read traces again on the pure-Python core, the reference
-# (TRACEMARK_CORE=python); the rest of the suite never reaches the recording core.
+# (TRACEMARK_CORE=python), and those that read them through view, stats and export with the
+# pure-Python reader; the rest of the suite never reaches the recording core.
 PURE_CORE_TESTS = tests/test_speedups.py tests/test_recorder.py tests/test_ctf_reader.py \
   tests/test_ctf_interop.py tests/test_pools.py tests/test_any_values.py tests/test_losses.py \
   tests/test_recovery.py tests/test_sessions.py tests/test_tasks.py tests/test_reentrancy.py \
-  tests/test_text_roundtrip.py tests/test_fork_locks.py tests/test_context_fields.py
+  tests/test_text_roundtrip.py tests/test_fork_locks.py tests/test_context_fields.py \
+  tests/test_cli_view_stats.py tests/test_crafted_traces.py tests/test_export.py \
+  tests/test_export_fast.py tests/test_index.py
 
 test: system-deps
 	@status=0; for py in $(PYTHONS); do \

@@ -1,5 +1,5 @@
-"""The build of tracemark's optional C core (tracemark/_speedups.c); everything else is in
-pyproject.toml.
+"""The build of tracemark's optional C core (tracemark/_speedups.c, and the reader's
+tracemark/_reader.c); everything else is in pyproject.toml.
 
 The extension is optional: a build without a compiler (or on a platform the C core does not
 support) still succeeds and tracemark uses its pure-Python core, which stays the reference
@@ -29,7 +29,14 @@ setup(
             depends=["tracemark/_speedups.h"],
             optional=True,
             extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter"],
-        )
+        ),
+        # The reader's packet decoding (tracemark/_reader.c), optional on its own.
+        Extension(
+            "tracemark._creader",
+            ["tracemark/_reader.c"],
+            optional=True,
+            extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter"],
+        ),
     ]
     if supported
     else [],

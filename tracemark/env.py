@@ -99,3 +99,26 @@ def _core() -> tuple[object | None, str]:
     if os.environ.get(CORE_VARIABLE, "").strip().lower() == "python":
         return None, f"{CORE_VARIABLE}=python (C core built)"
     return module, why
+
+
+_reader_built: list = []  # [module or None, why], once
+
+
+def reader() -> tuple[object | None, str]:
+    """The C reader (``tracemark._creader``, packet decoding) when it is the one to use now,
+    else None; and why (a short sentence). Same rules as the recording core: not on a
+    free-threaded build, off with ``TRACEMARK_CORE=python``."""
+    if not _reader_built:
+        if PYBEHAVIOR.free_threaded:
+            _reader_built[:] = [None, "free-threaded build: the C reader needs the GIL"]
+        else:
+            try:
+                from . import _creader
+            except ImportError as exc:
+                _reader_built[:] = [None, f"C reader not built ({exc})"]
+            else:
+                _reader_built[:] = [_creader, "C reader built"]
+    module, why = _reader_built
+    if module is not None and os.environ.get(CORE_VARIABLE, "").strip().lower() == "python":
+        return None, f"{CORE_VARIABLE}=python (C reader built)"
+    return module, why

@@ -86,9 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=f"{_EXAMPLES}\n\n{EXIT_CODES_HELP}",
     )
     from .. import __version__
-    from ..env import core
+    from ..env import core, reader
 
-    version = "tracemark {} (recording core: {}, {})".format(__version__, *core())
+    version = "tracemark {} (recording core: {}, {}; reader: {})".format(
+        __version__, *core(), "c" if reader()[0] is not None else f"python, {reader()[1]}"
+    )
     parser.add_argument("--version", action="version", version=version)
     sub = parser.add_subparsers(dest="subcommand", metavar="COMMAND", parser_class=_Parser)
 

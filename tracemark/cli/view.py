@@ -30,9 +30,12 @@ import json
 import math
 import time
 from collections.abc import Iterable
+from itertools import islice
 from json.encoder import encode_basestring  # type: ignore[attr-defined]
 from typing import IO, Any
 
+from ..ctf.reader import Event
+from ..env import reader
 from ..markers.fields import ReprText, show_value
 from ._common import Style, printable
 from ._common import who as where
@@ -142,28 +145,105 @@ def write_text(
     n = 0
     plain = width is None and (style is None or not style.enabled)
     templates: dict[tuple, str] = {}
-    show = _SHOW
+    if plain:
+        fast = reader()[0]
+        if fast is not None:
+            return _write_plain_c(fast.format_text, events, out, limit, templates)  # type: ignore[attr-defined]
     batch = _Batched(out)
     try:
         for ev in events:
             if limit is not None and n >= limit:
                 break
             if plain:
-                fields = ev.fields
-                key = (ev.name, ev.pid, ev.thread or ev.tid, getattr(ev, "task", None), *fields)
-                template = templates.get(key)
-                if template is None:
-                    template = templates[key] = _line_template(ev)
-                ts = ev.timestamp
-                head = f"{_clock(ts)} {_delta(None if previous is None else ts - previous)}"
-                values = [show.get(type(v), _show_other)(v) for v in fields.values()]
-                batch.add(head + template % tuple(values))
+                batch.add(_plain_line(ev, previous, templates))
             else:
                 batch.add(format_event(ev, previous, width=width, style=style))
             previous = ev.timestamp
             n += 1
     finally:
         batch.flush()
+    return n
+
+
+def _plain_line(ev: Any, previous: int | None, templates: dict[tuple, str]) -> str:
+    """The plain path's line of one event (what format_event writes, a template per event
+    shape)."""
+    fields = ev.fields
+    key = (ev.name, ev.pid, ev.thread or ev.tid, getattr(ev, "task", None), *fields)
+    template = templates.get(key)
+    if template is None:
+        template = templates[key] = _line_template(ev)
+    ts = ev.timestamp
+    head = f"{_clock(ts)} {_delta(None if previous is None else ts - previous)}"
+    show = _SHOW
+    values = [show.get(type(v), _show_other)(v) for v in fields.values()]
+    return head + template % tuple(values)
+
+
+def _line_pieces(ev: Any) -> tuple[str, ...]:
+    """_line_template's text cut where the values go: the text before each value, or the
+    whole rest of the line when the event has no field (for the C reader's format_text)."""
+    head = f" {where(ev)} {printable(ev.name)} "
+    if not ev.fields:
+        return (head.rstrip(" "),)
+    keys = [printable(k) for k in ev.fields]
+    return (head + keys[0] + "=", *(f" {k}=" for k in keys[1:]))
+
+
+def _second(seconds: int) -> str:
+    """HH:MM:SS of a second since the epoch (local time), as _clock writes it."""
+    return _clock(seconds * 1_000_000_000)[:-7]
+
+
+_C_CHUNK = 512
+
+
+def _write_plain_c(
+    format_text: Any, events: Iterable[Any], out: IO[str], limit: int | None, templates: dict
+) -> int:
+    """write_text's plain path with the lines made by the C reader (tracemark/_reader.c
+    format_text), a chunk of events at a time: the same text. An event it declines, and
+    the rest of a chunk after an error in it, are formatted here, so every line read
+    before a failure is written, as on the Python path."""
+    it = iter(events)
+    previous = None
+    entries: list = []
+    n = 0
+    failure = None
+    while failure is None and (limit is None or n < limit):
+        chunk: list = []
+        try:
+            # list.extend keeps what it took before an error (Objects/listobject.c)
+            chunk.extend(islice(it, _C_CHUNK if limit is None else min(_C_CHUNK, limit - n)))
+        except BaseException as exc:
+            failure = exc
+        if not chunk:
+            break
+        parts = []
+        i = 0
+        try:
+            while i < len(chunk):
+                text, i, previous = format_text(
+                    chunk, i, previous, entries, _line_pieces, _second, _show_other, Event
+                )
+                parts.append(text)
+                if i < len(chunk):  # declined: this one the Python way
+                    parts.append(_plain_line(chunk[i], previous, templates) + "\n")
+                    previous = chunk[i].timestamp
+                    i += 1
+        except Exception:  # the Python way says it too, after the lines before it
+            try:
+                for ev in chunk[i:]:
+                    parts.append(_plain_line(ev, previous, templates) + "\n")
+                    previous = ev.timestamp
+                    i += 1
+            finally:
+                out.write("".join(parts))
+        else:
+            out.write("".join(parts))
+        n += len(chunk)
+    if failure is not None:
+        raise failure
     return n
 
 

@@ -31,6 +31,11 @@ Guarantees
   own packet (:mod:`.writer`, "Task identity"), which are bookkeeping and not given as
   events themselves. Task ids are never reused within a process, so ``(pid, task)`` names
   one task for the whole trace.
+* **A C reader, the same results.** Where the optional extension ``tracemark._creader``
+  (tracemark/_reader.c) is built, packets are decoded by it (:attr:`SubTrace.c_layout`):
+  the same events, and the same TraceError after the same events; this module stays the
+  reference, reads what the C reader declines, and reads everything with
+  ``TRACEMARK_CORE=python`` (``tracemark.env.reader()`` says which runs).
 * Only tracemark's own layout is read: a metadata file whose fixed part differs (another
   tracer's CTF) is a TraceError saying so, rather than a misreading.
 """
@@ -48,6 +53,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from .._codegen import compile_generated
+from ..env import reader as reader_module
 from ..markers.fields import ReprText
 from . import writer as W
 from .status import read_status
@@ -562,6 +568,26 @@ def _strider(size: int) -> struct.Struct:
     return s
 
 
+#: Events the C reader builds per call (a packet is decoded in chunks of this many).
+_CHUNK = 4096
+
+
+def _c_layout(meta: _Metadata, task_eid: int) -> Any:
+    """The C reader's layout for ``meta``'s event classes, or None (see SubTrace.c_layout)."""
+    module = reader_module()[0]
+    if module is None:
+        return None
+    global _creader_decode
+    if _creader_decode is None:
+        _creader_decode = module.decode  # type: ignore[attr-defined]
+    return module.make_layout(  # type: ignore[attr-defined]
+        meta.events, task_eid, meta.offset_ns, meta.freq, Event, Task, ReprText
+    )
+
+
+_creader_decode: Any = None
+
+
 class _Packet:
     __slots__ = (
         "content_end",
@@ -734,11 +760,16 @@ class Stream:
     def iter_events(self, packets: list[_Packet] | None = None) -> Iterator[Event]:
         """This stream's events in order, read one packet at a time (or those of
         ``packets``, a part of this stream's packet list)."""
+        fast = self.sub.c_layout is not None  # one generator less per event
         for p in self._packets if packets is None else packets:
             # One open file per packet read, not per stream: a trace of thousands of streams
             # is merged without thousands of open files (a packet is ~256 KiB: the open is
             # noise next to decoding it).
-            yield from self._decode_matching(p, _read_packet(self.path, p), None)
+            data = _read_packet(self.path, p)
+            if fast and len(data) >= p.content_end:
+                yield from self._c_decode_matching(p, data, None)
+            else:
+                yield from self._decode_matching(p, data, None)
 
     def iter_matching(
         self,
@@ -786,6 +817,9 @@ class Stream:
         header_size = _EVENT_HEADER.size
         if len(data) < p.content_end:
             raise TraceError(path, p.offset, "stream file shrank while being read")
+        if sub.c_layout is not None:
+            yield from self._c_decode_matching(p, data, wanted)
+            return
         pos = p.start
         end = p.content_end
         pid, tid, thread = p.pid, p.tid, p.thread
@@ -835,6 +869,42 @@ class Stream:
         if n != p.count:
             raise TraceError(
                 path,
+                p.offset + W.OFF_COUNT,
+                f"packet holds {n} events, its context says {p.count}",
+            )
+
+    def _c_decode_matching(
+        self, p: _Packet, data: bytes, wanted: frozenset[int] | None
+    ) -> Iterator[Event]:
+        """:meth:`_decode_matching` by the C reader (tracemark/_reader.c), a chunk of
+        events at a time: the same events, the same TraceError after the same events."""
+        decode = _creader_decode
+        layout = self.sub.c_layout
+        pos, end, last, task, n = p.start, p.content_end, p.ts_begin, None, 0
+        pid, tid, thread, ts_end = p.pid, p.tid, p.thread, p.ts_end
+        chunk = 1  # the first event alone (bounds() reads no more), then chunks
+        while True:
+            events, pos, last, k, task, error = decode(
+                layout, data, pos, end, last, ts_end, pid, tid, thread, task, wanted, chunk
+            )
+            chunk = _CHUNK
+            n += k
+            yield from events
+            if error is not None:
+                kind, at, event_id = error
+                if kind == 1:
+                    message = f"event id {event_id} is not in the metadata"
+                elif kind == 2:
+                    message = "event runs past the packet content or is damaged"
+                else:
+                    at += 4
+                    message = "event timestamp goes backwards or past the packet's timestamp_end"
+                raise TraceError(self.path, p.offset + at, message)
+            if pos >= end:
+                break
+        if n != p.count:
+            raise TraceError(
+                self.path,
                 p.offset + W.OFF_COUNT,
                 f"packet holds {n} events, its context says {p.count}",
             )
@@ -1063,6 +1133,9 @@ class SubTrace:
             ),
             -1,
         )
+        #: The C reader's layout of this sub-trace's event classes (tracemark/_reader.c);
+        #: None when the C reader is not used (not built, TRACEMARK_CORE=python) or declines.
+        self.c_layout = _c_layout(self.meta, self.task_event_id)
         #: Event id -> size in bytes, for the classes whose events all have one size.
         self.fixed_sizes = {
             eid: size
