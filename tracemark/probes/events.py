@@ -161,6 +161,7 @@ class Probe:
         fire = self._fire = self.core.fire  # type: ignore[union-attr]
         paths = self._paths
         made = self._namespaces
+        self.c_entry: Any = None  # set below for entry probes; a span's is always None
         if self.at == "span":
             self._compile_span(fire, paths, made)
             return
@@ -184,7 +185,6 @@ class Probe:
         #: (tracemark/_speedups_probes.c): the same events, recorded in one C call, or
         #: declined to the pure emitters. It stands in for ``emit_args`` (3.11) and serves
         #: ``PY_START`` (3.12+, :mod:`.sysmon`).
-        self.c_entry: Any = None
         if self.at == "entry" and all(len(p) == 1 for p in paths):
             self.c_entry = _c_entry(fire, tuple(p[0] for p in paths), made, self)
             if self.c_entry is not None and self.direct is not None:
