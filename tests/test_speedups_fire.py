@@ -272,19 +272,23 @@ def test_stopping_a_recording_while_threads_fire_through_c(tmp_path, uniq):
     threads = [threading.Thread(target=work, args=(k,)) for k in range(3)]
     for t in threads:
         t.start()
+    recorded = []
     try:
         for round_ in range(8):
             path = tmp_path / str(round_)
             rec = tracemark.record(path, f"{uniq}.*", subbuffer_size=1 << 12, subbuffers=8)
             time.sleep(0.03)
-            summary = rec.stop()
-            got = events(path)
-            assert len(got) == summary.recorded
-            assert all(f[2] == 0.5 and f[1] in ("t", "tt", "ttt") for _, f in got)
+            recorded.append((path, rec.stop().recorded))
     finally:
         stop.set()
         for t in threads:
             t.join()
+    # Read once the firing threads are gone: the reader gives the GIL away on each packet's
+    # read, and three threads firing flat out made every read wait for it (minutes).
+    for path, count in recorded:
+        got = events(path)
+        assert len(got) == count
+        assert all(f[2] == 0.5 and f[1] in ("t", "tt", "ttt") for _, f in got)
 
 
 def test_threads_each_record_their_own_events_in_order(tmp_path, uniq):
