@@ -17,6 +17,9 @@ Guarantees
   An ``output`` that exists and is not a regular file (``/dev/stdout``, a pipe, a device)
   is written to directly: it is never replaced by a file.
 * ``output`` ending in ``.gz`` is gzip-compressed (both formats; the viewers read gzip).
+* Every export names the trace schema version it was made from (:func:`about_trace`):
+  Chrome's ``otherData``, Perfetto's trace metadata (:mod:`.perfetto`), Parquet's file
+  metadata (:mod:`.parquet`).
 * A damaged trace exports what reads; :attr:`.walker.Walk.errors` says what did not.
 * Standard library only.
 """
@@ -115,11 +118,12 @@ def export(
             # mtime 0: the same trace gives the same bytes.
             binary = gzip.GzipFile(filename="", mode="wb", fileobj=raw, compresslevel=6, mtime=0)
         buffered = io.BufferedWriter(binary, 1 << 20) if binary is not raw else raw
+        about = about_trace(trace_dir, subs)
         if fmt == "chrome":
             from .chrome import ChromeWriter
 
             text = io.TextIOWrapper(buffered, encoding="utf-8", newline="\n", write_through=False)
-            sink: Any = ChromeWriter(text, {"tracemark_trace": str(trace_dir)})
+            sink: Any = ChromeWriter(text, about)
             result = run(sink, text)
             sink.close()
             text.flush()
@@ -128,6 +132,7 @@ def export(
             from .perfetto import PerfettoWriter
 
             sink = PerfettoWriter(buffered)
+            sink.metadata(about)
             result = run(sink, buffered)
             sink.close()
         buffered.flush()
@@ -145,6 +150,20 @@ def export(
                 pass
         raise
     return result
+
+
+def about_trace(trace_dir: str | os.PathLike[str], subs: Iterable[Any]) -> dict[str, Any]:
+    """What every export says about the trace it was made from: ``tracemark_trace`` (the
+    directory), ``tracemark_schema`` (its schema version: :mod:`tracemark.ctf.schema`) and
+    ``tracemark_version`` (the tracemark that exported it)."""
+    from .. import __version__
+    from ..ctf.schema import SCHEMA_KEY, exported_schema
+
+    return {
+        "tracemark_trace": str(trace_dir),
+        SCHEMA_KEY: exported_schema(subs),
+        "tracemark_version": __version__,
+    }
 
 
 def _counting(events: Iterable[Any], progress: Callable[[int], None]) -> Iterable[Any]:
