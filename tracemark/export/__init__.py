@@ -1,6 +1,7 @@
 """Export a trace to the formats timeline viewers load: Chrome Trace Event JSON
 (:mod:`.chrome`: ``chrome://tracing``, Perfetto UI, speedscope) and Perfetto's protobuf
-TrackEvent format (:mod:`.perfetto`: Perfetto UI, trace processor).
+TrackEvent format (:mod:`.perfetto`: Perfetto UI, trace processor); and to Parquet tables
+for query engines (:mod:`.parquet`: :func:`.parquet.export_parquet`, needs pyarrow).
 
 ::
 
@@ -43,7 +44,7 @@ FORMATS = ("chrome", "perfetto")
 #: CPUs (:mod:`.fast`); below, one process is as fast.
 PARALLEL_EVENTS = 200_000
 #: The file name suffix a format's output gets by default.
-DEFAULT_SUFFIX = {"chrome": ".json", "perfetto": ".pftrace"}
+DEFAULT_SUFFIX = {"chrome": ".json", "perfetto": ".pftrace", "parquet": ".parquet"}
 
 
 def default_output(trace_dir: str | os.PathLike[str], fmt: str) -> Path:
