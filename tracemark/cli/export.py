@@ -259,12 +259,11 @@ def run_parquet(args: argparse.Namespace, err: IO[str], prog: str) -> int:
         raise CliError(f"{printable(str(out))}: cannot write: {exc.strerror or exc}") from None
     finally:
         progress.done()
-    n = len(result.tables)
+    n, files, pids = len(result.tables), len(result.files), len(result.pids)
     err.write(
         f"{prog}: wrote {printable(str(out))} ({human_size(result.bytes)}): "
         f"{result.events:,} events, {n:,} table{'s' if n != 1 else ''}, "
-        f"{len(result.files):,} file{'s' if len(result.files) != 1 else ''}, {len(result.pids):,} process"
-        f"{'es' if len(result.pids) != 1 else ''}\n"
+        f"{files:,} file{'s' if files != 1 else ''}, {pids:,} process{'es' if pids != 1 else ''}\n"
     )
     return _tail(trace, args.trace, result.errors, err, prog)
 
