@@ -51,8 +51,9 @@ Guarantees
 ----------
 * **Streaming, bounded memory.** Events are read one at a time, merged in time order (the
   walker's damage-tolerant merge, :mod:`.walker`) and buffered per (table, process) as
-  columns; a buffer of :data:`ROW_GROUP_ROWS` rows is written as one row group, and when
-  all buffers together hold :data:`BUFFERED_ROWS` rows the largest is written. At most
+  events; a buffer of :data:`ROW_GROUP_ROWS` rows is written as one row group (turned into
+  columns then), and when all buffers together hold :data:`BUFFERED_ROWS` events the
+  largest is written. At most
   :data:`OPEN_FILES` files are open (the least recently written is finished, and its
   table goes on in a new file of that partition). Memory depends on those constants and
   the size of values, never on the number of events.
@@ -75,7 +76,7 @@ import math
 import os
 import re
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -95,8 +96,9 @@ __all__ = [
 LAYOUTS = ("wide", "long")
 #: Rows of one row group (the largest a (table, process) buffer grows to).
 ROW_GROUP_ROWS = 1 << 16
-#: Rows buffered over every table and process, at most.
-BUFFERED_ROWS = 1 << 18
+#: Events buffered over every table and process, at most (each is held as the reader gave
+#: it, a few hundred bytes for small fields, until its row group is written).
+BUFFERED_ROWS = 1 << 17
 #: Files open at once, at most.
 OPEN_FILES = 64
 #: The install line for the extra.
@@ -257,16 +259,15 @@ class _Table:
 
 
 class _Buffer:
-    """The rows of one (table, process) not written yet, as columns; and its file."""
+    """The events of one (table, process) not written yet, and its open file."""
 
-    __slots__ = ("cols", "fcols", "file", "n", "part", "pid", "table", "writer")
+    __slots__ = ("events", "file", "names", "part", "pid", "table", "writer")
 
-    def __init__(self, table: _Table, pid: int) -> None:
+    def __init__(self, table: _Table, pid: int, names: tuple[str, ...]) -> None:
         self.table = table
         self.pid = pid
-        self.cols: list[list] = [[] for _ in range(table.width)]
-        self.fcols = self.cols[len(table.columns) - len(table.convert) :]  # the fields'
-        self.n = 0
+        self.names = names  # the field names of its events (wide)
+        self.events: list[Any] = []
         self.writer: Any = None
         self.file: Path | None = None
         self.part = 0
@@ -315,16 +316,15 @@ def export_parquet(
     partials: list[tuple[Path, Path]] = []  # (partial, final)
     buffered = 0
 
-    def table_for(ev: Any) -> _Table:
-        names = tuple(ev.fields)
-        fields = declared.get((ev.pid, ev.name, names))
+    def table_for(name: str, pid: int, names: tuple[str, ...]) -> _Table:
+        fields = declared.get((pid, name, names))
         if fields is None:  # not declared by its own process (cannot happen): typed as any
             fields = tuple((f, "any") for f in names)
-        t = tables.get((ev.name, fields))
+        t = tables.get((name, fields))
         if t is None:
-            n = dirs_of_name[ev.name] = dirs_of_name.get(ev.name, 0) + 1
-            d = table_dir(ev.name) + (f"~{n}" if n > 1 else "")
-            t = tables[(ev.name, fields)] = _Table(pa, d, ev.name, fields, "wide")
+            n = dirs_of_name[name] = dirs_of_name.get(name, 0) + 1
+            d = table_dir(name) + (f"~{n}" if n > 1 else "")
+            t = tables[(name, fields)] = _Table(pa, d, name, fields, "wide")
             result.tables.append(d)
         return t
 
@@ -334,11 +334,41 @@ def export_parquet(
             b.writer = None
             open_writers.pop(id(b), None)
 
+    def columns(b: _Buffer, evs: list[Any]) -> list[Any]:
+        t = b.table
+        cols: list[Any] = [[e[0] for e in evs]]  # Event: timestamp, name, fields, pid, tid,
+        if t.layout == "long":  # thread, task
+            cols.append([e[1] for e in evs])
+        cols.append([e[4] for e in evs])
+        cols.append([e[5] for e in evs])
+        tasks = [e[6] for e in evs]
+        cols.append([None if k is None else k.id for k in tasks])
+        cols.append([None if k is None else str(k) for k in tasks])
+        if t.layout == "long":
+            cols.append([_payload(e[2]) for e in evs])
+        elif t.fields:
+            values = zip(*[e[2].values() for e in evs], strict=True)
+            for conv, vs in zip(t.convert, values, strict=True):
+                cols.append(conv(vs) if conv else vs)
+        return [pa.array(c, type=typ) for c, (_, typ) in zip(cols, t.columns, strict=True)]
+
     def flush(b: _Buffer) -> None:
         nonlocal buffered
-        if not b.n:
+        evs = b.events
+        if not evs:
             return
+        b.events = []
+        buffered -= len(evs)
         t = b.table
+        if t.layout == "wide":
+            names = b.names
+            odd = [e for e in evs if tuple(e[2]) != names]
+            if odd:  # the same name declared with other fields (a replaced declaration)
+                evs = [e for e in evs if tuple(e[2]) == names]
+                for e in odd:
+                    add(e, (e[1], e[3], tuple(e[2])))
+                if not evs:
+                    return
         if b.writer is None:
             while len(open_writers) >= open_files:
                 _, oldest = open_writers.popitem(last=False)
@@ -355,19 +385,24 @@ def export_parquet(
             b.file = final
         open_writers[id(b)] = b
         open_writers.move_to_end(id(b))
-        fixed = len(t.columns) - len(t.convert)
-        arrays = []
-        for i, ((_, typ), values) in enumerate(zip(t.columns, b.cols, strict=True)):
-            conv = t.convert[i - fixed] if i >= fixed else None
-            arrays.append(pa.array(conv(values) if conv else values, type=typ))
-        b.writer.write_table(
-            pa.Table.from_arrays(arrays, schema=b.writer.schema), row_group_size=row_group_rows
-        )
+        table = pa.Table.from_arrays(columns(b, evs), schema=b.writer.schema)
+        b.writer.write_table(table, row_group_size=row_group_rows)
         result.row_groups += 1
-        buffered -= b.n
-        for col in b.cols:
-            col.clear()
-        b.n = 0
+
+    def add(ev: Any, key: Any) -> None:
+        nonlocal buffered
+        b = buffers.get(key)
+        if b is None:
+            names = tuple(ev[2])
+            table = long_table if long_table is not None else table_for(ev[1], ev[3], names)
+            b = buffers[key] = _Buffer(table, ev[3], names)
+            result.pids.add(ev[3])
+        b.events.append(ev)
+        buffered += 1
+        if len(b.events) >= row_group_rows:
+            flush(b)
+        elif buffered >= buffered_rows:
+            flush(max(buffers.values(), key=lambda x: len(x.events)))
 
     long_table = _Table(pa, ".", "", (), "long") if layout == "long" else None
     if long_table is not None:
@@ -378,37 +413,25 @@ def export_parquet(
     wide = long_table is None
     n = 0
     try:
-        for ev in _counted(events, progress):
+        # The hot loop: one dictionary look-up and one append per event; the columns are
+        # made per row group (flush). An Event is (timestamp, name, fields, pid, tid, ...).
+        get = buffers.get
+        for ev in events:
             n += 1
-            pid = ev.pid
-            key = (ev.name, pid, *ev.fields) if wide else pid
-            b = buffers.get(key)
-            if b is None:
-                b = buffers[key] = _Buffer(table_for(ev) if wide else long_table, pid)
-                result.pids.add(pid)
-            cols = b.cols
-            cols[0].append(ev.timestamp)
-            task = ev.task
-            if wide:
-                cols[1].append(ev.tid)
-                cols[2].append(ev.thread)
-                cols[3].append(None if task is None else task.id)
-                cols[4].append(None if task is None else str(task))
-                for col, v in zip(b.fcols, ev.fields.values(), strict=False):
-                    col.append(v)
+            b = get((ev[1], ev[3]) if wide else ev[3])
+            if b is None or len(b.events) + 1 >= row_group_rows or buffered + 1 >= buffered_rows:
+                add(ev, (ev[1], ev[3]) if wide else ev[3])
             else:
-                cols[1].append(ev.name)
-                cols[2].append(ev.tid)
-                cols[3].append(ev.thread)
-                cols[4].append(None if task is None else task.id)
-                cols[5].append(None if task is None else str(task))
-                cols[6].append(_payload(ev.fields))
-            b.n += 1
-            buffered += 1
-            if b.n >= row_group_rows:
+                b.events.append(ev)
+                buffered += 1
+            if progress is not None and not n & 0x3FFF:
+                progress(n)
+        if progress is not None:
+            progress(n)
+        # Rows a flush re-routed (a replaced declaration) may be left in any buffer.
+        while any(b.events for b in list(buffers.values())):
+            for b in list(buffers.values()):
                 flush(b)
-            elif buffered >= buffered_rows:
-                flush(max(buffers.values(), key=lambda x: x.n))
         for b in buffers.values():
             flush(b)
             finish(b)
@@ -434,15 +457,3 @@ def export_parquet(
     result.events = n
     result.files = [final for _, final in partials]
     return result
-
-
-def _counted(events: Iterable[Any], progress: Callable[[int], None] | None) -> Iterator[Any]:
-    if progress is None:
-        yield from events
-        return
-    n = 0
-    for n, ev in enumerate(events, 1):
-        if not n & 0x3FFF:
-            progress(n)
-        yield ev
-    progress(n)
