@@ -334,7 +334,7 @@ def export_parquet(
             b.writer = None
             open_writers.pop(id(b), None)
 
-    def columns(b: _Buffer, evs: list[Any]) -> list[Any]:
+    def columns(b: _Buffer, evs: list[Any], dicts: list[Any] | None = None) -> list[Any]:
         t = b.table
         cols: list[Any] = [[e[0] for e in evs]]  # Event: timestamp, name, fields, pid, tid,
         if t.layout == "long":  # thread, task
@@ -347,8 +347,12 @@ def export_parquet(
         if t.layout == "long":
             cols.append([_payload(e[2]) for e in evs])
         elif t.fields:
-            values = zip(*[e[2].values() for e in evs], strict=True)
-            for conv, vs in zip(t.convert, values, strict=True):
+            # Column by column, by name (zip(*rows) over 64K rows is ~10x slower); a row
+            # without one of the names is a KeyError: flush sorts such rows out.
+            if dicts is None:
+                dicts = [e[2] for e in evs]
+            for conv, name in zip(t.convert, b.names, strict=True):
+                vs = [d[name] for d in dicts]
                 cols.append(conv(vs) if conv else vs)
         return [pa.array(c, type=typ) for c, (_, typ) in zip(cols, t.columns, strict=True)]
 
@@ -360,10 +364,16 @@ def export_parquet(
         b.events = []
         buffered -= len(evs)
         t = b.table
+        arrays = None
         if t.layout == "wide":
-            names = b.names
-            odd = [e for e in evs if tuple(e[2]) != names]
-            if odd:  # the same name declared with other fields (a replaced declaration)
+            names, nf = b.names, len(b.names)
+            try:
+                dicts = [e[2] for e in evs]
+                if not all(map(nf.__eq__, map(len, dicts))):
+                    raise KeyError
+                arrays = columns(b, evs, dicts)
+            except KeyError:  # the same name declared with other fields (a replaced
+                odd = [e for e in evs if tuple(e[2]) != names]  # declaration): elsewhere
                 evs = [e for e in evs if tuple(e[2]) == names]
                 for e in odd:
                     add(e, (e[1], e[3], tuple(e[2])))
@@ -385,7 +395,9 @@ def export_parquet(
             b.file = final
         open_writers[id(b)] = b
         open_writers.move_to_end(id(b))
-        table = pa.Table.from_arrays(columns(b, evs), schema=b.writer.schema)
+        if arrays is None:
+            arrays = columns(b, evs)
+        table = pa.Table.from_arrays(arrays, schema=b.writer.schema)
         b.writer.write_table(table, row_group_size=row_group_rows)
         result.row_groups += 1
 
