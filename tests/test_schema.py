@@ -99,7 +99,7 @@ def test_a_newer_schema_is_refused_saying_upgrade(small):
     text = str(exc)
     assert str(_metadata(small)) in text
     assert f"schema version {newer}" in text
-    assert f"to {SCHEMA_VERSION}" in text and "upgrade tracemark" in text
+    assert f"up to {SCHEMA_VERSION}" in text and "upgrade tracemark" in text
 
 
 def test_a_newer_schema_is_refused_before_its_layout(small):

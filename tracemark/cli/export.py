@@ -65,10 +65,11 @@ examples:
 
 parquet (pip install 'tracemark[parquet]'): one table per marker, its fields as
 typed columns beside timestamp (ns since the epoch), tid, thread, task_id, task;
-or --layout long: one table, the fields as a JSON payload. Partitioned by process
-(pid=N/), so DuckDB reads many traces as one dataset:
-  duckdb -c "SELECT pid, count(*) FROM read_parquet('out/shop.order/**/*.parquet',
-             hive_partitioning=true) GROUP BY pid"
+or --layout long: one table, the fields as a JSON payload. Partitioned by
+process (pid=N/), so DuckDB reads many traces as one dataset:
+  duckdb -c "SELECT pid, count(*) FROM
+    read_parquet('out/shop.order/**/*.parquet', hive_partitioning=true)
+    GROUP BY pid"
 
 exit codes: 0 ok, 2 usage error, 3 not a trace, 4 corrupt trace (what could be
 read is exported; the rest is listed on stderr), 5 the machine's (too many open

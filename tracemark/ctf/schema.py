@@ -87,13 +87,16 @@ def schema_of(path: Any, env: Mapping[str, Any]) -> int:
     if not isinstance(value, int) or value < 1:
         raise SchemaError(path, 0, f"env {SCHEMA_KEY} is not a schema version: {value!r}")
     if value > SCHEMA_VERSION:
+        from .. import __version__
+
         tracer = env.get("tracemark_version")
         by = f" (written by tracemark {tracer})" if isinstance(tracer, str) else ""
         raise SchemaError(
             path,
             0,
-            f"the trace is of schema version {value}{by}; this tracemark reads schema "
-            f"versions {OLDEST_READ} to {SCHEMA_VERSION}: upgrade tracemark to read it",
+            f"the trace is of schema version {value}{by}, newer than this tracemark "
+            f"({__version__}) reads (schema versions up to {SCHEMA_VERSION}): "
+            "upgrade tracemark to read it",
         )
     if value < OLDEST_READ:
         raise SchemaError(
