@@ -24,8 +24,32 @@ from tracemark.cli.view import write_json
 from tracemark.ctf import SCHEMA_VERSION, read_trace
 from tracemark.export.walker import _events, open_streams
 
+# Other tests of this session fork: pyarrow's jemalloc would start a background thread
+# at import (Python 3.12 warns of a fork in a process of several threads), and a DuckDB
+# connection runs a pool of threads while open (so each query here opens and closes one).
+os.environ.setdefault("JE_ARROW_MALLOC_CONF", "background_thread:false")
 pa = pytest.importorskip("pyarrow", reason="pip install '.[test]' (pyarrow, duckdb)")
 duckdb = pytest.importorskip("duckdb", reason="pip install '.[test]' (pyarrow, duckdb)")
+
+
+class _Result:
+    def __init__(self, columns, rows):
+        self.columns = columns
+        self._rows = rows
+
+    def fetchall(self):
+        return self._rows
+
+
+def _sql(query: str) -> _Result:
+    """``query`` run by DuckDB on a connection of its own, closed at once (its threads end)."""
+    con = duckdb.connect()
+    try:
+        rel = con.sql(query)
+        return _Result(rel.columns, rel.fetchall())
+    finally:
+        con.close()
+
 
 from tracemark.export.parquet import export_parquet, table_dir  # noqa: E402
 
@@ -95,7 +119,7 @@ def _glob(out: Path, table: str | None) -> str:
 
 def _rows(out: Path, table: str | None = None, where: str = "") -> tuple[list[str], list]:
     """The rows DuckDB reads, per file in file order (pid, then file, then row number)."""
-    rel = duckdb.sql(
+    rel = _sql(
         f"SELECT * EXCLUDE (filename, file_row_number) FROM read_parquet('{_glob(out, table)}', "
         f"hive_partitioning=true, filename=true, file_row_number=true) {where} "
         "ORDER BY pid, filename, file_row_number"
@@ -176,7 +200,7 @@ def test_duckdb_reads_every_marker_table_as_the_reader_reads(varied, tmp_path):
 def test_column_types_follow_the_field_kinds(varied, tmp_path):
     out = tmp_path / "out"
     export_parquet(varied, out)
-    rel = duckdb.sql(
+    rel = _sql(
         f"DESCRIBE SELECT * FROM read_parquet('{_glob(out, 'all.types')}', hive_partitioning=true)"
     )
     types = {r[0]: r[1] for r in rel.fetchall()}
@@ -190,7 +214,7 @@ def test_column_types_follow_the_field_kinds(varied, tmp_path):
     assert types["field_tid"] == "BIGINT"  # a field named like a column is renamed
     assert types["pid"] == "BIGINT"  # the hive partition
     # a typed value is queried as such
-    n = duckdb.sql(
+    n = _sql(
         f"SELECT count(*) FROM read_parquet('{_glob(out, 'all.types')}', hive_partitioning=true)"
         " WHERE a.kind = 'int' AND a.int < 0"
     ).fetchall()[0][0]
@@ -223,7 +247,7 @@ def test_the_long_layout_is_view_json_in_one_table(varied, tmp_path):
         assert row[7] == ev.pid
         assert json.loads(row[6]) == json.loads(line)["fields"]
     # DuckDB's JSON functions read the payload.
-    n = duckdb.sql(
+    n = _sql(
         f"SELECT count(*) FROM read_parquet('{_glob(out, None)}', hive_partitioning=true) "
         "WHERE name = 'job.step' AND CAST(payload->>'$.n' AS BIGINT) >= 99"
     ).fetchall()[0][0]
@@ -233,7 +257,7 @@ def test_the_long_layout_is_view_json_in_one_table(varied, tmp_path):
 def test_time_order_over_the_dataset(varied, tmp_path):
     out = tmp_path / "long"
     export_parquet(varied, out, layout="long")
-    got = duckdb.sql(
+    got = _sql(
         f"SELECT timestamp, name FROM read_parquet('{_glob(out, None)}', hive_partitioning=true)"
         " ORDER BY timestamp"
     ).fetchall()
@@ -245,7 +269,7 @@ def test_time_order_over_the_dataset(varied, tmp_path):
 def test_the_schema_version_is_in_every_file(varied, tmp_path):
     out = tmp_path / "out"
     result = export_parquet(varied, out)
-    meta = duckdb.sql(
+    meta = _sql(
         "SELECT file_name, decode(key), decode(value) "
         f"FROM parquet_kv_metadata('{_glob(out, '*')}')"
     ).fetchall()
@@ -298,7 +322,7 @@ def test_a_fleet_is_one_dataset_and_an_export_again_replaces_its_own(varied, tmp
     export_parquet(varied, out)
     export_parquet(other, out)
     export_parquet(varied, out)  # again: its files replaced, not doubled
-    n = duckdb.sql(
+    n = _sql(
         f"SELECT count(*), count(DISTINCT pid) FROM read_parquet('{_glob(out, 'job.step')}', "
         "hive_partitioning=true)"
     ).fetchall()[0]
