@@ -11,10 +11,15 @@ RUSAGE_CHILDREN, read around each run in a fresh process, so one run's peak is n
 The trace is a server's shape: 4 threads, each event a span begin (path), a marker (n, dev)
 or a span end (status): one third spans' begins, one third markers, one third ends.
 ``TRACEMARK_BENCH_EXPORT_EVENTS`` changes the big size (default 5,000,000).
+
+Issue 15: ``--format parquet`` (a table per marker, and ``--layout long``) in the same run
+and the same peak-memory table, when pyarrow is installed (the ``parquet`` extra); its
+output size is the directory's.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import platform
 import shutil
@@ -71,6 +76,14 @@ def _peak_kib(argv: list[str]) -> int:
     return int(out.stdout.split()[-1])
 
 
+PARQUET = "tracemark export --format parquet"
+PARQUET_LONG = "tracemark export --format parquet --layout long"
+
+
+def _tree_size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*.parquet"))
+
+
 def report() -> str:
     tm = [sys.executable, "-m", "tracemark"]
     with tempfile.TemporaryDirectory() as tmp:
@@ -119,6 +132,20 @@ def report() -> str:
                 out + ".json.gz",
             ],
         }
+        parquet = importlib.util.find_spec("pyarrow") is not None
+        if parquet:
+            cases[PARQUET] = [*tm, "export", big, "-f", "parquet", "-o", out + "-pq"]
+            cases[PARQUET_LONG] = [
+                *tm,
+                "export",
+                big,
+                "-f",
+                "parquet",
+                "--layout",
+                "long",
+                "-o",
+                out + "-pql",
+            ]
         if shutil.which("babeltrace2") is None:
             del cases[BASELINE]
         best = dict.fromkeys(cases, float("inf"))
@@ -131,12 +158,15 @@ def report() -> str:
             "tracemark export --format chrome": Path(out + ".json").stat().st_size,
             "tracemark export --format chrome (.json.gz)": Path(out + ".json.gz").stat().st_size,
         }
+        if parquet:
+            sizes[PARQUET] = _tree_size(Path(out + "-pq"))
+            sizes[PARQUET_LONG] = _tree_size(Path(out + "-pql"))
         peaks = {}
         for label, trace, _n in (
             (f"{small_recorded:,}", small, small_recorded),
             (f"{recorded:,}", big, recorded),
         ):
-            for fmt in ("perfetto", "chrome"):
+            for fmt in ("perfetto", "chrome", *(("parquet",) if parquet else ())):
                 argv = [*tm, "export", trace, "-f", fmt, "-o", f"{out}-peak-{fmt}"]
                 peaks[(label, fmt)] = min(_peak_kib(argv) for _ in range(2))
     ref = best.get(BASELINE)

@@ -9,6 +9,7 @@ from types import SimpleNamespace
 from tracemark.cli._common import Style
 from tracemark.cli.stats import collect, histogram, render_json, render_text
 from tracemark.cli.view import format_event, write_json, write_text
+from tracemark.ctf import SCHEMA_VERSION
 from tracemark.ctf.reader import Task
 
 T0 = 1_767_225_600_000_000_000  # 2026-01-01 00:00:00 UTC, in ns
@@ -94,6 +95,7 @@ def test_json_is_one_strict_object_per_line():
         "thread": "worker-1",
         "task": None,
         "fields": {"len": 1, "dev": "eth0"},
+        "schema": SCHEMA_VERSION,  # on every line: each line stays one event
     }
     second = json.loads(lines[1], parse_constant=lambda c: (_ for _ in ()).throw(ValueError(c)))
     assert second["fields"] == {"blob": "ff00", "x": "nan", "y": "-inf", "z": None}
@@ -216,6 +218,7 @@ def test_the_fast_json_path_writes_what_the_json_module_writes():
             "thread": ev.thread,
             "task": None,
             "fields": ev.fields,
+            "schema": SCHEMA_VERSION,
         }
         assert json.loads(line) == expected
         assert line == json.dumps(expected, ensure_ascii=False, separators=(",", ":"))

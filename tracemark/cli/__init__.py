@@ -367,7 +367,10 @@ def _view(args: argparse.Namespace, out: IO[str]) -> int:
     if not tty:  # progress only when it cannot mix with the listing
         events = Progress("reading", total_events(trace)).wrap(events)
     if args.json:
-        write_json(events, out, limit=args.limit)
+        from ..ctf.schema import exported_schema
+
+        schema = exported_schema(getattr(trace, "subtraces", ()))
+        write_json(events, out, limit=args.limit, schema=schema)
     elif tty:  # cut to the terminal's width unless --wide, coloured unless NO_COLOR
         style = Style(wants_colour(out))
         width = None if args.wide else width_of(out)

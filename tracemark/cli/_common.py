@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from .._environment import environment_error, hint
-from ..ctf import TraceError, read_trace
+from ..ctf import SchemaError, TraceError, read_trace
 from ..ctf.reader import Trace
 
 #: Exit codes, documented in ``tracemark --help``.
@@ -54,7 +54,8 @@ exit codes:
   {EXIT_OK}    success
   {EXIT_FOUND_ERRORS}    list: a marker call site or declaration is wrong
   {EXIT_USAGE}    usage error: unknown option, bad argument or --filter expression
-  {EXIT_NOT_TRACE}    not a trace directory (or it does not exist)
+  {EXIT_NOT_TRACE}    not a trace directory (or it does not exist), or a trace of a newer
+       schema version than this tracemark reads (upgrade tracemark)
   {EXIT_CORRUPT}    corrupt or truncated trace (the message names file and offset)
   {EXIT_ENVIRONMENT}    the machine, not the trace: too many open files, disk full,
        permission denied (the message names the OS error, the path, what to do)
@@ -313,6 +314,10 @@ def open_trace(path: str, *, session: str | None = None, merge: bool = True) -> 
     except TraceError as exc:
         if failure := environment_failure(exc, path):
             raise failure from None
+        if isinstance(exc, SchemaError):
+            # Not damage: a trace of a newer schema than this tracemark reads. Exit 3 (not a
+            # trace this tracemark can read), not 4, which sends the user to recover it.
+            raise CliError(str(exc), EXIT_NOT_TRACE) from None
         # A process that died while writing leaves a torn packet and its ring files: say
         # what mends it (recovery cuts the torn packet and writes what the rings hold).
         raise CliError(f"corrupt trace: {exc}{_recover_hint(path)}", EXIT_CORRUPT) from None

@@ -19,9 +19,12 @@ Guarantees
   is coloured; piped output is complete and plain.
 * ``--json`` writes one JSON object per line: ``timestamp`` (ns since the Unix epoch),
   ``name``, ``pid``, ``tid``, ``thread``, ``task`` (``{"id": ID, "name": NAME}``, or null
-  outside a task), ``fields`` (in field order). Bytes become hex
+  outside a task), ``fields`` (in field order), ``schema`` (the trace schema version the
+  events were recorded under: :mod:`tracemark.ctf.schema`). Bytes become hex
   strings and non-finite floats the strings ``"nan"``, ``"inf"``, ``"-inf"``, so every line
-  is strict JSON.
+  is strict JSON. The schema version is a key of every line, not a header line: every line
+  stays one event (``head``, ``grep``, ``jq -c`` and line-per-event consumers keep working;
+  one that checks keys sees one more), and any line taken alone still says its schema.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from typing import IO, Any
 
 from ..ctf.reader import Event
 from ..env import reader
+from ..ctf.schema import SCHEMA_VERSION
 from ..markers.fields import ReprText, show_value
 from ._common import Style, printable
 from ._common import who as where
@@ -272,7 +276,7 @@ _ENCODE: dict[type, Any] = {
 }
 
 
-def _template(ev: Any) -> str:
+def _template(ev: Any, schema: int) -> str:
     """A %-template of one event's JSON line: everything but the values, escaped once."""
 
     def lit(text: str) -> str:
@@ -283,7 +287,7 @@ def _template(ev: Any) -> str:
     return (
         f'{{"timestamp":%d,"name":{lit(ev.name)},"pid":%d,"tid":%d,'
         f'"thread":{lit(ev.thread)},"task":{_TASK_ENCODE(task).replace("%", "%%")},'
-        f'"fields":{{{fields}}}}}'
+        f'"fields":{{{fields}}},"schema":{int(schema)}}}'
     )
 
 
@@ -294,8 +298,15 @@ def _task_json(task: Any) -> dict[str, Any] | None:
     return None if task is None else {"id": task.id, "name": task.name}
 
 
-def write_json(events: Iterable[Any], out: IO[str], *, limit: int | None = None) -> int:
-    """Write ``events`` as JSON lines to ``out``; return how many were written.
+def write_json(
+    events: Iterable[Any],
+    out: IO[str],
+    *,
+    limit: int | None = None,
+    schema: int = SCHEMA_VERSION,
+) -> int:
+    """Write ``events`` as JSON lines to ``out``; return how many were written. ``schema``:
+    the trace schema version each line names (the trace's: ``exported_schema``).
 
     Fast path: a template per (event name, thread, field names) and one small function per
     value type; the :mod:`json` encoder only for values of other types. Both give the same
@@ -314,7 +325,7 @@ def write_json(events: Iterable[Any], out: IO[str], *, limit: int | None = None)
             key = (ev.name, ev.thread, getattr(ev, "task", None), *fields)
             template = templates.get(key)
             if template is None:
-                template = templates[key] = _template(ev)
+                template = templates[key] = _template(ev, schema)
             try:
                 values = [coders[type(v)](v) for v in fields.values()]
                 line = template % (ev.timestamp, ev.pid, ev.tid, *values)
@@ -327,6 +338,7 @@ def write_json(events: Iterable[Any], out: IO[str], *, limit: int | None = None)
                     "thread": ev.thread,
                     "task": _task_json(getattr(ev, "task", None)),
                     "fields": {k: _plain(v) for k, v in fields.items()},
+                    "schema": int(schema),
                 }
                 line = encode(obj)
             batch.add(line)

@@ -11,7 +11,9 @@
 The same traces open in babeltrace2 (the tests check it); this reader is the project's own,
 pure Python, streaming, and strict (any damage is a :class:`TraceError` naming the file and
 the byte offset). :func:`recover` turns what a process that died while recording left in its
-ring files (:mod:`.ring`) into packets of its trace (:mod:`.recovery`).
+ring files (:mod:`.ring`) into packets of its trace (:mod:`.recovery`). Every sub-trace names
+its trace schema version (:mod:`.schema`); a newer one than this tracemark reads is a
+:class:`SchemaError` ("upgrade tracemark").
 """
 
 from __future__ import annotations
@@ -19,5 +21,6 @@ from __future__ import annotations
 from .reader import *  # noqa: F403  (the reader's public names are this package's)
 from .reader import __all__ as _reader_all
 from .recovery import Recovered, recover
+from .schema import SCHEMA_VERSION, SchemaError
 
-__all__ = [*_reader_all, "Recovered", "recover"]
+__all__ = [*_reader_all, "SCHEMA_VERSION", "Recovered", "SchemaError", "recover"]

@@ -36,6 +36,10 @@ Guarantees
   the same events, and the same TraceError after the same events; this module stays the
   reference, reads what the C reader declines, and reads everything with
   ``TRACEMARK_CORE=python`` (``tracemark.env.reader()`` says which runs).
+* **Schema versions** (:mod:`.schema`): a sub-trace of an older schema version this
+  tracemark knows is read (one without the ``tracemark_schema`` env key is schema 1); a
+  newer one is a :class:`~.schema.SchemaError` (a TraceError) naming the file, its version,
+  the newest read here, and "upgrade tracemark", before its layout is looked at.
 * Only tracemark's own layout is read: a metadata file whose fixed part differs (another
   tracer's CTF) is a TraceError saying so, rather than a misreading.
 """
@@ -240,6 +244,24 @@ class _Metadata:
             raise self._error(m.start(1), "trace uuid is not valid") from None
         if len(self.uuid) != 16:
             raise self._error(m.start(1), "trace uuid is not 16 bytes")
+        self.env: dict[str, str | int] = {}
+        e = _ENV.search(text)
+        if e:
+            for item in _ENV_ITEM.finditer(e[1]):
+                v = item[2]
+                try:
+                    value = _unquote(v) if v.startswith('"') else _number(v)
+                except ValueError:
+                    value = None
+                if value is None:
+                    raise self._error(e.start(1) + item.start(2), f"env {item[1]} is not valid")
+                self.env[item[1]] = value
+        # The schema version before the layout: a newer schema may lay its trace out
+        # differently, and "upgrade tracemark" is the useful thing to say then.
+        from .schema import schema_of
+
+        #: The trace schema version (:mod:`.schema`); a SchemaError if not one read here.
+        self.schema = schema_of(path, self.env)
         layout = text.find(W.STREAM_TSDL)
         if layout < 0 or W.TYPES_TSDL not in text:
             layout = -1
@@ -259,18 +281,6 @@ class _Metadata:
         except ValueError:
             raise self._error(c.start() if c else 0, "metadata has no valid clock block") from None
         self.offset_ns = offset * 1_000_000_000 // self.freq
-        self.env: dict[str, str | int] = {}
-        e = _ENV.search(text)
-        if e:
-            for item in _ENV_ITEM.finditer(e[1]):
-                v = item[2]
-                try:
-                    value = _unquote(v) if v.startswith('"') else _number(v)
-                except ValueError:
-                    value = None
-                if value is None:
-                    raise self._error(e.start(1) + item.start(2), f"env {item[1]} is not valid")
-                self.env[item[1]] = value
         self.events: dict[int, tuple[str, tuple[tuple[str, str], ...]]] = {}
         pos = layout + len(W.STREAM_TSDL)
         while True:
@@ -1109,6 +1119,8 @@ class SubTrace:
         self.path = path
         self.meta = _Metadata(path / "metadata")
         self.env = self.meta.env
+        #: The trace schema version of this sub-trace (:mod:`.schema`).
+        self.schema: int = self.meta.schema
         self.pid = int(self.env.get("vpid", 0) or 0)
         #: The recording session this sub-trace belongs to (the recorder's ``session_id``,
         #: shared by one program's process tree); None in traces written before sessions.

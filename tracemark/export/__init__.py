@@ -1,6 +1,7 @@
 """Export a trace to the formats timeline viewers load: Chrome Trace Event JSON
 (:mod:`.chrome`: ``chrome://tracing``, Perfetto UI, speedscope) and Perfetto's protobuf
-TrackEvent format (:mod:`.perfetto`: Perfetto UI, trace processor).
+TrackEvent format (:mod:`.perfetto`: Perfetto UI, trace processor); and to Parquet tables
+for query engines (:mod:`.parquet`: :func:`.parquet.export_parquet`, needs pyarrow).
 
 ::
 
@@ -17,6 +18,9 @@ Guarantees
   An ``output`` that exists and is not a regular file (``/dev/stdout``, a pipe, a device)
   is written to directly: it is never replaced by a file.
 * ``output`` ending in ``.gz`` is gzip-compressed (both formats; the viewers read gzip).
+* Every export names the trace schema version it was made from (:func:`about_trace`):
+  Chrome's ``otherData``, Perfetto's trace metadata (:mod:`.perfetto`), Parquet's file
+  metadata (:mod:`.parquet`).
 * A damaged trace exports what reads; :attr:`.walker.Walk.errors` says what did not.
 * Standard library only.
 """
@@ -40,7 +44,7 @@ FORMATS = ("chrome", "perfetto")
 #: CPUs (:mod:`.fast`); below, one process is as fast.
 PARALLEL_EVENTS = 200_000
 #: The file name suffix a format's output gets by default.
-DEFAULT_SUFFIX = {"chrome": ".json", "perfetto": ".pftrace"}
+DEFAULT_SUFFIX = {"chrome": ".json", "perfetto": ".pftrace", "parquet": ".parquet"}
 
 
 def default_output(trace_dir: str | os.PathLike[str], fmt: str) -> Path:
@@ -115,11 +119,12 @@ def export(
             # mtime 0: the same trace gives the same bytes.
             binary = gzip.GzipFile(filename="", mode="wb", fileobj=raw, compresslevel=6, mtime=0)
         buffered = io.BufferedWriter(binary, 1 << 20) if binary is not raw else raw
+        about = about_trace(trace_dir, subs)
         if fmt == "chrome":
             from .chrome import ChromeWriter
 
             text = io.TextIOWrapper(buffered, encoding="utf-8", newline="\n", write_through=False)
-            sink: Any = ChromeWriter(text, {"tracemark_trace": str(trace_dir)})
+            sink: Any = ChromeWriter(text, about)
             result = run(sink, text)
             sink.close()
             text.flush()
@@ -128,6 +133,7 @@ def export(
             from .perfetto import PerfettoWriter
 
             sink = PerfettoWriter(buffered)
+            sink.metadata(about)
             result = run(sink, buffered)
             sink.close()
         buffered.flush()
@@ -145,6 +151,20 @@ def export(
                 pass
         raise
     return result
+
+
+def about_trace(trace_dir: str | os.PathLike[str], subs: Iterable[Any]) -> dict[str, Any]:
+    """What every export says about the trace it was made from: ``tracemark_trace`` (the
+    directory), ``tracemark_schema`` (its schema version: :mod:`tracemark.ctf.schema`) and
+    ``tracemark_version`` (the tracemark that exported it)."""
+    from .. import __version__
+    from ..ctf.schema import SCHEMA_KEY, exported_schema
+
+    return {
+        "tracemark_trace": str(trace_dir),
+        SCHEMA_KEY: exported_schema(subs),
+        "tracemark_version": __version__,
+    }
 
 
 def _counting(events: Iterable[Any], progress: Callable[[int], None]) -> Iterable[Any]:

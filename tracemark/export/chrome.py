@@ -20,6 +20,8 @@ Times: ``ts`` and ``dur`` are microseconds, written with three decimals, and ``t
 from the trace's first event (``otherData.start_ns``: its time in ns since the Unix epoch),
 so that viewers, which read numbers as doubles, keep every nanosecond: epoch µs (~1.8e15)
 have a double's resolution of only 0.25 µs. ``displayTimeUnit: "ns"`` makes them show ns.
+``otherData`` also names the trace (``tracemark_trace``), its schema version
+(``tracemark_schema``: :mod:`tracemark.ctf.schema`) and ``tracemark_version``.
 
 Tasks: the format has no track under a thread, so a task's spans go on a thread of their own
 in the thread's process: tid ``2**31 + n`` (above any Linux tid, ``pid_max`` <= 2**22), named

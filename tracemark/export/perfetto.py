@@ -54,6 +54,12 @@ Field numbers, checked against Perfetto's published schema (the ``perfetto`` PyP
   double_counter_value = 44 (double).
 * ``track_event/debug_annotation.proto``: DebugAnnotation.name_iid = 1, name = 10, bool_value = 2,
   int_value = 4 (int64), double_value = 5 (double), string_value = 6.
+* The trace's own metadata (:meth:`PerfettoWriter.metadata`: the trace schema version, the
+  tracemark version, the trace directory): the first packet, ``TracePacket.chrome_events``
+  = 5 holding a ``ChromeEventBundle`` (``chrome/chrome_trace_event.proto``) whose
+  ``metadata`` = 2 entries are ``ChromeMetadata {name = 1, string_value = 2, int_value =
+  4}``: the one TracePacket field for free-form key/value metadata of a whole trace, which
+  trace processor keeps in its ``metadata`` table (TrackDescriptors carry no annotations).
 
 Values: int -> int_value (beyond int64: string_value, its digits), float -> double_value,
 bool -> bool_value, str and object (their text) -> string_value, bytes -> string_value in hex.
@@ -201,6 +207,15 @@ class PerfettoWriter:
         # The sequence starts with its incremental state cleared (sequence_flags = 1), so
         # that the interned names below are read as this sequence's.
         self.sequence(1, self._write)
+
+    def metadata(self, items: dict[str, int | str]) -> None:
+        """One packet of the trace's metadata ``items`` (see the module docstring): write it
+        first, before any event."""
+        entries = b""
+        for name, value in items.items():
+            v = _vfield(4, value) if isinstance(value, int) else _len(2, _text(str(value)))
+            entries += _len(2, _len(1, _text(name)) + v)
+        self._write(_frame_packet(self._seq + _len(5, entries)))
 
     def sequence(self, number: int, write: Any) -> None:
         """Go on as sequence ``number`` (trusted_packet_sequence_id), writing with

@@ -57,6 +57,7 @@ from ... import faults
 from ..._forksafe import fork_safe_rlock
 from ...ctf import status as _status
 from ...ctf import writer as W
+from ...ctf.schema import tracer_env
 from ...markers import registry
 from ...markers.dispatch import MAX_NESTING
 from . import lifecycle, tasks
@@ -245,7 +246,8 @@ class Recording:
         offset = time.time_ns() - time.monotonic_ns()
         env = {
             "domain": "ust",
-            "tracer_name": "tracemark",
+            # tracer_name/_major/_minor/_patchlevel, the schema version (tracemark.ctf.schema)
+            **tracer_env(),
             "hostname": socket.gethostname(),
             "procname": _procname(),
             "vpid": self.pid,
