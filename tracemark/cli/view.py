@@ -38,8 +38,8 @@ from json.encoder import encode_basestring  # type: ignore[attr-defined]
 from typing import IO, Any
 
 from ..ctf.reader import Event
-from ..env import reader
 from ..ctf.schema import SCHEMA_VERSION
+from ..env import reader
 from ..markers.fields import ReprText, show_value
 from ._common import Style, printable
 from ._common import who as where
