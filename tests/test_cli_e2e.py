@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -379,7 +380,13 @@ def test_a_packet_torn_by_sigkill_is_cut_and_said(tmp_path):
     assert "stream_0: cut the last 3,000 bytes, part of a packet" in proc.stderr
     assert "events from 1 process" in proc.stderr and "damaged" not in proc.stderr
     events = json_events(tmp_path / "t")
-    assert events and [e["fields"]["n"] for e in events] == list(range(len(events)))
+    numbers = [e["fields"]["n"] for e in events]
+    assert numbers and numbers == sorted(set(numbers)) and numbers[0] == 0
+    # A loaded machine may fill the 128K ring before the consumer frees a sub-buffer: the
+    # events dropped then leave a gap that the summary counts, never a silent one.
+    gap = numbers[-1] + 1 - len(numbers)
+    said = re.search(r"([\d,]+) events were DISCARDED", proc.stderr)
+    assert gap <= (int(said.group(1).replace(",", "")) if said else 0), proc.stderr
     bt = subprocess.run(["babeltrace2", str(tmp_path / "t")], capture_output=True, text=True)
     assert bt.returncode == 0 and len(bt.stdout.splitlines()) == len(events)
 
