@@ -49,7 +49,11 @@ _LAZY = {
     "Recording": "tracers.recording",
     "RecordingSummary": "tracers.recording",
     "record": "tracers.recording",
+    "otel_bridge": "tracers.otel",
 }
+
+#: Names re-exported under another name than their module's.
+_RENAMED = {"otel_bridge": "bridge"}
 
 __version__ = "0.1.0"
 
@@ -79,6 +83,7 @@ __all__ = [
     "mark",
     "marker",
     "markers",
+    "otel_bridge",
     "patch",
     "probe",
     "record",
@@ -174,7 +179,8 @@ def __getattr__(name: str) -> _Any:
     where = _LAZY.get(name)
     if where is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{where}", __name__), name)
+    module = importlib.import_module(f".{where}", __name__)
+    value = getattr(module, _RENAMED.get(name, name))
     globals()[name] = value  # found once; later lookups are plain attribute reads
     return value
 

@@ -56,13 +56,34 @@ Guarantees
 
 from __future__ import annotations
 
+import threading
 from types import FunctionType
 from typing import Any
 
 from . import registry
 from .fields import Context
 
-__all__ = ["Span"]
+__all__ = ["Span", "ending_exception"]
+
+#: The exception ending a span on this thread while its end marker fires: set by ``with
+#: q(...)`` left by an exception, and by the ``sys.monitoring`` mechanism for ``@q`` (3.12+).
+#: A tracer that marks failed spans (the OpenTelemetry bridge) reads it; nothing else pays.
+_ending = threading.local()
+
+
+def ending_exception() -> BaseException | None:
+    """The exception that is ending a span on this thread, while its ``NAME.end`` fires
+    (None otherwise, and where the firing path cannot tell)."""
+    return getattr(_ending, "exc", None)
+
+
+def end_raising(end: Any, exc: BaseException) -> None:
+    """Fire ``end`` with :func:`ending_exception` saying ``exc``."""
+    _ending.exc = exc
+    try:
+        end()
+    finally:
+        _ending.exc = None
 
 
 class _Inactive:
@@ -94,8 +115,11 @@ class _Active:
     def __enter__(self) -> None:
         self.span.begin(*self.args, **self.kwargs)
 
-    def __exit__(self, *exc: object) -> None:
-        self.span.end()
+    def __exit__(self, kind: object, exc: BaseException | None, tb: object) -> None:
+        if exc is None:
+            self.span.end()
+        else:
+            end_raising(self.span.end, exc)
 
 
 class Span:

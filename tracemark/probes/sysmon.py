@@ -31,6 +31,7 @@ import types
 from typing import TYPE_CHECKING, Any
 
 from .._forksafe import fork_safe_rlock
+from ..markers.span import end_raising
 from .events import Probe
 
 if TYPE_CHECKING:
@@ -222,7 +223,7 @@ class SysMonitoring:
                 if p.at == "raise":
                     p.on_raise(frame, exc)
                 elif p.at == "span":
-                    p.end_now()
+                    end_raising(p.end_now, exc)  # so a tracer can tell the span failed
                 else:
                     p._starts.pop(id(frame), None)
 
