@@ -108,11 +108,12 @@ examples:
   tracemark record -o out/trace -e 'net.*' -e 'db.*' app.py ARGS
   tracemark record --mode overwrite --buffer 4M -m mypackage.server --port 80
   tracemark record --export perfetto -o out/trace app.py  # + out/trace.pftrace
+  tracemark record --otel http://collector:4318 app.py   # + live to OpenTelemetry
 
 exit code: the program's own (128+N if killed by signal N); 127 if it cannot be
 started; 2 for a usage error, or a --probe that cannot exist (unless
 --probe-optional); 5 when the machine refuses (too many open files, disk full,
-no permission) before the program starts.""",
+no permission) before the program starts, or --otel without OpenTelemetry.""",
     )
     rec.add_argument(
         "-o",
@@ -160,6 +161,16 @@ no permission) before the program starts.""",
         choices=("chrome", "perfetto"),
         help="at the end, also write the trace as Chrome JSON or a Perfetto trace "
         "(see tracemark export)",
+    )
+    rec.add_argument(
+        "--otel",
+        metavar="ENDPOINT",
+        nargs="?",
+        const="",
+        help="also send the markers live to an OpenTelemetry collector (OTLP/HTTP): spans "
+        "as spans, other markers as span events (default endpoint: "
+        "$OTEL_EXPORTER_OTLP_ENDPOINT, else http://localhost:4318; give it as "
+        "--otel=URL or --otel URL); needs pip install 'tracemark[otel]'",
     )
     rec.add_argument(
         "--export-output",

@@ -11,7 +11,14 @@ inherits, and puts :file:`_site/sitecustomize.py` first on ``PYTHONPATH``, which
 ``TRACEMARK_RECORD_BUFFER`` bytes of buffer per thread (split into sub-buffers), optional
 ``TRACEMARK_RECORD_PROBES`` dynamic probe specs, one per line, installed before the program
                            (deferred: a module not imported yet is probed when it is)
+``TRACEMARK_RECORD_OTEL``  an OTLP/HTTP endpoint: the same markers are also sent there,
+                           live, by the OpenTelemetry bridge (:mod:`tracemark.tracers.otel`)
 =========================  ===============================================================
+
+With ``TRACEMARK_RECORD_OTEL``, each process writes what its bridge sent, failed or dropped
+to ``DIR/.tracemark-otel-PID`` (JSON) when the bridge stops (at exit; in a
+``multiprocessing`` fork worker, from its finalizer): ``record``'s summary adds them up. A
+process whose Python lacks OpenTelemetry says so in one line and is recorded all the same.
 
 Each process that installs probes keeps the state of each in ``DIR/.tracemark-probes-PID``
 (JSON, rewritten when a deferred probe is installed or fails, so a process that ends by
@@ -36,6 +43,8 @@ ENV_MODE = "TRACEMARK_RECORD_MODE"
 ENV_BUFFER = "TRACEMARK_RECORD_BUFFER"
 ENV_PROBES = "TRACEMARK_RECORD_PROBES"
 ENV_HOME = "TRACEMARK_HOME"
+ENV_OTEL = "TRACEMARK_RECORD_OTEL"
+OTEL_FILE = ".tracemark-otel-"
 
 #: Sub-buffers per thread channel when ``--buffer`` gives the total size.
 SUBBUFFERS = 4
@@ -79,8 +88,46 @@ def start() -> None:
         config["path"], events if len(events) > 1 else events[0], **config["kwargs"]
     )
     atexit.register(_stop)
+    endpoint = os.environ.get(ENV_OTEL)
+    if endpoint:
+        _start_otel(endpoint, events, config["path"])
     if config["probes"]:
         _install_probes(config["probes"])
+
+
+def _start_otel(endpoint: str, events: list[str], directory: str) -> None:
+    """Send the recorded markers to ``endpoint`` too; a failure is one line on stderr and
+    the recording goes on."""
+    import sys
+
+    try:
+        from tracemark.tracers import otel
+
+        bridge = otel.bridge(events, endpoint=endpoint)
+    except Exception as exc:  # ImportError (no OpenTelemetry here) included
+        sys.stderr.write(
+            f"tracemark: this process ({os.getpid()}) is recorded but not sent to "
+            f"OpenTelemetry: {exc}\n"
+        )
+        return
+
+    def write(stats: dict) -> None:
+        _write_json(directory, OTEL_FILE, {"pid": os.getpid(), "endpoint": endpoint, **stats})
+
+    bridge.on_stop = write
+
+
+def _write_json(directory: str, prefix: str, value: dict) -> None:
+    """``DIR/PREFIXPID``, written whole (a temporary file renamed); never raises."""
+    import json
+
+    path = os.path.join(directory, f"{prefix}{os.getpid()}")
+    try:
+        with open(path + ".tmp", "w") as f:
+            json.dump(value, f)
+        os.replace(path + ".tmp", path)
+    except OSError:
+        pass  # the summary then knows less; the program must not notice
 
 
 PROBES_FILE = ".tracemark-probes-"
@@ -112,8 +159,6 @@ def _install_probes(specs: list[str]) -> None:
 
 def _write_probe_states(handles: list[tuple[str, Any]]) -> None:
     """``DIR/.tracemark-probes-PID``: each spec with ``state`` and ``why`` (never raises)."""
-    import json
-
     states = []
     for spec, handle in handles:
         if isinstance(handle, str):
@@ -123,15 +168,8 @@ def _write_probe_states(handles: list[tuple[str, Any]]) -> None:
         else:
             states.append({"spec": spec, "state": "installed", "why": ""})
     directory = os.environ.get(ENV_DIR)
-    if not directory:
-        return
-    path = os.path.join(directory, f"{PROBES_FILE}{os.getpid()}")
-    try:
-        with open(path + ".tmp", "w") as f:
-            json.dump({"pid": os.getpid(), "probes": states}, f)
-        os.replace(path + ".tmp", path)
-    except OSError:
-        pass  # the summary then knows less; the program must not notice
+    if directory:
+        _write_json(directory, PROBES_FILE, {"pid": os.getpid(), "probes": states})
 
 
 def _stop() -> None:

@@ -59,6 +59,7 @@ from ..ctf.recovery import pid_alive
 from ..probes import parse_spec
 from . import _boot
 from ._common import (
+    EXIT_ENVIRONMENT,
     EXIT_NOT_FOUND,
     EXIT_USAGE,
     CliError,
@@ -116,6 +117,8 @@ def split_argv(argv: Sequence[str]) -> tuple[list[str], list[str]]:
             return argv[: i + 1], argv[i + 1 :]
         if word in _WITH_VALUE:
             i += 2
+        elif word == "--otel" and "://" in (argv[i + 1] if i + 1 < len(argv) else ""):
+            i += 2  # --otel URL; a bare --otel before the program takes no value
         elif word.startswith("-") and word != "-":
             i += 1
         else:
@@ -203,11 +206,14 @@ def environment(
     buffer: int | None,
     probes: Sequence[str],
     base: dict[str, str] | None = None,
+    otel: str | None = None,
 ) -> dict[str, str]:
-    """The environment of the recorded program."""
+    """The environment of the recorded program (``otel``: the endpoint to send to live)."""
     env = dict(os.environ if base is None else base)
-    for key in (_boot.ENV_BUFFER, _boot.ENV_PROBES):
+    for key in (_boot.ENV_BUFFER, _boot.ENV_PROBES, _boot.ENV_OTEL):
         env.pop(key, None)
+    if otel:
+        env[_boot.ENV_OTEL] = otel
     env[_boot.ENV_DIR] = str(trace_dir.resolve())
     env[_boot.ENV_EVENTS] = ",".join(events) if events else "*"
     env[_boot.ENV_MODE] = mode
@@ -294,6 +300,7 @@ def _main_file(argv: Sequence[str]) -> tuple[str | None, list[str]]:
 
 def run(args: Any, err: IO[str], style: Style) -> int:
     argv = program_argv(args.module, args.program)
+    otel_endpoint(getattr(args, "otel", None))  # before anything runs or is created
     probes = check_probe_specs(
         args.probe, argv, optional=getattr(args, "probe_optional", False), err=err
     )
@@ -317,7 +324,8 @@ def run(args: Any, err: IO[str], style: Style) -> int:
         if failure := environment_failure(exc, trace_dir):
             raise failure from None
         raise CliError(f"{trace_dir}: cannot create the trace directory: {exc.strerror}") from None
-    env = environment(trace_dir, args.events or ["*"], args.mode, buffer, probes)
+    otel = otel_endpoint(getattr(args, "otel", None))
+    env = environment(trace_dir, args.events or ["*"], args.mode, buffer, probes, otel=otel)
     started = time.monotonic()
     code = _run_child(argv, env)
     elapsed = time.monotonic() - started
@@ -333,6 +341,8 @@ def run(args: Any, err: IO[str], style: Style) -> int:
         summarize(trace_dir, err, style, top=args.top, elapsed=elapsed, code=code)
     except CliError as exc:  # the program ran: its exit code matters more than ours
         err.write(f"tracemark record: {printable(exc.message)}\n")
+    if otel:
+        summarize_otel(trace_dir, err, style)
     if getattr(args, "export", None):  # after recovery: the recovered events are exported too
         from .export import run_export
 
@@ -341,6 +351,77 @@ def run(args: Any, err: IO[str], style: Style) -> int:
         except CliError as exc:  # likewise: reported, the program's exit code kept
             err.write(f"tracemark record: export: {printable(exc.message)}\n")
     return code
+
+
+def otel_endpoint(value: str | None) -> str | None:
+    """``--otel``'s endpoint (None without ``--otel``; the default when given bare), after
+    checking that OpenTelemetry is installed: exit code 5 naming the extra if not."""
+    if value is None:
+        return None
+    import importlib.util
+
+    needed = ("opentelemetry.sdk", "opentelemetry.exporter.otlp.proto.http")
+    try:
+        missing = [m for m in needed if importlib.util.find_spec(m) is None]
+    except ImportError:  # a parent package missing
+        missing = list(needed)
+    if missing:
+        raise CliError(
+            f"--otel needs OpenTelemetry ({', '.join(missing)} is not installed): "
+            "pip install 'tracemark[otel]'",
+            EXIT_ENVIRONMENT,
+        )
+    if value and "://" not in value:
+        raise CliError(f"--otel {value}: not a URL like http://collector:4318", EXIT_USAGE)
+    # The bridge's default (tracemark.tracers.otel.default_endpoint), not imported for it:
+    # OpenTelemetry's import costs this process a tenth of a second for one line.
+    default = os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or "http://localhost:4318"
+    return (value or default).rstrip("/")
+
+
+def summarize_otel(trace_dir: Path, err: IO[str], style: Style) -> None:
+    """What the processes' OpenTelemetry bridges sent (their ``.tracemark-otel-PID`` files),
+    with a warning for what did not arrive."""
+    import json
+
+    totals: Counter[str] = Counter()
+    endpoints = set()
+    processes = 0
+    for f in sorted(trace_dir.glob(f"{_boot.OTEL_FILE}*")):
+        try:
+            data = json.loads(f.read_text())
+        except (OSError, ValueError):
+            continue
+        processes += 1
+        endpoints.add(str(data.get("endpoint")))
+        for key, value in data.items():
+            if isinstance(value, int) and key != "pid":
+                totals[key] += value
+    if not processes:
+        err.write(
+            style("  WARNING: OpenTelemetry: no process reported what it sent", "bold", "red")
+            + "\n"
+        )
+        return
+    to = ", ".join(sorted(endpoints))
+    err.write(
+        f"  OpenTelemetry: {totals['spans_made']:,} spans sent live to {printable(to)} from "
+        f"{processes} process{'es' if processes != 1 else ''}: {totals['spans_sent']:,} sent"
+        + (f", {totals['events']:,} span events" if totals["events"] else "")
+        + "\n"
+    )
+    lost = totals["spans_failed"] + totals["spans_dropped"]
+    if lost:
+        err.write(
+            style(
+                f"  WARNING: OpenTelemetry: {lost:,} spans NOT sent ({totals['spans_failed']:,} "
+                f"refused or failed, {totals['spans_dropped']:,} dropped: queue full or "
+                "collector too slow at exit)",
+                "bold",
+                "red",
+            )
+            + "\n"
+        )
 
 
 def _run_child(argv: list[str], env: dict[str, str]) -> int:

@@ -83,12 +83,13 @@ import threading
 import time
 import warnings
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 try:
     from opentelemetry import context as _otel_context
     from opentelemetry import trace as _trace
+    from opentelemetry.context import _SUPPRESS_INSTRUMENTATION_KEY as _SUPPRESS
     from opentelemetry.trace import Status, StatusCode
 except ImportError as exc:  # the extra is not installed
     raise ImportError(
@@ -188,7 +189,9 @@ class BridgeStats(dict):
     ``orphan_markers`` markers made spans of their own, ``logs_made`` / ``logs_sent`` /
     ``logs_failed`` / ``logs_dropped`` / ``logs_pending`` the same for log records,
     ``unmatched`` ends without a begin on their track, ``unfinished`` spans ended because
-    an outer one ended or the bridge stopped, ``errors`` faults inside the bridge."""
+    an outer one ended or the bridge stopped, ``suppressed`` markers fired by the SDK's own
+    export (not sent: they would feed the exporter its own work), ``errors`` faults inside
+    the bridge."""
 
     def lost(self) -> int:
         """Spans and log records not confirmed sent (failed or dropped)."""
@@ -211,7 +214,7 @@ class BridgeStats(dict):
                     f"{self['logs_sent']} sent, {self['logs_failed']} failed, "
                     f"{self['logs_dropped']} dropped"
                 )
-        for key in ("events", "orphan_markers", "unmatched", "unfinished", "errors"):
+        for key in ("events", "orphan_markers", "unmatched", "unfinished", "suppressed", "errors"):
             if self[key]:
                 parts.append(f"{self[key]} {key.replace('_', ' ')}")
         return "; ".join(parts)
@@ -282,7 +285,9 @@ class Bridge:
             "tracemark_otel_open", default=None
         )
         self._live: set[_Open] = set()
-        self._connection: Any = None
+        self._connections: list[Any] = []
+        #: Called with the final stats when the bridge stops (tracemark record's summary).
+        self.on_stop: Callable[[BridgeStats], object] | None = None
         self._stopped = False
         self._pid = os.getpid()
         self._zero_counts()
@@ -303,12 +308,14 @@ class Bridge:
     def _zero_counts(self) -> None:
         self.spans_made = self.events = self.orphan_markers = 0
         self.logs_made = self.unmatched = self.unfinished = self.errors = 0
+        self.suppressed = 0
 
     def _build(self) -> None:
         s = self._settings
         self._span_exporter: _Counting | None = None
         self._log_exporter: _Counting | None = None
-        self._owned: list[Any] = []  # providers the bridge made, shut down on stop
+        self._owned: list[Any] = []  # providers the bridge made
+        self._processors: list[Any] = []  # their batch processors, shut down on stop
         if self._user_tracer_provider is not None:
             provider = self._user_tracer_provider
         else:
@@ -325,14 +332,14 @@ class Bridge:
             provider = TracerProvider(
                 resource=make_resource(s["service_name"]), shutdown_on_exit=False
             )
-            provider.add_span_processor(
-                BatchSpanProcessor(
-                    self._span_exporter,
-                    max_queue_size=s["max_queue_size"],
-                    max_export_batch_size=s["max_export_batch_size"],
-                    schedule_delay_millis=s["schedule_delay_millis"],
-                )
+            processor = BatchSpanProcessor(
+                self._span_exporter,
+                max_queue_size=s["max_queue_size"],
+                max_export_batch_size=s["max_export_batch_size"],
+                schedule_delay_millis=s["schedule_delay_millis"],
             )
+            provider.add_span_processor(processor)
+            self._processors.append(processor)
             self._owned.append(provider)
         self._provider = provider
         self._tracer = provider.get_tracer("tracemark")
@@ -355,14 +362,14 @@ class Bridge:
                 lp = LoggerProvider(
                     resource=make_resource(s["service_name"]), shutdown_on_exit=False
                 )
-                lp.add_log_record_processor(
-                    BatchLogRecordProcessor(
-                        self._log_exporter,
-                        max_queue_size=s["max_queue_size"],
-                        max_export_batch_size=s["max_export_batch_size"],
-                        schedule_delay_millis=s["schedule_delay_millis"],
-                    )
+                log_processor = BatchLogRecordProcessor(
+                    self._log_exporter,
+                    max_queue_size=s["max_queue_size"],
+                    max_export_batch_size=s["max_export_batch_size"],
+                    schedule_delay_millis=s["schedule_delay_millis"],
                 )
+                lp.add_log_record_processor(log_processor)
+                self._processors.append(log_processor)
                 self._owned.append(lp)
             self._logger = lp.get_logger("tracemark")
 
@@ -401,9 +408,13 @@ class Bridge:
 
     # --- connecting ---------------------------------------------------------------------------
 
-    def connect(self, pattern: str = "*") -> Bridge:
-        """Connect to the markers matching ``pattern`` (now and declared later)."""
-        self._connection = registry.connect(pattern, self)
+    def connect(self, pattern: str | Sequence[str] = "*") -> Bridge:
+        """Connect to the markers matching ``pattern`` (a glob, or several: a marker that
+        several match is sent once), now and declared later."""
+        globs = [pattern] if isinstance(pattern, str) else list(pattern)
+        for i, glob in enumerate(globs):
+            probe = self if i == 0 else _Unless(self, globs[:i])
+            self._connections.append(registry.connect(glob, probe))
         _running.add(self)
         return self
 
@@ -431,6 +442,11 @@ class Bridge:
     def __call__(self, marker: Any, args: tuple) -> None:
         now = _time_ns()
         try:
+            if _otel_context.get_value(_SUPPRESS):
+                # Fired by the SDK's own export (a probe on http.client, say): sending it
+                # would feed the exporter its own work, for ever.
+                self.suppressed += 1
+                return
             kind = self._kinds.get(marker) or self._kind_of(marker)
             what, name, names = kind
             if what == _BEGIN:
@@ -539,6 +555,7 @@ class Bridge:
             unmatched=self.unmatched,
             unfinished=self.unfinished,
             errors=self.errors,
+            suppressed=self.suppressed,
         )
         for prefix, made, exporter in (
             ("spans", self.spans_made, self._span_exporter),
@@ -563,8 +580,9 @@ class Bridge:
         if self._stopped:
             return self.stats()
         timeout = self.stop_timeout if timeout is None else timeout
-        if self._connection is not None:
-            registry.disconnect(self._connection)
+        for conn in self._connections:
+            registry.disconnect(conn)
+        if self._connections:
             synchronize()
         _running.discard(self)
         now = _time_ns()
@@ -575,22 +593,26 @@ class Bridge:
             except Exception:
                 self.errors += 1
         self._stopped = True
-        if self._owned:
-            # In a thread of ours, so that a collector that hangs cannot hold the program
-            # past ``timeout``: the SDK's shutdown waits for the export in flight.
-            owned = list(self._owned)
-
-            def shutdown() -> None:
-                for p in owned:
-                    try:
-                        p.shutdown()
-                    except Exception:
-                        pass
-
-            t = threading.Thread(target=shutdown, name="tracemark-otel-stop", daemon=True)
-            t.start()
-            t.join(timeout)
+        deadline = time.monotonic() + timeout
+        for processor in self._processors:
+            # The SDK's own shutdown waits up to 30 s for the export in flight; its batch
+            # processor takes a bound, which is ours. (Not in a thread of ours: none can be
+            # started at interpreter exit, when this runs most often.)
+            remaining = max(deadline - time.monotonic(), 0.0)
+            inner = getattr(processor, "_batch_processor", None)
+            try:
+                if inner is not None:
+                    inner.shutdown(timeout_millis=remaining * 1000)
+                else:
+                    processor.shutdown()
+            except Exception:
+                self.errors += 1
         result = self.stats()
+        if self.on_stop is not None:
+            try:
+                self.on_stop(result)
+            except Exception:
+                self.errors += 1
         if result.lost():
             warnings.warn(
                 f"tracemark: the OpenTelemetry bridge lost data: {result.summary()}",
@@ -603,6 +625,26 @@ class Bridge:
         state = "stopped" if self._stopped else "running"
         to = "the given provider" if not self._owned else self.endpoint
         return f"<tracemark OpenTelemetry bridge to {to} ({state})>"
+
+
+class _Unless:
+    """The bridge, for a glob after the first: skips the markers an earlier glob matches
+    (they reach the bridge through that one)."""
+
+    def __init__(self, bridge: Bridge, earlier: list[str]) -> None:
+        import fnmatch
+        import re
+
+        self.bridge = bridge
+        self._earlier = re.compile("|".join(fnmatch.translate(g) for g in earlier)).match
+        self._skip: dict[Any, bool] = {}
+
+    def __call__(self, marker: Any, args: tuple) -> None:
+        skip = self._skip.get(marker)
+        if skip is None:
+            skip = self._skip[marker] = self._earlier(marker.name) is not None
+        if not skip:
+            self.bridge(marker, args)
 
 
 def _qualname(cls: type) -> str:
@@ -638,7 +680,7 @@ def _stop_all() -> None:
 
 
 def bridge(
-    pattern: str = "*",
+    pattern: str | Sequence[str] = "*",
     *,
     endpoint: str | None = None,
     tracer_provider: Any = None,
