@@ -93,8 +93,7 @@ try:
     from opentelemetry.trace import Status, StatusCode
 except ImportError as exc:  # the extra is not installed
     raise ImportError(
-        "the OpenTelemetry bridge needs the OpenTelemetry packages: "
-        "pip install 'tracemark[otel]'"
+        "the OpenTelemetry bridge needs the OpenTelemetry packages: pip install 'tracemark[otel]'"
     ) from exc
 
 from .. import faults
@@ -195,9 +194,8 @@ class BridgeStats(dict):
 
     def lost(self) -> int:
         """Spans and log records not confirmed sent (failed or dropped)."""
-        return sum(
-            self.get(k) or 0 for k in ("spans_failed", "spans_dropped", "logs_failed", "logs_dropped")
-        )
+        keys = ("spans_failed", "spans_dropped", "logs_failed", "logs_dropped")
+        return sum(self.get(k) or 0 for k in keys)
 
     def summary(self) -> str:
         parts = [f"{self['spans_made']} spans made"]
@@ -457,9 +455,7 @@ class Bridge:
                 self._end(name, names, args, now, what == _RAISE)
         except Exception as exc:
             self.errors += 1
-            if faults.report(
-                "otel-bridge", type(exc).__name__, f"OpenTelemetry bridge: {exc!r}"
-            ):
+            if faults.report("otel-bridge", type(exc).__name__, f"OpenTelemetry bridge: {exc!r}"):
                 raise
 
     def _begin(self, name: str, names: tuple[str, ...], args: tuple, now: int) -> None:
@@ -562,7 +558,8 @@ class Bridge:
             ("logs", self.logs_made, self._log_exporter),
         ):
             if exporter is None:
-                out.update({f"{prefix}_{k}": None for k in ("sent", "failed", "dropped", "pending")})
+                fates = ("sent", "failed", "dropped", "pending")
+                out.update({f"{prefix}_{k}": None for k in fates})
                 continue
             settled = exporter.sent + exporter.failed
             rest = max(made - settled, 0)
