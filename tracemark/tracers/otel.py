@@ -583,6 +583,18 @@ class Bridge:
             synchronize()
         _running.discard(self)
         now = _time_ns()
+        # The calling thread's (task's) context is given back as it was before its first
+        # span still open; other threads' contexts are theirs to leave (their OpenTelemetry
+        # context then names a span that has ended: harmless, its children are orphans).
+        oldest, node, track = None, self._open.get(), _track()
+        while node is not None and node.pid == self._pid and node.track == track:
+            oldest, node = node, node.parent
+        if oldest is not None:
+            self._open.set(oldest.parent)
+            try:
+                _otel_context.detach(oldest.token)
+            except Exception:
+                self.errors += 1
         for node in list(self._live):
             try:
                 self._finish(node, now, {"tracemark.unfinished": True}, None)
