@@ -94,10 +94,8 @@ def test_nesting_inside_the_programs_span_and_the_programs_span_inside_ours(uniq
     q = tracemark.span(f"{uniq}.step", n=int)
     with otel.bridge(f"{uniq}.*", tracer_provider=provider) as b:
         with app.start_as_current_span("request") as request:
-            with q(1):
-                with app.start_as_current_span("db") as db:
-                    with q(2):
-                        pass
+            with q(1), app.start_as_current_span("db") as db, q(2):
+                pass
             assert trace.get_current_span() is request  # the context is restored
         assert not trace.get_current_span().is_recording()
     spans = by_name(finished(exp))
@@ -126,9 +124,8 @@ def test_decorated_span_and_error_status(uniq):
         assert work(1) == 1
         with pytest.raises(ValueError):
             work(-1)
-        with pytest.raises(KeyError):
-            with q(-2):
-                raise KeyError("k")
+        with pytest.raises(KeyError), q(-2):
+            raise KeyError("k")
         try:
             raise OSError("handled")
         except OSError:
@@ -238,9 +235,8 @@ def test_values_opentelemetry_cannot_carry_arrive_by_the_rule(uniq):
     q = tracemark.span(f"{uniq}.wrap")
     exp = InMemorySpanExporter()
     values = (2**70, b"\x00\xff", math.nan, "a\udcffb")
-    with otel.bridge(f"{uniq}.*", exporter=exp) as b:
-        with q():
-            m(*values)
+    with otel.bridge(f"{uniq}.*", exporter=exp) as b, q():
+        m(*values)
     [s] = finished(exp)
     got = dict(s.events[0].attributes)
     want = {k: attribute_value(v) for k, v in zip(("big", "raw", "x", "s"), values, strict=True)}
@@ -400,9 +396,8 @@ def test_end_to_end_through_otlp_http(uniq):
     with Collector() as c:
         with otel.bridge(f"{uniq}.*", endpoint=c.endpoint, service_name="e2e") as b:
             for n in range(20):
-                with q(n, b"\x01\x02"):
-                    with inner(n):
-                        m(n)
+                with q(n, b"\x01\x02"), inner(n):
+                    m(n)
         received = c.spans()
         [rs] = c.traces()[0].resource_spans[:1]
     st = b.stats()
