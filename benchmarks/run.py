@@ -31,6 +31,7 @@ SUITES = [
     "control",
     "import",
     "jumps",
+    "otel",
 ]
 RESULTS = Path(__file__).with_name("RESULTS.md")
 _HEADER = """# Benchmark results

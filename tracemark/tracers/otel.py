@@ -112,6 +112,7 @@ DEFAULT_QUEUE = 2048
 DEFAULT_BATCH = 512
 
 _time_ns = time.time_ns
+_get_current = _otel_context.get_current
 _INSTANT = 0
 _BEGIN = 1
 _END = 2
@@ -440,7 +441,8 @@ class Bridge:
     def __call__(self, marker: Any, args: tuple) -> None:
         now = _time_ns()
         try:
-            if _otel_context.get_value(_SUPPRESS):
+            ctx = _get_current()  # one read of the context, for both uses
+            if ctx.get(_SUPPRESS):
                 # Fired by the SDK's own export (a probe on http.client, say): sending it
                 # would feed the exporter its own work, for ever.
                 self.suppressed += 1
@@ -450,7 +452,7 @@ class Bridge:
             if what == _BEGIN:
                 self._begin(name, names, args, now)
             elif what == _INSTANT:
-                self._instant(name, names, args, now)
+                self._instant(name, names, args, now, ctx)
             else:
                 self._end(name, names, args, now, what == _RAISE)
         except Exception as exc:
@@ -513,7 +515,7 @@ class Bridge:
         span.end(end_time=now)
         self.spans_made += 1
 
-    def _instant(self, name: str, names: tuple[str, ...], args: tuple, now: int) -> None:
+    def _instant(self, name: str, names: tuple[str, ...], args: tuple, now: int, ctx: Any) -> None:
         attrs = {k: attribute_value(v) for k, v in zip(names, args, strict=False)}
         if self._logger is not None:
             from opentelemetry._logs import SeverityNumber
@@ -529,7 +531,7 @@ class Bridge:
             )
             self.logs_made += 1
             return
-        current = _trace.get_current_span()
+        current = _trace.get_current_span(ctx)
         if current.is_recording():
             current.add_event(name, attrs, timestamp=now)
             self.events += 1
