@@ -108,7 +108,7 @@ examples:
   tracemark record -o out/trace -e 'net.*' -e 'db.*' app.py ARGS
   tracemark record --mode overwrite --buffer 4M -m mypackage.server --port 80
   tracemark record --export perfetto -o out/trace app.py  # + out/trace.pftrace
-  tracemark record --otel http://collector:4318 app.py   # + live to OpenTelemetry
+  tracemark record --otel http://otelcol:4318 app.py  # + live to OpenTelemetry
 
 exit code: the program's own (128+N if killed by signal N); 127 if it cannot be
 started; 2 for a usage error, or a --probe that cannot exist (unless
