@@ -89,6 +89,7 @@ from typing import Any, Literal
 try:
     from opentelemetry import context as _otel_context
     from opentelemetry import trace as _trace
+    from opentelemetry._logs import SeverityNumber
     from opentelemetry.context import _SUPPRESS_INSTRUMENTATION_KEY as _SUPPRESS
     from opentelemetry.trace import Status, StatusCode
 except ImportError as exc:  # the extra is not installed
@@ -304,7 +305,15 @@ class Bridge:
 
     # --- the SDK pipeline -------------------------------------------------------------------
 
+    def _count(self, *names: str) -> None:
+        # Under a lock: ``x += 1`` on an attribute is three bytecodes, and a thread switch in
+        # between would lose a count (the accounting must add up exactly).
+        with self._lock:
+            for name in names:
+                setattr(self, name, getattr(self, name) + 1)
+
     def _zero_counts(self) -> None:
+        self._lock = threading.Lock()  # new in a fork child: the parent's may be held
         self.spans_made = self.events = self.orphan_markers = 0
         self.logs_made = self.unmatched = self.unfinished = self.errors = 0
         self.suppressed = 0
@@ -445,7 +454,7 @@ class Bridge:
             if ctx.get(_SUPPRESS):
                 # Fired by the SDK's own export (a probe on http.client, say): sending it
                 # would feed the exporter its own work, for ever.
-                self.suppressed += 1
+                self._count("suppressed")
                 return
             kind = self._kinds.get(marker) or self._kind_of(marker)
             what, name, names = kind
@@ -456,7 +465,7 @@ class Bridge:
             else:
                 self._end(name, names, args, now, what == _RAISE)
         except Exception as exc:
-            self.errors += 1
+            self._count("errors")
             if faults.report("otel-bridge", type(exc).__name__, f"OpenTelemetry bridge: {exc!r}"):
                 raise
 
@@ -475,14 +484,14 @@ class Bridge:
         while node is not None and node.track == track and node.name != name:
             node = node.parent
         if node is None or node.track != track:
-            self.unmatched += 1
+            self._count("unmatched")
             return
         # Spans begun inside this one and never ended: ended first, as the pairing does.
         inner = top
         while inner is not node:
             assert inner is not None
             self._finish(inner, now, {"tracemark.unfinished": True}, None)
-            self.unfinished += 1
+            self._count("unfinished")
             inner = inner.parent
         attrs = {k: attribute_value(v) for k, v in zip(names, args, strict=False)}
         error: Any = None
@@ -513,13 +522,12 @@ class Bridge:
         if error is not None:
             span.set_status(Status(StatusCode.ERROR, str(error)))
         span.end(end_time=now)
-        self.spans_made += 1
+        with self._lock:
+            self.spans_made += 1
 
     def _instant(self, name: str, names: tuple[str, ...], args: tuple, now: int, ctx: Any) -> None:
         attrs = {k: attribute_value(v) for k, v in zip(names, args, strict=False)}
         if self._logger is not None:
-            from opentelemetry._logs import SeverityNumber
-
             self._logger.emit(
                 timestamp=now,
                 observed_timestamp=now,
@@ -529,17 +537,18 @@ class Bridge:
                 attributes=attrs,
                 event_name=name,
             )
-            self.logs_made += 1
+            with self._lock:
+                self.logs_made += 1
             return
         current = _trace.get_current_span(ctx)
         if current.is_recording():
             current.add_event(name, attrs, timestamp=now)
-            self.events += 1
+            with self._lock:
+                self.events += 1
             return
         attrs["tracemark.instant"] = True
         self._tracer.start_span(name, start_time=now, attributes=attrs).end(end_time=now)
-        self.orphan_markers += 1
-        self.spans_made += 1
+        self._count("orphan_markers", "spans_made")
 
     # --- the end ------------------------------------------------------------------------------
 
