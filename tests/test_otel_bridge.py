@@ -137,15 +137,9 @@ def test_decorated_span_and_error_status(uniq):
     assert spans[3].status.status_code is StatusCode.UNSET
     assert spans[-2].status.status_code is StatusCode.ERROR
     assert spans[-2].attributes["exception.type"] == "KeyError"
-    from tracemark import probes
-
-    # @q left by an exception: known where the mechanism reports the exception
-    # (sys.monitoring, 3.12+); the recompile mechanism (3.11) cannot tell (documented).
-    if probes.mechanism().name == "sys.monitoring":
-        assert spans[-1].status.status_code is StatusCode.ERROR
-        assert spans[-1].attributes["exception.message"] == "negative -1"
-    else:
-        assert spans[-1].status.status_code is StatusCode.UNSET
+    # @q left by an exception: both mechanisms (sys.monitoring, recompile) tell the end.
+    assert spans[-1].status.status_code is StatusCode.ERROR
+    assert spans[-1].attributes["exception.message"] == "negative -1"
 
 
 def test_probe_entry_and_raise_pair_into_a_failed_span(uniq, tmp_path, monkeypatch):

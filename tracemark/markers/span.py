@@ -66,7 +66,7 @@ from .fields import Context
 __all__ = ["Span", "ending_exception"]
 
 #: The exception ending a span on this thread while its end marker fires: set by ``with
-#: q(...)`` left by an exception, and by the ``sys.monitoring`` mechanism for ``@q`` (3.12+).
+#: q(...)`` left by an exception, and by both probe mechanisms for ``@q``.
 #: A tracer that marks failed spans (the OpenTelemetry bridge) reads it; nothing else pays.
 _ending = threading.local()
 

@@ -23,8 +23,11 @@ locals and free variables as the original and touches no global.
   the original one.
 * ``line``: a hook call before the statement that starts on (or contains) the line.
 * ``span`` (``@span`` on a function): the begin hook with the arguments, like ``entry``, then
-  the body wrapped in ``try: ... finally: end()``, so the end fires however the call ends
-  (return, raise, a generator closed). Several spans nest: the first begun ends last.
+  the body wrapped in ``try: ... except BaseException: note(); raise ... finally: end()``,
+  so the end fires however the call ends (return, raise, a generator closed), and an
+  exception leaving it is noted for the end marker's tracers while it fires
+  (:func:`tracemark.markers.span.ending_exception`; re-raised as the raise probe's handler
+  does). Several spans nest: the first begun ends last.
 
 Added statements carry the line number of the ``def`` line (already "executed" for coverage
 tools when the function was defined); every original statement keeps its own line, so
@@ -71,6 +74,7 @@ from typing import Any
 
 from .. import faults
 from .._forksafe import fork_safe_rlock
+from ..markers import span as _span_module
 from .events import Probe
 from .targets import ProbeError
 
@@ -479,6 +483,23 @@ def _raise_hook(probes: tuple[Probe, ...]) -> Callable[[], None]:
     return raised
 
 
+def _note_ending() -> None:
+    """In a span's handler: the exception leaving the call, for the end marker's tracers."""
+    _span_module._ending.exc = sys.exc_info()[1]
+
+
+def _span_end_hook(end: Callable[[], None]) -> Callable[[], None]:
+    ending = _span_module._ending
+
+    def end_span() -> None:
+        try:
+            end()
+        finally:
+            ending.exc = None
+
+    return end_span
+
+
 class _Instrumenter:
     """Adds the hook calls of ``probes`` (all on one code object) to one ``def``."""
 
@@ -575,12 +596,25 @@ class _Instrumenter:
         # begins last.
         spans = sorted((p for p in probes if p.at == "span"), key=lambda p: p.order)
         for p in spans:
-            end = p.end_now if p in live else _stand_in
+            handlers = []
+            if p in live:
+                # An exception leaving the call is noted (and re-raised, as the raise probe's
+                # handler does) so that the end marker's tracers can tell the span failed
+                # (markers.span.ending_exception); the end clears the note.
+                end = _span_end_hook(p.end_now)
+                mark = ast.ExceptHandler(
+                    type=self._const(BaseException),
+                    name=None,
+                    body=[self._stmt(_note_ending), self._at(ast.Raise(exc=None, cause=None))],
+                )
+                handlers.append(self._at(mark))
+            else:
+                end = _stand_in
             body = [
                 self._at(
                     ast.Try(
                         body=body or [self._at(ast.Pass())],
-                        handlers=[],
+                        handlers=handlers,
                         orelse=[],
                         finalbody=[self._stmt(end)],
                     )

@@ -30,11 +30,11 @@ What becomes what
   track (a task ending what its parent task began) is counted as ``unmatched``, never paired
   wrongly; an end that skips spans still open inside it ends those first, with the
   attribute ``tracemark.unfinished = true`` (as the pairing does).
-* **Errors.** A span ended by an exception has status ERROR with the exception's type:
-  ``with q(...)`` left by an exception, ``@q`` left by one where the probe mechanism says so
-  (``sys.monitoring``, 3.12+), and a probe's ``P.raise`` (its ``exc_type`` and ``message``).
-  ``GeneratorExit`` (a generator closed) is not an error. On 3.11 an ``@q`` span ended by an
-  exception is not marked (the end marker carries no exception there).
+* **Errors.** A span ended by an exception has status ERROR and the attributes
+  ``exception.type`` / ``exception.message``: ``with q(...)`` or ``@q`` left by an exception
+  (both probe mechanisms note it: :func:`tracemark.markers.span.ending_exception`), and a
+  probe's ``P.raise`` (its ``exc_type`` and ``message``). ``GeneratorExit`` (a generator
+  closed) is not an error.
 * **Plain markers**, by ``markers=``: ``"events"`` (default): a span event on the current
   span, named after the marker, with its fields as attributes and its time. With no
   recording span current, the marker becomes a span of its own, zero long, attribute
