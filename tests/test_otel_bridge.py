@@ -518,3 +518,24 @@ def test_fork_pool_workers_each_send_with_their_own_bridge(tmp_path):
     workers = {p: ns for p, ns in by_pid.items() if p != info["parent"]}
     assert set(workers) == set(info["workers"])  # each worker sent as itself
     assert sorted(n for ns in workers.values() for n in ns) == list(range(20))
+
+
+def test_a_failing_sdk_never_raises_into_the_program_and_is_counted(uniq):
+    class Broken:
+        def get_tracer(self, *args, **kwargs):
+            return self
+
+        def start_span(self, *args, **kwargs):
+            raise RuntimeError("the SDK broke")
+
+    q = tracemark.span(f"{uniq}.s")
+    m = tracemark.marker(f"{uniq}.m")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the fault's report, once
+        with otel.bridge(f"{uniq}.*", tracer_provider=Broken()) as b:
+            for _ in range(3):
+                with q():
+                    m()  # no current span: an orphan span, which fails too
+    st = b.stats()
+    assert st["errors"] == 6 and st["spans_made"] == 0
+    assert st["unmatched"] == 3  # the ends of spans that could not begin
