@@ -51,7 +51,7 @@ import os
 import re
 import stat
 import struct
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from operator import attrgetter, itemgetter
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -508,6 +508,7 @@ def compile_handlers(
     ns: dict[str, Any],
     raw_text: bool = False,
     prologue: str = "",
+    only: Collection[int] | None = None,
 ) -> Callable[[Any], dict[int, Callable]]:
     """The handlers :meth:`Stream.walk_packet` calls, for every event class of ``sub``:
     returns ``bind(T) -> {event id: handler}``, handlers made for one ``T`` (what the
@@ -523,11 +524,15 @@ def compile_handlers(
     moving ``pos`` when ``skip``), named ``h<id><suffix>``; the first is the one in the
     table, which they see as ``HANDLERS`` (a variant may put another in its place).
     ``prologue``: lines run first in ``bind`` (indented 4). ``ns``: the names all may use.
-    ``raw_text``: as for :func:`field_decoding`."""
+    ``raw_text``: as for :func:`field_decoding`. ``only``: the event ids the walked packets
+    can hold (a superset; None: every class of the metadata). A program may declare
+    thousands of markers and fire a few: the classes it never fired are not compiled."""
     setup: list[str] = []
     defs: list[str] = []
     table = []
     for eid, (name, fields) in sub.meta.events.items():
+        if only is not None and eid not in only:
+            continue
         once, body = handler(eid, name, fields, ns)
         setup.append(once)
         variants = [("", body, False)] if isinstance(body, str) else body
