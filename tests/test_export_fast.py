@@ -211,9 +211,7 @@ def test_fast_path_shows_what_the_walker_shows(varied, tmp_path, fmt, jobs, samp
 
 @pytest.mark.parametrize("fmt", ["perfetto", "chrome"])
 @pytest.mark.parametrize("jobs", [1, 2])
-def test_fast_path_on_a_damaged_trace_matches_the_walker(
-    varied, tmp_path, fmt, jobs, monkeypatch
-):
+def test_fast_path_on_a_damaged_trace_matches_the_walker(varied, tmp_path, fmt, jobs, monkeypatch):
     # A packet whose ids the index cannot vouch for makes every class compiled again.
     monkeypatch.setattr(fast_mod, "_COMPILE_ALL", 0)
     damaged = tmp_path / "damaged"
@@ -317,6 +315,6 @@ def test_only_the_fired_classes_are_compiled(tmp_path, uniq, monkeypatch):
     fired = {eid for eid, (name, _) in sub.meta.events.items() if name.endswith((".m7", ".m200"))}
     assert len(sub.meta.events) > 300 and len(fired) == 2
     for fmt in ("perfetto", "chrome"):
-        (fast, r_fast), (slow, r_slow) = both(tmp_path / "t", tmp_path, fmt)
+        (_, r_fast), (_, r_slow) = both(tmp_path / "t", tmp_path, fmt)
         assert r_fast == r_slow and r_fast.events == 2
     assert compiled == [fired, fired]
