@@ -235,12 +235,10 @@ def run_parquet(args: argparse.Namespace, err: IO[str], prog: str) -> int:
     warn_unmatched(trace, args.events, err)
     match = name_matcher(args.events)
     select = None
-    if args.events or predicate is not None:
+    if predicate is not None:  # -e is the reader's (names=): decoded only what passes
 
         def select(events: Any) -> Any:
-            if predicate is None:
-                return (ev for ev in events if match(ev.name))
-            return (ev for ev in events if match(ev.name) and predicate(ev))
+            return (ev for ev in events if predicate(ev))
 
     out = Path(args.output) if args.output else default_output(args.trace, "parquet")
     if out.exists() and not out.is_dir():
@@ -258,6 +256,7 @@ def run_parquet(args: argparse.Namespace, err: IO[str], prog: str) -> int:
             layout=args.layout or "wide",
             only=only,
             select=select,
+            names=match if args.events else None,
             progress=progress.update,
         )
     except OSError as exc:

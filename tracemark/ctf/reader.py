@@ -899,9 +899,11 @@ class Stream:
         self,
         wanted: frozenset[int],
         known: Sequence[frozenset[int] | None] | None = None,
+        start: int = 0,
     ) -> Iterator[Event]:
         """This stream's events whose id is in ``wanted``, in order: exactly those that
-        :meth:`iter_events` gives, and the same TraceError at the same point of them.
+        :meth:`iter_events` gives, and the same TraceError at the same point of them
+        (from its packet number ``start`` on).
 
         Only packets that hold a wanted id are decoded, and in them only the wanted events;
         the others are walked and checked (:meth:`packet_ids`, :func:`_compile_checker`),
@@ -912,7 +914,8 @@ class Stream:
         packets = self._packets
         if known is not None and len(known) != len(packets):
             known = None
-        for i, p in enumerate(packets):
+        for i in range(start, len(packets)):
+            p = packets[i]
             data = None
             if known is not None:
                 ids = known[i]
