@@ -124,9 +124,8 @@ class Poster:
         key = (parts.scheme, parts.hostname or "", parts.port)
         conn = self._conns.get(key)
         if conn is None:
-            cls = (
-                http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
-            )
+            https = parts.scheme == "https"
+            cls = http.client.HTTPSConnection if https else http.client.HTTPConnection
             conn = self._conns[key] = cls(parts.hostname or "", parts.port, timeout=self.timeout)
         path = parts.path or "/"
         if parts.query:
@@ -159,7 +158,7 @@ class Poster:
                 status = response.status
                 if response.will_close:
                     self._drop(url)
-            except (TimeoutError, socket.timeout) as exc:
+            except TimeoutError as exc:  # socket.timeout is TimeoutError
                 # No answer in time: the request may have arrived (and may yet be
                 # processed): a retry can duplicate it, which OTLP receivers tolerate
                 # better than a loss; the outcome says it.
