@@ -512,6 +512,7 @@ def export_otlp(
     headers: Mapping[str, str] | None = None,
     only: Iterable[str | os.PathLike[str]] | None = None,
     progress: Callable[[int], None] | None = None,
+    wrap: Callable[[Iterable[Any]], Iterable[Any]] | None = None,
     timeout: float = 10.0,
     retries: int = 5,
     backoff: float = 0.5,
@@ -523,7 +524,8 @@ def export_otlp(
     """Send the trace in ``trace_dir`` to the collector (see the module). ``endpoint``: a
     base URL (see :func:`endpoints`); ``headers``: added to every request (default:
     ``OTEL_EXPORTER_OTLP_HEADERS``); ``only``: these sub-trace directories;
-    ``progress(events so far)`` now and then; ``timeout``, ``retries``, ``backoff``,
+    ``progress(events so far)`` now and then; ``wrap``: applied to the event stream (as
+    for :func:`tracemark.export.export`); ``timeout``, ``retries``, ``backoff``,
     ``max_backoff``: per request (:class:`.otlp_http.Poster`). Raises :class:`MissingOtel`;
     never raises for the collector (the result says what was not sent)."""
     p = _proto()
@@ -549,6 +551,8 @@ def export_otlp(
         p, result, poster, subs, exported_schema(subs), env, batch_spans, batch_logs, limit
     )
     events: Iterable[Any] = _events(subs, result.errors)
+    if wrap is not None:
+        events = wrap(events)
     if progress is not None:
         from . import _counting
 
