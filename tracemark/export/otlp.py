@@ -77,6 +77,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from .otel_attributes import attribute_value
 from .otel_attributes import attributes as convert_attributes
 from .otlp_http import Outcome, Poster, parse_headers
 from .walker import Track, _events, end_args, open_streams, walk
@@ -101,6 +102,8 @@ SPAN_EVENT_LIMIT = 128
 BATCH_SPANS = 512
 BATCH_LOGS = 1024
 INSTALL = "pip install 'tracemark[otel]'"
+#: KeyValues of repeated field values kept for reuse, at most.
+_CACHED = 4096
 
 
 class MissingOtel(ImportError):
@@ -258,6 +261,7 @@ class _Sender:
         token = min(subs, key=lambda s: str(s.path)).meta.uuid if subs else b"\0" * 16
         self._key = hashlib.blake2b(token, digest_size=32).digest()
         self._serial = 0
+        self._kv_cache: dict[tuple, Any] = {}
         self.stacks: dict[int, list[_Open]] = {}  # track uid -> open spans, innermost last
         self.thread_attrs: dict[int, list[Any]] = {}  # track uid -> KeyValues
         self.spans: dict[int, list[Any]] = {}  # pid -> spans of the batch
@@ -286,7 +290,27 @@ class _Sender:
         return [kv(key=k, value=value(v)) for k, v in attrs.items()]
 
     def fields(self, fields: Mapping[str, Any]) -> list[Any]:
-        return self.kvs(convert_attributes(fields)) if fields else []
+        """A marker's fields as KeyValues. Field values repeat (a path, a status, a device):
+        the KeyValue of a (name, str or int value) is made once and reused (protobuf copies
+        it into each message), from a cache of at most :data:`_CACHED` entries. Floats are
+        not cached: 0.0 == -0.0 would give one the other's sign."""
+        if not fields:
+            return []
+        cache = self._kv_cache
+        out = []
+        for k, v in fields.items():
+            t = type(v)
+            if t is str or t is int:
+                key = (k, t, v)
+                kv = cache.get(key)
+                if kv is None:
+                    if len(cache) >= _CACHED:
+                        cache.clear()
+                    kv = cache[key] = self.KeyValue(key=k, value=self.value(attribute_value(v)))
+                out.append(kv)
+            else:
+                out.append(self.KeyValue(key=k, value=self.value(attribute_value(v))))
+        return out
 
     def _id(self, size: int) -> bytes:
         while True:
