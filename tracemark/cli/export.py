@@ -381,7 +381,7 @@ def run_otlp(args: argparse.Namespace, err: IO[str], prog: str) -> int:
     if result.unfinished:
         err.write(
             f"{prog}: {result.unfinished:,} span(s) never ended (exception, thread or process "
-            "ended): sent ending at their thread's last event, tracemark.unfinished=true\n"
+            "ended): closed at their thread's last event, tracemark.unfinished=true\n"
         )
     if result.unmatched:
         err.write(
