@@ -33,7 +33,7 @@ from tracemark.ctf import SCHEMA_VERSION, read_trace
 from tracemark.export.otel_attributes import attributes as otel
 from tracemark.export.otlp import export_otlp
 from tracemark.export.otlp_http import Poster, parse_headers, retry_after
-from tracemark.export.walker import end_args
+from tracemark.export.walker import _events, end_args, open_streams
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -500,6 +500,32 @@ def test_hang_up_mid_request_is_retried_and_arrives_once(traced):
         check_everything_arrived(traced, c)
         assert c.attempts == result.requests == len(c.traces()) + len(c.logs()) + 1
     assert result.complete
+
+
+def test_a_damaged_trace_sends_what_reads_and_exits_4(traced, tmp_path, capsys):
+    damaged = tmp_path / "damaged"
+    shutil.copytree(traced, damaged)
+    stream = max(read_trace(damaged).streams, key=lambda s: s.events)
+    # An unknown event id in the middle of the first packet: what came before it stays.
+    p = stream.packet_list()[0]
+    data = stream.read_packet(p)
+    pos, skips = p.start, stream.sub.skips
+    for _ in range(p.count // 2):
+        eid = int.from_bytes(data[pos : pos + 4], "little")
+        pos = skips[eid](data, pos + 12, p.content_end)
+    with open(stream.path, "r+b") as f:
+        f.seek(p.offset + pos)
+        f.write(b"\xff\xff\xff\x7f")
+    subs, errors = open_streams(damaged)
+    readable = list(_events(subs, errors))
+    assert errors
+    with Collector() as c:
+        code = main(["export", str(damaged), "-f", "otlp", "--endpoint", c.endpoint])
+        spans = c.spans()
+    err = capsys.readouterr().err
+    assert code == 4 and "not exported: corrupt trace" in err
+    assert f"{len(readable):,} events read" in err and spans
+    assert 0 < len(readable) < sum(s.events for s in read_trace(traced).streams)
 
 
 def test_usage_errors(traced, capsys):
