@@ -84,15 +84,17 @@ process (pid=N/), so DuckDB reads many traces as one dataset:
 
 otlp (pip install 'tracemark[otel]'): spans (begin/end pairs) become OTLP spans
 with their fields as attributes, nested per thread and asyncio task, one trace
-per outermost span; markers become events of the enclosing span, or log records
-(/v1/logs) outside any span; an unfinished span is sent ending at its thread's
-last event with tracemark.unfinished=true. One resource per process (service.name
-from OTEL_SERVICE_NAME or the program's name, process.pid, host.name,
-tracemark.schema). --endpoint (a base URL) defaults to OTEL_EXPORTER_OTLP_ENDPOINT
-(OTEL_EXPORTER_OTLP_TRACES_ENDPOINT, ..._LOGS_ENDPOINT: full URLs), else
-http://localhost:4318; headers from OTEL_EXPORTER_OTLP_HEADERS. Connection errors,
-timeouts, 429 and 5xx are retried with backoff (Retry-After respected); if they
-persist, sending stops. Other 4xx refuse one batch; the next ones are sent.
+per outermost span; markers become events of the enclosing span, or log
+records (/v1/logs) outside any span; an unfinished span is sent ending at its
+thread's last event with tracemark.unfinished=true. One resource per process
+(service.name from OTEL_SERVICE_NAME or the program's name, process.pid,
+host.name, tracemark.schema). --endpoint (a base URL) defaults to
+OTEL_EXPORTER_OTLP_ENDPOINT (or the full URLs OTEL_EXPORTER_OTLP_TRACES_ENDPOINT
+and ..._LOGS_ENDPOINT), else http://localhost:4318; headers from
+OTEL_EXPORTER_OTLP_HEADERS.
+Connection errors, timeouts, 429 and 5xx are retried with backoff (Retry-After
+respected); if they persist, sending stops. Other 4xx refuse one batch; the
+next ones are sent.
   tracemark export DIR -f otlp --endpoint http://collector:4318
 
 exit codes: 0 ok, 2 usage error, 3 not a trace, 4 corrupt trace (what could be
