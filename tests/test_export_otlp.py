@@ -365,8 +365,8 @@ def test_resource_and_endpoint_follow_the_otel_environment(traced):
 
 
 class Scripted:
-    """A loopback server answering each POST from a script of (status, headers); it keeps
-    each request's path and headers."""
+    """A loopback server answering each POST from a script of (status, headers) or
+    (status, headers, body(path)); it keeps each request's path and headers."""
 
     def __init__(self, script):
         self.script = list(script)
@@ -380,12 +380,14 @@ class Scripted:
             def do_POST(self):
                 self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 server.seen.append((self.path, dict(self.headers)))
-                status, headers = server.script.pop(0) if server.script else (200, {})
+                status, headers, *body = server.script.pop(0) if server.script else (200, {})
+                answer = body[0](self.path) if body else b""
                 self.send_response(status)
                 for k, v in headers.items():
                     self.send_header(k, v)
-                self.send_header("Content-Length", "0")
+                self.send_header("Content-Length", str(len(answer)))
                 self.end_headers()
+                self.wfile.write(answer)
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
@@ -417,6 +419,66 @@ def test_retry_after_is_respected_and_headers_are_sent():
     headers = s.seen[0][1]
     assert headers["api-key"] == "s=cret" and headers["x-team"] == "shop"
     assert headers["Content-Type"] == "application/x-protobuf"
+
+
+def test_a_partial_success_is_counted_as_not_sent(traced, capsys):
+    """The collector accepts the request but says it rejected some spans (OTLP
+    "partial success"): they are not counted as sent, and the command says so (exit 6)."""
+    from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceResponse
+    from opentelemetry.proto.collector.trace.v1 import trace_service_pb2 as ts
+
+    def answer(path):
+        if path != "/v1/traces":
+            return ExportLogsServiceResponse().SerializeToString()
+        partial = ts.ExportTracePartialSuccess(rejected_spans=2, error_message="too old")
+        return ts.ExportTraceServiceResponse(partial_success=partial).SerializeToString()
+
+    _, spans, logs = expected(traced)
+    s = Scripted([(200, {}, answer)] * 4)
+    try:
+        result = export_otlp(traced, endpoint=s.url, environ={})
+        code = main(["export", str(traced), "-f", "otlp", "--endpoint", s.url])
+    finally:
+        s.close()
+    assert not result.complete and result.spans == len(spans) - 2 and result.logs == len(logs)
+    assert result.not_sent == {"rejected by the collector: too old": [2, 0]}
+    assert result.failed_batches == 0 and result.stopped is None
+    err = capsys.readouterr().err
+    assert (
+        code == 6 and "not sent: 2 spans, 0 log records: rejected by the collector: too old" in err
+    )
+
+
+def test_a_kept_alive_connection_closed_while_idle_is_reopened_at_once():
+    """A server that answers (HTTP/1.1, keep-alive) and then closes the connection: the
+    next request finds it closed and is sent again on a new one, with no wait."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    served = []
+
+    def serve():
+        for _ in range(2):
+            conn, _ = listener.accept()
+            with conn:
+                data = b""
+                while b"\r\n\r\n" not in data:
+                    data += conn.recv(65536)
+                served.append(data.split(b" ")[1])
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+            # closed: as a server closes an idle kept-alive connection
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}/v1/traces"
+    waits = []
+    poster = Poster(sleep=waits.append, timeout=5)
+    first = poster.post(url, b"\x00")
+    time.sleep(0.2)  # the server has closed it by now
+    second = poster.post(url, b"\x00")
+    poster.close()
+    thread.join(5)
+    listener.close()
+    assert first.ok and second.ok and second.attempts == 1 and waits == []
+    assert served == [b"/v1/traces"] * 2
 
 
 def test_retry_after_forms():

@@ -19,6 +19,8 @@ Guarantees
 * **Never an exception**: every failure is an :class:`Outcome` with ``ok=False`` and a
   one-line ``reason``; ``retryable`` says whether the collector was unreachable or
   overloaded (the sender stops) or refused the request (the sender goes on).
+* A kept-alive connection found closed by the collector (idle timeout) is reopened at once,
+  once per request, without counting as an attempt.
 * A request that timed out may still have been received: the outcome says so
   (``maybe_received``), and whoever reports it must not claim it was not delivered.
 """
@@ -147,11 +149,14 @@ class Poster:
         maybe_received = False
         delay = self.backoff
         attempt = 0
+        stale_retried = False
         while True:
             attempt += 1
             wait: float | None = None
+            reused = False
             try:
                 conn, path = self._conn(url)
+                reused = conn.sock is not None
                 conn.request("POST", path, body, headers)
                 response = conn.getresponse()
                 data = response.read()
@@ -170,6 +175,13 @@ class Poster:
                 outcome.retryable = True
             except (OSError, http.client.HTTPException) as exc:
                 self._drop(url)
+                if reused and not stale_retried and isinstance(exc, _STALE):
+                    # A kept-alive connection the collector closed while idle (servers
+                    # time idle ones out): not a failure of the collector; once, at once,
+                    # on a new connection.
+                    stale_retried = True
+                    attempt -= 1
+                    continue
                 outcome = Outcome(False, 0, reason=_connection_reason(url, exc), retryable=True)
             else:
                 if 200 <= status < 300:
@@ -198,6 +210,10 @@ class Poster:
                 wait = delay * (1 + 0.2 * random.random())
                 delay = min(delay * 2, self.max_backoff)
             self.sleep(min(wait, self.max_backoff))
+
+
+#: How a kept-alive connection the server has closed fails when used again.
+_STALE = (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError)
 
 
 def _connection_reason(url: str, exc: BaseException) -> str:
