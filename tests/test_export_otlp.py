@@ -590,6 +590,40 @@ def test_a_damaged_trace_sends_what_reads_and_exits_4(traced, tmp_path, capsys):
     assert 0 < len(readable) < sum(s.events for s in read_trace(traced).streams)
 
 
+def test_interrupted_says_what_was_sent(traced, capsys, monkeypatch):
+    """Ctrl-C in the middle: the requests answered so far count as sent, the batches not
+    yet sent as not sent; the command prints that summary and exits 130."""
+    from tracemark.export import otlp
+
+    def interrupt_after(n):
+        def wrap(events):
+            for i, ev in enumerate(events):
+                if i == n:
+                    raise KeyboardInterrupt
+                yield ev
+
+        return wrap
+
+    with Collector() as c:
+        with pytest.raises(otlp.Interrupted) as caught:
+            export_otlp(
+                traced, endpoint=c.endpoint, batch_spans=2, environ={}, wrap=interrupt_after(30)
+            )
+        arrived = len(c.spans())
+    result = caught.value.result
+    assert result.interrupted and not result.complete and result.events == 30
+    assert result.spans == arrived > 0 and result.spans_not_sent <= 1
+    assert isinstance(caught.value, KeyboardInterrupt)
+    # The command: the summary, then "interrupted", exit 130.
+    real = otlp._events
+    monkeypatch.setattr(otlp, "_events", lambda *a: interrupt_after(30)(real(*a)))
+    with Collector() as c:
+        code = main(["export", str(traced), "-f", "otlp", "--endpoint", c.endpoint])
+    err = capsys.readouterr().err
+    assert code == 130 and "Traceback" not in err
+    assert "; 30 events read" in err and "interrupted after 30 events" in err
+
+
 def test_usage_errors(traced, capsys):
     assert main(["export", str(traced), "-f", "otlp", "-o", "x"]) == 2
     assert main(["export", str(traced), "-f", "otlp", "--counter", "note.n"]) == 2

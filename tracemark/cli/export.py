@@ -373,8 +373,21 @@ def run_otlp(args: argparse.Namespace, err: IO[str], prog: str) -> int:
         result = otlp.export_otlp(
             args.trace, endpoint=args.endpoint, only=only, progress=progress.update, **options
         )
+    except otlp.Interrupted as stop:
+        progress.done()
+        _otlp_summary(stop.result, trace, args.trace, err, prog)
+        err.write(
+            f"{prog}: interrupted after {stop.result.events:,} events: the rest of the "
+            "trace was not sent\n"
+        )
+        raise KeyboardInterrupt from None
     finally:
         progress.done()
+    return _otlp_summary(result, trace, args.trace, err, prog)
+
+
+def _otlp_summary(result: Any, trace: Any, trace_dir: str, err: IO[str], prog: str) -> int:
+    """What ``--format otlp`` says at the end; the exit code."""
     err.write(
         f"{prog}: sent to {printable(result.traces_url)}: {result.spans:,} spans "
         f"({result.span_events:,} span events), {result.logs:,} log records, "
@@ -390,14 +403,15 @@ def run_otlp(args: argparse.Namespace, err: IO[str], prog: str) -> int:
             f"{prog}: {result.unmatched:,} end(s) without a begin: sent as markers "
             "'NAME.end (end without begin)'\n"
         )
-    code = _tail(trace, args.trace, result.errors, err, prog)
+    code = _tail(trace, trace_dir, result.errors, err, prog)
     if result.complete:
         return code
-    err.write(
-        f"{prog}: NOT SENT: {result.spans_not_sent:,} spans, {result.logs_not_sent:,} log "
-        f"records ({result.failed_batches:,} batch{'es' if result.failed_batches != 1 else ''}"
-        " failed)\n"
-    )
+    if result.spans_not_sent or result.logs_not_sent:
+        batches = result.failed_batches
+        err.write(
+            f"{prog}: NOT SENT: {result.spans_not_sent:,} spans, {result.logs_not_sent:,} log "
+            f"records ({batches:,} batch{'es' if batches != 1 else ''} failed)\n"
+        )
     for reason, (spans, logs) in result.not_sent.items():
         err.write(f"{prog}: not sent: {spans:,} spans, {logs:,} log records: {printable(reason)}\n")
     if result.stopped is not None:

@@ -64,7 +64,9 @@ Guarantees
   (accepted by the collector, less those its ``partial_success`` says it rejected), batches
   failed, and what was not sent with the reason; ``complete`` is False when anything was
   not. A batch whose request timed out may have been received anyway: it is counted as not
-  confirmed, and ``maybe_received`` says so.
+  confirmed, and ``maybe_received`` says so. Interrupted (Ctrl-C), it raises
+  :class:`Interrupted` (a KeyboardInterrupt) carrying the result so far: the batches not
+  yet sent counted as not sent, and ``interrupted`` set (the rest was not read).
 * **A damaged trace sends what reads**; :attr:`OtlpResult.errors` says what did not.
 """
 
@@ -86,6 +88,7 @@ __all__ = [
     "DEFAULT_ENDPOINT",
     "INSTALL",
     "SPAN_EVENT_LIMIT",
+    "Interrupted",
     "MissingOtel",
     "OtlpResult",
     "endpoints",
@@ -131,6 +134,14 @@ def _proto() -> Any:
     return p
 
 
+class Interrupted(KeyboardInterrupt):
+    """The export was interrupted (Ctrl-C); ``result`` says what was sent until then."""
+
+    def __init__(self, result: OtlpResult) -> None:
+        super().__init__("interrupted")
+        self.result = result
+
+
 @dataclass
 class OtlpResult:
     """What an export sent, and what it did not."""
@@ -151,6 +162,8 @@ class OtlpResult:
     stopped: str | None = None
     #: A request timed out: what it held is counted as not sent, but may have arrived.
     maybe_received: bool = False
+    #: Interrupted (Ctrl-C): the rest of the trace was neither read nor sent.
+    interrupted: bool = False
     unfinished: int = 0
     unmatched: int = 0
     #: One line per part of the trace that could not be read (file, offset, reason).
@@ -158,8 +171,8 @@ class OtlpResult:
 
     @property
     def complete(self) -> bool:
-        """Everything read was sent and accepted."""
-        return not (self.spans_not_sent or self.logs_not_sent)
+        """Everything was read, sent and accepted."""
+        return not (self.spans_not_sent or self.logs_not_sent or self.interrupted)
 
 
 def endpoints(
@@ -519,6 +532,15 @@ class _Sender:
             return 0
         return int(getattr(answer.partial_success, name))
 
+    def drop(self, reason: str) -> None:
+        """Count what the batches hold as not sent, for ``reason``, and empty them."""
+        self.result.spans_not_sent += self.n_spans
+        self.result.logs_not_sent += self.n_records
+        if self.n_spans or self.n_records:
+            self._not_sent(reason, self.n_spans, self.n_records)
+        self.spans, self.n_spans, self.n_span_events = {}, 0, 0
+        self.records, self.n_records = {}, 0
+
     def finish(self) -> None:
         self.flush_spans()
         self.flush_logs()
@@ -581,9 +603,22 @@ def export_otlp(
         from . import _counting
 
         events = _counting(events, progress)
+    read = [0]
+
+    def counted(events: Iterable[Any]) -> Iterable[Any]:
+        for read[0], ev in enumerate(events, 1):
+            yield ev
+
     try:
-        walked = walk(subs, sender, errors=result.errors, events=events)
+        walked = walk(subs, sender, errors=result.errors, events=counted(events))
         sender.finish()
+    except KeyboardInterrupt:
+        # What the batches held is not sent; what the requests already answered is. Said,
+        # not lost in a traceback: the caller gets the counts (the CLI prints them).
+        result.events = read[0]
+        result.interrupted = True
+        sender.drop("interrupted before it was sent")
+        raise Interrupted(result) from None
     finally:
         poster.close()
     result.events = walked.events
