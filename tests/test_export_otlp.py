@@ -71,6 +71,14 @@ PROGRAM = textwrap.dedent(
     async def main():
         await asyncio.gather(task(1), task(2))
 
+    def parse(x):
+        if x < 0:
+            raise ValueError("negative")
+        return x * 2
+
+    for at in ("entry", "return", "raise"):
+        tracemark.probe("__main__:parse", at=at)
+
     with tracemark.record(sys.argv[1]):
         note(0)  # outside any span: a log record
         odd(1 << 80, b"\\x01\\xff", float("nan"), "a\\udcffb")
@@ -90,6 +98,11 @@ PROGRAM = textwrap.dedent(
             finally:
                 os._exit(0)
         os.waitpid(pid, 0)
+        parse(21)
+        try:
+            parse(-1)
+        except ValueError:
+            pass
         db.end()  # an end without a begin
     """
 )
@@ -287,6 +300,14 @@ def test_spans_markers_and_processes_arrive_as_the_program_made_them(traced):
     assert sum(s["unfinished"] for s in spans.values()) == 2
     stray = [log for log in logs if log[3] == "db.query.end (end without begin)"]
     assert len(stray) == 1 and stray[0][4] == {"unmatched": True}
+    # A probe's call: a span; left by an exception: status ERROR with the exception.
+    with Collector() as c:
+        export_otlp(traced, endpoint=c.endpoint, environ={})
+        calls = {s.start_time_unix_nano: s for s in c.spans() if s.name == "probe.__main__.parse"}
+    ok, failed = (calls[t] for t in sorted(calls))
+    assert attrs_of(ok)["value"] == 42 and ok.status.code == ok.status.STATUS_CODE_UNSET
+    assert failed.status.code == failed.status.STATUS_CODE_ERROR
+    assert failed.status.message == "ValueError: negative"
     task_spans = [k for k in spans if k[2] is not None and k[3] == "db.query"]
     assert len(task_spans) == 2 and all(spans[k]["parent"][3] == "req" for k in task_spans)
 

@@ -38,6 +38,8 @@ spans paired per thread and per asyncio task by :class:`tracemark.analysis.Pairi
   span id of the enclosing span when there is one. (So memory per open span is bounded and
   nothing is dropped.) An end without a begin is a marker ``NAME.end (end without begin)``
   with the attribute ``unmatched = true``.
+* **Errors.** A probe's call left by an exception (its ``P.raise`` end event) is a span of
+  status ERROR, its message ``exc_type: message``; other spans' status stays unset.
 * **Unfinished spans** (the program crashed, a thread ended, an exception skipped an end)
   are sent ending at their track's last event, with the attribute ``tracemark.unfinished =
   true``; their status stays unset (the recording does not say why).
@@ -274,6 +276,8 @@ class _Sender:
         token = min(subs, key=lambda s: str(s.path)).meta.uuid if subs else b"\0" * 16
         self._key = hashlib.blake2b(token, digest_size=32).digest()
         self._serial = 0
+        #: The event the walker is handling (set by export_otlp's event stream).
+        self.current: Any = None
         self._kv_cache: dict[tuple, Any] = {}
         self.stacks: dict[int, list[_Open]] = {}  # track uid -> open spans, innermost last
         self.thread_attrs: dict[int, list[Any]] = {}  # track uid -> KeyValues
@@ -381,8 +385,17 @@ class _Sender:
             args.update(end_args(begin_fields, end_fields))
         attrs = self.fields(args)
         attrs.extend(self._thread_kvs(track))
+        status = None
         if unfinished:
             attrs.append(self.KeyValue(key="tracemark.unfinished", value=self.value(True)))
+        elif self.current is not None and self.current.name.endswith(".raise"):
+            # A probe's call left by an exception: an error, as OpenTelemetry records one
+            # (its exc_type and message are attributes too).
+            f = end_fields or {}
+            text = ": ".join(str(f[k]) for k in ("exc_type", "message") if f.get(k))
+            status = self.p.trace.Status(
+                code=self.p.trace.Status.STATUS_CODE_ERROR, message=attribute_text(text)
+            )
         message = self.Span(
             trace_id=span.trace_id,
             span_id=span.span_id,
@@ -393,6 +406,7 @@ class _Sender:
             end_time_unix_nano=ts,
             attributes=attrs,
             events=span.events,
+            status=status,
         )
         batch = self.spans.get(track.pid)
         if batch is None:
@@ -546,6 +560,12 @@ class _Sender:
         self.flush_logs()
 
 
+def attribute_text(text: str) -> str:
+    """``text`` as OpenTelemetry carries a string (lone surrogates escaped)."""
+    value = attribute_value(text)
+    return value if isinstance(value, str) else str(value)
+
+
 def _partial_reason(answer: Any) -> str:
     text = answer.partial_success.error_message
     return "rejected by the collector" + (f": {text}" if text else " (partial success)")
@@ -606,7 +626,10 @@ def export_otlp(
     read = [0]
 
     def counted(events: Iterable[Any]) -> Iterable[Any]:
+        # The walker handles each event before it asks for the next: the sink's end() sees
+        # its end event here (how the span ended: a probe's %raise is an error).
         for read[0], ev in enumerate(events, 1):
+            sender.current = ev
             yield ev
 
     try:
