@@ -562,6 +562,19 @@ def test_collector_down_clear_error_exit_7_and_what_was_not_sent(traced, capsys)
     assert took < 5  # one batch tried (and retried once), not every batch
 
 
+def test_the_timeout_comes_from_the_otel_environment(traced):
+    _, spans, _ = expected(traced)
+    with Collector() as c:
+        c.delay = 1.0
+        start = time.monotonic()
+        env = {"OTEL_EXPORTER_OTLP_TIMEOUT": "200"}  # ms
+        result = export_otlp(traced, endpoint=c.endpoint, retries=0, environ=env)
+        took = time.monotonic() - start
+        c.delay = 0
+    assert "no answer within 0.2 s" in result.stopped and took < 0.9
+    assert result.spans_not_sent == len(spans)
+
+
 def test_slow_collector_beyond_the_timeout(traced):
     _, spans, logs = expected(traced)
     with Collector() as c:

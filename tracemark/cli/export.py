@@ -134,7 +134,8 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
         "--timeout",
         type=float,
         metavar="S",
-        help="otlp: seconds to wait for the collector's answer to a request (10)",
+        help="otlp: seconds to wait for the collector's answer to a request (default: "
+        "OTEL_EXPORTER_OTLP_TIMEOUT ms, else 10)",
     )
     p.add_argument(
         "--retries",

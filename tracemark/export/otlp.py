@@ -579,7 +579,7 @@ def export_otlp(
     only: Iterable[str | os.PathLike[str]] | None = None,
     progress: Callable[[int], None] | None = None,
     wrap: Callable[[Iterable[Any]], Iterable[Any]] | None = None,
-    timeout: float = 10.0,
+    timeout: float | None = None,
     retries: int = 5,
     backoff: float = 0.5,
     max_backoff: float = 30.0,
@@ -590,9 +590,10 @@ def export_otlp(
     """Send the trace in ``trace_dir`` to the collector (see the module). ``endpoint``: a
     base URL (see :func:`endpoints`); ``headers``: added to every request (default:
     ``OTEL_EXPORTER_OTLP_HEADERS``); ``only``: these sub-trace directories;
-    ``progress(events so far)`` now and then; ``wrap``: applied to the event stream (as
-    for :func:`tracemark.export.export`); ``timeout``, ``retries``, ``backoff``,
-    ``max_backoff``: per request (:class:`.otlp_http.Poster`). Raises :class:`MissingOtel`;
+    ``timeout``: seconds per request (default ``OTEL_EXPORTER_OTLP_TIMEOUT``, in ms, else
+    10); ``progress(events so far)`` now and then; ``wrap``: applied to the event stream (as
+    for :func:`tracemark.export.export`); ``retries``, ``backoff``, ``max_backoff``: per
+    request (:class:`.otlp_http.Poster`). Raises :class:`MissingOtel`;
     never raises for the collector (the result says what was not sent)."""
     p = _proto()
     env = os.environ if environ is None else environ
@@ -600,6 +601,8 @@ def export_otlp(
     if headers is None:
         headers = parse_headers(env.get("OTEL_EXPORTER_OTLP_HEADERS", ""))
     compression = env.get("OTEL_EXPORTER_OTLP_COMPRESSION", "none").strip().lower()
+    if timeout is None:
+        timeout = _timeout(env)
     poster = Poster(
         headers=headers,
         timeout=timeout,
@@ -648,6 +651,16 @@ def export_otlp(
     result.unfinished = walked.unfinished
     result.unmatched = walked.unmatched
     return result
+
+
+def _timeout(env: Mapping[str, str]) -> float:
+    """``OTEL_EXPORTER_OTLP_TIMEOUT`` (milliseconds, as the exporter configuration
+    specifies) in seconds; 10 s when unset or not a positive number."""
+    try:
+        ms = float(env.get("OTEL_EXPORTER_OTLP_TIMEOUT", ""))
+    except ValueError:
+        return 10.0
+    return ms / 1000 if ms > 0 else 10.0
 
 
 def _event_limit(env: Mapping[str, str]) -> int:
