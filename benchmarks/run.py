@@ -27,6 +27,7 @@ SUITES = [
     "index",
     "spans",
     "export",
+    "otlp",
     "logging",
     "control",
     "import",

@@ -296,3 +296,37 @@ def test_the_fast_text_path_writes_what_format_event_writes():
     assert out.getvalue().split("\n")[:-1] == expected
     shown = {line.split("] ")[0].split(" [")[1] for line in expected}
     assert {"100 MainThread req-1", "100 7 #3", "100 100% busy 50%\\nodd"} <= shown
+
+
+def test_stats_trust_field_names_only_for_markers_declared_one_way(tmp_path):
+    """Two programs recorded into one directory declare ``sh.m`` with other fields: its
+    rows are checked one by one (no shape); ``sh.one``'s are trusted, with the same figures
+    as checking them."""
+    import subprocess
+    import sys
+
+    from tracemark.cli.stats import shapes_of
+    from tracemark.ctf import read_trace
+
+    prog = (
+        "import sys, tracemark\n"
+        "one = tracemark.marker('sh.one', k=int)\n"
+        "m = tracemark.marker('sh.m', **{sys.argv[2]: int})\n"
+        "with tracemark.record(sys.argv[1]):\n"
+        "    for i in range(100):\n"
+        "        m(i); one(i * 2)\n"
+    )
+    for sub, field_name in (("a", "x"), ("b", "y")):
+        subprocess.run(
+            [sys.executable, "-c", prog, str(tmp_path / sub), field_name], check=True, timeout=60
+        )
+    trace = read_trace(tmp_path)
+    shapes = shapes_of(trace)
+    assert shapes["sh.one"] == ("k",) and "sh.m" not in shapes
+    trusted = collect(trace.events(), shapes=shapes)
+    checked = collect(trace.events())
+    assert trusted["sh.one"].shape == ("k",) and trusted["sh.m"].shape is None
+    for name in ("sh.one", "sh.m"):
+        assert render_json({name: trusted[name]}) == render_json({name: checked[name]})
+    assert set(trusted["sh.m"].fields) == {"x", "y"}
+    assert trusted["sh.m"].fields["x"].numbers() == list(range(100))

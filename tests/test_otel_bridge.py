@@ -338,7 +338,9 @@ def test_resource_follows_the_otel_environment(monkeypatch):
     monkeypatch.delenv("OTEL_SERVICE_NAME")
     monkeypatch.delenv("OTEL_RESOURCE_ATTRIBUTES")
     r = otel.make_resource().attributes
-    assert r["service.name"] == "unknown_service:python" and r["host.name"]
+    from tracemark.tracers.recording.session import _procname
+
+    assert r["service.name"] == _procname() and r["host.name"]
 
 
 def test_import_tracemark_imports_no_opentelemetry_and_the_root_reexports_lazily():

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from tracemark.cli import main
+from tracemark.cli._common import name_matcher
 from tracemark.cli.view import write_json
 from tracemark.ctf import SCHEMA_VERSION, read_trace
 from tracemark.export.walker import _events, open_streams
@@ -344,6 +345,46 @@ def test_cli_filter_and_events_choose_the_rows(varied, tmp_path, capsys):
         ev for ev in read_trace(varied).events() if ev.name == "job.step" and ev.fields["n"] < 3
     ]
     assert len(got) == len(want) == 3 * 3  # thread, child, parent: n 0, 1, 2 of each
+
+
+@pytest.mark.parametrize("damaged", [False, True])
+def test_names_are_the_readers_filter_same_rows_fewer_packets(tmp_path, monkeypatch, damaged):
+    """``-e`` (names=) decodes only what passes and reads only the packets the index says
+    hold it; the rows are those of filtering every event, on a damaged trace too."""
+    import tracemark
+    from tracemark.ctf import reader
+
+    noise = tracemark.marker("pq_names.noise", n=int, s=str)
+    wanted = tracemark.marker("pq_names.wanted", n=int)
+    trace = tmp_path / "t"
+    with tracemark.record(trace, "pq_names.*", subbuffer_size=1 << 14, subbuffers=64):
+        for k in range(3):
+            for i in range(1500):
+                noise(i, "x" * 20)
+            wanted(k)
+    (stream,) = read_trace(trace).streams
+    packets = stream.packet_list()
+    assert len(packets) > 6
+    if damaged:  # an unknown event id in a packet of noise only: it stops there
+        p = packets[2]
+        with open(stream.path, "r+b") as f:
+            f.seek(p.offset + p.start)
+            f.write(b"\xff\xff\xff\x7f")
+    match = name_matcher(["pq_names.w*"])
+    subs, errors = open_streams(trace)
+    want = [e for e in _events(subs, errors) if match(e.name)]
+    reads = []
+    real = reader._read_packet
+    monkeypatch.setattr(reader, "_read_packet", lambda path, p: reads.append(p) or real(path, p))
+    subs, errors_names = open_streams(trace)
+    got = list(_events(subs, errors_names, match))
+    assert [e.fields["n"] for e in got] == [0, 1, 2] and got == want
+    assert errors_names == errors and len(errors) == damaged
+    # The packets holding a wanted event, and the damaged one (the index cannot vouch for
+    # it), were read; no other.
+    assert 3 <= len(reads) <= 3 + damaged < len(packets)
+    result = export_parquet(trace, tmp_path / "out", names=match)
+    assert result.events == 3 and result.tables == ["pq_names.wanted"]
 
 
 def test_cli_usage_errors(varied, tmp_path, capsys):

@@ -22,14 +22,20 @@ from tracemark.ctf.schema import OLDEST_READ, SCHEMA_KEY
 from tracemark.export import export
 
 
-@pytest.fixture
-def small(tmp_path, uniq):
-    m = tracemark.marker(f"{uniq}.ev", n=int, s=str)
-    path = tmp_path / "trace"
+@pytest.fixture(scope="module")
+def recorded(tmp_path_factory):
+    m = tracemark.marker("schema_test.ev", n=int, s=str)
+    path = tmp_path_factory.mktemp("schema") / "trace"
     with tracemark.record(path):
         for i in range(5):
             m(i, f"v{i}")
     return path
+
+
+@pytest.fixture
+def small(recorded, tmp_path):
+    """A copy of one small recording, each test's own to change."""
+    return shutil.copytree(recorded, tmp_path / "trace")
 
 
 def _metadata(trace: Path) -> Path:

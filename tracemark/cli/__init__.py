@@ -397,7 +397,7 @@ def _stats(args: argparse.Namespace, out: IO[str]) -> int:
     trace = open_trace(args.trace, session=args.session, merge=args.all)
     events = select(trace, args.events, _predicate(trace, args))
     progress = Progress("reading", total_events(trace))
-    collected = stats.collect(progress.wrap(events), by=args.by)
+    collected = stats.collect(progress.wrap(events), by=args.by, shapes=stats.shapes_of(trace))
     streams = list(getattr(trace, "streams", ()))
     start, end = next(guarded((trace.start, trace.end) for _ in (0,)))  # may decode, may fail
     info = {

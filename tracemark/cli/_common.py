@@ -59,7 +59,9 @@ exit codes:
   {EXIT_CORRUPT}    corrupt or truncated trace (the message names file and offset)
   {EXIT_ENVIRONMENT}    the machine, not the trace: too many open files, disk full,
        permission denied (the message names the OS error, the path, what to do)
-  6-9  ps, list PID, attach, detach, snapshot: see their --help
+  6-9  ps, list PID, attach, detach, snapshot: see their --help; export
+       --format otlp: 6 the collector refused some batches, 7 it could not be
+       reached (sending stopped)
   {EXIT_NOT_FOUND}  record: the program to run was not found
   record otherwise returns the program's own exit code
        (128+N if the program was killed by signal N)"""

@@ -1,7 +1,9 @@
 """``tracemark export DIR --format chrome|perfetto [-o FILE] [--counter NAME.FIELD]``: the
 trace as a file timeline viewers load (:mod:`tracemark.export`); ``--format parquet [-o OUT/]
 [--layout wide|long] [-e GLOB] [--filter EXPR]``: as Parquet tables for query engines
-(:mod:`tracemark.export.parquet`, the ``tracemark[parquet]`` extra).
+(:mod:`tracemark.export.parquet`, the ``tracemark[parquet]`` extra); ``--format otlp
+[--endpoint URL]``: sent to an OpenTelemetry collector over OTLP/HTTP
+(:mod:`tracemark.export.otlp`, the ``tracemark[otel]`` extra).
 
 Guarantees
 ----------
@@ -21,6 +23,15 @@ Guarantees
   ``view``); they, and ``--layout``, go with parquet only, ``--counter`` and ``--jobs``
   with chrome and perfetto only (usage errors otherwise): a timeline of some events only
   would cut spans in two.
+* OTLP: without the OpenTelemetry packages, exit 5 naming ``pip install 'tracemark[otel]'``.
+  ``--endpoint``, ``--timeout`` and ``--retries`` go with otlp only. At the end, one line
+  says what was sent (spans, span events, log records, requests), then one line per reason
+  something was not sent (with the counts), and the exit code says it too: 7 (the
+  collector unreachable, overloaded or too slow after the retries: sending stopped, the
+  rest was counted, not sent) or 6 (the collector refused some batches: the others were
+  sent). These are the codes ``attach`` and the other control commands use for a target
+  unreachable (7) and a request refused (6). A damaged trace (4) is reported as well, but
+  a code saying something did not reach the collector wins.
 """
 
 from __future__ import annotations
@@ -71,9 +82,26 @@ process (pid=N/), so DuckDB reads many traces as one dataset:
     read_parquet('out/shop.order/**/*.parquet', hive_partitioning=true)
     GROUP BY pid"
 
+otlp (pip install 'tracemark[otel]'): spans (begin/end pairs) become OTLP spans
+with their fields as attributes, nested per thread and asyncio task, one trace
+per outermost span; markers become events of the enclosing span, or log
+records (/v1/logs) outside any span; an unfinished span is sent ending at its
+thread's last event with tracemark.unfinished=true. One resource per process
+(service.name from OTEL_SERVICE_NAME or the program's name, process.pid,
+host.name, tracemark.schema). --endpoint (a base URL) defaults to
+OTEL_EXPORTER_OTLP_ENDPOINT (or the full URLs OTEL_EXPORTER_OTLP_TRACES_ENDPOINT
+and ..._LOGS_ENDPOINT), else http://localhost:4318; headers from
+OTEL_EXPORTER_OTLP_HEADERS.
+Connection errors, timeouts, 429 and 5xx are retried with backoff (Retry-After
+respected); if they persist, sending stops. Other 4xx refuse one batch; the
+next ones are sent.
+  tracemark export DIR -f otlp --endpoint http://collector:4318
+
 exit codes: 0 ok, 2 usage error, 3 not a trace, 4 corrupt trace (what could be
 read is exported; the rest is listed on stderr), 5 the machine's (too many open
-files, disk full, permission denied: never called a corrupt trace)."""
+files, disk full, permission denied: never called a corrupt trace; a missing
+package), otlp: 6 the collector refused some batches, 7 the collector could not
+be reached (after the retries): what was not sent is listed."""
 
 
 def add_parser(sub: Any) -> argparse.ArgumentParser:
@@ -90,7 +118,30 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     )
     p.add_argument("trace", metavar="DIR", help="a trace directory written by tracemark record")
     p.add_argument(
-        "--format", "-f", required=True, choices=(*FORMATS, "parquet"), help="the file format"
+        "--format",
+        "-f",
+        required=True,
+        choices=(*FORMATS, "parquet", "otlp"),
+        help="the file format (otlp: sent to an OpenTelemetry collector)",
+    )
+    p.add_argument(
+        "--endpoint",
+        metavar="URL",
+        help="otlp: the collector's base URL (default: OTEL_EXPORTER_OTLP_ENDPOINT, else "
+        "http://localhost:4318)",
+    )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        metavar="S",
+        help="otlp: seconds to wait for the collector's answer to a request (default: "
+        "OTEL_EXPORTER_OTLP_TIMEOUT ms, else 10)",
+    )
+    p.add_argument(
+        "--retries",
+        type=int,
+        metavar="N",
+        help="otlp: retries of a request that failed for a reason that may pass (5)",
     )
     p.add_argument(
         "-o",
@@ -220,6 +271,9 @@ def run_parquet(args: argparse.Namespace, err: IO[str], prog: str) -> int:
     if args.counter or args.jobs is not None:
         what = "--counter" if args.counter else "--jobs"
         raise CliError(f"{what} goes with --format chrome or perfetto, not parquet", EXIT_USAGE)
+    for given, name, fmt in _otlp_only(args):
+        if given:
+            raise CliError(f"{name} goes with --format {fmt}", EXIT_USAGE)
     from ..export import parquet
 
     try:
@@ -235,12 +289,10 @@ def run_parquet(args: argparse.Namespace, err: IO[str], prog: str) -> int:
     warn_unmatched(trace, args.events, err)
     match = name_matcher(args.events)
     select = None
-    if args.events or predicate is not None:
+    if predicate is not None:  # -e is the reader's (names=): decoded only what passes
 
         def select(events: Any) -> Any:
-            if predicate is None:
-                return (ev for ev in events if match(ev.name))
-            return (ev for ev in events if match(ev.name) and predicate(ev))
+            return (ev for ev in events if predicate(ev))
 
     out = Path(args.output) if args.output else default_output(args.trace, "parquet")
     if out.exists() and not out.is_dir():
@@ -258,6 +310,7 @@ def run_parquet(args: argparse.Namespace, err: IO[str], prog: str) -> int:
             layout=args.layout or "wide",
             only=only,
             select=select,
+            names=match if args.events else None,
             progress=progress.update,
         )
     except OSError as exc:
@@ -275,6 +328,105 @@ def run_parquet(args: argparse.Namespace, err: IO[str], prog: str) -> int:
         f"{files:,} file{'s' if files != 1 else ''}, {pids:,} process{'es' if pids != 1 else ''}\n"
     )
     return _tail(trace, args.trace, result.errors, err, prog)
+
+
+def _otlp_only(args: argparse.Namespace) -> list[tuple[Any, str, str]]:
+    return [
+        (args.endpoint, "--endpoint", "otlp"),
+        (args.timeout is not None, "--timeout", "otlp"),
+        (args.retries is not None, "--retries", "otlp"),
+    ]
+
+
+def run_otlp(args: argparse.Namespace, err: IO[str], prog: str) -> int:
+    """``--format otlp``: send, say what happened on ``err``; the exit code."""
+    for given, name in (
+        (args.output, "-o"),
+        (args.counter, "--counter"),
+        (args.jobs is not None, "--jobs"),
+        (args.layout, "--layout"),
+        (args.events, "-e"),
+        (args.filter, "--filter"),
+    ):
+        if given:
+            # A subset would cut spans in two (and orphan their children) at the backend.
+            raise CliError(f"{name} does not go with --format otlp", EXIT_USAGE)
+    if args.timeout is not None and not args.timeout > 0:
+        raise CliError("--timeout must be more than 0 seconds", EXIT_USAGE)
+    if args.retries is not None and args.retries < 0:
+        raise CliError("--retries must be 0 or more", EXIT_USAGE)
+    from ..export import otlp
+
+    try:
+        otlp._proto()
+    except otlp.MissingOtel as exc:
+        raise CliError(str(exc).partition(" (")[0], EXIT_ENVIRONMENT) from None
+    trace = open_trace(args.trace, session=args.session, merge=args.all)
+    only = [sub.path for sub in trace.subtraces]
+    options: dict[str, Any] = {}
+    if args.timeout is not None:
+        options["timeout"] = args.timeout
+    if args.retries is not None:
+        options["retries"] = args.retries
+    progress = Progress("sending", total_events(trace), stream=err)
+    try:
+        result = otlp.export_otlp(
+            args.trace, endpoint=args.endpoint, only=only, progress=progress.update, **options
+        )
+    except otlp.Interrupted as stop:
+        progress.done()
+        _otlp_summary(stop.result, trace, args.trace, err, prog)
+        err.write(
+            f"{prog}: interrupted after {stop.result.events:,} events: the rest of the "
+            "trace was not sent\n"
+        )
+        raise KeyboardInterrupt from None
+    finally:
+        progress.done()
+    return _otlp_summary(result, trace, args.trace, err, prog)
+
+
+def _otlp_summary(result: Any, trace: Any, trace_dir: str, err: IO[str], prog: str) -> int:
+    """What ``--format otlp`` says at the end; the exit code."""
+    err.write(
+        f"{prog}: sent to {printable(result.traces_url)}: {result.spans:,} spans "
+        f"({result.span_events:,} span events), {result.logs:,} log records, "
+        f"{result.requests:,} requests; {result.events:,} events read\n"
+    )
+    if result.unfinished:
+        err.write(
+            f"{prog}: {result.unfinished:,} span(s) never ended (exception, thread or process "
+            "ended): closed at their thread's last event, tracemark.unfinished=true\n"
+        )
+    if result.unmatched:
+        err.write(
+            f"{prog}: {result.unmatched:,} end(s) without a begin: sent as markers "
+            "'NAME.end (end without begin)'\n"
+        )
+    code = _tail(trace, trace_dir, result.errors, err, prog)
+    if result.complete:
+        return code
+    if result.spans_not_sent or result.logs_not_sent:
+        batches = result.failed_batches
+        err.write(
+            f"{prog}: NOT SENT: {result.spans_not_sent:,} spans, {result.logs_not_sent:,} log "
+            f"records ({batches:,} batch{'es' if batches != 1 else ''} failed)\n"
+        )
+    for reason, (spans, logs) in result.not_sent.items():
+        err.write(f"{prog}: not sent: {spans:,} spans, {logs:,} log records: {printable(reason)}\n")
+    if result.stopped is not None:
+        err.write(
+            f"{prog}: sending stopped after the retries (the rest of the trace was read and "
+            "counted, not sent)\n"
+        )
+    if result.maybe_received:
+        err.write(
+            f"{prog}: a request timed out: the collector may have received it anyway "
+            "(counted above as not sent)\n"
+        )
+    from .control import EXIT_REFUSED, EXIT_UNREACHABLE
+
+    return EXIT_UNREACHABLE if result.stopped is not None else EXIT_REFUSED
 
 
 def _tail(trace: Any, trace_dir: str, errors: list[str], err: IO[str], prog: str) -> int:
@@ -299,9 +451,16 @@ def _tail(trace: Any, trace_dir: str, errors: list[str], err: IO[str], prog: str
 def run(args: argparse.Namespace, err: IO[str]) -> int:
     if args.format == "parquet":
         return run_parquet(args, err, "tracemark export")
-    for given, name in ((args.layout, "--layout"), (args.events, "-e"), (args.filter, "--filter")):
+    if args.format == "otlp":
+        return run_otlp(args, err, "tracemark export")
+    for given, name, fmt in (
+        (args.layout, "--layout", "parquet"),
+        (args.events, "-e", "parquet"),
+        (args.filter, "--filter", "parquet"),
+        *_otlp_only(args),
+    ):
         if given:
-            raise CliError(f"{name} goes with --format parquet", EXIT_USAGE)
+            raise CliError(f"{name} goes with --format {fmt}", EXIT_USAGE)
     if args.jobs is not None and args.jobs < 1:
         raise CliError("--jobs must be 1 or more", EXIT_USAGE)
     return run_export(

@@ -41,7 +41,7 @@ import math
 from array import array
 from bisect import bisect_left, bisect_right
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from itertools import islice, repeat
 from math import isnan
@@ -131,14 +131,21 @@ class MarkerStats:
     #: With ``--by``: the figures per value of the field; ``ungrouped`` events lacked it.
     groups: Groups[MarkerStats] | None = field(default=None, repr=False)
     ungrouped: int = 0
+    #: The field names every event of this name has (the trace declares it with those
+    #: only), so that fold need not check each row's; None: check.
+    shape: tuple[str, ...] | None = field(default=None, repr=False)
 
     def fold(self) -> None:
         rows, self.pending = self.pending, []
         if not rows:
             return
-        same = False
-        keys = dict.fromkeys(k for row in rows for k in row) if len(rows) < 64 else None
-        if keys is None:  # usually every row has the same fields: check, then trust it
+        if self.shape is not None:
+            same, keys = True, dict.fromkeys(self.shape)
+        else:
+            same, keys = False, None
+        if keys is None and len(rows) < 64:
+            keys = dict.fromkeys(k for row in rows for k in row)
+        elif keys is None:  # usually every row has the same fields: check, then trust it
             keys = dict.fromkeys(rows[0])
             same = all(map(eq, repeat(keys.keys()), map(_keys_of, rows)))
             if not same:
@@ -168,22 +175,40 @@ _NUMBERS = frozenset([int, float])
 _keys_of = methodcaller("keys")
 
 
-def collect(events: Iterable[Any], by: str | None = None) -> dict[str, MarkerStats]:
+def shapes_of(trace: Any) -> dict[str, tuple[str, ...]]:
+    """For :func:`collect`: each marker name that every sub-trace of ``trace`` declares with
+    the same field names, and those names."""
+    seen: dict[str, set[tuple[str, ...]]] = {}
+    for sub in getattr(trace, "subtraces", ()):
+        for eid, (name, fields) in sub.meta.events.items():
+            if eid != sub.task_event_id:
+                seen.setdefault(name, set()).add(tuple(f for f, _ in fields))
+    return {name: next(iter(s)) for name, s in seen.items() if len(s) == 1}
+
+
+def collect(
+    events: Iterable[Any],
+    by: str | None = None,
+    shapes: Mapping[str, tuple[str, ...]] | None = None,
+) -> dict[str, MarkerStats]:
     """Per marker name (in order of first appearance), the figures of ``events``.
 
     ``by``: also per value of that field (``MarkerStats.groups``, see :mod:`._groups`); the
     marker's own ``fields`` then hold only the events without that field (``ungrouped``).
+    ``shapes``: :func:`shapes_of` the trace, if the events are all its own (their field
+    names are then trusted, not checked event by event).
     """
     if by is not None:
         return _collect_by(events, by)
     stats: dict[str, MarkerStats] = {}
+    shapes = shapes or {}
     fast = reader()[0]
     if fast is not None:
-        return _collect_c(fast.group_events, events, stats)  # type: ignore[attr-defined]
+        return _collect_c(fast.group_events, events, stats, shapes)  # type: ignore[attr-defined]
     for ev in events:
         m = stats.get(ev.name)
         if m is None:
-            m = stats[ev.name] = MarkerStats(ev.name, first=ev.timestamp)
+            m = stats[ev.name] = MarkerStats(ev.name, first=ev.timestamp, shape=shapes.get(ev.name))
         m.count += 1
         m.last = ev.timestamp
         pending = m.pending
@@ -195,7 +220,12 @@ def collect(events: Iterable[Any], by: str | None = None) -> dict[str, MarkerSta
     return stats
 
 
-def _collect_c(group: Any, events: Iterable[Any], stats: dict[str, MarkerStats]) -> dict:
+def _collect_c(
+    group: Any,
+    events: Iterable[Any],
+    stats: dict[str, MarkerStats],
+    shapes: Mapping[str, tuple[str, ...]],
+) -> dict:
     """collect() with the events of a chunk grouped by name by the C reader
     (tracemark/_reader.c group_events): the same figures, in the same order."""
     it = iter(events)
@@ -212,7 +242,7 @@ def _collect_c(group: Any, events: Iterable[Any], stats: dict[str, MarkerStats])
         for name, (first, last, rows) in groups.items():
             m = stats.get(name)
             if m is None:
-                m = stats[name] = MarkerStats(name, first=first)
+                m = stats[name] = MarkerStats(name, first=first, shape=shapes.get(name))
             m.count += len(rows)
             m.last = last
             m.pending += rows

@@ -46,12 +46,15 @@ Guarantees
 
 from __future__ import annotations
 
+import bisect
 import heapq
+import itertools
+import math
 import os
 import re
 import stat
 import struct
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from operator import attrgetter, itemgetter
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -508,6 +511,7 @@ def compile_handlers(
     ns: dict[str, Any],
     raw_text: bool = False,
     prologue: str = "",
+    only: Collection[int] | None = None,
 ) -> Callable[[Any], dict[int, Callable]]:
     """The handlers :meth:`Stream.walk_packet` calls, for every event class of ``sub``:
     returns ``bind(T) -> {event id: handler}``, handlers made for one ``T`` (what the
@@ -523,11 +527,15 @@ def compile_handlers(
     moving ``pos`` when ``skip``), named ``h<id><suffix>``; the first is the one in the
     table, which they see as ``HANDLERS`` (a variant may put another in its place).
     ``prologue``: lines run first in ``bind`` (indented 4). ``ns``: the names all may use.
-    ``raw_text``: as for :func:`field_decoding`."""
+    ``raw_text``: as for :func:`field_decoding`. ``only``: the event ids the walked packets
+    can hold (a superset; None: every class of the metadata). A program may declare
+    thousands of markers and fire a few: the classes it never fired are not compiled."""
     setup: list[str] = []
     defs: list[str] = []
     table = []
     for eid, (name, fields) in sub.meta.events.items():
+        if only is not None and eid not in only:
+            continue
         once, body = handler(eid, name, fields, ns)
         setup.append(once)
         variants = [("", body, False)] if isinstance(body, str) else body
@@ -547,6 +555,85 @@ def compile_handlers(
     )
     exec(compile_generated(source, "handlers"), ns)
     return ns["bind"]
+
+
+class _Failure:
+    """Where a source of :func:`merge_chunks` failed: sorted as its last event was."""
+
+    __slots__ = ("exc", "ts")
+
+    def __init__(self, ts: float, exc: BaseException) -> None:
+        self.ts, self.exc = ts, exc
+
+    def __getitem__(self, i: int) -> float:  # the sort key, as Event[0]
+        return self.ts
+
+
+def merge_chunks(sources: Sequence[Iterator[list[Any]]]) -> Iterator[Any]:
+    """The events of ``sources`` (each yields lists of events in timestamp order) merged in
+    timestamp order, ties in source order: exactly ``heapq.merge`` over the sources' events
+    by timestamp, and an exception a source raises surfaces after the same events as there
+    (right after that source's last event). But sorted a block at a time, in C (a stable
+    ``list.sort``), instead of one heap operation in Python per event (1M events from 4
+    threads: 1.4 s -> 0.2 s).
+
+    How: every event before ``bound``, the least of the sources' last buffered timestamps,
+    can go (no source holds an earlier one unread); the sources whose last is ``bound`` read
+    their next list before any event at ``bound`` goes, so a source is never drained before
+    its next list was read: its exception is found before any later event goes out, and sits
+    where its last event was (a :class:`_Failure`). A finished source bounds nothing.
+    Memory: one list per source, as ``heapq.merge`` over the sources' own chunked readers."""
+    key = itemgetter(0)
+    # Per source, in source order: [buffered events, whether it is finished].
+    state: list[list[Any]] = []
+    failures = 0  # _Failure objects buffered
+
+    def refill(entry: list[Any], it: Iterator[list[Any]]) -> None:
+        nonlocal failures
+        buf = entry[0]
+        while True:
+            try:
+                chunk = next(it)
+            except StopIteration:
+                entry[1] = True
+                return
+            except Exception as exc:
+                entry[1] = True
+                buf.append(_Failure(buf[-1][0] if buf else -math.inf, exc))
+                failures += 1
+                return
+            if chunk:
+                buf.extend(chunk)
+                return
+
+    its = list(sources)
+    for it in its:
+        entry: list[Any] = [[], False]
+        refill(entry, it)
+        state.append(entry)
+    while True:
+        lasts = [buf[-1][0] for buf, finished in state if not finished]
+        bound = min(lasts) if lasts else math.inf
+        block: list[Any] = []
+        for entry in state:
+            buf = entry[0]
+            k = len(buf) if not lasts else bisect.bisect_left(buf, bound, key=key)
+            if k:
+                block += buf[:k]
+                del buf[:k]
+        if block:
+            block.sort(key=key)
+            if failures:
+                for i, ev in enumerate(block):
+                    if type(ev) is _Failure:
+                        yield from block[:i]
+                        raise ev.exc
+            yield from block
+        if not lasts:
+            return
+        for entry, it in zip(state, its, strict=True):
+            if not entry[1] and entry[0][-1][0] == bound:
+                refill(entry, it)
 
 
 def fixed_event_size(fields: tuple[tuple[str, str], ...]) -> int | None:
@@ -580,6 +667,9 @@ def _strider(size: int) -> struct.Struct:
 
 #: Events the C reader builds per call (a packet is decoded in chunks of this many).
 _CHUNK = 4096
+#: Events per list of the pure reader's :meth:`Stream.iter_chunks` (memory: each source of a
+#: merge holds about two).
+_PURE_CHUNK = 512
 
 
 def _c_layout(meta: _Metadata, task_eid: int) -> Any:
@@ -781,13 +871,39 @@ class Stream:
             else:
                 yield from self._decode_matching(p, data, None)
 
+    def iter_chunks(self, packets: list[_Packet] | None = None) -> Iterator[list[Event]]:
+        """:meth:`iter_events` in lists (a chunk of the C reader, or a packet's events), for
+        :func:`merge_chunks`: the same events in the same order, and the same TraceError
+        after the same events (those before it in the failing packet come first)."""
+        fast = self.sub.c_layout is not None
+        for p in self._packets if packets is None else packets:
+            data = _read_packet(self.path, p)
+            if fast and len(data) >= p.content_end:
+                yield from self._c_chunks(p, data, None)
+                continue
+            chunk: list[Event] = []
+            try:
+                for event in self._decode_matching(p, data, None):
+                    chunk.append(event)
+                    if len(chunk) == _PURE_CHUNK:
+                        yield chunk
+                        chunk = []
+            except TraceError:
+                if chunk:
+                    yield chunk
+                raise
+            if chunk:
+                yield chunk
+
     def iter_matching(
         self,
         wanted: frozenset[int],
         known: Sequence[frozenset[int] | None] | None = None,
+        start: int = 0,
     ) -> Iterator[Event]:
         """This stream's events whose id is in ``wanted``, in order: exactly those that
-        :meth:`iter_events` gives, and the same TraceError at the same point of them.
+        :meth:`iter_events` gives, and the same TraceError at the same point of them
+        (from its packet number ``start`` on).
 
         Only packets that hold a wanted id are decoded, and in them only the wanted events;
         the others are walked and checked (:meth:`packet_ids`, :func:`_compile_checker`),
@@ -798,7 +914,8 @@ class Stream:
         packets = self._packets
         if known is not None and len(known) != len(packets):
             known = None
-        for i, p in enumerate(packets):
+        for i in range(start, len(packets)):
+            p = packets[i]
             data = None
             if known is not None:
                 ids = known[i]
@@ -888,6 +1005,13 @@ class Stream:
     ) -> Iterator[Event]:
         """:meth:`_decode_matching` by the C reader (tracemark/_reader.c), a chunk of
         events at a time: the same events, the same TraceError after the same events."""
+        for events in self._c_chunks(p, data, wanted):
+            yield from events
+
+    def _c_chunks(
+        self, p: _Packet, data: bytes, wanted: frozenset[int] | None
+    ) -> Iterator[list[Event]]:
+        """:meth:`_c_decode_matching`'s events as the C reader makes them, in lists."""
         decode = _creader_decode
         layout = self.sub.c_layout
         pos, end, last, task, n = p.start, p.content_end, p.ts_begin, None, 0
@@ -899,7 +1023,8 @@ class Stream:
             )
             chunk = _CHUNK
             n += k
-            yield from events
+            if events:
+                yield events
             if error is not None:
                 kind, at, event_id = error
                 if kind == 1:
@@ -1261,11 +1386,13 @@ class Trace:
                 for s in self.streams
                 if s.packets
             ]
-        else:
-            iterators = [s.iter_events() for s in self.streams if s.packets]
-        if len(iterators) == 1:
-            return iterators[0]
-        return heapq.merge(*iterators, key=attrgetter("timestamp"))
+            if len(iterators) == 1:
+                return iterators[0]
+            return heapq.merge(*iterators, key=attrgetter("timestamp"))
+        sources = [s.iter_chunks() for s in self.streams if s.packets]
+        if len(sources) == 1:
+            return itertools.chain.from_iterable(sources[0])
+        return merge_chunks(sources)
 
     def _compute_bounds(self) -> tuple[int | None, int | None]:
         if self._bounds is None:

@@ -416,7 +416,9 @@ def _part(
                 body = [(suffix, lines + count, skip) for suffix, lines, skip in body]
             return once, body
 
-        bind = compile_handlers(sub, handler, ns, raw_text=True, prologue=maker.prologue)
+        bind = compile_handlers(
+            sub, handler, ns, raw_text=True, prologue=maker.prologue, only=_fired(sub)
+        )
         for stream in sub.streams:
             if id(stream) not in mine:
                 continue
@@ -472,6 +474,31 @@ def _part(
     result.slices = begins
     result.instants = done - 2 * begins + result.unfinished
     return result
+
+
+#: Up to this many event classes, every one is compiled; beyond, only those the packet index
+#: says were fired (a program that declares thousands of markers and fires a few would
+#: otherwise spend minutes compiling handlers no event needs).
+_COMPILE_ALL = 64
+
+
+def _fired(sub: SubTrace) -> frozenset[int] | None:
+    """The event ids of ``sub``'s packets, from its index (loaded, or built and saved), or
+    None (compile them all) when the classes are few or a packet's ids are unknown."""
+    if len(sub.meta.events) <= _COMPILE_ALL:
+        return None
+    from ..ctf.index import build_index
+
+    fired: set[int] = set()
+    try:
+        for ids in build_index(sub).values():
+            for packet in ids:
+                if packet is None:
+                    return None
+                fired |= packet
+    except (TraceError, OSError):
+        return None
+    return frozenset(fired)
 
 
 def _values(fields: tuple) -> str:

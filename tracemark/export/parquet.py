@@ -282,6 +282,7 @@ def export_parquet(
     layout: str = "wide",
     only: Iterable[str | os.PathLike[str]] | None = None,
     select: Callable[[Iterable[Any]], Iterable[Any]] | None = None,
+    names: Callable[[str], bool] | None = None,
     progress: Callable[[int], None] | None = None,
     row_group_rows: int = ROW_GROUP_ROWS,
     buffered_rows: int = BUFFERED_ROWS,
@@ -289,8 +290,10 @@ def export_parquet(
     compression: str = "zstd",
 ) -> ParquetResult:
     """Export the trace in ``trace_dir`` to the directory ``out_dir`` as Parquet (see the
-    module). ``only``: these sub-trace directories; ``select``: applied to the event stream
-    (``-e``, ``--filter``); ``progress(events so far)`` now and then. Raises
+    module). ``only``: these sub-trace directories; ``names``: only the markers whose name
+    passes (``-e``: the others are not decoded, and packets the packet index says hold none
+    are not read); ``select``: applied to the event stream (``--filter``);
+    ``progress(events so far)`` now and then. Raises
     :class:`MissingPyarrow`, ValueError for a bad layout, OSError when writing fails."""
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}: choose one of {', '.join(LAYOUTS)}")
@@ -421,7 +424,7 @@ def export_parquet(
     long_table = _Table(pa, ".", "", (), "long") if layout == "long" else None
     if long_table is not None:
         result.tables.append(".")
-    events: Iterable[Any] = _events(subs, result.errors)
+    events: Iterable[Any] = _events(subs, result.errors, names)
     if select is not None:
         events = select(events)
     wide = long_table is None

@@ -37,17 +37,18 @@ Guarantees
 from __future__ import annotations
 
 import heapq
+import itertools
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from operator import attrgetter
+from operator import itemgetter
 from pathlib import Path
 from typing import Any, Protocol
 
 from .._environment import environment_error
 from ..analysis.pairing import End, Pairing, span_kind, track_of
 from ..ctf import TraceError
-from ..ctf.reader import Stream, SubTrace
+from ..ctf.reader import Stream, SubTrace, merge_chunks
 
 __all__ = [
     "CounterSpec",
@@ -182,13 +183,13 @@ def open_streams(
     return subs, errors
 
 
-def _stream_events(stream: Stream, errors: list[str]) -> Iterator[Any]:
+def _stream_chunks(stream: Stream, errors: list[str]) -> Iterator[list[Any]]:
     # Packet by packet, so that one damaged packet costs only itself. Stream._packets is the
     # reader's index of the file (same package: reading it is part of the reader's contract
     # with its callers here, kept small on purpose).
     packets = stream._packets
     try:
-        yield from stream.iter_events(packets)
+        yield from stream.iter_chunks(packets)
         return
     except TraceError as exc:
         note_damage(errors, exc, "; the rest of that packet was not exported")
@@ -200,16 +201,64 @@ def _stream_events(stream: Stream, errors: list[str]) -> Iterator[Any]:
             start = i + 1
     for p in packets[start:]:
         try:
-            yield from stream.iter_events([p])
+            yield from stream.iter_chunks([p])
         except TraceError as exc:
             note_damage(errors, exc, "; the rest of that packet was not exported")
 
 
-def _events(subs: Sequence[SubTrace], errors: list[str]) -> Iterator[Any]:
-    iterators = [_stream_events(s, errors) for sub in subs for s in sub.streams if s.packets]
-    if len(iterators) == 1:
-        return iterators[0]
-    return heapq.merge(*iterators, key=attrgetter("timestamp"))
+def _stream_matching(
+    stream: Stream,
+    wanted: frozenset[int],
+    known: Sequence[frozenset[int] | None] | None,
+    errors: list[str],
+) -> Iterator[Any]:
+    """:func:`_stream_chunks`' events whose id is in ``wanted`` (the rest checked, not
+    decoded; packets the index ``known`` says hold none not read), one at a time."""
+    packets = stream._packets
+    start = 0
+    while start < len(packets):
+        try:
+            yield from stream.iter_matching(wanted, known, start)
+            return
+        except TraceError as exc:
+            note_damage(errors, exc, "; the rest of that packet was not exported")
+            failed = exc.offset
+            first = start
+            start = len(packets) if failed is None else first + 1
+            for i in range(first, len(packets)):
+                if failed is not None and packets[i].offset <= failed:
+                    start = i + 1
+
+
+def _events(
+    subs: Sequence[SubTrace], errors: list[str], names: Callable[[str], bool] | None = None
+) -> Iterator[Any]:
+    """Every event of ``subs`` in time order (ties: stream order), a damaged packet's
+    events up to its damage (said in ``errors``), then the next packets. ``names``: only
+    the events whose name passes; the others are checked, not decoded, and packets the
+    packet index (:mod:`tracemark.ctf.index`, built and saved if missing) says hold none
+    of them are not read: what filtering every event gives, sooner."""
+    if names is not None:
+        from ..ctf.index import build_index
+
+        iterators = []
+        for sub in subs:
+            wanted = sub.ids_matching(names)
+            try:
+                index = build_index(sub)
+            except (TraceError, OSError):
+                index = {}
+            for s in sub.streams:
+                if s.packets and wanted:
+                    known = index.get(s.path.name)
+                    iterators.append(_stream_matching(s, wanted, known, errors))
+        if len(iterators) == 1:
+            return iterators[0]
+        return heapq.merge(*iterators, key=itemgetter(0))
+    sources = [_stream_chunks(s, errors) for sub in subs for s in sub.streams if s.packets]
+    if len(sources) == 1:
+        return itertools.chain.from_iterable(sources[0])
+    return merge_chunks(sources)
 
 
 def end_args(begin: dict[str, Any], end: dict[str, Any]) -> dict[str, Any]:

@@ -829,13 +829,21 @@ def _check_trampoline(
     stop: int,
     span: Position,
     by_offset: dict[int, Instr],
+    seen: dict[str, Any],
 ) -> int:
     """Check the guarded trampoline at ``at`` for ``skip`` (laid out as :func:`rewrite`
-    documents); ``stop`` ends what the jump at ``skip.start`` overwrote. Returns its end."""
+    documents); ``stop`` ends what the jump at ``skip.start`` overwrote. Returns its end.
+    ``seen``: what every trampoline of one variant reads, decoded once for all of them (a
+    function with many markers would decode its variant once per marker)."""
     guard = skip.guard
     assert guard is not None
     start, end = skip.start, skip.end
-    mine = {ins.offset: ins for ins in instructions(variant) if ins.offset >= at}
+    if not seen:
+        seen["mine"] = {ins.offset: ins for ins in instructions(variant)}
+        seen["table"] = exception_table(original)
+        seen["vtable"] = exception_table(variant)
+        seen["positions"] = list(variant.co_positions())
+    mine = seen["mine"]
     seq = []
     off = at
     for _ in range(5):
@@ -872,7 +880,7 @@ def _check_trampoline(
         ret = mine.get(ret.end)
     if ret is None or ret.opcode != JUMP_BACKWARD_NO_INTERRUPT or ret.target != stop:
         raise VerifyError(f"the trampoline at {at} does not return to {stop}")
-    table = exception_table(original)
+    table = seen["table"]
     handler = _handler(table, start)
     for ins in by_offset.values():
         if start <= ins.offset < stop:
@@ -884,8 +892,8 @@ def _check_trampoline(
             raise VerifyError(f"offset {ins.offset} jumps into the overwritten {start}..{stop}")
     if any(start < e.target < stop for e in table):
         raise VerifyError(f"an exception handler starts inside {start}..{stop}")
-    vtable = exception_table(variant)
-    positions = list(variant.co_positions())
+    vtable = seen["vtable"]
+    positions = seen["positions"]
     for off in range(at, ret.end, 2):
         if _handler(vtable, off) != handler:
             raise VerifyError(f"offset {off} of the trampoline has another exception handler")
@@ -937,6 +945,7 @@ def verify(original: CodeType, variant: CodeType, spans: Sequence[tuple[int, int
     jumps = {}
     touched = bytearray(n)
     tail = n
+    seen: dict[str, Any] = {}
     for skip in sorted(skips, key=lambda s: s.start):
         start, end = skip.start, skip.end
         if start not in by_offset or (end not in by_offset and end != n):
@@ -957,7 +966,7 @@ def verify(original: CodeType, variant: CodeType, spans: Sequence[tuple[int, int
             if target != tail:
                 raise VerifyError(f"the trampoline of {start} is not where it belongs")
             tail = _check_trampoline(
-                original, variant, skip, target, stop, pop_top.position, by_offset
+                original, variant, skip, target, stop, pop_top.position, by_offset, seen
             )
         if _check_depth(by_offset, table, start, end, pop_top.position) < 2 and skip.guard:
             raise VerifyError(f"the statement at {start} has no stack room for its guard")

@@ -45,8 +45,10 @@ What becomes what
 * **Resource**: ``Resource.create()`` (so ``OTEL_SERVICE_NAME`` and
   ``OTEL_RESOURCE_ATTRIBUTES`` win) over tracemark's defaults: ``process.pid``,
   ``process.executable.name``, ``process.runtime.name`` / ``.version``, ``host.name``; a
-  ``service_name=`` argument wins over everything; without any, ``unknown_service:python``
-  (the SDK's convention). A bridge made with ``tracer_provider=`` uses that provider's own.
+  ``service_name=`` argument wins over everything; without any, the program's name (its
+  script, or ``python -m``'s module: what a recorded trace's metadata calls it, so the live
+  spans and ``export --format otlp`` of the trace name the same service). A bridge given
+  ``tracer_provider=`` uses that provider's own resource.
 
 Never blocks, never breaks, nothing lost silently
 -------------------------------------------------
@@ -144,8 +146,12 @@ def make_resource(service_name: str | None = None) -> Any:
     resource = Resource(ours).merge(env)
     if service_name:
         resource = resource.merge(Resource({"service.name": service_name}))
-    elif resource.attributes.get("service.name") in (None, "unknown_service"):
-        resource = resource.merge(Resource({"service.name": "unknown_service:python"}))
+    elif str(resource.attributes.get("service.name", "")).startswith("unknown_service"):
+        # The program's name, as the recorder writes it in a trace's metadata (procname),
+        # so that the live spans and `export --format otlp` of the trace name one service.
+        from .recording.session import _procname
+
+        resource = resource.merge(Resource({"service.name": _procname()}))
     return resource
 
 

@@ -198,7 +198,9 @@ class Recording:
         # (marker name, fields) -> event id: a name forgotten and declared again with other
         # fields (a probe removed, then one with other captures) is another event class.
         self._classes: dict[tuple[str, Any], int] = {}
-        self._classes_text = ""
+        # The event classes' metadata text, in pieces: a program may declare thousands of
+        # markers, and one string grown by += would be copied whole for each (quadratic).
+        self._classes_text: list[str] = []
         self.session = session_id()  # kept by a fork child (see the module docstring)
         # Declared first, in every trace: the task switch event (see .tasks).
         self._event_class(W.TASK_EVENT, W.TASK_FIELDS)
@@ -256,7 +258,7 @@ class Recording:
             "argv": _argv(),
         }
         # Event classes survive a fork: the packers already compiled carry their ids.
-        text = W.metadata_preamble(self.trace_uuid, offset, env) + self._classes_text
+        pieces = [W.metadata_preamble(self.trace_uuid, offset, env), *self._classes_text]
         # The registry's cores, not markers(): that also asks every site how it is served,
         # which costs O(sites) per marker (tens of ms for 1,000 markers: an attach waits).
         cores = sorted(registry.iter_cores(), key=lambda c: c.name)
@@ -264,8 +266,9 @@ class Recording:
             match = re.compile(fnmatch.translate(pattern)).match
             for core in cores:
                 if match(core.name) and (core.name, core.fields) not in self._classes:
-                    text += self._event_class(core.name, core.fields, core.doc)
-        self._metadata_text = text
+                    pieces.append(self._event_class(core.name, core.fields, core.doc))
+        self._metadata_parts = pieces
+        text = "".join(pieces)
         self.rings = RingDir(self.trace_path, self.subbuffer_size, self.nbufs, self.overwrite)
         self.rings.open(text)
         if not self.overwrite and self._error is None:
@@ -443,7 +446,7 @@ class Recording:
             event_id = self._classes.get((marker.name, marker.fields))
             if event_id is None:
                 text = self._event_class(marker.name, marker.fields, getattr(marker, "doc", None))
-                self._metadata_text += text
+                self._metadata_parts.append(text)
                 error = self.rings.append_metadata(text)  # before the marker can fire
                 if error is not None:
                     self._fail(error)
@@ -456,7 +459,7 @@ class Recording:
         # Ids start at 1: a zeroed event header is never an event (tracemark.ctf.ring).
         event_id = self._classes[name, fields] = len(self._classes) + 1
         text = W.event_class(name, event_id, fields, doc)
-        self._classes_text += text
+        self._classes_text.append(text)
         return text
 
     def _new_channel(self) -> Channel:
@@ -679,7 +682,7 @@ class Recording:
             except OSError as exc:
                 self._fail(f"cannot create {directory}: {exc}")
                 return directory
-            self._write_metadata(directory, self._metadata_text, "w")
+            self._write_metadata(directory, "".join(self._metadata_parts), "w")
             for ch in list(self._all_channels()):
                 packets = self._copy_packets(ch)
                 if not packets:
