@@ -145,12 +145,26 @@ def _no_fast(*_values: object) -> bool:
     return False
 
 
+#: Called first thing in a fork child (tracemark's earliest at-fork hook, registered when
+#: tracemark is imported): the tracers' own "forget the parent's" steps (the recorder
+#: appends its own: see tracers/recording/lifecycle.py), run before any at-fork hook
+#: registered later can fire a marker.
+child_resets: list[Callable[[], None]] = []
+
+
 def _forget_cache_in_child() -> None:
     # What an inline body cached (a recorder's channel) belongs to the parent process; the
     # forking thread is the only one left in the child, so clearing its state is enough.
     state = getattr(_tls, "state", None)
     if state is not None:
         state.cache = None
+    for reset in child_resets:
+        try:
+            reset()
+        except Exception as exc:  # never into the program's fork
+            from .. import faults
+
+            faults.report("fork-reset", getattr(reset, "__qualname__", "?"), repr(exc))
 
 
 os.register_at_fork(after_in_child=_forget_cache_in_child)

@@ -16,7 +16,10 @@ Guarantees
 * **Signals reach the program**: tracemark's own threads block process-directed signals
   (:func:`start_without_signals`).
 * **fork**: the child records into its own sub-trace of the same directory; nothing of the
-  parent's buffers is carried over. A SIGTERM sent around the fork is held until the child
+  parent's buffers is carried over. That holds from the child's first instant: an event it
+  fires before this module's at-fork hook runs (an at-fork hook registered earlier, a
+  finalizer, a signal handler) finds no channel of the parent's (tracemark's first hook, run
+  when ``import tracemark`` registered it, forgot them) and sets the child up itself. A SIGTERM sent around the fork is held until the child
   is ready for it. A ``multiprocessing`` child made by fork, which ends with ``os._exit()``
   (no atexit), is stopped by a multiprocessing finalizer.
 """
@@ -37,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 from ... import faults
 from ...ctf import ring as R
 from ...ctf import writer as W
+from ...markers import dispatch
 
 if TYPE_CHECKING:
     from .session import Recording
@@ -175,19 +179,48 @@ def _release_sigterm_after_fork() -> None:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
-def _after_fork_in_child() -> None:
-    global _main_stopping, _deferred_sigterm
+#: The process whose recordings are set up for it (a fork child's differs until
+#: set_up_child runs there).
+_set_up_pid = os.getpid()
+
+
+def _forget_channels_in_child() -> None:
+    """First thing in a fork child (dispatch.child_resets): no recording's channel of the
+    parent's is reachable any more, so the child's first event, whenever it comes (an at-fork
+    hook registered before tracemark's own, a finalizer, a signal handler), goes to
+    ``Recording._new_channel``, which sets the child up first (:func:`set_up_child`). Without
+    this, such an event went to the parent's channel: into the parent's ring (shared
+    memory), and the child's thread kept that channel, recording nothing for good."""
+    if _set_up_pid != os.getpid():
+        for rec in list(active):
+            rec._tls.__dict__.clear()
+
+
+def set_up_child() -> None:
+    """The recordings' part of a fork child's set-up, once per process: each running one
+    records into a sub-trace of its own. Run by the at-fork hook, or earlier by the child's
+    first event (``Recording._new_channel``)."""
+    global _main_stopping, _deferred_sigterm, _set_up_pid
+    if _set_up_pid == os.getpid():
+        return
+    _set_up_pid = os.getpid()
     _main_stopping, _deferred_sigterm = 0, None  # the parent's stop is not the child's
     running = [rec for rec in list(active) if rec.running]
     for rec in list(active):
         if not rec.running:
             # Being stopped (or started) by another thread of the parent: the parent's to
             # finish. Stopped here too, at exit, it would write the parent's buffers to the
-            # parent's files a second time.
+            # parent's files a second time. It records nothing in the child.
             active.discard(rec)
+            rec._forget_in_child()
     status_retry.clear()  # the parent's status files, the parent's to write
     for rec in running:
         rec._after_fork_in_child()
+
+
+def _after_fork_in_child() -> None:
+    set_up_child()
+    running = [rec for rec in list(active) if rec.running]
     if _sigterm_installed and _previous_sigterm is signal.SIG_DFL:
         # A fork child (a Pool worker, most often) dies of SIGTERM as it would without
         # tracemark (see leave_sigterm_to_recovery for why a handler is unsafe there); its
@@ -271,3 +304,6 @@ def inside_recorder(interrupted: Any, consumer: int | None) -> bool:
                 return True
             frame = frame.f_back
     return False
+
+
+dispatch.child_resets.append(_forget_channels_in_child)

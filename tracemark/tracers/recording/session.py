@@ -466,6 +466,15 @@ class Recording:
         """The calling thread's level-0 channel: a spare one if there is one (a thread that
         ended freed it), else a new one. So a process has at most as many streams as threads
         alive at once (per nesting level), however many threads it ran."""
+        if self.pid != os.getpid():
+            # A fork child's first event, before tracemark's own at-fork hook ran (one
+            # registered earlier fired it): set the child up now (see lifecycle).
+            lifecycle.set_up_child()
+            if self.pid != os.getpid() or not self.running:
+                raise RuntimeError(
+                    f"recording {self.path}: stopping in the parent when it forked; "
+                    "nothing of it is recorded in the child"
+                )
         thread = threading.current_thread()
         with self._reg_lock:
             ch = self._spare.pop() if self._spare else self._claim_ended()
@@ -716,6 +725,13 @@ class Recording:
         return sorted(found.values())
 
     # --- fork ---
+
+    def _forget_in_child(self) -> None:
+        """A fork child of a process that was stopping (or starting) this recording: it
+        records nothing here; its markers are disconnected in the child."""
+        self._tls.__dict__.clear()
+        for conn in list(getattr(self, "_connections", ())):
+            registry.disconnect(conn)
 
     def _after_fork_in_child(self) -> None:
         """The child records into a sub-trace of its own; the parent's buffers are dropped."""
