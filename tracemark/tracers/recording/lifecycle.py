@@ -18,10 +18,12 @@ Guarantees
 * **fork**: the child records into its own sub-trace of the same directory; nothing of the
   parent's buffers is carried over. That holds from the child's first instant: an event it
   fires before this module's at-fork hook runs (an at-fork hook registered earlier, a
-  finalizer, a signal handler) finds no channel of the parent's (tracemark's first hook, run
-  when ``import tracemark`` registered it, forgot them) and sets the child up itself. A SIGTERM sent around the fork is held until the child
-  is ready for it. A ``multiprocessing`` child made by fork, which ends with ``os._exit()``
-  (no atexit), is stopped by a multiprocessing finalizer.
+  finalizer, a signal handler) finds no channel of the parent's (tracemark's first hook,
+  registered by ``import tracemark``, forgot them) and sets the child up itself; a stop()
+  or snapshot() there does too, so the parent's buffers are written once, by the parent.
+  A SIGTERM sent around the fork is held until the child is ready for it. A
+  ``multiprocessing`` child made by fork, which ends with ``os._exit()`` (no atexit), is
+  stopped by a multiprocessing finalizer.
 """
 
 from __future__ import annotations

@@ -301,7 +301,18 @@ class Recording:
         arrives while the main thread is stopping is acted on when the stop is done, so the
         trace is written once, whole; one that arrives while another thread stops waits for
         that thread's stop (see :func:`_on_sigterm`).
+
+        In a fork child not set up yet (an at-fork hook registered before tracemark's stops
+        it), the child is set up first: it stops its own recording, never the parent's
+        buffers (they stay the parent's, written once, by the parent).
         """
+        if self.pid != os.getpid():
+            lifecycle.set_up_child()
+            if self.pid != os.getpid():
+                raise RuntimeError(
+                    f"recording {self.path}: stopping in the parent when it forked; the "
+                    "parent finishes it"
+                )
         return self._stop(-1)
 
     def _stop(self, wait: float) -> RecordingSummary:
@@ -679,6 +690,8 @@ class Recording:
         """
         if not self.overwrite:
             raise RuntimeError("snapshot() is for mode='overwrite' recordings")
+        if self.pid != os.getpid():  # a fork child: its own, never the parent's buffers
+            lifecycle.set_up_child()
         if not self.running:
             raise RuntimeError("this recording is stopped")
         return self._snapshot()
