@@ -3,8 +3,11 @@
 import io
 import json
 import math
+import os
 import time
 from types import SimpleNamespace
+
+import pytest
 
 from tracemark.cli._common import Style
 from tracemark.cli.stats import collect, histogram, render_json, render_text
@@ -330,3 +333,45 @@ def test_stats_trust_field_names_only_for_markers_declared_one_way(tmp_path):
         assert render_json({name: trusted[name]}) == render_json({name: checked[name]})
     assert set(trusted["sh.m"].fields) == {"x", "y"}
     assert trusted["sh.m"].fields["x"].numbers() == list(range(100))
+
+
+def test_the_mean_is_never_an_error():
+    from tracemark.cli.stats import mean
+
+    assert math.isnan(mean([-math.inf, 1.0, math.inf]))
+    assert mean([math.inf, 1.0]) == math.inf and mean([-math.inf, 10**400]) == -math.inf
+    assert mean([1e308, 1e308]) == 1e308  # the sum overflows a float, the mean does not
+    assert mean([10**400, 10**400 + 2]) == 10**400 + 1  # beyond a float: the exact int mean
+    assert mean([10**400, 1.5]) == (10**400 + 1) // 2
+    assert mean([1, 2]) == 1.5
+
+
+@pytest.mark.parametrize("core", ["c", "python"])
+def test_stats_of_a_field_with_inf_and_minus_inf(tmp_path, core):
+    """Both infinities in one float field: the mean is nan (said, in text and JSON), never a
+    traceback; the C reader and the pure one say the same."""
+    import subprocess
+    import sys
+
+    import tracemark
+
+    m = tracemark.marker("statsinf.x", x=float)
+    with tracemark.record(tmp_path / "t", "statsinf.*"):
+        for v in (1.0, math.inf, -math.inf, math.nan, 2.5):
+            m(v)
+    env = {**os.environ, "TRACEMARK_CORE": "python"} if core == "python" else os.environ
+
+    def stats(*more):
+        proc = subprocess.run(
+            [sys.executable, "-m", "tracemark", "stats", str(tmp_path / "t"), *more],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=60,
+        )
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout
+
+    x = json.loads(stats("--json"))["markers"]["statsinf.x"]["fields"]["x"]
+    assert (x["min"], x["mean"], x["max"], x["nan"], x["count"]) == ("-inf", "nan", "inf", 1, 5)
+    assert "min -inf  mean nan  max inf" in stats()

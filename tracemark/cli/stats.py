@@ -294,11 +294,33 @@ def _percentile(values: list, p: float) -> Any:
     return values[rank - 1]
 
 
+def mean(values: list) -> Any:
+    """The mean of ``values`` (numbers, not empty), never an error: ``nan`` when they hold
+    both ``inf`` and ``-inf`` (no mean, as IEEE 754 says of inf - inf); ``inf``/``-inf``
+    when one of them is there; else the exact sum's (``math.fsum``) mean, taken value by
+    value where the sum overflows a float (values near 1e308, ints beyond a float), and the
+    exact integer mean, floored, of ints whose mean itself is beyond a float."""
+    n = len(values)
+    try:
+        return math.fsum(values) / n
+    except ValueError:  # inf + -inf
+        return math.nan
+    except OverflowError:
+        pass
+    infinite = {v for v in values if isinstance(v, float) and math.isinf(v)}
+    if infinite:  # beside an int beyond a float (which fsum could not convert)
+        return math.nan if len(infinite) == 2 else infinite.pop()
+    try:
+        return math.fsum(v / n for v in values)
+    except OverflowError:  # ints whose mean is beyond any float
+        return sum(int(v) for v in values) // n
+
+
 def summary(values: list) -> dict[str, Any]:
     """min / mean / max / p50 / p99 of sorted ``values`` (not empty)."""
     return {
         "min": values[0],
-        "mean": math.fsum(values) / len(values),
+        "mean": mean(values),
         "max": values[-1],
         "p50": _percentile(values, 50),
         "p99": _percentile(values, 99),
