@@ -1,10 +1,13 @@
-"""Events a fork child fires before tracemark's own at-fork hook ran (an at-fork hook
-registered earlier, a finalizer, a signal handler) are the child's: recorded in its own
-sub-trace, never into the parent's ring (shared memory), never lost silently. The child's
-first event sets it up (tracers/recording/lifecycle.py: set_up_child). Before, such an
-event went to the parent's channel and the child's thread kept it: the child recorded
-nothing at all, and said nothing."""
+"""Events fired in a fork child before its recording is set up again (the at-fork window).
 
+``os.register_at_fork(after_in_child=...)`` hooks run in the order registered: one registered
+before tracemark's runs in the child while the recording still holds the parent's state. The
+guarantee (tracemark.tracers.recording.lifecycle): every event fired in the child, there or
+later, is written once in the child's own sub-trace or counted (discarded or lost); none lands
+in the parent's files, none twice. Both cores, a plain fork and a fork Pool's workers.
+"""
+
+import collections
 import os
 import subprocess
 import sys
@@ -14,7 +17,100 @@ from pathlib import Path
 
 import pytest
 
-from tracemark.ctf import read_trace
+from tracemark import env
+from tracemark.ctf.reader import read_trace
+
+SCRIPT = """
+import multiprocessing as mp, os, sys, tracemark
+from tracemark.tracers.recording import lifecycle
+
+m = tracemark.marker("fw.m", who=str, i=int, pad=str)
+N = int(sys.argv[3])
+PAD = "x" * 100  # ~130 bytes an event: a 4 KiB packet holds ~30, N crosses several
+
+def hook(tag):
+    def fire():
+        for i in range(N):
+            m(tag, i, PAD)
+    return fire
+
+def work(i):
+    m("task", i, PAD)
+    return i
+
+os.register_at_fork(after_in_child=hook("early"))  # runs before tracemark's child hook
+rec = tracemark.record(sys.argv[1], subbuffer_size=4096, subbuffers=64)
+os.register_at_fork(after_in_child=hook("late"))  # runs after it
+for i in range(N):
+    m("parent", i, PAD)
+if sys.argv[2] == "fork":
+    pid = os.fork()
+    if pid == 0:
+        m("task", 0, PAD)
+        lifecycle.stop_all()
+        os._exit(0)
+    assert os.waitpid(pid, 0)[1] == 0
+else:
+    pool = mp.get_context("fork").Pool(2)
+    assert pool.map(work, range(4)) == list(range(4))
+    pool.close()
+    pool.join()
+for i in range(N):
+    m("parent2", i, PAD)
+s = rec.stop()
+print(s.recorded, s.discarded, s.lost)
+"""
+
+N = 150
+
+
+@pytest.mark.parametrize("how", ["fork", "pool"])
+@pytest.mark.parametrize("core", ["python", "c"])
+def test_events_fired_in_the_at_fork_window_are_written_once_or_counted(tmp_path, how, core):
+    if core == "c" and env.speedups() is None:
+        pytest.fail("the C core is not built (python setup.py build_ext --inplace)")
+    environ = dict(os.environ, TRACEMARK_CORE="python" if core == "python" else "")
+    if core == "c":
+        environ.pop("TRACEMARK_CORE")
+    done = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(SCRIPT), str(tmp_path), how, str(N)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=environ,
+    )
+    assert done.returncode == 0, done.stderr
+    trace = read_trace(tmp_path)
+    parent = os.getpid()  # not the script's: found below as the sub-trace with parent events
+    seen = collections.Counter()
+    by_pid: dict[int, collections.Counter] = collections.defaultdict(collections.Counter)
+    for ev in trace.events():
+        seen[(ev.pid, ev.fields["who"], ev.fields["i"])] += 1
+        by_pid[ev.pid][ev.fields["who"]] += 1
+    assert [k for k, n in seen.items() if n > 1] == []  # nothing written twice
+    parents = [pid for pid, c in by_pid.items() if c["parent"]]
+    assert len(parents) == 1
+    parent = parents[0]
+    # The parent's sub-trace holds the parent's events only, all of them or counted.
+    assert set(by_pid[parent]) == {"parent", "parent2"}
+    counted = {
+        sub.pid: (sum(s.discarded for s in sub.streams), sub.lost) for sub in trace.subtraces
+    }
+    assert sum(by_pid[parent].values()) + sum(counted[parent]) == 2 * N
+    children = [sub.pid for sub in trace.subtraces if sub.pid != parent]
+    assert len(children) == (1 if how == "fork" else 2)
+    tasks = 0
+    for pid in children:
+        c = by_pid[pid]
+        assert set(c) <= {"early", "late", "task"}
+        tasks += c["task"]
+        # Every event the child fired in its hooks: in its sub-trace, or counted there.
+        assert c["early"] + c["late"] + sum(counted[pid]) == 2 * N, (pid, c, counted[pid])
+        assert c["late"] == N  # after the set-up: nothing to lose with 64 sub-buffers
+    assert tasks == (1 if how == "fork" else 4)
+
+
+# --- the same window: what each event is, and a stop() there -----------------------------
 
 ROOT = Path(__file__).resolve().parents[1]
 
