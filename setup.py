@@ -1,5 +1,5 @@
 """The build of tracemark's optional C core (tracemark/_speedups.c, and the reader's
-tracemark/_reader.c); everything else is in pyproject.toml.
+tracemark/_reader.c, _reader_json.c); everything else is in pyproject.toml.
 
 The extension is optional: a build without a compiler (or on a platform the C core does not
 support) still succeeds and tracemark uses its pure-Python core, which stays the reference
@@ -33,7 +33,7 @@ setup(
         # The reader's packet decoding (tracemark/_reader.c), optional on its own.
         Extension(
             "tracemark._creader",
-            ["tracemark/_reader.c"],
+            ["tracemark/_reader.c", "tracemark/_reader_json.c"],
             optional=True,
             extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter"],
         ),

@@ -261,10 +261,10 @@ def test_the_fuzz_corpus_runs_clean_under_address_sanitizer(corpus, tmp_path):
     build = tmp_path / "build" / "tracemark"
     build.mkdir(parents=True)
     so = build / ("_creader" + sysconfig.get_config_var("EXT_SUFFIX"))
-    source = Path(R.__file__).parents[1] / "_reader.c"
+    sources = [str(Path(R.__file__).parents[1] / n) for n in ("_reader.c", "_reader_json.c")]
     made = subprocess.run(
         [cc, "-shared", "-fPIC", "-O1", "-g", "-fsanitize=address", "-fno-omit-frame-pointer",
-         f"-I{sysconfig.get_paths()['include']}", str(source), "-o", str(so)],
+         f"-I{sysconfig.get_paths()['include']}", *sources, "-o", str(so)],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     if made.returncode != 0:
@@ -279,6 +279,10 @@ def test_the_fuzz_corpus_runs_clean_under_address_sanitizer(corpus, tmp_path):
         "assert tracemark.env.reader()[0] is mod\n"
         "import creader_fuzz\n"
         f"print(creader_fuzz.fuzz({str(corpus)!r}, 2000, 7), 'damaged')\n"
+        # view --json's C lines (tracemark/_reader_json.c), on the corpus and odd values
+        "import io, test_view_json_c as vj, tracemark.ctf as ctf, tracemark.cli.view as v\n"
+        f"v.write_json(ctf.read_trace({str(corpus)!r}).events(), io.StringIO())\n"
+        "v.write_json(vj._events()[:-1] * 40, io.StringIO())\n"
     )
     here = Path(__file__).parent
     root = Path(R.__file__).parents[2]

@@ -938,6 +938,9 @@ error:
     return NULL;
 }
 
+/* view's JSON lines: tracemark/_reader_json.c */
+PyObject *tm_format_json(PyObject *self, PyObject *args);
+
 static PyMethodDef methods[] = {
     {"make_layout", make_layout, METH_VARARGS,
      "make_layout(events, task_eid, offset_ns, freq, Event, Task, ReprText): a layout, or "
@@ -948,6 +951,9 @@ static PyMethodDef methods[] = {
     {"format_text", format_text, METH_VARARGS,
      "format_text(events, start, previous, entries, pieces, second, show_other, Event) "
      "-> (text, next, previous): view's plain text lines."},
+    {"format_json", tm_format_json, METH_VARARGS,
+     "format_json(events, start, entries, pieces, ReprText, Event) -> (text, next): view's "
+     "JSON lines."},
     {"group_events", group_events, METH_VARARGS,
      "group_events(events, Event) -> {name: [first ts, last ts, [fields, ...]]} or None"},
     {NULL, NULL, 0, NULL},

@@ -308,29 +308,47 @@ def write_json(
     """Write ``events`` as JSON lines to ``out``; return how many were written. ``schema``:
     the trace schema version each line names (the trace's: ``exported_schema``).
 
-    Fast path: a template per (event name, thread, field names) and one small function per
-    value type; the :mod:`json` encoder only for values of other types. Both give the same
-    document (a test holds them to it).
+    With the C reader the lines are made in C (tracemark/_reader_json.c), which hands the
+    events it declines (odd types, surrogates) to the Python path. That path: a template per
+    (event name, thread, field names) and one small function per value type; the :mod:`json`
+    encoder only for values of other types. All give the same bytes (tests hold them to it).
     """
-    encode = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode
-    templates: dict[tuple, str] = {}
-    coders = _ENCODE
+    fast = reader()[0]
+    if fast is not None:
+        return _write_json_c(fast.format_json, events, out, limit, schema)  # type: ignore[attr-defined]
     n = 0
     batch = _Batched(out)
+    line = _json_line_maker(schema)
     try:
         for ev in events:
             if limit is not None and n >= limit:
                 break
-            fields = ev.fields
-            key = (ev.name, ev.thread, getattr(ev, "task", None), *fields)
-            template = templates.get(key)
-            if template is None:
-                template = templates[key] = _template(ev, schema)
-            try:
-                values = [coders[type(v)](v) for v in fields.values()]
-                line = template % (ev.timestamp, ev.pid, ev.tid, *values)
-            except (KeyError, TypeError):  # bytes, an odd type, a non-int pid: the slow path
-                obj = {
+            batch.add(line(ev))
+            n += 1
+    finally:
+        batch.flush()
+    return n
+
+
+def _json_line_maker(schema: int) -> Any:
+    """The Python path's line of one event (a template per event shape, the json encoder
+    for values of other types)."""
+    encode = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode
+    templates: dict[tuple, str] = {}
+    coders = _ENCODE
+
+    def line(ev: Any) -> str:
+        fields = ev.fields
+        key = (ev.name, ev.thread, getattr(ev, "task", None), *fields)
+        template = templates.get(key)
+        if template is None:
+            template = templates[key] = _template(ev, schema)
+        try:
+            values = [coders[type(v)](v) for v in fields.values()]
+            return template % (ev.timestamp, ev.pid, ev.tid, *values)
+        except (KeyError, TypeError):  # bytes, an odd type, a non-int pid: the slow path
+            return encode(
+                {
                     "timestamp": ev.timestamp,
                     "name": ev.name,
                     "pid": ev.pid,
@@ -340,9 +358,81 @@ def write_json(
                     "fields": {k: _plain(v) for k, v in fields.items()},
                     "schema": int(schema),
                 }
-                line = encode(obj)
-            batch.add(line)
-            n += 1
-    finally:
-        batch.flush()
+            )
+
+    return line
+
+
+def _json_pieces(schema: int) -> Any:
+    """The JSON around the values of an event's line, for the C reader's format_json
+    (tracemark/_reader_json.c): what _template writes, cut where the timestamp, pid, tid
+    and values go."""
+
+    def pieces(ev: Any) -> tuple[str, ...]:
+        task = _TASK_ENCODE(_task_json(getattr(ev, "task", None)))
+        keys = [encode_basestring(k) + ":" for k in ev.fields]
+        tail = f'}},"schema":{int(schema)}}}'
+        around = f',"thread":{encode_basestring(ev.thread)},"task":{task},"fields":{{'
+        if not keys:
+            return (
+                '{"timestamp":',
+                f',"name":{encode_basestring(ev.name)},"pid":',
+                ',"tid":',
+                around + tail,
+            )
+        return (
+            '{"timestamp":',
+            f',"name":{encode_basestring(ev.name)},"pid":',
+            ',"tid":',
+            around + keys[0],
+            *("," + k for k in keys[1:]),
+            tail,
+        )
+
+    return pieces
+
+
+def _write_json_c(
+    format_json: Any, events: Iterable[Any], out: IO[str], limit: int | None, schema: int
+) -> int:
+    """write_json with the lines made by the C reader (tracemark/_reader_json.c), a chunk of
+    events at a time: the same text. An event it declines, and the rest of a chunk after an
+    error in it, are written the Python way, so every line read before a failure is
+    written, as on the Python path."""
+    it = iter(events)
+    entries: list = []
+    pieces = _json_pieces(schema)
+    line = _json_line_maker(schema)
+    n = 0
+    failure = None
+    while failure is None and (limit is None or n < limit):
+        chunk: list = []
+        try:
+            # list.extend keeps what it took before an error (Objects/listobject.c)
+            chunk.extend(islice(it, _C_CHUNK if limit is None else min(_C_CHUNK, limit - n)))
+        except BaseException as exc:
+            failure = exc
+        if not chunk:
+            break
+        parts = []
+        i = 0
+        try:
+            while i < len(chunk):
+                text, i = format_json(chunk, i, entries, pieces, ReprText, Event)
+                parts.append(text)
+                if i < len(chunk):  # declined: this one the Python way
+                    parts.append(line(chunk[i]) + "\n")
+                    i += 1
+        except Exception:  # the Python way says it too, after the lines before it
+            try:
+                for ev in chunk[i:]:
+                    parts.append(line(ev) + "\n")
+                    i += 1
+            finally:
+                out.write("".join(parts))
+        else:
+            out.write("".join(parts))
+        n += len(chunk)
+    if failure is not None:
+        raise failure
     return n
