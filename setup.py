@@ -34,6 +34,7 @@ setup(
         Extension(
             "tracemark._creader",
             ["tracemark/_reader.c", "tracemark/_reader_json.c"],
+            depends=["tracemark/_reader_lines.h"],
             optional=True,
             extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter"],
         ),

@@ -44,6 +44,8 @@
 #include <limits.h>
 #include <stdio.h>
 
+#include "_reader_lines.h"
+
 #ifdef Py_GIL_DISABLED
 #error "tracemark._creader needs the GIL; a free-threaded build uses the pure-Python reader"
 #endif
@@ -592,12 +594,7 @@ done:
  *     or one of ".:/@+-") else repr; any other type through show_other(v).
  */
 
-typedef struct {
-    char *p;
-    Py_ssize_t len, cap;
-} Buf;
-
-static int buf_grow(Buf *b, Py_ssize_t n)
+int tm_buf_grow(Buf *b, Py_ssize_t n)
 {
     if (b->len + n <= b->cap)
         return 0;
@@ -619,17 +616,16 @@ static int buf_grow(Buf *b, Py_ssize_t n)
     return 0;
 }
 
-static int buf_add(Buf *b, const char *s, Py_ssize_t n)
+int tm_buf_add(Buf *b, const char *s, Py_ssize_t n)
 {
-    if (buf_grow(b, n) < 0)
+    if (tm_buf_grow(b, n) < 0)
         return -1;
     memcpy(b->p + b->len, s, (size_t)n);
     b->len += n;
     return 0;
 }
 
-/* A str's UTF-8 appended; 0 when it has none (a lone surrogate: error cleared), -1 error. */
-static int buf_str(Buf *b, PyObject *s)
+int tm_buf_str(Buf *b, PyObject *s)
 {
     Py_ssize_t n;
     const char *u = PyUnicode_AsUTF8AndSize(s, &n);
@@ -640,7 +636,7 @@ static int buf_str(Buf *b, PyObject *s)
         }
         return -1;
     }
-    return buf_add(b, u, n) < 0 ? -1 : 1;
+    return tm_buf_add(b, u, n) < 0 ? -1 : 1;
 }
 
 /* A new str to show, as above, and 1; 0 declined; -1 an error. */
@@ -648,7 +644,7 @@ static int buf_obj_str(Buf *b, PyObject *s)
 {
     if (s == NULL)
         return -1;
-    int r = PyUnicode_Check(s) ? buf_str(b, s) : 0;
+    int r = PyUnicode_Check(s) ? tm_buf_str(b, s) : 0;
     Py_DECREF(s);
     return r;
 }
@@ -686,87 +682,87 @@ static int show(Buf *b, PyObject *v, PyObject *show_other)
             return buf_obj_str(b, PyObject_Repr(v));
         char tmp[32];
         int n = snprintf(tmp, sizeof tmp, "%lld", x);
-        return buf_add(b, tmp, n) < 0 ? -1 : 1;
+        return tm_buf_add(b, tmp, n) < 0 ? -1 : 1;
     }
     if (t == &PyFloat_Type) {
         char *s = PyOS_double_to_string(PyFloat_AS_DOUBLE(v), 'g', 6, 0, NULL);
         if (s == NULL)
             return -1;
-        int r = buf_add(b, s, (Py_ssize_t)strlen(s));
+        int r = tm_buf_add(b, s, (Py_ssize_t)strlen(s));
         PyMem_Free(s);
         return r < 0 ? -1 : 1;
     }
     if (t == &PyBool_Type)
-        return buf_add(b, v == Py_True ? "True" : "False", v == Py_True ? 4 : 5) < 0 ? -1 : 1;
+        return tm_buf_add(b, v == Py_True ? "True" : "False", v == Py_True ? 4 : 5) < 0 ? -1 : 1;
     if (t == &PyUnicode_Type)
-        return plain_text(v) ? buf_str(b, v) : buf_obj_str(b, PyObject_Repr(v));
+        return plain_text(v) ? tm_buf_str(b, v) : buf_obj_str(b, PyObject_Repr(v));
     if (t == &PyBytes_Type)
         return buf_obj_str(b, PyObject_Repr(v));
     return buf_obj_str(b, PyObject_CallOneArg(show_other, v));
 }
 
-/* The cached pieces of ev's line, a borrowed reference (NULL and no error: declined). */
-static PyObject *line_pieces(PyObject *ev, PyObject *entries, PyObject *make)
+PyObject *tm_cached_pieces(PyObject *ev, PyObject *entries, PyObject *make, const int *key,
+                           int nkey, Py_ssize_t count)
 {
     PyObject *fields = PyTuple_GET_ITEM(ev, 2);
-    Py_ssize_t n = PyList_GET_SIZE(entries);
+    Py_ssize_t n = PyList_GET_SIZE(entries), nf = PyDict_GET_SIZE(fields);
     for (Py_ssize_t i = 0; i < n; i++) {
-        PyObject *e = PyList_GET_ITEM(entries, i); /* (name, pid, tid, thread, task, keys, pieces) */
-        if (PyTuple_GET_ITEM(e, 0) != PyTuple_GET_ITEM(ev, 1)
-            || PyTuple_GET_ITEM(e, 1) != PyTuple_GET_ITEM(ev, 3)
-            || PyTuple_GET_ITEM(e, 2) != PyTuple_GET_ITEM(ev, 4)
-            || PyTuple_GET_ITEM(e, 3) != PyTuple_GET_ITEM(ev, 5)
-            || PyTuple_GET_ITEM(e, 4) != PyTuple_GET_ITEM(ev, 6))
-            continue;
-        PyObject *keys = PyTuple_GET_ITEM(e, 5);
-        if (PyTuple_GET_SIZE(keys) != PyDict_GET_SIZE(fields))
+        PyObject *e = PyList_GET_ITEM(entries, i); /* (key items..., field names, pieces) */
+        int same = 1;
+        for (int k = 0; k < nkey && same; k++)
+            same = PyTuple_GET_ITEM(e, k) == PyTuple_GET_ITEM(ev, key[k]);
+        PyObject *names = PyTuple_GET_ITEM(e, nkey);
+        if (!same || PyTuple_GET_SIZE(names) != nf)
             continue;
         Py_ssize_t pos = 0, j = 0;
         PyObject *k, *v;
-        int same = 1;
-        while (PyDict_Next(fields, &pos, &k, &v))
-            if (PyTuple_GET_ITEM(keys, j++) != k) {
-                same = 0;
-                break;
-            }
+        while (same && PyDict_Next(fields, &pos, &k, &v))
+            same = PyTuple_GET_ITEM(names, j++) == k;
         if (same)
-            return PyTuple_GET_ITEM(e, 6);
+            return PyTuple_GET_ITEM(e, nkey + 1);
     }
     PyObject *pieces = PyObject_CallOneArg(make, ev);
     if (pieces == NULL)
         return NULL;
-    Py_ssize_t nf = PyDict_GET_SIZE(fields);
-    if (!PyTuple_CheckExact(pieces) || PyTuple_GET_SIZE(pieces) != (nf ? nf : 1)) {
+    if (!PyTuple_CheckExact(pieces) || PyTuple_GET_SIZE(pieces) != count) {
         Py_DECREF(pieces);
         return NULL;
     }
-    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(pieces); i++)
+    for (Py_ssize_t i = 0; i < count; i++)
         if (!PyUnicode_CheckExact(PyTuple_GET_ITEM(pieces, i))) {
             Py_DECREF(pieces);
             return NULL;
         }
-    PyObject *keys = PyTuple_New(nf), *k, *v;
-    Py_ssize_t pos = 0, j = 0;
-    if (keys == NULL) {
+    PyObject *e = PyTuple_New(nkey + 2), *names = PyTuple_New(nf), *k, *v;
+    if (e == NULL || names == NULL) {
+        Py_XDECREF(e);
+        Py_XDECREF(names);
         Py_DECREF(pieces);
         return NULL;
     }
+    Py_ssize_t pos = 0, j = 0;
     while (PyDict_Next(fields, &pos, &k, &v) && j < nf)
-        PyTuple_SET_ITEM(keys, j++, Py_NewRef(k));
-    PyObject *e = PyTuple_Pack(7, PyTuple_GET_ITEM(ev, 1), PyTuple_GET_ITEM(ev, 3),
-                               PyTuple_GET_ITEM(ev, 4), PyTuple_GET_ITEM(ev, 5),
-                               PyTuple_GET_ITEM(ev, 6), keys, pieces);
-    Py_DECREF(keys);
-    Py_DECREF(pieces);
-    if (e == NULL)
-        return NULL;
+        PyTuple_SET_ITEM(names, j++, Py_NewRef(k));
+    for (int i = 0; i < nkey; i++)
+        PyTuple_SET_ITEM(e, i, Py_NewRef(PyTuple_GET_ITEM(ev, key[i])));
+    PyTuple_SET_ITEM(e, nkey, names);
+    PyTuple_SET_ITEM(e, nkey + 1, pieces);
     if (n >= 16 && PyList_SetSlice(entries, 15, n, NULL) < 0) {
         Py_DECREF(e);
         return NULL;
     }
     int r = PyList_Insert(entries, 0, e);
     Py_DECREF(e);
-    return r < 0 ? NULL : PyTuple_GET_ITEM(e, 6); /* the list holds it */
+    return r < 0 ? NULL : pieces; /* the list holds it */
+}
+
+/* The pieces of a text line: keyed by name, pid, tid, thread and task; one per field (the
+ * text before its value), or the whole rest of the line when there is no field. */
+static PyObject *line_pieces(PyObject *ev, PyObject *entries, PyObject *make)
+{
+    static const int key[] = {1, 3, 4, 5, 6};
+    Py_ssize_t nf = PyDict_GET_SIZE(PyTuple_GET_ITEM(ev, 2));
+    return tm_cached_pieces(ev, entries, make, key, 5, nf ? nf : 1);
 }
 
 static int int64_of(PyObject *o, long long *out)
@@ -845,21 +841,21 @@ static PyObject *format_text(PyObject *self, PyObject *args)
         }
         char head[128];
         int hn = snprintf(head, sizeof head, "%.*s.%06lld ", (int)clock_len, clock, frac / 1000);
-        int ok = buf_add(&b, head, hn) == 0;
+        int ok = tm_buf_add(&b, head, hn) == 0;
         if (ok && !have_prev) {
-            ok = buf_add(&b, "+?.??????", 9) == 0;
+            ok = tm_buf_add(&b, "+?.??????", 9) == 0;
         } else if (ok) {
             char *d = PyOS_double_to_string((double)(ts - prev) / 1e9, 'f', 6, 0, NULL);
-            ok = d != NULL && buf_add(&b, "+", 1) == 0 && buf_add(&b, d, (Py_ssize_t)strlen(d)) == 0;
+            ok = d != NULL && tm_buf_add(&b, "+", 1) == 0 && tm_buf_add(&b, d, (Py_ssize_t)strlen(d)) == 0;
             PyMem_Free(d);
         }
         PyObject *fields = PyTuple_GET_ITEM(ev, 2), *k, *v;
         Py_ssize_t pos = 0, j = 0;
         int shown = 1;
         if (ok && PyDict_GET_SIZE(fields) == 0)
-            ok = buf_str(&b, PyTuple_GET_ITEM(pieces, 0)) == 1;
+            ok = tm_buf_str(&b, PyTuple_GET_ITEM(pieces, 0)) == 1;
         while (ok && shown == 1 && PyDict_Next(fields, &pos, &k, &v)) {
-            ok = buf_str(&b, PyTuple_GET_ITEM(pieces, j++)) == 1;
+            ok = tm_buf_str(&b, PyTuple_GET_ITEM(pieces, j++)) == 1;
             if (ok)
                 shown = show(&b, v, show_other);
         }
@@ -872,7 +868,7 @@ static PyObject *format_text(PyObject *self, PyObject *args)
             b.len = mark; /* declined: this event is the caller's */
             break;
         }
-        if (buf_add(&b, "\n", 1) < 0)
+        if (tm_buf_add(&b, "\n", 1) < 0)
             goto error;
         prev = ts;
         have_prev = 1;
@@ -937,9 +933,6 @@ error:
     Py_DECREF(groups);
     return NULL;
 }
-
-/* view's JSON lines: tracemark/_reader_json.c */
-PyObject *tm_format_json(PyObject *self, PyObject *args);
 
 static PyMethodDef methods[] = {
     {"make_layout", make_layout, METH_VARARGS,

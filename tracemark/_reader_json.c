@@ -23,63 +23,14 @@
  *   - bytes: its hex, as a JSON string (view._plain: bytes.hex()).
  */
 
-#define PY_SSIZE_T_CLEAN
-#include <Python.h>
 #include <math.h>
 #include <string.h>
 
-typedef struct {
-    char *p;
-    Py_ssize_t len, cap;
-} JBuf;
+#include "_reader_lines.h"
 
-static int jgrow(JBuf *b, Py_ssize_t n)
-{
-    if (b->len + n <= b->cap)
-        return 0;
-    Py_ssize_t cap = b->cap ? b->cap : 1 << 16;
-    while (cap < b->len + n) {
-        if (cap > PY_SSIZE_T_MAX / 2) {
-            PyErr_NoMemory();
-            return -1;
-        }
-        cap *= 2;
-    }
-    char *p = PyMem_Realloc(b->p, (size_t)cap);
-    if (p == NULL) {
-        PyErr_NoMemory();
-        return -1;
-    }
-    b->p = p;
-    b->cap = cap;
-    return 0;
-}
+/* Every writer below: 1 done, 0 declined (no error set), -1 error. */
 
-static int jadd(JBuf *b, const char *s, Py_ssize_t n)
-{
-    if (jgrow(b, n) < 0)
-        return -1;
-    memcpy(b->p + b->len, s, (size_t)n);
-    b->len += n;
-    return 0;
-}
-
-/* 1 done, 0 declined (no error set), -1 error: as every writer below. */
-static int jraw(JBuf *b, PyObject *s)
-{
-    Py_ssize_t n;
-    const char *u = PyUnicode_AsUTF8AndSize(s, &n);
-    if (u == NULL) {
-        if (PyErr_ExceptionMatches(PyExc_UnicodeEncodeError)) {
-            PyErr_Clear();
-            return 0;
-        }
-        return -1;
-    }
-    return jadd(b, u, n) < 0 ? -1 : 1;
-}
-
-static int jstring(JBuf *b, PyObject *s)
+static int jstring(Buf *b, PyObject *s)
 {
     Py_ssize_t n;
     const char *u = PyUnicode_AsUTF8AndSize(s, &n);
@@ -91,7 +42,7 @@ static int jstring(JBuf *b, PyObject *s)
         return -1;
     }
     /* at most 6 bytes out per byte in, and the quotes */
-    if (n > (PY_SSIZE_T_MAX - 2) / 6 || jgrow(b, 6 * n + 2) < 0) {
+    if (n > (PY_SSIZE_T_MAX - 2) / 6 || tm_buf_grow(b, 6 * n + 2) < 0) {
         if (!PyErr_Occurred())
             PyErr_NoMemory();
         return -1;
@@ -127,17 +78,17 @@ static int jstring(JBuf *b, PyObject *s)
     return 1;
 }
 
-static int jrepr(JBuf *b, PyObject *v)
+static int jrepr(Buf *b, PyObject *v)
 {
     PyObject *s = PyObject_Repr(v);
     if (s == NULL)
         return -1;
-    int r = jraw(b, s);
+    int r = tm_buf_str(b, s);
     Py_DECREF(s);
     return r;
 }
 
-static int jint(JBuf *b, PyObject *v)
+static int jint(Buf *b, PyObject *v)
 {
     int overflow = 0;
     long long x = PyLong_AsLongLongAndOverflow(v, &overflow);
@@ -147,10 +98,10 @@ static int jint(JBuf *b, PyObject *v)
         return jrepr(b, v);
     char tmp[32];
     int n = snprintf(tmp, sizeof tmp, "%lld", x);
-    return jadd(b, tmp, n) < 0 ? -1 : 1;
+    return tm_buf_add(b, tmp, n) < 0 ? -1 : 1;
 }
 
-static int jvalue(JBuf *b, PyObject *v, PyObject *repr_text)
+static int jvalue(Buf *b, PyObject *v, PyObject *repr_text)
 {
     PyTypeObject *t = Py_TYPE(v);
     if (t == &PyLong_Type)
@@ -160,25 +111,25 @@ static int jvalue(JBuf *b, PyObject *v, PyObject *repr_text)
     if (t == &PyFloat_Type) {
         double d = PyFloat_AS_DOUBLE(v);
         if (isnan(d))
-            return jadd(b, "\"nan\"", 5) < 0 ? -1 : 1;
+            return tm_buf_add(b, "\"nan\"", 5) < 0 ? -1 : 1;
         if (isinf(d))
-            return (d > 0 ? jadd(b, "\"inf\"", 5) : jadd(b, "\"-inf\"", 6)) < 0 ? -1 : 1;
+            return (d > 0 ? tm_buf_add(b, "\"inf\"", 5) : tm_buf_add(b, "\"-inf\"", 6)) < 0 ? -1 : 1;
         char *s = PyOS_double_to_string(d, 'r', 0, Py_DTSF_ADD_DOT_0, NULL);
         if (s == NULL)
             return -1;
-        int r = jadd(b, s, (Py_ssize_t)strlen(s));
+        int r = tm_buf_add(b, s, (Py_ssize_t)strlen(s));
         PyMem_Free(s);
         return r < 0 ? -1 : 1;
     }
     if (t == &PyBool_Type)
-        return jadd(b, v == Py_True ? "true" : "false", v == Py_True ? 4 : 5) < 0 ? -1 : 1;
+        return tm_buf_add(b, v == Py_True ? "true" : "false", v == Py_True ? 4 : 5) < 0 ? -1 : 1;
     if (v == Py_None)
-        return jadd(b, "null", 4) < 0 ? -1 : 1;
+        return tm_buf_add(b, "null", 4) < 0 ? -1 : 1;
     if (t == &PyBytes_Type) {
         static const char hex[] = "0123456789abcdef";
         Py_ssize_t n = PyBytes_GET_SIZE(v);
         const unsigned char *p = (const unsigned char *)PyBytes_AS_STRING(v);
-        if (n > (PY_SSIZE_T_MAX - 2) / 2 || jgrow(b, 2 * n + 2) < 0) {
+        if (n > (PY_SSIZE_T_MAX - 2) / 2 || tm_buf_grow(b, 2 * n + 2) < 0) {
             if (!PyErr_Occurred())
                 PyErr_NoMemory();
             return -1;
@@ -196,65 +147,12 @@ static int jvalue(JBuf *b, PyObject *v, PyObject *repr_text)
     return 0;
 }
 
-/* The cached pieces of ev's line, a borrowed reference (NULL and no error: declined). */
+/* The pieces of a JSON line: keyed by name, thread and task; the JSON before the timestamp,
+ * the pid, the tid and each value, and the rest of the line. */
 static PyObject *json_pieces(PyObject *ev, PyObject *entries, PyObject *make)
 {
-    PyObject *fields = PyTuple_GET_ITEM(ev, 2);
-    Py_ssize_t n = PyList_GET_SIZE(entries);
-    Py_ssize_t nf = PyDict_GET_SIZE(fields);
-    for (Py_ssize_t i = 0; i < n; i++) {
-        PyObject *e = PyList_GET_ITEM(entries, i); /* (name, thread, task, keys, pieces) */
-        if (PyTuple_GET_ITEM(e, 0) != PyTuple_GET_ITEM(ev, 1)
-            || PyTuple_GET_ITEM(e, 1) != PyTuple_GET_ITEM(ev, 5)
-            || PyTuple_GET_ITEM(e, 2) != PyTuple_GET_ITEM(ev, 6))
-            continue;
-        PyObject *keys = PyTuple_GET_ITEM(e, 3);
-        if (PyTuple_GET_SIZE(keys) != nf)
-            continue;
-        Py_ssize_t pos = 0, j = 0;
-        PyObject *k, *v;
-        int same = 1;
-        while (PyDict_Next(fields, &pos, &k, &v))
-            if (PyTuple_GET_ITEM(keys, j++) != k) {
-                same = 0;
-                break;
-            }
-        if (same)
-            return PyTuple_GET_ITEM(e, 4);
-    }
-    PyObject *pieces = PyObject_CallOneArg(make, ev);
-    if (pieces == NULL)
-        return NULL;
-    if (!PyTuple_CheckExact(pieces) || PyTuple_GET_SIZE(pieces) != nf + 4) {
-        Py_DECREF(pieces);
-        return NULL;
-    }
-    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(pieces); i++)
-        if (!PyUnicode_CheckExact(PyTuple_GET_ITEM(pieces, i))) {
-            Py_DECREF(pieces);
-            return NULL;
-        }
-    PyObject *keys = PyTuple_New(nf), *k, *v;
-    Py_ssize_t pos = 0, j = 0;
-    if (keys == NULL) {
-        Py_DECREF(pieces);
-        return NULL;
-    }
-    while (PyDict_Next(fields, &pos, &k, &v) && j < nf)
-        PyTuple_SET_ITEM(keys, j++, Py_NewRef(k));
-    PyObject *e = PyTuple_Pack(5, PyTuple_GET_ITEM(ev, 1), PyTuple_GET_ITEM(ev, 5),
-                               PyTuple_GET_ITEM(ev, 6), keys, pieces);
-    Py_DECREF(keys);
-    Py_DECREF(pieces);
-    if (e == NULL)
-        return NULL;
-    if (n >= 16 && PyList_SetSlice(entries, 15, n, NULL) < 0) {
-        Py_DECREF(e);
-        return NULL;
-    }
-    int r = PyList_Insert(entries, 0, e);
-    Py_DECREF(e);
-    return r < 0 ? NULL : PyTuple_GET_ITEM(e, 4); /* the list holds it */
+    static const int key[] = {1, 5, 6};
+    return tm_cached_pieces(ev, entries, make, key, 3, PyDict_GET_SIZE(PyTuple_GET_ITEM(ev, 2)) + 4);
 }
 
 PyObject *tm_format_json(PyObject *self, PyObject *args)
@@ -264,7 +162,7 @@ PyObject *tm_format_json(PyObject *self, PyObject *args)
     if (!PyArg_ParseTuple(args, "O!nO!OOO", &PyList_Type, &events, &i, &PyList_Type, &entries,
                           &make, &repr_text, &event_type))
         return NULL;
-    JBuf b = {NULL, 0, 0};
+    Buf b = {NULL, 0, 0};
     PyObject *result = NULL;
     for (; i < PyList_GET_SIZE(events); i++) {
         PyObject *ev = PyList_GET_ITEM(events, i);
@@ -282,26 +180,26 @@ PyObject *tm_format_json(PyObject *self, PyObject *args)
         }
         Py_INCREF(pieces); /* the cache may drop it meanwhile (a call to make) */
         Py_ssize_t mark = b.len;
-        int r = jraw(&b, PyTuple_GET_ITEM(pieces, 0));
+        int r = tm_buf_str(&b, PyTuple_GET_ITEM(pieces, 0));
         if (r == 1)
             r = jint(&b, PyTuple_GET_ITEM(ev, 0));
         if (r == 1)
-            r = jraw(&b, PyTuple_GET_ITEM(pieces, 1));
+            r = tm_buf_str(&b, PyTuple_GET_ITEM(pieces, 1));
         if (r == 1)
             r = jint(&b, PyTuple_GET_ITEM(ev, 3));
         if (r == 1)
-            r = jraw(&b, PyTuple_GET_ITEM(pieces, 2));
+            r = tm_buf_str(&b, PyTuple_GET_ITEM(pieces, 2));
         if (r == 1)
             r = jint(&b, PyTuple_GET_ITEM(ev, 4));
         PyObject *fields = PyTuple_GET_ITEM(ev, 2), *k, *v;
         Py_ssize_t pos = 0, j = 3;
         while (r == 1 && PyDict_Next(fields, &pos, &k, &v)) {
-            r = jraw(&b, PyTuple_GET_ITEM(pieces, j++));
+            r = tm_buf_str(&b, PyTuple_GET_ITEM(pieces, j++));
             if (r == 1)
                 r = jvalue(&b, v, repr_text);
         }
         if (r == 1)
-            r = jraw(&b, PyTuple_GET_ITEM(pieces, j));
+            r = tm_buf_str(&b, PyTuple_GET_ITEM(pieces, j));
         Py_DECREF(pieces);
         if (r < 0)
             goto error;
@@ -309,7 +207,7 @@ PyObject *tm_format_json(PyObject *self, PyObject *args)
             b.len = mark; /* declined: this event is the caller's */
             break;
         }
-        if (jadd(&b, "\n", 1) < 0)
+        if (tm_buf_add(&b, "\n", 1) < 0)
             goto error;
     }
     {
