@@ -32,7 +32,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from itertools import islice
 from json.encoder import encode_basestring  # type: ignore[attr-defined]
 from typing import IO, Any
@@ -206,12 +206,38 @@ def _write_plain_c(
     format_text: Any, events: Iterable[Any], out: IO[str], limit: int | None, templates: dict
 ) -> int:
     """write_text's plain path with the lines made by the C reader (tracemark/_reader.c
-    format_text), a chunk of events at a time: the same text. An event it declines, and
-    the rest of a chunk after an error in it, are formatted here, so every line read
-    before a failure is written, as on the Python path."""
-    it = iter(events)
+    format_text): the same text."""
     previous = None
     entries: list = []
+
+    def in_c(chunk: list, i: int) -> tuple[str, int]:
+        nonlocal previous
+        text, i, previous = format_text(
+            chunk, i, previous, entries, _line_pieces, _second, _show_other, Event
+        )
+        return text, i
+
+    def here(ev: Any) -> str:
+        nonlocal previous
+        line = _plain_line(ev, previous, templates)
+        previous = ev.timestamp
+        return line
+
+    return _write_by_chunks(events, out, limit, in_c, here)
+
+
+def _write_by_chunks(
+    events: Iterable[Any],
+    out: IO[str],
+    limit: int | None,
+    in_c: Callable[[list, int], tuple[str, int]],
+    here: Callable[[Any], str],
+) -> int:
+    """Write the lines of events (at most limit), a chunk at a time: in_c(chunk, i) makes
+    the lines of chunk[i:next] in C and says next; an event it declines, and the rest of a
+    chunk after an error in it, are made by here(ev), the Python way, so every line read
+    before a failure is written, as on the Python path, and the failure then raised."""
+    it = iter(events)
     n = 0
     failure = None
     while failure is None and (limit is None or n < limit):
@@ -227,19 +253,15 @@ def _write_plain_c(
         i = 0
         try:
             while i < len(chunk):
-                text, i, previous = format_text(
-                    chunk, i, previous, entries, _line_pieces, _second, _show_other, Event
-                )
+                text, i = in_c(chunk, i)
                 parts.append(text)
                 if i < len(chunk):  # declined: this one the Python way
-                    parts.append(_plain_line(chunk[i], previous, templates) + "\n")
-                    previous = chunk[i].timestamp
+                    parts.append(here(chunk[i]) + "\n")
                     i += 1
         except Exception:  # the Python way says it too, after the lines before it
             try:
                 for ev in chunk[i:]:
-                    parts.append(_plain_line(ev, previous, templates) + "\n")
-                    previous = ev.timestamp
+                    parts.append(here(ev) + "\n")
                     i += 1
             finally:
                 out.write("".join(parts))
@@ -395,44 +417,12 @@ def _json_pieces(schema: int) -> Any:
 def _write_json_c(
     format_json: Any, events: Iterable[Any], out: IO[str], limit: int | None, schema: int
 ) -> int:
-    """write_json with the lines made by the C reader (tracemark/_reader_json.c), a chunk of
-    events at a time: the same text. An event it declines, and the rest of a chunk after an
-    error in it, are written the Python way, so every line read before a failure is
-    written, as on the Python path."""
-    it = iter(events)
+    """write_json with the lines made by the C reader (tracemark/_reader_json.c): the same
+    text."""
     entries: list = []
     pieces = _json_pieces(schema)
-    line = _json_line_maker(schema)
-    n = 0
-    failure = None
-    while failure is None and (limit is None or n < limit):
-        chunk: list = []
-        try:
-            # list.extend keeps what it took before an error (Objects/listobject.c)
-            chunk.extend(islice(it, _C_CHUNK if limit is None else min(_C_CHUNK, limit - n)))
-        except BaseException as exc:
-            failure = exc
-        if not chunk:
-            break
-        parts = []
-        i = 0
-        try:
-            while i < len(chunk):
-                text, i = format_json(chunk, i, entries, pieces, ReprText, Event)
-                parts.append(text)
-                if i < len(chunk):  # declined: this one the Python way
-                    parts.append(line(chunk[i]) + "\n")
-                    i += 1
-        except Exception:  # the Python way says it too, after the lines before it
-            try:
-                for ev in chunk[i:]:
-                    parts.append(line(ev) + "\n")
-                    i += 1
-            finally:
-                out.write("".join(parts))
-        else:
-            out.write("".join(parts))
-        n += len(chunk)
-    if failure is not None:
-        raise failure
-    return n
+
+    def in_c(chunk: list, i: int) -> tuple[str, int]:
+        return format_json(chunk, i, entries, pieces, ReprText, Event)
+
+    return _write_by_chunks(events, out, limit, in_c, _json_line_maker(schema))
