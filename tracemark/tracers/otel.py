@@ -325,7 +325,6 @@ class Bridge:
         self.suppressed = 0
 
     def _build(self) -> None:
-        s = self._settings
         self._span_exporter: _Counting | None = None
         self._log_exporter: _Counting | None = None
         self._owned: list[Any] = []  # providers the bridge made
@@ -341,20 +340,7 @@ class Bridge:
                 (lambda: given) if given is not None else self._otlp_span_exporter,
                 SpanExportResult.SUCCESS,
             )
-            # shutdown_on_exit=False: the SDK's own atexit shutdown has no time limit; ours
-            # (stop) has one.
-            provider = TracerProvider(
-                resource=make_resource(s["service_name"]), shutdown_on_exit=False
-            )
-            processor = BatchSpanProcessor(
-                self._span_exporter,
-                max_queue_size=s["max_queue_size"],
-                max_export_batch_size=s["max_export_batch_size"],
-                schedule_delay_millis=s["schedule_delay_millis"],
-            )
-            provider.add_span_processor(processor)
-            self._processors.append(processor)
-            self._owned.append(provider)
+            provider = self._own(TracerProvider, BatchSpanProcessor, self._span_exporter)
         self._provider = provider
         self._tracer = provider.get_tracer("tracemark")
         self._logger: Any = None
@@ -373,19 +359,27 @@ class Bridge:
                     (lambda: given_logs) if given_logs is not None else self._otlp_log_exporter,
                     LogRecordExportResult.SUCCESS,
                 )
-                lp = LoggerProvider(
-                    resource=make_resource(s["service_name"]), shutdown_on_exit=False
-                )
-                log_processor = BatchLogRecordProcessor(
-                    self._log_exporter,
-                    max_queue_size=s["max_queue_size"],
-                    max_export_batch_size=s["max_export_batch_size"],
-                    schedule_delay_millis=s["schedule_delay_millis"],
-                )
-                lp.add_log_record_processor(log_processor)
-                self._processors.append(log_processor)
-                self._owned.append(lp)
+                lp = self._own(LoggerProvider, BatchLogRecordProcessor, self._log_exporter)
             self._logger = lp.get_logger("tracemark")
+
+    def _own(self, provider_type: Any, processor_type: Any, exporter: Any) -> Any:
+        """A provider the bridge makes and owns, exporting through a batch processor."""
+        s = self._settings
+        # shutdown_on_exit=False: the SDK's own atexit shutdown has no time limit; ours
+        # (stop) has one.
+        provider = provider_type(resource=make_resource(s["service_name"]), shutdown_on_exit=False)
+        processor = processor_type(
+            exporter,
+            max_queue_size=s["max_queue_size"],
+            max_export_batch_size=s["max_export_batch_size"],
+            schedule_delay_millis=s["schedule_delay_millis"],
+        )
+        # TracerProvider.add_span_processor, LoggerProvider.add_log_record_processor
+        add = getattr(provider, "add_span_processor", None) or provider.add_log_record_processor
+        add(processor)
+        self._processors.append(processor)
+        self._owned.append(provider)
+        return provider
 
     def _otlp_span_exporter(self) -> Any:
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
