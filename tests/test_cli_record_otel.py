@@ -42,9 +42,9 @@ if __name__ == "__main__":
 """
 
 
-def record(tmp_path, *args, env=None, pre=""):
+def record(tmp_path, *args, env=None, pre="", program=APP):
     app = tmp_path / "app.py"
-    app.write_text(textwrap.dedent(APP))
+    app.write_text(textwrap.dedent(program))
     base = dict(os.environ if env is None else env)
     base["PYTHONPATH"] = str(ROOT)
     base.pop("OTEL_EXPORTER_OTLP_ENDPOINT", None) if env is None else None
@@ -87,6 +87,42 @@ def test_bare_otel_takes_the_endpoint_from_the_environment_and_warns_of_losses(t
     assert out.returncode == 0, out.stderr
     assert f"spans sent live to {c.endpoint}" in out.stderr, out.stderr
     assert "WARNING: OpenTelemetry: 20 spans NOT sent (20 refused or failed" in out.stderr
+
+
+FORK_EXIT = """
+import os
+import tracemark
+
+job = tracemark.span("app.job", n=int)
+with job(1):
+    pass
+pid = os.fork()
+if pid == 0:
+    with job(2):  # queued in the child's bridge, never sent: os._exit skips every hook
+        pass
+    os._exit(0)
+os.waitpid(pid, 0)
+print("child", pid)
+"""
+
+
+def test_a_child_ending_by_os_exit_is_named_in_the_summary_not_lost_silently(tmp_path):
+    with Collector() as c:
+        out = record(tmp_path, "--otel", c.endpoint, program=FORK_EXIT)
+        spans = c.spans()
+    assert out.returncode == 0, out.stderr
+    child = out.stdout.split()[-1]
+    # The parent's span arrived; the child's did not, and the summary says which process.
+    assert [{a.key: a.value for a in s.attributes}["n"].int_value for s in spans] == [1]
+    assert f"OpenTelemetry: 1 span sent live to {c.endpoint} from 1 process: 1 sent" in out.stderr
+    assert (
+        f"WARNING: OpenTelemetry: 1 process ({child}) ended without stopping the bridge"
+        in out.stderr
+    ), out.stderr
+    assert "NOT sent" in out.stderr
+    # The CTF recording has both spans: its ring outlives os._exit.
+    counts = Counter(ev.name for ev in read_trace(str(tmp_path / "trace")).events())
+    assert counts == {"app.job.begin": 2, "app.job.end": 2}
 
 
 def test_record_otel_without_opentelemetry_is_exit_5_naming_the_extra(tmp_path):

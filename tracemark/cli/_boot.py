@@ -17,7 +17,10 @@ inherits, and puts :file:`_site/sitecustomize.py` first on ``PYTHONPATH``, which
 
 With ``TRACEMARK_RECORD_OTEL``, each process writes what its bridge sent, failed or dropped
 to ``DIR/.tracemark-otel-PID`` (JSON) when the bridge stops (at exit; in a
-``multiprocessing`` fork worker, from its finalizer): ``record``'s summary adds them up. A
+``multiprocessing`` fork worker, from its finalizer): ``record``'s summary adds them up.
+The file is first written when the bridge starts (and in each forked child), saying it has
+not stopped: the summary names a process that ended without stopping it (``os._exit()``, a
+crash, a kill), whose queued spans were never sent. A
 process whose Python lacks OpenTelemetry says so in one line and is recorded all the same.
 
 Each process that installs probes keeps the state of each in ``DIR/.tracemark-probes-PID``
@@ -111,9 +114,15 @@ def _start_otel(endpoint: str, events: list[str], directory: str) -> None:
         )
         return
 
-    def write(stats: dict) -> None:
-        _write_json(directory, OTEL_FILE, {"pid": os.getpid(), "endpoint": endpoint, **stats})
+    def write(stats: dict | None = None) -> None:
+        record = {"pid": os.getpid(), "endpoint": endpoint, "stopped": stats is not None}
+        _write_json(directory, OTEL_FILE, {**record, **(stats or {})})
 
+    # Written now, and in each forked child, as "not stopped": a process that then ends
+    # without stopping its bridge (os._exit(), a crash, a kill) loses what its queue held,
+    # and record's summary can say which process did.
+    write()
+    os.register_at_fork(after_in_child=write)
     bridge.on_stop = write
 
 

@@ -387,26 +387,34 @@ def summarize_otel(trace_dir: Path, err: IO[str], style: Style) -> None:
     totals: Counter[str] = Counter()
     endpoints = set()
     processes = 0
+    unstopped = []
     for f in sorted(trace_dir.glob(f"{_boot.OTEL_FILE}*")):
         try:
             data = json.loads(f.read_text())
         except (OSError, ValueError):
             continue
+        if data.get("stopped") is False:  # written at start and never again
+            unstopped.append(data.get("pid"))
+            continue
         processes += 1
         endpoints.add(str(data.get("endpoint")))
         for key, value in data.items():
-            if isinstance(value, int) and key != "pid":
+            if type(value) is int and key != "pid":
                 totals[key] += value
     if not processes:
-        err.write(
-            style("  WARNING: OpenTelemetry: no process reported what it sent", "bold", "red")
-            + "\n"
-        )
+        if not unstopped:
+            err.write(
+                style("  WARNING: OpenTelemetry: no process reported what it sent", "bold", "red")
+                + "\n"
+            )
+        _unstopped_warning(unstopped, err, style)
         return
     to = ", ".join(sorted(endpoints))
+    made = totals["spans_made"]
     err.write(
-        f"  OpenTelemetry: {totals['spans_made']:,} spans sent live to {printable(to)} from "
-        f"{processes} process{'es' if processes != 1 else ''}: {totals['spans_sent']:,} sent"
+        f"  OpenTelemetry: {made:,} span{'s' if made != 1 else ''} sent live to "
+        f"{printable(to)} from {processes} process{'es' if processes != 1 else ''}: "
+        f"{totals['spans_sent']:,} sent"
         + (f", {totals['events']:,} span events" if totals["events"] else "")
         + "\n"
     )
@@ -417,6 +425,25 @@ def summarize_otel(trace_dir: Path, err: IO[str], style: Style) -> None:
                 f"  WARNING: OpenTelemetry: {lost:,} spans NOT sent ({totals['spans_failed']:,} "
                 f"refused or failed, {totals['spans_dropped']:,} dropped: queue full or "
                 "collector too slow at exit)",
+                "bold",
+                "red",
+            )
+            + "\n"
+        )
+    _unstopped_warning(unstopped, err, style)
+
+
+def _unstopped_warning(unstopped: list, err: IO[str], style: Style) -> None:
+    """The processes whose bridge said it started and never that it stopped."""
+    if unstopped:  # pids sorted as text: a file may hold anything
+        n = len(unstopped)
+        pids = ", ".join(str(p) for p in sorted(unstopped, key=str)[:10])
+        err.write(
+            style(
+                f"  WARNING: OpenTelemetry: {n} process{'es' if n != 1 else ''} ({pids}"
+                f"{', ...' if n > 10 else ''}) ended without stopping the bridge (os._exit(), "
+                "a crash or a kill): the spans still queued there were NOT sent, and are in no "
+                "count here",
                 "bold",
                 "red",
             )
