@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -319,21 +320,32 @@ def on_a_terminal(argv, env, *, stderr_too=True):
     """Run argv with stdout (and stderr, unless told) on a pseudo-terminal; return what it
     wrote there."""
     import pty
+    import select
 
     leader, follower = pty.openpty()
     stderr = follower if stderr_too else subprocess.DEVNULL
     proc = subprocess.Popen(argv, stdout=follower, stderr=stderr, env=env)
-    os.close(follower)
+    # The follower stays open here until the end: with the last one closed, Linux may answer
+    # a read with EIO while the child's last lines are still on their way to the leader (on
+    # a loaded machine), and they would be lost. So: read while the child runs, then until
+    # the pty has been quiet for a while after it exited.
     chunks = []
-    while True:
-        try:
-            data = os.read(leader, 65536)
-        except OSError:  # EIO: the other side is closed
-            break
-        if not data:
-            break
-        chunks.append(data)
-    os.close(leader)
+    deadline = time.monotonic() + 60
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([leader], [], [], 0.05)
+            if ready:
+                chunks.append(os.read(leader, 65536))
+            elif proc.poll() is not None:
+                ready, _, _ = select.select([leader], [], [], 0.5)
+                if not ready:
+                    break
+                chunks.append(os.read(leader, 65536))
+    finally:
+        os.close(follower)
+        os.close(leader)
+        if proc.poll() is None:
+            proc.kill()
     assert proc.wait(timeout=60) == 0
     return b"".join(chunks).decode()
 
