@@ -225,3 +225,55 @@ def test_the_tracemark_command_itself_does_not_listen(tmp_path):
     assert r.returncode == 0, r.stderr
     assert r.stderr == ""
     assert all(p["argv"][1:3] != ["-m", "tracemark"] for p in json.loads(r.stdout)["processes"])
+
+
+def _fake_listener(directory: Path, pid: int, *, remove_on_accept: bool):
+    """A socket for ``pid`` in ``directory`` that takes one connection and closes it, having
+    removed its socket first (a process ending as it was asked) or not (one that hangs up)."""
+    import socket
+    import threading
+
+    path = paths.socket_path(pid, directory)
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(path))
+    server.listen(1)
+
+    def serve():
+        conn, _ = server.accept()
+        if remove_on_accept:
+            os.unlink(path)
+        conn.close()
+        server.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    return path
+
+
+@pytest.mark.parametrize("ends", [True, False])
+def test_ps_is_silent_about_a_process_that_ends_as_it_is_asked(tmp_path, ends):
+    directory = paths.ensure_private_dir(tmp_path / "tracemark")
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        _fake_listener(directory, sleeper.pid, remove_on_accept=ends)
+        env = dict(os.environ, PYTHONPATH=str(ROOT), XDG_RUNTIME_DIR=str(tmp_path))
+        r = subprocess.run(
+            [sys.executable, "-m", "tracemark", "ps", "--json"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=env,
+        )
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert r.returncode == 0, r.stderr
+    about_it = [line for line in r.stderr.splitlines() if f"process {sleeper.pid}" in line]
+    # Ended (its socket gone): not an error. Still there and hanging up (seen as a closed
+    # connection or a broken pipe, by timing): said, once.
+    if ends:
+        assert about_it == []
+    else:
+        assert len(about_it) == 1 and about_it[0].startswith(
+            f"tracemark ps: process {sleeper.pid}: "
+        ), r.stderr
+    assert all(p["pid"] != sleeper.pid for p in json.loads(r.stdout)["processes"])

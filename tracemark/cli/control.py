@@ -186,8 +186,10 @@ def ps(args: argparse.Namespace, out: IO[str], err: IO[str]) -> int:
         try:
             with _client(pid) as c:
                 rows.append(_request(c, "info"))
-        except CliError as exc:  # it ended meanwhile, or is not ours
-            err.write(f"tracemark ps: {printable(exc.message)}\n")
+        except CliError as exc:
+            # one that ended while asked is no longer there, not an error
+            if not _gone(pid, or_unlistened=True, wait=0.5):
+                err.write(f"tracemark ps: {printable(exc.message)}\n")
     for r in rows:
         r.pop("ok", None)
     if args.json:
@@ -441,9 +443,13 @@ class _Watch:
         self.shown += len(events)
 
 
-def _gone(pid: int, pid_alive: Any, wait: float = 1.0) -> bool:
+def _gone(pid: int, *, or_unlistened: bool = False, wait: float = 1.0) -> bool:
     """Whether ``pid`` has died (a zombie has), waiting a little: the connection drops a
-    moment before a dying process is gone."""
+    moment before a dying process is gone. ``or_unlistened``: a process whose socket is gone
+    counts as gone too (it removes its socket as it exits)."""
+    from ..control import paths
+    from ..ctf.recovery import pid_alive
+
     deadline = time.monotonic() + wait
     while True:
         if not pid_alive(pid):
@@ -454,6 +460,8 @@ def _gone(pid: int, pid_alive: Any, wait: float = 1.0) -> bool:
                     return True
         except (OSError, IndexError):
             pass
+        if or_unlistened and all(pid not in dict(paths.listening(d)) for d in _all_dirs()):
+            return True
         if time.monotonic() >= deadline:
             return False
         time.sleep(0.02)
@@ -491,14 +499,13 @@ def _finish(
     err: IO[str],
 ) -> int:
     from ..ctf.index import index_trace
-    from ..ctf.recovery import pid_alive
     from ._common import report_recovered
     from .record import summarize
 
     prog = "tracemark attach"
     code = 0
     if ended is None:
-        if _gone(args.pid, pid_alive):
+        if _gone(args.pid):
             err.write(
                 f"{prog}: process {args.pid} died while attached; recovering its trace from "
                 "the ring files\n"
