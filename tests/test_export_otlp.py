@@ -545,6 +545,37 @@ def test_400_is_not_retried_and_the_rest_goes_on(traced, capsys):
     assert "HTTP 400" in err
 
 
+def test_413_too_large_batches_are_split_in_halves_down_to_one(traced):
+    """A collector that refuses bodies over a size (413): a refused batch is sent again as
+    two halves, and so on down to a single span or record; one refused alone is counted as
+    refused with the collector's reason."""
+    _, spans, logs = expected(traced)
+    with Collector() as c:  # each span and record alone: the largest request there is
+        export_otlp(traced, endpoint=c.endpoint, batch_spans=1, batch_logs=1, environ={})
+        alone = c.sizes
+    assert len(alone) == len(spans) + len(logs)
+    # Every one fits alone: all arrive, after splits.
+    with Collector() as c:
+        c.max_body = max(alone)
+        result = export_otlp(traced, endpoint=c.endpoint, environ={})
+        check_everything_arrived(traced, c)
+        too_large = c.refused_too_large
+    assert result.complete and result.failed_batches == 0 and too_large >= 2
+    assert result.requests == len(c.traces()) + len(c.logs()) + too_large
+    # None fits: each is refused alone, after the halving (a batch of n: 2n - 1 requests).
+    with Collector() as c:
+        c.max_body = min(alone) - 1
+        result = export_otlp(traced, endpoint=c.endpoint, environ={})
+        assert c.requests == []
+    assert result.spans == result.logs == 0 and result.stopped is None
+    assert result.spans_not_sent == len(spans) and result.logs_not_sent == len(logs)
+    assert result.failed_batches == len(spans) + len(logs)
+    assert result.requests == 2 * len(spans) - 1 + 2 * len(logs) - 1  # one batch of each
+    (reason,) = result.not_sent
+    assert "HTTP 413" in reason and "not retried" in reason
+    assert result.not_sent[reason] == [len(spans), len(logs)]
+
+
 def test_collector_down_clear_error_exit_7_and_what_was_not_sent(traced, capsys):
     _, spans, logs = expected(traced)
     with Collector() as c:
@@ -668,14 +699,18 @@ def test_usage_errors(traced, capsys):
     assert err.count("error:") == 5 and "Traceback" not in err
 
 
-def test_without_opentelemetry_one_line_and_exit_5(traced, capsys, monkeypatch):
-    for mod in [m for m in sys.modules if m.startswith("opentelemetry")]:
-        monkeypatch.delitem(sys.modules, mod)
-    monkeypatch.setitem(sys.modules, "opentelemetry", None)  # import: ImportError
-    code = main(["export", str(traced), "-f", "otlp", "--endpoint", "http://127.0.0.1:9"])
+def test_without_opentelemetry_the_export_still_sends_everything(traced, capsys, monkeypatch):
+    """The export writes the protobuf bytes itself (tracemark.export.otlp_wire): with no
+    OpenTelemetry package importable it sends all of it, and imports none."""
+    with Collector() as c:  # (its decoder classes are already imported)
+        for mod in [m for m in sys.modules if m.startswith("opentelemetry")]:
+            monkeypatch.delitem(sys.modules, mod)
+        monkeypatch.setitem(sys.modules, "opentelemetry", None)  # import: ImportError
+        code = main(["export", str(traced), "-f", "otlp", "--endpoint", c.endpoint])
+        check_everything_arrived(traced, c)
+        imported = [m for m in sys.modules if m.startswith("opentelemetry.")]
     err = capsys.readouterr().err
-    assert code == 5
-    assert err.count("\n") == 1 and "pip install 'tracemark[otel]'" in err
+    assert code == 0 and "Traceback" not in err and not imported
 
 
 def test_the_core_never_imports_opentelemetry(traced, tmp_path):
