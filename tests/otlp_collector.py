@@ -50,6 +50,8 @@ class Collector:
         self.max_body: int | None = None
         self.refused_too_large = 0
         self.sizes: list[int] = []  # body size of each accepted request
+        self.in_flight = 0  # requests being handled now
+        self.peak_in_flight = 0  # the most handled at once
         self._status: int | None = None
         self._times: int | None = None
         self._lock = threading.Lock()
@@ -118,6 +120,16 @@ class Collector:
 
     # -- the handler ----------------------------------------------------------------------
     def _handle(self, h: BaseHTTPRequestHandler) -> None:
+        with self._lock:
+            self.in_flight += 1
+            self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
+        try:
+            self._answer(h)
+        finally:
+            with self._lock:
+                self.in_flight -= 1
+
+    def _answer(self, h: BaseHTTPRequestHandler) -> None:
         with self._lock:
             self.attempts += 1
             hang_up = self.hang_up > 0

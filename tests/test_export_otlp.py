@@ -545,6 +545,34 @@ def test_400_is_not_retried_and_the_rest_goes_on(traced, capsys):
     assert "HTTP 400" in err
 
 
+def test_requests_in_flight_at_once_are_bounded(traced):
+    """A slow collector: the export keeps several requests in flight (never more than
+    in_flight), everything arrives once, and the counts are exact."""
+    _, spans, logs = expected(traced)
+    with Collector() as c:
+        c.delay = 0.2
+        result = export_otlp(traced, endpoint=c.endpoint, batch_spans=2, in_flight=3, environ={})
+        check_everything_arrived(traced, c)
+        peak = c.peak_in_flight
+        attempts = c.attempts
+    assert 2 <= peak <= 3
+    assert result.complete and result.spans == len(spans) and result.logs == len(logs)
+    assert result.requests == attempts == -(-len(spans) // 2) + 1
+
+
+def test_one_request_at_a_time_until_the_collector_has_answered(traced):
+    """Down (503 every time): one batch is tried, with its retries, not one per place."""
+    with Collector() as c:
+        c.delay = 0.1
+        c.fail(503)
+        result = export_otlp(
+            traced, endpoint=c.endpoint, batch_spans=2, retries=2, backoff=0.01, environ={}
+        )
+        peak, attempts = c.peak_in_flight, c.attempts
+    assert peak == 1 and attempts == 3 == result.requests and result.failed_batches == 1
+    assert result.stopped is not None and "HTTP 503" in result.stopped
+
+
 def test_413_too_large_batches_are_split_in_halves_down_to_one(traced):
     """A collector that refuses bodies over a size (413): a refused batch is sent again as
     two halves, and so on down to a single span or record; one refused alone is counted as
