@@ -272,6 +272,7 @@ class _Sender:
         #: The event the walker is handling (set by export_otlp's event stream).
         self.current: Any = None
         self._kv_cache: dict[tuple, bytes] = {}
+        self._keys: dict[str, bytes] = {}  # field name -> KeyValue.key, encoded
         self.stacks: dict[int, list[_Open]] = {}  # track uid -> open spans, innermost last
         self.thread_attrs: dict[int, list[bytes]] = {}  # track uid -> KeyValues
         self.spans: list[tuple[int, bytes, int]] = []  # the batch: (pid, Span, events)
@@ -297,7 +298,18 @@ class _Sender:
                 if kv is None:
                     if len(cache) >= _CACHED:
                         cache.clear()
-                    kv = cache[key] = _prefixed(wire.key_value(k, attribute_value(v)))
+                    if t is int and _INT64_MIN <= v <= _INT64_MAX:
+                        # The common case, by hand: KeyValue{key, value: AnyValue{int_value}}
+                        prefix = self._keys.get(k)
+                        if prefix is None:
+                            prefix = self._keys[k] = _key_prefix(k)
+                        value = wire.varint(v & 0xFFFFFFFFFFFFFFFF)
+                        body = prefix + b"\x12" + _SMALL[len(value) + 1] + b"\x18" + value
+                        kv = cache[key] = (
+                            _SMALL[len(body)] + body if len(body) < 128 else _prefixed(body)
+                        )
+                    else:
+                        kv = cache[key] = _prefixed(wire.key_value(k, attribute_value(v)))
                 out.append(kv)
             else:
                 out.append(_prefixed(wire.key_value(k, attribute_value(v))))
@@ -534,6 +546,17 @@ class _Sender:
                 self.result.maybe_received = True
 
 
+_INT64_MIN = -(2**63)
+_INT64_MAX = 2**63 - 1
+_SMALL = [bytes([i]) for i in range(128)]
+
+
+def _key_prefix(key: str) -> bytes:
+    """KeyValue's ``key`` field, encoded (empty: not written, as proto3 says)."""
+    k = key.encode("utf-8")
+    return b"\x0a" + wire.varint(len(k)) + k if k else b""
+
+
 def _prefixed(message: bytes) -> bytes:
     """``message`` with its length in front (a repeated field's entry, less its tag)."""
     return wire.varint(len(message)) + message
@@ -751,18 +774,19 @@ def export_otlp(
     events: Iterable[Any] = _events(subs, result.errors)
     if wrap is not None:
         events = wrap(events)
-    if progress is not None:
-        from . import _counting
-
-        events = _counting(events, progress)
     read = [0]
 
     def counted(events: Iterable[Any]) -> Iterable[Any]:
         # The walker handles each event before it asks for the next: the sink's end() sees
-        # its end event here (how the span ended: a probe's %raise is an error).
+        # its end event here (how the span ended: a probe's %raise is an error). Progress
+        # is said here too (one generator for both: this runs once per event).
         for read[0], ev in enumerate(events, 1):
             sender.current = ev
+            if not read[0] & 0x3FFF and progress is not None:
+                progress(read[0])
             yield ev
+        if progress is not None:
+            progress(read[0])
 
     try:
         walked = walk(subs, sender, errors=result.errors, events=counted(events))

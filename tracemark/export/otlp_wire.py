@@ -157,10 +157,19 @@ def span(
 ) -> bytes:
     """A Span message, kind INTERNAL. ``attributes``: the encoded repeated field (tags
     included); ``events``: Span.Event messages; ``status``: (code, message) or None."""
-    out = _ld(b"\x0a", trace_id) if trace_id else b""
-    if span_id:
+    # (ids of their usual sizes, 16 and 8 bytes, written without computing a length)
+    out = b""
+    if len(trace_id) == 16:
+        out = b"\x0a\x10" + trace_id
+    elif trace_id:
+        out = _ld(b"\x0a", trace_id)
+    if len(span_id) == 8:
+        out += b"\x12\x08" + span_id
+    elif span_id:
         out += _ld(b"\x12", span_id)
-    if parent_span_id:
+    if len(parent_span_id) == 8:
+        out += b"\x22\x08" + parent_span_id
+    elif parent_span_id:
         out += _ld(b"\x22", parent_span_id)
     if name:
         out += _ld(b"\x2a", name.encode("utf-8"))
