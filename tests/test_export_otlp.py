@@ -717,6 +717,43 @@ def test_interrupted_says_what_was_sent(traced, capsys, monkeypatch):
     assert "; 30 events read" in err and "interrupted after 30 events" in err
 
 
+def test_interrupted_with_requests_in_flight_waits_for_their_answers(traced):
+    """Ctrl-C while requests are in flight to a slow collector: those are answered and
+    counted as sent (what the collector has is what the result says), the rest of what was
+    read is counted as not sent."""
+    from tracemark.export import otlp
+
+    def interrupt_after(n):
+        def wrap(events):
+            for i, ev in enumerate(events):
+                if i == n:
+                    raise KeyboardInterrupt
+                yield ev
+
+        return wrap
+
+    _, spans, _ = expected(traced)
+    with Collector() as c:
+        c.delay = 0.3
+        with pytest.raises(otlp.Interrupted) as caught:
+            export_otlp(
+                traced,
+                endpoint=c.endpoint,
+                batch_spans=1,
+                in_flight=3,
+                environ={},
+                wrap=interrupt_after(30),
+            )
+        arrived = len(c.spans())
+        peak = c.peak_in_flight
+    result = caught.value.result
+    assert result.interrupted and result.events == 30 and peak >= 2
+    assert result.spans == arrived > 0 and result.failed_batches == 0
+    assert set(result.not_sent) <= {"interrupted before it was sent"}
+    assert result.spans_not_sent == sum(n for n, _ in result.not_sent.values())
+    assert result.spans + result.spans_not_sent < len(spans)  # not all of it was read
+
+
 def test_usage_errors(traced, capsys):
     assert main(["export", str(traced), "-f", "otlp", "-o", "x"]) == 2
     assert main(["export", str(traced), "-f", "otlp", "--counter", "note.n"]) == 2

@@ -447,19 +447,24 @@ class _Sender:
 
     def flush_spans(self) -> None:
         if self.spans:
-            batch, self.spans = _Batch(False, self.spans), []
-            self._submit(batch)
+            self._submit(_Batch(False, self.spans))
 
     def flush_logs(self) -> None:
         if self.records:
-            batch, self.records = _Batch(True, self.records), []
-            self._submit(batch)
+            self._submit(_Batch(True, self.records))
 
     def _submit(self, batch: _Batch) -> None:
+        # The batch stays in self.spans / self.records (where an interrupt counts it) until
+        # it is in the pipeline (where abort() counts it), or counted as not sent.
         self.pipeline.poll()  # answers arrived meanwhile: sending may have stopped
         if self._admit(batch):
             url = self.result.logs_url if batch.logs else self.result.traces_url
-            self.pipeline.submit(batch, url, self._body(batch))
+            self.pipeline.enqueue(batch, url, self._body(batch))
+        if batch.logs:
+            self.records = []
+        else:
+            self.spans = []
+        self.pipeline.pump()
 
     def _admit(self, batch: _Batch) -> bool:
         """May ``batch`` still be sent? If not, it is counted as not sent."""
@@ -608,8 +613,16 @@ class _Pipeline:
     def submit(self, batch: Any, url: str, body: bytes) -> None:
         """Send ``batch`` (encoded: ``body``) to ``url``: returns once it is in flight (or
         counted as not to be sent), having waited for answers while there was no room."""
+        self.enqueue(batch, url, body)
+        self.pump()
+
+    def enqueue(self, batch: Any, url: str, body: bytes) -> None:
+        """``batch`` waits for its place (:meth:`pump` sends it)."""
         self.ready.append((batch, url, body))
-        if not self._busy:  # (a 413's halves are submitted from done(): the loop below)
+
+    def pump(self) -> None:
+        """Start what waits, waiting for answers while there is no room."""
+        if not self._busy:  # (a 413's halves are submitted from done(): the loop runs)
             self._pump(wait=True)
 
     def poll(self) -> None:
