@@ -223,3 +223,27 @@ def test_an_answer_that_is_not_the_message_is_refused_not_misread():
 def test_varint_is_the_protobuf_varint(n):
     got = common.AnyValue.FromString(b"\x18" + wire.varint(n)).int_value
     assert got == (n - (1 << 64) if n >= 1 << 63 else n)
+
+
+field_value = st.one_of(
+    text, st.booleans(), st.integers(), st.floats(), st.binary(max_size=4), st.none()
+)
+
+
+@settings(max_examples=300)
+@given(st.dictionaries(text, field_value, max_size=5))
+def test_marker_fields_decode_to_the_key_values_the_objects_made(fields):
+    """The export's own fast paths (int64 written at once, strings cached) give the same
+    KeyValues as the rule of otel_attributes put into opentelemetry-proto objects, twice
+    (the second time from the cache)."""
+    from types import SimpleNamespace
+
+    from tracemark.export.otel_attributes import attribute_value
+    from tracemark.export.otlp import _Sender
+
+    sender = SimpleNamespace(_kv_cache={}, _keys={})
+    want = ref_kvs((k, attribute_value(v)) for k, v in fields.items())
+    for _ in range(2):
+        kvs = _Sender.fields(sender, fields)
+        got = resource_pb2.Resource.FromString(b"".join(b"\x0a" + kv for kv in kvs))
+        assert list(got.attributes) == want

@@ -282,34 +282,34 @@ class _Sender:
     # -- values ----------------------------------------------------------------------
     def fields(self, fields: Mapping[str, Any]) -> list[bytes]:
         """A marker's fields as KeyValue messages, each with its length prefix (the field's
-        tag is the caller's). Field values repeat (a path, a status, a device): the bytes of
-        a (name, str or int value) are made once and reused, from a cache of at most
-        :data:`_CACHED` entries. Floats are not cached: 0.0 == -0.0 would give one the
+        tag is the caller's). An int64 is written at once; string values repeat (a path, a
+        device): the bytes of a (name, str) are made once and reused, from a cache of at
+        most :data:`_CACHED` entries. Floats are not cached: 0.0 == -0.0 would give one the
         other's sign."""
         if not fields:
             return []
         cache = self._kv_cache
+        keys = self._keys
         out = []
         for k, v in fields.items():
             t = type(v)
-            if t is str or t is int:
-                key = (k, t, v)
+            if t is int and _INT64_MIN <= v <= _INT64_MAX:
+                # The common case, by hand and not cached (counters, sizes, ids: ints vary
+                # more than strings): KeyValue{key, value: AnyValue{int_value}}.
+                prefix = keys.get(k)
+                if prefix is None:
+                    prefix = keys[k] = _key_prefix(k)
+                value = _SMALL[v] if 0 <= v < 128 else wire.varint(v & 0xFFFFFFFFFFFFFFFF)
+                n = len(value)
+                body = prefix + _INT_VALUE[n] + value
+                out.append(_SMALL[len(body)] + body if len(body) < 128 else _prefixed(body))
+            elif t is str or t is int:
+                key = (k, v)
                 kv = cache.get(key)
                 if kv is None:
                     if len(cache) >= _CACHED:
                         cache.clear()
-                    if t is int and _INT64_MIN <= v <= _INT64_MAX:
-                        # The common case, by hand: KeyValue{key, value: AnyValue{int_value}}
-                        prefix = self._keys.get(k)
-                        if prefix is None:
-                            prefix = self._keys[k] = _key_prefix(k)
-                        value = wire.varint(v & 0xFFFFFFFFFFFFFFFF)
-                        body = prefix + b"\x12" + _SMALL[len(value) + 1] + b"\x18" + value
-                        kv = cache[key] = (
-                            _SMALL[len(body)] + body if len(body) < 128 else _prefixed(body)
-                        )
-                    else:
-                        kv = cache[key] = _prefixed(wire.key_value(k, attribute_value(v)))
+                    kv = cache[key] = _prefixed(wire.key_value(k, attribute_value(v)))
                 out.append(kv)
             else:
                 out.append(_prefixed(wire.key_value(k, attribute_value(v))))
@@ -554,6 +554,8 @@ class _Sender:
 _INT64_MIN = -(2**63)
 _INT64_MAX = 2**63 - 1
 _SMALL = [bytes([i]) for i in range(128)]
+#: AnyValue as a KeyValue's value field, for an int_value varint of n bytes: its start.
+_INT_VALUE = [b""] + [b"\x12" + bytes([n + 1]) + b"\x18" for n in range(1, 11)]
 
 
 def _key_prefix(key: str) -> bytes:
