@@ -9,6 +9,7 @@ It can misbehave on demand, the ways a real collector does::
         c.fail(400)               # every request is refused with 400 until c.fail(None)
         c.delay = 2.0             # answer each request 2 s late
         c.hang_up = 1             # close the next request's connection without an answer
+        c.max_body = 4096         # refuse a larger body with 413 (c.refused_too_large counts)
         c.stop()                  # nothing listens: connections are refused
         c.endpoint                # "http://127.0.0.1:PORT"
         c.spans()                 # every span received, in order (opentelemetry.proto Span)
@@ -46,6 +47,11 @@ class Collector:
         self.attempts = 0  # every request that reached the handler, answered or not
         self.delay = 0.0
         self.hang_up = 0
+        self.max_body: int | None = None
+        self.refused_too_large = 0
+        self.sizes: list[int] = []  # body size of each accepted request
+        self.in_flight = 0  # requests being handled now
+        self.peak_in_flight = 0  # the most handled at once
         self._status: int | None = None
         self._times: int | None = None
         self._lock = threading.Lock()
@@ -115,6 +121,16 @@ class Collector:
     # -- the handler ----------------------------------------------------------------------
     def _handle(self, h: BaseHTTPRequestHandler) -> None:
         with self._lock:
+            self.in_flight += 1
+            self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
+        try:
+            self._answer(h)
+        finally:
+            with self._lock:
+                self.in_flight -= 1
+
+    def _answer(self, h: BaseHTTPRequestHandler) -> None:
+        with self._lock:
             self.attempts += 1
             hang_up = self.hang_up > 0
             if hang_up:
@@ -133,6 +149,15 @@ class Collector:
         if self.delay:
             time.sleep(self.delay)
         kind = _KINDS.get(h.path)
+        if status is None and self.max_body is not None and length > self.max_body:
+            with self._lock:
+                self.refused_too_large += 1
+            text = f"request body over the limit of {self.max_body} bytes".encode()
+            h.send_response(413)
+            h.send_header("Content-Length", str(len(text)))
+            h.end_headers()
+            h.wfile.write(text)
+            return
         if status is not None or kind is None:
             h.send_response(status or 404)
             h.send_header("Content-Length", "0")
@@ -147,6 +172,7 @@ class Collector:
         request.ParseFromString(body)
         with self._lock:
             self.requests.append((h.path, request))
+            self.sizes.append(length)
         answer = kind[1]().SerializeToString()
         h.send_response(200)
         h.send_header("Content-Type", "application/x-protobuf")

@@ -545,6 +545,65 @@ def test_400_is_not_retried_and_the_rest_goes_on(traced, capsys):
     assert "HTTP 400" in err
 
 
+def test_requests_in_flight_at_once_are_bounded(traced):
+    """A slow collector: the export keeps several requests in flight (never more than
+    in_flight), everything arrives once, and the counts are exact."""
+    _, spans, logs = expected(traced)
+    with Collector() as c:
+        c.delay = 0.2
+        result = export_otlp(traced, endpoint=c.endpoint, batch_spans=2, in_flight=3, environ={})
+        check_everything_arrived(traced, c)
+        peak = c.peak_in_flight
+        attempts = c.attempts
+    assert 2 <= peak <= 3
+    assert result.complete and result.spans == len(spans) and result.logs == len(logs)
+    assert result.requests == attempts == -(-len(spans) // 2) + 1
+
+
+def test_one_request_at_a_time_until_the_collector_has_answered(traced):
+    """Down (503 every time): one batch is tried, with its retries, not one per place."""
+    with Collector() as c:
+        c.delay = 0.1
+        c.fail(503)
+        result = export_otlp(
+            traced, endpoint=c.endpoint, batch_spans=2, retries=2, backoff=0.01, environ={}
+        )
+        peak, attempts = c.peak_in_flight, c.attempts
+    assert peak == 1 and attempts == 3 == result.requests and result.failed_batches == 1
+    assert result.stopped is not None and "HTTP 503" in result.stopped
+
+
+def test_413_too_large_batches_are_split_in_halves_down_to_one(traced):
+    """A collector that refuses bodies over a size (413): a refused batch is sent again as
+    two halves, and so on down to a single span or record; one refused alone is counted as
+    refused with the collector's reason."""
+    _, spans, logs = expected(traced)
+    with Collector() as c:  # each span and record alone: the largest request there is
+        export_otlp(traced, endpoint=c.endpoint, batch_spans=1, batch_logs=1, environ={})
+        alone = c.sizes
+    assert len(alone) == len(spans) + len(logs)
+    # Every one fits alone: all arrive, after splits.
+    with Collector() as c:
+        c.max_body = max(alone)
+        result = export_otlp(traced, endpoint=c.endpoint, environ={})
+        check_everything_arrived(traced, c)
+        too_large = c.refused_too_large
+    assert result.complete and result.failed_batches == 0 and too_large >= 2
+    assert result.requests == len(c.traces()) + len(c.logs()) + too_large
+    # None fits: each is refused alone, after the halving (a batch of n: 2n - 1 requests).
+    with Collector() as c:
+        c.max_body = min(alone) - 1
+        result = export_otlp(traced, endpoint=c.endpoint, environ={})
+        assert c.requests == []
+    assert result.spans == result.logs == 0 and result.stopped is None
+    assert result.spans_not_sent == len(spans) and result.logs_not_sent == len(logs)
+    assert result.failed_batches == len(spans) + len(logs)
+    assert result.requests == 2 * len(spans) - 1 + 2 * len(logs) - 1  # one batch of each
+    (reason,) = result.not_sent
+    assert "HTTP 413" in reason and "not retried" in reason
+    assert result.not_sent[reason] == [len(spans), len(logs)]
+
+
 def test_collector_down_clear_error_exit_7_and_what_was_not_sent(traced, capsys):
     _, spans, logs = expected(traced)
     with Collector() as c:
@@ -658,6 +717,43 @@ def test_interrupted_says_what_was_sent(traced, capsys, monkeypatch):
     assert "; 30 events read" in err and "interrupted after 30 events" in err
 
 
+def test_interrupted_with_requests_in_flight_waits_for_their_answers(traced):
+    """Ctrl-C while requests are in flight to a slow collector: those are answered and
+    counted as sent (what the collector has is what the result says), the rest of what was
+    read is counted as not sent."""
+    from tracemark.export import otlp
+
+    def interrupt_after(n):
+        def wrap(events):
+            for i, ev in enumerate(events):
+                if i == n:
+                    raise KeyboardInterrupt
+                yield ev
+
+        return wrap
+
+    _, spans, _ = expected(traced)
+    with Collector() as c:
+        c.delay = 0.3
+        with pytest.raises(otlp.Interrupted) as caught:
+            export_otlp(
+                traced,
+                endpoint=c.endpoint,
+                batch_spans=1,
+                in_flight=3,
+                environ={},
+                wrap=interrupt_after(30),
+            )
+        arrived = len(c.spans())
+        peak = c.peak_in_flight
+    result = caught.value.result
+    assert result.interrupted and result.events == 30 and peak >= 2
+    assert result.spans == arrived > 0 and result.failed_batches == 0
+    assert set(result.not_sent) <= {"interrupted before it was sent"}
+    assert result.spans_not_sent == sum(n for n, _ in result.not_sent.values())
+    assert result.spans + result.spans_not_sent < len(spans)  # not all of it was read
+
+
 def test_usage_errors(traced, capsys):
     assert main(["export", str(traced), "-f", "otlp", "-o", "x"]) == 2
     assert main(["export", str(traced), "-f", "otlp", "--counter", "note.n"]) == 2
@@ -668,14 +764,18 @@ def test_usage_errors(traced, capsys):
     assert err.count("error:") == 5 and "Traceback" not in err
 
 
-def test_without_opentelemetry_one_line_and_exit_5(traced, capsys, monkeypatch):
-    for mod in [m for m in sys.modules if m.startswith("opentelemetry")]:
-        monkeypatch.delitem(sys.modules, mod)
-    monkeypatch.setitem(sys.modules, "opentelemetry", None)  # import: ImportError
-    code = main(["export", str(traced), "-f", "otlp", "--endpoint", "http://127.0.0.1:9"])
+def test_without_opentelemetry_the_export_still_sends_everything(traced, capsys, monkeypatch):
+    """The export writes the protobuf bytes itself (tracemark.export.otlp_wire): with no
+    OpenTelemetry package importable it sends all of it, and imports none."""
+    with Collector() as c:  # (its decoder classes are already imported)
+        for mod in [m for m in sys.modules if m.startswith("opentelemetry")]:
+            monkeypatch.delitem(sys.modules, mod)
+        monkeypatch.setitem(sys.modules, "opentelemetry", None)  # import: ImportError
+        code = main(["export", str(traced), "-f", "otlp", "--endpoint", c.endpoint])
+        check_everything_arrived(traced, c)
+        imported = [m for m in sys.modules if m.startswith("opentelemetry.")]
     err = capsys.readouterr().err
-    assert code == 5
-    assert err.count("\n") == 1 and "pip install 'tracemark[otel]'" in err
+    assert code == 0 and "Traceback" not in err and not imported
 
 
 def test_the_core_never_imports_opentelemetry(traced, tmp_path):

@@ -3,7 +3,7 @@ trace as a file timeline viewers load (:mod:`tracemark.export`); ``--format parq
 [--layout wide|long] [-e GLOB] [--filter EXPR]``: as Parquet tables for query engines
 (:mod:`tracemark.export.parquet`, the ``tracemark[parquet]`` extra); ``--format otlp
 [--endpoint URL]``: sent to an OpenTelemetry collector over OTLP/HTTP
-(:mod:`tracemark.export.otlp`, the ``tracemark[otel]`` extra).
+(:mod:`tracemark.export.otlp`, standard library).
 
 Guarantees
 ----------
@@ -23,7 +23,7 @@ Guarantees
   ``view``); they, and ``--layout``, go with parquet only, ``--counter`` and ``--jobs``
   with chrome and perfetto only (usage errors otherwise): a timeline of some events only
   would cut spans in two.
-* OTLP: without the OpenTelemetry packages, exit 5 naming ``pip install 'tracemark[otel]'``.
+* OTLP: standard library only (no OpenTelemetry package needed).
   ``--endpoint``, ``--timeout`` and ``--retries`` go with otlp only. At the end, one line
   says what was sent (spans, span events, log records, requests), then one line per reason
   something was not sent (with the counts), and the exit code says it too: 7 (the
@@ -82,7 +82,7 @@ process (pid=N/), so DuckDB reads many traces as one dataset:
     read_parquet('out/shop.order/**/*.parquet', hive_partitioning=true)
     GROUP BY pid"
 
-otlp (pip install 'tracemark[otel]'): spans (begin/end pairs) become OTLP spans
+otlp (standard library): spans (begin/end pairs) become OTLP spans
 with their fields as attributes, nested per thread and asyncio task, one trace
 per outermost span; markers become events of the enclosing span, or log
 records (/v1/logs) outside any span; an unfinished span is sent ending at its
@@ -357,10 +357,6 @@ def run_otlp(args: argparse.Namespace, err: IO[str], prog: str) -> int:
         raise CliError("--retries must be 0 or more", EXIT_USAGE)
     from ..export import otlp
 
-    try:
-        otlp._proto()
-    except otlp.MissingOtel as exc:
-        raise CliError(str(exc).partition(" (")[0], EXIT_ENVIRONMENT) from None
     trace = open_trace(args.trace, session=args.session, merge=args.all)
     only = [sub.path for sub in trace.subtraces]
     options: dict[str, Any] = {}

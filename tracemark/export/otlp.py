@@ -5,10 +5,9 @@
     result = export_otlp("tracemark-traces/app", endpoint="http://collector:4318")
     result.complete      # False when anything was not (confirmed) sent: see result.not_sent
 
-Needs the ``tracemark[otel]`` extra (``opentelemetry-proto``, which the OTLP/HTTP exporter
-brings): the messages are encoded with the official ``opentelemetry.proto`` classes,
-imported here only; without them :func:`export_otlp` raises :class:`MissingOtel`. The
-HTTP transport is :mod:`.otlp_http` (standard library).
+Standard library only: the protobuf messages are written by :mod:`.otlp_wire` (the tests
+decode every request with the official ``opentelemetry-proto`` messages and compare them with
+what those classes build), the HTTP transport is :mod:`.otlp_http`.
 
 What is sent
 ------------
@@ -54,7 +53,13 @@ Guarantees
 ----------
 * **Streaming, bounded memory**: spans are sent in batches of at most ``batch_spans`` spans
   and log records in batches of ``batch_logs``; what is held meanwhile is the open spans
-  (per track, with at most :data:`SPAN_EVENT_LIMIT` events each) and one batch of each.
+  (per track, with at most :data:`SPAN_EVENT_LIMIT` events each), one batch of each being
+  filled, and the batches in flight: at most ``in_flight`` (:data:`IN_FLIGHT`) requests at
+  once, each on its own connection and thread, in no particular order (OTLP asks for
+  none); one at a time until the collector has answered once.
+* **Too large** (413): a batch the collector refuses as too large is split in halves and
+  each half sent on its own, down to a single span or log record; one still refused alone
+  is counted as refused, with the collector's reason.
 * **Retries** (:mod:`.otlp_http`): connection failures, timeouts, 429 and 5xx are retried
   with backoff (``Retry-After`` respected); other 4xx are not.
 * **Stop or go on**: a batch *refused* (4xx) is counted and the export goes on with the
@@ -76,11 +81,15 @@ from __future__ import annotations
 
 import hashlib
 import os
+import queue
 import sys
+import threading
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import otlp_wire as wire
 from .otel_attributes import attribute_value
 from .otel_attributes import attributes as convert_attributes
 from .otlp_http import Outcome, Poster, parse_headers
@@ -106,34 +115,16 @@ SPAN_EVENT_LIMIT = 128
 #: Spans, log records per request.
 BATCH_SPANS = 512
 BATCH_LOGS = 1024
+#: Requests in flight at once, at most (each on its own connection).
+IN_FLIGHT = 3
 INSTALL = "pip install 'tracemark[otel]'"
 #: KeyValues of repeated field values kept for reuse, at most.
 _CACHED = 4096
 
 
 class MissingOtel(ImportError):
-    """The OpenTelemetry protobuf messages are not installed: the message says how."""
-
-
-def _proto() -> Any:
-    """The opentelemetry.proto modules, as one namespace."""
-    try:
-        from opentelemetry.proto.collector.logs.v1 import logs_service_pb2
-        from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
-        from opentelemetry.proto.common.v1 import common_pb2
-        from opentelemetry.proto.logs.v1 import logs_pb2
-        from opentelemetry.proto.resource.v1 import resource_pb2
-        from opentelemetry.proto.trace.v1 import trace_pb2
-    except ImportError as exc:
-        raise MissingOtel(f"the otlp format needs OpenTelemetry: {INSTALL} ({exc})") from None
-
-    class P:
-        pass
-
-    p = P()
-    p.common, p.resource, p.trace, p.logs = common_pb2, resource_pb2, trace_pb2, logs_pb2
-    p.trace_service, p.logs_service = trace_service_pb2, logs_service_pb2
-    return p
+    """Kept for callers that catch it: the export no longer needs OpenTelemetry (the
+    messages are encoded by :mod:`.otlp_wire`), so it is not raised."""
 
 
 class Interrupted(KeyboardInterrupt):
@@ -234,107 +225,105 @@ class _Open:
     def __init__(self, trace_id: bytes, span_id: bytes) -> None:
         self.trace_id = trace_id
         self.span_id = span_id
-        self.events: list[Any] = []
+        self.events: list[bytes | None] = []
+
+
+class _Batch:
+    """Encoded spans or log records on their way: (pid, message, span events) each."""
+
+    __slots__ = ("items", "logs")
+
+    def __init__(self, logs: bool, items: list[tuple[int, bytes, int]]) -> None:
+        self.logs = logs
+        self.items = items
 
 
 class _Sender:
-    """The walker's sink: spans and log records into batches, batches to the collector."""
+    """The walker's sink: spans and log records encoded (:mod:`.otlp_wire`) into batches,
+    batches to the collector through a :class:`_Pipeline`."""
 
     def __init__(
         self,
-        p: Any,
         result: OtlpResult,
-        poster: Poster,
+        make_poster: Callable[[], Poster],
         subs: list[Any],
         schema: int,
         environ: Mapping[str, str],
         batch_spans: int,
         batch_logs: int,
         event_limit: int,
+        in_flight: int = 1,
     ) -> None:
         from .. import __version__
 
-        self.p = p
         self.result = result
-        self.poster = poster
         self.batch_spans = batch_spans
         self.batch_logs = batch_logs
         self.event_limit = event_limit
-        self.Span = p.trace.Span
-        self.Event = p.trace.Span.Event
-        self.KeyValue = p.common.KeyValue
-        self.AnyValue = p.common.AnyValue
-        self.ArrayValue = p.common.ArrayValue
-        self.INTERNAL = p.trace.Span.SPAN_KIND_INTERNAL
-        self.scope = p.common.InstrumentationScope(name="tracemark", version=__version__)
-        self.resources: dict[int, Any] = {}
+        self.scope = wire.scope("tracemark", __version__)
+        self.resources: dict[int, bytes] = {}
         for sub in subs:
             if sub.pid not in self.resources:
-                self.resources[sub.pid] = p.resource.Resource(
-                    attributes=self.kvs(resource_attributes(sub, schema, environ))
-                )
+                self.resources[sub.pid] = wire.resource(resource_attributes(sub, schema, environ))
         token = min(subs, key=lambda s: str(s.path)).meta.uuid if subs else b"\0" * 16
         self._key = hashlib.blake2b(token, digest_size=32).digest()
+        self._keyed = {size: hashlib.blake2b(digest_size=size, key=self._key) for size in (8, 16)}
         self._serial = 0
         #: The event the walker is handling (set by export_otlp's event stream).
         self.current: Any = None
-        self._kv_cache: dict[tuple, Any] = {}
+        self._kv_cache: dict[tuple, bytes] = {}
+        self._keys: dict[str, bytes] = {}  # field name -> KeyValue.key, encoded
         self.stacks: dict[int, list[_Open]] = {}  # track uid -> open spans, innermost last
-        self.thread_attrs: dict[int, list[Any]] = {}  # track uid -> KeyValues
-        self.spans: dict[int, list[Any]] = {}  # pid -> spans of the batch
-        self.n_spans = 0
-        self.n_span_events = 0
-        self.records: dict[int, list[Any]] = {}  # pid -> log records of the batch
-        self.n_records = 0
-        self._has_event_name = "event_name" in p.logs.LogRecord.DESCRIPTOR.fields_by_name
+        self.thread_attrs: dict[int, list[bytes]] = {}  # track uid -> KeyValues
+        self.spans: list[tuple[int, bytes, int]] = []  # the batch: (pid, Span, events)
+        self.records: list[tuple[int, bytes, int]] = []  # (pid, LogRecord, 0)
+        self.pipeline = _Pipeline(make_poster, in_flight, self._done, self._admit)
 
     # -- values ----------------------------------------------------------------------
-    def value(self, v: Any) -> Any:
-        t = type(v)
-        if t is str:
-            return self.AnyValue(string_value=v)
-        if t is bool:
-            return self.AnyValue(bool_value=v)
-        if t is int:
-            return self.AnyValue(int_value=v)
-        if t is float:
-            return self.AnyValue(double_value=v)
-        return self.AnyValue(array_value=self.ArrayValue(values=[self.value(x) for x in v]))
-
-    def kvs(self, attrs: Mapping[str, Any]) -> list[Any]:
-        """Already converted attribute values as KeyValues."""
-        kv, value = self.KeyValue, self.value
-        return [kv(key=k, value=value(v)) for k, v in attrs.items()]
-
-    def fields(self, fields: Mapping[str, Any]) -> list[Any]:
-        """A marker's fields as KeyValues. Field values repeat (a path, a status, a device):
-        the KeyValue of a (name, str or int value) is made once and reused (protobuf copies
-        it into each message), from a cache of at most :data:`_CACHED` entries. Floats are
-        not cached: 0.0 == -0.0 would give one the other's sign."""
+    def fields(self, fields: Mapping[str, Any]) -> list[bytes]:
+        """A marker's fields as KeyValue messages, each with its length prefix (the field's
+        tag is the caller's). An int64 is written at once; string values repeat (a path, a
+        device): the bytes of a (name, str) are made once and reused, from a cache of at
+        most :data:`_CACHED` entries. Floats are not cached: 0.0 == -0.0 would give one the
+        other's sign."""
         if not fields:
             return []
         cache = self._kv_cache
+        keys = self._keys
         out = []
         for k, v in fields.items():
             t = type(v)
-            if t is str or t is int:
-                key = (k, t, v)
+            if t is int and _INT64_MIN <= v <= _INT64_MAX:
+                # The common case, by hand and not cached (counters, sizes, ids: ints vary
+                # more than strings): KeyValue{key, value: AnyValue{int_value}}.
+                prefix = keys.get(k)
+                if prefix is None:
+                    prefix = keys[k] = _key_prefix(k)
+                value = _SMALL[v] if 0 <= v < 128 else wire.varint(v & 0xFFFFFFFFFFFFFFFF)
+                n = len(value)
+                body = prefix + _INT_VALUE[n] + value
+                out.append(_SMALL[len(body)] + body if len(body) < 128 else _prefixed(body))
+            elif t is str or t is int:
+                key = (k, v)
                 kv = cache.get(key)
                 if kv is None:
                     if len(cache) >= _CACHED:
                         cache.clear()
-                    kv = cache[key] = self.KeyValue(key=k, value=self.value(attribute_value(v)))
+                    kv = cache[key] = _prefixed(wire.key_value(k, attribute_value(v)))
                 out.append(kv)
             else:
-                out.append(self.KeyValue(key=k, value=self.value(attribute_value(v))))
+                out.append(_prefixed(wire.key_value(k, attribute_value(v))))
         return out
 
     def _id(self, size: int) -> bytes:
+        # BLAKE2b keyed with the trace's token, of the serial number: a copy of the keyed
+        # state then the serial is the same digest as keying anew, for less.
+        keyed = self._keyed[size]
         while True:
             self._serial += 1
-            digest = hashlib.blake2b(
-                self._serial.to_bytes(8, "little"), digest_size=size, key=self._key
-            ).digest()
+            h = keyed.copy()
+            h.update(self._serial.to_bytes(8, "little"))
+            digest = h.digest()
             if any(digest):  # an all-zero id is invalid (OTLP: "trace_id", "span_id")
                 return digest
 
@@ -349,10 +338,12 @@ class _Sender:
             attrs["tracemark.task.name"] = str(track.task)
         # A thread renamed comes again: later spans carry the new name (a task track keeps
         # the name its thread had when the task was first seen).
-        self.thread_attrs[track.uid] = self.kvs(convert_attributes(attrs))
+        self.thread_attrs[track.uid] = [
+            _prefixed(wire.key_value(k, v)) for k, v in convert_attributes(attrs).items()
+        ]
         self.stacks.setdefault(track.uid, [])
 
-    def _thread_kvs(self, track: Track) -> list[Any]:
+    def _thread_kvs(self, track: Track) -> list[bytes]:
         kvs = self.thread_attrs.get(track.uid)
         if kvs is None:
             self.track(track)
@@ -380,41 +371,35 @@ class _Sender:
             self.result.spans_not_sent += 1
             self._not_sent(self.result.stopped, 1, 0)
             return
-        args = dict(begin_fields)
         if end_fields:
+            args = dict(begin_fields)
             args.update(end_args(begin_fields, end_fields))
+        else:
+            args = begin_fields
         attrs = self.fields(args)
         attrs.extend(self._thread_kvs(track))
         status = None
         if unfinished:
-            attrs.append(self.KeyValue(key="tracemark.unfinished", value=self.value(True)))
+            attrs.append(_UNFINISHED)
         elif self.current is not None and self.current.name.endswith(".raise"):
             # A probe's call left by an exception: an error, as OpenTelemetry records one
             # (its exc_type and message are attributes too).
             f = end_fields or {}
             text = ": ".join(str(f[k]) for k in ("exc_type", "message") if f.get(k))
-            status = self.p.trace.Status(
-                code=self.p.trace.Status.STATUS_CODE_ERROR, message=attribute_text(text)
-            )
-        message = self.Span(
-            trace_id=span.trace_id,
-            span_id=span.span_id,
-            parent_span_id=stack[-1].span_id if stack else b"",
-            name=name,
-            kind=self.INTERNAL,
-            start_time_unix_nano=begin_ts,
-            end_time_unix_nano=ts,
-            attributes=attrs,
-            events=span.events,
-            status=status,
+            status = (wire.STATUS_CODE_ERROR, attribute_text(text))
+        message = wire.span(
+            span.trace_id,
+            span.span_id,
+            stack[-1].span_id if stack else b"",
+            name,
+            begin_ts,
+            ts,
+            b"\x4a" + b"\x4a".join(attrs) if attrs else b"",
+            span.events,
+            status,
         )
-        batch = self.spans.get(track.pid)
-        if batch is None:
-            batch = self.spans[track.pid] = []
-        batch.append(message)
-        self.n_spans += 1
-        self.n_span_events += len(span.events)
-        if self.n_spans >= self.batch_spans:
+        self.spans.append((track.pid, message, len(span.events)))
+        if len(self.spans) >= self.batch_spans:
             self.flush_spans()
 
     def instant(self, track: Track, ts: int, name: str, fields: dict[str, Any]) -> None:
@@ -422,8 +407,9 @@ class _Sender:
         inside = stack[-1] if stack else None
         if inside is not None and len(inside.events) < self.event_limit:
             if self.result.stopped is None:
+                attrs = self.fields(fields)
                 inside.events.append(
-                    self.Event(time_unix_nano=ts, name=name, attributes=self.fields(fields))
+                    wire.event(ts, name, b"\x1a" + b"\x1a".join(attrs) if attrs else b"")
                 )
             else:
                 inside.events.append(None)  # counted with its span, not sent
@@ -434,24 +420,11 @@ class _Sender:
             return
         attrs = self.fields(fields)
         attrs.extend(self._thread_kvs(track))
-        record = self.p.logs.LogRecord(
-            time_unix_nano=ts,
-            observed_time_unix_nano=ts,
-            body=self.AnyValue(string_value=name),
-            attributes=attrs,
-        )
-        if self._has_event_name:
-            record.event_name = name
-        if inside is not None:
-            record.trace_id = inside.trace_id
-            record.span_id = inside.span_id
-            record.flags = 1  # sampled (W3C trace-flags), as the span itself is sent
-        batch = self.records.get(track.pid)
-        if batch is None:
-            batch = self.records[track.pid] = []
-        batch.append(record)
-        self.n_records += 1
-        if self.n_records >= self.batch_logs:
+        # The enclosing span's context; flags 1: sampled (W3C trace-flags), as the span is.
+        context = (inside.trace_id, inside.span_id, 1) if inside is not None else (b"", b"", 0)
+        record = wire.log_record(ts, name, b"\x32" + b"\x32".join(attrs), name, *context)
+        self.records.append((track.pid, record, 0))
+        if len(self.records) >= self.batch_logs:
             self.flush_logs()
 
     def counter(self, track: Track, ts: int, value: int | float) -> None:  # not asked for
@@ -463,112 +436,294 @@ class _Sender:
         counts[0] += spans
         counts[1] += logs
 
-    def flush_spans(self) -> None:
-        if not self.n_spans:
-            return
-        p, n = self.p, self.n_spans
-        if self.result.stopped is not None:  # sending stopped while this batch filled
-            self.spans, self.n_spans, self.n_span_events = {}, 0, 0
-            self.result.spans_not_sent += n
-            self._not_sent(self.result.stopped, n, 0)
-            return
-        request = p.trace_service.ExportTraceServiceRequest(
-            resource_spans=[
-                p.trace.ResourceSpans(
-                    resource=self.resources.get(pid) or p.resource.Resource(),
-                    scope_spans=[p.trace.ScopeSpans(scope=self.scope, spans=spans)],
-                )
-                for pid, spans in self.spans.items()
-            ]
-        )
-        events = self.n_span_events
-        self.spans, self.n_spans, self.n_span_events = {}, 0, 0
-        outcome = self._send(self.result.traces_url, request.SerializeToString())
-        if outcome.ok:
-            answer = p.trace_service.ExportTraceServiceResponse()
-            rejected = self._rejected(answer, outcome, "rejected_spans")
-            self.result.spans += n - rejected
-            self.result.span_events += events  # of the spans sent (a rejection: unknown)
-            if rejected:
-                self.result.spans_not_sent += rejected
-                self._not_sent(_partial_reason(answer), rejected, 0)
+    def _count_not_sent(self, batch: _Batch, reason: str) -> None:
+        n = len(batch.items)
+        if batch.logs:
+            self.result.logs_not_sent += n
+            self._not_sent(reason, 0, n)
         else:
             self.result.spans_not_sent += n
-            self._not_sent(outcome.reason, n, 0)
+            self._not_sent(reason, n, 0)
+
+    def flush_spans(self) -> None:
+        if self.spans:
+            self._submit(_Batch(False, self.spans))
 
     def flush_logs(self) -> None:
-        if not self.n_records:
-            return
-        p, n = self.p, self.n_records
-        if self.result.stopped is not None:  # sending stopped while this batch filled
-            self.records, self.n_records = {}, 0
-            self.result.logs_not_sent += n
-            self._not_sent(self.result.stopped, 0, n)
-            return
-        request = p.logs_service.ExportLogsServiceRequest(
-            resource_logs=[
-                p.logs.ResourceLogs(
-                    resource=self.resources.get(pid) or p.resource.Resource(),
-                    scope_logs=[p.logs.ScopeLogs(scope=self.scope, log_records=records)],
-                )
-                for pid, records in self.records.items()
-            ]
-        )
-        self.records, self.n_records = {}, 0
-        outcome = self._send(self.result.logs_url, request.SerializeToString())
-        if outcome.ok:
-            answer = p.logs_service.ExportLogsServiceResponse()
-            rejected = self._rejected(answer, outcome, "rejected_log_records")
-            self.result.logs += n - rejected
-            if rejected:
-                self.result.logs_not_sent += rejected
-                self._not_sent(_partial_reason(answer), 0, rejected)
+        if self.records:
+            self._submit(_Batch(True, self.records))
+
+    def _submit(self, batch: _Batch) -> None:
+        # The batch stays in self.spans / self.records (where an interrupt counts it) until
+        # it is in the pipeline (where abort() counts it), or counted as not sent.
+        self.pipeline.poll()  # answers arrived meanwhile: sending may have stopped
+        if self._admit(batch):
+            url = self.result.logs_url if batch.logs else self.result.traces_url
+            self.pipeline.enqueue(batch, url, self._body(batch))
+        if batch.logs:
+            self.records = []
         else:
-            self.result.logs_not_sent += n
-            self._not_sent(outcome.reason, 0, n)
+            self.spans = []
+        self.pipeline.pump()
 
-    def _send(self, url: str, body: bytes) -> Outcome:
-        outcome = self.poster.post(url, body)
-        self.result.requests += outcome.attempts
-        if not outcome.ok:
-            self.result.failed_batches += 1
-            if outcome.maybe_received:
-                self.result.maybe_received = True
-            if outcome.retryable:
-                self.result.stopped = outcome.reason
-        return outcome
+    def _admit(self, batch: _Batch) -> bool:
+        """May ``batch`` still be sent? If not, it is counted as not sent."""
+        if self.result.stopped is not None:  # sending stopped while this batch filled
+            self._count_not_sent(batch, self.result.stopped)
+            return False
+        return True
 
-    @staticmethod
-    def _rejected(answer: Any, outcome: Outcome, name: str) -> int:
-        try:
-            answer.ParseFromString(outcome.body)
-        except Exception:  # an answer that is not the message: OTLP says 2xx is accepted
-            return 0
-        return int(getattr(answer.partial_success, name))
+    def _body(self, batch: _Batch) -> bytes:
+        by_pid: dict[int, list[bytes]] = {}
+        for pid, message, _ in batch.items:
+            group = by_pid.get(pid)
+            if group is None:
+                group = by_pid[pid] = []
+            group.append(message)
+        groups = [
+            (self.resources.get(pid, b""), self.scope, messages) for pid, messages in by_pid.items()
+        ]
+        return wire.logs_request(groups) if batch.logs else wire.traces_request(groups)
+
+    def _done(self, batch: _Batch, outcome: Outcome) -> None:
+        """An answer (on the exporting thread): count it."""
+        result = self.result
+        result.requests += outcome.attempts
+        if outcome.ok:
+            n = len(batch.items)
+            rejected, message = _rejected(outcome)
+            if batch.logs:
+                result.logs += n - rejected
+            else:
+                result.spans += n - rejected
+                # of the spans sent (a rejection: unknown which)
+                result.span_events += sum(item[2] for item in batch.items)
+            if rejected:
+                reason = "rejected by the collector" + (
+                    f": {message}" if message else " (partial success)"
+                )
+                if batch.logs:
+                    result.logs_not_sent += rejected
+                    self._not_sent(reason, 0, rejected)
+                else:
+                    result.spans_not_sent += rejected
+                    self._not_sent(reason, rejected, 0)
+            return
+        if outcome.status == 413 and len(batch.items) > 1 and result.stopped is None:
+            # Too large for this collector: each half on its own, down to one item (a
+            # single span or record still refused is refused, with the reason).
+            half = len(batch.items) // 2
+            for part in (batch.items[:half], batch.items[half:]):
+                piece = _Batch(batch.logs, part)
+                url = result.logs_url if batch.logs else result.traces_url
+                self.pipeline.submit(piece, url, self._body(piece))
+            return
+        result.failed_batches += 1
+        if outcome.maybe_received:
+            result.maybe_received = True
+        if outcome.retryable and result.stopped is None:
+            result.stopped = outcome.reason
+        self._count_not_sent(batch, outcome.reason)
 
     def drop(self, reason: str) -> None:
         """Count what the batches hold as not sent, for ``reason``, and empty them."""
-        self.result.spans_not_sent += self.n_spans
-        self.result.logs_not_sent += self.n_records
-        if self.n_spans or self.n_records:
-            self._not_sent(reason, self.n_spans, self.n_records)
-        self.spans, self.n_spans, self.n_span_events = {}, 0, 0
-        self.records, self.n_records = {}, 0
+        for batch in (_Batch(False, self.spans), _Batch(True, self.records)):
+            if batch.items:
+                self._count_not_sent(batch, reason)
+        self.spans, self.records = [], []
 
     def finish(self) -> None:
         self.flush_spans()
         self.flush_logs()
+        self.pipeline.drain()
+
+    def abort(self) -> None:
+        """Interrupted: the batches waiting are not sent; those in flight are waited for
+        (their retries cut short) and counted as answered. Interrupted again meanwhile:
+        those still in flight are counted as not sent, and as maybe received."""
+        reason = "interrupted before it was sent"
+        try:
+            for batch in self.pipeline.abort():
+                self._count_not_sent(batch, reason)
+        except KeyboardInterrupt:
+            for batch in self.pipeline.ready_and_flying():
+                self._count_not_sent(batch, "interrupted while it was being sent")
+                self.result.maybe_received = True
+
+
+_INT64_MIN = -(2**63)
+_INT64_MAX = 2**63 - 1
+_SMALL = [bytes([i]) for i in range(128)]
+#: AnyValue as a KeyValue's value field, for an int_value varint of n bytes: its start.
+_INT_VALUE = [b""] + [b"\x12" + bytes([n + 1]) + b"\x18" for n in range(1, 11)]
+
+
+def _key_prefix(key: str) -> bytes:
+    """KeyValue's ``key`` field, encoded (empty: not written, as proto3 says)."""
+    k = key.encode("utf-8")
+    return b"\x0a" + wire.varint(len(k)) + k if k else b""
+
+
+def _prefixed(message: bytes) -> bytes:
+    """``message`` with its length in front (a repeated field's entry, less its tag)."""
+    return wire.varint(len(message)) + message
+
+
+def _rejected(outcome: Outcome) -> tuple[int, str]:
+    try:
+        return wire.partial_success(outcome.body)
+    except ValueError:  # an answer that is not the message: OTLP says 2xx is accepted
+        return 0, ""
+
+
+_UNFINISHED = _prefixed(wire.key_value("tracemark.unfinished", True))
+
+
+class _Pipeline:
+    """Encoded batches to the collector, at most ``limit`` requests in flight, each on a
+    worker thread with its own :class:`Poster` (its own kept-alive connection); OTLP does
+    not ask for an order. Answers are handed to ``done(batch, outcome)`` on the exporting
+    thread (so the counts need no lock), as they come; ``admit(batch)`` says, just before
+    a batch starts, whether it may still be sent (False: it has been counted otherwise).
+
+    Until the collector has answered once, one request at a time: a collector that is down
+    or refuses everything sees one request (retried), not ``limit``."""
+
+    def __init__(
+        self,
+        make_poster: Callable[[], Poster],
+        limit: int,
+        done: Callable[[Any, Outcome], None],
+        admit: Callable[[Any], bool],
+    ) -> None:
+        self.make_poster = make_poster
+        self.limit = max(1, limit)
+        self.done = done
+        self.admit = admit
+        self.cancel = threading.Event()
+        self.jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self.answers: queue.SimpleQueue = queue.SimpleQueue()
+        self.workers: list[threading.Thread] = []
+        self.ready: deque[tuple[Any, str, bytes]] = deque()
+        self.flying: dict[int, Any] = {}  # id(batch) -> batch, sent and not answered
+        self.answered = False
+        self._busy = False
+
+    def _room(self) -> bool:
+        return len(self.flying) < (self.limit if self.answered else 1)
+
+    def submit(self, batch: Any, url: str, body: bytes) -> None:
+        """Send ``batch`` (encoded: ``body``) to ``url``: returns once it is in flight (or
+        counted as not to be sent), having waited for answers while there was no room."""
+        self.enqueue(batch, url, body)
+        self.pump()
+
+    def enqueue(self, batch: Any, url: str, body: bytes) -> None:
+        """``batch`` waits for its place (:meth:`pump` sends it)."""
+        self.ready.append((batch, url, body))
+
+    def pump(self) -> None:
+        """Start what waits, waiting for answers while there is no room."""
+        if not self._busy:  # (a 413's halves are submitted from done(): the loop runs)
+            self._pump(wait=True)
+
+    def poll(self) -> None:
+        """Hand over the answers that have arrived, start what now has room."""
+        self._pump(wait=False)
+
+    def drain(self) -> None:
+        """Wait until everything submitted is answered."""
+        self._pump(wait=True)
+        while self.flying:
+            self._answer(self.answers.get())
+            self._pump(wait=True)
+
+    def _pump(self, wait: bool) -> None:
+        self._busy = True
+        try:
+            while True:
+                while True:  # answers already there
+                    try:
+                        answer = self.answers.get_nowait()
+                    except queue.Empty:
+                        break
+                    self._answer(answer)
+                while self.ready and self._room():
+                    self._start(*self.ready.popleft())
+                if not self.ready or not wait:
+                    return
+                self._answer(self.answers.get())  # no room: wait for one
+        finally:
+            self._busy = False
+
+    def _start(self, batch: Any, url: str, body: bytes) -> None:
+        if not self.admit(batch):
+            return
+        if len(self.workers) < self.limit and len(self.workers) <= len(self.flying):
+            worker = threading.Thread(target=self._work, name="tracemark-otlp-sender", daemon=True)
+            worker.start()
+            self.workers.append(worker)
+        self.flying[id(batch)] = batch
+        self.jobs.put((batch, url, body))
+
+    def _answer(self, answer: tuple[Any, Outcome]) -> None:
+        batch, outcome = answer
+        del self.flying[id(batch)]
+        if outcome.status:
+            self.answered = True
+        self.done(batch, outcome)
+
+    def _work(self) -> None:
+        poster = self.make_poster()
+        poster.cancel = self.cancel
+        try:
+            while True:
+                job = self.jobs.get()
+                if job is None:
+                    return
+                batch, url, body = job
+                try:
+                    outcome = poster.post(url, body)
+                except BaseException as exc:  # post() never raises; this is a bug's report
+                    outcome = Outcome(False, 0, reason=f"{type(exc).__name__}: {exc}")
+                self.answers.put((batch, outcome))
+        finally:
+            poster.close()
+
+    def abort(self) -> list[Any]:
+        """Interrupted: no retry starts any more, nothing waiting starts; wait for the
+        requests in flight (each within its timeout) and hand over their answers. Returns
+        the batches that were waiting (not sent). A second interrupt while waiting leaves
+        the rest in ``flying``."""
+        self.cancel.set()
+        waiting = [batch for batch, _, _ in self.ready]
+        self.ready.clear()
+        self._busy = True  # halves of a 413 answered now go to ready, not to the wire
+        while self.flying:
+            self._answer(self.answers.get())
+            waiting.extend(batch for batch, _, _ in self.ready)
+            self.ready.clear()
+        return waiting
+
+    def ready_and_flying(self) -> list[Any]:
+        """What was not answered (an interrupted :meth:`abort`): forgotten here."""
+        batches = [batch for batch, _, _ in self.ready] + list(self.flying.values())
+        self.ready.clear()
+        self.flying.clear()
+        return batches
+
+    def close(self) -> None:
+        for _ in self.workers:
+            self.jobs.put(None)
+        for worker in self.workers:
+            worker.join(timeout=1.0)
+        self.workers.clear()
 
 
 def attribute_text(text: str) -> str:
     """``text`` as OpenTelemetry carries a string (lone surrogates escaped)."""
     value = attribute_value(text)
     return value if isinstance(value, str) else str(value)
-
-
-def _partial_reason(answer: Any) -> str:
-    text = answer.partial_success.error_message
-    return "rejected by the collector" + (f": {text}" if text else " (partial success)")
 
 
 def export_otlp(
@@ -586,6 +741,7 @@ def export_otlp(
     batch_spans: int = BATCH_SPANS,
     batch_logs: int = BATCH_LOGS,
     environ: Mapping[str, str] | None = None,
+    in_flight: int = IN_FLIGHT,
 ) -> OtlpResult:
     """Send the trace in ``trace_dir`` to the collector (see the module). ``endpoint``: a
     base URL (see :func:`endpoints`); ``headers``: added to every request (default:
@@ -593,9 +749,9 @@ def export_otlp(
     ``timeout``: seconds per request (default ``OTEL_EXPORTER_OTLP_TIMEOUT``, in ms, else
     10); ``progress(events so far)`` now and then; ``wrap``: applied to the event stream (as
     for :func:`tracemark.export.export`); ``retries``, ``backoff``, ``max_backoff``: per
-    request (:class:`.otlp_http.Poster`). Raises :class:`MissingOtel`;
-    never raises for the collector (the result says what was not sent)."""
-    p = _proto()
+    request (:class:`.otlp_http.Poster`); ``in_flight``: requests sent at once, at most
+    (one until the collector has answered once). Never raises for the collector (the
+    result says what was not sent)."""
     env = os.environ if environ is None else environ
     traces_url, logs_url = endpoints(endpoint, env)
     if headers is None:
@@ -603,37 +759,49 @@ def export_otlp(
     compression = env.get("OTEL_EXPORTER_OTLP_COMPRESSION", "none").strip().lower()
     if timeout is None:
         timeout = _timeout(env)
-    poster = Poster(
-        headers=headers,
-        timeout=timeout,
-        retries=retries,
-        backoff=backoff,
-        max_backoff=max_backoff,
-        compression="gzip" if compression == "gzip" else "none",
-    )
+
+    def make_poster() -> Poster:
+        return Poster(
+            headers=headers,
+            timeout=timeout,
+            retries=retries,
+            backoff=backoff,
+            max_backoff=max_backoff,
+            compression="gzip" if compression == "gzip" else "none",
+        )
+
     subs, errors = open_streams(trace_dir, only)
     from ..ctf.schema import exported_schema
 
     result = OtlpResult(traces_url=traces_url, logs_url=logs_url, errors=errors)
     limit = _event_limit(env)
     sender = _Sender(
-        p, result, poster, subs, exported_schema(subs), env, batch_spans, batch_logs, limit
+        result,
+        make_poster,
+        subs,
+        exported_schema(subs),
+        env,
+        batch_spans,
+        batch_logs,
+        limit,
+        in_flight,
     )
     events: Iterable[Any] = _events(subs, result.errors)
     if wrap is not None:
         events = wrap(events)
-    if progress is not None:
-        from . import _counting
-
-        events = _counting(events, progress)
     read = [0]
 
     def counted(events: Iterable[Any]) -> Iterable[Any]:
         # The walker handles each event before it asks for the next: the sink's end() sees
-        # its end event here (how the span ended: a probe's %raise is an error).
+        # its end event here (how the span ended: a probe's %raise is an error). Progress
+        # is said here too (one generator for both: this runs once per event).
         for read[0], ev in enumerate(events, 1):
             sender.current = ev
+            if not read[0] & 0x3FFF and progress is not None:
+                progress(read[0])
             yield ev
+        if progress is not None:
+            progress(read[0])
 
     try:
         walked = walk(subs, sender, errors=result.errors, events=counted(events))
@@ -644,9 +812,10 @@ def export_otlp(
         result.events = read[0]
         result.interrupted = True
         sender.drop("interrupted before it was sent")
+        sender.abort()
         raise Interrupted(result) from None
     finally:
-        poster.close()
+        sender.pipeline.close()
     result.events = walked.events
     result.unfinished = walked.unfinished
     result.unmatched = walked.unmatched

@@ -32,6 +32,7 @@ import gzip
 import http.client
 import random
 import socket
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -114,6 +115,8 @@ class Poster:
         self.max_backoff = max_backoff
         self.compression = compression
         self.sleep = sleep
+        #: Set (by another thread): no retry starts any more (an interrupted export).
+        self.cancel: threading.Event | None = None
         self._conns: dict[tuple[str, str, int | None], http.client.HTTPConnection] = {}
 
     def close(self) -> None:
@@ -200,16 +203,23 @@ class Poster:
                     )
                 outcome = Outcome(False, status, reason=reason, retryable=True)
                 wait = retry_after(response.getheader("Retry-After"))
-            if attempt > self.retries:
+            cancelled = self.cancel is not None and self.cancel.is_set()
+            if attempt > self.retries or cancelled:
                 outcome.attempts = attempt
                 outcome.maybe_received = maybe_received
-                if self.retries:
+                if cancelled:
+                    outcome.reason += " (interrupted: not retried)"
+                elif self.retries:
                     outcome.reason += f" (after {attempt} attempts)"
                 return outcome
             if wait is None:
                 wait = delay * (1 + 0.2 * random.random())
                 delay = min(delay * 2, self.max_backoff)
-            self.sleep(min(wait, self.max_backoff))
+            wait = min(wait, self.max_backoff)
+            if self.cancel is not None and self.sleep is time.sleep:
+                self.cancel.wait(wait)  # cut short by an interrupt
+            else:
+                self.sleep(wait)
 
 
 #: How a kept-alive connection the server has closed fails when used again.
