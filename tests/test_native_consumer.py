@@ -392,7 +392,7 @@ if pid == 0:
     ok = inert and type(mine).__name__ == "Writer" and s.lost == 0 and s.error is None
     print(inert, type(mine).__name__, s, file=sys.stderr)
     print("child", s.recorded, flush=True)
-    os._exit(0 if ok and s.recorded + s.discarded == 200000 else 3)
+    os._exit(0 if ok and s.recorded + s.discarded == 800000 else 3)
 _, status = os.waitpid(pid, 0)
 stop.set(); t.join()
 for i in range(3000, 6000):
