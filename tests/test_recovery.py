@@ -123,6 +123,27 @@ def test_a_recording_that_stops_normally_leaves_no_ring_files(tmp_path, uniq):
     assert [ev.fields["i"] for ev in read_trace(tmp_path).events()] == [1]
 
 
+def test_a_ring_file_reserves_only_the_sub_buffers_its_thread_used(tmp_path, uniq):
+    """The default ring is 32 sub-buffers (issue 14); a thread that fires a little must not
+    reserve all of them on disk (on tmpfs, in memory). Each is reserved when first used."""
+    m = tracemark.marker(f"{uniq}.m", i=int)
+    size = 64 * 1024
+    rec = tracemark.record(tmp_path, f"{uniq}.*", subbuffer_size=size, subbuffers=32)
+    try:
+        m(1)  # one sub-buffer in use
+        (ring,) = (rec.trace_path / R.RING_DIR).glob("chan_*")
+        st = ring.stat()
+        assert st.st_size == R.DATA_OFFSET + 32 * size  # mapped whole
+        assert st.st_blocks * 512 < R.DATA_OFFSET + 4 * size  # but not reserved whole
+        with rec.consumer.stalled():  # none written, so none reused: more sub-buffers,
+            for i in range(2 * size // 16):  # each reserved as it is first used
+                m(i)
+        assert ring.stat().st_blocks * 512 >= R.DATA_OFFSET + 2 * size
+    finally:
+        s = rec.stop()
+    assert s.recorded == 1 + 2 * size // 16 and s.discarded == 0
+
+
 def test_recovery_is_idempotent_and_writes_nothing_twice(tmp_path):
     run = _drive(tmp_path, "kill", "discard", runs=1)[0]
     recover(run["dir"])

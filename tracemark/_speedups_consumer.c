@@ -16,8 +16,8 @@
  *   ch.full, as the pure core does, and a job is queued for the thread (mutex + condition
  *   variable). The firing thread never waits: the mutex is only held to link a job.
  * - The thread takes every queued job at once, writes each stream's consecutive packets with
- *   writev (at most IOV_MAX per call), and moves the jobs, marked written or lost, to their
- *   stream's done list.
+ *   writev (at most IOV_MAX per call), and after each write moves the jobs so far, marked
+ *   written or lost, to their stream's done list (not once per batch: see publish()).
  * - reap(ch): whoever needs ch's sub-buffers back (the firing thread in Channel.switch when
  *   ch.free is empty; stop's drain), with the GIL, in one C call: for each done job, in order,
  *   pop ch.full's first entry (checked to be that job's), append its buffer to ch.free, and
@@ -250,15 +250,48 @@ account:;
     s->size += (off_t)kept;
 }
 
+/* Give jobs [from, to) of a batch back, in order: packets to their stream's done list (reap
+ * takes them from there), metadata freed. Called after each write, not once per batch: a
+ * batch can be dozens of packets when the thread got no CPU for a while, and the firing
+ * thread can reuse a sub-buffer as soon as its own packet is written. */
+static void publish(Writer *w, Job *from, Job *to)
+{
+    if (from == to)
+        return;
+    pthread_mutex_lock(&w->mu);
+    Job *next;
+    for (Job *j = from; j != to; j = next) {
+        next = j->next;
+        j->next = NULL;
+        if (j->kind == JOB_META) { /* nothing to give back: freed here */
+            free(j->path);
+            free(j->text);
+            free(j);
+        } else if (j->stream->done_tail) {
+            j->stream->done_tail->next = j;
+            j->stream->done_tail = j;
+        } else {
+            j->stream->done_head = j->stream->done_tail = j;
+        }
+        w->done++;
+    }
+    pthread_cond_broadcast(&w->idle);
+    pthread_mutex_unlock(&w->mu);
+}
+
+/* Write a batch in order, giving each run of jobs back as soon as it is written. */
 static void process(Writer *w, Job *batch)
 {
     Job *group[BATCH_IOV];
     int n = 0;
+    Job *unpublished = batch;
     for (Job *j = batch; j != NULL; j = j->next) {
         if (n && (j->kind != JOB_PACKET || j->stream != group[0]->stream || !j->write ||
                   n == BATCH_IOV)) {
             write_packets(w, group[0]->stream, group, n);
             n = 0;
+            publish(w, unpublished, j); /* j->next is still intact: j is not given back */
+            unpublished = j;
         }
         if (j->kind == JOB_META)
             write_meta(w, j);
@@ -269,6 +302,7 @@ static void process(Writer *w, Job *batch)
     }
     if (n)
         write_packets(w, group[0]->stream, group, n);
+    publish(w, unpublished, NULL);
 }
 
 static void *run(void *arg)
@@ -285,23 +319,6 @@ static void *run(void *arg)
         pthread_mutex_unlock(&w->mu);
         process(w, batch);
         pthread_mutex_lock(&w->mu);
-        Job *next;
-        for (Job *j = batch; j != NULL; j = next) {
-            next = j->next;
-            j->next = NULL;
-            if (j->kind == JOB_META) { /* nothing to give back: freed here */
-                free(j->path);
-                free(j->text);
-                free(j);
-            } else if (j->stream->done_tail) {
-                j->stream->done_tail->next = j;
-                j->stream->done_tail = j;
-            } else {
-                j->stream->done_head = j->stream->done_tail = j;
-            }
-            w->done++;
-        }
-        pthread_cond_broadcast(&w->idle);
     }
     pthread_mutex_unlock(&w->mu);
     return NULL;

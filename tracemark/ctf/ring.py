@@ -77,9 +77,12 @@ class Ring:
         size = DATA_OFFSET + subbuffer_size * subbuffers
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
-            # Reserve the blocks now: a page of a sparse file first written through the mapping
-            # on a full disk is a SIGBUS, which would kill the program.
-            os.posix_fallocate(fd, 0, size)
+            # The control block's blocks are reserved now, each sub-buffer's when it is first
+            # used (reserve()): a page of a sparse file first written through the mapping on a
+            # full disk is a SIGBUS, which would kill the program. A thread that fires a
+            # little reserves one sub-buffer, not the whole ring.
+            os.ftruncate(fd, size)
+            os.posix_fallocate(fd, 0, DATA_OFFSET)
             self._map = mmap.mmap(fd, size)
         except BaseException:
             os.close(fd)
@@ -108,6 +111,14 @@ class Ring:
             for i in range(subbuffers)
         ]
         view.release()
+
+    def reserve(self, i: int) -> memoryview:
+        """Sub-buffer ``i``, its blocks reserved on disk first (OSError when they cannot be:
+        the caller then uses plain memory). Until then the file has a hole there, which reads
+        as zeroes, as a reserved sub-buffer never written does: no packet."""
+        slot = self.slots[i]
+        os.posix_fallocate(self.fd, DATA_OFFSET + i * len(slot), len(slot))
+        return slot
 
     def set_discarded(self, count: int) -> None:
         """Keep the channel's free-running discard counter where a recovery finds it."""

@@ -251,7 +251,10 @@ class Channel:
         """The next sub-buffer never used yet: a slot of the ring file, or plain memory."""
         self.unallocated -= 1
         if self.ring is not None:
-            return self.ring.slots[self.rec.nbufs - 1 - self.unallocated]
+            try:
+                return self.ring.reserve(self.rec.nbufs - 1 - self.unallocated)
+            except OSError:  # a full disk: this one in plain memory (not in a crash's ring)
+                pass
         return bytearray(self.rec.subbuffer_size)
 
     def discard(self, n: int = 1) -> None:

@@ -109,11 +109,15 @@ def _argv() -> str:
     return text if len(text) <= 300 else text[:297] + "..."
 
 
-#: Default sub-buffer (packet) size and count per channel: at most 2 MiB per thread (allocated
-#: as needed: a thread that fires a little holds one sub-buffer). Room for ~10 ms of a thread
-#: firing flat out while the consumer waits for the GIL.
+#: Default sub-buffer (packet) size and count per channel: at most 8 MiB of memory per thread
+#: (allocated as needed: a thread that fires a little holds one sub-buffer; the ring file
+#: reserves the 8 MiB on disk). What sets it is how long the consumer thread may go without
+#: running: the C core fires ~10M events/s of 37 bytes (~400 MB/s) from one thread, and on a
+#: loaded 2-CPU machine with a 4 ms scheduler tick the consumer, woken at once, waited 4-18 ms
+#: for a CPU (benchmarks/RESULTS.md, issue 14). 8 sub-buffers (2 MiB, ~5 ms of such firing)
+#: lost 0.01-3% of the events then; 32 (~21 ms) lost none.
 SUBBUFFER_SIZE = 256 * 1024
-SUBBUFFERS = 8
+SUBBUFFERS = 32
 
 _VALUE_ERRORS = (struct.error, OverflowError, TypeError, ValueError)
 
@@ -796,7 +800,8 @@ def record(
     ``.stop()``, which returns a :class:`RecordingSummary`. ``mode`` is ``"discard"`` (drop
     and count new events when every sub-buffer is full) or ``"overwrite"`` (keep the newest;
     write on :meth:`Recording.snapshot` and at stop). Each thread gets ``subbuffers``
-    sub-buffers of ``subbuffer_size`` bytes.
+    sub-buffers of ``subbuffer_size`` bytes (by default 32 of 256 KiB: see
+    :data:`SUBBUFFERS`).
     """
     return Recording(
         path, events, mode=mode, subbuffer_size=subbuffer_size, subbuffers=subbuffers
