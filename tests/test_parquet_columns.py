@@ -126,9 +126,9 @@ def _rows(table) -> list:
     ]
 
 
-def _export(trace: Path, out: Path, monkeypatch, core: str, **kw):
-    """export_parquet with the C reader (core "c": asserting the columnar path is taken)
-    or the pure one."""
+def _export(trace: Path, out: Path, monkeypatch, core: str, columnar=None, **kw):
+    """export_parquet with the C reader (core "c") or the pure one, asserting the columnar
+    path is taken when ``columnar`` (by default: with the C reader) and not otherwise."""
     taken = []
     real = P._columnar
 
@@ -145,7 +145,7 @@ def _export(trace: Path, out: Path, monkeypatch, core: str, **kw):
         result = P.export_parquet(trace, out, **kw)
     finally:
         monkeypatch.undo()
-    assert bool(taken) == (core == "c")
+    assert bool(taken) == (core == "c" if columnar is None else columnar)
     return result
 
 
@@ -398,3 +398,31 @@ def test_decode_columns_runs_clean_under_address_sanitizer(trace, tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     assert "ERROR: AddressSanitizer" not in run.stderr
     assert run.stdout.endswith(" damaged\n")
+
+
+@needs_c
+def test_what_the_columnar_path_declines(trace, monkeypatch):
+    """A name declared again with other fields in one process (the recorder renames such a
+    marker, a hand-made trace need not), a field kind without a column here, an unknown
+    declaration: the Event path's."""
+    from tracemark.export.walker import open_streams
+
+    monkeypatch.delenv("TRACEMARK_CORE", raising=False)
+
+    def declines(change) -> bool:
+        subs, _ = open_streams(trace)
+        change(subs[0].meta.events)
+        declared = {}
+        for sub in subs:
+            for eid, (name, fields) in sub.meta.events.items():
+                if eid != sub.task_event_id:
+                    declared.setdefault((sub.pid, name, tuple(f for f, _ in fields)), fields)
+        return not P._columnar_layouts(subs, declared)
+
+    assert not declines(lambda events: None)
+    assert declines(lambda events: events.__setitem__(900, ("pqcol.a", (("z", "int"),))))
+    assert declines(lambda events: events.__setitem__(901, ("pqcol.new", (("z", "bytes"),))))
+    assert declines(lambda events: events.__setitem__(902, ("pqcol.new", (("z", "any"),))))
+    assert declines(
+        lambda events: events.__setitem__(903, ("pqcol.new", (("z", "int"), ("z", "int"))))
+    )

@@ -59,6 +59,13 @@ Guarantees
   the size of values, never on the number of events. (``tracemark export`` turns Python's
   cyclic garbage collector off meanwhile: the buffered events are GC-tracked, the export
   makes no cycles, and the collector's passes over them cost ~40% of a big export.)
+* **Columns straight from the packets** (with the C reader, ``layout="wide"``, no
+  ``select``/``names``, every marker of int, float, bool and str fields): the C reader
+  decodes each packet into per-marker columns (``tracemark/_reader.c`` decode_columns) and
+  Arrow arrays are made from them, with no Python object per event; the rows, their order
+  per file, the tables and the error lines are the Event path's (see the columnar path
+  below; ``tests/test_parquet_columns.py`` holds them equal). Any other trace takes the
+  Event path, the reference.
 * **Time order**: each file's rows are in the trace's time order (its row groups carry
   timestamp statistics, so a time range skips the rest).
 * **Whole files or none**: each file is written under a hidden ``.partial`` name and
@@ -548,6 +555,7 @@ def _columnar_layouts(subs: list[Any], declared: dict[tuple, tuple]) -> bool:
     module = reader_module()[0]
     if module is None or not hasattr(module, "decode_columns"):
         return False
+    shapes: dict[tuple, tuple] = {}  # (pid, name) -> fields
     for sub in subs:
         if sub.c_layout is None:
             return False
@@ -563,6 +571,10 @@ def _columnar_layouts(subs: list[Any], declared: dict[tuple, tuple]) -> bool:
             if len(set(fnames)) != len(fnames) or any(k not in _COLUMN_KINDS for _, k in fields):
                 return False
             if declared.get((sub.pid, name, fnames)) != fields:  # kinds of another declaration
+                return False
+            # A name declared again with other fields in one process: the Event path makes
+            # its second table when a row group is cut (flush), not at its first row.
+            if shapes.setdefault((sub.pid, name), fields) != fields:
                 return False
     return True
 
