@@ -934,6 +934,368 @@ error:
     return NULL;
 }
 
+/* --- the Parquet export's columns -----------------------------------------------------------
+ *
+ * decode_columns(layout, data, pos, end, last, ts_end)
+ *   -> (classes, pos, last, n, tasks, error)
+ *
+ * decode()'s walk of one packet (the same checks in the same order, the same error tuple at
+ * the same offset, every event wanted), but each event's values are appended to its class's
+ * columns instead of building an Event (tracemark/export/parquet.py, its columnar path):
+ * classes: {event id: [count, index of its first event among the n walked, timestamps
+ * (int64, offset applied), task indexes (int32 into tasks), one item per field]}; a field is
+ * int64 / float64 bytes, bool one byte 0 or 1 per event, str a pair (int32 Arrow offsets,
+ * UTF-8 data); a class whose only event failed the time check has count 0 and empty
+ * columns. tasks: [None, Task, ...], index 0 for "no task" (a packet starts outside
+ * every task). Text is checked as read_text checks it (PyUnicode_DecodeUTF8, strict), ASCII
+ * without it. A class with another field kind (bytes, object, any) is a ValueError: the
+ * caller chose this path only for sub-traces without such classes. A timestamp plus the
+ * offset beyond int64 is an OverflowError (the caller checked the packets' timestamp_end).
+ * Nothing is kept between calls. */
+
+typedef struct {
+    Py_ssize_t count, first;
+    Buf ts, task;
+    Buf *cols;   /* per field: values (str: the offsets) */
+    Buf *texts;  /* per field: str data */
+} ColClass;
+
+static int ascii_only(const unsigned char *p, Py_ssize_t n)
+{
+    for (Py_ssize_t i = 0; i < n; i++)
+        if (p[i] & 0x80)
+            return 0;
+    return 1;
+}
+
+static void colclass_free(ColClass *cc, Py_ssize_t nfields)
+{
+    PyMem_Free(cc->ts.p);
+    PyMem_Free(cc->task.p);
+    for (Py_ssize_t j = 0; j < nfields; j++) {
+        if (cc->cols)
+            PyMem_Free(cc->cols[j].p);
+        if (cc->texts)
+            PyMem_Free(cc->texts[j].p);
+    }
+    PyMem_Free(cc->cols);
+    PyMem_Free(cc->texts);
+}
+
+/* Class c's payload at *pos appended to cc: 1, DAMAGED (cc's lengths as before), -1. */
+static int column_fields(const Class *c, ColClass *cc, const unsigned char *d, Py_ssize_t *pos,
+                         Py_ssize_t end)
+{
+    Py_ssize_t p = *pos;
+    /* Check first (nothing appended to a damaged event's columns), then append. */
+    for (Py_ssize_t j = 0; j < c->nfields; j++) {
+        switch (c->codes[j]) {
+        case F_INT:
+        case F_FLOAT:
+            if (p + 8 > end)
+                return DAMAGED;
+            p += 8;
+            break;
+        case F_BOOL:
+            if (p + 1 > end)
+                return DAMAGED;
+            p += 1;
+            break;
+        case F_STR: {
+            if (p + 4 > end)
+                return DAMAGED;
+            Py_ssize_t n = (Py_ssize_t)get_u32(d + p);
+            p += 4;
+            if (n > end - p)
+                return DAMAGED;
+            if (!ascii_only(d + p, n)) {
+                int r = read_text(d + p, n, NULL);
+                if (r <= 0)
+                    return r;
+            }
+            p += n;
+            break;
+        }
+        default:
+            PyErr_SetString(PyExc_ValueError, "decode_columns: a field kind it does not take");
+            return -1;
+        }
+    }
+    p = *pos;
+    for (Py_ssize_t j = 0; j < c->nfields; j++) {
+        Buf *b = &cc->cols[j];
+        switch (c->codes[j]) {
+        case F_INT:
+        case F_FLOAT:
+            if (tm_buf_add(b, (const char *)d + p, 8) < 0) /* little-endian, as the host */
+                return -1;
+            p += 8;
+            break;
+        case F_BOOL: {
+            char v = d[p] != 0;
+            if (tm_buf_add(b, &v, 1) < 0)
+                return -1;
+            p += 1;
+            break;
+        }
+        default: { /* F_STR */
+            Py_ssize_t n = (Py_ssize_t)get_u32(d + p);
+            p += 4;
+            Buf *t = &cc->texts[j];
+            if (t->len + n > INT32_MAX) {
+                PyErr_SetString(PyExc_OverflowError, "decode_columns: text beyond int32");
+                return -1;
+            }
+            int32_t off = (int32_t)(t->len + n);
+            if (tm_buf_add(t, (const char *)d + p, n) < 0
+                || tm_buf_add(b, (const char *)&off, 4) < 0)
+                return -1;
+            p += n;
+        }
+        }
+    }
+    *pos = p;
+    return 1;
+}
+
+static PyObject *buf_bytes(const Buf *b)
+{
+    return PyBytes_FromStringAndSize(b->p ? b->p : "", b->len);
+}
+
+static PyObject *colclass_result(const Class *c, const ColClass *cc)
+{
+    PyObject *list = PyList_New(4 + c->nfields);
+    if (list == NULL)
+        return NULL;
+    PyObject *items[4] = {PyLong_FromSsize_t(cc->count), PyLong_FromSsize_t(cc->first),
+                          buf_bytes(&cc->ts), buf_bytes(&cc->task)};
+    for (int k = 0; k < 4; k++) {
+        if (items[k] == NULL) {
+            for (int m = k + 1; m < 4; m++)
+                Py_XDECREF(items[m]);
+            Py_DECREF(list);
+            return NULL;
+        }
+        PyList_SET_ITEM(list, k, items[k]);
+    }
+    for (Py_ssize_t j = 0; j < c->nfields; j++) {
+        PyObject *v = c->codes[j] == F_STR
+                          ? Py_BuildValue("(NN)", buf_bytes(&cc->cols[j]), buf_bytes(&cc->texts[j]))
+                          : buf_bytes(&cc->cols[j]);
+        if (v == NULL) {
+            Py_DECREF(list);
+            return NULL;
+        }
+        PyList_SET_ITEM(list, 4 + j, v);
+    }
+    return list;
+}
+
+static PyObject *decode_columns(PyObject *self, PyObject *args)
+{
+    PyObject *capsule;
+    Py_buffer buf;
+    Py_ssize_t pos, end;
+    unsigned long long last, ts_end;
+    if (!PyArg_ParseTuple(args, "Oy*nnKK", &capsule, &buf, &pos, &end, &last, &ts_end))
+        return NULL;
+    Layout *L = PyCapsule_GetPointer(capsule, CAPSULE);
+    PyObject *tasks = NULL, *classes = NULL, *result = NULL;
+    Py_ssize_t *slot = NULL; /* per class id: its index in ccs + 1, 0 none yet */
+    ColClass *ccs = NULL;
+    uint32_t *ids = NULL;
+    Py_ssize_t nccs = 0, capccs = 0;
+    int kind = E_NONE;
+    Py_ssize_t at = pos, n = 0;
+    uint32_t eid = 0;
+    int32_t task_index = 0;
+    if (L == NULL)
+        goto done;
+    if (end > buf.len || pos < 0 || end < 0 || end > PY_SSIZE_T_MAX / 2) {
+        PyErr_SetString(PyExc_ValueError, "end beyond the data");
+        goto done;
+    }
+    slot = PyMem_Calloc(L->ncls ? (size_t)L->ncls : 1, sizeof(Py_ssize_t));
+    if (slot == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    if ((tasks = PyList_New(1)) == NULL)
+        goto done;
+    PyList_SET_ITEM(tasks, 0, Py_NewRef(Py_None));
+    const unsigned char *d = buf.buf;
+    while (pos < end) {
+        at = pos;
+        if (pos + HEADER > end) {
+            kind = E_DAMAGED;
+            break;
+        }
+        eid = get_u32(d + pos);
+        uint64_t ts = get_u64(d + pos + 4);
+        pos += HEADER;
+        if (eid >= L->ncls || L->cls[eid].name == NULL) {
+            kind = E_ID;
+            break;
+        }
+        const Class *c = &L->cls[eid];
+        int r;
+        if ((long long)eid == L->task_eid) {
+            PyObject *fields = NULL;
+            r = read_fields(L, c, d, &pos, end, &fields);
+            if (r == 1) {
+                PyObject *id = PyDict_GetItemWithError(fields, L->key_id);
+                PyObject *name = id ? PyDict_GetItemWithError(fields, L->key_name) : NULL;
+                int truth = name ? PyObject_IsTrue(id) : -1;
+                PyObject *t = truth == 1 ? PyObject_CallFunctionObjArgs(L->task_type, id, name,
+                                                                        NULL)
+                              : truth == 0 ? Py_NewRef(Py_None) : NULL;
+                if (t == NULL && !PyErr_Occurred())
+                    PyErr_SetString(PyExc_ValueError, "task event without id or name");
+                Py_CLEAR(fields);
+                if (t == NULL)
+                    goto fail;
+                if (t == Py_None) {
+                    Py_DECREF(t);
+                    task_index = 0;
+                } else {
+                    /* checked below with the timestamp: a task event that fails it ends
+                     * the walk, and tasks holds one entry more than is used (harmless) */
+                    if (PyList_GET_SIZE(tasks) >= INT32_MAX) {
+                        Py_DECREF(t);
+                        PyErr_SetString(PyExc_OverflowError, "too many tasks in a packet");
+                        goto fail;
+                    }
+                    r = PyList_Append(tasks, t);
+                    Py_DECREF(t);
+                    if (r < 0)
+                        goto fail;
+                    r = 1;
+                    task_index = (int32_t)(PyList_GET_SIZE(tasks) - 1);
+                }
+            }
+            if (r < 0)
+                goto fail;
+            if (r == DAMAGED) {
+                kind = E_DAMAGED;
+                break;
+            }
+            if (ts < last || ts > ts_end) {
+                kind = E_TIME;
+                break;
+            }
+            last = ts;
+            n++;
+            continue;
+        }
+        if (slot[eid] == 0) {
+            if (nccs == capccs) {
+                Py_ssize_t cap = capccs ? capccs * 2 : 8;
+                ColClass *m = PyMem_Realloc(ccs, (size_t)cap * sizeof(ColClass));
+                uint32_t *mi = m ? PyMem_Realloc(ids, (size_t)cap * sizeof(uint32_t)) : NULL;
+                if (m != NULL)
+                    ccs = m;
+                if (mi == NULL) {
+                    PyErr_NoMemory();
+                    goto fail;
+                }
+                ids = mi;
+                capccs = cap;
+            }
+            ColClass *cc = &ccs[nccs];
+            memset(cc, 0, sizeof *cc);
+            ids[nccs] = eid;
+            nccs++;
+            size_t nf = c->nfields ? (size_t)c->nfields : 1;
+            cc->cols = PyMem_Calloc(nf, sizeof(Buf));
+            cc->texts = PyMem_Calloc(nf, sizeof(Buf));
+            if (cc->cols == NULL || cc->texts == NULL) {
+                PyErr_NoMemory();
+                goto fail;
+            }
+            for (Py_ssize_t j = 0; j < c->nfields; j++)
+                if (c->codes[j] == F_STR) {
+                    int32_t zero = 0;
+                    if (tm_buf_add(&cc->cols[j], (const char *)&zero, 4) < 0)
+                        goto fail;
+                }
+            cc->first = n;
+            slot[eid] = nccs;
+        }
+        ColClass *cc = &ccs[slot[eid] - 1];
+        /* the timestamp is checked after the payload, as decode() does; the payload is
+         * appended only once both hold (column_fields checks before appending) */
+        /* the payload, checked then appended (column_fields), then the time: undone
+         * when it fails, as decode() gives no event then */
+        Py_ssize_t p2 = pos;
+        r = column_fields(c, cc, d, &p2, end);
+        if (r < 0)
+            goto fail;
+        if (r == DAMAGED) {
+            kind = E_DAMAGED;
+            break;
+        }
+        if (ts < last || ts > ts_end) {
+            /* undo the payload just appended: the event is not given */
+            for (Py_ssize_t j = 0; j < c->nfields; j++) {
+                Buf *b = &cc->cols[j];
+                if (c->codes[j] == F_STR) {
+                    b->len -= 4;
+                    int32_t off;
+                    memcpy(&off, b->p + b->len - 4, 4);
+                    cc->texts[j].len = off;
+                } else {
+                    b->len -= c->codes[j] == F_BOOL ? 1 : 8;
+                }
+            }
+            pos = p2; /* as decode() leaves it: after the payload */
+            kind = E_TIME;
+            break;
+        }
+        pos = p2;
+        last = ts;
+        n++;
+        int64_t t = (int64_t)ts;
+        if (ts > (uint64_t)INT64_MAX || (L->offset_ns >= 0 && t > INT64_MAX - L->offset_ns)
+            || (L->offset_ns < 0 && t < INT64_MIN - L->offset_ns)) {
+            PyErr_SetString(PyExc_OverflowError, "decode_columns: a timestamp beyond int64");
+            goto fail;
+        }
+        t += L->offset_ns;
+        if (tm_buf_add(&cc->ts, (const char *)&t, 8) < 0
+            || tm_buf_add(&cc->task, (const char *)&task_index, 4) < 0)
+            goto fail;
+        cc->count++;
+    }
+    if ((classes = PyDict_New()) == NULL)
+        goto fail;
+    for (Py_ssize_t k = 0; k < nccs; k++) {
+        PyObject *key = PyLong_FromUnsignedLong(ids[k]);
+        PyObject *v = key ? colclass_result(&L->cls[ids[k]], &ccs[k]) : NULL;
+        int r = v ? PyDict_SetItem(classes, key, v) : -1;
+        Py_XDECREF(key);
+        Py_XDECREF(v);
+        if (r < 0)
+            goto fail;
+    }
+    if (kind == E_NONE)
+        result = Py_BuildValue("(OnKnO O)", classes, pos, last, n, tasks, Py_None);
+    else
+        result = Py_BuildValue("(OnKnO(inI))", classes, pos, last, n, tasks, kind, at,
+                               (unsigned int)eid);
+fail:
+    Py_XDECREF(classes);
+    for (Py_ssize_t k = 0; k < nccs; k++)
+        colclass_free(&ccs[k], L->cls[ids[k]].nfields);
+    PyMem_Free(ccs);
+    PyMem_Free(ids);
+done:
+    Py_XDECREF(tasks);
+    PyMem_Free(slot);
+    PyBuffer_Release(&buf);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"make_layout", make_layout, METH_VARARGS,
      "make_layout(events, task_eid, offset_ns, freq, Event, Task, ReprText): a layout, or "
@@ -941,6 +1303,9 @@ static PyMethodDef methods[] = {
     {"decode", decode, METH_VARARGS,
      "decode(layout, data, pos, end, last, ts_end, pid, tid, thread, task, wanted, limit) "
      "-> (events, pos, last, n, task, error)"},
+    {"decode_columns", decode_columns, METH_VARARGS,
+     "decode_columns(layout, data, pos, end, last, ts_end) -> (classes, pos, last, n, tasks, "
+     "error): a packet's events as columns (the Parquet export)."},
     {"format_text", format_text, METH_VARARGS,
      "format_text(events, start, previous, entries, pieces, second, show_other, Event) "
      "-> (text, next, previous): view's plain text lines."},

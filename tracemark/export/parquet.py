@@ -59,6 +59,13 @@ Guarantees
   the size of values, never on the number of events. (``tracemark export`` turns Python's
   cyclic garbage collector off meanwhile: the buffered events are GC-tracked, the export
   makes no cycles, and the collector's passes over them cost ~40% of a big export.)
+* **Columns straight from the packets** (with the C reader, ``layout="wide"``, no
+  ``select``/``names``, every marker of int, float, bool and str fields): the C reader
+  decodes each packet into per-marker columns (``tracemark/_reader.c`` decode_columns) and
+  Arrow arrays are made from them, with no Python object per event; the rows, their order
+  per file, the tables and the error lines are the Event path's (see the columnar path
+  below; ``tests/test_parquet_columns.py`` holds them equal). Any other trace takes the
+  Event path, the reference.
 * **Time order**: each file's rows are in the trace's time order (its row groups carry
   timestamp statistics, so a time range skips the rest).
 * **Whole files or none**: each file is written under a hidden ``.partial`` name and
@@ -263,13 +270,14 @@ class _Table:
 class _Buffer:
     """The events of one (table, process) not written yet, and its open file."""
 
-    __slots__ = ("events", "file", "names", "part", "pid", "table", "writer")
+    __slots__ = ("events", "file", "names", "part", "pid", "rows", "table", "writer")
 
     def __init__(self, table: _Table, pid: int, names: tuple[str, ...]) -> None:
         self.table = table
         self.pid = pid
         self.names = names  # the field names of its events (wide)
-        self.events: list[Any] = []
+        self.events: list[Any] = []  # the columnar path: pyarrow tables
+        self.rows = 0  # the columnar path: their rows
         self.writer: Any = None
         self.file: Path | None = None
         self.part = 0
@@ -361,6 +369,27 @@ def export_parquet(
                 cols.append(conv(vs) if conv else vs)
         return [pa.array(c, type=typ) for c, (_, typ) in zip(cols, t.columns, strict=True)]
 
+    def writer_of(b: _Buffer) -> Any:
+        """b's open file's writer (opened if it has none), the most recently written now."""
+        t = b.table
+        if b.writer is None:
+            while len(open_writers) >= open_files:
+                _, oldest = open_writers.popitem(last=False)
+                finish(oldest)
+            part_dir = out / t.directory / f"pid={b.pid}"
+            part_dir.mkdir(parents=True, exist_ok=True)
+            final = part_dir / f"{token}-{b.part}.parquet"
+            b.part += 1
+            partial = part_dir / f".{final.name}.{os.getpid()}.partial"
+            partials.append((partial, final))
+            b.writer = pq.ParquetWriter(
+                partial, t.schema(pa, about, b.pid), compression=compression
+            )
+            b.file = final
+        open_writers[id(b)] = b
+        open_writers.move_to_end(id(b))
+        return b.writer
+
     def flush(b: _Buffer) -> None:
         nonlocal buffered
         evs = b.events
@@ -384,22 +413,7 @@ def export_parquet(
                     add(e, (e[1], e[3], tuple(e[2])))
                 if not evs:
                     return
-        if b.writer is None:
-            while len(open_writers) >= open_files:
-                _, oldest = open_writers.popitem(last=False)
-                finish(oldest)
-            part_dir = out / t.directory / f"pid={b.pid}"
-            part_dir.mkdir(parents=True, exist_ok=True)
-            final = part_dir / f"{token}-{b.part}.parquet"
-            b.part += 1
-            partial = part_dir / f".{final.name}.{os.getpid()}.partial"
-            partials.append((partial, final))
-            b.writer = pq.ParquetWriter(
-                partial, t.schema(pa, about, b.pid), compression=compression
-            )
-            b.file = final
-        open_writers[id(b)] = b
-        open_writers.move_to_end(id(b))
+        writer_of(b)
         if arrays is None:
             arrays = columns(b, evs)
         table = pa.Table.from_arrays(arrays, schema=b.writer.schema)
@@ -429,11 +443,46 @@ def export_parquet(
         events = select(events)
     wide = long_table is None
     n = 0
+    columnar = wide and select is None and names is None and _columnar_layouts(subs, declared)
+
+    def flush_columns(b: _Buffer, rows: int) -> None:
+        """Write b's first ``rows`` rows (columnar path) as one row group."""
+        nonlocal buffered
+        table = pa.concat_tables(b.events) if len(b.events) > 1 else b.events[0]
+        b.events = [table.slice(rows)] if rows < table.num_rows else []
+        b.rows -= rows
+        buffered -= rows
+        writer = writer_of(b)
+        writer.write_table(table.slice(0, rows), row_group_size=row_group_rows)
+        result.row_groups += 1
+
+    def add_columns(key: tuple, table: Any) -> None:
+        nonlocal buffered
+        b = buffers[key]
+        b.events.append(table)
+        b.rows += table.num_rows
+        buffered += table.num_rows
+        while b.rows >= row_group_rows:
+            flush_columns(b, row_group_rows)
+        while buffered >= buffered_rows:
+            big = max(buffers.values(), key=lambda x: x.rows)
+            flush_columns(big, big.rows)
+
+    def new_buffer(key: tuple) -> None:
+        pid, name, fnames = key
+        buffers[key] = _Buffer(table_for(name, pid, fnames), pid, fnames)
+        result.pids.add(pid)
+
     try:
+        if columnar:
+            n = _columnar(pa, subs, result.errors, buffers, new_buffer, add_columns, progress)
+            for b in buffers.values():
+                if b.rows:
+                    flush_columns(b, b.rows)
         # The hot loop: one dictionary look-up and one append per event; the columns are
         # made per row group (flush). An Event is (timestamp, name, fields, pid, tid, ...).
         get = buffers.get
-        for ev in events:
+        for ev in () if columnar else events:
             n += 1
             b = get((ev[1], ev[3]) if wide else ev[3])
             if b is None or len(b.events) + 1 >= row_group_rows or buffered + 1 >= buffered_rows:
@@ -443,7 +492,7 @@ def export_parquet(
                 buffered += 1
             if progress is not None and not n & 0x3FFF:
                 progress(n)
-        if progress is not None:
+        if progress is not None and not columnar:
             progress(n)
         # Rows a flush re-routed (a replaced declaration) may be left in any buffer.
         while any(b.events for b in list(buffers.values())):
@@ -474,3 +523,247 @@ def export_parquet(
     result.events = n
     result.files = [final for _, final in partials]
     return result
+
+
+# --- the columnar path ---------------------------------------------------------------------
+#
+# With the C reader, a wide export without --filter or -e of a trace whose markers have only
+# int, float, bool and str fields is read a packet at a time straight into columns
+# (tracemark/_reader.c decode_columns): no Event per event. The rows are the same, in the
+# same order per file: the pure path's order is the streams' merge by (timestamp, stream
+# order, place in the stream), restricted to one (table, process); here the packets are read
+# in the order of their timestamp_begin, and the rows below `bound` (the least
+# timestamp_begin of the packets not read yet: no unread row is earlier) go to their tables,
+# each table's rows of several streams concatenated in stream order and stably sorted by
+# timestamp. A table is made (its directory numbered) in the order of its first row, as the
+# pure path makes it. A damaged packet gives its rows before the damage and its error line,
+# as walker._stream_chunks does. Row groups are cut at the same sizes and the same memory
+# bound (rows buffered), at other places: the pure path cuts them as the merged events come.
+
+_COLUMN_KINDS = frozenset({"int", "float", "bool", "str"})
+_INT64_MAX = (1 << 63) - 1
+
+
+def _columnar_layouts(subs: list[Any], declared: dict[tuple, tuple]) -> bool:
+    """Whether every sub-trace can take the columnar path (see above)."""
+    import sys
+
+    if sys.byteorder != "little":  # the columns are the trace's little-endian bytes
+        return False
+    from ..ctf.reader import reader_module
+
+    module = reader_module()[0]
+    if module is None or not hasattr(module, "decode_columns"):
+        return False
+    shapes: dict[tuple, tuple] = {}  # (pid, name) -> fields
+    for sub in subs:
+        if sub.c_layout is None:
+            return False
+        offset = sub.meta.offset_ns
+        for s in sub.streams:
+            for p in s.packet_list():
+                if not (offset >= -(1 << 63) and p.ts_end + offset <= _INT64_MAX):
+                    return False
+        for eid, (name, fields) in sub.meta.events.items():
+            if eid == sub.task_event_id:
+                continue
+            fnames = tuple(f for f, _ in fields)
+            if len(set(fnames)) != len(fnames) or any(k not in _COLUMN_KINDS for _, k in fields):
+                return False
+            if declared.get((sub.pid, name, fnames)) != fields:  # kinds of another declaration
+                return False
+            # A name declared again with other fields in one process: the Event path makes
+            # its second table when a row group is cut (flush), not at its first row.
+            if shapes.setdefault((sub.pid, name), fields) != fields:
+                return False
+    return True
+
+
+class _Source:
+    """One stream of the columnar path: its packets, the next to read, its rows not given."""
+
+    __slots__ = ("classes", "index", "offset", "packets", "pending", "stream", "sub")
+
+    def __init__(self, sub: Any, stream: Any) -> None:
+        self.sub = sub
+        self.stream = stream
+        self.packets = stream.packet_list()
+        self.index = 0
+        self.offset = sub.meta.offset_ns
+        #: event id -> (table key, field kinds)
+        self.classes = {
+            eid: ((sub.pid, name, tuple(f for f, _ in fields)), tuple(k for _, k in fields))
+            for eid, (name, fields) in sub.meta.events.items()
+            if eid != sub.task_event_id
+        }
+        #: table key -> [[pyarrow table, first ts, last ts, order], ...] in stream order
+        self.pending: dict[tuple, list[list[Any]]] = {}
+
+
+def _columnar(
+    pa: Any,
+    subs: list[Any],
+    errors: list[str],
+    buffers: dict,
+    new_buffer: Callable[[tuple], None],
+    add_columns: Callable[[tuple, Any], None],
+    progress: Callable[[int], None] | None,
+) -> int:
+    """Read every packet into columns and hand each table's rows, in order, to
+    ``add_columns`` (see above); returns the number of events."""
+    import heapq
+
+    import pyarrow.compute as pc
+
+    from ..ctf import TraceError
+    from ..ctf import writer as W
+    from ..ctf.reader import reader_module
+    from .walker import note_damage
+
+    decode_columns = reader_module()[0].decode_columns  # type: ignore[union-attr]
+    sources = [_Source(sub, s) for sub in subs for s in sub.streams if s.packets]
+    schemas: dict[tuple, Any] = {}
+    heap = [(src.packets[0].ts_begin + src.offset, i) for i, src in enumerate(sources)]
+    heapq.heapify(heap)
+    int64, int32, string = pa.int64(), pa.int32(), pa.string()
+    n = 0
+    reported = 0
+    packet_no = 0
+
+    def schema_of(key: tuple, kinds: tuple) -> Any:
+        # The table's columns (its table is made later, when its first rows go).
+        s = schemas.get(key)
+        if s is None:
+            t = _Table(pa, "", key[1], tuple(zip(key[2], kinds, strict=True)), "wide")
+            s = schemas[key] = pa.schema([pa.field(c, typ) for c, typ in t.columns])
+        return s
+
+    def read(src: _Source, order: int) -> int:
+        p = src.packets[src.index]
+        stream = src.stream
+        data = stream.read_packet(p)
+        given = 0
+        try:
+            if len(data) < p.content_end:
+                raise TraceError(stream.path, p.offset, "stream file shrank while being read")
+            classes, _pos, _last, walked, tasks, error = decode_columns(
+                src.sub.c_layout, data, p.start, p.content_end, p.ts_begin, p.ts_end
+            )
+            given = columns(src, p, classes, tasks, order)
+            if error is not None:
+                kind, at, event_id = error
+                if kind == 1:
+                    message = f"event id {event_id} is not in the metadata"
+                elif kind == 2:
+                    message = "event runs past the packet content or is damaged"
+                else:
+                    at += 4
+                    message = "event timestamp goes backwards or past the packet's timestamp_end"
+                raise TraceError(stream.path, p.offset + at, message)
+            if walked != p.count:
+                raise TraceError(
+                    stream.path,
+                    p.offset + W.OFF_COUNT,
+                    f"packet holds {walked} events, its context says {p.count}",
+                )
+        except TraceError as exc:
+            note_damage(errors, exc, "; the rest of that packet was not exported")
+        return given
+
+    def columns(src: _Source, p: Any, classes: dict, tasks: list, order: int) -> int:
+        given = 0
+        tid, thread = p.tid, p.thread
+        task_ids = task_names = None
+        if len(tasks) > 1:
+            task_ids = pa.array([None] + [t.id for t in tasks[1:]], int64)
+            task_names = pa.array([None] + [str(t) for t in tasks[1:]], string)
+        for eid, (count, first, ts, task, *values) in classes.items():
+            if not count:  # its one event failed the time check
+                continue
+            key, kinds = src.classes[eid]
+            arrays = [
+                pa.Array.from_buffers(int64, count, [None, pa.py_buffer(ts)]),
+                pa.repeat(pa.scalar(tid, int64), count),
+                pa.repeat(pa.scalar(thread, string), count),
+            ]
+            if task_ids is None:
+                arrays += [pa.nulls(count, int64), pa.nulls(count, string)]
+            else:
+                idx = pa.Array.from_buffers(int32, count, [None, pa.py_buffer(task)])
+                arrays += [task_ids.take(idx), task_names.take(idx)]
+            for kind, v in zip(kinds, values, strict=True):
+                if kind == "str":
+                    offsets, text = v
+                    arrays.append(
+                        pa.Array.from_buffers(
+                            string, count, [None, pa.py_buffer(offsets), pa.py_buffer(text)]
+                        )
+                    )
+                elif kind == "bool":
+                    raw = pa.Array.from_buffers(pa.uint8(), count, [None, pa.py_buffer(v)])
+                    arrays.append(raw.cast(pa.bool_()))
+                else:
+                    typ = int64 if kind == "int" else pa.float64()
+                    arrays.append(pa.Array.from_buffers(typ, count, [None, pa.py_buffer(v)]))
+            table = pa.Table.from_arrays(arrays, schema=schema_of(key, kinds))
+            first_ts = int.from_bytes(ts[:8], "little", signed=True)
+            last_ts = int.from_bytes(ts[-8:], "little", signed=True)
+            src.pending.setdefault(key, []).append([table, first_ts, last_ts, (order, first)])
+            given += count
+        return given
+
+    def release(bound: float) -> None:
+        """Hand on every pending row before ``bound``."""
+        out: dict[tuple, list[Any]] = {}
+        firsts: dict[tuple, tuple] = {}
+        for i, src in enumerate(sources):
+            for key, pieces in src.pending.items():
+                taken = 0
+                for piece in pieces:
+                    table, first_ts, last_ts, order = piece
+                    if first_ts >= bound:
+                        break
+                    if last_ts < bound:
+                        rows = table
+                        taken += 1
+                    else:
+                        k = pc.sum(pc.less(table.column(0), bound)).as_py()
+                        rows = table.slice(0, k)
+                        piece[0] = table.slice(k)
+                        piece[1] = piece[0].column(0)[0].as_py()
+                        piece[3] = None  # not a first row any more
+                    out.setdefault(key, []).append(rows)
+                    if order is not None:
+                        here = (first_ts, i, order)
+                        firsts[key] = min(firsts.get(key, here), here)
+                    if last_ts >= bound:
+                        break
+                del pieces[:taken]
+        # Tables first seen now: made in the order of their first rows.
+        for key in sorted((k for k in out if k not in buffers), key=firsts.__getitem__):
+            new_buffer(key)
+        for key, tables in out.items():
+            table = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
+            if len(tables) > 1:
+                ts = table.column(0)
+                if not pc.all(pc.greater_equal(ts.slice(1), ts.slice(0, len(ts) - 1))).as_py():
+                    table = table.take(
+                        pc.sort_indices(table, sort_keys=[("timestamp", "ascending")])
+                    )
+            add_columns(key, table)
+
+    while heap:
+        _, i = heapq.heappop(heap)
+        src = sources[i]
+        packet_no += 1
+        n += read(src, packet_no)
+        src.index += 1
+        if src.index < len(src.packets):
+            heapq.heappush(heap, (src.packets[src.index].ts_begin + src.offset, i))
+        release(heap[0][0] if heap else float("inf"))
+        if progress is not None and n - reported >= 0x4000:
+            reported = n
+            progress(n)
+    if progress is not None:
+        progress(n)
+    return n
