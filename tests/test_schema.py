@@ -118,10 +118,14 @@ def test_a_newer_schema_is_refused_before_its_layout(small):
 
 
 @pytest.mark.parametrize("value", ['"one"', "0", "-3"])
-def test_a_schema_that_is_not_a_version_is_an_error(small, value):
+def test_a_schema_that_is_not_a_version_is_a_corrupt_trace_not_a_newer_one(small, value, capsys):
     _set_schema(small, value)
-    with pytest.raises(TraceError, match=SCHEMA_KEY):
+    with pytest.raises(TraceError, match=SCHEMA_KEY) as caught:
         read_trace(small)
+    assert not isinstance(caught.value, SchemaError)  # nothing to upgrade: damage
+    code = main(["view", str(small)])
+    err = capsys.readouterr().err
+    assert code == 4 and "corrupt trace" in err and "upgrade" not in err, err
 
 
 @pytest.mark.parametrize(

@@ -84,8 +84,8 @@ def schema_of(path: Any, env: Mapping[str, Any]) -> int:
     value = env.get(SCHEMA_KEY)
     if value is None:
         return 1
-    if not isinstance(value, int) or value < 1:
-        raise SchemaError(path, 0, f"env {SCHEMA_KEY} is not a schema version: {value!r}")
+    if not isinstance(value, int) or value < 1:  # damage, not a version: a corrupt trace
+        raise TraceError(path, 0, f"env {SCHEMA_KEY} is not a schema version: {value!r}")
     if value > SCHEMA_VERSION:
         from .. import __version__
 
