@@ -52,7 +52,7 @@ PURE_CORE_TESTS = tests/test_speedups.py tests/test_recorder.py tests/test_ctf_r
   tests/test_recovery.py tests/test_sessions.py tests/test_tasks.py tests/test_reentrancy.py \
   tests/test_text_roundtrip.py tests/test_fork_locks.py tests/test_context_fields.py \
   tests/test_cli_view_stats.py tests/test_crafted_traces.py tests/test_export.py \
-  tests/test_export_fast.py tests/test_index.py
+  tests/test_export_fast.py tests/test_index.py tests/test_fork_window.py tests/test_parquet.py
 
 test: system-deps
 	@status=0; for py in $(PYTHONS); do \
