@@ -705,6 +705,21 @@ class _Packet:
     )
 
 
+def c_decode_error(path: Path, packet_offset: int, error: tuple[int, int, int]) -> TraceError:
+    """The TraceError the Python reader raises, for the C reader's ``(kind, at, event_id)``
+    (tracemark/_reader.c: 1 unknown id, 2 damaged, 3 timestamp; ``at`` from the packet's
+    start, the event's header for a timestamp error)."""
+    kind, at, event_id = error
+    if kind == 1:
+        message = f"event id {event_id} is not in the metadata"
+    elif kind == 2:
+        message = "event runs past the packet content or is damaged"
+    else:
+        at += 4
+        message = "event timestamp goes backwards or past the packet's timestamp_end"
+    return TraceError(path, packet_offset + at, message)
+
+
 def _open(path: Path) -> Any:
     return _open_regular(path, "stream")
 
@@ -1026,15 +1041,7 @@ class Stream:
             if events:
                 yield events
             if error is not None:
-                kind, at, event_id = error
-                if kind == 1:
-                    message = f"event id {event_id} is not in the metadata"
-                elif kind == 2:
-                    message = "event runs past the packet content or is damaged"
-                else:
-                    at += 4
-                    message = "event timestamp goes backwards or past the packet's timestamp_end"
-                raise TraceError(self.path, p.offset + at, message)
+                raise c_decode_error(self.path, p.offset, error)
             if pos >= end:
                 break
         if n != p.count:

@@ -617,7 +617,7 @@ def _columnar(
 
     from ..ctf import TraceError
     from ..ctf import writer as W
-    from ..ctf.reader import reader_module
+    from ..ctf.reader import c_decode_error, reader_module
     from .walker import note_damage
 
     decode_columns = reader_module()[0].decode_columns  # type: ignore[union-attr]
@@ -651,15 +651,7 @@ def _columnar(
             )
             given = columns(src, p, classes, tasks, order)
             if error is not None:
-                kind, at, event_id = error
-                if kind == 1:
-                    message = f"event id {event_id} is not in the metadata"
-                elif kind == 2:
-                    message = "event runs past the packet content or is damaged"
-                else:
-                    at += 4
-                    message = "event timestamp goes backwards or past the packet's timestamp_end"
-                raise TraceError(stream.path, p.offset + at, message)
+                raise c_decode_error(stream.path, p.offset, error)
             if walked != p.count:
                 raise TraceError(
                     stream.path,
