@@ -401,6 +401,9 @@ def test_threads_importing_at_once_install_each_probe_once(modules, mech, rec, u
     assert sorted(e[0] for e in rec.events) == sorted(f"probe.{n}.f.entry" for n in names)
 
 
+# Forking with threads alive is the case under test (a program's threads, tracemark's own):
+# Python 3.12+'s warning about it is expected here.
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
 def test_a_fork_child_installs_what_it_imports(modules, mech, uniq):
     (modules / f"{uniq}e.py").write_text("def f():\n    return 3\n")
     d = tracemark.probe(f"{uniq}e:f", defer=True)
