@@ -325,29 +325,36 @@ def on_a_terminal(argv, env, *, stderr_too=True):
     leader, follower = pty.openpty()
     stderr = follower if stderr_too else subprocess.DEVNULL
     proc = subprocess.Popen(argv, stdout=follower, stderr=stderr, env=env)
-    # The follower stays open here until the end: with the last one closed, Linux may answer
-    # a read with EIO while the child's last lines are still on their way to the leader (on
-    # a loaded machine), and they would be lost. So: read while the child runs, then until
-    # the pty has been quiet for a while after it exited.
+    # No timing guess decides when the child's output is all read: the kernel may hand the
+    # leader a dead child's last lines late on a loaded machine. Once the child has exited,
+    # this end writes a marker into the follower; the terminal keeps one queue, so the
+    # marker arrives after everything the child wrote, and reading stops there.
+    end_mark = b"<end of the child's output>"
     chunks = []
+    marked = False
     deadline = time.monotonic() + 60
     try:
         while time.monotonic() < deadline:
+            if not marked and proc.poll() is not None:
+                os.set_blocking(follower, False)
+                try:
+                    marked = os.write(follower, end_mark) == len(end_mark)
+                except BlockingIOError:  # the queue is full: read some first
+                    pass
             ready, _, _ = select.select([leader], [], [], 0.05)
             if ready:
                 chunks.append(os.read(leader, 65536))
-            elif proc.poll() is not None:
-                ready, _, _ = select.select([leader], [], [], 0.5)
-                if not ready:
-                    break
-                chunks.append(os.read(leader, 65536))
+            if marked and b"".join(chunks).endswith(end_mark):
+                break
+        else:
+            raise AssertionError(f"{argv}: no end of its output on the terminal in 60 s")
     finally:
         os.close(follower)
         os.close(leader)
         if proc.poll() is None:
             proc.kill()
     assert proc.wait(timeout=60) == 0
-    return b"".join(chunks).decode()
+    return b"".join(chunks)[: -len(end_mark)].decode()
 
 
 def test_on_a_terminal_lines_fit_and_colour_follows_no_color(recorded):
@@ -446,8 +453,8 @@ def test_a_filter_comparing_a_number_with_text_is_an_error(recorded):
 
 
 def _view_on_a_terminal(trace, *more):
-    """``tracemark view`` with its output on a pseudo-terminal 60 columns wide."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "60", "NO_COLOR": "1"}
+    """``tracemark view`` with its output on a pseudo-terminal 50 columns wide."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "50", "NO_COLOR": "1"}
     argv = [sys.executable, "-m", "tracemark", "view", str(trace), "-e", "job.*", *more]
     return on_a_terminal(argv, env, stderr_too=False).splitlines()
 
@@ -457,6 +464,8 @@ def test_view_cuts_lines_on_a_terminal_unless_wide_and_never_into_a_pipe(recorde
     cut = _view_on_a_terminal(trace, "--limit", "5")
     wide = _view_on_a_terminal(trace, "--limit", "5", "--wide")
     piped = tm("view", str(trace), "-e", "job.*", "--limit", "5").stdout.splitlines()
-    assert all(len(line) <= 60 for line in cut) and any(line.endswith("…") for line in cut)
-    assert wide == piped and any(len(line) > 60 for line in wide)
+    # 50 columns: each of these lines is longer (the time and delta take 25, "[pid w0]" up to
+    # 12, the name 8, its fields 14), with a pid of any length, so each one is cut.
+    assert len(cut) == 5 and all(len(line) <= 50 and line.endswith("…") for line in cut)
+    assert wide == piped and all(len(line) > 50 for line in wide)
     assert all(" ms=" in line for line in piped)  # whole: the last field is there
