@@ -138,8 +138,9 @@ def _flat_out(fast_dir, uniq):
 
 def test_four_threads_flat_out_with_default_buffers_lose_nothing(fast_dir, uniq, native):
     """Every event arrives: up to three runs (a 2-CPU machine can deschedule the writer
-    thread for longer than the sub-buffers last; then the events are discarded and counted,
-    never lost silently), and at least one of them loses nothing."""
+    thread for longer than the sub-buffers last and the firing threads' wait budget, 20 ms;
+    then the events are discarded and counted, never lost silently), and at least one of
+    them loses nothing."""
     total = 4 * EVENTS_PER_THREAD
     for _ in range(3):
         s = _flat_out(fast_dir, uniq)
@@ -300,6 +301,45 @@ def test_a_stalled_native_consumer_fills_the_buffers_and_counts_discards(tmp_pat
     assert s.discarded > 0 and s.recorded + s.discarded == 3000 and s.lost == 0
     got = [ev.fields["i"] for ev in read_trace(tmp_path).events()]
     assert got[: len(got) - 1] == list(range(len(got) - 1))  # the first ones kept
+
+
+def test_a_consumer_that_lost_the_cpu_for_a_moment_costs_no_events(tmp_path, uniq, native):
+    """A firing thread whose sub-buffers are all in the consumer's hands waits for one (at
+    most 20 ms at once) rather than discard: here the consumer takes 1 ms before each batch,
+    as when it waits for a CPU, and a small ring fills many times over."""
+    m = tracemark.marker(f"{uniq}.m", i=int)
+    t0 = time.monotonic()
+    rec = tracemark.record(tmp_path, f"{uniq}.*", subbuffer_size=4096, subbuffers=4)
+    rec.consumer.native.slow_down(1_000_000)
+    for i in range(3000):  # about 20 packets: 4 sub-buffers fill 5 times
+        m(i)
+    elapsed = time.monotonic() - t0
+    s = rec.stop()
+    assert (s.recorded, s.discarded, s.lost) == (3000, 0, 0)
+    assert 0 < s.waited_s <= 0.020 + elapsed / 20 + 0.050
+    assert [ev.fields["i"] for ev in read_trace(tmp_path).events()] == list(range(3000))
+
+
+def test_a_disk_slower_than_the_program_costs_it_at_most_its_wait_budget(
+    tmp_path, uniq, native
+):
+    """The wait is bounded: a consumer that needs 50 ms per batch (a very slow disk) holds
+    the program back at most 20 ms at once and 5% of the time in all (plus one wake-up's
+    lateness); the rest is discarded and counted, as without waiting."""
+    m = tracemark.marker(f"{uniq}.m", i=int)
+    t0 = time.monotonic()
+    rec = tracemark.record(tmp_path, f"{uniq}.*", subbuffer_size=4096, subbuffers=4)
+    rec.consumer.native.slow_down(50_000_000)
+    fired = 0
+    while time.monotonic() - t0 < 1.0:
+        for _ in range(1000):
+            m(fired)
+            fired += 1
+    elapsed = time.monotonic() - t0
+    s = rec.stop()
+    assert s.recorded + s.discarded == fired and (s.lost, s.error) == (0, None)
+    assert s.discarded > 0 and s.recorded > 4 * 4096 // 16
+    assert 0.010 < s.waited_s <= 0.020 + elapsed / 20 + 0.050, (s.waited_s, elapsed)
 
 
 def test_stop_while_threads_fire_writes_everything_and_waits_for_nothing(fast_dir, uniq, native):

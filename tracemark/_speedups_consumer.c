@@ -125,11 +125,15 @@ typedef struct {
     unsigned long long queued, done;
     int stopping;
     int paused;            /* pause(True): nothing written until pause(False) (tests) */
+    long long delay_ns;    /* slow_down(ns): each batch waits this long first (tests) */
     int fail_kind, fail_errno, fail_taken;
     char *fail_path;
     /* the thread's */
     int failed;
     /* with the GIL */
+    long long budget_ns;   /* how long firing threads may still wait: see await_written */
+    long long budget_at;   /* when it was last topped up (CLOCK_MONOTONIC ns) */
+    long long waited_ns;   /* how long they waited in all */
     Stream **streams;
     Py_ssize_t nstreams, cap;
     Job *alive;
@@ -316,7 +320,13 @@ static void *run(void *arg)
         if (batch == NULL)
             break; /* stopping, and everything queued is done */
         w->queue_head = w->queue_tail = NULL;
+        long long delay = w->delay_ns;
         pthread_mutex_unlock(&w->mu);
+        if (delay > 0) {
+            struct timespec ts = {delay / 1000000000LL, delay % 1000000000LL};
+            while (nanosleep(&ts, &ts) != 0 && errno == EINTR)
+                ;
+        }
         process(w, batch);
         pthread_mutex_lock(&w->mu);
     }
@@ -670,6 +680,63 @@ static PyObject *wait_(Writer *w, PyObject *unused)
     Py_RETURN_NONE;
 }
 
+static long long now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
+PyDoc_STRVAR(await_written_doc,
+"await_written(ch) -> bool\n\n"
+"Wait, the GIL held, until the thread gives back one of channel ch's packets (True) or the\n"
+"wait budget runs out (False): a firing thread whose sub-buffers are all in the consumer's\n"
+"hands waits for one rather than discard its events. The budget: at most\n"
+"WAIT_MAX_NS at once, and 1/WAIT_SHARE of the time since the writer was made, in all.");
+
+/* The firing threads' wait budget (LTTng's blocking-timeout, bounded both ways): a consumer
+ * that lost the CPU for a few milliseconds costs no events, and a disk slower than the
+ * program costs it at most WAIT_MAX_NS at once and 1/WAIT_SHARE of its time (5%); beyond
+ * that, events are discarded (counted) as before. */
+#define WAIT_MAX_NS 20000000LL
+#define WAIT_SHARE 20
+
+static PyObject *await_written(Writer *w, PyObject *ch)
+{
+    if (!w->started || inert(w))
+        Py_RETURN_FALSE;
+    long long id = instance_id(w, ch);
+    if (id < 0)
+        return NULL;
+    Stream *s = find_stream(w, id);
+    if (s == NULL)
+        Py_RETURN_FALSE;
+    long long start = now_ns();
+    w->budget_ns += (start - w->budget_at) / WAIT_SHARE;
+    if (w->budget_ns > WAIT_MAX_NS)
+        w->budget_ns = WAIT_MAX_NS;
+    w->budget_at = start;
+    if (w->budget_ns <= 0)
+        Py_RETURN_FALSE;
+    long long end = start + w->budget_ns;
+    struct timespec deadline = {end / 1000000000LL, end % 1000000000LL};
+    int got;
+    /* The GIL stays held: the thread never needs it, and no other Python thread can stop
+     * the recording or touch this channel while it is between two packets. Signals wait
+     * for the eval loop, as during any C call. */
+    pthread_mutex_lock(&w->mu);
+    while (!(got = s->done_head != NULL) && !w->stopping)
+        if (pthread_cond_timedwait(&w->idle, &w->mu, &deadline) == ETIMEDOUT) {
+            got = s->done_head != NULL;
+            break;
+        }
+    pthread_mutex_unlock(&w->mu);
+    long long spent = now_ns() - start;
+    w->budget_ns -= spent;
+    w->waited_ns += spent;
+    return PyBool_FromLong(got);
+}
+
 static void stop_thread(Writer *w)
 {
     if (!w->started)
@@ -726,6 +793,28 @@ static PyObject *pause_(Writer *w, PyObject *flag)
     Py_RETURN_NONE;
 }
 
+PyDoc_STRVAR(slow_down_doc,
+"slow_down(ns)\n\nThe thread waits ns before writing each batch, as a slow disk would (for\n"
+"tests); 0: no more.");
+
+static PyObject *slow_down(Writer *w, PyObject *arg)
+{
+    long long ns = PyLong_AsLongLong(arg);
+    if (ns == -1 && PyErr_Occurred())
+        return NULL;
+    if (inert(w))
+        Py_RETURN_NONE;
+    pthread_mutex_lock(&w->mu);
+    w->delay_ns = ns;
+    pthread_mutex_unlock(&w->mu);
+    Py_RETURN_NONE;
+}
+
+static PyObject *get_waited(Writer *w, void *unused)
+{
+    return PyLong_FromLongLong(w->waited_ns);
+}
+
 static PyObject *get_pending(Writer *w, void *unused)
 {
     if (w->pid != getpid())
@@ -759,7 +848,13 @@ static PyObject *writer_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
         return NULL;
     pthread_mutex_init(&w->mu, NULL);
     pthread_cond_init(&w->work, NULL);
-    pthread_cond_init(&w->idle, NULL);
+    pthread_condattr_t monotonic; /* await_written's deadline: CLOCK_MONOTONIC */
+    pthread_condattr_init(&monotonic);
+    pthread_condattr_setclock(&monotonic, CLOCK_MONOTONIC);
+    pthread_cond_init(&w->idle, &monotonic);
+    pthread_condattr_destroy(&monotonic);
+    w->budget_ns = WAIT_MAX_NS;
+    w->budget_at = now_ns();
     w->pid = getpid();
     w->off_size = off_size;
     w->off_discarded = off_discarded;
@@ -848,12 +943,16 @@ static PyMethodDef writer_methods[] = {
     {"wait", (PyCFunction)wait_, METH_NOARGS, wait_doc},
     {"close", (PyCFunction)close_, METH_NOARGS, close_doc},
     {"pause", (PyCFunction)pause_, METH_O, pause_doc},
+    {"slow_down", (PyCFunction)slow_down, METH_O, slow_down_doc},
+    {"await_written", (PyCFunction)await_written, METH_O, await_written_doc},
     {NULL, NULL, 0, NULL},
 };
 
 static PyGetSetDef writer_getset[] = {
     {"pending", (getter)get_pending, NULL, "jobs queued and not done yet", NULL},
     {"alive", (getter)get_alive, NULL, "packets handed over and not reaped yet", NULL},
+    {"waited_ns", (getter)get_waited, NULL,
+     "how long firing threads waited in await_written, in all (ns)", NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
 

@@ -163,9 +163,11 @@ class Channel:
             buf = self.free.popleft()
         elif self.unallocated > 0:
             buf = self._allocate()
-        elif not rec.overwrite:
+        elif not rec.overwrite and not (self.full and rec.consumer.await_written(self)):
             self.discard()
             return -1
+        elif not rec.overwrite:
+            buf = self.free.popleft()
         else:
             try:
                 buf, events, _ = self.full.popleft()

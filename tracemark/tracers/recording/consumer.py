@@ -28,7 +28,8 @@ thread, the reference) a discard-mode recording hands its packets to
 ``tracemark._speedups.Writer`` instead (``tracemark/_speedups_consumer.c``, whose comment
 states its protocol and guarantees): a pthread that writes them without ever taking the GIL,
 so a firing thread never waits for a consumer to get the GIL back. Same files, same counts,
-same error messages. What stays in Python, with the GIL, and never waits for the thread:
+same error messages. What stays in Python, with the GIL, and waits for the thread only
+where the last point says:
 
 * :meth:`Consumer.hand_over` (from ``Channel._close``): the pending metadata first, then the
   packet, queued in one C call that also appends it to ``ch.full``;
@@ -38,7 +39,14 @@ same error messages. What stays in Python, with the GIL, and never waits for the
   needs :attr:`lock`: a firing thread only tries it (a stop, or a test holding it to stall the
   consumer, holds its buffers back);
 * :meth:`drain` waits for the thread (GIL released) and reaps every channel; :meth:`close_files`
-  ends the thread once everything queued is written.
+  ends the thread once everything queued is written;
+* :meth:`await_written` (from ``Channel.switch`` when every sub-buffer of the channel is in the
+  thread's hands): the firing thread waits for one, the GIL held, rather than discard its
+  events, within a budget: at most 20 ms at once and 5% of the time in all. So a consumer
+  that lost the CPU for a moment (four threads firing flat out on two cores) costs no
+  events, and a disk slower than the program costs it at most 5% of its speed; beyond that,
+  events are discarded and counted as before. How long the program waited is in the
+  recording's summary (``waited_s``).
 
 If the thread cannot be made, this module's thread consumes instead, for the whole recording.
 """
@@ -212,6 +220,27 @@ class Consumer:
             else:
                 rec._fail(f"cannot write the trace in {rec.trace_path}: {exc}")
         return n
+
+    @property
+    def waited_s(self) -> float:
+        """How long firing threads waited in :meth:`await_written`, in all (seconds)."""
+        return 0.0 if self.native is None else self.native.waited_ns / 1e9
+
+    def await_written(self, ch: Channel) -> bool:
+        """With the native consumer, wait (within its budget: see ``await_written`` in
+        tracemark/_speedups_consumer.c) until it gives one of ``ch``'s packets back, and take
+        it back: whether ``ch.free`` now has a sub-buffer. The pure consumer needs the GIL the
+        firing thread holds, so with it nothing waits (False)."""
+        if self.native is None:
+            return False
+        try:
+            if not self.native.await_written(ch):
+                return False
+        except Exception as exc:
+            self.rec._fail(f"the consumer failed: {exc!r}")
+            return False
+        self.reap(ch)
+        return bool(ch.free)
 
     def stop(self) -> None:
         """Make the thread end after its current round and wait for it (unless called on
