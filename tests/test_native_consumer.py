@@ -320,9 +320,7 @@ def test_a_consumer_that_lost_the_cpu_for_a_moment_costs_no_events(tmp_path, uni
     assert [ev.fields["i"] for ev in read_trace(tmp_path).events()] == list(range(3000))
 
 
-def test_a_disk_slower_than_the_program_costs_it_at_most_its_wait_budget(
-    tmp_path, uniq, native
-):
+def test_a_disk_slower_than_the_program_costs_it_at_most_its_wait_budget(tmp_path, uniq, native):
     """The wait is bounded: a consumer that needs 50 ms per batch (a very slow disk) holds
     the program back at most 20 ms at once and 5% of the time in all (plus one wake-up's
     lateness); the rest is discarded and counted, as without waiting."""
