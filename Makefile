@@ -38,31 +38,29 @@ demo:
 	echo; echo "\$$ tracemark view $(DEMO_TRACE) --filter 'name == \"shop.payment\" and ok == \"no\"' --limit 5"; \
 	$$venv/bin/tracemark view $(DEMO_TRACE) --filter 'name == "shop.payment" and ok == "no"' --limit 5
 
-# The suite runs twice per Python: all of it on the default core (the C core, which the
+# The suite runs twice per Python, once per core: on the default core (the C core, which the
 # editable install builds: tests/test_speedups.py fails if it could be built and was not),
-# then the files that record or read traces again on the pure-Python core, the reference
-# (TRACEMARK_CORE=python), and those that read them through view, stats and export with the
-# pure-Python reader; the rest of the suite never reaches the recording core. The pure core
-# holds no version-specific code (its bytecode-specific neighbours, patching and probes, run
-# in the main pass on every Python), so its pass runs on the oldest and newest Python of
-# PYTHONS (3.11 and 3.13 in CI): that keeps CI under 20 minutes.
+# then on the pure-Python core, the reference (TRACEMARK_CORE=python). Each pass is shared
+# between PYTEST_JOBS processes by pytest-xdist (2: CI's machine has 2 CPUs), then the tests
+# marked serial (they measure their whole process's memory, or bound losses) run alone.
+# PURE_CORE_PYTHONS: the Pythons of PYTHONS whose pure-core pass runs: the oldest and the
+# newest (3.11 and 3.13 in CI). The pure core holds no version-specific code of its own; its
+# probes' sys.monitoring callbacks are 3.12's and 3.13's alike; and a sixth pass would take
+# CI past 20 minutes.
+PYTEST_JOBS       ?= 2
 PURE_CORE_PYTHONS ?= $(firstword $(PYTHONS)) $(lastword $(PYTHONS))
-PURE_CORE_TESTS = tests/test_speedups.py tests/test_recorder.py tests/test_ctf_reader.py \
-  tests/test_ctf_interop.py tests/test_pools.py tests/test_any_values.py tests/test_losses.py \
-  tests/test_recovery.py tests/test_sessions.py tests/test_tasks.py tests/test_reentrancy.py \
-  tests/test_text_roundtrip.py tests/test_fork_locks.py tests/test_context_fields.py \
-  tests/test_cli_view_stats.py tests/test_crafted_traces.py tests/test_export.py \
-  tests/test_export_fast.py tests/test_index.py tests/test_fork_window.py tests/test_parquet.py
 
 test: system-deps
-	@status=0; for py in $(PYTHONS); do \
+	@status=0; \
+	suite() { r=0; "$$@" -m pytest -q -p no:cacheprovider -n $(PYTEST_JOBS) -m 'not serial' || r=1; \
+	  "$$@" -m pytest -q -p no:cacheprovider -m serial || r=1; return $$r; }; \
+	for py in $(PYTHONS); do \
 	  $(call venv_for,$$py); \
 	  echo "=== Python $$v ($$py), $$($$venv/bin/python -m tracemark --version)"; \
-	  $$venv/bin/python -m pytest -q -p no:cacheprovider || status=1; \
+	  suite $$venv/bin/python || status=1; \
 	  case " $(PURE_CORE_PYTHONS) " in *" $$py "*) \
-	    echo "=== Python $$v, pure-Python core: the tests that record or read traces"; \
-	    TRACEMARK_CORE=python $$venv/bin/python -m pytest -q -p no:cacheprovider \
-	      $(PURE_CORE_TESTS) || status=1;; \
+	    echo "=== Python $$v, pure-Python core (TRACEMARK_CORE=python)"; \
+	    suite env TRACEMARK_CORE=python $$venv/bin/python || status=1;; \
 	  esac; \
 	done; \
 	$(MAKE) --no-print-directory lint || status=1; \

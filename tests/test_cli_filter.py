@@ -152,6 +152,7 @@ def test_the_limits_leave_ordinary_nesting_alone():
     assert compile_filter('dev * 3 == "eth0eth0eth0" and len(dev * 250000) == 1000000')(RX)
 
 
+@pytest.mark.serial
 def test_values_built_from_fields_are_bounded_before_they_are_built():
     import tracemalloc
 

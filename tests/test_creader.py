@@ -198,6 +198,7 @@ def test_ten_thousand_mutated_packets_agree_and_never_crash_or_hang(corpus):
     assert time.monotonic() - t0 < 60
 
 
+@pytest.mark.serial
 @needs_c
 def test_a_huge_length_is_refused_without_allocating_it(corpus):
     stream, p, data = fz.packets(str(corpus))[0]
@@ -401,6 +402,7 @@ def test_stats_figures_from_c_grouping_are_the_python_ones(monkeypatch):
     )
 
 
+@pytest.mark.serial
 @needs_c
 def test_decoding_formatting_and_grouping_leak_nothing(corpus, monkeypatch):
     from tracemark.cli import stats

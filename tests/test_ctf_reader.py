@@ -224,6 +224,7 @@ def test_random_damage_never_crashes_or_hangs(small_trace, tmp_path_factory, dat
     assert time.monotonic() - t0 < 10
 
 
+@pytest.mark.serial
 def test_reading_is_streaming(tmp_path, uniq):
     m = tracemark.marker(f"{uniq}.m", i=int, s=str)
     n = 100_000

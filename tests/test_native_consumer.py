@@ -486,6 +486,7 @@ def test_exit_while_recording_writes_everything(tmp_path, core):
 # --- resources -------------------------------------------------------------------------------
 
 
+@pytest.mark.serial
 def test_no_memory_kept_per_packet(tmp_path, uniq, native):
     """Every job a packet makes is freed once the packet is reaped: recordings of 2,000
     packets each leave nothing behind (the jobs are allocated with PyMem: tracemalloc

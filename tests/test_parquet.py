@@ -440,6 +440,7 @@ def test_an_export_that_fails_leaves_no_file(varied, tmp_path, monkeypatch):
     assert not [p for p in out.rglob("*") if p.is_file()]
 
 
+@pytest.mark.serial
 def test_small_buffers_and_few_open_files_give_the_same_rows(varied, tmp_path):
     """Row groups of 3 rows, 10 events buffered at most, 2 files open: more files and row
     groups, the same rows in the same order per process."""

@@ -296,6 +296,7 @@ def test_disabled_and_removed_probes_record_nothing_more(tmp_path, monkeypatch):
     assert vals == [1, 2]
 
 
+@pytest.mark.serial
 def test_a_million_hits_leak_nothing(tmp_path, monkeypatch):
     if not _c_available():
         pytest.skip("the C core is not in use")

@@ -78,6 +78,7 @@ def many(tmp_path, monkeypatch):
     return name
 
 
+@pytest.mark.serial
 def test_removed_probes_leave_no_marker_and_no_memory_behind(mech, many):
     import gc
     import importlib

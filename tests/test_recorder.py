@@ -868,6 +868,7 @@ def test_recordings_come_and_go_while_threads_fire_flat_out(tmp_path, uniq):
             assert all(a < b for a, b in itertools.pairwise(seq))  # no repeats either
 
 
+@pytest.mark.serial
 def test_a_stopped_recording_holds_no_buffer_memory(tmp_path, uniq):
     """The program may keep the recording (for its summary), and a thread's dispatch state may
     still point at one of its channels: neither keeps the sub-buffers alive. Sub-buffers are

@@ -368,6 +368,7 @@ def _rss() -> int:
         return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+@pytest.mark.serial
 def test_a_million_events_leak_nothing(tmp_path, uniq, monkeypatch):
     """Every kind the C core packs, text that is encoded into a temporary (non-ASCII), and
     sub-buffer switches: Python-allocated memory (tracemalloc) and RSS stay flat."""

@@ -463,6 +463,7 @@ def test_the_pure_core_publishes_no_c_path(tmp_path, uniq, monkeypatch):
     assert len(events(tmp_path)) == 10
 
 
+@pytest.mark.serial
 def test_the_c_path_keeps_no_reference_and_leaks_nothing(tmp_path, uniq):
     import tracemalloc
 
