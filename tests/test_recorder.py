@@ -184,6 +184,7 @@ def test_channels_of_ended_threads_are_written_and_reused(tmp_path, uniq):
     assert [ev.fields["i"] for ev in evs] == [i for i in range(30) for _ in range(10)]
 
 
+@pytest.mark.serial
 def test_thousands_of_short_threads_make_few_streams(tmp_path, uniq):
     """The issue's thread-per-request shape: 5,000 threads of 10 events, every event
     recorded, streams bounded by the threads alive at once, readable under a small open-file
