@@ -38,9 +38,9 @@ demo:
 	echo; echo "\$$ tracemark view $(DEMO_TRACE) --filter 'name == \"shop.payment\" and ok == \"no\"' --limit 5"; \
 	$$venv/bin/tracemark view $(DEMO_TRACE) --filter 'name == "shop.payment" and ok == "no"' --limit 5
 
-# The suite runs twice per Python, once per core: on the default core (the C core, which the
-# editable install builds: tests/test_speedups.py fails if it could be built and was not),
-# then on the pure-Python core, the reference (TRACEMARK_CORE=python). Each pass is shared
+# The whole suite runs on every Python on the default core (the C core, which the editable
+# install builds: tests/test_speedups.py fails if it could be built and was not), then again
+# on the pure-Python core, the reference (TRACEMARK_CORE=python). Each pass is shared
 # between PYTEST_JOBS processes by pytest-xdist (2: CI's machine has 2 CPUs), then the tests
 # marked serial (they measure their whole process's memory, or bound losses) run alone.
 # PURE_CORE_PYTHONS: the Pythons of PYTHONS whose pure-core pass runs: the oldest and the

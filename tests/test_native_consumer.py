@@ -303,6 +303,7 @@ def test_a_stalled_native_consumer_fills_the_buffers_and_counts_discards(tmp_pat
     assert got[: len(got) - 1] == list(range(len(got) - 1))  # the first ones kept
 
 
+@pytest.mark.serial  # it bounds a wait, which another worker's load stretches
 def test_a_consumer_that_lost_the_cpu_for_a_moment_costs_no_events(tmp_path, uniq, native):
     """A firing thread whose sub-buffers are all in the consumer's hands waits for one (at
     most 20 ms at once) rather than discard: here the consumer takes 1 ms before each batch,
@@ -320,6 +321,7 @@ def test_a_consumer_that_lost_the_cpu_for_a_moment_costs_no_events(tmp_path, uni
     assert [ev.fields["i"] for ev in read_trace(tmp_path).events()] == list(range(3000))
 
 
+@pytest.mark.serial  # it bounds a wait, which another worker's load stretches
 def test_a_disk_slower_than_the_program_costs_it_at_most_its_wait_budget(tmp_path, uniq, native):
     """The wait is bounded: a consumer that needs 50 ms per batch (a very slow disk) holds
     the program back at most 20 ms at once and 5% of the time in all (plus one wake-up's
