@@ -165,6 +165,50 @@ def test_view_says_to_recover_and_recover_command_does_it(tmp_path):
     assert view.returncode == 0 and "recover" not in view.stderr
 
 
+REFUSED = r"""
+import os, signal, sys
+import tracemark
+from tracemark.ctf import ring
+
+real = os.posix_fallocate
+def refuse_after_the_first(fd, offset, length):  # a disk that fills after sub-buffer 0
+    if offset > ring.DATA_OFFSET:
+        raise OSError(28, "No space left on device")
+    return real(fd, offset, length)
+os.posix_fallocate = refuse_after_the_first
+
+m = tracemark.marker("full.i", i=int)
+rec = tracemark.record(sys.argv[1], "full.*", subbuffer_size=4096, subbuffers=8)
+with rec.consumer.stalled():  # nothing written, so each packet takes a new sub-buffer
+    for i in range(500):  # about 200 fit a sub-buffer: three sub-buffers, two refused
+        m(i)
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_sub_buffers_the_disk_refused_are_named_as_lost_by_the_recovery(tmp_path):
+    """A full disk refuses a sub-buffer's blocks: it is kept in plain memory (the program
+    goes on), and the ring file counts it, so that after a crash the recovery says that
+    what it held is lost rather than hand back a trace that silently lacks it."""
+    out = tmp_path / "t"
+    proc = subprocess.run([sys.executable, "-c", REFUSED, str(out)], capture_output=True)
+    assert proc.returncode == -9, proc.stderr
+    cli = subprocess.run(
+        [sys.executable, "-m", "tracemark", "recover", str(out)], capture_output=True, text=True
+    )
+    assert cli.returncode == 0, cli.stderr
+    assert "2 sub-buffers had to be kept in memory" in cli.stderr and "LOST" in cli.stderr
+    got = [ev.fields["i"] for ev in read_trace(out).events()]
+    assert got == list(range(len(got))) and 0 < len(got) < 250  # sub-buffer 0's, no more
+
+
+def test_the_recovery_api_counts_the_sub_buffers_kept_outside(tmp_path):
+    out = tmp_path / "t"
+    subprocess.run([sys.executable, "-c", REFUSED, str(out)], capture_output=True, check=False)
+    (result,) = recover(out)
+    assert result.outside == 2 and result.events > 0 and not result.error
+
+
 def test_a_torn_last_event_is_dropped(tmp_path, uniq):
     """Tear the last event by hand (zero its tail, as a death inside pack_into leaves it):
     recovery keeps the events before it and drops it; it never decodes it."""

@@ -387,6 +387,14 @@ def report_recovered(path: str | Path, err: IO[str], prog: str) -> list[Any]:
             err.write(f"{prog}: {where}: still recording (its process is alive): left alone\n")
         elif r.error:
             err.write(f"{prog}: {where}: cannot recover: {printable(r.error)}\n")
+        if r.outside:
+            n = r.outside
+            err.write(
+                f"{prog}: WARNING: {where}: {n} sub-buffer{'s' if n != 1 else ''} had to be "
+                "kept in memory, outside the ring files (the disk refused to reserve "
+                f"{'them' if n != 1 else 'it'}): the events in {'them' if n != 1 else 'it'} "
+                "when the process died are LOST, and how many is not known\n"
+            )
     return results
 
 

@@ -55,6 +55,10 @@ class Recovered:
     error: str | None = None
     #: True once the ring files were read (whatever they held).
     checked: bool = False
+    #: Sub-buffers the recording had to keep in plain memory, outside its ring files (the
+    #: disk refused to reserve them): the events they held when the process died are lost,
+    #: and how many is not known.
+    outside: int = 0
 
 
 def pending(path: str | os.PathLike[str]) -> list[Path]:
@@ -144,8 +148,9 @@ def _recover_locked(sub: Path, ring_dir: Path, out: Recovered) -> None:
     headers = []
     for path in rings:
         with open(path, "rb") as f:
-            head = f.read(R.CONTROL.size)
+            head = f.read(R.HEADER_SIZE)
         headers.append(R.read_header(head))
+    out.outside = sum(h.outside for h in headers)
     overwrite = any(h.overwrite for h in headers)
     target = sub / "recovered" if overwrite else sub
     text = meta_path.read_text(encoding="utf-8")

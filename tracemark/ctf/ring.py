@@ -15,6 +15,9 @@ Layout of a ring file (little-endian)::
     0       control block: magic b"TMRING01", version, subbuffer_size, subbuffers, level,
             mode (0 discard, 1 overwrite), instance_id, events_discarded (kept current by
             the recorder's slow paths: a free-running counter, as in the packet context)
+    48      outside: how many sub-buffers the recorder kept in plain memory because the disk
+            would not reserve their blocks (a full disk); what they hold dies with the
+            process, and a recovery says so (:attr:`RingHeader.outside`)
     4096    sub-buffer 0, then sub-buffer 1, ... each ``subbuffer_size`` bytes
 
 Each sub-buffer holds one packet as the writer lays it out (:mod:`.writer`). What makes an
@@ -52,6 +55,11 @@ VERSION = 1
 #: magic, version, subbuffer_size, subbuffers, level, mode, instance_id, events_discarded
 CONTROL = struct.Struct("<8sIIIIIQQ")
 _OFF_DISCARDED = CONTROL.size - 8
+#: After the control block's fixed part: the count of sub-buffers kept outside the ring.
+OUTSIDE = struct.Struct("<I")
+_OFF_OUTSIDE = CONTROL.size
+#: The bytes of a ring file a reader needs for :class:`RingHeader`.
+HEADER_SIZE = _OFF_OUTSIDE + OUTSIDE.size
 DATA_OFFSET = 4096
 #: The end mark packed after every event (an event id never takes this value).
 END = W.END
@@ -61,7 +69,7 @@ END_BYTES = END.to_bytes(4, "little")
 class Ring:
     """One channel's ring file, mapped. ``slots`` are writable views of its sub-buffers."""
 
-    __slots__ = ("_map", "fd", "path", "slots")
+    __slots__ = ("_map", "_outside", "fd", "path", "slots")
 
     def __init__(
         self,
@@ -93,6 +101,7 @@ class Ring:
             raise
         self.fd = fd
         self.path = path
+        self._outside = 0
         CONTROL.pack_into(
             self._map,
             0,
@@ -114,10 +123,16 @@ class Ring:
 
     def reserve(self, i: int) -> memoryview:
         """Sub-buffer ``i``, its blocks reserved on disk first (OSError when they cannot be:
-        the caller then uses plain memory). Until then the file has a hole there, which reads
-        as zeroes, as a reserved sub-buffer never written does: no packet."""
+        the caller then uses plain memory, and the control block counts it, so that a
+        recovery can say that what it held was lost). Until then the file has a hole there,
+        which reads as zeroes, as a reserved sub-buffer never written does: no packet."""
         slot = self.slots[i]
-        os.posix_fallocate(self.fd, DATA_OFFSET + i * len(slot), len(slot))
+        try:
+            os.posix_fallocate(self.fd, DATA_OFFSET + i * len(slot), len(slot))
+        except OSError:
+            self._outside += 1  # the control block's blocks were reserved at creation
+            OUTSIDE.pack_into(self._map, _OFF_OUTSIDE, self._outside)
+            raise
         return slot
 
     def set_discarded(self, count: int) -> None:
@@ -148,7 +163,15 @@ class Ring:
 class RingHeader:
     """What a ring file's control block says."""
 
-    __slots__ = ("discarded", "instance_id", "level", "overwrite", "subbuffer_size", "subbuffers")
+    __slots__ = (
+        "discarded",
+        "instance_id",
+        "level",
+        "outside",
+        "overwrite",
+        "subbuffer_size",
+        "subbuffers",
+    )
 
     def __init__(self, data: bytes) -> None:
         magic, version, self.subbuffer_size, self.subbuffers, self.level, mode, iid, disc = (
@@ -161,6 +184,8 @@ class RingHeader:
         self.overwrite = bool(mode)
         self.instance_id = iid
         self.discarded = disc
+        #: Sub-buffers kept in plain memory (the disk refused them): lost with the process.
+        self.outside = OUTSIDE.unpack_from(data, _OFF_OUTSIDE)[0] if len(data) >= HEADER_SIZE else 0
 
 
 def read_header(data: bytes) -> RingHeader:
