@@ -175,6 +175,38 @@ def both(trace: Path, tmp: Path, fmt: str, jobs: int = 1):
     return (fast, r_fast), (slow, r_slow)
 
 
+def _fork_here(monkeypatch):
+    """The parts run in forked children even here: pytest-xdist's worker runs an I/O thread
+    of its own, which would (rightly) keep export from forking (test below)."""
+    monkeypatch.setattr(fast_mod, "_one_thread", lambda: True)
+
+
+def test_an_export_never_forks_beside_a_thread_threading_does_not_know(varied, tmp_path):
+    """Forking beside another thread can leave a lock held forever in the child. The count
+    is the kernel's: a thread started by C code or by _thread is one too."""
+    import _thread
+
+    started, release = _thread.allocate_lock(), _thread.allocate_lock()
+    started.acquire()
+    release.acquire()
+
+    def wait():
+        started.release()
+        release.acquire()
+
+    _thread.start_new_thread(wait, ())
+    started.acquire()
+    real_fork = os.fork
+    try:
+        assert not fast_mod._one_thread()
+        os.fork = lambda: pytest.fail("export forked beside another thread")
+        r = export(varied, tmp_path / "one.json", "chrome", counters=COUNTERS, jobs=2)
+    finally:
+        os.fork = real_fork
+        release.release()
+    assert r.events == sum(s.events for s in read_trace(varied).streams)
+
+
 def test_the_fast_path_runs_on_the_varied_trace(varied):
     subs, errors = open_streams(varied)
     assert not errors and len(subs) == 2  # the parent and the fork child
@@ -188,6 +220,7 @@ def test_fast_path_shows_what_the_walker_shows(varied, tmp_path, fmt, jobs, samp
     # sample 3: each class decides at once between its payload cache and none, and both
     # kinds of handler run (at 256 the small trace stays in the sampling one).
     monkeypatch.setattr(fast_mod, "SAMPLE", sample)
+    _fork_here(monkeypatch)
     if sample == 3:  # and only the classes the index says were fired are compiled
         monkeypatch.setattr(fast_mod, "_COMPILE_ALL", 0)
     (fast, r_fast), (slow, r_slow) = both(varied, tmp_path, fmt, jobs)
@@ -212,6 +245,7 @@ def test_fast_path_shows_what_the_walker_shows(varied, tmp_path, fmt, jobs, samp
 @pytest.mark.parametrize("fmt", ["perfetto", "chrome"])
 @pytest.mark.parametrize("jobs", [1, 2])
 def test_fast_path_on_a_damaged_trace_matches_the_walker(varied, tmp_path, fmt, jobs, monkeypatch):
+    _fork_here(monkeypatch)
     # A packet whose ids the index cannot vouch for makes every class compiled again.
     monkeypatch.setattr(fast_mod, "_COMPILE_ALL", 0)
     damaged = tmp_path / "damaged"

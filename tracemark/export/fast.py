@@ -169,9 +169,7 @@ def export_fast(
     for spec in counters:
         wanted.setdefault(spec.marker, []).append(spec.field)
     streams = [s for sub in subs for s in sub.streams if s.packet_list()]
-    # Forked only from a process running one thread: a lock another thread holds at the fork
-    # would stay held in the child (and Python 3.12 warns of it).
-    alone = threading.active_count() == 1 and hasattr(os, "fork")
+    alone = _one_thread() and hasattr(os, "fork")
     groups = _share(streams, jobs if scratch is not None and alone else 1)
     tracks = Tracks(sink, subs)
     pids = sorted({p.pid for s in streams for p in s.packet_list()})
@@ -232,6 +230,17 @@ class _Child:
 
     def __init__(self, pid: int, pipe: int, path: str) -> None:
         self.pid, self.pipe, self.path = pid, pipe, path
+
+
+def _one_thread() -> bool:
+    """Whether this process runs one thread, so that forking is safe: a lock another thread
+    holds at the fork would stay held in the child (and Python 3.12 warns of it). The
+    kernel's count, where there is one: threading's misses threads it did not start (a C
+    extension's, such as the native consumer, or ``_thread``'s)."""
+    try:
+        return len(os.listdir("/proc/self/task")) == 1
+    except OSError:
+        return threading.active_count() == 1
 
 
 def _fork_part(
