@@ -269,3 +269,35 @@ def test_a_python_script_that_does_not_exist_is_an_error_before_anything_is_made
     assert not (tmp_path / "t").exists()  # no trace directory of nothing
     proc = run_record(tmp_path, sys.executable, "-c", "pass")  # no markers, no -e: no warning
     assert proc.returncode == 0 and "WARNING" not in proc.stderr, proc.stderr
+
+
+def test_record_waits_for_processes_still_ending_but_not_for_a_daemon(monkeypatch):
+    """After the program, ``record`` waits RECORDINGS_GRACE for processes still recording;
+    each one that ends starts the grace again (a loaded forkserver's workers end seconds
+    apart), up to RECORDINGS_GRACE_MAX; a daemon that goes on recording is not waited for
+    longer than the grace. (A clock of its own: no test waits for real.)"""
+    from types import SimpleNamespace
+
+    from tracemark.cli import record
+    from tracemark.ctf import recovery
+
+    now = [0.0]
+    fake_time = SimpleNamespace(
+        monotonic=lambda: now[0], sleep=lambda s: now.__setitem__(0, now[0] + s)
+    )
+    monkeypatch.setattr(record, "time", fake_time)
+
+    def live_until(ends: dict[str, float]) -> None:
+        now[0] = 0.0
+        monkeypatch.setattr(recovery, "pending", lambda d: list(ends))
+        monkeypatch.setattr(recovery, "is_live", lambda s: now[0] < ends[s])
+        record._wait_for_recordings(Path("trace"), 3.0)
+
+    live_until({"daemon": float("inf")})
+    assert 3.0 <= now[0] < 3.1
+    live_until({f"worker{k}": 2.0 * (k + 1) for k in range(5)})  # the last ends at 10 s
+    assert 10.0 <= now[0] < 10.1
+    live_until({f"worker{k}": 2.5 * (k + 1) for k in range(10)})  # the last would at 25 s
+    assert now[0] == pytest.approx(record.RECORDINGS_GRACE_MAX, abs=0.1)
+    live_until({})
+    assert now[0] == 0.0

@@ -21,6 +21,7 @@ import textwrap
 import threading
 import time
 import tracemalloc
+from io import StringIO
 from pathlib import Path
 
 import pytest
@@ -28,8 +29,11 @@ from test_speedups import CAN_BUILD
 
 import tracemark
 from tracemark import env
+from tracemark.cli._common import Style
+from tracemark.cli.record import summarize
 from tracemark.ctf import read_trace
 from tracemark.ctf import writer as W
+from tracemark.ctf.status import read_status
 from tracemark.tracers.recording import consumer as C
 from tracemark.tracers.recording import session
 
@@ -340,6 +344,11 @@ def test_a_disk_slower_than_the_program_costs_it_at_most_its_wait_budget(tmp_pat
     assert s.recorded + s.discarded == fired and (s.lost, s.error) == (0, None)
     assert s.discarded > 0 and s.recorded > 4 * 4096 // 16
     assert 0.010 < s.waited_s <= 0.020 + elapsed / 20 + 0.050, (s.waited_s, elapsed)
+    # And it is said: in the process's status file, and in record's summary.
+    assert read_status(s.trace_path)["waited_s"] == round(s.waited_s, 6)
+    out = StringIO()
+    summarize(tmp_path, out, Style(False), top=3, elapsed=elapsed, code=0)
+    assert f"the program waited {s.waited_s * 1000:,.0f} ms in all" in out.getvalue()
 
 
 def test_stop_while_threads_fire_writes_everything_and_waits_for_nothing(fast_dir, uniq, native):

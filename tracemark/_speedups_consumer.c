@@ -1,5 +1,8 @@
 /* tracemark._speedups.Writer: the recorder's native consumer, a thread without the GIL.
  *
+ * (A firing thread waits for it in one place only, bounded: await_written, when every
+ * sub-buffer of its channel is in the thread's hands. See there.)
+ *
  * The pure consumer (tracemark/tracers/recording/consumer.py) is a Python thread: after
  * every write it must win the GIL back from the firing threads, and with several threads
  * firing flat out it waited whole switch intervals (5 ms) while they filled every
@@ -14,7 +17,7 @@
  *   in the eval loop): a Py_buffer of the sub-buffer is taken (it keeps the mmap or bytearray
  *   alive and mapped while the thread reads it), the entry (buf, events, seq) is appended to
  *   ch.full, as the pure core does, and a job is queued for the thread (mutex + condition
- *   variable). The firing thread never waits: the mutex is only held to link a job.
+ *   variable). Handing over never waits: the mutex is only held to link a job.
  * - The thread takes every queued job at once, writes each stream's consecutive packets with
  *   writev (at most IOV_MAX per call), and after each write moves the jobs so far, marked
  *   written or lost, to their stream's done list (not once per batch: see publish()).

@@ -14,7 +14,7 @@ from ..ctf.recovery import pid_alive
 from ..ctf.ring import RING_DIR
 from ..ctf.status import STATUS_FILE, read_status
 
-__all__ = ["loss_warnings"]
+__all__ = ["loss_warnings", "waited_seconds"]
 
 #: At most this many directories are looked at (a trace directory holds one per process).
 _MAX_DIRS = 100_000
@@ -29,6 +29,17 @@ def _status_dirs(root: Path) -> list[Path]:
         if STATUS_FILE in files:
             found.append(Path(directory))
     return found
+
+
+def waited_seconds(trace_dir: str | os.PathLike[str]) -> float:
+    """How long the recording's processes waited for their consumers in all (seconds):
+    a disk slower than the program, within the wait budget (see the native consumer)."""
+    total = 0.0
+    for directory in _status_dirs(Path(trace_dir)):
+        waited = (read_status(directory) or {}).get("waited_s")
+        if isinstance(waited, (int, float)) and waited > 0:
+            total += waited
+    return total
 
 
 def loss_warnings(trace_dir: str | os.PathLike[str]) -> list[str]:

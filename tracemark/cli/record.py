@@ -471,17 +471,27 @@ def _run_child(argv: list[str], env: dict[str, str]) -> int:
 
 
 #: How long to wait, after the program ended, for processes it left behind that still record
-#: (a multiprocessing forkserver ends a moment after its parent).
+#: (a multiprocessing forkserver and its workers end a moment after their parent): this long
+#: after the last one of them ended, and RECORDINGS_GRACE_MAX in all. A daemon that goes on
+#: recording is left alone (and named) after RECORDINGS_GRACE; processes that are still
+#: ending one by one (on a loaded machine, seconds apart) are waited for.
 RECORDINGS_GRACE = 3.0
+RECORDINGS_GRACE_MAX = 15.0
 
 
-def _wait_for_recordings(trace_dir: Path, grace: float) -> None:
+def _wait_for_recordings(trace_dir: Path, grace: float, most: float = RECORDINGS_GRACE_MAX) -> None:
     from ..ctf import recovery
 
-    deadline = time.monotonic() + grace
+    start = time.monotonic()
+    deadline = start + grace
+    live = None
     while time.monotonic() < deadline:
-        if not any(recovery.is_live(s) for s in recovery.pending(trace_dir)):
+        now_live = sum(1 for s in recovery.pending(trace_dir) if recovery.is_live(s))
+        if not now_live:
             return
+        if live is not None and now_live < live:  # one ended: the rest may be ending too
+            deadline = min(time.monotonic() + grace, start + most)
+        live = now_live
         time.sleep(0.05)
 
 
@@ -552,6 +562,7 @@ def summarize(
             + "\n  record fewer markers (-e GLOB) or give more buffer (--buffer 4M)\n"
         )
     _warn_losses(trace_dir, err, style)
+    _say_waited(trace_dir, err)
     for line in _unmatched_globs(trace_dir, set(getattr(trace, "markers", ()))):
         err.write(style(f"  WARNING: {printable(line)}", "bold", "red") + "\n")
     for line in _probes_not_installed(trace_dir):
@@ -623,6 +634,19 @@ def _probes_not_installed(trace_dir: Path) -> list[str]:
         for spec, reasons in why.items()
         if spec not in installed
     ]
+
+
+def _say_waited(trace_dir: Path, err: IO[str]) -> None:
+    """How long the program waited for its trace to be written, when it did (1 ms or more)."""
+    from ._losses import waited_seconds
+
+    waited = waited_seconds(trace_dir)
+    if waited >= 0.001:
+        err.write(
+            f"  the program waited {waited * 1000:,.0f} ms in all for its trace to be written "
+            "(the disk was slower than it; at most 20 ms at once and 5% of its time, beyond "
+            "which events are discarded)\n"
+        )
 
 
 def _warn_losses(trace_dir: Path, err: IO[str], style: Style) -> None:

@@ -10,7 +10,8 @@ streams, ``DIR/<pid>-<n>/.tracemark-status``:
   final version overwrites it in place (no new disk block needed: it can still be written
   when the disk is full);
 * rewritten at stop with ``"state": "stopped"`` and the counts: ``lost`` (events neither in
-  the trace nor counted in its ``events_discarded``) and ``reason``.
+  the trace nor counted in its ``events_discarded``) and ``reason``; and ``waited_s``, how
+  long firing threads waited for the consumer (:attr:`RecordingSummary.waited_s`).
 
 Its name starts with a dot: babeltrace2 2.0.4's ``source.ctf.fs`` skips hidden files (it
 rejects any other file that is not a CTF stream), and so does :mod:`.reader`.

@@ -630,6 +630,7 @@ class Recording:
             "lost": lost,
             "reason": summary.error if lost else None,
             "unmatched": self._unmatched_patterns(),
+            "waited_s": round(summary.waited_s, 6),
         }
         try:
             data = _status.encode(final)
